@@ -1,0 +1,16 @@
+//! session-proxy: a reverse proxy that gives legacy web apps server-side
+//! sessions from the outside.
+//!
+//! The request path, in the order a request meets it:
+//! [`proxy`] strips client-sent session headers, resolves the session from
+//! the cookie ([`session::cookie`]) and the [`store`], checks expiry and IP
+//! ([`session::policy`]), forwards the data as a signed token
+//! ([`session::token`]), and applies the upstream's merge patch or action
+//! ([`session::patch`]) before the response head leaves.
+
+pub mod cli;
+pub mod config;
+pub mod proxy;
+pub mod server;
+pub mod session;
+pub mod store;

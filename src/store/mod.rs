@@ -1,0 +1,115 @@
+//! Where session records live.
+//!
+//! One small async trait, [`Store`], implemented by each backend in its own
+//! module; none of them knows anything of HTTP. Every write goes through
+//! [`Store::modify`], which hands the caller the latest stored version and
+//! stores what the caller decides, atomically: two concurrent changes of
+//! one record never lose each other.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use crate::session::cookie::Handle;
+
+/// A stored session, as SPEC [6] lays it out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub data: Map<String, Value>,
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds of the last access that was written.
+    pub atime: u64,
+    /// The client IP at creation.
+    pub ip: String,
+    /// 1 once first stored; +1 with every change of data or id.
+    pub ver: u64,
+}
+
+/// When a record is expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// Idle seconds: expired when `now - atime > timeout`.
+    pub timeout: u64,
+    /// Seconds from creation, if any: expired when `now - created > absolute`.
+    pub absolute: Option<u64>,
+}
+
+impl Expiry {
+    pub fn is_expired(&self, record: &Record, now: u64) -> bool {
+        now.saturating_sub(record.atime) > self.timeout
+            || self
+                .absolute
+                .is_some_and(|absolute| now.saturating_sub(record.created) > absolute)
+    }
+}
+
+/// What a [`Store::modify`] caller decides, given the latest stored record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Store this record, inserting or replacing.
+    Put(Record),
+    /// Delete the record.
+    Delete,
+    /// Leave the store as it is.
+    Keep,
+}
+
+/// Decides a [`Change`] from the latest stored record (`None`: absent).
+/// It may be called more than once (optimistic backends retry on a
+/// conflict), so it must not have side effects. An `Err` refuses the change:
+/// nothing is written and `modify` returns [`StoreError::Rejected`].
+pub type Decide<'a> = &'a (dyn Fn(Option<&Record>) -> Result<Change, String> + Send + Sync);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend did not answer, or answered with an error.
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt session record {handle}: {detail}")]
+    Corrupt { handle: String, detail: String },
+    /// The caller's [`Decide`] refused the change; nothing was written.
+    #[error("change refused: {0}")]
+    Rejected(String),
+}
+
+/// A session store. Handles are the store keys; raw ids never reach it.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// The record of `handle`, if stored (expired or not: expiry is the
+    /// caller's decision).
+    async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError>;
+
+    /// Atomically applies `decide` to the latest stored version of
+    /// `handle`. Returns the record as stored afterwards (`None`: absent).
+    async fn modify(&self, handle: &Handle, decide: Decide<'_>)
+        -> Result<Option<Record>, StoreError>;
+
+    /// Writes a new access time (a touch changes neither data nor `ver`).
+    /// Does nothing if the record is gone.
+    async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
+        let decide = |current: Option<&Record>| {
+            Ok(match current {
+                Some(record) => Change::Put(Record {
+                    atime: atime.max(record.atime),
+                    ..record.clone()
+                }),
+                None => Change::Keep,
+            })
+        };
+        self.modify(handle, &decide).await.map(|_| ())
+    }
+
+    /// Deletes `handle`; `true` if it was stored.
+    async fn delete(&self, handle: &Handle) -> Result<bool, StoreError>;
+
+    /// Every stored record, for `session-proxy sessions` (not the request path).
+    async fn list(&self) -> Result<Vec<(Handle, Record)>, StoreError>;
+
+    /// Deletes the records expired at `now`; returns how many.
+    async fn delete_expired(&self, now: u64, expiry: Expiry) -> Result<u64, StoreError>;
+
+    /// Succeeds when the backend answers (for `check` and `/healthz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
