@@ -1,1 +1,226 @@
-//! TODO
+//! What the upstream asks for in its response (SPEC [4.5]): a JSON merge
+//! patch (RFC 7396) in the `update` header and an action in the `action`
+//! header. Parsing is strict: anything ambiguous is an invalid update, and
+//! an invalid update leaves the session unchanged.
+
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Delete the record and clear the cookie.
+    Kill,
+    /// Move the session to a new id (after a login: session fixation).
+    Regenerate,
+}
+
+/// Why an upstream's instructions were refused. The text goes to the log
+/// (with the handle prefix), never to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidUpdate {
+    #[error("the update header appears {0} times")]
+    RepeatedUpdate(usize),
+    #[error("the action header appears {0} times")]
+    RepeatedAction(usize),
+    #[error("the update is {0} bytes, over the limit of {1}")]
+    UpdateTooLong(usize, usize),
+    #[error("the update is not JSON: {0}")]
+    NotJson(String),
+    #[error("the update is JSON but not an object")]
+    NotAnObject,
+    #[error("unknown action {0:?} (expected \"kill\" or \"regenerate\")")]
+    UnknownAction(String),
+    #[error("the session data would be {0} bytes, over max_data_bytes = {1}")]
+    DataTooLarge(usize, usize),
+}
+
+/// The upstream's instructions of one response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Instructions {
+    pub patch: Option<Map<String, Value>>,
+    pub action: Option<Action>,
+}
+
+impl Instructions {
+    /// Reads every value of the update and the action headers. A blank
+    /// update is no update; more than one of either header is refused.
+    /// `max_data_bytes` bounds the raw update too (a patch that only
+    /// deletes can be as long as the data it deletes, plus slack), so a
+    /// hostile upstream cannot make the proxy parse megabytes.
+    pub fn parse(updates: &[&[u8]], actions: &[&[u8]], max_data_bytes: usize) -> Result<Instructions, InvalidUpdate> {
+        if updates.len() > 1 {
+            return Err(InvalidUpdate::RepeatedUpdate(updates.len()));
+        }
+        if actions.len() > 1 {
+            return Err(InvalidUpdate::RepeatedAction(actions.len()));
+        }
+        let patch = match updates.first() {
+            Some(raw) => parse_patch(raw, max_data_bytes)?,
+            None => None,
+        };
+        let action = actions.first().map(|raw| parse_action(raw)).transpose()?;
+        Ok(Instructions { patch, action })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.patch.is_none() && self.action.is_none()
+    }
+}
+
+fn parse_patch(raw: &[u8], max_data_bytes: usize) -> Result<Option<Map<String, Value>>, InvalidUpdate> {
+    let raw = raw.trim_ascii();
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let limit = max_data_bytes.saturating_mul(2).saturating_add(1024);
+    if raw.len() > limit {
+        return Err(InvalidUpdate::UpdateTooLong(raw.len(), limit));
+    }
+    match serde_json::from_slice(raw) {
+        Ok(Value::Object(patch)) => Ok(Some(patch)),
+        Ok(_) => Err(InvalidUpdate::NotAnObject),
+        Err(e) => Err(InvalidUpdate::NotJson(e.to_string())),
+    }
+}
+
+fn parse_action(raw: &[u8]) -> Result<Action, InvalidUpdate> {
+    let raw = raw.trim_ascii();
+    if raw.eq_ignore_ascii_case(b"kill") {
+        Ok(Action::Kill)
+    } else if raw.eq_ignore_ascii_case(b"regenerate") {
+        Ok(Action::Regenerate)
+    } else {
+        // Bounded: the log line must not carry a whole hostile header.
+        let shown: String = String::from_utf8_lossy(raw).chars().take(32).collect();
+        Err(InvalidUpdate::UnknownAction(shown))
+    }
+}
+
+/// Applies `patch` to `target` as RFC 7396 says: `null` deletes, objects
+/// merge recursively, anything else replaces.
+pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (key, value) in patch {
+        match value {
+            Value::Null => {
+                target.remove(key);
+            }
+            Value::Object(inner) => {
+                let slot = target.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
+                if !slot.is_object() {
+                    *slot = Value::Object(Map::new());
+                }
+                if let Value::Object(slot) = slot {
+                    merge(slot, inner);
+                }
+            }
+            other => {
+                target.insert(key.clone(), other.clone());
+            }
+        }
+    }
+}
+
+/// The size of `data` as compact JSON, checked against `max_data_bytes`.
+pub fn check_size(data: &Map<String, Value>, max_data_bytes: usize) -> Result<(), InvalidUpdate> {
+    let size = encoded_len(data);
+    if size > max_data_bytes {
+        return Err(InvalidUpdate::DataTooLarge(size, max_data_bytes));
+    }
+    Ok(())
+}
+
+/// Compact JSON length without building the string.
+pub fn encoded_len(data: &Map<String, Value>) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    let _ = serde_json::to_writer(&mut counter, data);
+    counter.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(value: Value) -> Map<String, Value> {
+        value.as_object().cloned().unwrap()
+    }
+
+    fn parse(updates: &[&str], actions: &[&str]) -> Result<Instructions, InvalidUpdate> {
+        let updates: Vec<&[u8]> = updates.iter().map(|u| u.as_bytes()).collect();
+        let actions: Vec<&[u8]> = actions.iter().map(|a| a.as_bytes()).collect();
+        Instructions::parse(&updates, &actions, 4096)
+    }
+
+    #[test]
+    fn rfc7396_examples_merge_as_the_rfc_says() {
+        // RFC 7396, appendix A (the cases whose target and patch are objects).
+        let cases = [
+            (json!({"a":"b"}), json!({"a":"c"}), json!({"a":"c"})),
+            (json!({"a":"b"}), json!({"b":"c"}), json!({"a":"b","b":"c"})),
+            (json!({"a":"b"}), json!({"a":null}), json!({})),
+            (json!({"a":"b","b":"c"}), json!({"a":null}), json!({"b":"c"})),
+            (json!({"a":["b"]}), json!({"a":"c"}), json!({"a":"c"})),
+            (json!({"a":"c"}), json!({"a":["b"]}), json!({"a":["b"]})),
+            (json!({"a":{"b":"c"}}), json!({"a":{"b":"d","c":null}}), json!({"a":{"b":"d"}})),
+            (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
+            (json!({"e":null}), json!({"a":1}), json!({"e":null,"a":1})),
+            (json!({}), json!({"a":{"bb":{"ccc":null}}}), json!({"a":{"bb":{}}})),
+            (json!({"a":"foo"}), json!({"a":{"b":"c"}}), json!({"a":{"b":"c"}})),
+        ];
+        for (target, patch, expected) in cases {
+            let mut target = object(target);
+            merge(&mut target, &object(patch.clone()));
+            assert_eq!(Value::Object(target), expected, "patch {patch}");
+        }
+    }
+
+    #[test]
+    fn an_update_and_an_action_are_read_together() {
+        let parsed = parse(&[r#"{"user":"ann"}"#], &["regenerate"]).unwrap();
+        assert_eq!(parsed.patch, Some(object(json!({"user": "ann"}))));
+        assert_eq!(parsed.action, Some(Action::Regenerate));
+        assert_eq!(parse(&[], &[" KILL "]).unwrap().action, Some(Action::Kill));
+    }
+
+    #[test]
+    fn a_blank_update_is_no_update() {
+        assert!(parse(&["  "], &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_update_that_is_not_a_json_object_is_refused() {
+        for bad in ["[1]", "3", "\"x\"", "null", "{", "{\"a\":1}x", "\u{0}"] {
+            assert!(parse(&[bad], &[]).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn repeated_headers_and_unknown_actions_are_refused() {
+        assert_eq!(parse(&["{}", "{}"], &[]), Err(InvalidUpdate::RepeatedUpdate(2)));
+        assert_eq!(parse(&[], &["kill", "kill"]), Err(InvalidUpdate::RepeatedAction(2)));
+        assert!(matches!(parse(&[], &["destroy"]), Err(InvalidUpdate::UnknownAction(_))));
+    }
+
+    #[test]
+    fn an_overlong_update_is_refused_before_parsing() {
+        let long = format!(r#"{{"a":"{}"}}"#, "x".repeat(10_000));
+        assert!(matches!(parse(&[&long], &[]), Err(InvalidUpdate::UpdateTooLong(..))));
+    }
+
+    #[test]
+    fn the_size_check_counts_compact_json() {
+        let data = object(json!({"a": "bc"}));
+        assert_eq!(encoded_len(&data), r#"{"a":"bc"}"#.len());
+        assert!(check_size(&data, 10).is_ok());
+        assert_eq!(check_size(&data, 9), Err(InvalidUpdate::DataTooLarge(10, 9)));
+    }
+}
