@@ -1,1 +1,43 @@
-//! TODO
+//! The command line (SPEC [1]).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "session-proxy", version, about = "A reverse proxy that gives legacy web apps server-side sessions")]
+pub struct Cli {
+    /// The config file.
+    #[arg(short = 'c', long = "config", global = true, default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the config and reach the store; prints `ok`.
+    Check,
+    /// Print a fresh 32-byte random secret, base64url.
+    Keygen,
+    /// Inspect or change the stored sessions.
+    Sessions {
+        #[command(subcommand)]
+        action: SessionsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// One line per session: handle, created, last access, data size.
+    List,
+    /// The record of one session, as JSON.
+    Show { handle: String },
+    /// Delete one session.
+    Kill { handle: String },
+    /// Delete every expired session now.
+    PurgeExpired,
+}

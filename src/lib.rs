@@ -8,8 +8,11 @@
 //! ([`session::token`]), and applies the upstream's merge patch or action
 //! ([`session::patch`]) before the response head leaves.
 
+pub mod admin;
 pub mod cli;
+pub mod commands;
 pub mod config;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod session;

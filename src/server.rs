@@ -1,1 +1,141 @@
-//! TODO
+//! Assembles the running proxy: the store (on a runtime of its own, which
+//! also runs the sweeper), the pingora proxy service, the admin service,
+//! and a shutdown that drains in-flight requests for at most
+//! `grace_period`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use log::{info, warn};
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::SessionProxy;
+use crate::store::{self, Expiry, Store};
+
+/// Runs the proxy until SIGTERM or SIGINT; exits the process when drained.
+pub fn run(config: Config) -> Result<(), String> {
+    let store_runtime = store_runtime()?;
+    let store = store_runtime.block_on(store::open(&config.store)).map_err(|e| e.to_string())?;
+    let expiry = Expiry { timeout: config.session.timeout, absolute: config.session.absolute_timeout };
+    store_runtime.spawn(store::sweep_forever(
+        store.clone(),
+        expiry,
+        Duration::from_secs(config.store.sweep_interval),
+    ));
+
+    let metrics = Arc::new(Metrics::new());
+    let proxy = SessionProxy::new(&config, store.clone(), metrics.clone())?;
+    let in_flight = proxy.in_flight();
+
+    let pingora_conf = ServerConf {
+        threads: config.server.threads,
+        // Our own drain (below) ends the process first; these are backstops.
+        grace_period_seconds: Some(config.server.grace_period + 1),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, pingora_conf);
+    server.bootstrap();
+    let pingora_conf = server.configuration.clone();
+
+    if config.server.tls.is_some() {
+        return Err("server.tls_cert/tls_key: TLS listeners are not supported by this build yet; \
+                    terminate TLS in front of the proxy and leave both keys empty"
+            .into());
+    }
+    let mut proxy_service = pingora::proxy::http_proxy_service_with_name(&pingora_conf, proxy, "session-proxy");
+    for address in &config.server.listen {
+        proxy_service.add_tcp(&address.to_string());
+    }
+    server.add_service(proxy_service);
+
+    if let Some(address) = config.server.admin_listen {
+        let admin = Admin::new(store, metrics);
+        let mut admin_service = pingora::services::listening::Service::new(
+            "session-proxy admin".to_string(),
+            pingora::apps::http_app::HttpServer::new_app(admin),
+        );
+        admin_service.add_tcp(&address.to_string());
+        server.add_service(admin_service);
+    }
+
+    info!(
+        "session-proxy listening on {:?}, upstream {:?}, {:?} store",
+        config.server.listen, config.upstream.addresses, config.store.kind
+    );
+    let drain = DrainOnSignal { in_flight, grace: Duration::from_secs(config.server.grace_period) };
+    server.run(RunArgs { shutdown_signal: Box::new(drain) });
+    // pingora returns only after its own backstop grace period.
+    drop(store_runtime);
+    Ok(())
+}
+
+/// The store's connections and the sweeper live here, apart from
+/// pingora's per-service runtimes, so they outlive none of them and are
+/// shared by all.
+fn store_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("session-store")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the store runtime: {e}"))
+}
+
+/// On SIGTERM or SIGINT: pingora stops accepting, and we exit as soon as
+/// no request is in flight, or when `grace` has passed. pingora alone
+/// would always sleep its whole grace period, even when idle.
+struct DrainOnSignal {
+    in_flight: Arc<AtomicUsize>,
+    grace: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut terminate), Ok(mut interrupt)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            warn!("cannot watch SIGTERM/SIGINT; stop the proxy with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = terminate.recv() => info!("SIGTERM: draining for at most {:?}", self.grace),
+            _ = interrupt.recv() => info!("SIGINT: draining for at most {:?}", self.grace),
+        }
+        let in_flight = self.in_flight.clone();
+        let deadline = Instant::now() + self.grace;
+        std::thread::spawn(move || {
+            // Let pingora close the listeners before counting.
+            std::thread::sleep(Duration::from_millis(50));
+            while in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let left = in_flight.load(Ordering::Acquire);
+            if left > 0 {
+                warn!("grace period over with {left} request(s) in flight; exiting");
+            } else {
+                info!("drained; exiting");
+            }
+            log::logger().flush();
+            std::process::exit(0);
+        });
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// For `session-proxy check`: the config is valid and the store answers.
+pub fn check_store(config: &Config) -> Result<(), String> {
+    let runtime = store_runtime()?;
+    runtime.block_on(async {
+        let store: Arc<dyn Store> = store::open(&config.store).await.map_err(|e| e.to_string())?;
+        store.ping().await.map_err(|e| e.to_string())
+    })
+}

@@ -1,0 +1,47 @@
+//! The admin listener: `GET /healthz` and `GET /metrics` (SPEC [7]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+pub struct Admin {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Admin {
+        Admin { store, metrics }
+    }
+}
+
+/// A health check must answer even when the store hangs.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_owned();
+        let (status, content_type, body) = match path.as_str() {
+            "/healthz" => match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
+                Ok(Ok(())) => (StatusCode::OK, "text/plain", b"ok".to_vec()),
+                _ => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", b"session store unavailable".to_vec()),
+            },
+            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render().into_bytes()),
+            _ => (StatusCode::NOT_FOUND, "text/plain", b"not found: try /healthz or /metrics".to_vec()),
+        };
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .unwrap_or_default()
+    }
+}

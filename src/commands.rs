@@ -1,0 +1,143 @@
+//! What each command of the command line does, once the config is loaded.
+
+use std::process::ExitCode;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+use crate::cli::SessionsCommand;
+use crate::config::Config;
+use crate::session::cookie::Handle;
+use crate::store::{self, Expiry, Store};
+
+/// 32 bytes from the OS's CSPRNG, base64url without padding (43 chars).
+pub fn keygen() -> String {
+    let mut key = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+    URL_SAFE_NO_PAD.encode(key)
+}
+
+pub fn run(config: Config) -> ExitCode {
+    match crate::server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("session-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ok` and 0, or the store's error and 1 (a bad config exits 2 earlier).
+pub fn check(config: &Config) -> ExitCode {
+    match crate::server::check_store(config) {
+        Ok(()) => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("session-proxy: {}: {e}", config.file.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("session-proxy: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let store = store::open(&config.store).await.map_err(|e| e.to_string())?;
+        sessions_with(store.as_ref(), config, command).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("session-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn sessions_with(store: &dyn Store, config: &Config, command: SessionsCommand) -> Result<(), String> {
+    match command {
+        SessionsCommand::List => {
+            let mut sessions = store.list().await.map_err(|e| e.to_string())?;
+            sessions.sort_by_key(|(_, record)| std::cmp::Reverse(record.atime));
+            println!("{:<64}  {:<20}  {:<20}  {:>6}  ver", "handle", "created", "last access", "bytes");
+            for (handle, record) in sessions {
+                println!(
+                    "{handle}  {}  {}  {:>6}  {}",
+                    utc(record.created),
+                    utc(record.atime),
+                    crate::session::patch::encoded_len(&record.data),
+                    record.ver
+                );
+            }
+            Ok(())
+        }
+        SessionsCommand::Show { handle } => {
+            let handle = parse_handle(&handle)?;
+            let record = store.load(&handle).await.map_err(|e| e.to_string())?;
+            let record = record.ok_or_else(|| format!("no session {handle}"))?;
+            println!("{}", serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        SessionsCommand::Kill { handle } => {
+            let handle = parse_handle(&handle)?;
+            match store.delete(&handle).await.map_err(|e| e.to_string())? {
+                true => Ok(println!("killed {handle}")),
+                false => Err(format!("no session {handle}")),
+            }
+        }
+        SessionsCommand::PurgeExpired => {
+            let expiry = Expiry { timeout: config.session.timeout, absolute: config.session.absolute_timeout };
+            let deleted = store.delete_expired(crate::session::now(), expiry).await.map_err(|e| e.to_string())?;
+            println!("deleted {deleted} expired session(s)");
+            Ok(())
+        }
+    }
+}
+
+fn parse_handle(text: &str) -> Result<Handle, String> {
+    Handle::parse(text).ok_or_else(|| format!("{text:?} is not a session handle (64 lowercase hex digits, as `sessions list` prints)"))
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for Unix seconds (days-to-civil, proleptic Gregorian).
+fn utc(seconds: u64) -> String {
+    let days = (seconds / 86_400) as i64;
+    let rem = seconds % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_43_base64url_characters_and_differ() {
+        let (a, b) = (keygen(), keygen());
+        assert_eq!(a.len(), 43);
+        assert!(URL_SAFE_NO_PAD.decode(&a).is_ok_and(|bytes| bytes.len() == 32));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_795_687_713), "2026-11-26T09:28:33Z");
+    }
+}

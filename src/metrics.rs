@@ -1,0 +1,114 @@
+//! The Prometheus metrics of SPEC [7], served by the admin listener.
+
+use prometheus::{Encoder, HistogramVec, IntCounter, IntCounterVec, Registry, TextEncoder};
+
+/// Every metric the proxy exports. Cheap to update from the request path:
+/// label values are resolved once, here.
+pub struct Metrics {
+    registry: Registry,
+    pub requests_session: IntCounter,
+    pub requests_bypass: IntCounter,
+    pub sessions_created: IntCounter,
+    expired: IntCounterVec,
+    pub forged_cookies: IntCounter,
+    pub store_errors: IntCounter,
+    pub invalid_updates: IntCounter,
+    store_latency: HistogramVec,
+}
+
+/// A store operation, as the `op` label of the latency histogram.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreOp {
+    Load,
+    Save,
+    Delete,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            prometheus::Opts::new("session_proxy_requests_total", "Requests received, by path kind"),
+            &["path"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let expired = IntCounterVec::new(
+            prometheus::Opts::new(
+                "session_proxy_sessions_expired_total",
+                "Signed cookies whose session could not be used, by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let store_latency = HistogramVec::new(
+            prometheus::HistogramOpts::new("session_proxy_store_latency_seconds", "Latency of session store operations")
+                .buckets(vec![0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            &["op"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let counter = |name: &str, help: &str| {
+            IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("static metric definition: {e}"))
+        };
+        let metrics = Metrics {
+            requests_session: requests.with_label_values(&["session"]),
+            requests_bypass: requests.with_label_values(&["bypass"]),
+            sessions_created: counter("session_proxy_sessions_created_total", "Sessions stored for the first time"),
+            forged_cookies: counter(
+                "session_proxy_forged_cookies_total",
+                "Requests whose session cookie was malformed or wrongly signed",
+            ),
+            store_errors: counter("session_proxy_store_errors_total", "Session store operations that failed"),
+            invalid_updates: counter(
+                "session_proxy_invalid_updates_total",
+                "Upstream responses refused for an invalid session update or action",
+            ),
+            expired,
+            store_latency,
+            registry,
+        };
+        for collector in [
+            Box::new(requests) as Box<dyn prometheus::core::Collector>,
+            Box::new(metrics.expired.clone()),
+            Box::new(metrics.sessions_created.clone()),
+            Box::new(metrics.forged_cookies.clone()),
+            Box::new(metrics.store_errors.clone()),
+            Box::new(metrics.invalid_updates.clone()),
+            Box::new(metrics.store_latency.clone()),
+        ] {
+            let _ = metrics.registry.register(collector);
+        }
+        for reason in ["idle", "absolute", "ip", "missing"] {
+            metrics.expired.with_label_values(&[reason]);
+        }
+        for op in ["load", "save", "delete"] {
+            metrics.store_latency.with_label_values(&[op]);
+        }
+        metrics
+    }
+
+    pub fn expired(&self, reason: &str) {
+        self.expired.with_label_values(&[reason]).inc();
+    }
+
+    pub fn observe_store(&self, op: StoreOp, seconds: f64) {
+        let label = match op {
+            StoreOp::Load => "load",
+            StoreOp::Save => "save",
+            StoreOp::Delete => "delete",
+        };
+        self.store_latency.with_label_values(&[label]).observe(seconds);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

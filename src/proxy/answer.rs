@@ -1,0 +1,108 @@
+//! The proxy's own answers: short `text/plain` messages that name the
+//! problem and never carry session data, ids or handles (SPEC [5]).
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, SET_COOKIE};
+use log::debug;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorSource, ErrorType};
+
+use super::Settings;
+use crate::session::cookie::set_cookie;
+
+/// Why the proxy answers a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    StoreUnavailable,
+    InvalidUpdate,
+    /// `lock = true` and the session's earlier request did not finish in time.
+    SessionBusy,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    /// A status pingora chose (e.g. 400 for a malformed request).
+    Status(u16),
+    /// The client went away: nothing to answer.
+    ClientGone,
+    Internal,
+}
+
+impl Failure {
+    pub fn status(self) -> u16 {
+        match self {
+            Failure::StoreUnavailable | Failure::SessionBusy => 503,
+            Failure::InvalidUpdate | Failure::UpstreamUnreachable => 502,
+            Failure::UpstreamTimeout => 504,
+            Failure::Status(code) => code,
+            Failure::ClientGone => 0,
+            Failure::Internal => 500,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Failure::StoreUnavailable => "session store unavailable",
+            Failure::InvalidUpdate => "invalid session update from upstream",
+            Failure::SessionBusy => "session busy: an earlier request of this session has not finished",
+            Failure::UpstreamUnreachable => "upstream unreachable",
+            Failure::UpstreamTimeout => "upstream timed out",
+            Failure::Status(400) => "bad request",
+            Failure::Status(_) | Failure::ClientGone => "request failed",
+            Failure::Internal => "internal error",
+        }
+    }
+
+    /// The failure behind an error pingora reports.
+    pub fn of_error(e: &Error) -> Failure {
+        match (e.esource(), e.etype()) {
+            (_, ErrorType::HTTPStatus(code)) => Failure::Status(*code),
+            (ErrorSource::Upstream, ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
+                Failure::UpstreamTimeout
+            }
+            (ErrorSource::Upstream, _) => Failure::UpstreamUnreachable,
+            (
+                ErrorSource::Downstream,
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed | ErrorType::ReadTimedout,
+            ) => Failure::ClientGone,
+            (ErrorSource::Downstream, _) => Failure::Status(400),
+            _ => Failure::Internal,
+        }
+    }
+}
+
+/// Writes a short `text/plain` answer; a client gone meanwhile is not an error.
+async fn respond(session: &mut Session, status: u16, body: Bytes, clear_cookie: Option<String>) {
+    let Ok(mut head) = ResponseHeader::build(status, Some(4)) else {
+        return;
+    };
+    let _ = head.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8");
+    let _ = head.insert_header(CONTENT_LENGTH, body.len());
+    match clear_cookie {
+        Some(cookie) => {
+            let _ = head.insert_header(SET_COOKIE, cookie);
+            let _ = head.insert_header(CACHE_CONTROL, r#"no-cache="Set-Cookie""#);
+        }
+        None => {
+            let _ = head.insert_header(CACHE_CONTROL, "no-store");
+        }
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    let written = match session.write_response_header(Box::new(head), head_only).await {
+        Ok(()) if !head_only => session.write_response_body(Some(body), true).await,
+        other => other,
+    };
+    if let Err(e) = written {
+        debug!("could not answer the client: {e}");
+    }
+}
+
+/// `expired_status` with `expired_message`, and the cookie cleared.
+pub async fn expired(session: &mut Session, settings: &Settings) {
+    let clear = set_cookie(&settings.cookie, None);
+    respond(session, settings.expired_status, settings.expired_message.clone(), Some(clear)).await;
+}
+
+pub async fn failure(session: &mut Session, failure: Failure) {
+    let body = Bytes::from_static(failure.message().as_bytes());
+    respond(session, failure.status(), body, None).await;
+}

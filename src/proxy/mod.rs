@@ -1,0 +1,380 @@
+//! The proxy: one [`ProxyHttp`] implementation, one method per phase.
+//!
+//! - `request_filter`: strip spoofed headers, resolve the session, answer
+//!   an expired one ourselves, or hand the upstream its token;
+//! - `upstream_peer`: round-robin over the configured addresses;
+//! - `upstream_response_filter`: read and remove the upstream's
+//!   instructions, store the change, set the cookie — all before the
+//!   response head leaves;
+//! - `fail_to_proxy`: our own short `text/plain` answers.
+
+mod answer;
+mod commit;
+pub mod headers;
+pub mod locks;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use http::header::{CACHE_CONTROL, SET_COOKIE};
+use http::HeaderName;
+use log::{debug, warn};
+use pingora::http::ResponseHeader;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorType, Result};
+use serde_json::{Map, Value};
+
+use crate::config::{Config, CookieConfig};
+use crate::metrics::{Metrics, StoreOp};
+use crate::session::cookie::{set_cookie, CookieSigner, Handle, SessionId};
+use crate::session::patch::Instructions;
+use crate::session::policy::{self, Expired, Policy};
+use crate::session::token::TokenSigner;
+use crate::store::{Record, Store, StoreError};
+pub use answer::Failure;
+use commit::CookieChange;
+use headers::SessionHeaders;
+use locks::{SessionLock, SessionLocks};
+
+/// Everything a request needs, prepared once at start.
+pub struct SessionProxy {
+    settings: Settings,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    peers: Vec<HttpPeer>,
+    next_peer: AtomicUsize,
+    locks: SessionLocks,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// The session settings of the config, in the shape the request path uses.
+struct Settings {
+    headers: SessionHeaders,
+    cookie: CookieConfig,
+    cookie_signer: CookieSigner,
+    token_signer: TokenSigner,
+    policy: Policy,
+    trusted_proxies: Vec<ipnet::IpNet>,
+    bypass: Vec<String>,
+    ignore_expiry: bool,
+    expired_status: u16,
+    expired_message: bytes::Bytes,
+    initializer: Map<String, Value>,
+    save_uninitialized: bool,
+    max_data_bytes: usize,
+    touch_interval: u64,
+    lock_wait: Option<Duration>,
+}
+
+/// What one request carries from phase to phase.
+pub struct RequestCtx {
+    _in_flight: InFlight,
+    /// `None` on a bypassed path.
+    session: Option<ActiveSession>,
+    /// Why the proxy answers this request itself.
+    failure: Option<Failure>,
+    /// Held until the request ends (`lock = true`).
+    _lock: Option<SessionLock>,
+}
+
+/// The session a request resolved to.
+struct ActiveSession {
+    id: SessionId,
+    handle: Handle,
+    /// The stored record; `None` for a session not stored yet.
+    stored: Option<Record>,
+    /// The data the upstream was given (the initializer for a new session).
+    data: Map<String, Value>,
+    client_ip: String,
+}
+
+impl SessionProxy {
+    pub fn new(config: &Config, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Result<SessionProxy, String> {
+        let session = &config.session;
+        let header_name = |name: &str| {
+            HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("invalid header name {name:?}: {e}"))
+        };
+        let settings = Settings {
+            headers: SessionHeaders {
+                session: header_name(&config.headers.session)?,
+                update: header_name(&config.headers.update)?,
+                action: header_name(&config.headers.action)?,
+            },
+            cookie: session.cookie.clone(),
+            cookie_signer: CookieSigner::new(&session.secret_keys),
+            token_signer: TokenSigner::new(
+                session.secret_keys.first().ok_or("no secret key")?,
+                config.headers.token_ttl,
+            ),
+            policy: Policy {
+                expiry: crate::store::Expiry { timeout: session.timeout, absolute: session.absolute_timeout },
+                check_ip: !session.ignore_change_ip,
+            },
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            bypass: session.bypass.clone(),
+            ignore_expiry: session.ignore_expiry,
+            expired_status: session.expired_status,
+            expired_message: bytes::Bytes::from(session.expired_message.clone()),
+            initializer: session.initializer.clone(),
+            save_uninitialized: session.save_uninitialized,
+            max_data_bytes: session.max_data_bytes,
+            touch_interval: session.touch_interval,
+            // A turn comes at the latest when the request ahead times out upstream.
+            lock_wait: session.lock.then(|| {
+                Duration::from_secs(config.upstream.connect_timeout + config.upstream.read_timeout + 1)
+            }),
+        };
+        let peers = config
+            .upstream
+            .addresses
+            .iter()
+            .map(|address| {
+                let mut peer = HttpPeer::new(*address, config.upstream.tls, config.upstream.sni.clone());
+                peer.options.connection_timeout = Some(Duration::from_secs(config.upstream.connect_timeout));
+                peer.options.read_timeout = Some(Duration::from_secs(config.upstream.read_timeout));
+                peer.options.write_timeout = Some(Duration::from_secs(config.upstream.read_timeout));
+                peer.options.idle_timeout = Some(Duration::from_secs(60));
+                peer
+            })
+            .collect();
+        Ok(SessionProxy {
+            settings,
+            store,
+            metrics,
+            peers,
+            next_peer: AtomicUsize::new(0),
+            locks: SessionLocks::default(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Requests being served now; shutdown waits for this to reach zero.
+    pub fn in_flight(&self) -> Arc<AtomicUsize> {
+        self.in_flight.clone()
+    }
+
+    fn is_bypassed(&self, path: &str) -> bool {
+        self.settings.bypass.iter().any(|prefix| path.starts_with(prefix.as_str()))
+    }
+
+    /// Times a store call for the latency histogram and counts its errors.
+    async fn timed<T>(
+        &self,
+        op: StoreOp,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics.observe_store(op, started.elapsed().as_secs_f64());
+        if matches!(result, Err(StoreError::Unavailable(_)) | Err(StoreError::Corrupt { .. })) {
+            self.metrics.store_errors.inc();
+        }
+        result
+    }
+
+    /// A session not stored yet, with a fresh id and a copy of the initializer.
+    fn new_session(&self, client_ip: String) -> ActiveSession {
+        let id = SessionId::generate();
+        ActiveSession {
+            handle: id.handle(),
+            id,
+            stored: None,
+            data: self.settings.initializer.clone(),
+            client_ip,
+        }
+    }
+
+    /// The session of a correctly signed cookie, if it may be used.
+    async fn resume(
+        &self,
+        id: SessionId,
+        client_ip: String,
+        ctx: &mut RequestCtx,
+    ) -> Result<Result<ActiveSession, Expired>, Failure> {
+        let handle = id.handle();
+        if let Some(wait) = self.settings.lock_wait {
+            ctx._lock = Some(self.locks.acquire(&handle, wait).await.ok_or(Failure::SessionBusy)?);
+        }
+        let record = match self.timed(StoreOp::Load, self.store.load(&handle)).await {
+            Ok(record) => record,
+            Err(StoreError::Corrupt { detail, .. }) => {
+                warn!("session {}: stored record unreadable, starting over: {detail}", handle.short());
+                None
+            }
+            Err(e) => {
+                warn!("session {}: load failed: {e}", handle.short());
+                return Err(Failure::StoreUnavailable);
+            }
+        };
+        if let Err(expired) = self.settings.policy.judge(record.as_ref(), crate::session::now(), &client_ip) {
+            self.metrics.expired(expired.label());
+            debug!("session {}: expired ({})", handle.short(), expired.label());
+            return Ok(Err(expired));
+        }
+        let data = record.as_ref().map(|r| r.data.clone()).unwrap_or_default();
+        Ok(Ok(ActiveSession { id, handle, stored: record, data, client_ip }))
+    }
+
+    /// Resolves the request's session (SPEC [4.3]) and hands it to the
+    /// upstream; `Ok(true)` when the proxy has answered itself.
+    async fn begin_session(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool, Failure> {
+        let settings = &self.settings;
+        let peer = session
+            .client_addr()
+            .and_then(|addr| addr.as_inet())
+            .map(|addr| addr.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let request = session.req_header_mut();
+        let candidates = headers::take_cookie(request, &settings.cookie.name);
+        let verified = candidates.iter().find_map(|value| settings.cookie_signer.verify(value));
+        if verified.is_none() && !candidates.is_empty() {
+            self.metrics.forged_cookies.inc();
+        }
+        let forwarded_for = headers::values(&request.headers, &X_FORWARDED_FOR);
+        let client_ip = policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies).to_string();
+
+        let active = match verified {
+            None => self.new_session(client_ip),
+            Some(id) => match self.resume(id, client_ip.clone(), ctx).await? {
+                Ok(active) => active,
+                Err(expired) if settings.ignore_expiry && expired != Expired::Ip => {
+                    ctx._lock = None;
+                    self.new_session(client_ip)
+                }
+                Err(_) => {
+                    answer::expired(session, settings).await;
+                    return Ok(true);
+                }
+            },
+        };
+        let now = crate::session::now();
+        let ver = active.stored.as_ref().map_or(0, |record| record.ver);
+        let token = settings.token_signer.sign(&active.handle, active.stored.is_none(), ver, now, &active.data);
+        session
+            .req_header_mut()
+            .insert_header(settings.headers.session.clone(), token)
+            .map_err(|_| Failure::Internal)?;
+        ctx.session = Some(active);
+        Ok(false)
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Counts a request as in flight for as long as it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for SessionProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        RequestCtx { _in_flight: InFlight(self.in_flight.clone()), session: None, failure: None, _lock: None }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let request = session.req_header_mut();
+        self.settings.headers.strip_from(request);
+        if self.is_bypassed(request.uri.path()) {
+            self.metrics.requests_bypass.inc();
+            headers::take_cookie(request, &self.settings.cookie.name);
+            return Ok(false);
+        }
+        self.metrics.requests_session.inc();
+        match self.begin_session(session, ctx).await {
+            Ok(answered) => Ok(answered),
+            Err(failure) => {
+                ctx.failure = Some(failure);
+                Err(Error::new(ErrorType::HTTPStatus(failure.status())))
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let turn = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        let peer = self.peers.get(turn % self.peers.len().max(1)).ok_or_else(|| Error::new(ErrorType::ConnectNoRoute))?;
+        Ok(Box::new(peer.clone()))
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if response.status.is_informational() {
+            return Ok(());
+        }
+        let names = &self.settings.headers;
+        let parsed = Instructions::parse(
+            &headers::values(&response.headers, &names.update),
+            &headers::values(&response.headers, &names.action),
+            self.settings.max_data_bytes,
+        );
+        response.remove_header(&names.update);
+        response.remove_header(&names.action);
+        let Some(active) = ctx.session.as_ref() else {
+            return Ok(()); // a bypassed path: the instructions are ignored
+        };
+        let outcome = match parsed {
+            Ok(instructions) => self.commit(active, instructions).await,
+            Err(invalid) => {
+                warn!("session {}: invalid session update from upstream: {invalid}", active.handle.short());
+                Err(Failure::InvalidUpdate)
+            }
+        };
+        let cookie = match outcome {
+            Ok(cookie) => cookie,
+            Err(failure) => {
+                if failure == Failure::InvalidUpdate {
+                    self.metrics.invalid_updates.inc();
+                }
+                ctx.failure = Some(failure);
+                return Err(Error::new(ErrorType::HTTPStatus(failure.status())));
+            }
+        };
+        if let Some(cookie) = cookie {
+            let value = match &cookie {
+                CookieChange::Set(value) => set_cookie(&self.settings.cookie, Some(value)),
+                CookieChange::Clear => set_cookie(&self.settings.cookie, None),
+            };
+            response.append_header(SET_COOKIE, value)?;
+            if !forbids_shared_caching(response) {
+                response.append_header(CACHE_CONTROL, r#"no-cache="Set-Cookie""#)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let failure = ctx.failure.unwrap_or_else(|| Failure::of_error(e));
+        let code = match failure {
+            Failure::ClientGone => 0,
+            failure => {
+                answer::failure(session, failure).await;
+                failure.status()
+            }
+        };
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+}
+
+/// The upstream already keeps the response out of shared caches.
+fn forbids_shared_caching(response: &ResponseHeader) -> bool {
+    response.headers.get_all(CACHE_CONTROL).iter().any(|value| {
+        value.as_bytes().split(|&b| b == b',').any(|directive| {
+            let directive = directive.trim_ascii();
+            directive.eq_ignore_ascii_case(b"private") || directive.eq_ignore_ascii_case(b"no-store")
+        })
+    })
+}

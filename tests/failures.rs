@@ -1,0 +1,209 @@
+//! End to end: the failure table of SPEC [5] and shutdown. Every failure
+//! answers a short text/plain message and leaves the stored session as it was.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn records(config: &ProxyConfig) -> Vec<String> {
+    let mut files: Vec<String> =
+        stored_files(&config.sessions_dir()).iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
+    files.sort();
+    files
+}
+
+/// A proxy with one stored session `{"a": 1}`.
+fn with_session(configure: impl FnOnce(ProxyConfig) -> ProxyConfig) -> (Process, Process, ProxyConfig, Browser) {
+    let upstream = start_upstream();
+    let config = configure(ProxyConfig::new(upstream.port));
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a": 1}"#)]);
+    assert!(browser.cookie.is_some());
+    (upstream, proxy, config, browser)
+}
+
+#[test]
+fn an_invalid_update_is_a_502_and_leaves_the_session_unchanged() {
+    let (_upstream, _proxy, config, mut browser) = with_session(|c| c.session("max_data_bytes = 64"));
+    let before = records(&config);
+    let bad: Vec<Vec<(&str, &str)>> = vec![
+        vec![("X-Test-Update", "not json")],
+        vec![("X-Test-Update", "[1, 2]")],
+        vec![("X-Test-Update", "42")],
+        vec![("X-Test-Update", r#"{"big": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#)],
+        vec![("X-Test-Update", r#"{"a": 2}"#), ("X-Test-Update", r#"{"b": 2}"#)],
+        vec![("X-Test-Action", "destroy")],
+        vec![("X-Test-Action", "kill"), ("X-Test-Action", "kill")],
+        vec![("X-Test-Update", r#"{"a": 2}"#), ("X-Test-Action", "explode")],
+    ];
+    for headers in bad {
+        let response = browser.get("/", &headers);
+        assert_eq!(response.status, 502, "{headers:?}");
+        assert_eq!(response.text(), "invalid session update from upstream");
+        assert!(response.header("content-type").unwrap().starts_with("text/plain"));
+        assert!(response.headers_named("set-cookie").is_empty());
+        assert_eq!(records(&config), before, "{headers:?} changed the session");
+    }
+    assert_eq!(browser.get("/", &[]).session()["data"], serde_json::json!({"a": 1}));
+}
+
+#[test]
+fn an_invalid_update_for_a_new_session_stores_nothing() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let response = get(proxy.port, "/", &[("X-Test-Update", "[]")]);
+    assert_eq!(response.status, 502);
+    assert!(records(&config).is_empty());
+}
+
+#[test]
+fn a_huge_update_header_is_refused_without_harm() {
+    let (_upstream, _proxy, config, mut browser) = with_session(|c| c);
+    let before = records(&config);
+    let response = browser.get("/", &[("X-Test-Fault", "huge-header")]);
+    assert!(response.status == 502, "{}", response.status);
+    assert_eq!(records(&config), before);
+}
+
+#[test]
+fn an_unreachable_upstream_is_a_502_and_the_session_is_unchanged() {
+    let (upstream, proxy, config, mut browser) = with_session(|c| c);
+    let before = records(&config);
+    drop(upstream);
+    let response = browser.get("/", &[]);
+    assert_eq!(response.status, 502);
+    assert_eq!(response.text(), "upstream unreachable");
+    assert_eq!(records(&config), before);
+    drop(proxy);
+}
+
+#[test]
+fn an_upstream_that_hangs_is_a_504() {
+    let (_upstream, _proxy, config, mut browser) = with_session(|c| {
+        let mut c = c;
+        c.upstream = vec!["read_timeout = 1".into(), "connect_timeout = 1".into()];
+        c
+    });
+    let before = records(&config);
+    let started = Instant::now();
+    let response = browser.get("/", &[("X-Test-Fault", "hang"), ("X-Test-Update", r#"{"a": 9}"#)]);
+    assert_eq!(response.status, 504);
+    assert_eq!(response.text(), "upstream timed out");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(records(&config), before);
+}
+
+#[test]
+fn an_upstream_that_resets_or_talks_garbage_is_a_502() {
+    let (_upstream, _proxy, config, mut browser) = with_session(|c| c);
+    let before = records(&config);
+    for fault in ["reset", "garbage"] {
+        let response = browser.get("/", &[("X-Test-Fault", fault), ("X-Test-Update", r#"{"a": 9}"#)]);
+        assert_eq!(response.status, 502, "{fault}");
+        assert_eq!(records(&config), before, "{fault}");
+    }
+    assert_eq!(browser.get("/", &[]).status, 200, "the proxy serves on");
+}
+
+#[test]
+fn a_store_that_fails_is_a_503_and_healthz_says_so() {
+    let (_upstream, proxy, config, mut browser) = with_session(|c| c);
+    let admin = config.admin_port;
+    assert_eq!(get(admin, "/healthz", &[]).text(), "ok");
+    let dir = config.sessions_dir();
+    let kept = config.dir.path().join("kept");
+    std::fs::rename(&dir, &kept).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    let response = browser.get("/", &[]);
+    assert_eq!((response.status, response.text().as_str()), (503, "session store unavailable"));
+    let fresh = get(proxy.port, "/", &[("X-Test-Update", r#"{"n": 1}"#)]);
+    assert_eq!(fresh.status, 503, "a new session cannot be stored either");
+    assert!(fresh.headers_named("set-cookie").is_empty());
+    assert_eq!(get(admin, "/healthz", &[]).status, 503);
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(&kept, &dir).unwrap();
+    assert_eq!(browser.get("/", &[]).session()["data"], serde_json::json!({"a": 1}), "back without a restart");
+    assert_eq!(get(admin, "/healthz", &[]).status, 200);
+}
+
+#[test]
+fn metrics_count_requests_sessions_and_forgeries() {
+    let (_upstream, proxy, config, _browser) = with_session(|c| c);
+    get(proxy.port, "/", &[("Cookie", "session_id=forged.value")]);
+    let metrics = get(config.admin_port, "/metrics", &[]).text();
+    for line in [
+        "session_proxy_requests_total{path=\"session\"} 2",
+        "session_proxy_sessions_created_total 1",
+        "session_proxy_forged_cookies_total 1",
+        "session_proxy_store_errors_total 0",
+        "session_proxy_sessions_expired_total{reason=\"idle\"} 0",
+        "session_proxy_store_latency_seconds_count{op=\"save\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let mut proxy = config.start();
+    let port = proxy.port;
+    let slow = std::thread::spawn(move || get(port, "/", &[("X-Test-Sleep-Ms", "1500")]).status);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    unsafe_kill(proxy.child.id(), "TERM");
+    assert_eq!(slow.join().unwrap(), 200, "the in-flight request finished");
+    let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(4), "exited once drained: {:?}", started.elapsed());
+}
+
+#[test]
+fn sigterm_when_idle_exits_at_once() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).server("grace_period = 30");
+    let mut proxy = config.start();
+    let started = Instant::now();
+    unsafe_kill(proxy.child.id(), "TERM");
+    let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+}
+
+#[test]
+fn the_grace_period_bounds_the_wait() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).server("grace_period = 1");
+    let mut proxy = config.start();
+    let port = proxy.port;
+    std::thread::spawn(move || {
+        let _ = try_request(port, "GET", "/", &[("X-Test-Sleep-Ms", "20000")], b"");
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    unsafe_kill(proxy.child.id(), "TERM");
+    let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the proxy did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

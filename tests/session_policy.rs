@@ -1,0 +1,254 @@
+//! End to end: expiry, the client-IP check, touches, cookie attributes and
+//! concurrency (SPEC [3], [4.3], [4.5], [4.6]).
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+fn record_files(config: &ProxyConfig) -> Vec<serde_json::Value> {
+    stored_files(&config.sessions_dir())
+        .iter()
+        .map(|path| serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap())
+        .collect()
+}
+
+/// Rewrites every stored record's times, as if `seconds` had passed.
+fn age_records(config: &ProxyConfig, seconds: u64) {
+    for path in stored_files(&config.sessions_dir()) {
+        let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for field in ["atime", "created"] {
+            record[field] = (record[field].as_u64().unwrap() - seconds).into();
+        }
+        std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn an_expired_session_gets_the_configured_answer_and_the_upstream_is_not_called() {
+    let upstream = CountingUpstream::start();
+    let config = ProxyConfig::new(upstream.port)
+        .session("ignore_expiry = false")
+        .session("timeout = 100")
+        .session("expired_status = 440")
+        .session("expired_message = \"Votre session a expiré\"");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[]);
+    assert!(browser.cookie.is_some());
+    assert_eq!(upstream.count(), 1);
+    age_records(&config, 101);
+    let response = browser.get("/", &[]);
+    assert_eq!(response.status, 440);
+    assert_eq!(response.text(), "Votre session a expiré");
+    assert!(response.header("content-type").unwrap().starts_with("text/plain"));
+    assert!(response.header("set-cookie").unwrap().contains("Max-Age=0"), "the cookie is cleared");
+    assert_eq!(upstream.count(), 1, "the upstream was not called");
+}
+
+#[test]
+fn a_missing_record_with_ignore_expiry_false_gets_the_expired_answer() {
+    let upstream = CountingUpstream::start();
+    let config = ProxyConfig::new(upstream.port).session("ignore_expiry = false");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[]);
+    for path in stored_files(&config.sessions_dir()) {
+        std::fs::remove_file(path).unwrap();
+    }
+    let response = browser.get("/", &[]);
+    assert_eq!((response.status, response.text().as_str()), (200, "Session expired"));
+    assert_eq!(upstream.count(), 1);
+}
+
+#[test]
+fn an_idle_expired_session_silently_becomes_a_new_one_by_default() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("timeout = 100");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    age_records(&config, 101);
+    let claims = browser.get("/", &[]).session();
+    assert_eq!(claims["new"], true);
+    assert_eq!(claims["data"], serde_json::json!({}));
+}
+
+#[test]
+fn the_absolute_timeout_ends_a_busy_session() {
+    let upstream = CountingUpstream::start();
+    let config = ProxyConfig::new(upstream.port)
+        .session("timeout = 100000")
+        .session("absolute_timeout = 50")
+        .session("ignore_expiry = false");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[]);
+    // Created 51 s ago but used just now.
+    for path in stored_files(&config.sessions_dir()) {
+        let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        record["created"] = (record["created"].as_u64().unwrap() - 51).into();
+        std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+    }
+    assert_eq!(browser.get("/", &[]).text(), "Session expired");
+}
+
+#[test]
+fn a_session_used_from_another_ip_is_refused_and_left_alone() {
+    let upstream = CountingUpstream::start();
+    let config = ProxyConfig::new(upstream.port)
+        .session("ignore_change_ip = false")
+        .server("trusted_proxies = [\"127.0.0.1/32\"]");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Forwarded-For", "203.0.113.7")]);
+    let cookie = browser.cookie.clone().unwrap();
+    let before = record_files(&config);
+    assert_eq!(before[0]["ip"], "203.0.113.7");
+    assert_eq!(browser.get("/", &[("X-Forwarded-For", "203.0.113.7")]).status, 200);
+    let other = get(proxy.port, "/", &[("X-Forwarded-For", "198.51.100.9"), ("Cookie", &format!("session_id={cookie}"))]);
+    assert_eq!(other.text(), "Session expired");
+    assert_eq!(upstream.count(), 2);
+    assert_eq!(record_files(&config), before, "the stored record is left alone");
+}
+
+#[test]
+fn forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let upstream = CountingUpstream::start();
+    let config = ProxyConfig::new(upstream.port).session("ignore_change_ip = false");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Forwarded-For", "203.0.113.7")]);
+    assert_eq!(record_files(&config)[0]["ip"], "127.0.0.1");
+    assert_eq!(browser.get("/", &[("X-Forwarded-For", "198.51.100.9")]).status, 200);
+}
+
+#[test]
+fn the_access_time_is_written_only_after_touch_interval_and_keeps_ver() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    age_records(&config, 30);
+    let aged = record_files(&config)[0].clone();
+    assert!(browser.get("/", &[]).headers_named("set-cookie").is_empty());
+    assert_eq!(record_files(&config)[0], aged, "younger than touch_interval (60 s): untouched");
+    age_records(&config, 31);
+    let response = browser.get("/", &[]);
+    assert!(response.headers_named("set-cookie").is_empty(), "a browser-session cookie is not re-sent");
+    let touched = record_files(&config)[0].clone();
+    assert!(touched["atime"].as_u64().unwrap() >= aged["atime"].as_u64().unwrap() + 30);
+    assert_eq!(touched["ver"], 1, "a touch leaves ver alone");
+}
+
+#[test]
+fn with_cookie_max_age_the_cookie_is_re_sent_when_the_session_is_touched() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port)
+        .session("cookie_max_age = 3600")
+        .session("touch_interval = 0")
+        .session("secure = true")
+        .session("samesite = \"strict\"")
+        .session("cookie_domain = \"example.test\"")
+        .session("cookie_name = \"sid\"");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.cookie_name = "sid".into();
+    let first = browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let expected = format!("sid={cookie}; Path=/; Domain=example.test; Max-Age=3600; HttpOnly; Secure; SameSite=Strict");
+    assert_eq!(first.header("set-cookie"), Some(expected.as_str()));
+    let touched = browser.get("/", &[]);
+    assert_eq!(touched.header("set-cookie"), Some(expected.as_str()));
+}
+
+#[test]
+fn the_upstream_cache_control_private_or_no_store_is_kept_as_is() {
+    let upstream = start_upstream();
+    let proxy = ProxyConfig::new(upstream.port).start();
+    for directive in ["private", "no-store, max-age=0"] {
+        let response = get(proxy.port, "/", &[("X-Test-Update", r#"{"a":1}"#), ("X-Test-Cache-Control", directive)]);
+        assert_eq!(response.headers_named("cache-control"), vec![directive]);
+    }
+    let public = get(proxy.port, "/", &[("X-Test-Update", r#"{"a":1}"#), ("X-Test-Cache-Control", "max-age=60")]);
+    assert_eq!(public.headers_named("cache-control"), vec!["max-age=60", r#"no-cache="Set-Cookie""#]);
+}
+
+#[test]
+fn upstream_cookies_are_passed_to_the_client_next_to_ours() {
+    let upstream = start_upstream();
+    let proxy = ProxyConfig::new(upstream.port).start();
+    let response = get(proxy.port, "/", &[("X-Test-Update", r#"{"a":1}"#), ("X-Test-Set-Cookie", "theme=dark")]);
+    let cookies = response.headers_named("set-cookie");
+    assert_eq!(cookies.len(), 2);
+    assert!(cookies.contains(&"theme=dark"));
+}
+
+fn increments(port: u16, cookie: &str, count: usize) -> Vec<u16> {
+    let threads: Vec<_> = (0..count)
+        .map(|_| {
+            let cookie = format!("session_id={cookie}");
+            std::thread::spawn(move || {
+                // read-modify-write in the app: /count reads count and writes count + 1
+                get(port, "/count", &[("Cookie", &cookie), ("X-Test-Sleep-Ms", "5")]).status
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn with_lock_concurrent_read_modify_writes_lose_no_increment() {
+    let upstream = start_upstream();
+    let proxy = ProxyConfig::new(upstream.port).session("lock = true").start();
+    let mut browser = Browser::new(proxy.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    let statuses = increments(proxy.port, browser.cookie.as_ref().unwrap(), 20);
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(browser.get("/count", &[]).text(), "22");
+}
+
+#[test]
+fn without_lock_concurrent_writes_of_different_keys_all_survive() {
+    let upstream = start_upstream();
+    let proxy = ProxyConfig::new(upstream.port).start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"start": true}"#)]);
+    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            let cookie = cookie.clone();
+            let port = proxy.port;
+            std::thread::spawn(move || {
+                let update = format!(r#"{{"key{i}": {i}}}"#);
+                get(port, "/", &[("Cookie", &cookie), ("X-Test-Update", &update)]).status
+            })
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().unwrap(), 200);
+    }
+    let claims = browser.get("/", &[]).session();
+    let data = claims["data"].as_object().unwrap();
+    for i in 0..20 {
+        assert_eq!(data[&format!("key{i}")], i, "key{i} lost: {data:?}");
+    }
+    assert_eq!(claims["ver"], 21);
+}
+
+#[test]
+fn the_sweeper_deletes_expired_records() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("timeout = 100").store("sweep_interval = 1");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let mut other = Browser::new(proxy.port);
+    other.get("/", &[("X-Test-Update", r#"{"b":1}"#)]);
+    assert_eq!(stored_files(&config.sessions_dir()).len(), 2);
+    age_records(&config, 101);
+    other.get("/", &[("X-Test-Update", r#"{"b":2}"#)]);
+    assert!(eventually(Duration::from_secs(5), || stored_files(&config.sessions_dir()).len() == 1));
+}

@@ -1,0 +1,416 @@
+//! What the end-to-end tests share: real processes on loopback (the built
+//! proxy binary, the Python test upstream) and a raw HTTP/1.1 client that
+//! sends exactly the bytes a test asks for.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const KEY: &str = "test-key-0123456789abcdefghijklmnopqrstuvwxyz";
+pub const OLD_KEY: &str = "old-test-key-0123456789abcdefghijklmnopqrstuv";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("session-proxy-{tag}-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Instant::now().elapsed().as_nanos());
+    hasher.finish()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed when dropped.
+pub struct Process {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python test upstream (`tests/support/upstream.py`).
+pub fn start_upstream() -> Process {
+    let mut child = Command::new("python3")
+        .arg(repo_root().join("tests/support/upstream.py"))
+        .args(["--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 must be installed");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let port = line.trim().strip_prefix("listening ").and_then(|p| p.parse().ok()).unwrap_or_else(|| {
+        panic!("upstream said {line:?}")
+    });
+    Process { child, port }
+}
+
+/// A proxy configuration written to a file; `extra` is TOML appended to the
+/// sections by name ("session", "store", ...).
+pub struct ProxyConfig {
+    pub dir: TempDir,
+    pub port: u16,
+    pub admin_port: u16,
+    pub upstream_port: u16,
+    pub session: Vec<String>,
+    pub store: Vec<String>,
+    pub server: Vec<String>,
+    pub upstream: Vec<String>,
+    pub headers: Vec<String>,
+}
+
+impl ProxyConfig {
+    pub fn new(upstream_port: u16) -> ProxyConfig {
+        let dir = TempDir::new("proxy");
+        let sessions = dir.path().join("sessions");
+        ProxyConfig {
+            port: free_port(),
+            admin_port: free_port(),
+            upstream_port,
+            session: vec![format!("secret_keys = [{KEY:?}]"), "touch_interval = 60".into()],
+            store: vec![format!("path = {:?}", sessions.display().to_string())],
+            server: vec!["grace_period = 5".into()],
+            upstream: vec!["read_timeout = 5".into(), "connect_timeout = 1".into()],
+            headers: vec![],
+            dir,
+        }
+    }
+
+    pub fn session(mut self, line: &str) -> Self {
+        self.session.push(line.into());
+        self
+    }
+    pub fn store(mut self, line: &str) -> Self {
+        self.store.push(line.into());
+        self
+    }
+    pub fn server(mut self, line: &str) -> Self {
+        self.server.push(line.into());
+        self
+    }
+    pub fn upstream(mut self, line: &str) -> Self {
+        self.upstream.push(line.into());
+        self
+    }
+
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.dir.path().join("sessions")
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("session-proxy.toml")
+    }
+
+    pub fn write(&self) -> PathBuf {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nthreads = 2\n{}\n\n\
+             [upstream]\naddresses = [\"127.0.0.1:{}\"]\n{}\n\n[session]\n{}\n\n[headers]\n{}\n\n[store]\n{}\n",
+            self.port,
+            self.admin_port,
+            self.server.join("\n"),
+            self.upstream_port,
+            self.upstream.join("\n"),
+            self.session.join("\n"),
+            self.headers.join("\n"),
+            self.store.join("\n"),
+        );
+        std::fs::write(self.path(), text).unwrap();
+        self.path()
+    }
+
+    /// Writes the config and starts the proxy on it, waiting until it listens.
+    pub fn start(&self) -> Process {
+        let path = self.write();
+        let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", std::env::var("TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()))
+            .env_remove("SESSION_PROXY_SECRET_KEYS")
+            .stdout(Stdio::null())
+            .stderr(if std::env::var("TEST_PROXY_LOG").is_ok() { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .unwrap();
+        let mut process = Process { child, port: self.port };
+        wait_listening(self.port, &mut process.child);
+        process
+    }
+}
+
+pub fn wait_listening(port: u16, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("process exited before listening on {port}: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listening on {port} after 20 s");
+}
+
+/// The proxy binary with arguments, run to completion.
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_session-proxy"));
+    command.args(args).env_remove("SESSION_PROXY_SECRET_KEYS").env("RUST_LOG", "warn");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().unwrap()
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    /// The value the response sets for cookie `name`: `Some("")` when it clears it.
+    pub fn set_cookie(&self, name: &str) -> Option<String> {
+        self.headers_named("set-cookie").into_iter().find_map(|header| {
+            let pair = header.split(';').next()?.trim();
+            let value = pair.strip_prefix(name)?.strip_prefix('=')?;
+            Some(value.to_string())
+        })
+    }
+    /// What the upstream saw (the test upstream echoes it as JSON).
+    pub fn upstream_headers(&self) -> Vec<(String, String)> {
+        self.json()["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|pair| (pair[0].as_str().unwrap().to_string(), pair[1].as_str().unwrap().to_string()))
+            .collect()
+    }
+    pub fn upstream_header(&self, name: &str) -> Option<String> {
+        self.upstream_headers().into_iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+    }
+    /// The token claims the upstream received (decoded, not verified).
+    pub fn session(&self) -> serde_json::Value {
+        self.json()["session"].clone()
+    }
+}
+
+/// Sends one request on a new connection and reads the whole response.
+pub fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
+    try_request(port, method, path, headers, b"").unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+pub fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Response {
+    request(port, "GET", path, headers)
+}
+
+pub fn try_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw, method == "HEAD")
+}
+
+fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of head"))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("head not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("no status line"))?;
+    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad status"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let rest = &raw[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
+    let body = if head_only {
+        Vec::new()
+    } else if chunked {
+        dechunk(rest).ok_or_else(|| bad("bad chunked body"))?
+    } else {
+        rest.to_vec()
+    };
+    Ok(Response { status, headers, body })
+}
+
+fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&raw[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(raw.get(..size)?);
+        raw = raw.get(size + 2..)?;
+    }
+}
+
+/// A browser: one cookie jar for the session cookie.
+pub struct Browser {
+    pub port: u16,
+    pub cookie_name: String,
+    pub cookie: Option<String>,
+}
+
+impl Browser {
+    pub fn new(port: u16) -> Browser {
+        Browser { port, cookie_name: "session_id".into(), cookie: None }
+    }
+
+    pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Response {
+        let cookie_header = self.cookie.as_ref().map(|value| format!("{}={value}", self.cookie_name));
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        if let Some(cookie) = &cookie_header {
+            all.push(("Cookie", cookie));
+        }
+        let response = get(self.port, path, &all);
+        match response.set_cookie(&self.cookie_name) {
+            Some(value) if value.is_empty() => self.cookie = None,
+            Some(value) => self.cookie = Some(value),
+            None => {}
+        }
+        response
+    }
+}
+
+/// Files in the disk store's directory that hold records.
+pub fn stored_files(dir: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json") && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Polls `condition` for up to `within`.
+pub fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A minimal upstream in the test process that counts the requests it
+/// answers, for checks that the proxy did not call the upstream. Every
+/// answer is 200 `ok` with an update that sets `n` to 1.
+pub struct CountingUpstream {
+    pub port: u16,
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingUpstream {
+    pub fn start() -> CountingUpstream {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut stream = stream;
+                    loop {
+                        let mut line = String::new();
+                        // Read one request head (the proxy sends GETs without bodies).
+                        loop {
+                            line.clear();
+                            match reader.read_line(&mut line) {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) if line == "\r\n" => break,
+                                Ok(_) => {}
+                            }
+                        }
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Session-Update: {\"n\":1}\r\n\r\nok";
+                        if stream.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        CountingUpstream { port, requests }
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
