@@ -221,3 +221,6 @@ pub fn parse(text: &str, file: &Path, env_keys: Option<&str>) -> Result<Config, 
     let raw: file::File = toml::from_str(text).map_err(|error| source.toml_error(&error))?;
     validate::config(raw, &source, env_keys)
 }
+
+#[cfg(test)]
+mod tests;
