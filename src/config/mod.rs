@@ -4,8 +4,8 @@
 //! module sees raw TOML. Every error names the file, the line and column
 //! where known, the key, and what was expected, and maps to exit code 2.
 //!
-//! The layers: [`file`] is the file as written (serde, defaults),
-//! [`validate`] checks it into the types below, and [`source`] finds where
+//! The layers: `file` is the file as written (serde, defaults),
+//! `validate` checks it into the types below, and `source` finds where
 //! in the file an error belongs.
 //!
 //! ```no_run
