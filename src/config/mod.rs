@@ -4,17 +4,40 @@
 //! module sees raw TOML. Every error names the file, the line and column
 //! where known, the key, and what was expected, and maps to exit code 2.
 //!
+//! The layers: `file` is the file as written (serde, defaults),
+//! `validate` checks it into the types below, and `source` finds where
+//! in the file an error belongs.
+//!
 //! ```no_run
 //! let config = session_proxy::config::load(std::path::Path::new("config/session-proxy.toml"))?;
 //! println!("listening on {:?}", config.server.listen);
 //! # Ok::<(), session_proxy::config::ConfigError>(())
 //! ```
+//!
+//! An error reads, on one line:
+//!
+//! ```text
+//! config/session-proxy.toml:14:12: session.samesite: expected "strict", "lax", "none" or "" (no attribute), found "bogus"
+//! ```
+
+mod file;
+mod source;
+mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde_json::{Map, Value};
+
+use source::Source;
+
+/// Where `-c` points when it is not given.
+pub const DEFAULT_PATH: &str = "config/session-proxy.toml";
+
+/// Comma-separated secret keys; when set and non-empty, they replace the
+/// file's `session.secret_keys`, so secrets can stay out of the file.
+pub const SECRET_KEYS_ENV: &str = "SESSION_PROXY_SECRET_KEYS";
 
 /// The validated configuration. Times are whole seconds, as in the file.
 #[derive(Debug, Clone)]
@@ -79,7 +102,7 @@ pub struct CookieConfig {
     pub samesite: SameSite,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SessionConfig {
     /// At least one, each at least 32 bytes; the first signs.
     pub secret_keys: Vec<String>,
@@ -98,6 +121,33 @@ pub struct SessionConfig {
     pub lock: bool,
     /// Path prefixes, each starting with `/`.
     pub bypass: Vec<String>,
+}
+
+// By hand, so that logging a config never prints the secret keys.
+impl std::fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<String> = self
+            .secret_keys
+            .iter()
+            .map(|key| format!("<{} bytes>", key.len()))
+            .collect();
+        f.debug_struct("SessionConfig")
+            .field("secret_keys", &keys)
+            .field("cookie", &self.cookie)
+            .field("timeout", &self.timeout)
+            .field("absolute_timeout", &self.absolute_timeout)
+            .field("touch_interval", &self.touch_interval)
+            .field("ignore_expiry", &self.ignore_expiry)
+            .field("ignore_change_ip", &self.ignore_change_ip)
+            .field("expired_message", &self.expired_message)
+            .field("expired_status", &self.expired_status)
+            .field("initializer", &self.initializer)
+            .field("save_uninitialized", &self.save_uninitialized)
+            .field("max_data_bytes", &self.max_data_bytes)
+            .field("lock", &self.lock)
+            .field("bypass", &self.bypass)
+            .finish()
+    }
 }
 
 /// Header names, lower-cased and validated as HTTP header names.
@@ -138,8 +188,39 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// Reads, defaults and validates the config file at `path`.
+/// Reads, defaults and validates the config file at `path`, taking secret
+/// keys from [`SECRET_KEYS_ENV`] when it is set.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let _ = path;
-    todo!("helper: config")
+    let env_keys = match std::env::var(SECRET_KEYS_ENV) {
+        Ok(keys) => Some(keys),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(ConfigError {
+                message: format!("{SECRET_KEYS_ENV} is not valid UTF-8; set it to keys printed by `session-proxy keygen`"),
+            })
+        }
+    };
+    load_with_env(path, env_keys.as_deref())
 }
+
+/// [`load`], with the value of [`SECRET_KEYS_ENV`] given rather than read,
+/// so that tests need not change the process environment.
+pub fn load_with_env(path: &Path, env_keys: Option<&str>) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+        message: format!(
+            "{}: cannot read the config file: {error}; create it (the repository's {DEFAULT_PATH} is a commented example) or pass -c FILE",
+            path.display()
+        ),
+    })?;
+    parse(&text, path, env_keys)
+}
+
+/// Validates config `text`, read from `file` (used in messages only).
+pub fn parse(text: &str, file: &Path, env_keys: Option<&str>) -> Result<Config, ConfigError> {
+    let source = Source::new(file, text);
+    let raw: file::File = toml::from_str(text).map_err(|error| source.toml_error(&error))?;
+    validate::config(raw, &source, env_keys)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,842 @@
+//! One behaviour per test. Configs are parsed from text, with the secret
+//! keys passed as the environment would give them, so no test touches the
+//! real (process-global) environment.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde_json::json;
+
+use super::*;
+
+/// 32 bytes: the shortest key accepted.
+const KEY: &str = "0123456789abcdef0123456789abcdef";
+const UPSTREAM: &str = "[upstream]\naddresses = [\"127.0.0.1:8000\"]\n";
+
+/// `text` followed by a valid `[upstream]`, with `KEY` from the environment.
+fn config(text: &str) -> Result<Config, ConfigError> {
+    parse(
+        &format!("{text}\n{UPSTREAM}"),
+        Path::new("test.toml"),
+        Some(KEY),
+    )
+}
+
+fn error(text: &str) -> String {
+    config(text).expect_err("config should be refused").message
+}
+
+fn error_without_env_keys(text: &str) -> String {
+    parse(text, Path::new("test.toml"), None)
+        .expect_err("config should be refused")
+        .message
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("test address")
+}
+
+// Defaults and the shipped file
+
+#[test]
+fn absent_sections_take_the_spec_defaults() {
+    let config = config("").expect("valid");
+    assert_eq!(config.file, Path::new("test.toml"));
+
+    let server = &config.server;
+    assert_eq!(server.listen, vec![addr("127.0.0.1:8080")]);
+    assert!(server.threads >= 1);
+    assert!(server.admin_listen.is_none());
+    assert!(server.trusted_proxies.is_empty());
+    assert!(server.tls.is_none());
+    assert_eq!(server.grace_period, 10);
+
+    let upstream = &config.upstream;
+    assert_eq!(upstream.addresses, vec![addr("127.0.0.1:8000")]);
+    assert!(!upstream.tls);
+    assert_eq!(upstream.sni, "");
+    assert_eq!((upstream.connect_timeout, upstream.read_timeout), (2, 30));
+
+    let session = &config.session;
+    assert_eq!(session.secret_keys, vec![KEY.to_owned()]);
+    let cookie = &session.cookie;
+    assert_eq!(cookie.name, "session_id");
+    assert_eq!(cookie.domain, None);
+    assert_eq!(cookie.path, "/");
+    assert_eq!(cookie.max_age, 0);
+    assert!(!cookie.secure);
+    assert!(cookie.httponly);
+    assert_eq!(cookie.samesite, SameSite::Lax);
+    assert_eq!(session.timeout, 86400);
+    assert_eq!(session.absolute_timeout, None);
+    assert_eq!(session.touch_interval, 60);
+    assert!(session.ignore_expiry);
+    assert!(session.ignore_change_ip);
+    assert_eq!(session.expired_message, "Session expired");
+    assert_eq!(session.expired_status, 200);
+    assert!(session.initializer.is_empty());
+    assert!(!session.save_uninitialized);
+    assert_eq!(session.max_data_bytes, 4096);
+    assert!(!session.lock);
+    assert!(session.bypass.is_empty());
+
+    let headers = &config.headers;
+    assert_eq!(headers.session, "x-session");
+    assert_eq!(headers.update, "x-session-update");
+    assert_eq!(headers.action, "x-session-action");
+    assert_eq!(headers.token_ttl, 60);
+
+    let store = &config.store;
+    assert_eq!(store.kind, StoreKind::Disk);
+    assert_eq!(store.path, Path::new("sessions"));
+    assert_eq!(store.url, "");
+    assert_eq!(store.table, "sessions");
+    assert_eq!(store.key_prefix, "session:");
+    assert_eq!(store.sweep_interval, 60);
+    assert_eq!(store.max_entries, 1_000_000);
+    assert!(!store.fsync);
+}
+
+fn shipped_config() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_PATH)
+}
+
+#[test]
+fn shipped_config_loads_with_keys_from_the_environment() {
+    let config = load_with_env(&shipped_config(), Some(KEY)).expect("shipped config is valid");
+    assert_eq!(config.server.listen, vec![addr("127.0.0.1:8080")]);
+    assert_eq!(config.upstream.addresses, vec![addr("127.0.0.1:8000")]);
+    assert_eq!(
+        config.session.initializer,
+        json!({"count": 0}).as_object().cloned().expect("object")
+    );
+    assert_eq!(config.store.kind, StoreKind::Disk);
+    assert_eq!(config.store.path, Path::new("sessions"));
+}
+
+#[test]
+fn shipped_config_has_no_secret_of_its_own() {
+    let message = load_with_env(&shipped_config(), None)
+        .expect_err("no key")
+        .message;
+    assert!(message.contains("session-proxy keygen"), "{message}");
+    assert!(message.contains(SECRET_KEYS_ENV), "{message}");
+}
+
+#[test]
+fn missing_file_names_the_path_and_the_fix() {
+    let message = load_with_env(Path::new("/nonexistent/x.toml"), Some(KEY))
+        .expect_err("no file")
+        .message;
+    assert!(message.starts_with("/nonexistent/x.toml: "), "{message}");
+    assert!(message.contains("-c FILE"), "{message}");
+}
+
+// Errors from the TOML layer: file, line:column, key
+
+#[test]
+fn unknown_key_is_reported_with_file_line_column_and_key() {
+    let message = error("[server]\nthreads = 2\nlisten_on = \"x\"\n");
+    assert!(
+        message
+            .starts_with("test.toml:3:1: server.listen_on: unknown key, expected one of `listen`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn unknown_section_is_reported() {
+    let message = error("[sever]\nlisten = \"127.0.0.1:1\"\n");
+    assert!(
+        message.starts_with("test.toml:1:2: sever: unknown section, expected one of `server`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn wrong_type_is_reported_with_expected_and_found() {
+    let message = error("[session]\ntimeout = \"1h\"\n");
+    assert_eq!(
+        message,
+        "test.toml:2:11: session.timeout: expected a non-negative integer, found string \"1h\""
+    );
+}
+
+#[test]
+fn negative_number_is_a_wrong_value() {
+    let message = error("[server]\ngrace_period = -1\n");
+    assert!(
+        message.starts_with("test.toml:2:16: server.grace_period: expected a non-negative integer"),
+        "{message}"
+    );
+}
+
+#[test]
+fn wrong_type_inside_an_array_names_the_element() {
+    let message = error("[session]\nbypass = [\"/static/\", 3]\n");
+    assert!(
+        message
+            .starts_with("test.toml:2:23: session.bypass[1]: expected a string, found integer `3`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn syntax_error_has_line_and_column() {
+    let message = error("[server]\nthreads = = 2\n");
+    assert!(message.starts_with("test.toml:2:"), "{message}");
+    assert!(!message.contains('\n'), "{message}");
+}
+
+// [server]
+
+#[test]
+fn listen_accepts_one_string() {
+    let config = config("[server]\nlisten = \"127.0.0.1:9000\"").expect("valid");
+    assert_eq!(config.server.listen, vec![addr("127.0.0.1:9000")]);
+}
+
+#[test]
+fn listen_accepts_an_array() {
+    let config = config("[server]\nlisten = [\"127.0.0.1:9000\", \"[::1]:9001\"]").expect("valid");
+    assert_eq!(
+        config.server.listen,
+        vec![addr("127.0.0.1:9000"), addr("[::1]:9001")]
+    );
+}
+
+#[test]
+fn listen_resolves_host_names() {
+    let config = config("[server]\nlisten = \"localhost:9000\"").expect("valid");
+    assert!(!config.server.listen.is_empty());
+    assert!(config
+        .server
+        .listen
+        .iter()
+        .all(|a| a.ip().is_loopback() && a.port() == 9000));
+}
+
+#[test]
+fn listen_must_not_be_empty() {
+    let message = error("[server]\nlisten = []");
+    assert!(
+        message.starts_with("test.toml:2:10: server.listen: expected at least one"),
+        "{message}"
+    );
+}
+
+#[test]
+fn listen_needs_a_port() {
+    let message = error("[server]\nlisten = [\"127.0.0.1:1\", \"127.0.0.1\"]");
+    assert!(
+        message.starts_with("test.toml:2:26: server.listen[1]: expected \"host:port\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn listen_of_another_type_says_what_is_expected() {
+    let message = error("[server]\nlisten = 8080");
+    assert!(
+        message
+            .contains("expected a \"host:port\" string or an array of them, found integer `8080`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn admin_listen_empty_is_off_and_set_is_resolved() {
+    let config = config("[server]\nadmin_listen = \"127.0.0.1:9100\"").expect("valid");
+    assert_eq!(config.server.admin_listen, Some(addr("127.0.0.1:9100")));
+    let message = error("[server]\nadmin_listen = \"9100\"");
+    assert!(
+        message.contains("server.admin_listen: expected \"host:port\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn threads_zero_means_one_per_cpu() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(
+        config("[server]\nthreads = 0")
+            .expect("valid")
+            .server
+            .threads,
+        cpus
+    );
+    assert_eq!(
+        config("[server]\nthreads = 3")
+            .expect("valid")
+            .server
+            .threads,
+        3
+    );
+}
+
+#[test]
+fn trusted_proxies_take_cidrs_and_bare_ips() {
+    let config = config("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.1\", \"::1\"]")
+        .expect("valid");
+    let proxies: Vec<String> = config
+        .server
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(proxies, ["10.0.0.0/8", "192.168.1.1/32", "::1/128"]);
+}
+
+#[test]
+fn trusted_proxies_reject_anything_else() {
+    let message = error("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"proxy.local\"]");
+    assert!(
+        message.starts_with("test.toml:2:34: server.trusted_proxies[1]: expected a CIDR"),
+        "{message}"
+    );
+}
+
+#[test]
+fn tls_needs_both_files_or_none() {
+    let message = error("[server]\ntls_cert = \"cert.pem\"");
+    assert!(
+        message
+            .starts_with("test.toml:2:12: server.tls_key: is empty while server.tls_cert is set"),
+        "{message}"
+    );
+    let message = error("[server]\ntls_key = \"key.pem\"");
+    assert!(
+        message.contains("server.tls_cert: is empty while server.tls_key is set"),
+        "{message}"
+    );
+}
+
+#[test]
+fn tls_files_must_exist() {
+    let message =
+        error("[server]\ntls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"");
+    assert!(
+        message.starts_with("test.toml:2:12: server.tls_cert: cannot read"),
+        "{message}"
+    );
+}
+
+#[test]
+fn tls_with_both_files_is_on() {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let config = config(&format!(
+        "[server]\ntls_cert = {manifest:?}\ntls_key = {manifest:?}"
+    ))
+    .expect("valid");
+    let tls = config.server.tls.expect("tls on");
+    assert_eq!(tls.cert, Path::new(manifest));
+    assert_eq!(tls.key, Path::new(manifest));
+}
+
+// [upstream]
+
+#[test]
+fn upstream_addresses_are_required() {
+    let message = error_without_env_keys("[server]\nthreads = 1\n");
+    assert!(
+        message.starts_with("test.toml: upstream.addresses: required"),
+        "{message}"
+    );
+}
+
+#[test]
+fn upstream_addresses_must_not_be_empty() {
+    let text = "[upstream]\naddresses = []";
+    let message = parse(text, Path::new("test.toml"), Some(KEY))
+        .expect_err("empty")
+        .message;
+    assert!(
+        message.starts_with("test.toml:2:13: upstream.addresses: expected at least one"),
+        "{message}"
+    );
+}
+
+#[test]
+fn upstream_address_must_resolve() {
+    let text = "[upstream]\naddresses = [\"127.0.0.1:8000\", \"no port\"]";
+    let message = parse(text, Path::new("test.toml"), Some(KEY))
+        .expect_err("bad")
+        .message;
+    assert!(
+        message.starts_with("test.toml:2:32: upstream.addresses[1]: expected \"host:port\""),
+        "{message}"
+    );
+    assert!(message.contains("found \"no port\""), "{message}");
+}
+
+#[test]
+fn upstream_timeouts_are_at_least_one_second() {
+    let text = format!("{UPSTREAM}connect_timeout = 0");
+    let message = parse(&text, Path::new("test.toml"), Some(KEY))
+        .expect_err("zero")
+        .message;
+    assert_eq!(
+        message,
+        "test.toml:3:19: upstream.connect_timeout: expected at least 1, found 0"
+    );
+    let text = format!("{UPSTREAM}read_timeout = 0");
+    let message = parse(&text, Path::new("test.toml"), Some(KEY))
+        .expect_err("zero")
+        .message;
+    assert!(
+        message.contains("upstream.read_timeout: expected at least 1, found 0"),
+        "{message}"
+    );
+}
+
+// [session]: secret keys
+
+#[test]
+fn no_secret_key_tells_how_to_make_one() {
+    let message = error_without_env_keys(UPSTREAM);
+    assert!(
+        message.starts_with(
+            "test.toml: session.secret_keys: no secret key; run `session-proxy keygen`"
+        ),
+        "{message}"
+    );
+    assert!(message.contains(SECRET_KEYS_ENV), "{message}");
+}
+
+#[test]
+fn secret_keys_come_from_the_file() {
+    let other = "k".repeat(40);
+    let text = format!("[session]\nsecret_keys = [{KEY:?}, {other:?}]\n{UPSTREAM}");
+    let config = parse(&text, Path::new("test.toml"), None).expect("valid");
+    assert_eq!(config.session.secret_keys, vec![KEY.to_owned(), other]);
+}
+
+#[test]
+fn secret_key_is_an_alias_for_one_key() {
+    let text = format!("[session]\nsecret_key = {KEY:?}\n{UPSTREAM}");
+    let config = parse(&text, Path::new("test.toml"), None).expect("valid");
+    assert_eq!(config.session.secret_keys, vec![KEY.to_owned()]);
+}
+
+#[test]
+fn secret_key_and_secret_keys_together_are_refused() {
+    let text = format!("[session]\nsecret_keys = [{KEY:?}]\nsecret_key = {KEY:?}\n{UPSTREAM}");
+    let message = parse(&text, Path::new("test.toml"), None)
+        .expect_err("both")
+        .message;
+    assert!(
+        message.starts_with("test.toml:3:14: session.secret_key: set either"),
+        "{message}"
+    );
+    assert!(!message.contains(KEY), "{message}");
+}
+
+#[test]
+fn short_secret_key_is_named_by_index_never_by_value() {
+    let short = "too-short-secret";
+    let text = format!("[session]\nsecret_keys = [{KEY:?}, {short:?}]\n{UPSTREAM}");
+    let message = parse(&text, Path::new("test.toml"), None)
+        .expect_err("short")
+        .message;
+    assert!(message.starts_with("test.toml:2:52: session.secret_keys[1]: expected a secret of at least 32 bytes, found 16 bytes"), "{message}");
+    assert!(!message.contains(short), "{message}");
+}
+
+#[test]
+fn secret_of_the_wrong_type_is_not_echoed() {
+    let text = format!("[session]\nsecret_keys = {KEY:?}\n{UPSTREAM}");
+    let message = parse(&text, Path::new("test.toml"), None)
+        .expect_err("not an array")
+        .message;
+    assert!(
+        message
+            .starts_with("test.toml:2:15: session.secret_keys: expected an array, found a string"),
+        "{message}"
+    );
+    assert!(!message.contains(KEY), "{message}");
+}
+
+#[test]
+fn environment_keys_override_the_file() {
+    let file_key = "f".repeat(32);
+    let env = format!(" {KEY} ,, {} ", "e".repeat(32));
+    let text = format!("[session]\nsecret_keys = [{file_key:?}]\n{UPSTREAM}");
+    let config = parse(&text, Path::new("test.toml"), Some(&env)).expect("valid");
+    assert_eq!(
+        config.session.secret_keys,
+        vec![KEY.to_owned(), "e".repeat(32)]
+    );
+}
+
+#[test]
+fn empty_environment_keys_leave_the_file_keys() {
+    let text = format!("[session]\nsecret_key = {KEY:?}\n{UPSTREAM}");
+    let config = parse(&text, Path::new("test.toml"), Some(" , ")).expect("valid");
+    assert_eq!(config.session.secret_keys, vec![KEY.to_owned()]);
+}
+
+#[test]
+fn short_environment_key_is_named_by_position_never_by_value() {
+    let message = parse(
+        UPSTREAM,
+        Path::new("test.toml"),
+        Some(&format!("{KEY},short")),
+    )
+    .expect_err("short")
+    .message;
+    assert_eq!(
+        message,
+        format!("test.toml: {SECRET_KEYS_ENV}: key 2 of 2 is 5 bytes, expected at least 32; generate one with `session-proxy keygen`")
+    );
+}
+
+#[test]
+fn debug_output_hides_secret_keys() {
+    let config = config("").expect("valid");
+    let debug = format!("{config:?}");
+    assert!(!debug.contains(KEY));
+    assert!(debug.contains("<32 bytes>"));
+}
+
+// [session]: the cookie
+
+#[test]
+fn cookie_name_must_be_a_token() {
+    let message = error("[session]\ncookie_name = \"my session\"");
+    assert!(
+        message.starts_with("test.toml:2:15: session.cookie_name: expected a cookie name"),
+        "{message}"
+    );
+    let message = error("[session]\ncookie_name = \"\"");
+    assert!(
+        message.contains("session.cookie_name: expected a cookie name"),
+        "{message}"
+    );
+}
+
+#[test]
+fn cookie_name_prefixes_need_their_attributes() {
+    let message =
+        error("[session]\ncookie_name = \"__Host-sid\"\nsecure = true\ncookie_path = \"/app\"");
+    assert!(
+        message.contains("session.cookie_name: a name starting with \"__Host-\""),
+        "{message}"
+    );
+    let message = error("[session]\ncookie_name = \"__Secure-sid\"");
+    assert!(
+        message.contains("session.cookie_name: a name starting with \"__Secure-\""),
+        "{message}"
+    );
+    assert!(config("[session]\ncookie_name = \"__Host-sid\"\nsecure = true").is_ok());
+}
+
+#[test]
+fn cookie_path_must_start_with_a_slash() {
+    let message = error("[session]\ncookie_path = \"app\"");
+    assert!(
+        message.starts_with(
+            "test.toml:2:15: session.cookie_path: expected a path starting with \"/\""
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn cookie_domain_must_not_hold_separators() {
+    let message = error("[session]\ncookie_domain = \"example.com; Secure\"");
+    assert!(
+        message.starts_with("test.toml:2:17: session.cookie_domain: expected a domain"),
+        "{message}"
+    );
+    let config = config("[session]\ncookie_domain = \"example.com\"").expect("valid");
+    assert_eq!(config.session.cookie.domain.as_deref(), Some("example.com"));
+}
+
+#[test]
+fn samesite_error_names_file_line_column_and_choices() {
+    let message = error("[session]\nsecure = true\nsamesite = \"bogus\"");
+    assert_eq!(
+        message,
+        "test.toml:3:12: session.samesite: expected \"strict\", \"lax\", \"none\" or \"\" (no attribute), found \"bogus\""
+    );
+}
+
+#[test]
+fn samesite_values_ignore_case() {
+    let samesite = |value: &str| {
+        config(&format!("[session]\nsecure = true\nsamesite = {value:?}"))
+            .expect("valid")
+            .session
+            .cookie
+            .samesite
+    };
+    assert_eq!(samesite("Strict"), SameSite::Strict);
+    assert_eq!(samesite("LAX"), SameSite::Lax);
+    assert_eq!(samesite("none"), SameSite::None);
+    assert_eq!(samesite(""), SameSite::Omitted);
+}
+
+#[test]
+fn samesite_none_requires_secure() {
+    let message = error("[session]\nsamesite = \"none\"");
+    assert!(
+        message.starts_with("test.toml:2:12: session.samesite: \"none\" requires secure = true"),
+        "{message}"
+    );
+}
+
+// [session]: the rest
+
+#[test]
+fn expired_status_is_an_http_status() {
+    let message = error("[session]\nexpired_status = 99");
+    assert_eq!(
+        message,
+        "test.toml:2:18: session.expired_status: expected an HTTP status from 200 to 599, found 99"
+    );
+    assert!(error("[session]\nexpired_status = 600").contains("found 600"));
+    assert_eq!(
+        config("[session]\nexpired_status = 440")
+            .expect("valid")
+            .session
+            .expired_status,
+        440
+    );
+}
+
+#[test]
+fn max_data_bytes_holds_at_least_an_empty_object() {
+    let message = error("[session]\nmax_data_bytes = 1");
+    assert!(
+        message.contains("session.max_data_bytes: expected at least 2"),
+        "{message}"
+    );
+}
+
+#[test]
+fn idle_timeout_is_at_least_one_second() {
+    let message = error("[session]\ntimeout = 0");
+    assert_eq!(
+        message,
+        "test.toml:2:11: session.timeout: expected at least 1, found 0"
+    );
+}
+
+#[test]
+fn touch_interval_may_be_zero() {
+    assert_eq!(
+        config("[session]\ntouch_interval = 0")
+            .expect("valid")
+            .session
+            .touch_interval,
+        0
+    );
+}
+
+#[test]
+fn absolute_timeout_zero_is_none() {
+    assert_eq!(
+        config("[session]\nabsolute_timeout = 0")
+            .expect("valid")
+            .session
+            .absolute_timeout,
+        None
+    );
+    assert_eq!(
+        config("[session]\nabsolute_timeout = 3600")
+            .expect("valid")
+            .session
+            .absolute_timeout,
+        Some(3600)
+    );
+}
+
+#[test]
+fn initializer_becomes_json_with_datetimes_as_text() {
+    let text = "[session.initializer]\ncount = 0\nratio = 0.5\nuser = { name = \"anonymous\", roles = [\"guest\"] }\nsince = 1979-05-27T07:32:00Z";
+    let config = config(text).expect("valid");
+    let expected = json!({
+        "count": 0,
+        "ratio": 0.5,
+        "user": {"name": "anonymous", "roles": ["guest"]},
+        "since": "1979-05-27T07:32:00Z",
+    });
+    assert_eq!(
+        serde_json::Value::Object(config.session.initializer),
+        expected
+    );
+}
+
+#[test]
+fn initializer_must_fit_in_max_data_bytes() {
+    let message = error("[session]\nmax_data_bytes = 8\ninitializer = { count = 12345 }");
+    assert!(message.starts_with("test.toml:3:15: session.initializer: is 15 bytes as JSON, more than max_data_bytes (8)"), "{message}");
+}
+
+#[test]
+fn initializer_floats_must_be_finite() {
+    let message = error("[session]\ninitializer = { x = nan }");
+    assert!(
+        message.starts_with("test.toml:2:21: session.initializer.x: expected a finite number"),
+        "{message}"
+    );
+}
+
+#[test]
+fn bypass_prefixes_start_with_a_slash() {
+    let message = error("[session]\nbypass = [\"/static/\", \"assets/\"]");
+    assert!(
+        message.starts_with(
+            "test.toml:2:23: session.bypass[1]: expected a path prefix starting with \"/\""
+        ),
+        "{message}"
+    );
+    let config = config("[session]\nbypass = [\"/static/\"]").expect("valid");
+    assert_eq!(config.session.bypass, vec!["/static/".to_owned()]);
+}
+
+#[test]
+fn expired_message_may_be_any_text() {
+    let config =
+        config("[session]\nexpired_message = \"Gone.\\r\\nLog in again.\"").expect("valid");
+    assert_eq!(config.session.expired_message, "Gone.\r\nLog in again.");
+}
+
+// [headers]
+
+#[test]
+fn header_names_are_lower_cased() {
+    let config = config("[headers]\nsession = \"X-App-Session\"").expect("valid");
+    assert_eq!(config.headers.session, "x-app-session");
+}
+
+#[test]
+fn header_names_must_be_tokens() {
+    let message = error("[headers]\nupdate = \"X Session\"");
+    assert!(
+        message.starts_with("test.toml:2:10: headers.update: expected a header name"),
+        "{message}"
+    );
+}
+
+#[test]
+fn header_names_must_differ_even_with_underscores() {
+    let message = error("[headers]\naction = \"x_session\"");
+    assert!(
+        message.starts_with(
+            "test.toml:2:10: headers.action: \"x_session\" is the same header as headers.session"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn header_names_must_not_be_reserved() {
+    let message = error("[headers]\nsession = \"Cookie\"");
+    assert!(message.starts_with("test.toml:2:11: headers.session: \"Cookie\" is a header HTTP or the proxy already uses"), "{message}");
+    assert!(error("[headers]\nupdate = \"Transfer-Encoding\"").contains("headers.update"));
+}
+
+#[test]
+fn token_ttl_is_at_least_five_seconds() {
+    let message = error("[headers]\ntoken_ttl = 4");
+    assert_eq!(
+        message,
+        "test.toml:2:13: headers.token_ttl: expected at least 5, found 4"
+    );
+}
+
+// [store]
+
+#[test]
+fn store_kinds_are_parsed() {
+    let kind = |text: &str| config(text).expect("valid").store.kind;
+    assert_eq!(kind("[store]\nkind = \"memory\""), StoreKind::Memory);
+    assert_eq!(
+        kind("[store]\nkind = \"postgres\"\nurl = \"postgresql://db/app\""),
+        StoreKind::Postgres
+    );
+    assert_eq!(
+        kind("[store]\nkind = \"redis\"\nurl = \"redis://a:6379, rediss://b:6379\""),
+        StoreKind::Redis
+    );
+}
+
+#[test]
+fn unknown_store_kind_is_refused() {
+    let message = error("[store]\nkind = \"sqlite\"");
+    assert_eq!(message, "test.toml:2:8: store.kind: expected \"disk\", \"memory\", \"postgres\" or \"redis\", found \"sqlite\"");
+}
+
+#[test]
+fn postgres_and_redis_need_a_url() {
+    let message = error("[store]\nkind = \"postgres\"");
+    assert!(
+        message.starts_with("test.toml:1:1: store.url: required for kind = \"postgres\""),
+        "{message}"
+    );
+    let message = error("[store]\nkind = \"redis\"\nurl = \"\"");
+    assert!(
+        message.starts_with("test.toml:3:7: store.url: required for kind = \"redis\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn store_url_scheme_must_match_the_kind_and_is_not_echoed() {
+    let message = error("[store]\nkind = \"postgres\"\nurl = \"mysql://user:hunter2@db/app\"");
+    assert!(message.ends_with("expected a URL starting with \"postgres://\" or \"postgresql://\", found one starting with \"mysql://\""), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+}
+
+#[test]
+fn every_redis_cluster_node_needs_a_scheme() {
+    let message = error("[store]\nkind = \"redis\"\nurl = \"redis://a:1,b:2\"");
+    assert!(message.contains("store.url: expected a URL starting with \"redis://\" or \"rediss://\" (entry 2 of 2), found one without a scheme"), "{message}");
+}
+
+#[test]
+fn store_table_is_a_plain_sql_name() {
+    assert_eq!(
+        config("[store]\ntable = \"app.web_sessions\"")
+            .expect("valid")
+            .store
+            .table,
+        "app.web_sessions"
+    );
+    for bad in ["sessions; drop table users", "1sessions", "a.b.c", ""] {
+        let message = error(&format!("[store]\ntable = {bad:?}"));
+        assert!(
+            message.starts_with("test.toml:2:9: store.table: expected a SQL name"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn store_sweep_interval_and_max_entries_are_at_least_one() {
+    assert!(error("[store]\nsweep_interval = 0")
+        .contains("store.sweep_interval: expected at least 1, found 0"));
+    assert!(error("[store]\nmax_entries = 0")
+        .contains("store.max_entries: expected at least 1, found 0"));
+}
+
+#[test]
+fn store_path_must_not_be_empty() {
+    let message = error("[store]\npath = \"\"");
+    assert!(
+        message.starts_with("test.toml:2:8: store.path: expected a directory"),
+        "{message}"
+    );
+}
+
+#[test]
+fn store_key_prefix_may_be_any_string() {
+    assert_eq!(
+        config("[store]\nkey_prefix = \"\"")
+            .expect("valid")
+            .store
+            .key_prefix,
+        ""
+    );
+}

@@ -1,0 +1,621 @@
+//! The rules: the file as written ([`super::file`]) becomes a [`Config`],
+//! or an error naming the key, what was expected and what was found.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde_json::{Map, Value};
+
+use super::file::{self, File, Listen};
+use super::source::Source;
+use super::{
+    Config, ConfigError, CookieConfig, HeaderConfig, SameSite, ServerConfig, SessionConfig,
+    StoreConfig, StoreKind, TlsFiles, UpstreamConfig, SECRET_KEYS_ENV,
+};
+
+const MIN_SECRET_BYTES: usize = 32;
+const MIN_TOKEN_TTL: u64 = 5;
+/// `{}`, the smallest session data as compact JSON.
+const MIN_DATA_BYTES: usize = 2;
+
+/// Headers the proxy or HTTP itself gives a meaning; a session header named
+/// like one of them would be stripped, merged or forwarded by mistake.
+const RESERVED_HEADERS: [&str; 13] = [
+    "cookie",
+    "set-cookie",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+pub(super) fn config(file: File, src: &Source, env_keys: Option<&str>) -> Result<Config> {
+    Ok(Config {
+        file: src.file().to_path_buf(),
+        server: server(file.server, src)?,
+        upstream: upstream(file.upstream, src)?,
+        session: session(file.session, src, env_keys)?,
+        headers: headers(file.headers, src)?,
+        store: store(file.store, src)?,
+    })
+}
+
+fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
+    let listen_keys: Vec<(String, String)> = match server.listen {
+        Listen::One(address) => vec![("server.listen".to_owned(), address)],
+        Listen::Many(addresses) => addresses
+            .into_iter()
+            .enumerate()
+            .map(|(index, address)| (format!("server.listen[{index}]"), address))
+            .collect(),
+    };
+    if listen_keys.is_empty() {
+        return Err(src.error(
+            "server.listen",
+            "expected at least one \"host:port\", found an empty array",
+        ));
+    }
+    let mut listen = Vec::new();
+    for (key, address) in &listen_keys {
+        // Like nginx, a name bound to several addresses listens on all of them.
+        for resolved in resolve(src, key, address)? {
+            if !listen.contains(&resolved) {
+                listen.push(resolved);
+            }
+        }
+    }
+
+    let admin_listen = match server.admin_listen.as_str() {
+        "" => None,
+        address => resolve(src, "server.admin_listen", address)?
+            .into_iter()
+            .next(),
+    };
+
+    let threads = match server.threads {
+        0 => std::thread::available_parallelism().map_or(1, |cpus| cpus.get()),
+        threads => threads,
+    };
+
+    let trusted_proxies = server
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .map(|(index, proxy)| trusted_proxy(src, index, proxy))
+        .collect::<Result<_>>()?;
+
+    let tls = match (server.tls_cert.is_empty(), server.tls_key.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(TlsFiles {
+            cert: readable_file(src, "server.tls_cert", &server.tls_cert)?,
+            key: readable_file(src, "server.tls_key", &server.tls_key)?,
+        }),
+        (false, true) => return Err(tls_half(src, "server.tls_cert", "server.tls_key")),
+        (true, false) => return Err(tls_half(src, "server.tls_key", "server.tls_cert")),
+    };
+
+    Ok(ServerConfig {
+        listen,
+        threads,
+        admin_listen,
+        trusted_proxies,
+        tls,
+        grace_period: server.grace_period,
+    })
+}
+
+fn trusted_proxy(src: &Source, index: usize, proxy: &str) -> Result<IpNet> {
+    let proxy = proxy.trim();
+    proxy
+        .parse::<IpNet>()
+        .or_else(|_| proxy.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            src.error(
+                &format!("server.trusted_proxies[{index}]"),
+                format!("expected a CIDR such as \"10.0.0.0/8\" or an IP address, found {proxy:?}"),
+            )
+        })
+}
+
+fn tls_half(src: &Source, set: &str, missing: &str) -> ConfigError {
+    src.error_near(
+        set,
+        missing,
+        format!("is empty while {set} is set; set both PEM paths for HTTPS, or neither"),
+    )
+}
+
+fn readable_file(src: &Source, key: &str, path: &str) -> Result<PathBuf> {
+    match std::fs::metadata(path) {
+        Ok(metadata) if metadata.is_file() => Ok(PathBuf::from(path)),
+        Ok(_) => Err(src.error(key, format!("expected a PEM file, found {path:?}, which is not a file"))),
+        Err(error) => Err(src.error(
+            key,
+            format!("cannot read {path:?}: {error}; fix the path (relative paths start from the working directory)"),
+        )),
+    }
+}
+
+fn upstream(upstream: file::Upstream, src: &Source) -> Result<UpstreamConfig> {
+    let Some(addresses) = upstream.addresses else {
+        return Err(src.error(
+            "upstream.addresses",
+            "required; set it to the app's addresses, e.g. addresses = [\"127.0.0.1:8000\"] under [upstream]",
+        ));
+    };
+    if addresses.is_empty() {
+        return Err(src.error(
+            "upstream.addresses",
+            "expected at least one \"host:port\", found an empty array",
+        ));
+    }
+    let addresses = addresses
+        .iter()
+        .enumerate()
+        .map(|(index, address)| {
+            let key = format!("upstream.addresses[{index}]");
+            // `resolve` never returns an empty list.
+            Ok(resolve(src, &key, address)?[0])
+        })
+        .collect::<Result<_>>()?;
+
+    Ok(UpstreamConfig {
+        addresses,
+        tls: upstream.tls,
+        sni: upstream.sni,
+        connect_timeout: at_least(src, "upstream.connect_timeout", upstream.connect_timeout, 1)?,
+        read_timeout: at_least(src, "upstream.read_timeout", upstream.read_timeout, 1)?,
+    })
+}
+
+/// Resolves "host:port" now, so that no request ever waits for DNS; the
+/// list is never empty.
+fn resolve(src: &Source, key: &str, address: &str) -> Result<Vec<SocketAddr>> {
+    let resolved: Vec<SocketAddr> = address
+        .to_socket_addrs()
+        .map_err(|error| {
+            src.error(
+                key,
+                format!(
+                    "expected \"host:port\" (e.g. \"127.0.0.1:8080\"), found {address:?}: {error}"
+                ),
+            )
+        })?
+        .collect();
+    if resolved.is_empty() {
+        return Err(src.error(
+            key,
+            format!("{address:?} resolves to no address; use an IP address"),
+        ));
+    }
+    Ok(resolved)
+}
+
+fn session(session: file::Session, src: &Source, env_keys: Option<&str>) -> Result<SessionConfig> {
+    let secret_keys = secret_keys(&session, src, env_keys)?;
+    let cookie = cookie(&session, src)?;
+
+    if !(200..=599).contains(&session.expired_status) {
+        return Err(src.error(
+            "session.expired_status",
+            format!(
+                "expected an HTTP status from 200 to 599, found {}",
+                session.expired_status
+            ),
+        ));
+    }
+    let expired_status = session.expired_status as u16;
+
+    let max_data_bytes = session.max_data_bytes;
+    if max_data_bytes < MIN_DATA_BYTES {
+        return Err(src.error(
+            "session.max_data_bytes",
+            format!(
+                "expected at least {MIN_DATA_BYTES} (the size of {{}}), found {max_data_bytes}"
+            ),
+        ));
+    }
+
+    let mut initializer = Map::new();
+    for (key, value) in session.initializer {
+        let json = json_value(src, &format!("session.initializer.{key}"), value)?;
+        initializer.insert(key, json);
+    }
+    let initializer_bytes = Value::Object(initializer.clone()).to_string().len();
+    if initializer_bytes > max_data_bytes {
+        return Err(src.error(
+            "session.initializer",
+            format!(
+                "is {initializer_bytes} bytes as JSON, more than max_data_bytes ({max_data_bytes}); shrink it or raise max_data_bytes"
+            ),
+        ));
+    }
+
+    for (index, prefix) in session.bypass.iter().enumerate() {
+        if !prefix.starts_with('/') {
+            return Err(src.error(
+                &format!("session.bypass[{index}]"),
+                format!("expected a path prefix starting with \"/\", found {prefix:?}"),
+            ));
+        }
+    }
+
+    Ok(SessionConfig {
+        secret_keys,
+        cookie,
+        timeout: at_least(src, "session.timeout", session.timeout, 1)?,
+        absolute_timeout: (session.absolute_timeout > 0).then_some(session.absolute_timeout),
+        touch_interval: session.touch_interval,
+        ignore_expiry: session.ignore_expiry,
+        ignore_change_ip: session.ignore_change_ip,
+        expired_message: session.expired_message,
+        expired_status,
+        initializer,
+        save_uninitialized: session.save_uninitialized,
+        max_data_bytes,
+        lock: session.lock,
+        bypass: session.bypass,
+    })
+}
+
+/// The keys from the environment when it has any, else from the file.
+/// Messages give a key's place and length, never its value.
+fn secret_keys(
+    session: &file::Session,
+    src: &Source,
+    env_keys: Option<&str>,
+) -> Result<Vec<String>> {
+    if session.secret_keys.is_some() && session.secret_key.is_some() {
+        return Err(src.error(
+            "session.secret_key",
+            "set either secret_key (one key) or secret_keys (a list), not both; move this key into secret_keys",
+        ));
+    }
+
+    let from_env: Vec<String> = env_keys
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !from_env.is_empty() {
+        let count = from_env.len();
+        for (index, key) in from_env.iter().enumerate() {
+            if key.len() < MIN_SECRET_BYTES {
+                return Err(src.error_outside(
+                    SECRET_KEYS_ENV,
+                    format!(
+                        "key {} of {count} is {} bytes, expected at least {MIN_SECRET_BYTES}; generate one with `session-proxy keygen`",
+                        index + 1,
+                        key.len()
+                    ),
+                ));
+            }
+        }
+        return Ok(from_env);
+    }
+
+    let from_file: Vec<(String, &String)> = match (&session.secret_key, &session.secret_keys) {
+        (Some(key), _) => vec![("session.secret_key".to_owned(), key)],
+        (None, Some(keys)) => keys
+            .iter()
+            .enumerate()
+            .map(|(index, key)| (format!("session.secret_keys[{index}]"), key))
+            .collect(),
+        (None, None) => Vec::new(),
+    };
+    if from_file.is_empty() {
+        return Err(src.error(
+            "session.secret_keys",
+            format!(
+                "no secret key; run `session-proxy keygen` and set secret_keys = [\"<its output>\"] under [session], or set {SECRET_KEYS_ENV}"
+            ),
+        ));
+    }
+    for (key_path, key) in &from_file {
+        if key.len() < MIN_SECRET_BYTES {
+            return Err(src.error(
+                key_path,
+                format!(
+                    "expected a secret of at least {MIN_SECRET_BYTES} bytes, found {} bytes; generate one with `session-proxy keygen`",
+                    key.len()
+                ),
+            ));
+        }
+    }
+    Ok(from_file.into_iter().map(|(_, key)| key.clone()).collect())
+}
+
+fn cookie(session: &file::Session, src: &Source) -> Result<CookieConfig> {
+    let name = &session.cookie_name;
+    if !is_token(name) {
+        return Err(src.error(
+            "session.cookie_name",
+            format!(
+                "expected a cookie name of letters, digits and !#$%&'*+-.^_`|~, found {name:?}"
+            ),
+        ));
+    }
+
+    let path = &session.cookie_path;
+    if !path.starts_with('/') || path.contains(';') || path.chars().any(char::is_control) {
+        return Err(src.error(
+            "session.cookie_path",
+            format!("expected a path starting with \"/\", without \";\" or control characters, found {path:?}"),
+        ));
+    }
+
+    let domain = &session.cookie_domain;
+    if domain.contains(';') || domain.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(src.error(
+            "session.cookie_domain",
+            format!(
+                "expected a domain such as \"example.com\" (or \"\" for none), found {domain:?}"
+            ),
+        ));
+    }
+
+    let samesite = match session.samesite.to_ascii_lowercase().as_str() {
+        "strict" => SameSite::Strict,
+        "lax" => SameSite::Lax,
+        "none" => SameSite::None,
+        "" => SameSite::Omitted,
+        _ => {
+            return Err(src.error(
+                "session.samesite",
+                format!(
+                    "expected \"strict\", \"lax\", \"none\" or \"\" (no attribute), found {:?}",
+                    session.samesite
+                ),
+            ))
+        }
+    };
+    if samesite == SameSite::None && !session.secure {
+        return Err(src.error(
+            "session.samesite",
+            "\"none\" requires secure = true (browsers drop SameSite=None cookies without Secure); set secure = true or use \"lax\"",
+        ));
+    }
+
+    // Browsers silently drop cookies that break their name prefix's rules.
+    let lowercase_name = name.to_ascii_lowercase();
+    if lowercase_name.starts_with("__secure-") && !session.secure {
+        return Err(src.error(
+            "session.cookie_name",
+            "a name starting with \"__Secure-\" requires secure = true; set it or rename the cookie",
+        ));
+    }
+    if lowercase_name.starts_with("__host-")
+        && (!session.secure || path != "/" || !domain.is_empty())
+    {
+        return Err(src.error(
+            "session.cookie_name",
+            "a name starting with \"__Host-\" requires secure = true, cookie_path = \"/\" and cookie_domain = \"\"; set them or rename the cookie",
+        ));
+    }
+
+    Ok(CookieConfig {
+        name: name.clone(),
+        domain: (!domain.is_empty()).then(|| domain.clone()),
+        path: path.clone(),
+        max_age: session.cookie_max_age,
+        secure: session.secure,
+        httponly: session.httponly,
+        samesite,
+    })
+}
+
+/// TOML to JSON; datetimes become their TOML text.
+fn json_value(src: &Source, key: &str, value: toml::Value) -> Result<Value> {
+    Ok(match value {
+        toml::Value::String(text) => Value::String(text),
+        toml::Value::Integer(number) => Value::from(number),
+        toml::Value::Float(number) => match serde_json::Number::from_f64(number) {
+            Some(number) => Value::Number(number),
+            None => {
+                return Err(src.error(
+                    key,
+                    format!("expected a finite number (JSON has no {number}), found {number}"),
+                ))
+            }
+        },
+        toml::Value::Boolean(flag) => Value::Bool(flag),
+        toml::Value::Datetime(datetime) => Value::String(datetime.to_string()),
+        toml::Value::Array(values) => Value::Array(
+            values
+                .into_iter()
+                .enumerate()
+                .map(|(index, value)| json_value(src, &format!("{key}[{index}]"), value))
+                .collect::<Result<_>>()?,
+        ),
+        toml::Value::Table(table) => {
+            let mut object = Map::new();
+            for (name, value) in table {
+                let json = json_value(src, &format!("{key}.{name}"), value)?;
+                object.insert(name, json);
+            }
+            Value::Object(object)
+        }
+    })
+}
+
+fn headers(headers: file::Headers, src: &Source) -> Result<HeaderConfig> {
+    let named = [
+        ("headers.session", &headers.session),
+        ("headers.update", &headers.update),
+        ("headers.action", &headers.action),
+    ];
+    let mut seen: Vec<(&str, String)> = Vec::new();
+    for (key, name) in named {
+        if !is_token(name) {
+            return Err(src.error(
+                key,
+                format!(
+                    "expected a header name of letters, digits and !#$%&'*+-.^_`|~, found {name:?}"
+                ),
+            ));
+        }
+        // CGI/WSGI servers read `_` as `-`, so compare names the way they do.
+        let normalized = name.to_ascii_lowercase().replace('_', "-");
+        if RESERVED_HEADERS.contains(&normalized.as_str()) {
+            return Err(src.error(
+                key,
+                format!("{name:?} is a header HTTP or the proxy already uses; choose another name, e.g. \"X-Session\""),
+            ));
+        }
+        if let Some((other, _)) = seen.iter().find(|(_, seen)| *seen == normalized) {
+            return Err(src.error(
+                key,
+                format!("{name:?} is the same header as {other} (case and `_`/`-` do not count); the three headers must differ"),
+            ));
+        }
+        seen.push((key, normalized));
+    }
+
+    Ok(HeaderConfig {
+        session: headers.session.to_ascii_lowercase(),
+        update: headers.update.to_ascii_lowercase(),
+        action: headers.action.to_ascii_lowercase(),
+        token_ttl: at_least(src, "headers.token_ttl", headers.token_ttl, MIN_TOKEN_TTL)?,
+    })
+}
+
+fn store(store: file::Store, src: &Source) -> Result<StoreConfig> {
+    let kind = match store.kind.to_ascii_lowercase().as_str() {
+        "disk" => StoreKind::Disk,
+        "memory" => StoreKind::Memory,
+        "postgres" => StoreKind::Postgres,
+        "redis" => StoreKind::Redis,
+        _ => {
+            return Err(src.error(
+                "store.kind",
+                format!(
+                    "expected \"disk\", \"memory\", \"postgres\" or \"redis\", found {:?}",
+                    store.kind
+                ),
+            ))
+        }
+    };
+
+    // The URL may hold a password: messages show its scheme at most.
+    match kind {
+        StoreKind::Postgres => check_url(src, &store.url, kind, &["postgres://", "postgresql://"])?,
+        StoreKind::Redis => check_url(src, &store.url, kind, &["redis://", "rediss://"])?,
+        StoreKind::Disk | StoreKind::Memory => {}
+    }
+
+    if !is_sql_table(&store.table) {
+        return Err(src.error(
+            "store.table",
+            format!(
+                "expected a SQL name such as \"sessions\" or \"schema.sessions\" (letters, digits and _, not starting with a digit), found {:?}",
+                store.table
+            ),
+        ));
+    }
+
+    if store.path.is_empty() {
+        return Err(src.error(
+            "store.path",
+            "expected a directory, found \"\"; e.g. path = \"sessions\"",
+        ));
+    }
+
+    Ok(StoreConfig {
+        kind,
+        path: PathBuf::from(store.path),
+        url: store.url,
+        table: store.table,
+        key_prefix: store.key_prefix,
+        sweep_interval: at_least(src, "store.sweep_interval", store.sweep_interval, 1)?,
+        max_entries: at_least(src, "store.max_entries", store.max_entries, 1)?,
+        fsync: store.fsync,
+    })
+}
+
+/// A Redis Cluster lists several nodes, comma-separated; each needs a scheme.
+fn check_url(src: &Source, url: &str, kind: StoreKind, schemes: &[&str]) -> Result<()> {
+    let expected = schemes
+        .iter()
+        .map(|scheme| format!("{scheme:?}"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let kind_name = format!("{kind:?}").to_ascii_lowercase();
+    if url.trim().is_empty() {
+        return Err(src.error(
+            "store.url",
+            format!(
+                "required for kind = \"{kind_name}\"; set url = \"{}…\"",
+                schemes[0]
+            ),
+        ));
+    }
+    let entries: Vec<&str> = match kind {
+        StoreKind::Redis => url.split(',').map(str::trim).collect(),
+        _ => vec![url.trim()],
+    };
+    for (index, entry) in entries.iter().enumerate() {
+        if !schemes.iter().any(|scheme| entry.starts_with(scheme)) {
+            let found = match entry.find("://") {
+                Some(end) => format!("one starting with {:?}", &entry[..end + 3]),
+                None if entry.is_empty() => "an empty entry".to_owned(),
+                None => "one without a scheme".to_owned(),
+            };
+            let which = if entries.len() > 1 {
+                format!(" (entry {} of {})", index + 1, entries.len())
+            } else {
+                String::new()
+            };
+            return Err(src.error(
+                "store.url",
+                format!("expected a URL starting with {expected}{which}, found {found}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn at_least<T: PartialOrd + std::fmt::Display>(
+    src: &Source,
+    key: &str,
+    value: T,
+    min: T,
+) -> Result<T> {
+    if value < min {
+        return Err(src.error(key, format!("expected at least {min}, found {value}")));
+    }
+    Ok(value)
+}
+
+/// An RFC 7230 token: what header names and RFC 6265 cookie names are made of.
+fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte))
+}
+
+/// `table` or `schema.table`, each a plain identifier: it is put into SQL as is.
+fn is_sql_table(name: &str) -> bool {
+    let is_identifier = |part: &str| {
+        part.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match name.split_once('.') {
+        Some((schema, table)) => is_identifier(schema) && is_identifier(table),
+        None => is_identifier(name),
+    }
+}
