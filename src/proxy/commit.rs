@@ -133,12 +133,9 @@ impl SessionProxy {
         }
     }
 
-    /// The record a new session starts from: the data the upstream saw.
+    /// The record a new session starts from: a copy of the initializer.
     fn fresh_record(&self, active: &ActiveSession, now: u64) -> Record {
-        let data = match &active.stored {
-            Some(_) => self.settings.initializer.clone(),
-            None => active.data.clone(),
-        };
+        let data = self.settings.initializer.clone();
         Record { data, created: now, atime: now, ip: active.client_ip.clone(), ver: 0 }
     }
 

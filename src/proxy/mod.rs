@@ -84,10 +84,9 @@ pub struct RequestCtx {
 struct ActiveSession {
     id: SessionId,
     handle: Handle,
-    /// The stored record; `None` for a session not stored yet.
+    /// The stored record; `None` for a session not stored yet, whose data
+    /// is the initializer.
     stored: Option<Record>,
-    /// The data the upstream was given (the initializer for a new session).
-    data: Map<String, Value>,
     client_ip: String,
 }
 
@@ -178,13 +177,7 @@ impl SessionProxy {
     /// A session not stored yet, with a fresh id and a copy of the initializer.
     fn new_session(&self, client_ip: String) -> ActiveSession {
         let id = SessionId::generate();
-        ActiveSession {
-            handle: id.handle(),
-            id,
-            stored: None,
-            data: self.settings.initializer.clone(),
-            client_ip,
-        }
+        ActiveSession { handle: id.handle(), id, stored: None, client_ip }
     }
 
     /// The session of a correctly signed cookie, if it may be used.
@@ -214,8 +207,7 @@ impl SessionProxy {
             debug!("session {}: expired ({})", handle.short(), expired.label());
             return Ok(Err(expired));
         }
-        let data = record.as_ref().map(|r| r.data.clone()).unwrap_or_default();
-        Ok(Ok(ActiveSession { id, handle, stored: record, data, client_ip }))
+        Ok(Ok(ActiveSession { id, handle, stored: record, client_ip }))
     }
 
     /// Resolves the request's session (SPEC [4.3]) and hands it to the
@@ -251,8 +243,11 @@ impl SessionProxy {
             },
         };
         let now = crate::session::now();
-        let ver = active.stored.as_ref().map_or(0, |record| record.ver);
-        let token = settings.token_signer.sign(&active.handle, active.stored.is_none(), ver, now, &active.data);
+        let (ver, data) = match &active.stored {
+            Some(record) => (record.ver, &record.data),
+            None => (0, &settings.initializer),
+        };
+        let token = settings.token_signer.sign(&active.handle, active.stored.is_none(), ver, now, data);
         session
             .req_header_mut()
             .insert_header(settings.headers.session.clone(), token)

@@ -1,0 +1,139 @@
+//! The command line (SPEC [1]): exit codes, messages, `sessions`.
+
+mod support;
+
+use support::*;
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn keygen_prints_a_fresh_43_character_base64url_secret() {
+    let (a, b) = (run_cli(&["keygen"], &[]), run_cli(&["keygen"], &[]));
+    assert!(a.status.success());
+    let key = stdout(&a).trim().to_string();
+    assert_eq!(key.len(), 43);
+    assert!(key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'), "{key}");
+    assert_ne!(key, stdout(&b).trim());
+}
+
+#[test]
+fn check_prints_ok_for_a_valid_config_and_a_reachable_store() {
+    let config = ProxyConfig::new(free_port());
+    let path = config.write();
+    let output = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), "ok");
+}
+
+#[test]
+fn check_exits_2_and_names_the_file_line_and_key_for_an_invalid_config() {
+    let config = ProxyConfig::new(free_port()).session("samesite = \"sometimes\"");
+    let path = config.write();
+    let output = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(message.contains(path.to_str().unwrap()), "{message}");
+    assert!(message.contains("session.samesite"), "{message}");
+    assert!(message.contains("sometimes"), "{message}");
+}
+
+#[test]
+fn an_unknown_key_is_a_config_error() {
+    let config = ProxyConfig::new(free_port()).session("cookie_nmae = \"x\"");
+    let output = run_cli(&["check", "-c", config.write().to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("cookie_nmae"));
+}
+
+#[test]
+fn run_with_an_invalid_config_exits_2_and_listens_nowhere() {
+    let mut config = ProxyConfig::new(free_port());
+    config.session = vec!["secret_keys = [\"too short\"]".into()];
+    let output = run_cli(&["run", "-c", config.write().to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(message.contains("keygen"), "{message}");
+    assert!(!message.contains("too short"), "a secret is never printed: {message}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", config.port)).is_err());
+}
+
+#[test]
+fn the_secret_can_come_from_the_environment() {
+    let mut config = ProxyConfig::new(free_port());
+    config.session = vec![];
+    let path = config.write();
+    let output = run_cli(&["check", "-c", path.to_str().unwrap()], &[("SESSION_PROXY_SECRET_KEYS", KEY)]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let without = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(without.status.code(), Some(2));
+}
+
+#[test]
+fn check_exits_1_when_the_store_is_unreachable() {
+    let mut config = ProxyConfig::new(free_port());
+    config.store = vec!["path = \"/dev/null/sessions\"".into()];
+    let output = run_cli(&["check", "-c", config.write().to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+}
+
+#[test]
+fn the_config_path_defaults_to_config_session_proxy_toml() {
+    let dir = TempDir::new("cwd");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+        .arg("check")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("config/session-proxy.toml"), "{}", stderr(&output));
+}
+
+#[test]
+fn sessions_lists_shows_kills_and_purges_stored_sessions() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("timeout = 100");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    let handle = browser.get("/", &[("X-Test-Update", r#"{"secret": "do-not-list"}"#)]).session()["sid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(proxy);
+    let path = config.path();
+    let path = path.to_str().unwrap();
+
+    let list = run_cli(&["sessions", "list", "-c", path], &[]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    assert!(stdout(&list).contains(&handle));
+    assert!(!stdout(&list).contains("do-not-list"), "list never shows data");
+
+    let show = run_cli(&["sessions", "show", &handle, "-c", path], &[]);
+    assert!(show.status.success());
+    let record: serde_json::Value = serde_json::from_str(&stdout(&show)).unwrap();
+    assert_eq!(record["data"]["secret"], "do-not-list");
+
+    let unknown = "0".repeat(64);
+    assert_eq!(run_cli(&["sessions", "show", &unknown, "-c", path], &[]).status.code(), Some(1));
+    assert_eq!(run_cli(&["sessions", "kill", &unknown, "-c", path], &[]).status.code(), Some(1));
+    assert_eq!(run_cli(&["sessions", "show", "nonsense", "-c", path], &[]).status.code(), Some(1));
+
+    assert!(run_cli(&["sessions", "kill", &handle, "-c", path], &[]).status.success());
+    assert_eq!(run_cli(&["sessions", "show", &handle, "-c", path], &[]).status.code(), Some(1));
+
+    let mut other = Browser::new(config.start().port);
+    other.get("/", &[("X-Test-Update", r#"{"b": 1}"#)]);
+    for file in stored_files(&config.sessions_dir()) {
+        let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        record["atime"] = (record["atime"].as_u64().unwrap() - 101).into();
+        std::fs::write(&file, serde_json::to_vec(&record).unwrap()).unwrap();
+    }
+    let purge = run_cli(&["sessions", "purge-expired", "-c", path], &[]);
+    assert!(stdout(&purge).contains("deleted 1"), "{}", stdout(&purge));
+    assert!(stored_files(&config.sessions_dir()).is_empty());
+}
