@@ -10,6 +10,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod memory;
+
 pub use crate::session::cookie::Handle;
 
 /// A stored session, as SPEC [6] lays it out.
@@ -83,8 +85,11 @@ pub trait Store: Send + Sync {
 
     /// Atomically applies `decide` to the latest stored version of
     /// `handle`. Returns the record as stored afterwards (`None`: absent).
-    async fn modify(&self, handle: &Handle, decide: Decide<'_>)
-        -> Result<Option<Record>, StoreError>;
+    async fn modify(
+        &self,
+        handle: &Handle,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError>;
 
     /// Writes a new access time (a touch changes neither data nor `ver`).
     /// Does nothing if the record is gone.
