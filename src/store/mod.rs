@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub mod disk;
 pub mod memory;
 
 pub use crate::session::cookie::Handle;
