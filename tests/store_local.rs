@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde_json::json;
+use session_proxy::config::{StoreConfig, StoreKind};
 use session_proxy::store::disk::DiskStore;
 use session_proxy::store::memory::MemoryStore;
 use session_proxy::store::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
@@ -365,5 +366,43 @@ mod disk_store {
             store.ping().await,
             Err(StoreError::Unavailable(_))
         ));
+    }
+}
+
+mod open {
+    use super::*;
+
+    fn config(kind: StoreKind, path: PathBuf) -> StoreConfig {
+        StoreConfig {
+            kind,
+            path,
+            url: String::new(),
+            table: "sessions".to_owned(),
+            key_prefix: "session:".to_owned(),
+            sweep_interval: 60,
+            max_entries: 10,
+            fsync: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn opens_the_embedded_stores() {
+        let dir = TempDir::new();
+        for kind in [StoreKind::Memory, StoreKind::Disk] {
+            let store = session_proxy::store::open(&config(kind, dir.0.join("s")))
+                .await
+                .unwrap();
+            store.ping().await.unwrap();
+        }
+        assert!(dir.0.join("s").is_dir());
+    }
+
+    #[tokio::test]
+    async fn a_disk_store_that_cannot_be_created_is_unavailable() {
+        let dir = TempDir::new();
+        fs::write(dir.0.join("file"), b"").unwrap();
+        let path = dir.0.join("file").join("sessions");
+        let opened = session_proxy::store::open(&config(StoreKind::Disk, path)).await;
+        assert!(matches!(opened, Err(StoreError::Unavailable(_))));
     }
 }
