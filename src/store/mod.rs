@@ -6,11 +6,20 @@
 //! stores what the caller decides, atomically: two concurrent changes of
 //! one record never lose each other.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::config::{StoreConfig, StoreKind};
+
+pub mod disk;
+pub mod memory;
+mod sweeper;
+
 pub use crate::session::cookie::Handle;
+pub use sweeper::sweep_forever;
 
 /// A stored session, as SPEC [6] lays it out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,8 +92,11 @@ pub trait Store: Send + Sync {
 
     /// Atomically applies `decide` to the latest stored version of
     /// `handle`. Returns the record as stored afterwards (`None`: absent).
-    async fn modify(&self, handle: &Handle, decide: Decide<'_>)
-        -> Result<Option<Record>, StoreError>;
+    async fn modify(
+        &self,
+        handle: &Handle,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError>;
 
     /// Writes a new access time (a touch changes neither data nor `ver`).
     /// Does nothing if the record is gone.
@@ -112,4 +124,20 @@ pub trait Store: Send + Sync {
 
     /// Succeeds when the backend answers (for `check` and `/healthz`).
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store the config names: creates the disk store's directory,
+/// sizes the memory store. Called once at start-up (and by `check`).
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match config.kind {
+        // A directory check and create at start-up: blocking is fine here.
+        StoreKind::Disk => Ok(Arc::new(disk::DiskStore::open(&config.path, config.fsync)?)),
+        StoreKind::Memory => Ok(Arc::new(memory::MemoryStore::new(config.max_entries))),
+        StoreKind::Postgres => Err(StoreError::Unavailable(
+            "the postgres store is not built in this version".to_owned(),
+        )),
+        StoreKind::Redis => Err(StoreError::Unavailable(
+            "the redis store is not built in this version".to_owned(),
+        )),
+    }
 }

@@ -1,0 +1,590 @@
+//! The default store: one JSON file per session in a directory.
+//!
+//! A record lives in `DIR/HANDLE.json`, exactly the [`Record`] as JSON. A
+//! write goes to a temporary file in the same directory (`.HANDLE.*.tmp`),
+//! which is renamed over the record, so a crash never leaves a torn
+//! record; with `fsync` the file and then the directory are synced before
+//! the write is reported done. Expiry reads `atime` and `created` from the
+//! record, never the file's times. Other files in the directory are left
+//! alone.
+//!
+//! `modify` is atomic within one process (a lock per handle): the directory
+//! belongs to one proxy. Proxies that share sessions use postgres or redis.
+//!
+//! All file I/O runs on tokio's blocking pool (`spawn_blocking`), reads
+//! included. Measured on the development machine (ext4, page cache warm,
+//! debug build): a load costs about 50 µs that way against about 10 µs read
+//! directly on the runtime thread. The difference is small next to a
+//! proxied request, while a direct read blocks every other connection of
+//! its runtime thread whenever the file is not cached (a session idle for
+//! hours, a slow or network disk). A write costs about 250 µs (ext4 starts
+//! writing back a file renamed over another) and 0.6 ms with `fsync` on
+//! that machine's virtual disk.
+//!
+//! ```no_run
+//! use session_proxy::store::{disk::DiskStore, Store};
+//! # async fn example() -> Result<(), session_proxy::store::StoreError> {
+//! let store = DiskStore::open("sessions", false)?;
+//! store.ping().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use tokio::sync::Mutex;
+
+use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
+
+/// A temporary file older than this cannot belong to a write in progress.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
+
+pub struct DiskStore {
+    dir: PathBuf,
+    fsync: bool,
+    /// One mutex per handle being changed; an entry goes when its last
+    /// user does (see [`LockSlot`]), so the map holds only handles in use.
+    locks: DashMap<Handle, Arc<Mutex<()>>>,
+}
+
+impl DiskStore {
+    /// Opens the store in `dir`, creating the directory (owner-only on
+    /// Unix: records are session data) if it is missing.
+    pub fn open(dir: impl AsRef<Path>, fsync: bool) -> Result<DiskStore, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        create_dir(&dir).map_err(|error| {
+            StoreError::Unavailable(format!(
+                "cannot create the session directory {}: {error}; \
+                 create it or set [store] path to a writable directory",
+                dir.display()
+            ))
+        })?;
+        if !dir.is_dir() {
+            return Err(StoreError::Unavailable(format!(
+                "the session store path {} is not a directory; \
+                 set [store] path to a directory",
+                dir.display()
+            )));
+        }
+        Ok(DiskStore {
+            dir,
+            fsync,
+            locks: DashMap::new(),
+        })
+    }
+
+    /// The directory the records are in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn file_of(&self, handle: &Handle) -> PathBuf {
+        self.dir.join(format!("{}.json", handle.as_str()))
+    }
+
+    /// This handle's lock, to be held across a read-decide-write.
+    fn slot(&self, handle: &Handle) -> LockSlot<'_> {
+        let mutex = Arc::clone(self.locks.entry(handle.clone()).or_default().value());
+        LockSlot {
+            locks: &self.locks,
+            handle: handle.clone(),
+            mutex: Some(mutex),
+        }
+    }
+
+    async fn read(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
+        let path = self.file_of(handle);
+        let short = handle.short().to_owned();
+        blocking(move || read_record(&path, &short)).await?
+    }
+
+    async fn write(&self, handle: &Handle, record: &Record) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(record).map_err(|error| {
+            StoreError::Unavailable(format!("cannot encode session {}: {error}", handle.short()))
+        })?;
+        let (dir, handle, fsync) = (self.dir.clone(), handle.clone(), self.fsync);
+        blocking(move || {
+            write_record(&dir, &handle, &json, fsync).map_err(|error| {
+                StoreError::Unavailable(format!(
+                    "cannot write session {} in {}: {error}",
+                    handle.short(),
+                    dir.display()
+                ))
+            })
+        })
+        .await?
+    }
+
+    async fn remove(&self, handle: &Handle) -> Result<bool, StoreError> {
+        let (dir, path, fsync) = (self.dir.clone(), self.file_of(handle), self.fsync);
+        let short = handle.short().to_owned();
+        blocking(move || {
+            remove_record(&dir, &path, fsync).map_err(|error| {
+                StoreError::Unavailable(format!(
+                    "cannot delete session {short} in {}: {error}",
+                    dir.display()
+                ))
+            })
+        })
+        .await?
+    }
+}
+
+#[async_trait]
+impl Store for DiskStore {
+    async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
+        // No lock: a rename replaces the file whole, so a read sees the
+        // old record or the new one, never a mix.
+        self.read(handle).await
+    }
+
+    async fn modify(
+        &self,
+        handle: &Handle,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError> {
+        let slot = self.slot(handle);
+        let _held = slot.mutex().lock().await;
+        let current = self.read(handle).await?;
+        match decide(current.as_ref()).map_err(StoreError::Rejected)? {
+            Change::Put(record) => {
+                self.write(handle, &record).await?;
+                Ok(Some(record))
+            }
+            Change::Delete => {
+                if current.is_some() {
+                    self.remove(handle).await?;
+                }
+                Ok(None)
+            }
+            Change::Keep => Ok(current),
+        }
+    }
+
+    async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
+        // Under the lock, so a change in flight cannot write back a
+        // session that was just killed.
+        let slot = self.slot(handle);
+        let _held = slot.mutex().lock().await;
+        self.remove(handle).await
+    }
+
+    async fn list(&self) -> Result<Vec<(Handle, Record)>, StoreError> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            let mut records = Vec::new();
+            for (handle, path) in record_files(&dir)? {
+                match read_record(&path, handle.short()) {
+                    Ok(Some(record)) => records.push((handle, record)),
+                    // Deleted since the directory was read.
+                    Ok(None) => {}
+                    Err(error) => log::warn!("listing sessions: skipped {error}"),
+                }
+            }
+            Ok(records)
+        })
+        .await?
+    }
+
+    async fn delete_expired(&self, now: u64, expiry: Expiry) -> Result<u64, StoreError> {
+        let dir = self.dir.clone();
+        let candidates = blocking(move || expired_candidates(&dir, now, expiry)).await??;
+        let mut deleted = 0;
+        for (handle, path) in candidates {
+            // Re-read under the lock: a request may have refreshed the
+            // session since the scan.
+            let slot = self.slot(&handle);
+            let _held = slot.mutex().lock().await;
+            let (dir, fsync) = (self.dir.clone(), self.fsync);
+            let short = handle.short().to_owned();
+            let outcome =
+                blocking(move || sweep_record(&dir, &path, &short, now, expiry, fsync)).await?;
+            match outcome {
+                Ok(true) => deleted += 1,
+                Ok(false) => {}
+                // One unreadable file does not stop the sweep.
+                Err(error) => log::warn!("sweep: {error}"),
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            probe_writable(&dir).map_err(|error| {
+                StoreError::Unavailable(format!(
+                    "the session directory {} is not writable: {error}",
+                    dir.display()
+                ))
+            })
+        })
+        .await?
+    }
+}
+
+/// A handle's entry in [`DiskStore::locks`], taken before and released
+/// after the mutex itself. On drop it removes the entry if no one else
+/// holds or waits for it. Entries are only cloned and removed under the
+/// map's shard lock, so the count it checks cannot change meanwhile.
+struct LockSlot<'a> {
+    locks: &'a DashMap<Handle, Arc<Mutex<()>>>,
+    handle: Handle,
+    mutex: Option<Arc<Mutex<()>>>,
+}
+
+impl LockSlot<'_> {
+    /// The mutex, borrowed from the slot: a guard (or a cancelled wait for
+    /// one) ends before the slot does, so the count in `drop` is exact.
+    fn mutex(&self) -> &Mutex<()> {
+        static UNUSED: Mutex<()> = Mutex::const_new(());
+        // `mutex` is `Some` until `drop`.
+        self.mutex.as_deref().unwrap_or(&UNUSED)
+    }
+}
+
+impl Drop for LockSlot<'_> {
+    fn drop(&mut self) {
+        drop(self.mutex.take());
+        self.locks
+            .remove_if(&self.handle, |_, mutex| Arc::strong_count(mutex) == 1);
+    }
+}
+
+/// Runs blocking file I/O on tokio's blocking pool.
+async fn blocking<T, F>(work: F) -> Result<T, StoreError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| StoreError::Unavailable(format!("disk store task failed: {error}")))
+}
+
+fn create_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// The record in `path`; `None` if there is no such file.
+fn read_record(path: &Path, short: &str) -> Result<Option<Record>, StoreError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => {
+            return Err(StoreError::Unavailable(format!(
+                "cannot read session {short}: {error}"
+            )))
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|error| StoreError::Corrupt {
+            handle: short.to_owned(),
+            // Where, not what: serde's message may quote session data.
+            detail: format!(
+                "{:?} error at line {} column {}",
+                error.classify(),
+                error.line(),
+                error.column()
+            ),
+        })
+}
+
+/// Writes `json` as the record of `handle`: temp file, rename over.
+fn write_record(dir: &Path, handle: &Handle, json: &[u8], fsync: bool) -> io::Result<()> {
+    let temp = dir.join(format!(
+        ".{}.{:016x}.tmp",
+        handle.as_str(),
+        rand::random::<u64>()
+    ));
+    let written = (|| {
+        let mut file = create_private(&temp)?;
+        file.write_all(json)?;
+        if fsync {
+            file.sync_all()?;
+        }
+        drop(file);
+        fs::rename(&temp, dir.join(format!("{}.json", handle.as_str())))?;
+        if fsync {
+            // The rename itself is durable only once the directory is.
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if written.is_err() {
+        // Best effort: the sweep removes what is left after a minute.
+        let _ = fs::remove_file(&temp);
+    }
+    written
+}
+
+/// A new file only its owner can read (on Unix): it holds session data.
+fn create_private(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// Deletes the record file; `false` if there was none.
+fn remove_record(dir: &Path, path: &Path, fsync: bool) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            if fsync {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(true)
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// The handle a directory entry is the record of: `HANDLE.json`.
+fn handle_of_file(name: &str) -> Option<Handle> {
+    name.strip_suffix(".json").and_then(Handle::parse)
+}
+
+/// A temporary file of ours: `.HANDLE.*.tmp` or a ping probe.
+fn is_temp_file(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
+}
+
+/// Every record file in `dir`, other files ignored.
+fn record_files(dir: &Path) -> Result<Vec<(Handle, PathBuf)>, StoreError> {
+    let entries = fs::read_dir(dir).map_err(|error| {
+        StoreError::Unavailable(format!(
+            "cannot read the session directory {}: {error}",
+            dir.display()
+        ))
+    })?;
+    Ok(entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let handle = handle_of_file(entry.file_name().to_str()?)?;
+            Some((handle, entry.path()))
+        })
+        .collect())
+}
+
+/// Scans `dir` for records that look expired (to be checked again under
+/// their lock), removing stale temporary files on the way.
+fn expired_candidates(
+    dir: &Path,
+    now: u64,
+    expiry: Expiry,
+) -> Result<Vec<(Handle, PathBuf)>, StoreError> {
+    let entries = fs::read_dir(dir).map_err(|error| {
+        StoreError::Unavailable(format!(
+            "cannot read the session directory {}: {error}",
+            dir.display()
+        ))
+    })?;
+    let mut candidates = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let path = entry.path();
+        if is_temp_file(name) {
+            if age(&path).is_some_and(|age| age > STALE_TEMP_AGE) {
+                let _ = fs::remove_file(&path);
+            }
+        } else if let Some(handle) = handle_of_file(name) {
+            match read_record(&path, handle.short()) {
+                Ok(Some(record)) if !expiry.is_expired(&record, now) => {}
+                Ok(None) => {}
+                // Expired, or unreadable (`sweep_record` decides).
+                Ok(Some(_)) | Err(_) => candidates.push((handle, path)),
+            }
+        }
+    }
+    Ok(candidates)
+}
+
+/// Deletes the record in `path` if it is expired at `now`; `true` if it
+/// did. A corrupt record has no times to read, and could never be loaded:
+/// it goes once its file has not been written for the idle timeout, the
+/// file's time being the only one left to go by.
+fn sweep_record(
+    dir: &Path,
+    path: &Path,
+    short: &str,
+    now: u64,
+    expiry: Expiry,
+    fsync: bool,
+) -> Result<bool, StoreError> {
+    let expired = match read_record(path, short) {
+        Ok(Some(record)) => expiry.is_expired(&record, now),
+        Ok(None) => false,
+        Err(StoreError::Corrupt { handle, detail }) => {
+            let unwritten = age(path).is_some_and(|age| age.as_secs() > expiry.timeout);
+            if unwritten {
+                log::warn!("sweep: deleting corrupt session record {handle} ({detail})");
+            }
+            unwritten
+        }
+        Err(error) => return Err(error),
+    };
+    if !expired {
+        return Ok(false);
+    }
+    remove_record(dir, path, fsync)
+        .map_err(|error| StoreError::Unavailable(format!("cannot delete session {short}: {error}")))
+}
+
+/// How long ago the file at `path` was last written.
+fn age(path: &Path) -> Option<Duration> {
+    let modified = fs::metadata(path).and_then(|meta| meta.modified()).ok()?;
+    SystemTime::now().duration_since(modified).ok()
+}
+
+/// Creates and removes a probe file: the one check that catches a
+/// read-only mount or a full inode table as well as permissions.
+fn probe_writable(dir: &Path) -> io::Result<()> {
+    let probe = dir.join(format!(".ping.{:016x}.tmp", rand::random::<u64>()));
+    drop(create_private(&probe)?);
+    fs::remove_file(&probe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            let dir = std::env::temp_dir().join(format!(
+                "session-proxy-disk-unit-{:016x}",
+                rand::random::<u64>()
+            ));
+            fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn record(n: u64) -> Record {
+        let mut data = serde_json::Map::new();
+        data.insert("user".to_owned(), serde_json::json!("someone@example.org"));
+        data.insert("n".to_owned(), serde_json::json!(n));
+        Record {
+            data,
+            created: crate::session::now(),
+            atime: crate::session::now(),
+            ip: "192.0.2.7".to_owned(),
+            ver: n,
+        }
+    }
+
+    #[tokio::test]
+    async fn handle_locks_are_forgotten_when_unused() {
+        let temp = TempDir::new();
+        let store = DiskStore::open(&temp.0, false).unwrap();
+        let handle = Handle::of_id("disk-unit-locks");
+        let put = |_: Option<&Record>| Ok(Change::Put(record(1)));
+        store.modify(&handle, &put).await.unwrap();
+        store.delete(&handle).await.unwrap();
+        assert!(store.locks.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_for_a_handle_lock_leaves_no_entry() {
+        let temp = TempDir::new();
+        let store = DiskStore::open(&temp.0, false).unwrap();
+        let handle = Handle::of_id("disk-unit-cancel");
+        let slot = store.slot(&handle);
+        let held = slot.mutex().lock().await;
+        let waiting = tokio::time::timeout(Duration::from_millis(20), async {
+            let slot = store.slot(&handle);
+            let _held = slot.mutex().lock().await;
+        })
+        .await;
+        assert!(waiting.is_err());
+        drop(held);
+        drop(slot);
+        assert!(store.locks.is_empty());
+    }
+
+    #[test]
+    fn only_record_and_temp_names_are_ours() {
+        let handle = Handle::of_id("x");
+        assert_eq!(
+            handle_of_file(&format!("{handle}.json")),
+            Some(handle.clone())
+        );
+        assert_eq!(handle_of_file(&format!("{handle}.json.bak")), None);
+        assert_eq!(handle_of_file("README.json"), None);
+        assert!(is_temp_file(&format!(".{handle}.0123456789abcdef.tmp")));
+        assert!(!is_temp_file("notes.tmp"));
+    }
+
+    #[test]
+    fn a_corrupt_record_error_does_not_quote_the_file() {
+        let temp = TempDir::new();
+        let path = temp.0.join("x.json");
+        fs::write(&path, br#"{"data": {"password": "hunter2"}, "created": "#).unwrap();
+        let error = read_record(&path, "12345678").unwrap_err();
+        assert!(matches!(error, StoreError::Corrupt { .. }));
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
+
+    /// Rough costs of the file operations; run with
+    /// `cargo test --lib disk::tests::timing -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn timing() {
+        let temp = TempDir::new();
+        let rounds = 2_000u32;
+        for fsync in [false, true] {
+            let store = DiskStore::open(&temp.0, fsync).unwrap();
+            let rounds = if fsync { rounds / 20 } else { rounds };
+            let handle = Handle::of_id(&format!("timing-{fsync}"));
+            let start = Instant::now();
+            for n in 0..rounds {
+                store.write(&handle, &record(u64::from(n))).await.unwrap();
+            }
+            println!("write (fsync {fsync}): {:?}", start.elapsed() / rounds);
+        }
+        let store = DiskStore::open(&temp.0, false).unwrap();
+        let handle = Handle::of_id("timing-false");
+        let start = Instant::now();
+        for _ in 0..rounds {
+            store.load(&handle).await.unwrap().unwrap();
+        }
+        println!("load, blocking pool: {:?}", start.elapsed() / rounds);
+        let path = store.file_of(&handle);
+        let start = Instant::now();
+        for _ in 0..rounds {
+            read_record(&path, "timing").unwrap().unwrap();
+        }
+        println!("load, direct: {:?}", start.elapsed() / rounds);
+        let put =
+            |current: Option<&Record>| Ok(Change::Put(record(current.map_or(0, |r| r.ver + 1))));
+        let start = Instant::now();
+        for _ in 0..rounds {
+            store.modify(&handle, &put).await.unwrap();
+        }
+        println!("modify: {:?}", start.elapsed() / rounds);
+    }
+}
