@@ -32,10 +32,22 @@ impl ServeHttp for Admin {
         let (status, content_type, body) = match path.as_str() {
             "/healthz" => match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
                 Ok(Ok(())) => (StatusCode::OK, "text/plain", b"ok".to_vec()),
-                _ => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", b"session store unavailable".to_vec()),
+                _ => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    b"session store unavailable".to_vec(),
+                ),
             },
-            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render().into_bytes()),
-            _ => (StatusCode::NOT_FOUND, "text/plain", b"not found: try /healthz or /metrics".to_vec()),
+            "/metrics" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render().into_bytes(),
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                b"not found: try /healthz or /metrics".to_vec(),
+            ),
         };
         Response::builder()
             .status(status)

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "session-proxy", version, about = "A reverse proxy that gives legacy web apps server-side sessions")]
+#[command(
+    name = "session-proxy",
+    version,
+    about = "A reverse proxy that gives legacy web apps server-side sessions"
+)]
 pub struct Cli {
     /// The config file.
     #[arg(short = 'c', long = "config", global = true, default_value = crate::config::DEFAULT_PATH)]

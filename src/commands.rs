@@ -42,7 +42,10 @@ pub fn check(config: &Config) -> ExitCode {
 }
 
 pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("session-proxy: cannot start a runtime: {e}");
@@ -50,7 +53,9 @@ pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let store = store::open(&config.store).await.map_err(|e| e.to_string())?;
+        let store = store::open(&config.store)
+            .await
+            .map_err(|e| e.to_string())?;
         sessions_with(store.as_ref(), config, command).await
     });
     match result {
@@ -62,12 +67,19 @@ pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
     }
 }
 
-async fn sessions_with(store: &dyn Store, config: &Config, command: SessionsCommand) -> Result<(), String> {
+async fn sessions_with(
+    store: &dyn Store,
+    config: &Config,
+    command: SessionsCommand,
+) -> Result<(), String> {
     match command {
         SessionsCommand::List => {
             let mut sessions = store.list().await.map_err(|e| e.to_string())?;
             sessions.sort_by_key(|(_, record)| std::cmp::Reverse(record.atime));
-            println!("{:<64}  {:<20}  {:<20}  {:>6}  ver", "handle", "created", "last access", "bytes");
+            println!(
+                "{:<64}  {:<20}  {:<20}  {:>6}  ver",
+                "handle", "created", "last access", "bytes"
+            );
             for (handle, record) in sessions {
                 println!(
                     "{handle}  {}  {}  {:>6}  {}",
@@ -83,19 +95,31 @@ async fn sessions_with(store: &dyn Store, config: &Config, command: SessionsComm
             let handle = parse_handle(&handle)?;
             let record = store.load(&handle).await.map_err(|e| e.to_string())?;
             let record = record.ok_or_else(|| format!("no session {handle}"))?;
-            println!("{}", serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?
+            );
             Ok(())
         }
         SessionsCommand::Kill { handle } => {
             let handle = parse_handle(&handle)?;
             match store.delete(&handle).await.map_err(|e| e.to_string())? {
-                true => Ok(println!("killed {handle}")),
+                true => {
+                    println!("killed {handle}");
+                    Ok(())
+                }
                 false => Err(format!("no session {handle}")),
             }
         }
         SessionsCommand::PurgeExpired => {
-            let expiry = Expiry { timeout: config.session.timeout, absolute: config.session.absolute_timeout };
-            let deleted = store.delete_expired(crate::session::now(), expiry).await.map_err(|e| e.to_string())?;
+            let expiry = Expiry {
+                timeout: config.session.timeout,
+                absolute: config.session.absolute_timeout,
+            };
+            let deleted = store
+                .delete_expired(crate::session::now(), expiry)
+                .await
+                .map_err(|e| e.to_string())?;
             println!("deleted {deleted} expired session(s)");
             Ok(())
         }
@@ -103,7 +127,11 @@ async fn sessions_with(store: &dyn Store, config: &Config, command: SessionsComm
 }
 
 fn parse_handle(text: &str) -> Result<Handle, String> {
-    Handle::parse(text).ok_or_else(|| format!("{text:?} is not a session handle (64 lowercase hex digits, as `sessions list` prints)"))
+    Handle::parse(text).ok_or_else(|| {
+        format!(
+            "{text:?} is not a session handle (64 lowercase hex digits, as `sessions list` prints)"
+        )
+    })
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for Unix seconds (days-to-civil, proleptic Gregorian).
@@ -119,7 +147,12 @@ fn utc(seconds: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -130,7 +163,9 @@ mod tests {
     fn keys_are_43_base64url_characters_and_differ() {
         let (a, b) = (keygen(), keygen());
         assert_eq!(a.len(), 43);
-        assert!(URL_SAFE_NO_PAD.decode(&a).is_ok_and(|bytes| bytes.len() == 32));
+        assert!(URL_SAFE_NO_PAD
+            .decode(&a)
+            .is_ok_and(|bytes| bytes.len() == 32));
         assert_ne!(a, b);
     }
 
@@ -138,6 +173,6 @@ mod tests {
     fn utc_formats_known_instants() {
         assert_eq!(utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc(1_795_687_713), "2026-11-26T09:28:33Z");
+        assert_eq!(utc(1_795_687_713), "2026-11-26T10:08:33Z");
     }
 }

@@ -1,6 +1,8 @@
 //! The Prometheus metrics of SPEC [7], served by the admin listener.
 
-use prometheus::{Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec, Registry, TextEncoder,
+};
 
 /// Every metric the proxy exports. Cheap to update from the request path:
 /// label values are resolved once, here.
@@ -30,7 +32,10 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            prometheus::Opts::new("session_proxy_requests_total", "Requests received, by path kind"),
+            prometheus::Opts::new(
+                "session_proxy_requests_total",
+                "Requests received, by path kind",
+            ),
             &["path"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
@@ -43,28 +48,42 @@ impl Metrics {
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let store_latency = HistogramVec::new(
-            prometheus::HistogramOpts::new("session_proxy_store_latency_seconds", "Latency of session store operations")
-                .buckets(vec![0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            prometheus::HistogramOpts::new(
+                "session_proxy_store_latency_seconds",
+                "Latency of session store operations",
+            )
+            .buckets(vec![
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 1.0,
+            ]),
             &["op"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let counter = |name: &str, help: &str| {
-            IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("static metric definition: {e}"))
+            IntCounter::new(name, help)
+                .unwrap_or_else(|e| unreachable!("static metric definition: {e}"))
         };
         let metrics = Metrics {
             requests_session: requests.with_label_values(&["session"]),
             requests_bypass: requests.with_label_values(&["bypass"]),
-            sessions_created: counter("session_proxy_sessions_created_total", "Sessions stored for the first time"),
+            sessions_created: counter(
+                "session_proxy_sessions_created_total",
+                "Sessions stored for the first time",
+            ),
             forged_cookies: counter(
                 "session_proxy_forged_cookies_total",
                 "Requests whose session cookie was malformed or wrongly signed",
             ),
-            store_errors: counter("session_proxy_store_errors_total", "Session store operations that failed"),
+            store_errors: counter(
+                "session_proxy_store_errors_total",
+                "Session store operations that failed",
+            ),
             invalid_updates: counter(
                 "session_proxy_invalid_updates_total",
                 "Upstream responses refused for an invalid session update or action",
             ),
-            latency_by_op: ["load", "save", "delete"].map(|op| store_latency.with_label_values(&[op])),
+            latency_by_op: ["load", "save", "delete"]
+                .map(|op| store_latency.with_label_values(&[op])),
             expired,
             store_latency,
             registry,

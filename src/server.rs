@@ -22,8 +22,13 @@ use crate::store::{self, Expiry, Store};
 /// Runs the proxy until SIGTERM or SIGINT; exits the process when drained.
 pub fn run(config: Config) -> Result<(), String> {
     let store_runtime = store_runtime()?;
-    let store = store_runtime.block_on(store::open(&config.store)).map_err(|e| e.to_string())?;
-    let expiry = Expiry { timeout: config.session.timeout, absolute: config.session.absolute_timeout };
+    let store = store_runtime
+        .block_on(store::open(&config.store))
+        .map_err(|e| e.to_string())?;
+    let expiry = Expiry {
+        timeout: config.session.timeout,
+        absolute: config.session.absolute_timeout,
+    };
     store_runtime.spawn(store::sweep_forever(
         store.clone(),
         expiry,
@@ -46,11 +51,14 @@ pub fn run(config: Config) -> Result<(), String> {
     let pingora_conf = server.configuration.clone();
 
     if config.server.tls.is_some() {
-        return Err("server.tls_cert/tls_key: TLS listeners are not supported by this build yet; \
+        return Err(
+            "server.tls_cert/tls_key: TLS listeners are not supported by this build yet; \
                     terminate TLS in front of the proxy and leave both keys empty"
-            .into());
+                .into(),
+        );
     }
-    let mut proxy_service = pingora::proxy::http_proxy_service_with_name(&pingora_conf, proxy, "session-proxy");
+    let mut proxy_service =
+        pingora::proxy::http_proxy_service_with_name(&pingora_conf, proxy, "session-proxy");
     for address in &config.server.listen {
         proxy_service.add_tcp(&address.to_string());
     }
@@ -70,8 +78,13 @@ pub fn run(config: Config) -> Result<(), String> {
         "session-proxy listening on {:?}, upstream {:?}, {:?} store",
         config.server.listen, config.upstream.addresses, config.store.kind
     );
-    let drain = DrainOnSignal { in_flight, grace: Duration::from_secs(config.server.grace_period) };
-    server.run(RunArgs { shutdown_signal: Box::new(drain) });
+    let drain = DrainOnSignal {
+        in_flight,
+        grace: Duration::from_secs(config.server.grace_period),
+    };
+    server.run(RunArgs {
+        shutdown_signal: Box::new(drain),
+    });
     // pingora returns only after its own backstop grace period.
     drop(store_runtime);
     Ok(())
@@ -100,9 +113,10 @@ struct DrainOnSignal {
 #[async_trait]
 impl ShutdownSignalWatch for DrainOnSignal {
     async fn recv(&self) -> ShutdownSignal {
-        let (Ok(mut terminate), Ok(mut interrupt)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let (Ok(mut terminate), Ok(mut interrupt)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             warn!("cannot watch SIGTERM/SIGINT; stop the proxy with SIGKILL");
             return std::future::pending().await;
         };
@@ -135,7 +149,9 @@ impl ShutdownSignalWatch for DrainOnSignal {
 pub fn check_store(config: &Config) -> Result<(), String> {
     let runtime = store_runtime()?;
     runtime.block_on(async {
-        let store: Arc<dyn Store> = store::open(&config.store).await.map_err(|e| e.to_string())?;
+        let store: Arc<dyn Store> = store::open(&config.store)
+            .await
+            .map_err(|e| e.to_string())?;
         store.ping().await.map_err(|e| e.to_string())
     })
 }

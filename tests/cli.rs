@@ -18,7 +18,11 @@ fn keygen_prints_a_fresh_43_character_base64url_secret() {
     assert!(a.status.success());
     let key = stdout(&a).trim().to_string();
     assert_eq!(key.len(), 43);
-    assert!(key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'), "{key}");
+    assert!(
+        key.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
+        "{key}"
+    );
     assert_ne!(key, stdout(&b).trim());
 }
 
@@ -59,7 +63,10 @@ fn run_with_an_invalid_config_exits_2_and_listens_nowhere() {
     assert_eq!(output.status.code(), Some(2));
     let message = stderr(&output);
     assert!(message.contains("keygen"), "{message}");
-    assert!(!message.contains("too short"), "a secret is never printed: {message}");
+    assert!(
+        !message.contains("too short"),
+        "a secret is never printed: {message}"
+    );
     assert!(std::net::TcpStream::connect(("127.0.0.1", config.port)).is_err());
 }
 
@@ -68,7 +75,10 @@ fn the_secret_can_come_from_the_environment() {
     let mut config = ProxyConfig::new(free_port());
     config.session = vec![];
     let path = config.write();
-    let output = run_cli(&["check", "-c", path.to_str().unwrap()], &[("SESSION_PROXY_SECRET_KEYS", KEY)]);
+    let output = run_cli(
+        &["check", "-c", path.to_str().unwrap()],
+        &[("SESSION_PROXY_SECRET_KEYS", KEY)],
+    );
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let without = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
     assert_eq!(without.status.code(), Some(2));
@@ -91,7 +101,11 @@ fn the_config_path_defaults_to_config_session_proxy_toml() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("config/session-proxy.toml"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("config/session-proxy.toml"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -100,7 +114,9 @@ fn sessions_lists_shows_kills_and_purges_stored_sessions() {
     let config = ProxyConfig::new(upstream.port).session("timeout = 100");
     let proxy = config.start();
     let mut browser = Browser::new(proxy.port);
-    let handle = browser.get("/", &[("X-Test-Update", r#"{"secret": "do-not-list"}"#)]).session()["sid"]
+    let handle = browser
+        .get("/", &[("X-Test-Update", r#"{"secret": "do-not-list"}"#)])
+        .session()["sid"]
         .as_str()
         .unwrap()
         .to_string();
@@ -111,7 +127,10 @@ fn sessions_lists_shows_kills_and_purges_stored_sessions() {
     let list = run_cli(&["sessions", "list", "-c", path], &[]);
     assert!(list.status.success(), "{}", stderr(&list));
     assert!(stdout(&list).contains(&handle));
-    assert!(!stdout(&list).contains("do-not-list"), "list never shows data");
+    assert!(
+        !stdout(&list).contains("do-not-list"),
+        "list never shows data"
+    );
 
     let show = run_cli(&["sessions", "show", &handle, "-c", path], &[]);
     assert!(show.status.success());
@@ -119,20 +138,45 @@ fn sessions_lists_shows_kills_and_purges_stored_sessions() {
     assert_eq!(record["data"]["secret"], "do-not-list");
 
     let unknown = "0".repeat(64);
-    assert_eq!(run_cli(&["sessions", "show", &unknown, "-c", path], &[]).status.code(), Some(1));
-    assert_eq!(run_cli(&["sessions", "kill", &unknown, "-c", path], &[]).status.code(), Some(1));
-    assert_eq!(run_cli(&["sessions", "show", "nonsense", "-c", path], &[]).status.code(), Some(1));
+    assert_eq!(
+        run_cli(&["sessions", "show", &unknown, "-c", path], &[])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        run_cli(&["sessions", "kill", &unknown, "-c", path], &[])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        run_cli(&["sessions", "show", "nonsense", "-c", path], &[])
+            .status
+            .code(),
+        Some(1)
+    );
 
-    assert!(run_cli(&["sessions", "kill", &handle, "-c", path], &[]).status.success());
-    assert_eq!(run_cli(&["sessions", "show", &handle, "-c", path], &[]).status.code(), Some(1));
+    assert!(run_cli(&["sessions", "kill", &handle, "-c", path], &[])
+        .status
+        .success());
+    assert_eq!(
+        run_cli(&["sessions", "show", &handle, "-c", path], &[])
+            .status
+            .code(),
+        Some(1)
+    );
 
-    let mut other = Browser::new(config.start().port);
+    let proxy = config.start();
+    let mut other = Browser::new(proxy.port);
     other.get("/", &[("X-Test-Update", r#"{"b": 1}"#)]);
     for file in stored_files(&config.sessions_dir()) {
-        let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         record["atime"] = (record["atime"].as_u64().unwrap() - 101).into();
         std::fs::write(&file, serde_json::to_vec(&record).unwrap()).unwrap();
     }
+    drop(proxy);
     let purge = run_cli(&["sessions", "purge-expired", "-c", path], &[]);
     assert!(stdout(&purge).contains("deleted 1"), "{}", stdout(&purge));
     assert!(stored_files(&config.sessions_dir()).is_empty());

@@ -8,14 +8,18 @@ use std::time::{Duration, Instant};
 use support::*;
 
 fn records(config: &ProxyConfig) -> Vec<String> {
-    let mut files: Vec<String> =
-        stored_files(&config.sessions_dir()).iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
+    let mut files: Vec<String> = stored_files(&config.sessions_dir())
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
     files.sort();
     files
 }
 
 /// A proxy with one stored session `{"a": 1}`.
-fn with_session(configure: impl FnOnce(ProxyConfig) -> ProxyConfig) -> (Process, Process, ProxyConfig, Browser) {
+fn with_session(
+    configure: impl FnOnce(ProxyConfig) -> ProxyConfig,
+) -> (Process, Process, ProxyConfig, Browser) {
     let upstream = start_upstream();
     let config = configure(ProxyConfig::new(upstream.port));
     let proxy = config.start();
@@ -27,27 +31,43 @@ fn with_session(configure: impl FnOnce(ProxyConfig) -> ProxyConfig) -> (Process,
 
 #[test]
 fn an_invalid_update_is_a_502_and_leaves_the_session_unchanged() {
-    let (_upstream, _proxy, config, mut browser) = with_session(|c| c.session("max_data_bytes = 64"));
+    let (_upstream, _proxy, config, mut browser) =
+        with_session(|c| c.session("max_data_bytes = 64"));
     let before = records(&config);
     let bad: Vec<Vec<(&str, &str)>> = vec![
         vec![("X-Test-Update", "not json")],
         vec![("X-Test-Update", "[1, 2]")],
         vec![("X-Test-Update", "42")],
-        vec![("X-Test-Update", r#"{"big": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#)],
-        vec![("X-Test-Update", r#"{"a": 2}"#), ("X-Test-Update", r#"{"b": 2}"#)],
+        vec![(
+            "X-Test-Update",
+            r#"{"big": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#,
+        )],
+        vec![
+            ("X-Test-Update", r#"{"a": 2}"#),
+            ("X-Test-Update", r#"{"b": 2}"#),
+        ],
         vec![("X-Test-Action", "destroy")],
         vec![("X-Test-Action", "kill"), ("X-Test-Action", "kill")],
-        vec![("X-Test-Update", r#"{"a": 2}"#), ("X-Test-Action", "explode")],
+        vec![
+            ("X-Test-Update", r#"{"a": 2}"#),
+            ("X-Test-Action", "explode"),
+        ],
     ];
     for headers in bad {
         let response = browser.get("/", &headers);
         assert_eq!(response.status, 502, "{headers:?}");
         assert_eq!(response.text(), "invalid session update from upstream");
-        assert!(response.header("content-type").unwrap().starts_with("text/plain"));
+        assert!(response
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain"));
         assert!(response.headers_named("set-cookie").is_empty());
         assert_eq!(records(&config), before, "{headers:?} changed the session");
     }
-    assert_eq!(browser.get("/", &[]).session()["data"], serde_json::json!({"a": 1}));
+    assert_eq!(
+        browser.get("/", &[]).session()["data"],
+        serde_json::json!({"a": 1})
+    );
 }
 
 #[test]
@@ -90,7 +110,10 @@ fn an_upstream_that_hangs_is_a_504() {
     });
     let before = records(&config);
     let started = Instant::now();
-    let response = browser.get("/", &[("X-Test-Fault", "hang"), ("X-Test-Update", r#"{"a": 9}"#)]);
+    let response = browser.get(
+        "/",
+        &[("X-Test-Fault", "hang"), ("X-Test-Update", r#"{"a": 9}"#)],
+    );
     assert_eq!(response.status, 504);
     assert_eq!(response.text(), "upstream timed out");
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -102,7 +125,10 @@ fn an_upstream_that_resets_or_talks_garbage_is_a_502() {
     let (_upstream, _proxy, config, mut browser) = with_session(|c| c);
     let before = records(&config);
     for fault in ["reset", "garbage"] {
-        let response = browser.get("/", &[("X-Test-Fault", fault), ("X-Test-Update", r#"{"a": 9}"#)]);
+        let response = browser.get(
+            "/",
+            &[("X-Test-Fault", fault), ("X-Test-Update", r#"{"a": 9}"#)],
+        );
         assert_eq!(response.status, 502, "{fault}");
         assert_eq!(records(&config), before, "{fault}");
     }
@@ -119,14 +145,21 @@ fn a_store_that_fails_is_a_503_and_healthz_says_so() {
     std::fs::rename(&dir, &kept).unwrap();
     std::fs::write(&dir, b"not a directory").unwrap();
     let response = browser.get("/", &[]);
-    assert_eq!((response.status, response.text().as_str()), (503, "session store unavailable"));
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (503, "session store unavailable")
+    );
     let fresh = get(proxy.port, "/", &[("X-Test-Update", r#"{"n": 1}"#)]);
     assert_eq!(fresh.status, 503, "a new session cannot be stored either");
     assert!(fresh.headers_named("set-cookie").is_empty());
     assert_eq!(get(admin, "/healthz", &[]).status, 503);
     std::fs::remove_file(&dir).unwrap();
     std::fs::rename(&kept, &dir).unwrap();
-    assert_eq!(browser.get("/", &[]).session()["data"], serde_json::json!({"a": 1}), "back without a restart");
+    assert_eq!(
+        browser.get("/", &[]).session()["data"],
+        serde_json::json!({"a": 1}),
+        "back without a restart"
+    );
     assert_eq!(get(admin, "/healthz", &[]).status, 200);
 }
 
@@ -160,7 +193,11 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     assert_eq!(slow.join().unwrap(), 200, "the in-flight request finished");
     let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
-    assert!(started.elapsed() < Duration::from_secs(4), "exited once drained: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "exited once drained: {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -172,7 +209,11 @@ fn sigterm_when_idle_exits_at_once() {
     unsafe_kill(proxy.child.id(), "TERM");
     let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -189,11 +230,18 @@ fn the_grace_period_bounds_the_wait() {
     unsafe_kill(proxy.child.id(), "TERM");
     let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 fn unsafe_kill(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 

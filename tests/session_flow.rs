@@ -17,7 +17,11 @@ fn setup(configure: impl FnOnce(ProxyConfig) -> ProxyConfig) -> Setup {
     let upstream = start_upstream();
     let config = configure(ProxyConfig::new(upstream.port));
     let proxy = config.start();
-    Setup { _upstream: upstream, proxy, config }
+    Setup {
+        _upstream: upstream,
+        proxy,
+        config,
+    }
 }
 
 impl Setup {
@@ -47,7 +51,10 @@ fn the_seed_counter_counts_and_starts_over_after_reset() {
         .spawn()
         .unwrap();
     wait_listening(port, &mut counter);
-    let _counter = Process { child: counter, port };
+    let _counter = Process {
+        child: counter,
+        port,
+    };
     let config = ProxyConfig::new(port).session("initializer = { count = 0 }");
     let proxy = config.start();
     let mut browser = Browser::new(proxy.port);
@@ -71,19 +78,31 @@ fn the_counter_app_refuses_requests_that_bypass_the_proxy() {
         .spawn()
         .unwrap();
     wait_listening(port, &mut counter);
-    let _counter = Process { child: counter, port };
-    assert_eq!(get(port, "/count", &[("X-Session", "e30.e30.forged")]).status, 401);
+    let _counter = Process {
+        child: counter,
+        port,
+    };
+    assert_eq!(
+        get(port, "/count", &[("X-Session", "e30.e30.forged")]).status,
+        401
+    );
 }
 
 #[test]
 fn a_new_session_carries_the_initializer_and_is_flagged_new() {
     let s = setup(|c| c.session("initializer = { count = 0, prefs = { lang = \"fr\" } }"));
     let claims = get(s.port(), "/", &[]).session();
-    assert_eq!(claims["data"], serde_json::json!({"count": 0, "prefs": {"lang": "fr"}}));
+    assert_eq!(
+        claims["data"],
+        serde_json::json!({"count": 0, "prefs": {"lang": "fr"}})
+    );
     assert_eq!(claims["new"], true);
     assert_eq!(claims["ver"], 0);
     assert_eq!(claims["sid"].as_str().unwrap().len(), 64);
-    let (iat, exp) = (claims["iat"].as_u64().unwrap(), claims["exp"].as_u64().unwrap());
+    let (iat, exp) = (
+        claims["iat"].as_u64().unwrap(),
+        claims["exp"].as_u64().unwrap(),
+    );
     assert_eq!(exp - iat, 60, "token_ttl defaults to 60");
 }
 
@@ -98,7 +117,10 @@ fn a_new_session_without_changes_is_not_stored_and_gets_no_cookie() {
 
 #[test]
 fn save_uninitialized_stores_a_new_session_and_sets_its_cookie() {
-    let s = setup(|c| c.session("save_uninitialized = true").session("initializer = { a = 1 }"));
+    let s = setup(|c| {
+        c.session("save_uninitialized = true")
+            .session("initializer = { a = 1 }")
+    });
     let mut browser = s.browser();
     browser.get("/", &[]);
     assert!(browser.cookie.is_some());
@@ -121,7 +143,10 @@ fn an_update_creates_the_session_with_cookie_and_record() {
         response.header("set-cookie").unwrap(),
         format!("session_id={cookie}; Path=/; HttpOnly; SameSite=Lax")
     );
-    assert_eq!(response.header("cache-control"), Some(r#"no-cache="Set-Cookie""#));
+    assert_eq!(
+        response.header("cache-control"),
+        Some(r#"no-cache="Set-Cookie""#)
+    );
     let records = s.records();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["data"], serde_json::json!({"count": 5}));
@@ -129,7 +154,10 @@ fn an_update_creates_the_session_with_cookie_and_record() {
     assert_eq!(records[0]["ip"], "127.0.0.1");
     let claims = browser.get("/", &[]).session();
     assert_eq!(claims["data"], serde_json::json!({"count": 5}));
-    assert_eq!((claims["new"].clone(), claims["ver"].clone()), (false.into(), 1.into()));
+    assert_eq!(
+        (claims["new"].clone(), claims["ver"].clone()),
+        (false.into(), 1.into())
+    );
 }
 
 #[test]
@@ -141,11 +169,21 @@ fn the_record_file_is_named_by_the_handle_and_never_holds_the_id() {
     let id = cookie.split('.').next().unwrap();
     let handle = {
         use sha2::Digest;
-        sha2::Sha256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>()
+        sha2::Sha256::digest(id.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     };
-    assert_eq!(response.session()["sid"], handle, "the token's sid is the handle");
+    assert_eq!(
+        response.session()["sid"],
+        handle,
+        "the token's sid is the handle"
+    );
     let files = stored_files(&s.config.sessions_dir());
-    assert_eq!(files, vec![s.config.sessions_dir().join(format!("{handle}.json"))]);
+    assert_eq!(
+        files,
+        vec![s.config.sessions_dir().join(format!("{handle}.json"))]
+    );
     let text = std::fs::read_to_string(&files[0]).unwrap();
     assert!(!text.contains(id), "the raw id is never stored");
 }
@@ -154,10 +192,22 @@ fn the_record_file_is_named_by_the_handle_and_never_holds_the_id() {
 fn merge_patches_apply_in_turn_and_null_deletes() {
     let s = setup(|c| c);
     let mut browser = s.browser();
-    browser.get("/", &[("X-Test-Update", r#"{"a": 1, "b": {"c": 2, "d": 3}}"#)]);
-    browser.get("/", &[("X-Test-Update", r#"{"a": null, "b": {"c": null, "e": 4}, "f": [1]}"#)]);
+    browser.get(
+        "/",
+        &[("X-Test-Update", r#"{"a": 1, "b": {"c": 2, "d": 3}}"#)],
+    );
+    browser.get(
+        "/",
+        &[(
+            "X-Test-Update",
+            r#"{"a": null, "b": {"c": null, "e": 4}, "f": [1]}"#,
+        )],
+    );
     let claims = browser.get("/", &[]).session();
-    assert_eq!(claims["data"], serde_json::json!({"b": {"d": 3, "e": 4}, "f": [1]}));
+    assert_eq!(
+        claims["data"],
+        serde_json::json!({"b": {"d": 3, "e": 4}, "f": [1]})
+    );
     assert_eq!(claims["ver"], 2);
 }
 
@@ -168,10 +218,17 @@ fn kill_deletes_the_record_and_clears_the_cookie() {
     browser.get("/", &[("X-Test-Update", r#"{"a": 1}"#)]);
     let old = browser.cookie.clone().unwrap();
     let response = browser.get("/", &[("X-Test-Action", "kill")]);
-    assert_eq!(response.header("set-cookie").unwrap(), "session_id=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax");
+    assert_eq!(
+        response.header("set-cookie").unwrap(),
+        "session_id=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax"
+    );
     assert!(s.records().is_empty());
     let again = get(s.port(), "/", &[("Cookie", &format!("session_id={old}"))]);
-    assert_eq!(again.session()["new"], true, "a killed session's cookie starts a new session");
+    assert_eq!(
+        again.session()["new"],
+        true,
+        "a killed session's cookie starts a new session"
+    );
 }
 
 #[test]
@@ -181,12 +238,21 @@ fn regenerate_moves_the_session_to_a_new_id_and_applies_the_update() {
     browser.get("/", &[("X-Test-Update", r#"{"cart": 3}"#)]);
     let old = browser.cookie.clone().unwrap();
     let old_sid = browser.get("/", &[]).session()["sid"].clone();
-    browser.get("/", &[("X-Test-Action", "regenerate"), ("X-Test-Update", r#"{"user": "ann"}"#)]);
+    browser.get(
+        "/",
+        &[
+            ("X-Test-Action", "regenerate"),
+            ("X-Test-Update", r#"{"user": "ann"}"#),
+        ],
+    );
     let new = browser.cookie.clone().unwrap();
     assert_ne!(old, new);
     let claims = browser.get("/", &[]).session();
     assert_ne!(claims["sid"], old_sid);
-    assert_eq!(claims["data"], serde_json::json!({"cart": 3, "user": "ann"}));
+    assert_eq!(
+        claims["data"],
+        serde_json::json!({"cart": 3, "user": "ann"})
+    );
     assert_eq!(claims["ver"], 2);
     assert_eq!(s.records().len(), 1, "the old record is deleted");
     let replay = get(s.port(), "/", &[("Cookie", &format!("session_id={old}"))]);
@@ -208,7 +274,11 @@ fn a_forged_cookie_is_a_new_session_and_creates_no_file() {
         String::new(),
     ];
     for forged in forgeries {
-        let response = get(s.port(), "/", &[("Cookie", &format!("session_id={forged}"))]);
+        let response = get(
+            s.port(),
+            "/",
+            &[("Cookie", &format!("session_id={forged}"))],
+        );
         assert_eq!(response.status, 200);
         assert_eq!(response.session()["new"], true, "{forged:.40}");
         assert!(response.headers_named("set-cookie").is_empty());
@@ -228,15 +298,30 @@ fn client_sent_session_headers_never_reach_the_upstream() {
     ];
     for path in ["/app", "/static/x"] {
         let seen = get(s.port(), path, &spoofed).upstream_headers();
-        let names: Vec<String> = seen.iter().map(|(n, _)| n.to_ascii_lowercase().replace('_', "-")).collect();
-        assert!(!names.contains(&"x-session-update".to_string()), "{path}: {names:?}");
-        assert!(!names.contains(&"x-session-action".to_string()), "{path}: {names:?}");
-        let tokens: Vec<&(String, String)> = seen.iter().filter(|(n, _)| n.eq_ignore_ascii_case("x-session")).collect();
+        let names: Vec<String> = seen
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase().replace('_', "-"))
+            .collect();
+        assert!(
+            !names.contains(&"x-session-update".to_string()),
+            "{path}: {names:?}"
+        );
+        assert!(
+            !names.contains(&"x-session-action".to_string()),
+            "{path}: {names:?}"
+        );
+        let tokens: Vec<&(String, String)> = seen
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("x-session"))
+            .collect();
         match path {
             "/app" => assert!(tokens.len() == 1 && tokens[0].1 != "forged", "{tokens:?}"),
             _ => assert!(tokens.is_empty(), "bypassed paths get no token: {tokens:?}"),
         }
-        assert!(!seen.iter().any(|(n, _)| n.contains('_')), "{path}: {seen:?}");
+        assert!(
+            !seen.iter().any(|(n, _)| n.contains('_')),
+            "{path}: {seen:?}"
+        );
     }
 }
 
@@ -244,7 +329,14 @@ fn client_sent_session_headers_never_reach_the_upstream() {
 fn upstream_session_headers_never_reach_the_client() {
     let s = setup(|c| c.session("bypass = [\"/static/\"]"));
     for path in ["/app", "/static/x"] {
-        let response = get(s.port(), path, &[("X-Test-Update", r#"{"a":1}"#), ("X-Test-Action", "regenerate")]);
+        let response = get(
+            s.port(),
+            path,
+            &[
+                ("X-Test-Update", r#"{"a":1}"#),
+                ("X-Test-Action", "regenerate"),
+            ],
+        );
         assert_eq!(response.status, 200);
         assert!(response.header("x-session-update").is_none(), "{path}");
         assert!(response.header("x-session-action").is_none(), "{path}");
@@ -253,15 +345,32 @@ fn upstream_session_headers_never_reach_the_client() {
 
 #[test]
 fn a_bypassed_path_gets_no_session_work_but_loses_the_session_cookie() {
-    let s = setup(|c| c.session("bypass = [\"/static/\"]").session("save_uninitialized = true"));
+    let s = setup(|c| {
+        c.session("bypass = [\"/static/\"]")
+            .session("save_uninitialized = true")
+    });
     let mut browser = s.browser();
     browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
-    let cookie = format!("theme=dark; session_id={}; lang=en", browser.cookie.clone().unwrap());
-    let response = get(s.port(), "/static/app.css", &[("Cookie", &cookie), ("X-Test-Action", "kill")]);
+    let cookie = format!(
+        "theme=dark; session_id={}; lang=en",
+        browser.cookie.clone().unwrap()
+    );
+    let response = get(
+        s.port(),
+        "/static/app.css",
+        &[("Cookie", &cookie), ("X-Test-Action", "kill")],
+    );
     assert!(response.session().is_null());
     assert!(response.headers_named("set-cookie").is_empty());
-    assert_eq!(response.upstream_header("cookie").as_deref(), Some("theme=dark; lang=en"));
-    assert_eq!(s.records().len(), 1, "the ignored kill did not delete the session");
+    assert_eq!(
+        response.upstream_header("cookie").as_deref(),
+        Some("theme=dark; lang=en")
+    );
+    assert_eq!(
+        s.records().len(),
+        1,
+        "the ignored kill did not delete the session"
+    );
 }
 
 #[test]
@@ -274,21 +383,41 @@ fn the_session_cookie_is_removed_from_the_upstream_cookie_header() {
         s.port(),
         "GET",
         "/",
-        &[("Cookie", &format!("a=1; session_id={value}")), ("Cookie", "b=2")],
+        &[
+            ("Cookie", &format!("a=1; session_id={value}")),
+            ("Cookie", "b=2"),
+        ],
     );
-    assert_eq!(response.session()["new"], false, "several Cookie headers are one list");
-    assert_eq!(response.upstream_header("cookie").as_deref(), Some("a=1; b=2"));
+    assert_eq!(
+        response.session()["new"],
+        false,
+        "several Cookie headers are one list"
+    );
+    assert_eq!(
+        response.upstream_header("cookie").as_deref(),
+        Some("a=1; b=2")
+    );
     let only = get(s.port(), "/", &[("Cookie", &format!("session_id={value}"))]);
-    assert_eq!(only.upstream_header("cookie"), None, "an emptied Cookie header is dropped");
+    assert_eq!(
+        only.upstream_header("cookie"),
+        None,
+        "an emptied Cookie header is dropped"
+    );
 }
 
 #[test]
 fn the_token_verifies_with_pyjwt() {
     let s = setup(|c| c.session("initializer = { count = 0 }"));
-    let token = get(s.port(), "/", &[]).upstream_header("x-session").unwrap();
+    let token = get(s.port(), "/", &[])
+        .upstream_header("x-session")
+        .unwrap();
     let python = std::env::var("SESSION_PROXY_TEST_PYTHON").unwrap_or_else(|_| {
         let venv = repo_root().join(".venv/bin/python");
-        if venv.exists() { venv.display().to_string() } else { "python3".into() }
+        if venv.exists() {
+            venv.display().to_string()
+        } else {
+            "python3".into()
+        }
     });
     let output = Command::new(&python)
         .arg(repo_root().join("tests/support/jwt_check.py"))
@@ -297,17 +426,30 @@ fn the_token_verifies_with_pyjwt() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     if output.status.code() == Some(3) {
-        assert!(std::env::var("SESSION_PROXY_REQUIRE_SERVICES").as_deref() != Ok("1"), "PyJWT missing in {python}");
+        assert!(
+            std::env::var("SESSION_PROXY_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "PyJWT missing in {python}"
+        );
         eprintln!("\n!!! SKIPPED the_token_verifies_with_pyjwt: PyJWT is not installed for {python} (make a .venv with PyJWT) !!!\n");
         return;
     }
-    assert!(output.status.success(), "PyJWT refused the token: {stdout} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "PyJWT refused the token: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let kid = {
         use sha2::Digest;
-        sha2::Sha256::digest(KEY.as_bytes())[..4].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        sha2::Sha256::digest(KEY.as_bytes())[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     };
     assert!(stdout.contains(&format!("kid {kid}")), "{stdout}");
-    assert!(stdout.contains("\"count\": 0") || stdout.contains("\"count\":0"), "{stdout}");
+    assert!(
+        stdout.contains("\"count\": 0") || stdout.contains("\"count\":0"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -324,13 +466,21 @@ fn old_cookies_stay_valid_while_their_key_is_listed() {
     let proxy = config.start();
     browser.port = proxy.port;
     let claims = browser.get("/", &[]).session();
-    assert_eq!(claims["data"], serde_json::json!({"who": "old"}), "the old key still verifies");
+    assert_eq!(
+        claims["data"],
+        serde_json::json!({"who": "old"}),
+        "the old key still verifies"
+    );
     drop(proxy);
 
     config.session[0] = format!("secret_keys = [{KEY:?}]");
     let proxy = config.start();
     browser.port = proxy.port;
-    assert_eq!(browser.get("/", &[]).session()["new"], true, "an unlisted key no longer verifies");
+    assert_eq!(
+        browser.get("/", &[]).session()["new"],
+        true,
+        "an unlisted key no longer verifies"
+    );
 }
 
 #[test]
@@ -352,7 +502,14 @@ fn head_requests_and_request_bodies_pass_through() {
     let s = setup(|c| c);
     let head = request(s.port(), "HEAD", "/", &[]);
     assert_eq!(head.status, 200);
-    let posted = try_request(s.port(), "POST", "/form", &[("Content-Type", "text/plain")], b"hello body").unwrap();
+    let posted = try_request(
+        s.port(),
+        "POST",
+        "/form",
+        &[("Content-Type", "text/plain")],
+        b"hello body",
+    )
+    .unwrap();
     assert_eq!(posted.json()["body"], "hello body");
     assert_eq!(posted.json()["method"], "POST");
 }

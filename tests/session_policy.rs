@@ -17,7 +17,8 @@ fn record_files(config: &ProxyConfig) -> Vec<serde_json::Value> {
 /// Rewrites every stored record's times, as if `seconds` had passed.
 fn age_records(config: &ProxyConfig, seconds: u64) {
     for path in stored_files(&config.sessions_dir()) {
-        let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         for field in ["atime", "created"] {
             record[field] = (record[field].as_u64().unwrap() - seconds).into();
         }
@@ -42,8 +43,14 @@ fn an_expired_session_gets_the_configured_answer_and_the_upstream_is_not_called(
     let response = browser.get("/", &[]);
     assert_eq!(response.status, 440);
     assert_eq!(response.text(), "Votre session a expiré");
-    assert!(response.header("content-type").unwrap().starts_with("text/plain"));
-    assert!(response.header("set-cookie").unwrap().contains("Max-Age=0"), "the cookie is cleared");
+    assert!(response
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+    assert!(
+        response.header("set-cookie").unwrap().contains("Max-Age=0"),
+        "the cookie is cleared"
+    );
     assert_eq!(upstream.count(), 1, "the upstream was not called");
 }
 
@@ -58,7 +65,10 @@ fn a_missing_record_with_ignore_expiry_false_gets_the_expired_answer() {
         std::fs::remove_file(path).unwrap();
     }
     let response = browser.get("/", &[]);
-    assert_eq!((response.status, response.text().as_str()), (200, "Session expired"));
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (200, "Session expired")
+    );
     assert_eq!(upstream.count(), 1);
 }
 
@@ -87,7 +97,8 @@ fn the_absolute_timeout_ends_a_busy_session() {
     browser.get("/", &[]);
     // Created 51 s ago but used just now.
     for path in stored_files(&config.sessions_dir()) {
-        let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         record["created"] = (record["created"].as_u64().unwrap() - 51).into();
         std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
     }
@@ -104,13 +115,29 @@ fn a_session_used_from_another_ip_is_refused_and_left_alone() {
     let mut browser = Browser::new(proxy.port);
     browser.get("/", &[("X-Forwarded-For", "203.0.113.7")]);
     let cookie = browser.cookie.clone().unwrap();
+    assert_eq!(
+        browser
+            .get("/", &[("X-Forwarded-For", "203.0.113.7")])
+            .status,
+        200
+    );
     let before = record_files(&config);
     assert_eq!(before[0]["ip"], "203.0.113.7");
-    assert_eq!(browser.get("/", &[("X-Forwarded-For", "203.0.113.7")]).status, 200);
-    let other = get(proxy.port, "/", &[("X-Forwarded-For", "198.51.100.9"), ("Cookie", &format!("session_id={cookie}"))]);
+    let other = get(
+        proxy.port,
+        "/",
+        &[
+            ("X-Forwarded-For", "198.51.100.9"),
+            ("Cookie", &format!("session_id={cookie}")),
+        ],
+    );
     assert_eq!(other.text(), "Session expired");
     assert_eq!(upstream.count(), 2);
-    assert_eq!(record_files(&config), before, "the stored record is left alone");
+    assert_eq!(
+        record_files(&config),
+        before,
+        "the stored record is left alone"
+    );
 }
 
 #[test]
@@ -121,7 +148,12 @@ fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     let mut browser = Browser::new(proxy.port);
     browser.get("/", &[("X-Forwarded-For", "203.0.113.7")]);
     assert_eq!(record_files(&config)[0]["ip"], "127.0.0.1");
-    assert_eq!(browser.get("/", &[("X-Forwarded-For", "198.51.100.9")]).status, 200);
+    assert_eq!(
+        browser
+            .get("/", &[("X-Forwarded-For", "198.51.100.9")])
+            .status,
+        200
+    );
 }
 
 #[test]
@@ -134,10 +166,17 @@ fn the_access_time_is_written_only_after_touch_interval_and_keeps_ver() {
     age_records(&config, 30);
     let aged = record_files(&config)[0].clone();
     assert!(browser.get("/", &[]).headers_named("set-cookie").is_empty());
-    assert_eq!(record_files(&config)[0], aged, "younger than touch_interval (60 s): untouched");
+    assert_eq!(
+        record_files(&config)[0],
+        aged,
+        "younger than touch_interval (60 s): untouched"
+    );
     age_records(&config, 31);
     let response = browser.get("/", &[]);
-    assert!(response.headers_named("set-cookie").is_empty(), "a browser-session cookie is not re-sent");
+    assert!(
+        response.headers_named("set-cookie").is_empty(),
+        "a browser-session cookie is not re-sent"
+    );
     let touched = record_files(&config)[0].clone();
     assert!(touched["atime"].as_u64().unwrap() >= aged["atime"].as_u64().unwrap() + 30);
     assert_eq!(touched["ver"], 1, "a touch leaves ver alone");
@@ -167,20 +206,46 @@ fn with_cookie_max_age_the_cookie_is_re_sent_when_the_session_is_touched() {
 #[test]
 fn the_upstream_cache_control_private_or_no_store_is_kept_as_is() {
     let upstream = start_upstream();
-    let proxy = ProxyConfig::new(upstream.port).start();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
     for directive in ["private", "no-store, max-age=0"] {
-        let response = get(proxy.port, "/", &[("X-Test-Update", r#"{"a":1}"#), ("X-Test-Cache-Control", directive)]);
+        let response = get(
+            proxy.port,
+            "/",
+            &[
+                ("X-Test-Update", r#"{"a":1}"#),
+                ("X-Test-Cache-Control", directive),
+            ],
+        );
         assert_eq!(response.headers_named("cache-control"), vec![directive]);
     }
-    let public = get(proxy.port, "/", &[("X-Test-Update", r#"{"a":1}"#), ("X-Test-Cache-Control", "max-age=60")]);
-    assert_eq!(public.headers_named("cache-control"), vec!["max-age=60", r#"no-cache="Set-Cookie""#]);
+    let public = get(
+        proxy.port,
+        "/",
+        &[
+            ("X-Test-Update", r#"{"a":1}"#),
+            ("X-Test-Cache-Control", "max-age=60"),
+        ],
+    );
+    assert_eq!(
+        public.headers_named("cache-control"),
+        vec!["max-age=60", r#"no-cache="Set-Cookie""#]
+    );
 }
 
 #[test]
 fn upstream_cookies_are_passed_to_the_client_next_to_ours() {
     let upstream = start_upstream();
-    let proxy = ProxyConfig::new(upstream.port).start();
-    let response = get(proxy.port, "/", &[("X-Test-Update", r#"{"a":1}"#), ("X-Test-Set-Cookie", "theme=dark")]);
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let response = get(
+        proxy.port,
+        "/",
+        &[
+            ("X-Test-Update", r#"{"a":1}"#),
+            ("X-Test-Set-Cookie", "theme=dark"),
+        ],
+    );
     let cookies = response.headers_named("set-cookie");
     assert_eq!(cookies.len(), 2);
     assert!(cookies.contains(&"theme=dark"));
@@ -192,7 +257,12 @@ fn increments(port: u16, cookie: &str, count: usize) -> Vec<u16> {
             let cookie = format!("session_id={cookie}");
             std::thread::spawn(move || {
                 // read-modify-write in the app: /count reads count and writes count + 1
-                get(port, "/count", &[("Cookie", &cookie), ("X-Test-Sleep-Ms", "5")]).status
+                get(
+                    port,
+                    "/count",
+                    &[("Cookie", &cookie), ("X-Test-Sleep-Ms", "5")],
+                )
+                .status
             })
         })
         .collect();
@@ -202,7 +272,8 @@ fn increments(port: u16, cookie: &str, count: usize) -> Vec<u16> {
 #[test]
 fn with_lock_concurrent_read_modify_writes_lose_no_increment() {
     let upstream = start_upstream();
-    let proxy = ProxyConfig::new(upstream.port).session("lock = true").start();
+    let config = ProxyConfig::new(upstream.port).session("lock = true");
+    let proxy = config.start();
     let mut browser = Browser::new(proxy.port);
     assert_eq!(browser.get("/count", &[]).text(), "1");
     let statuses = increments(proxy.port, browser.cookie.as_ref().unwrap(), 20);
@@ -213,7 +284,8 @@ fn with_lock_concurrent_read_modify_writes_lose_no_increment() {
 #[test]
 fn without_lock_concurrent_writes_of_different_keys_all_survive() {
     let upstream = start_upstream();
-    let proxy = ProxyConfig::new(upstream.port).start();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
     let mut browser = Browser::new(proxy.port);
     browser.get("/", &[("X-Test-Update", r#"{"start": true}"#)]);
     let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
@@ -223,7 +295,12 @@ fn without_lock_concurrent_writes_of_different_keys_all_survive() {
             let port = proxy.port;
             std::thread::spawn(move || {
                 let update = format!(r#"{{"key{i}": {i}}}"#);
-                get(port, "/", &[("Cookie", &cookie), ("X-Test-Update", &update)]).status
+                get(
+                    port,
+                    "/",
+                    &[("Cookie", &cookie), ("X-Test-Update", &update)],
+                )
+                .status
             })
         })
         .collect();
@@ -241,7 +318,9 @@ fn without_lock_concurrent_writes_of_different_keys_all_survive() {
 #[test]
 fn the_sweeper_deletes_expired_records() {
     let upstream = start_upstream();
-    let config = ProxyConfig::new(upstream.port).session("timeout = 100").store("sweep_interval = 1");
+    let config = ProxyConfig::new(upstream.port)
+        .session("timeout = 100")
+        .store("sweep_interval = 1");
     let proxy = config.start();
     let mut browser = Browser::new(proxy.port);
     browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
@@ -250,5 +329,9 @@ fn the_sweeper_deletes_expired_records() {
     assert_eq!(stored_files(&config.sessions_dir()).len(), 2);
     age_records(&config, 101);
     other.get("/", &[("X-Test-Update", r#"{"b":2}"#)]);
-    assert!(eventually(Duration::from_secs(5), || stored_files(&config.sessions_dir()).len() == 1));
+    assert!(eventually(Duration::from_secs(5), || stored_files(
+        &config.sessions_dir()
+    )
+    .len()
+        == 1));
 }

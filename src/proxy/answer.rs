@@ -43,7 +43,9 @@ impl Failure {
         match self {
             Failure::StoreUnavailable => "session store unavailable",
             Failure::InvalidUpdate => "invalid session update from upstream",
-            Failure::SessionBusy => "session busy: an earlier request of this session has not finished",
+            Failure::SessionBusy => {
+                "session busy: an earlier request of this session has not finished"
+            }
             Failure::UpstreamUnreachable => "upstream unreachable",
             Failure::UpstreamTimeout => "upstream timed out",
             Failure::Status(400) => "bad request",
@@ -56,13 +58,17 @@ impl Failure {
     pub fn of_error(e: &Error) -> Failure {
         match (e.esource(), e.etype()) {
             (_, ErrorType::HTTPStatus(code)) => Failure::Status(*code),
-            (ErrorSource::Upstream, ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
-                Failure::UpstreamTimeout
-            }
+            (
+                ErrorSource::Upstream,
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
+            ) => Failure::UpstreamTimeout,
             (ErrorSource::Upstream, _) => Failure::UpstreamUnreachable,
             (
                 ErrorSource::Downstream,
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed | ErrorType::ReadTimedout,
+                ErrorType::ReadError
+                | ErrorType::WriteError
+                | ErrorType::ConnectionClosed
+                | ErrorType::ReadTimedout,
             ) => Failure::ClientGone,
             (ErrorSource::Downstream, _) => Failure::Status(400),
             _ => Failure::Internal,
@@ -87,7 +93,10 @@ async fn respond(session: &mut Session, status: u16, body: Bytes, clear_cookie: 
         }
     }
     let head_only = session.req_header().method == http::Method::HEAD;
-    let written = match session.write_response_header(Box::new(head), head_only).await {
+    let written = match session
+        .write_response_header(Box::new(head), head_only)
+        .await
+    {
         Ok(()) if !head_only => session.write_response_body(Some(body), true).await,
         other => other,
     };
@@ -99,7 +108,13 @@ async fn respond(session: &mut Session, status: u16, body: Bytes, clear_cookie: 
 /// `expired_status` with `expired_message`, and the cookie cleared.
 pub async fn expired(session: &mut Session, settings: &Settings) {
     let clear = set_cookie(&settings.cookie, None);
-    respond(session, settings.expired_status, settings.expired_message.clone(), Some(clear)).await;
+    respond(
+        session,
+        settings.expired_status,
+        settings.expired_message.clone(),
+        Some(clear),
+    )
+    .await;
 }
 
 pub async fn failure(session: &mut Session, failure: Failure) {

@@ -37,7 +37,9 @@ impl SessionProxy {
 
     async fn kill(&self, active: &ActiveSession) -> Result<Option<CookieChange>, Failure> {
         if active.stored.is_some() {
-            self.timed(StoreOp::Delete, self.store.delete(&active.handle)).await.map_err(store_failure)?;
+            self.timed(StoreOp::Delete, self.store.delete(&active.handle))
+                .await
+                .map_err(store_failure)?;
             debug!("session {}: killed", active.handle.short());
         }
         Ok(Some(CookieChange::Clear))
@@ -51,7 +53,10 @@ impl SessionProxy {
         now: u64,
     ) -> Result<Option<CookieChange>, Failure> {
         let latest = match active.stored {
-            Some(_) => self.timed(StoreOp::Load, self.store.load(&active.handle)).await.map_err(store_failure)?,
+            Some(_) => self
+                .timed(StoreOp::Load, self.store.load(&active.handle))
+                .await
+                .map_err(store_failure)?,
             None => None,
         };
         let mut record = latest.unwrap_or_else(|| self.fresh_record(active, now));
@@ -64,12 +69,20 @@ impl SessionProxy {
         let id = SessionId::generate();
         self.put(&id.handle(), record).await?;
         if active.stored.is_some() {
-            self.timed(StoreOp::Delete, self.store.delete(&active.handle)).await.map_err(store_failure)?;
+            self.timed(StoreOp::Delete, self.store.delete(&active.handle))
+                .await
+                .map_err(store_failure)?;
         } else {
             self.metrics.sessions_created.inc();
         }
-        debug!("session {}: regenerated as {}", active.handle.short(), id.handle().short());
-        Ok(Some(CookieChange::Set(self.settings.cookie_signer.sign(&id))))
+        debug!(
+            "session {}: regenerated as {}",
+            active.handle.short(),
+            id.handle().short()
+        );
+        Ok(Some(CookieChange::Set(
+            self.settings.cookie_signer.sign(&id),
+        )))
     }
 
     /// Merges the patch into the latest stored version.
@@ -92,21 +105,35 @@ impl SessionProxy {
                 record.atime = now;
                 Ok(Change::Put(record))
             };
-            let stored = self.timed(StoreOp::Save, self.store.modify(&active.handle, &decide)).await;
+            let stored = self
+                .timed(StoreOp::Save, self.store.modify(&active.handle, &decide))
+                .await;
             match stored.map_err(store_failure)? {
                 Some(_) => {
-                    return Ok(self.settings.cookie.max_age.gt(&0).then(|| self.cookie_for(&active.id)));
+                    return Ok(self
+                        .settings
+                        .cookie
+                        .max_age
+                        .gt(&0)
+                        .then(|| self.cookie_for(&active.id)));
                 }
                 // Killed by another request meanwhile: a killed session must
                 // stay dead, so the update starts a new one under a new id.
-                None => debug!("session {}: gone before its update, starting anew", active.handle.short()),
+                None => debug!(
+                    "session {}: gone before its update, starting anew",
+                    active.handle.short()
+                ),
             }
         }
         let mut record = self.fresh_record(active, now);
         patch::merge(&mut record.data, patch);
         patch::check_size(&record.data, max).map_err(invalid)?;
         record.ver = 1;
-        let id = if active.stored.is_some() { SessionId::generate() } else { active.id.clone() };
+        let id = if active.stored.is_some() {
+            SessionId::generate()
+        } else {
+            active.id.clone()
+        };
         self.put(&id.handle(), record).await?;
         self.metrics.sessions_created.inc();
         Ok(Some(self.cookie_for(&id)))
@@ -114,12 +141,23 @@ impl SessionProxy {
 
     /// No change: touch an existing session now and then; store a new one
     /// only with `save_uninitialized`.
-    async fn keep(&self, active: &ActiveSession, now: u64) -> Result<Option<CookieChange>, Failure> {
+    async fn keep(
+        &self,
+        active: &ActiveSession,
+        now: u64,
+    ) -> Result<Option<CookieChange>, Failure> {
         match &active.stored {
             Some(record) if now.saturating_sub(record.atime) >= self.settings.touch_interval => {
-                self.timed(StoreOp::Save, self.store.touch(&active.handle, now)).await.map_err(store_failure)?;
+                self.timed(StoreOp::Save, self.store.touch(&active.handle, now))
+                    .await
+                    .map_err(store_failure)?;
                 // The browser's expiry slides with the session's.
-                Ok(self.settings.cookie.max_age.gt(&0).then(|| self.cookie_for(&active.id)))
+                Ok(self
+                    .settings
+                    .cookie
+                    .max_age
+                    .gt(&0)
+                    .then(|| self.cookie_for(&active.id)))
             }
             Some(_) => Ok(None),
             None if self.settings.save_uninitialized => {
@@ -136,12 +174,20 @@ impl SessionProxy {
     /// The record a new session starts from: a copy of the initializer.
     fn fresh_record(&self, active: &ActiveSession, now: u64) -> Record {
         let data = self.settings.initializer.clone();
-        Record { data, created: now, atime: now, ip: active.client_ip.clone(), ver: 0 }
+        Record {
+            data,
+            created: now,
+            atime: now,
+            ip: active.client_ip.clone(),
+            ver: 0,
+        }
     }
 
     async fn put(&self, handle: &Handle, record: Record) -> Result<(), Failure> {
         let decide = move |_: Option<&Record>| Ok(Change::Put(record.clone()));
-        self.timed(StoreOp::Save, self.store.modify(handle, &decide)).await.map_err(store_failure)?;
+        self.timed(StoreOp::Save, self.store.modify(handle, &decide))
+            .await
+            .map_err(store_failure)?;
         Ok(())
     }
 

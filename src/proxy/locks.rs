@@ -28,7 +28,11 @@ impl SessionLocks {
     pub async fn acquire(&self, handle: &Handle, wait: Duration) -> Option<SessionLock> {
         let mutex = self.held.entry(handle.clone()).or_default().clone();
         let guard = tokio::time::timeout(wait, mutex.lock_owned()).await.ok();
-        let lock = SessionLock { guard, handle: handle.clone(), held: self.held.clone() };
+        let lock = SessionLock {
+            guard,
+            handle: handle.clone(),
+            held: self.held.clone(),
+        };
         // On timeout `lock` is dropped here and tidies the table as well.
         lock.guard.is_some().then_some(lock)
     }
@@ -47,7 +51,8 @@ impl Drop for SessionLock {
     fn drop(&mut self) {
         drop(self.guard.take());
         // Only the table's own reference left: nobody holds or awaits it.
-        self.held.remove_if(&self.handle, |_, mutex| Arc::strong_count(mutex) == 1);
+        self.held
+            .remove_if(&self.handle, |_, mutex| Arc::strong_count(mutex) == 1);
     }
 }
 
@@ -61,23 +66,38 @@ mod tests {
         let handle = Handle::of_id("a");
         let first = locks.acquire(&handle, Duration::from_secs(1)).await;
         assert!(first.is_some());
-        assert!(locks.acquire(&handle, Duration::from_millis(20)).await.is_none());
+        assert!(locks
+            .acquire(&handle, Duration::from_millis(20))
+            .await
+            .is_none());
         drop(first);
-        assert!(locks.acquire(&handle, Duration::from_millis(20)).await.is_some());
+        assert!(locks
+            .acquire(&handle, Duration::from_millis(20))
+            .await
+            .is_some());
     }
 
     #[tokio::test]
     async fn other_sessions_do_not_wait() {
         let locks = SessionLocks::default();
-        let _a = locks.acquire(&Handle::of_id("a"), Duration::from_secs(1)).await.unwrap();
-        assert!(locks.acquire(&Handle::of_id("b"), Duration::from_millis(20)).await.is_some());
+        let _a = locks
+            .acquire(&Handle::of_id("a"), Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(locks
+            .acquire(&Handle::of_id("b"), Duration::from_millis(20))
+            .await
+            .is_some());
     }
 
     #[tokio::test]
     async fn the_table_empties_when_the_last_holder_leaves() {
         let locks = SessionLocks::default();
         let handle = Handle::of_id("a");
-        let held = locks.acquire(&handle, Duration::from_secs(1)).await.unwrap();
+        let held = locks
+            .acquire(&handle, Duration::from_secs(1))
+            .await
+            .unwrap();
         let timed_out = locks.acquire(&handle, Duration::from_millis(10)).await;
         assert!(timed_out.is_none());
         assert_eq!(locks.len(), 1);

@@ -91,10 +91,15 @@ struct ActiveSession {
 }
 
 impl SessionProxy {
-    pub fn new(config: &Config, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Result<SessionProxy, String> {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<SessionProxy, String> {
         let session = &config.session;
         let header_name = |name: &str| {
-            HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("invalid header name {name:?}: {e}"))
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| format!("invalid header name {name:?}: {e}"))
         };
         let settings = Settings {
             headers: SessionHeaders {
@@ -109,7 +114,10 @@ impl SessionProxy {
                 config.headers.token_ttl,
             ),
             policy: Policy {
-                expiry: crate::store::Expiry { timeout: session.timeout, absolute: session.absolute_timeout },
+                expiry: crate::store::Expiry {
+                    timeout: session.timeout,
+                    absolute: session.absolute_timeout,
+                },
                 check_ip: !session.ignore_change_ip,
             },
             trusted_proxies: config.server.trusted_proxies.clone(),
@@ -123,7 +131,9 @@ impl SessionProxy {
             touch_interval: session.touch_interval,
             // A turn comes at the latest when the request ahead times out upstream.
             lock_wait: session.lock.then(|| {
-                Duration::from_secs(config.upstream.connect_timeout + config.upstream.read_timeout + 1)
+                Duration::from_secs(
+                    config.upstream.connect_timeout + config.upstream.read_timeout + 1,
+                )
             }),
         };
         let peers = config
@@ -131,10 +141,13 @@ impl SessionProxy {
             .addresses
             .iter()
             .map(|address| {
-                let mut peer = HttpPeer::new(*address, config.upstream.tls, config.upstream.sni.clone());
-                peer.options.connection_timeout = Some(Duration::from_secs(config.upstream.connect_timeout));
+                let mut peer =
+                    HttpPeer::new(*address, config.upstream.tls, config.upstream.sni.clone());
+                peer.options.connection_timeout =
+                    Some(Duration::from_secs(config.upstream.connect_timeout));
                 peer.options.read_timeout = Some(Duration::from_secs(config.upstream.read_timeout));
-                peer.options.write_timeout = Some(Duration::from_secs(config.upstream.read_timeout));
+                peer.options.write_timeout =
+                    Some(Duration::from_secs(config.upstream.read_timeout));
                 peer.options.idle_timeout = Some(Duration::from_secs(60));
                 peer
             })
@@ -156,7 +169,10 @@ impl SessionProxy {
     }
 
     fn is_bypassed(&self, path: &str) -> bool {
-        self.settings.bypass.iter().any(|prefix| path.starts_with(prefix.as_str()))
+        self.settings
+            .bypass
+            .iter()
+            .any(|prefix| path.starts_with(prefix.as_str()))
     }
 
     /// Times a store call for the latency histogram and counts its errors.
@@ -167,8 +183,12 @@ impl SessionProxy {
     ) -> Result<T, StoreError> {
         let started = Instant::now();
         let result = call.await;
-        self.metrics.observe_store(op, started.elapsed().as_secs_f64());
-        if matches!(result, Err(StoreError::Unavailable(_)) | Err(StoreError::Corrupt { .. })) {
+        self.metrics
+            .observe_store(op, started.elapsed().as_secs_f64());
+        if matches!(
+            result,
+            Err(StoreError::Unavailable(_)) | Err(StoreError::Corrupt { .. })
+        ) {
             self.metrics.store_errors.inc();
         }
         result
@@ -177,7 +197,12 @@ impl SessionProxy {
     /// A session not stored yet, with a fresh id and a copy of the initializer.
     fn new_session(&self, client_ip: String) -> ActiveSession {
         let id = SessionId::generate();
-        ActiveSession { handle: id.handle(), id, stored: None, client_ip }
+        ActiveSession {
+            handle: id.handle(),
+            id,
+            stored: None,
+            client_ip,
+        }
     }
 
     /// The session of a correctly signed cookie, if it may be used.
@@ -189,12 +214,20 @@ impl SessionProxy {
     ) -> Result<Result<ActiveSession, Expired>, Failure> {
         let handle = id.handle();
         if let Some(wait) = self.settings.lock_wait {
-            ctx._lock = Some(self.locks.acquire(&handle, wait).await.ok_or(Failure::SessionBusy)?);
+            ctx._lock = Some(
+                self.locks
+                    .acquire(&handle, wait)
+                    .await
+                    .ok_or(Failure::SessionBusy)?,
+            );
         }
         let record = match self.timed(StoreOp::Load, self.store.load(&handle)).await {
             Ok(record) => record,
             Err(StoreError::Corrupt { detail, .. }) => {
-                warn!("session {}: stored record unreadable, starting over: {detail}", handle.short());
+                warn!(
+                    "session {}: stored record unreadable, starting over: {detail}",
+                    handle.short()
+                );
                 None
             }
             Err(e) => {
@@ -202,17 +235,30 @@ impl SessionProxy {
                 return Err(Failure::StoreUnavailable);
             }
         };
-        if let Err(expired) = self.settings.policy.judge(record.as_ref(), crate::session::now(), &client_ip) {
+        if let Err(expired) =
+            self.settings
+                .policy
+                .judge(record.as_ref(), crate::session::now(), &client_ip)
+        {
             self.metrics.expired(expired.label());
             debug!("session {}: expired ({})", handle.short(), expired.label());
             return Ok(Err(expired));
         }
-        Ok(Ok(ActiveSession { id, handle, stored: record, client_ip }))
+        Ok(Ok(ActiveSession {
+            id,
+            handle,
+            stored: record,
+            client_ip,
+        }))
     }
 
     /// Resolves the request's session (SPEC [4.3]) and hands it to the
     /// upstream; `Ok(true)` when the proxy has answered itself.
-    async fn begin_session(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool, Failure> {
+    async fn begin_session(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool, Failure> {
         let settings = &self.settings;
         let peer = session
             .client_addr()
@@ -221,12 +267,15 @@ impl SessionProxy {
             .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
         let request = session.req_header_mut();
         let candidates = headers::take_cookie(request, &settings.cookie.name);
-        let verified = candidates.iter().find_map(|value| settings.cookie_signer.verify(value));
+        let verified = candidates
+            .iter()
+            .find_map(|value| settings.cookie_signer.verify(value));
         if verified.is_none() && !candidates.is_empty() {
             self.metrics.forged_cookies.inc();
         }
         let forwarded_for = headers::values(&request.headers, &X_FORWARDED_FOR);
-        let client_ip = policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies).to_string();
+        let client_ip =
+            policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies).to_string();
 
         let active = match verified {
             None => self.new_session(client_ip),
@@ -247,7 +296,10 @@ impl SessionProxy {
             Some(record) => (record.ver, &record.data),
             None => (0, &settings.initializer),
         };
-        let token = settings.token_signer.sign(&active.handle, active.stored.is_none(), ver, now, data);
+        let token =
+            settings
+                .token_signer
+                .sign(&active.handle, active.stored.is_none(), ver, now, data);
         session
             .req_header_mut()
             .insert_header(settings.headers.session.clone(), token)
@@ -274,7 +326,12 @@ impl ProxyHttp for SessionProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        RequestCtx { _in_flight: InFlight(self.in_flight.clone()), session: None, failure: None, _lock: None }
+        RequestCtx {
+            _in_flight: InFlight(self.in_flight.clone()),
+            session: None,
+            failure: None,
+            _lock: None,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -295,9 +352,16 @@ impl ProxyHttp for SessionProxy {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let turn = self.next_peer.fetch_add(1, Ordering::Relaxed);
-        let peer = self.peers.get(turn % self.peers.len().max(1)).ok_or_else(|| Error::new(ErrorType::ConnectNoRoute))?;
+        let peer = self
+            .peers
+            .get(turn % self.peers.len().max(1))
+            .ok_or_else(|| Error::new(ErrorType::ConnectNoRoute))?;
         Ok(Box::new(peer.clone()))
     }
 
@@ -324,7 +388,10 @@ impl ProxyHttp for SessionProxy {
         let outcome = match parsed {
             Ok(instructions) => self.commit(active, instructions).await,
             Err(invalid) => {
-                warn!("session {}: invalid session update from upstream: {invalid}", active.handle.short());
+                warn!(
+                    "session {}: invalid session update from upstream: {invalid}",
+                    active.handle.short()
+                );
                 Err(Failure::InvalidUpdate)
             }
         };
@@ -351,7 +418,12 @@ impl ProxyHttp for SessionProxy {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let failure = ctx.failure.unwrap_or_else(|| Failure::of_error(e));
         let code = match failure {
             Failure::ClientGone => 0,
@@ -360,7 +432,10 @@ impl ProxyHttp for SessionProxy {
                 failure.status()
             }
         };
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 }
 
@@ -369,7 +444,8 @@ fn forbids_shared_caching(response: &ResponseHeader) -> bool {
     response.headers.get_all(CACHE_CONTROL).iter().any(|value| {
         value.as_bytes().split(|&b| b == b',').any(|directive| {
             let directive = directive.trim_ascii();
-            directive.eq_ignore_ascii_case(b"private") || directive.eq_ignore_ascii_case(b"no-store")
+            directive.eq_ignore_ascii_case(b"private")
+                || directive.eq_ignore_ascii_case(b"no-store")
         })
     })
 }

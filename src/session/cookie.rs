@@ -145,7 +145,13 @@ impl CookieSigner {
 pub fn set_cookie(config: &CookieConfig, value: Option<&str>) -> String {
     use std::fmt::Write;
     let mut header = String::with_capacity(160);
-    let _ = write!(header, "{}={}; Path={}", config.name, value.unwrap_or(""), config.path);
+    let _ = write!(
+        header,
+        "{}={}; Path={}",
+        config.name,
+        value.unwrap_or(""),
+        config.path
+    );
     if let Some(domain) = &config.domain {
         let _ = write!(header, "; Domain={domain}");
     }
@@ -188,7 +194,10 @@ mod tests {
     fn generated_ids_are_43_base64url_chars_and_differ() {
         let (a, b) = (SessionId::generate(), SessionId::generate());
         assert_eq!(a.as_str().len(), 43);
-        assert!(a.as_str().bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert!(a
+            .as_str()
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
         assert_ne!(a, b);
     }
 
@@ -206,7 +215,10 @@ mod tests {
         let mut mac = HmacSha256::new_from_slice(KEY_A.as_bytes()).unwrap();
         mac.update(id.as_str().as_bytes());
         let expected = URL_SAFE_NO_PAD.encode(&mac.finalize().into_bytes()[..16]);
-        assert_eq!(signer(&[KEY_A]).sign(&id), format!("{}.{}", id.as_str(), expected));
+        assert_eq!(
+            signer(&[KEY_A]).sign(&id),
+            format!("{}.{}", id.as_str(), expected)
+        );
     }
 
     #[test]
@@ -226,17 +238,26 @@ mod tests {
         let mut flipped = value.clone().into_bytes();
         flipped[3] = if flipped[3] == b'x' { b'y' } else { b'x' };
         let mut bad_tag = value.clone().into_bytes();
-        bad_tag[COOKIE_VALUE_LEN - 2] = if bad_tag[COOKIE_VALUE_LEN - 2] == b'A' { b'B' } else { b'A' };
+        bad_tag[COOKIE_VALUE_LEN - 2] = if bad_tag[COOKIE_VALUE_LEN - 2] == b'A' {
+            b'B'
+        } else {
+            b'A'
+        };
         for candidate in [
             flipped,
             bad_tag,
-            value[..COOKIE_VALUE_LEN - 1].as_bytes().to_vec(),
+            value.as_bytes()[..COOKIE_VALUE_LEN - 1].to_vec(),
             format!("{value}A").into_bytes(),
             value.replace('.', "-").into_bytes(),
             vec![b'.'; COOKIE_VALUE_LEN],
             Vec::new(),
         ] {
-            assert_eq!(signer.verify(&candidate), None, "{:?}", String::from_utf8_lossy(&candidate));
+            assert_eq!(
+                signer.verify(&candidate),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(&candidate)
+            );
         }
     }
 
@@ -271,7 +292,14 @@ mod tests {
             set_cookie(&config, None),
             "sid=; Path=/app; Domain=example.org; Max-Age=0; HttpOnly; Secure; SameSite=Strict"
         );
-        config = CookieConfig { domain: None, max_age: 0, secure: false, httponly: false, samesite: SameSite::Omitted, ..config };
+        config = CookieConfig {
+            domain: None,
+            max_age: 0,
+            secure: false,
+            httponly: false,
+            samesite: SameSite::Omitted,
+            ..config
+        };
         assert_eq!(set_cookie(&config, Some("v")), "sid=v; Path=/app");
     }
 }

@@ -46,7 +46,11 @@ impl Instructions {
     /// `max_data_bytes` bounds the raw update too (a patch that only
     /// deletes can be as long as the data it deletes, plus slack), so a
     /// hostile upstream cannot make the proxy parse megabytes.
-    pub fn parse(updates: &[&[u8]], actions: &[&[u8]], max_data_bytes: usize) -> Result<Instructions, InvalidUpdate> {
+    pub fn parse(
+        updates: &[&[u8]],
+        actions: &[&[u8]],
+        max_data_bytes: usize,
+    ) -> Result<Instructions, InvalidUpdate> {
         if updates.len() > 1 {
             return Err(InvalidUpdate::RepeatedUpdate(updates.len()));
         }
@@ -66,7 +70,10 @@ impl Instructions {
     }
 }
 
-fn parse_patch(raw: &[u8], max_data_bytes: usize) -> Result<Option<Map<String, Value>>, InvalidUpdate> {
+fn parse_patch(
+    raw: &[u8],
+    max_data_bytes: usize,
+) -> Result<Option<Map<String, Value>>, InvalidUpdate> {
     let raw = raw.trim_ascii();
     if raw.is_empty() {
         return Ok(None);
@@ -104,7 +111,9 @@ pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
                 target.remove(key);
             }
             Value::Object(inner) => {
-                let slot = target.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
+                let slot = target
+                    .entry(key.clone())
+                    .or_insert_with(|| Value::Object(Map::new()));
                 if !slot.is_object() {
                     *slot = Value::Object(Map::new());
                 }
@@ -167,14 +176,30 @@ mod tests {
             (json!({"a":"b"}), json!({"a":"c"}), json!({"a":"c"})),
             (json!({"a":"b"}), json!({"b":"c"}), json!({"a":"b","b":"c"})),
             (json!({"a":"b"}), json!({"a":null}), json!({})),
-            (json!({"a":"b","b":"c"}), json!({"a":null}), json!({"b":"c"})),
+            (
+                json!({"a":"b","b":"c"}),
+                json!({"a":null}),
+                json!({"b":"c"}),
+            ),
             (json!({"a":["b"]}), json!({"a":"c"}), json!({"a":"c"})),
             (json!({"a":"c"}), json!({"a":["b"]}), json!({"a":["b"]})),
-            (json!({"a":{"b":"c"}}), json!({"a":{"b":"d","c":null}}), json!({"a":{"b":"d"}})),
+            (
+                json!({"a":{"b":"c"}}),
+                json!({"a":{"b":"d","c":null}}),
+                json!({"a":{"b":"d"}}),
+            ),
             (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
             (json!({"e":null}), json!({"a":1}), json!({"e":null,"a":1})),
-            (json!({}), json!({"a":{"bb":{"ccc":null}}}), json!({"a":{"bb":{}}})),
-            (json!({"a":"foo"}), json!({"a":{"b":"c"}}), json!({"a":{"b":"c"}})),
+            (
+                json!({}),
+                json!({"a":{"bb":{"ccc":null}}}),
+                json!({"a":{"bb":{}}}),
+            ),
+            (
+                json!({"a":"foo"}),
+                json!({"a":{"b":"c"}}),
+                json!({"a":{"b":"c"}}),
+            ),
         ];
         for (target, patch, expected) in cases {
             let mut target = object(target);
@@ -205,15 +230,27 @@ mod tests {
 
     #[test]
     fn repeated_headers_and_unknown_actions_are_refused() {
-        assert_eq!(parse(&["{}", "{}"], &[]), Err(InvalidUpdate::RepeatedUpdate(2)));
-        assert_eq!(parse(&[], &["kill", "kill"]), Err(InvalidUpdate::RepeatedAction(2)));
-        assert!(matches!(parse(&[], &["destroy"]), Err(InvalidUpdate::UnknownAction(_))));
+        assert_eq!(
+            parse(&["{}", "{}"], &[]),
+            Err(InvalidUpdate::RepeatedUpdate(2))
+        );
+        assert_eq!(
+            parse(&[], &["kill", "kill"]),
+            Err(InvalidUpdate::RepeatedAction(2))
+        );
+        assert!(matches!(
+            parse(&[], &["destroy"]),
+            Err(InvalidUpdate::UnknownAction(_))
+        ));
     }
 
     #[test]
     fn an_overlong_update_is_refused_before_parsing() {
         let long = format!(r#"{{"a":"{}"}}"#, "x".repeat(10_000));
-        assert!(matches!(parse(&[&long], &[]), Err(InvalidUpdate::UpdateTooLong(..))));
+        assert!(matches!(
+            parse(&[&long], &[]),
+            Err(InvalidUpdate::UpdateTooLong(..))
+        ));
     }
 
     #[test]
@@ -221,6 +258,9 @@ mod tests {
         let data = object(json!({"a": "bc"}));
         assert_eq!(encoded_len(&data), r#"{"a":"bc"}"#.len());
         assert!(check_size(&data, 10).is_ok());
-        assert_eq!(check_size(&data, 9), Err(InvalidUpdate::DataTooLarge(10, 9)));
+        assert_eq!(
+            check_size(&data, 9),
+            Err(InvalidUpdate::DataTooLarge(10, 9))
+        );
     }
 }

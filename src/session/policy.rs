@@ -68,9 +68,15 @@ pub fn client_ip(peer: IpAddr, forwarded_for: &[&[u8]], trusted: &[IpNet]) -> Ip
     if !is_trusted(&client) {
         return client;
     }
-    let entries = forwarded_for.iter().rev().flat_map(|value| value.rsplit(|&b| b == b','));
+    let entries = forwarded_for
+        .iter()
+        .rev()
+        .flat_map(|value| value.rsplit(|&b| b == b','));
     for entry in entries {
-        let Some(ip) = std::str::from_utf8(entry).ok().and_then(|text| text.trim().parse::<IpAddr>().ok()) else {
+        let Some(ip) = std::str::from_utf8(entry)
+            .ok()
+            .and_then(|text| text.trim().parse::<IpAddr>().ok())
+        else {
             // Garbage: trust nothing further left.
             break;
         };
@@ -87,36 +93,63 @@ mod tests {
     use super::*;
 
     fn record(created: u64, atime: u64, ip: &str) -> Record {
-        Record { data: Default::default(), created, atime, ip: ip.into(), ver: 1 }
+        Record {
+            data: Default::default(),
+            created,
+            atime,
+            ip: ip.into(),
+            ver: 1,
+        }
     }
 
     fn policy(timeout: u64, absolute: Option<u64>, check_ip: bool) -> Policy {
-        Policy { expiry: Expiry { timeout, absolute }, check_ip }
+        Policy {
+            expiry: Expiry { timeout, absolute },
+            check_ip,
+        }
     }
 
     #[test]
     fn a_session_lives_until_its_idle_timeout_has_passed() {
         let policy = policy(100, None, false);
         assert_eq!(policy.judge(Some(&record(0, 1000, "a")), 1100, "a"), Ok(()));
-        assert_eq!(policy.judge(Some(&record(0, 1000, "a")), 1101, "a"), Err(Expired::Idle));
+        assert_eq!(
+            policy.judge(Some(&record(0, 1000, "a")), 1101, "a"),
+            Err(Expired::Idle)
+        );
     }
 
     #[test]
     fn the_absolute_timeout_counts_from_creation() {
         let policy = policy(100, Some(500), false);
-        assert_eq!(policy.judge(Some(&record(1000, 1490, "a")), 1500, "a"), Ok(()));
-        assert_eq!(policy.judge(Some(&record(1000, 1590, "a")), 1501, "a"), Err(Expired::Absolute));
+        assert_eq!(
+            policy.judge(Some(&record(1000, 1490, "a")), 1500, "a"),
+            Ok(())
+        );
+        assert_eq!(
+            policy.judge(Some(&record(1000, 1590, "a")), 1501, "a"),
+            Err(Expired::Absolute)
+        );
     }
 
     #[test]
     fn a_missing_record_is_expired() {
-        assert_eq!(policy(100, None, false).judge(None, 0, "a"), Err(Expired::Missing));
+        assert_eq!(
+            policy(100, None, false).judge(None, 0, "a"),
+            Err(Expired::Missing)
+        );
     }
 
     #[test]
     fn another_ip_is_refused_only_when_checked() {
-        assert_eq!(policy(100, None, true).judge(Some(&record(0, 0, "1.2.3.4")), 0, "5.6.7.8"), Err(Expired::Ip));
-        assert_eq!(policy(100, None, false).judge(Some(&record(0, 0, "1.2.3.4")), 0, "5.6.7.8"), Ok(()));
+        assert_eq!(
+            policy(100, None, true).judge(Some(&record(0, 0, "1.2.3.4")), 0, "5.6.7.8"),
+            Err(Expired::Ip)
+        );
+        assert_eq!(
+            policy(100, None, false).judge(Some(&record(0, 0, "1.2.3.4")), 0, "5.6.7.8"),
+            Ok(())
+        );
     }
 
     #[test]

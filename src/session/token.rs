@@ -45,11 +45,26 @@ impl TokenSigner {
     }
 
     /// The compact JWT for a session at time `now`.
-    pub fn sign(&self, handle: &Handle, new: bool, ver: u64, now: u64, data: &Map<String, Value>) -> String {
-        let claims = Claims { sid: handle.as_str(), new, ver, iat: now, exp: now + self.ttl, data };
+    pub fn sign(
+        &self,
+        handle: &Handle,
+        new: bool,
+        ver: u64,
+        now: u64,
+        data: &Map<String, Value>,
+    ) -> String {
+        let claims = Claims {
+            sid: handle.as_str(),
+            new,
+            ver,
+            iat: now,
+            exp: now + self.ttl,
+            data,
+        };
         // Serializing a map of JSON values into a Vec cannot fail.
         let payload = serde_json::to_vec(&claims).unwrap_or_default();
-        let mut token = String::with_capacity(self.header_prefix.len() + payload.len() * 4 / 3 + 48);
+        let mut token =
+            String::with_capacity(self.header_prefix.len() + payload.len() * 4 / 3 + 48);
         token.push_str(&self.header_prefix);
         URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
         let mut mac = self.mac.clone();
@@ -75,7 +90,10 @@ impl TokenSigner {
 /// `kid`: the first 8 hex digits of SHA-256(key), so an upstream holding
 /// several keys during a rotation knows which one to use.
 pub fn key_id(key: &str) -> String {
-    Sha256::digest(key.as_bytes())[..4].iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(key.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -85,7 +103,10 @@ mod tests {
     const KEY: &str = "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk";
 
     fn data() -> Map<String, Value> {
-        serde_json::json!({"count": 3, "user": "zoé"}).as_object().cloned().unwrap()
+        serde_json::json!({"count": 3, "user": "zoé"})
+            .as_object()
+            .cloned()
+            .unwrap()
     }
 
     #[test]
@@ -96,15 +117,30 @@ mod tests {
         let claims = signer.verify(&token).unwrap();
         assert_eq!(
             claims,
-            Claims { sid: handle.to_string(), new: false, ver: 7, iat: 1_700_000_000, exp: 1_700_000_060, data: data() }
+            Claims {
+                sid: handle.to_string(),
+                new: false,
+                ver: 7,
+                iat: 1_700_000_000,
+                exp: 1_700_000_060,
+                data: data()
+            }
         );
     }
 
     #[test]
     fn the_header_names_hs256_and_the_key_id() {
         let token = TokenSigner::new(KEY, 60).sign(&Handle::of_id("x"), true, 0, 1, &Map::new());
-        let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
-        assert_eq!(header, serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": key_id(KEY)}));
+        let header: Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(token.split('.').next().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            header,
+            serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": key_id(KEY)})
+        );
         assert_eq!(key_id(KEY).len(), 8);
     }
 

@@ -21,7 +21,11 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("session-proxy-{tag}-{}-{}", std::process::id(), rand_suffix()));
+        let path = std::env::temp_dir().join(format!(
+            "session-proxy-{tag}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&path).unwrap();
         TempDir(path)
     }
@@ -44,7 +48,11 @@ fn rand_suffix() -> u64 {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A child process killed when dropped.
@@ -72,9 +80,11 @@ pub fn start_upstream() -> Process {
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    let port = line.trim().strip_prefix("listening ").and_then(|p| p.parse().ok()).unwrap_or_else(|| {
-        panic!("upstream said {line:?}")
-    });
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("upstream said {line:?}"));
     Process { child, port }
 }
 
@@ -100,7 +110,10 @@ impl ProxyConfig {
             port: free_port(),
             admin_port: free_port(),
             upstream_port,
-            session: vec![format!("secret_keys = [{KEY:?}]"), "touch_interval = 60".into()],
+            session: vec![
+                format!("secret_keys = [{KEY:?}]"),
+                "touch_interval = 60".into(),
+            ],
             store: vec![format!("path = {:?}", sessions.display().to_string())],
             server: vec!["grace_period = 5".into()],
             upstream: vec!["read_timeout = 5".into(), "connect_timeout = 1".into()],
@@ -109,20 +122,21 @@ impl ProxyConfig {
         }
     }
 
+    /// Sets `key = value` in `[session]`, replacing an earlier setting.
     pub fn session(mut self, line: &str) -> Self {
-        self.session.push(line.into());
+        set_line(&mut self.session, line);
         self
     }
     pub fn store(mut self, line: &str) -> Self {
-        self.store.push(line.into());
+        set_line(&mut self.store, line);
         self
     }
     pub fn server(mut self, line: &str) -> Self {
-        self.server.push(line.into());
+        set_line(&mut self.server, line);
         self
     }
     pub fn upstream(mut self, line: &str) -> Self {
-        self.upstream.push(line.into());
+        set_line(&mut self.upstream, line);
         self
     }
 
@@ -157,16 +171,32 @@ impl ProxyConfig {
         let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
             .args(["run", "-c"])
             .arg(&path)
-            .env("RUST_LOG", std::env::var("TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("SESSION_PROXY_SECRET_KEYS")
             .stdout(Stdio::null())
-            .stderr(if std::env::var("TEST_PROXY_LOG").is_ok() { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if std::env::var("TEST_PROXY_LOG").is_ok() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .unwrap();
-        let mut process = Process { child, port: self.port };
+        let mut process = Process {
+            child,
+            port: self.port,
+        };
         wait_listening(self.port, &mut process.child);
         process
     }
+}
+
+fn set_line(lines: &mut Vec<String>, line: &str) {
+    let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+    lines.retain(|existing| key(existing) != key(line));
+    lines.push(line.into());
 }
 
 pub fn wait_listening(port: u16, child: &mut Child) {
@@ -186,7 +216,10 @@ pub fn wait_listening(port: u16, child: &mut Child) {
 /// The proxy binary with arguments, run to completion.
 pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_session-proxy"));
-    command.args(args).env_remove("SESSION_PROXY_SECRET_KEYS").env("RUST_LOG", "warn");
+    command
+        .args(args)
+        .env_remove("SESSION_PROXY_SECRET_KEYS")
+        .env("RUST_LOG", "warn");
     for (name, value) in env {
         command.env(name, value);
     }
@@ -202,24 +235,34 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn headers_named(&self, name: &str) -> Vec<&str> {
-        self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
     /// The value the response sets for cookie `name`: `Some("")` when it clears it.
     pub fn set_cookie(&self, name: &str) -> Option<String> {
-        self.headers_named("set-cookie").into_iter().find_map(|header| {
-            let pair = header.split(';').next()?.trim();
-            let value = pair.strip_prefix(name)?.strip_prefix('=')?;
-            Some(value.to_string())
-        })
+        self.headers_named("set-cookie")
+            .into_iter()
+            .find_map(|header| {
+                let pair = header.split(';').next()?.trim();
+                let value = pair.strip_prefix(name)?.strip_prefix('=')?;
+                Some(value.to_string())
+            })
     }
     /// What the upstream saw (the test upstream echoes it as JSON).
     pub fn upstream_headers(&self) -> Vec<(String, String)> {
@@ -227,11 +270,19 @@ impl Response {
             .as_array()
             .unwrap()
             .iter()
-            .map(|pair| (pair[0].as_str().unwrap().to_string(), pair[1].as_str().unwrap().to_string()))
+            .map(|pair| {
+                (
+                    pair[0].as_str().unwrap().to_string(),
+                    pair[1].as_str().unwrap().to_string(),
+                )
+            })
             .collect()
     }
     pub fn upstream_header(&self, name: &str) -> Option<String> {
-        self.upstream_headers().into_iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+        self.upstream_headers()
+            .into_iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
     /// The token claims the upstream received (decoded, not verified).
     pub fn session(&self) -> serde_json::Value {
@@ -257,7 +308,8 @@ pub fn try_request(
 ) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -274,19 +326,26 @@ pub fn try_request(
 
 fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of head"))?;
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of head"))?;
     let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("head not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().ok_or_else(|| bad("no status line"))?;
-    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad status"))?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status"))?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|line| line.split_once(':'))
         .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
         .collect();
     let rest = &raw[end + 4..];
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
+    let chunked = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
     let body = if head_only {
         Vec::new()
     } else if chunked {
@@ -294,7 +353,11 @@ fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {
     } else {
         rest.to_vec()
     };
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
@@ -321,11 +384,18 @@ pub struct Browser {
 
 impl Browser {
     pub fn new(port: u16) -> Browser {
-        Browser { port, cookie_name: "session_id".into(), cookie: None }
+        Browser {
+            port,
+            cookie_name: "session_id".into(),
+            cookie: None,
+        }
     }
 
     pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Response {
-        let cookie_header = self.cookie.as_ref().map(|value| format!("{}={value}", self.cookie_name));
+        let cookie_header = self
+            .cookie
+            .as_ref()
+            .map(|value| format!("{}={value}", self.cookie_name));
         let mut all: Vec<(&str, &str)> = headers.to_vec();
         if let Some(cookie) = &cookie_header {
             all.push(("Cookie", cookie));
@@ -346,7 +416,10 @@ pub fn stored_files(dir: &Path) -> Vec<PathBuf> {
         Ok(entries) => entries
             .filter_map(|e| e.ok())
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json") && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "json")
+                    && !p.file_name().unwrap().to_string_lossy().starts_with('.')
+            })
             .collect(),
         Err(_) => Vec::new(),
     }
