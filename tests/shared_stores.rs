@@ -1,0 +1,167 @@
+//! End to end on the shared stores (issue 3): two proxy processes on one
+//! PostgreSQL table or one Redis key space behave as one proxy.
+//!
+//! Needs the real services on 127.0.0.1 (PostgreSQL 5432, database
+//! `test`; Redis 6379). Without them each test is skipped loudly, unless
+//! `SESSION_PROXY_REQUIRE_SERVICES=1`, where they fail.
+
+mod support;
+
+use std::net::TcpStream;
+
+use support::*;
+
+#[derive(Clone, Copy, Debug)]
+enum Shared {
+    Postgres,
+    Redis,
+}
+
+impl Shared {
+    fn port(self) -> u16 {
+        match self {
+            Shared::Postgres => 5432,
+            Shared::Redis => 6379,
+        }
+    }
+
+    /// Store settings unique to this test, so tests do not see each other.
+    fn store_lines(self, tag: &str) -> Vec<String> {
+        let unique = format!("{tag}_{}_{}", std::process::id(), free_port());
+        match self {
+            Shared::Postgres => vec![
+                "kind = \"postgres\"".into(),
+                "url = \"postgres://postgres@127.0.0.1:5432/test\"".into(),
+                format!("table = \"sessions_{unique}\""),
+            ],
+            Shared::Redis => vec![
+                "kind = \"redis\"".into(),
+                "url = \"redis://127.0.0.1:6379\"".into(),
+                format!("key_prefix = \"test:{unique}:\""),
+            ],
+        }
+    }
+
+    fn available(self) -> bool {
+        if TcpStream::connect(("127.0.0.1", self.port())).is_ok() {
+            return true;
+        }
+        assert!(
+            std::env::var("SESSION_PROXY_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "{self:?} is required (SESSION_PROXY_REQUIRE_SERVICES=1) but not reachable on 127.0.0.1:{}",
+            self.port()
+        );
+        eprintln!("\n!!! SKIPPED: {self:?} is not reachable on 127.0.0.1:{}; this test did not run !!!\n", self.port());
+        false
+    }
+}
+
+/// Two proxies in front of one upstream, sharing one store.
+struct Pair {
+    _upstream: Process,
+    a: Process,
+    b: Process,
+    _configs: (ProxyConfig, ProxyConfig),
+}
+
+fn pair(shared: Shared, tag: &str, session: &[&str]) -> Option<Pair> {
+    if !shared.available() {
+        return None;
+    }
+    let upstream = start_upstream();
+    let store = shared.store_lines(tag);
+    let configure = || {
+        let mut config = ProxyConfig::new(upstream.port);
+        config.store = store.clone();
+        for line in session {
+            config = config.session(line);
+        }
+        config
+    };
+    let (config_a, config_b) = (configure(), configure());
+    let a = config_a.start();
+    let b = config_b.start();
+    Some(Pair { _upstream: upstream, a, b, _configs: (config_a, config_b) })
+}
+
+fn a_session_continues_through_the_other_proxy(shared: Shared) {
+    let Some(pair) = pair(shared, "continue", &[]) else { return };
+    let mut browser = Browser::new(pair.a.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    browser.port = pair.b.port;
+    assert_eq!(browser.get("/count", &[]).text(), "2");
+    browser.port = pair.a.port;
+    assert_eq!(browser.get("/count", &[]).text(), "3");
+}
+
+fn a_kill_through_one_proxy_ends_the_session_for_both(shared: Shared) {
+    let Some(pair) = pair(shared, "kill", &[]) else { return };
+    let mut browser = Browser::new(pair.a.port);
+    browser.get("/count", &[]);
+    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
+    assert_eq!(get(pair.b.port, "/", &[("Cookie", &cookie)]).session()["new"], false);
+    get(pair.a.port, "/", &[("Cookie", &cookie), ("X-Test-Action", "kill")]);
+    assert_eq!(get(pair.b.port, "/", &[("Cookie", &cookie)]).session()["new"], true);
+}
+
+fn concurrent_writes_of_different_keys_through_both_proxies_all_survive(shared: Shared) {
+    let Some(pair) = pair(shared, "keys", &[]) else { return };
+    let mut browser = Browser::new(pair.a.port);
+    browser.get("/", &[("X-Test-Update", r#"{"start": true}"#)]);
+    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
+    let ports = [pair.a.port, pair.b.port];
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            let cookie = cookie.clone();
+            let port = ports[i % 2];
+            std::thread::spawn(move || {
+                let update = format!(r#"{{"key{i}": {i}}}"#);
+                get(port, "/", &[("Cookie", &cookie), ("X-Test-Update", &update)]).status
+            })
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().unwrap(), 200);
+    }
+    let data = browser.get("/", &[]).session()["data"].clone();
+    for i in 0..20 {
+        assert_eq!(data[format!("key{i}")], i, "key{i} lost: {data}");
+    }
+}
+
+fn with_lock_increments_through_both_proxies_lose_nothing(shared: Shared) {
+    let Some(pair) = pair(shared, "lock", &["lock = true"]) else { return };
+    let mut browser = Browser::new(pair.a.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
+    let ports = [pair.a.port, pair.b.port];
+    let threads: Vec<_> = (0..50)
+        .map(|i| {
+            let cookie = cookie.clone();
+            let port = ports[i % 2];
+            std::thread::spawn(move || get(port, "/count", &[("Cookie", &cookie)]).status)
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().unwrap(), 200);
+    }
+    assert_eq!(browser.get("/count", &[]).text(), "52");
+}
+
+macro_rules! on_each_shared_store {
+    ($($case:ident),* $(,)?) => {
+        mod postgres {
+            $(#[test] fn $case() { super::$case(super::Shared::Postgres) })*
+        }
+        mod redis {
+            $(#[test] fn $case() { super::$case(super::Shared::Redis) })*
+        }
+    };
+}
+
+on_each_shared_store!(
+    a_session_continues_through_the_other_proxy,
+    a_kill_through_one_proxy_ends_the_session_for_both,
+    concurrent_writes_of_different_keys_through_both_proxies_all_survive,
+    with_lock_increments_through_both_proxies_lose_nothing,
+);
