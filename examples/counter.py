@@ -33,8 +33,8 @@ CLOCK_SKEW = 5  # seconds an `iat` may lie in the future (clocks drift)
 
 
 def secret_keys():
-    """The proxy's keys: the first signs; any of them is accepted, so the app
-    and the proxy can be given a new key in either order."""
+    """The proxy's keys. The proxy signs with the first; any of them is
+    accepted here, so during a rotation the app can get the new key first."""
     raw = os.environ.get("SESSION_PROXY_SECRET_KEYS") or os.environ.get("COUNTER_SECRET")
     keys = [k.strip() for k in (raw or "").split(",") if k.strip()]
     if not keys:

@@ -194,6 +194,16 @@ class Upstream(BaseHTTPRequestHandler):
             rst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             rst.close()
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 256
+
+    def handle_error(self, request, client_address):
+        # Clients that hang up early are part of the tests, not errors; and a
+        # test that never reads our stderr must not fill its pipe with tracebacks.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            print(f"upstream.py: {sys.exc_info()[1]!r}", file=sys.stderr, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description="programmable upstream for session-proxy's tests")
     ap.add_argument("--port", type=int, default=0)
@@ -201,8 +211,7 @@ def main():
     args = ap.parse_args()
     Upstream.session_header = args.session_header
 
-    ThreadingHTTPServer.request_queue_size = 256
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Upstream)
+    server = Server(("127.0.0.1", args.port), Upstream)
     print(f"listening {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
