@@ -6,6 +6,9 @@
 //! stores what the caller decides, atomically: two concurrent changes of
 //! one record never lose each other.
 
+pub mod postgres;
+pub mod redis;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
