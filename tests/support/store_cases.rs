@@ -1,0 +1,326 @@
+//! The behaviours every [`Store`] must have: one test module per store.
+//!
+//! A test file includes this file and instantiates the macro once per
+//! store, with an expression that builds a fresh store, the only
+//! store-specific part (names in it resolve in the including module):
+//!
+//! ```ignore
+//! #[path = "support/store_cases.rs"]
+//! #[macro_use]
+//! mod store_cases;
+//!
+//! store_cases!(memory, async { Arc::new(MemoryStore::new(1000)) as Arc<dyn Store> });
+//! ```
+//!
+//! The store may be shared with other tests and earlier runs (postgres,
+//! redis): every case works on fresh random handles, never assumes an empty
+//! store and checks only the handles it created. A store whose
+//! `delete_expired` is not meant to delete anything (Redis expires its own
+//! keys) skips that one case with
+//! `store_cases!(redis, factory, sweeps = false)`.
+//!
+//! [`Store`]: session_proxy::store::Store
+
+macro_rules! store_cases {
+    ($name:ident, $factory:expr) => {
+        store_cases!($name, $factory, sweeps = true);
+    };
+    ($name:ident, $factory:expr, sweeps = $sweeps:literal) => {
+        mod $name {
+            // The factory's names come from the including module.
+            #[allow(unused_imports)]
+            use super::*;
+
+            use ::serde_json::{json, Value};
+            use ::session_proxy::store::{Change, Expiry, Handle, Record, Store, StoreError};
+            use ::std::sync::{Arc, Mutex};
+
+            async fn store() -> Arc<dyn Store> {
+                $factory.await
+            }
+
+            fn fresh_handle() -> Handle {
+                Handle::of_id(&format!("store-case-{:032x}", ::rand::random::<u128>()))
+            }
+
+            fn now() -> u64 {
+                ::session_proxy::session::now()
+            }
+
+            fn record(data: Value, created: u64, atime: u64) -> Record {
+                let Value::Object(data) = data else {
+                    panic!("session data is an object");
+                };
+                Record {
+                    data,
+                    created,
+                    atime,
+                    ip: "2001:db8::7".to_owned(),
+                    ver: 1,
+                }
+            }
+
+            fn fresh_record() -> Record {
+                record(
+                    json!({"user": "ann", "cart": [1, 2], "prefs": {"lang": "fr"}}),
+                    now() - 30,
+                    now() - 10,
+                )
+            }
+
+            async fn put(store: &Arc<dyn Store>, handle: &Handle, record: &Record) {
+                let decide = |_: Option<&Record>| Ok(Change::Put(record.clone()));
+                let stored = store.modify(handle, &decide).await.unwrap();
+                assert_eq!(stored.as_ref(), Some(record));
+            }
+
+            #[tokio::test]
+            async fn load_of_a_missing_handle_is_none() {
+                let store = store().await;
+                assert_eq!(store.load(&fresh_handle()).await.unwrap(), None);
+            }
+
+            #[tokio::test]
+            async fn a_stored_record_loads_back_equal() {
+                let store = store().await;
+                let handle = fresh_handle();
+                let record = fresh_record();
+                put(&store, &handle, &record).await;
+                assert_eq!(store.load(&handle).await.unwrap(), Some(record));
+            }
+
+            #[tokio::test]
+            async fn modify_is_given_the_latest_record() {
+                let store = store().await;
+                let handle = fresh_handle();
+                let first = fresh_record();
+                put(&store, &handle, &first).await;
+                let second = Record {
+                    ver: 2,
+                    ..record(json!({"user": "bob"}), first.created, now())
+                };
+                put(&store, &handle, &second).await;
+
+                let seen = Mutex::new(None);
+                let decide = |current: Option<&Record>| {
+                    *seen.lock().unwrap() = Some(current.cloned());
+                    Ok(Change::Keep)
+                };
+                store.modify(&handle, &decide).await.unwrap();
+                assert_eq!(seen.into_inner().unwrap(), Some(Some(second)));
+            }
+
+            #[tokio::test]
+            async fn modify_delete_removes_the_record() {
+                let store = store().await;
+                let handle = fresh_handle();
+                put(&store, &handle, &fresh_record()).await;
+                let delete = |_: Option<&Record>| Ok(Change::Delete);
+                assert_eq!(store.modify(&handle, &delete).await.unwrap(), None);
+                assert_eq!(store.load(&handle).await.unwrap(), None);
+                // And of a missing record: nothing to do, no error.
+                assert_eq!(store.modify(&handle, &delete).await.unwrap(), None);
+            }
+
+            #[tokio::test]
+            async fn modify_keep_writes_nothing() {
+                let store = store().await;
+                let handle = fresh_handle();
+                let record = fresh_record();
+                put(&store, &handle, &record).await;
+                let keep = |_: Option<&Record>| Ok(Change::Keep);
+                assert_eq!(
+                    store.modify(&handle, &keep).await.unwrap(),
+                    Some(record.clone())
+                );
+                assert_eq!(store.load(&handle).await.unwrap(), Some(record));
+
+                let missing = fresh_handle();
+                assert_eq!(store.modify(&missing, &keep).await.unwrap(), None);
+                assert_eq!(store.load(&missing).await.unwrap(), None);
+            }
+
+            #[tokio::test]
+            async fn a_refused_change_is_rejected_and_writes_nothing() {
+                let store = store().await;
+                let handle = fresh_handle();
+                let record = fresh_record();
+                put(&store, &handle, &record).await;
+                let refuse = |_: Option<&Record>| Err("too large".to_owned());
+                let result = store.modify(&handle, &refuse).await;
+                assert!(
+                    matches!(&result, Err(StoreError::Rejected(why)) if why == "too large"),
+                    "{result:?}"
+                );
+                assert_eq!(store.load(&handle).await.unwrap(), Some(record));
+
+                let missing = fresh_handle();
+                assert!(store.modify(&missing, &refuse).await.is_err());
+                assert_eq!(store.load(&missing).await.unwrap(), None);
+            }
+
+            #[tokio::test]
+            async fn touch_changes_only_the_access_time() {
+                let store = store().await;
+                let handle = fresh_handle();
+                let record = fresh_record();
+                put(&store, &handle, &record).await;
+                store.touch(&handle, record.atime + 5).await.unwrap();
+                let expected = Record {
+                    atime: record.atime + 5,
+                    ..record
+                };
+                assert_eq!(store.load(&handle).await.unwrap(), Some(expected));
+            }
+
+            #[tokio::test]
+            async fn touch_never_moves_the_access_time_backwards() {
+                let store = store().await;
+                let handle = fresh_handle();
+                let record = fresh_record();
+                put(&store, &handle, &record).await;
+                store.touch(&handle, record.atime - 5).await.unwrap();
+                assert_eq!(store.load(&handle).await.unwrap(), Some(record));
+            }
+
+            #[tokio::test]
+            async fn touch_of_a_missing_handle_stores_nothing() {
+                let store = store().await;
+                let handle = fresh_handle();
+                store.touch(&handle, now()).await.unwrap();
+                assert_eq!(store.load(&handle).await.unwrap(), None);
+            }
+
+            #[tokio::test]
+            async fn delete_tells_whether_the_record_was_stored() {
+                let store = store().await;
+                let handle = fresh_handle();
+                put(&store, &handle, &fresh_record()).await;
+                assert!(store.delete(&handle).await.unwrap());
+                assert_eq!(store.load(&handle).await.unwrap(), None);
+                assert!(!store.delete(&handle).await.unwrap());
+            }
+
+            #[tokio::test]
+            async fn delete_expired_removes_idle_and_absolute_expired_records() {
+                if !$sweeps {
+                    return;
+                }
+                let store = store().await;
+                // Times ten years back: records of other tests (and their
+                // `now`) are all later, so this sweep cannot touch them.
+                let base = now() - 10 * 365 * 86_400;
+                let expiry = Expiry {
+                    timeout: 1_000,
+                    absolute: Some(3_000),
+                };
+                let idle = (fresh_handle(), record(json!({}), base - 2_000, base - 2_000));
+                let absolute = (fresh_handle(), record(json!({}), base - 5_000, base));
+                let live = (fresh_handle(), record(json!({}), base - 100, base - 10));
+                for (handle, record) in [&idle, &absolute, &live] {
+                    put(&store, handle, record).await;
+                }
+
+                let removed = store.delete_expired(base, expiry).await.unwrap();
+                // At least ours: an interrupted earlier run may have left
+                // some of its own behind in a shared store.
+                assert!(removed >= 2, "removed {removed}");
+                assert_eq!(store.load(&idle.0).await.unwrap(), None);
+                assert_eq!(store.load(&absolute.0).await.unwrap(), None);
+                assert_eq!(store.load(&live.0).await.unwrap(), Some(live.1.clone()));
+                assert_eq!(store.delete_expired(base, expiry).await.unwrap(), 0);
+                store.delete(&live.0).await.unwrap();
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_increments_of_one_record_lose_none() {
+                const WRITERS: u64 = 50;
+                let store = store().await;
+                let handle = fresh_handle();
+                put(&store, &handle, &record(json!({"n": 0}), now(), now())).await;
+
+                let writers: Vec<_> = (0..WRITERS)
+                    .map(|_| {
+                        let (store, handle) = (Arc::clone(&store), handle.clone());
+                        tokio::spawn(async move {
+                            let increment = |current: Option<&Record>| {
+                                let mut record = current.cloned().ok_or("gone")?;
+                                let n = record.data["n"].as_u64().ok_or("not a number")?;
+                                record.data.insert("n".to_owned(), json!(n + 1));
+                                record.ver += 1;
+                                Ok(Change::Put(record))
+                            };
+                            store.modify(&handle, &increment).await
+                        })
+                    })
+                    .collect();
+                for writer in writers {
+                    writer.await.unwrap().unwrap();
+                }
+
+                let stored = store.load(&handle).await.unwrap().unwrap();
+                assert_eq!(stored.data["n"], json!(WRITERS));
+                assert_eq!(stored.ver, 1 + WRITERS);
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_changes_of_different_keys_all_survive() {
+                const WRITERS: usize = 20;
+                let store = store().await;
+                let handle = fresh_handle();
+                let created = now();
+
+                let writers: Vec<_> = (0..WRITERS)
+                    .map(|writer| {
+                        let (store, handle) = (Arc::clone(&store), handle.clone());
+                        tokio::spawn(async move {
+                            let set_own_key = |current: Option<&Record>| {
+                                let mut stored = current
+                                    .cloned()
+                                    .unwrap_or_else(|| record(json!({}), created, created));
+                                stored.data.insert(format!("k{writer}"), json!(writer));
+                                Ok(Change::Put(stored))
+                            };
+                            store.modify(&handle, &set_own_key).await
+                        })
+                    })
+                    .collect();
+                for writer in writers {
+                    writer.await.unwrap().unwrap();
+                }
+
+                let stored = store.load(&handle).await.unwrap().unwrap();
+                for writer in 0..WRITERS {
+                    assert_eq!(stored.data[&format!("k{writer}")], json!(writer));
+                }
+            }
+
+            #[tokio::test]
+            async fn list_shows_stored_records_and_not_deleted_ones() {
+                let store = store().await;
+                let kept = [fresh_handle(), fresh_handle()];
+                let deleted = fresh_handle();
+                let record = fresh_record();
+                for handle in kept.iter().chain([&deleted]) {
+                    put(&store, handle, &record).await;
+                }
+                store.delete(&deleted).await.unwrap();
+
+                let listed = store.list().await.unwrap();
+                for handle in &kept {
+                    assert!(
+                        listed.contains(&(handle.clone(), record.clone())),
+                        "{} not listed",
+                        handle.short()
+                    );
+                }
+                assert!(listed.iter().all(|(handle, _)| *handle != deleted));
+            }
+
+            #[tokio::test]
+            async fn ping_succeeds() {
+                store().await.ping().await.unwrap();
+            }
+        }
+    };
+}
