@@ -586,6 +586,59 @@ async fn postgres_uses_a_table_made_with_web_py_ddl_untouched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_works_for_a_role_that_may_only_use_the_existing_table() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let client = sql_client().await.unwrap();
+    client
+        .batch_execute(&WEB_PY_DDL.replace("{table}", &table.name))
+        .await
+        .unwrap();
+    let role = Role::new(&client, &table.name).await;
+    let url = format!("postgres://{}@127.0.0.1:5432/test", role.name);
+    let store = PostgresStore::connect(&url, &table.name, 2, PATIENT)
+        .await
+        .expect("no CREATE needed for an existing table");
+    round_trip(&store).await;
+}
+
+/// A login role allowed to read and write one table and nothing else
+/// (PostgreSQL 15 and later give no one CREATE on `public` by default);
+/// dropped with the guard.
+struct Role {
+    name: String,
+}
+
+impl Role {
+    async fn new(client: &tokio_postgres::Client, table: &str) -> Role {
+        let name = unique("session_proxy_role");
+        client
+            .batch_execute(&format!(
+                "CREATE ROLE {name} LOGIN; \
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {name}"
+            ))
+            .await
+            .unwrap();
+        Role { name }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let drop_role = format!(
+            "DROP OWNED BY {name}; DROP ROLE IF EXISTS {name}",
+            name = self.name
+        );
+        block_on_fresh(async move {
+            if let Ok(client) = sql_client().await {
+                let _ = client.batch_execute(&drop_role).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_creates_the_web_py_table_when_missing() {
     let Some(table) = PgTable::new().await else {
         return;

@@ -27,10 +27,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Round trips to the server once a connection's statements are prepared:
-//! `load` 1, `touch` 1, `delete` 1, `modify` 2 (`BEGIN` + `SELECT … FOR
-//! UPDATE` pipelined, then the write + `COMMIT` pipelined; a decision to
-//! keep ends the transaction with a third).
+//! Round trips to the server once a connection's statements are prepared
+//! (the first use of each on a connection adds one): `load` 1, `touch` 1,
+//! `delete` 1, `modify` 2: `BEGIN` + `SELECT … FOR UPDATE` pipelined, then
+//! the write + `COMMIT` pipelined (or `ROLLBACK` when nothing changes); two
+//! more when it loses the race to create a record.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -59,6 +60,7 @@ pub struct PostgresStore {
     /// Connections that wait for or hold a lease: a pool of their own, so
     /// requests waiting for a lease never starve the ones holding it.
     lease_pool: Pool,
+    table: String,
     sql: Statements,
     timeout: Duration,
     /// The first key of the two-key advisory locks of this table's leases.
@@ -181,6 +183,7 @@ impl PostgresStore {
         let store = PostgresStore {
             pool: build(pool_size)?,
             lease_pool: build(pool_size)?,
+            table: table.to_owned(),
             sql: Statements::new(table),
             timeout,
             lease_class: lease_class(table),
@@ -189,9 +192,18 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// Creates the table unless it exists. Looked up first: CREATE ... IF
+    /// NOT EXISTS still needs the right to create in the schema, which a
+    /// role that may only use an existing table lacks.
     async fn create_table(&self) -> Result<(), StoreError> {
         let (client, deadline) = self.checkout().await?;
         let create = async {
+            let exists = client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table])
+                .await?;
+            if exists.get::<_, bool>(0) {
+                return Ok(());
+            }
             match client.batch_execute(&self.sql.create).await {
                 // Two proxies starting together can race on the catalog;
                 // the loser finds the table made.
@@ -407,6 +419,7 @@ impl PostgresStore {
             Ok(Ok(_)) => Ok(PostgresLease {
                 client: Some(client),
                 key,
+                timeout: self.timeout,
             }),
             Ok(Err(error)) if error.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Err(
                 StoreError::Unavailable("postgres: lease wait timed out".into()),
@@ -438,6 +451,7 @@ impl PostgresStore {
 pub struct PostgresLease {
     client: Option<Object>,
     key: (i32, i32),
+    timeout: Duration,
 }
 
 impl PostgresLease {
@@ -452,7 +466,7 @@ impl PostgresLease {
                 .await?;
             client.execute(&unlock, &[&self.key.0, &self.key.1]).await
         };
-        match tokio::time::timeout(Duration::from_secs(5), unlock).await {
+        match tokio::time::timeout(self.timeout, unlock).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(error)) => {
                 discard(client);

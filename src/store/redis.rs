@@ -21,8 +21,9 @@
 //! Writes are optimistic: `modify` reads the record, decides in Rust, and a
 //! script writes only if the key still holds what was read; on a conflict
 //! the script answers the newer value and the decision is made again.
-//! Round trips: `load` 1, `touch` 1, `delete` 1, `modify` 2 (+1 per
-//! conflict; +1 once per server to load a script).
+//! Round trips: `load` 1, `touch` 1, `delete` 1, `modify` 2 (1 when
+//! nothing changes; +1 per conflict; the first use of a script on a server
+//! adds 2, to load it).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
