@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::{timeout_at, Instant};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::NoTls;
+use tokio_postgres::{NoTls, Row};
 
 use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
 
@@ -201,7 +201,7 @@ impl PostgresStore {
             let exists = client
                 .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table])
                 .await?;
-            if exists.get::<_, bool>(0) {
+            if exists.try_get::<_, bool>(0)? {
                 return Ok(());
             }
             match client.batch_execute(&self.sql.create).await {
@@ -230,7 +230,7 @@ impl PostgresStore {
     ) -> Result<Option<Record>, Failure> {
         let load = client.prepare_cached(&self.sql.load).await?;
         match client.query_opt(&load, &[&handle.as_str()]).await? {
-            Some(row) => Ok(Some(decode(handle, row.get(0)).map_err(Failure::Clean)?)),
+            Some(row) => Ok(Some(decode(handle, text(&row, 0)).map_err(Failure::Clean)?)),
             None => Ok(None),
         }
     }
@@ -260,7 +260,7 @@ impl PostgresStore {
             );
             begun?;
             let current = match row? {
-                Some(row) => match decode(handle, row.get(0)) {
+                Some(row) => match decode(handle, text(&row, 0)) {
                     Ok(record) => Some(record),
                     Err(error) => return rollback(client, Err(error)).await,
                 },
@@ -334,7 +334,7 @@ impl PostgresStore {
         let rows = client.query(&list, &[]).await?;
         Ok(rows
             .iter()
-            .filter_map(|row| readable(row.get(0), row.get(1)))
+            .filter_map(|row| readable(text(row, 0), text(row, 1)))
             .collect())
     }
 
@@ -362,10 +362,11 @@ impl PostgresStore {
         let rows = client.query(&page, &[&after, &SWEEP_BATCH]).await?;
         let last = rows
             .last()
-            .map(|row| row.get::<_, String>(0).trim_end().to_owned());
+            .and_then(|row| text(row, 0))
+            .map(|session_id| session_id.trim_end().to_owned());
         let expired: Vec<String> = rows
             .iter()
-            .filter_map(|row| readable(row.get(0), row.get(1)))
+            .filter_map(|row| readable(text(row, 0), text(row, 1)))
             .filter(|(_, record)| now.saturating_sub(record.created) > absolute)
             .map(|(handle, _)| handle.as_str().to_owned())
             .collect();
@@ -610,8 +611,14 @@ fn discard(client: Object) {
     drop(Object::take(client));
 }
 
+/// A text column of `row`; `None` for NULL or a column of another type
+/// (a table made by hand), which must not panic.
+fn text(row: &Row, column: usize) -> Option<String> {
+    row.try_get(column).ok().flatten()
+}
+
 fn decode(handle: &Handle, data: Option<String>) -> Result<Record, StoreError> {
-    let data = data.ok_or_else(|| corrupt(handle, "data is NULL".into()))?;
+    let data = data.ok_or_else(|| corrupt(handle, "data is NULL or not text".into()))?;
     serde_json::from_str(&data).map_err(|error| {
         // serde's message may quote the data; keep only where it broke.
         corrupt(
@@ -636,8 +643,12 @@ fn encode(record: &Record) -> Result<String, Failure> {
 
 /// A listed row as (handle, record), or `None` (logged) if either is not
 /// what this store writes: `sessions list` shows the rest.
-fn readable(session_id: String, data: Option<String>) -> Option<(Handle, Record)> {
-    let Some(handle) = Handle::parse(session_id.trim_end()) else {
+fn readable(session_id: Option<String>, data: Option<String>) -> Option<(Handle, Record)> {
+    let Some(handle) = session_id
+        .as_deref()
+        .map(str::trim_end)
+        .and_then(Handle::parse)
+    else {
         log::warn!("postgres: skipping a row whose session_id is not a handle");
         return None;
     };
