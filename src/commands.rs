@@ -53,9 +53,7 @@ pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let store = store::open(&config.store)
-            .await
-            .map_err(|e| e.to_string())?;
+        let store = store::open(config).await.map_err(|e| e.to_string())?;
         sessions_with(store.as_ref(), config, command).await
     });
     match result {

@@ -23,7 +23,7 @@ use crate::store::{self, Expiry, Store};
 pub fn run(config: Config) -> Result<(), String> {
     let store_runtime = store_runtime()?;
     let store = store_runtime
-        .block_on(store::open(&config.store))
+        .block_on(store::open(&config))
         .map_err(|e| e.to_string())?;
     let expiry = Expiry {
         timeout: config.session.timeout,
@@ -149,9 +149,7 @@ impl ShutdownSignalWatch for DrainOnSignal {
 pub fn check_store(config: &Config) -> Result<(), String> {
     let runtime = store_runtime()?;
     runtime.block_on(async {
-        let store: Arc<dyn Store> = store::open(&config.store)
-            .await
-            .map_err(|e| e.to_string())?;
+        let store: Arc<dyn Store> = store::open(config).await.map_err(|e| e.to_string())?;
         store.ping().await.map_err(|e| e.to_string())
     })
 }

@@ -51,7 +51,10 @@ impl Shared {
             "{self:?} is required (SESSION_PROXY_REQUIRE_SERVICES=1) but not reachable on 127.0.0.1:{}",
             self.port()
         );
-        eprintln!("\n!!! SKIPPED: {self:?} is not reachable on 127.0.0.1:{}; this test did not run !!!\n", self.port());
+        eprintln!(
+            "\n!!! SKIPPED: {self:?} is not reachable on 127.0.0.1:{}; this test did not run !!!\n",
+            self.port()
+        );
         false
     }
 }
@@ -81,11 +84,18 @@ fn pair(shared: Shared, tag: &str, session: &[&str]) -> Option<Pair> {
     let (config_a, config_b) = (configure(), configure());
     let a = config_a.start();
     let b = config_b.start();
-    Some(Pair { _upstream: upstream, a, b, _configs: (config_a, config_b) })
+    Some(Pair {
+        _upstream: upstream,
+        a,
+        b,
+        _configs: (config_a, config_b),
+    })
 }
 
 fn a_session_continues_through_the_other_proxy(shared: Shared) {
-    let Some(pair) = pair(shared, "continue", &[]) else { return };
+    let Some(pair) = pair(shared, "continue", &[]) else {
+        return;
+    };
     let mut browser = Browser::new(pair.a.port);
     assert_eq!(browser.get("/count", &[]).text(), "1");
     browser.port = pair.b.port;
@@ -95,17 +105,31 @@ fn a_session_continues_through_the_other_proxy(shared: Shared) {
 }
 
 fn a_kill_through_one_proxy_ends_the_session_for_both(shared: Shared) {
-    let Some(pair) = pair(shared, "kill", &[]) else { return };
+    let Some(pair) = pair(shared, "kill", &[]) else {
+        return;
+    };
     let mut browser = Browser::new(pair.a.port);
     browser.get("/count", &[]);
     let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
-    assert_eq!(get(pair.b.port, "/", &[("Cookie", &cookie)]).session()["new"], false);
-    get(pair.a.port, "/", &[("Cookie", &cookie), ("X-Test-Action", "kill")]);
-    assert_eq!(get(pair.b.port, "/", &[("Cookie", &cookie)]).session()["new"], true);
+    assert_eq!(
+        get(pair.b.port, "/", &[("Cookie", &cookie)]).session()["new"],
+        false
+    );
+    get(
+        pair.a.port,
+        "/",
+        &[("Cookie", &cookie), ("X-Test-Action", "kill")],
+    );
+    assert_eq!(
+        get(pair.b.port, "/", &[("Cookie", &cookie)]).session()["new"],
+        true
+    );
 }
 
 fn concurrent_writes_of_different_keys_through_both_proxies_all_survive(shared: Shared) {
-    let Some(pair) = pair(shared, "keys", &[]) else { return };
+    let Some(pair) = pair(shared, "keys", &[]) else {
+        return;
+    };
     let mut browser = Browser::new(pair.a.port);
     browser.get("/", &[("X-Test-Update", r#"{"start": true}"#)]);
     let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
@@ -116,7 +140,12 @@ fn concurrent_writes_of_different_keys_through_both_proxies_all_survive(shared: 
             let port = ports[i % 2];
             std::thread::spawn(move || {
                 let update = format!(r#"{{"key{i}": {i}}}"#);
-                get(port, "/", &[("Cookie", &cookie), ("X-Test-Update", &update)]).status
+                get(
+                    port,
+                    "/",
+                    &[("Cookie", &cookie), ("X-Test-Update", &update)],
+                )
+                .status
             })
         })
         .collect();
@@ -130,7 +159,9 @@ fn concurrent_writes_of_different_keys_through_both_proxies_all_survive(shared: 
 }
 
 fn with_lock_increments_through_both_proxies_lose_nothing(shared: Shared) {
-    let Some(pair) = pair(shared, "lock", &["lock = true"]) else { return };
+    let Some(pair) = pair(shared, "lock", &["lock = true"]) else {
+        return;
+    };
     let mut browser = Browser::new(pair.a.port);
     assert_eq!(browser.get("/count", &[]).text(), "1");
     let cookie = format!("session_id={}", browser.cookie.clone().unwrap());

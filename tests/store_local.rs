@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde_json::json;
-use session_proxy::config::{StoreConfig, StoreKind};
+use session_proxy::config::StoreKind;
 use session_proxy::store::disk::DiskStore;
 use session_proxy::store::memory::MemoryStore;
 use session_proxy::store::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
@@ -372,17 +372,14 @@ mod disk_store {
 mod open {
     use super::*;
 
-    fn config(kind: StoreKind, path: PathBuf) -> StoreConfig {
-        StoreConfig {
-            kind,
-            path,
-            url: String::new(),
-            table: "sessions".to_owned(),
-            key_prefix: "session:".to_owned(),
-            sweep_interval: 60,
-            max_entries: 10,
-            fsync: false,
-        }
+    fn config(kind: StoreKind, path: PathBuf) -> session_proxy::config::Config {
+        let kind = format!("{kind:?}").to_ascii_lowercase();
+        let text = format!(
+            "[upstream]\naddresses = [\"127.0.0.1:9\"]\n[store]\nkind = {kind:?}\npath = {:?}\nmax_entries = 10\n",
+            path.display().to_string()
+        );
+        let key = "k".repeat(32);
+        session_proxy::config::parse(&text, std::path::Path::new("test.toml"), Some(&key)).unwrap()
     }
 
     #[tokio::test]

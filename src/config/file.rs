@@ -198,6 +198,8 @@ pub(super) struct Store {
     pub sweep_interval: u64,
     pub max_entries: usize,
     pub fsync: bool,
+    pub pool_size: usize,
+    pub timeout: u64,
 }
 
 impl Default for Store {
@@ -211,6 +213,8 @@ impl Default for Store {
             sweep_interval: 60,
             max_entries: 1_000_000,
             fsync: false,
+            pool_size: 0,
+            timeout: 2,
         }
     }
 }

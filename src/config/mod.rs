@@ -179,6 +179,10 @@ pub struct StoreConfig {
     pub sweep_interval: u64,
     pub max_entries: usize,
     pub fsync: bool,
+    /// PostgreSQL connections; 0 = four per proxy thread.
+    pub pool_size: usize,
+    /// Seconds a shared-store operation may take before it counts as a failure.
+    pub timeout: u64,
 }
 
 /// A config that cannot be used. Displayed as one line a user can act on.

@@ -511,7 +511,8 @@ fn store(store: file::Store, src: &Source) -> Result<StoreConfig> {
     // The URL may hold a password: messages show its scheme at most.
     match kind {
         StoreKind::Postgres => check_url(src, &store.url, kind, &["postgres://", "postgresql://"])?,
-        StoreKind::Redis => check_url(src, &store.url, kind, &["redis://", "rediss://"])?,
+        // rediss:// (TLS) would need a TLS stack in the Redis client.
+        StoreKind::Redis => check_url(src, &store.url, kind, &["redis://"])?,
         StoreKind::Disk | StoreKind::Memory => {}
     }
 
@@ -541,6 +542,8 @@ fn store(store: file::Store, src: &Source) -> Result<StoreConfig> {
         sweep_interval: at_least(src, "store.sweep_interval", store.sweep_interval, 1)?,
         max_entries: at_least(src, "store.max_entries", store.max_entries, 1)?,
         fsync: store.fsync,
+        pool_size: store.pool_size,
+        timeout: at_least(src, "store.timeout", store.timeout, 1)?,
     })
 }
 

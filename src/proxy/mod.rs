@@ -33,7 +33,7 @@ use crate::session::cookie::{set_cookie, CookieSigner, Handle, SessionId};
 use crate::session::patch::Instructions;
 use crate::session::policy::{self, Expired, Policy};
 use crate::session::token::TokenSigner;
-use crate::store::{Record, Store, StoreError};
+use crate::store::{Lease, Record, Store, StoreError};
 pub use answer::Failure;
 use commit::CookieChange;
 use headers::SessionHeaders;
@@ -76,8 +76,10 @@ pub struct RequestCtx {
     session: Option<ActiveSession>,
     /// Why the proxy answers this request itself.
     failure: Option<Failure>,
-    /// Held until the request ends (`lock = true`).
+    /// Held until the request ends (`lock = true`): the in-process turn,
+    /// then, on a shared store, the lease that keeps other proxies out.
     _lock: Option<SessionLock>,
+    lease: Option<Box<dyn Lease>>,
 }
 
 /// The session a request resolved to.
@@ -220,6 +222,14 @@ impl SessionProxy {
                     .await
                     .ok_or(Failure::SessionBusy)?,
             );
+            ctx.lease = match self.store.acquire_lease(&handle, wait, LEASE_TTL).await {
+                Ok(lease) => lease,
+                Err(StoreError::Busy(_)) => return Err(Failure::SessionBusy),
+                Err(e) => {
+                    warn!("session {}: lease failed: {e}", handle.short());
+                    return Err(Failure::StoreUnavailable);
+                }
+            };
         }
         let record = match self.timed(StoreOp::Load, self.store.load(&handle)).await {
             Ok(record) => record,
@@ -282,6 +292,7 @@ impl SessionProxy {
             Some(id) => match self.resume(id, client_ip.clone(), ctx).await? {
                 Ok(active) => active,
                 Err(expired) if settings.ignore_expiry && expired != Expired::Ip => {
+                    ctx.lease = None;
                     ctx._lock = None;
                     self.new_session(client_ip)
                 }
@@ -309,6 +320,9 @@ impl SessionProxy {
     }
 }
 
+/// How long a shared store's lease outlives a proxy that crashed holding it.
+const LEASE_TTL: Duration = Duration::from_secs(5);
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Counts a request as in flight for as long as it lives.
@@ -331,6 +345,7 @@ impl ProxyHttp for SessionProxy {
             session: None,
             failure: None,
             _lock: None,
+            lease: None,
         }
     }
 
@@ -416,6 +431,15 @@ impl ProxyHttp for SessionProxy {
             }
         }
         Ok(())
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        // Let the next proxy in now rather than when the lease times out.
+        if let Some(lease) = ctx.lease.take() {
+            if let Err(e) = lease.release().await {
+                debug!("lease release failed (it will expire): {e}");
+            }
+        }
     }
 
     async fn fail_to_proxy(

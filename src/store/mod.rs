@@ -6,17 +6,20 @@
 //! stores what the caller decides, atomically: two concurrent changes of
 //! one record never lose each other.
 
+pub mod disk;
+pub mod memory;
+pub mod postgres;
+pub mod redis;
+mod sweeper;
+
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::{StoreConfig, StoreKind};
-
-pub mod disk;
-pub mod memory;
-mod sweeper;
+use crate::config::{Config, StoreKind};
 
 pub use crate::session::cookie::Handle;
 pub use sweeper::sweep_forever;
@@ -78,9 +81,20 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("corrupt session record {handle}: {detail}")]
     Corrupt { handle: String, detail: String },
+    /// Another process holds the session's lease and did not let go in time.
+    #[error("session busy: {0}")]
+    Busy(String),
     /// The caller's [`Decide`] refused the change; nothing was written.
     #[error("change refused: {0}")]
     Rejected(String),
+}
+
+/// A hold on one session across proxy processes (`lock = true` on a
+/// shared store). Dropping it without `release` frees it too, later: a
+/// crashed holder's lease ends with its connection or its TTL.
+#[async_trait]
+pub trait Lease: Send + Sync {
+    async fn release(self: Box<Self>) -> Result<(), StoreError>;
 }
 
 /// A session store. Handles are the store keys; raw ids never reach it.
@@ -124,20 +138,48 @@ pub trait Store: Send + Sync {
 
     /// Succeeds when the backend answers (for `check` and `/healthz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Waits at most `wait` for an exclusive lease on `handle`, held for
+    /// `ttl` at least and kept while its holder lives. `None`: the store is
+    /// not shared between processes and the in-process lock is enough.
+    async fn acquire_lease(
+        &self,
+        _handle: &Handle,
+        _wait: Duration,
+        _ttl: Duration,
+    ) -> Result<Option<Box<dyn Lease>>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// Opens the store the config names: creates the disk store's directory,
-/// sizes the memory store. Called once at start-up (and by `check`).
-pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
-    match config.kind {
+/// sizes the memory store, connects to PostgreSQL or Redis. Called once
+/// at start-up (and by `check` and `sessions`).
+pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    let store = &config.store;
+    let timeout = Duration::from_secs(store.timeout);
+    Ok(match store.kind {
         // A directory check and create at start-up: blocking is fine here.
-        StoreKind::Disk => Ok(Arc::new(disk::DiskStore::open(&config.path, config.fsync)?)),
-        StoreKind::Memory => Ok(Arc::new(memory::MemoryStore::new(config.max_entries))),
-        StoreKind::Postgres => Err(StoreError::Unavailable(
-            "the postgres store is not built in this version".to_owned(),
-        )),
-        StoreKind::Redis => Err(StoreError::Unavailable(
-            "the redis store is not built in this version".to_owned(),
-        )),
-    }
+        StoreKind::Disk => Arc::new(disk::DiskStore::open(&store.path, store.fsync)?),
+        StoreKind::Memory => Arc::new(memory::MemoryStore::new(store.max_entries)),
+        StoreKind::Postgres => {
+            let pool_size = match store.pool_size {
+                0 => 4 * config.server.threads.max(1),
+                size => size,
+            };
+            Arc::new(
+                postgres::PostgresStore::connect(&store.url, &store.table, pool_size, timeout)
+                    .await?,
+            )
+        }
+        StoreKind::Redis => Arc::new(
+            redis::RedisStore::connect(
+                &store.url,
+                &store.key_prefix,
+                timeout,
+                config.session.timeout,
+            )
+            .await?,
+        ),
+    })
 }

@@ -1,0 +1,755 @@
+//! The `postgres` store: web.py's DBStore table, shared by several proxies.
+//!
+//! The table is web.py's, column for column (SPEC [6]):
+//!
+//! ```sql
+//! create table sessions (
+//!     session_id char(128) UNIQUE NOT NULL,
+//!     atime timestamp NOT NULL default current_timestamp,
+//!     data text
+//! );
+//! ```
+//!
+//! `session_id` holds the 64-character handle (`char(128)` pads it with
+//! spaces; comparisons ignore the padding, and handles read back are
+//! trimmed), `data` the record as JSON, `atime` the record's access time as
+//! a UTC `timestamp`, so the sweep can find idle records without parsing
+//! JSON. A table made by hand with that DDL is used as it is.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), session_proxy::store::StoreError> {
+//! use std::time::Duration;
+//! use session_proxy::store::postgres::PostgresStore;
+//!
+//! let store = PostgresStore::connect(
+//!     "postgres://postgres@127.0.0.1/test", "sessions", 8, Duration::from_secs(2),
+//! ).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Round trips to the server once a connection's statements are prepared
+//! (the first use of each on a connection adds one): `load` 1, `touch` 1,
+//! `delete` 1, `modify` 2: `BEGIN` + `SELECT … FOR UPDATE` pipelined, then
+//! the write + `COMMIT` pipelined (or `ROLLBACK` when nothing changes); two
+//! more when it loses the race to create a record.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use sha2::{Digest, Sha256};
+use tokio::time::{timeout_at, Instant};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
+
+/// Rows deleted by one sweep statement: small enough that no statement
+/// holds many row locks or runs for long.
+const SWEEP_BATCH: i64 = 1000;
+
+/// How often `modify` starts over after losing an insert race (another
+/// proxy created the same record between our read and our insert).
+const MAX_INSERT_RACES: usize = 8;
+
+/// A session store on a PostgreSQL table. Cheap to share: it is a pool.
+pub struct PostgresStore {
+    pool: Pool,
+    /// Connections that wait for or hold a lease: a pool of their own, so
+    /// requests waiting for a lease never starve the ones holding it.
+    lease_pool: Pool,
+    table: String,
+    sql: Statements,
+    timeout: Duration,
+    /// The first key of the two-key advisory locks of this table's leases.
+    lease_class: i32,
+}
+
+/// The statements, with the table name in place. Each is prepared once per
+/// connection (the pool's statement cache).
+struct Statements {
+    create: String,
+    load: String,
+    lock: String,
+    insert: String,
+    update: String,
+    delete: String,
+    touch: String,
+    sweep_idle: String,
+    page: String,
+    delete_many: String,
+    list: String,
+}
+
+impl Statements {
+    fn new(table: &str) -> Statements {
+        // `timestamp` has no time zone: every atime is written and compared
+        // as UTC, whatever the server's TimeZone setting.
+        const ATIME: &str = "to_timestamp($2::bigint) AT TIME ZONE 'UTC'";
+        Statements {
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {table} (\
+                 session_id char(128) UNIQUE NOT NULL, \
+                 atime timestamp NOT NULL default current_timestamp, \
+                 data text)"
+            ),
+            load: format!("SELECT data FROM {table} WHERE session_id = $1"),
+            lock: format!("SELECT data FROM {table} WHERE session_id = $1 FOR UPDATE"),
+            insert: format!(
+                "INSERT INTO {table} (session_id, atime, data) VALUES ($1, {ATIME}, $3) \
+                 ON CONFLICT (session_id) DO NOTHING"
+            ),
+            update: format!("UPDATE {table} SET atime = {ATIME}, data = $3 WHERE session_id = $1"),
+            delete: format!("DELETE FROM {table} WHERE session_id = $1"),
+            // A touch in one statement: the record's atime inside the JSON
+            // and the column move together, and never backwards.
+            touch: format!(
+                "UPDATE {table} SET \
+                 data = jsonb_set(data::jsonb, '{{atime}}', to_jsonb(GREATEST(\
+                 (data::jsonb ->> 'atime')::bigint, $2::bigint)))::text, \
+                 atime = GREATEST(atime, {ATIME}) \
+                 WHERE session_id = $1"
+            ),
+            // Locks only the rows it deletes, skips rows another
+            // transaction holds, and re-checks `atime` on rows updated since
+            // its snapshot (FOR UPDATE), so a session touched meanwhile lives.
+            sweep_idle: format!(
+                "DELETE FROM {table} WHERE ctid = ANY(ARRAY(\
+                 SELECT ctid FROM {table} WHERE atime < to_timestamp($1::bigint) AT TIME ZONE 'UTC' \
+                 LIMIT $2 FOR UPDATE SKIP LOCKED))"
+            ),
+            page: format!(
+                "SELECT session_id, data FROM {table} WHERE session_id > $1 \
+                 ORDER BY session_id LIMIT $2"
+            ),
+            delete_many: format!("DELETE FROM {table} WHERE session_id = ANY($1::bpchar[])"),
+            list: format!("SELECT session_id, data FROM {table}"),
+        }
+    }
+}
+
+/// Why an operation on a connection failed: the connection's state is
+/// unknown (it is dropped, not returned to the pool), or the store refused
+/// cleanly.
+enum Failure {
+    Connection(StoreError),
+    Clean(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(error: tokio_postgres::Error) -> Failure {
+        Failure::Connection(unavailable(&error))
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user@host:port/db`, or libpq's
+    /// `key=value` form), creates `table` if it is missing, and keeps up to
+    /// `pool_size` connections. Every operation, connecting included, gives
+    /// up after `timeout`.
+    pub async fn connect(
+        url: &str,
+        table: &str,
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<PostgresStore, StoreError> {
+        if !is_plain_identifier(table) {
+            return Err(StoreError::Unavailable(format!(
+                "postgres: table name {table:?} is not a plain SQL identifier"
+            )));
+        }
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|_| StoreError::Unavailable("postgres: invalid url".into()))?;
+        config.connect_timeout(timeout);
+        if config.get_application_name().is_none() {
+            config.application_name("session-proxy");
+        }
+        let pool_size = pool_size.max(1);
+        let build = |size: usize| {
+            let manager = Manager::from_config(
+                config.clone(),
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .build()
+                .map_err(|error| StoreError::Unavailable(format!("postgres: pool: {error}")))
+        };
+        let store = PostgresStore {
+            pool: build(pool_size)?,
+            lease_pool: build(pool_size)?,
+            table: table.to_owned(),
+            sql: Statements::new(table),
+            timeout,
+            lease_class: lease_class(table),
+        };
+        store.create_table().await?;
+        Ok(store)
+    }
+
+    /// Creates the table unless it exists. Looked up first: CREATE ... IF
+    /// NOT EXISTS still needs the right to create in the schema, which a
+    /// role that may only use an existing table lacks.
+    async fn create_table(&self) -> Result<(), StoreError> {
+        let (client, deadline) = self.checkout().await?;
+        let create = async {
+            let exists = client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table])
+                .await?;
+            if exists.try_get::<_, bool>(0)? {
+                return Ok(());
+            }
+            match client.batch_execute(&self.sql.create).await {
+                // Two proxies starting together can race on the catalog;
+                // the loser finds the table made.
+                Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    Ok(client.batch_execute(&self.sql.create).await?)
+                }
+                other => Ok(other?),
+            }
+        };
+        let outcome = timeout_at(deadline, create).await;
+        finish(client, outcome)
+    }
+
+    /// A pooled connection and the deadline of the operation it is for.
+    async fn checkout(&self) -> Result<(Object, Instant), StoreError> {
+        let deadline = Instant::now() + self.timeout;
+        Ok((checkout(&self.pool, deadline).await?, deadline))
+    }
+
+    async fn load_on(
+        &self,
+        client: &ClientWrapper,
+        handle: &Handle,
+    ) -> Result<Option<Record>, Failure> {
+        let load = client.prepare_cached(&self.sql.load).await?;
+        match client.query_opt(&load, &[&handle.as_str()]).await? {
+            Some(row) => Ok(Some(decode(handle, text(&row, 0)).map_err(Failure::Clean)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn modify_on(
+        &self,
+        client: &ClientWrapper,
+        handle: &Handle,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, Failure> {
+        let lock = client.prepare_cached(&self.sql.lock).await?;
+        let insert = client.prepare_cached(&self.sql.insert).await?;
+        let update = client.prepare_cached(&self.sql.update).await?;
+        let delete = client.prepare_cached(&self.sql.delete).await?;
+        let key = handle.as_str();
+        // A present row is locked by FOR UPDATE until COMMIT, so its update
+        // cannot lose another's. An absent row cannot be locked: two
+        // proxies may both decide on "absent"; the insert then does nothing
+        // for the second (ON CONFLICT), which starts over and decides again
+        // on the first one's record. No advisory lock on the common path.
+        for _ in 0..MAX_INSERT_RACES {
+            // Pipelined: one round trip for both.
+            let params: [&(dyn ToSql + Sync); 1] = [&key];
+            let (begun, row) = tokio::join!(
+                client.batch_execute("BEGIN"),
+                client.query_opt(&lock, &params)
+            );
+            begun?;
+            let current = match row? {
+                Some(row) => match decode(handle, text(&row, 0)) {
+                    Ok(record) => Some(record),
+                    Err(error) => return rollback(client, Err(error)).await,
+                },
+                None => None,
+            };
+            let change = match decide(current.as_ref()) {
+                Ok(change) => change,
+                Err(reason) => return rollback(client, Err(StoreError::Rejected(reason))).await,
+            };
+            let (written, record) = match change {
+                Change::Keep => return rollback(client, Ok(current)).await,
+                Change::Delete if current.is_none() => return rollback(client, Ok(None)).await,
+                Change::Delete => {
+                    let (deleted, committed) = tokio::join!(
+                        client.execute(&delete, &params),
+                        client.batch_execute("COMMIT")
+                    );
+                    deleted?;
+                    committed?;
+                    return Ok(None);
+                }
+                Change::Put(record) => {
+                    let json = encode(&record)?;
+                    let atime = unix_i64(record.atime);
+                    let statement = if current.is_some() { &update } else { &insert };
+                    let params: [&(dyn ToSql + Sync); 3] = [&key, &atime, &json];
+                    let (written, committed) = tokio::join!(
+                        client.execute(statement, &params),
+                        client.batch_execute("COMMIT")
+                    );
+                    committed?;
+                    (written?, record)
+                }
+            };
+            if written == 1 {
+                return Ok(Some(record));
+            }
+        }
+        Err(Failure::Clean(StoreError::Unavailable(
+            "postgres: contention".into(),
+        )))
+    }
+
+    async fn touch_on(
+        &self,
+        client: &ClientWrapper,
+        handle: &Handle,
+        atime: u64,
+    ) -> Result<(), Failure> {
+        let touch = client.prepare_cached(&self.sql.touch).await?;
+        match client
+            .execute(&touch, &[&handle.as_str(), &unix_i64(atime)])
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) if is_bad_data(&error) => Err(Failure::Clean(corrupt(
+                handle,
+                "data is not a JSON record".into(),
+            ))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn delete_on(&self, client: &ClientWrapper, handle: &Handle) -> Result<bool, Failure> {
+        let delete = client.prepare_cached(&self.sql.delete).await?;
+        Ok(client.execute(&delete, &[&handle.as_str()]).await? > 0)
+    }
+
+    async fn list_on(&self, client: &ClientWrapper) -> Result<Vec<(Handle, Record)>, Failure> {
+        let list = client.prepare_cached(&self.sql.list).await?;
+        let rows = client.query(&list, &[]).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| readable(text(row, 0), text(row, 1)))
+            .collect())
+    }
+
+    /// Deletes up to [`SWEEP_BATCH`] rows idle since before `cutoff`.
+    async fn sweep_idle_batch(&self, client: &ClientWrapper, cutoff: u64) -> Result<u64, Failure> {
+        let sweep = client.prepare_cached(&self.sql.sweep_idle).await?;
+        Ok(client
+            .execute(&sweep, &[&unix_i64(cutoff), &SWEEP_BATCH])
+            .await?)
+    }
+
+    /// Reads the page of rows after `after` (by handle) and deletes those
+    /// past the absolute timeout. Returns the last handle read (`None`: the
+    /// end) and how many were deleted. `created` never changes, so deleting
+    /// by handle cannot remove a record that has meanwhile become young.
+    async fn sweep_absolute_page(
+        &self,
+        client: &ClientWrapper,
+        after: &str,
+        now: u64,
+        absolute: u64,
+    ) -> Result<(Option<String>, u64), Failure> {
+        let page = client.prepare_cached(&self.sql.page).await?;
+        let delete_many = client.prepare_cached(&self.sql.delete_many).await?;
+        let rows = client.query(&page, &[&after, &SWEEP_BATCH]).await?;
+        let last = rows
+            .last()
+            .and_then(|row| text(row, 0))
+            .map(|session_id| session_id.trim_end().to_owned());
+        let expired: Vec<String> = rows
+            .iter()
+            .filter_map(|row| readable(text(row, 0), text(row, 1)))
+            .filter(|(_, record)| now.saturating_sub(record.created) > absolute)
+            .map(|(handle, _)| handle.as_str().to_owned())
+            .collect();
+        let deleted = if expired.is_empty() {
+            0
+        } else {
+            client.execute(&delete_many, &[&expired]).await?
+        };
+        Ok((last, deleted))
+    }
+
+    /// Takes the cross-instance lease of `handle`: a session-level advisory
+    /// lock held on a connection of its own, waiting at most `wait` for
+    /// another holder. The server releases it when the connection drops, so
+    /// a crashed proxy's leases go with its connections (its TCP
+    /// keep-alives are set to notice a vanished host within ~10 s).
+    /// `_lease_ttl` is there for the common lease API: a lock tied to a
+    /// connection needs no expiry.
+    pub async fn acquire_lease(
+        &self,
+        handle: &Handle,
+        wait: Duration,
+        _lease_ttl: Duration,
+    ) -> Result<PostgresLease, StoreError> {
+        let deadline = Instant::now() + wait + self.timeout;
+        let client = checkout(&self.lease_pool, deadline).await?;
+        let key = self.lease_key(handle);
+        // lock_timeout bounds the server-side wait; the keep-alives make the
+        // server drop the lock of a host that vanished without a FIN.
+        let setup = format!(
+            "SET lock_timeout = {}; SET tcp_keepalives_idle = 5; \
+             SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3",
+            wait.as_millis().max(1)
+        );
+        let acquired = timeout_at(deadline, async {
+            let lock = client
+                .prepare_cached("SELECT pg_advisory_lock($1, $2)")
+                .await?;
+            let params: [&(dyn ToSql + Sync); 2] = [&key.0, &key.1];
+            let (set, locked, reset) = tokio::join!(
+                client.batch_execute(&setup),
+                client.execute(&lock, &params),
+                client.batch_execute("RESET lock_timeout")
+            );
+            set?;
+            reset?;
+            locked
+        })
+        .await;
+        match acquired {
+            Ok(Ok(_)) => Ok(PostgresLease {
+                client: Some(client),
+                key,
+                timeout: self.timeout,
+            }),
+            Ok(Err(error)) if error.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                Err(StoreError::Busy("postgres: lease wait timed out".into()))
+            }
+            Ok(Err(error)) => {
+                discard(client);
+                Err(unavailable(&error))
+            }
+            Err(_elapsed) => {
+                discard(client);
+                Err(StoreError::Unavailable(
+                    "postgres: lease wait timed out".into(),
+                ))
+            }
+        }
+    }
+
+    /// The advisory lock keys of `handle`'s lease: this table's class and
+    /// 32 bits of the handle. A collision only makes two sessions share a
+    /// lease now and then.
+    fn lease_key(&self, handle: &Handle) -> (i32, i32) {
+        let objid = u32::from_str_radix(&handle.as_str()[..8], 16).unwrap_or(0);
+        (self.lease_class, i32::from_ne_bytes(objid.to_ne_bytes()))
+    }
+}
+
+/// A held lease (see [`PostgresStore::acquire_lease`]). Dropping it without
+/// [`PostgresLease::release`] closes its connection, which frees the lock.
+pub struct PostgresLease {
+    client: Option<Object>,
+    key: (i32, i32),
+    timeout: Duration,
+}
+
+impl PostgresLease {
+    /// Frees the lock and returns the connection to the pool.
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        let Some(client) = self.client.take() else {
+            return Ok(());
+        };
+        let unlock = async {
+            let unlock = client
+                .prepare_cached("SELECT pg_advisory_unlock($1, $2)")
+                .await?;
+            client.execute(&unlock, &[&self.key.0, &self.key.1]).await
+        };
+        match tokio::time::timeout(self.timeout, unlock).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => {
+                discard(client);
+                Err(unavailable(&error))
+            }
+            Err(_elapsed) => {
+                discard(client);
+                Err(StoreError::Unavailable("postgres: timed out".into()))
+            }
+        }
+    }
+}
+
+impl Drop for PostgresLease {
+    fn drop(&mut self) {
+        // Never hand a connection that still holds the lock back to the pool.
+        if let Some(client) = self.client.take() {
+            discard(client);
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
+        let (client, deadline) = self.checkout().await?;
+        let outcome = timeout_at(deadline, self.load_on(&client, handle)).await;
+        finish(client, outcome)
+    }
+
+    async fn modify(
+        &self,
+        handle: &Handle,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError> {
+        let (client, deadline) = self.checkout().await?;
+        let outcome = timeout_at(deadline, self.modify_on(&client, handle, decide)).await;
+        finish(client, outcome)
+    }
+
+    async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
+        let (client, deadline) = self.checkout().await?;
+        let outcome = timeout_at(deadline, self.touch_on(&client, handle, atime)).await;
+        finish(client, outcome)
+    }
+
+    async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
+        let (client, deadline) = self.checkout().await?;
+        let outcome = timeout_at(deadline, self.delete_on(&client, handle)).await;
+        finish(client, outcome)
+    }
+
+    async fn list(&self) -> Result<Vec<(Handle, Record)>, StoreError> {
+        let (client, deadline) = self.checkout().await?;
+        let outcome = timeout_at(deadline, self.list_on(&client)).await;
+        finish(client, outcome)
+    }
+
+    /// Idle records go by the `atime` column, in batches of
+    /// [`SWEEP_BATCH`], each its own statement and transaction. With an
+    /// absolute timeout, the records are then read page by page (by
+    /// handle) to find their `created`; that pass reads the whole table.
+    async fn delete_expired(&self, now: u64, expiry: Expiry) -> Result<u64, StoreError> {
+        let idle_cutoff = now.saturating_sub(expiry.timeout);
+        let mut deleted = 0;
+        loop {
+            let (client, deadline) = self.checkout().await?;
+            let outcome = timeout_at(deadline, self.sweep_idle_batch(&client, idle_cutoff)).await;
+            let batch = finish(client, outcome)?;
+            deleted += batch;
+            if batch < SWEEP_BATCH as u64 {
+                break;
+            }
+        }
+        if let Some(absolute) = expiry.absolute {
+            let mut after = String::new();
+            loop {
+                let (client, deadline) = self.checkout().await?;
+                let page = self.sweep_absolute_page(&client, &after, now, absolute);
+                let outcome = timeout_at(deadline, page).await;
+                let (last, batch) = finish(client, outcome)?;
+                deleted += batch;
+                match last {
+                    Some(last) => after = last,
+                    None => break,
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let (client, deadline) = self.checkout().await?;
+        let outcome = timeout_at(deadline, async {
+            Ok(client.batch_execute("SELECT 1").await?)
+        })
+        .await;
+        finish(client, outcome)
+    }
+
+    async fn acquire_lease(
+        &self,
+        handle: &Handle,
+        wait: Duration,
+        ttl: Duration,
+    ) -> Result<Option<Box<dyn super::Lease>>, StoreError> {
+        let lease = PostgresStore::acquire_lease(self, handle, wait, ttl).await?;
+        Ok(Some(Box::new(lease)))
+    }
+}
+
+/// The answer of an operation run on `client` within its deadline. A
+/// connection whose state is unknown afterwards (an error, a timeout) is
+/// dropped rather than returned to the pool; the pool opens a new one when
+/// the server answers again.
+fn finish<T>(
+    client: Object,
+    outcome: Result<Result<T, Failure>, tokio::time::error::Elapsed>,
+) -> Result<T, StoreError> {
+    match outcome {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(Failure::Clean(error))) => Err(error),
+        Ok(Err(Failure::Connection(error))) => {
+            discard(client);
+            Err(error)
+        }
+        Err(_elapsed) => {
+            discard(client);
+            Err(StoreError::Unavailable("postgres: timed out".into()))
+        }
+    }
+}
+
+async fn checkout(pool: &Pool, deadline: Instant) -> Result<Object, StoreError> {
+    match timeout_at(deadline, pool.get()).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(deadpool_postgres::PoolError::Backend(error))) => Err(unavailable(&error)),
+        Ok(Err(error)) => Err(StoreError::Unavailable(format!("postgres: {error}"))),
+        Err(_elapsed) => Err(StoreError::Unavailable("postgres: timed out".into())),
+    }
+}
+
+/// Ends the open transaction, then answers `outcome`.
+async fn rollback<T>(client: &ClientWrapper, outcome: Result<T, StoreError>) -> Result<T, Failure> {
+    client.batch_execute("ROLLBACK").await?;
+    outcome.map_err(Failure::Clean)
+}
+
+/// Takes a connection out of its pool; dropping it closes it.
+fn discard(client: Object) {
+    drop(Object::take(client));
+}
+
+/// A text column of `row`; `None` for NULL or a column of another type
+/// (a table made by hand), which must not panic.
+fn text(row: &Row, column: usize) -> Option<String> {
+    row.try_get(column).ok().flatten()
+}
+
+fn decode(handle: &Handle, data: Option<String>) -> Result<Record, StoreError> {
+    let data = data.ok_or_else(|| corrupt(handle, "data is NULL or not text".into()))?;
+    serde_json::from_str(&data).map_err(|error| {
+        // serde's message may quote the data; keep only where it broke.
+        corrupt(
+            handle,
+            format!(
+                "invalid record JSON ({:?} error at line {} column {})",
+                error.classify(),
+                error.line(),
+                error.column()
+            ),
+        )
+    })
+}
+
+fn encode(record: &Record) -> Result<String, Failure> {
+    serde_json::to_string(record).map_err(|error| {
+        Failure::Clean(StoreError::Unavailable(format!(
+            "postgres: cannot encode record: {error}"
+        )))
+    })
+}
+
+/// A listed row as (handle, record), or `None` (logged) if either is not
+/// what this store writes: `sessions list` shows the rest.
+fn readable(session_id: Option<String>, data: Option<String>) -> Option<(Handle, Record)> {
+    let Some(handle) = session_id
+        .as_deref()
+        .map(str::trim_end)
+        .and_then(Handle::parse)
+    else {
+        log::warn!("postgres: skipping a row whose session_id is not a handle");
+        return None;
+    };
+    match decode(&handle, data) {
+        Ok(record) => Some((handle, record)),
+        Err(error) => {
+            log::warn!("postgres: skipping {error}");
+            None
+        }
+    }
+}
+
+fn corrupt(handle: &Handle, detail: String) -> StoreError {
+    StoreError::Corrupt {
+        handle: handle.short().to_owned(),
+        detail,
+    }
+}
+
+/// A short message: the server's primary message or the I/O failure, never
+/// the statement's parameters.
+fn unavailable(error: &tokio_postgres::Error) -> StoreError {
+    let message = match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    };
+    StoreError::Unavailable(format!("postgres: {message}"))
+}
+
+/// The stored data is not JSON, or its atime not a number.
+fn is_bad_data(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::INVALID_TEXT_REPRESENTATION)
+        || error.code() == Some(&SqlState::INVALID_PARAMETER_VALUE)
+}
+
+/// Unix seconds as PostgreSQL's bigint; times past 2^63 s do not occur.
+fn unix_i64(seconds: u64) -> i64 {
+    i64::try_from(seconds).unwrap_or(i64::MAX)
+}
+
+/// `name` or `schema.name`, each an unquoted SQL identifier, so it can be
+/// put into statements as it is (and means what web.py's name means).
+fn is_plain_identifier(table: &str) -> bool {
+    let part = |name: &str| {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && name.len() <= 63
+    };
+    match table.split_once('.') {
+        Some((schema, name)) => part(schema) && part(name),
+        None => part(table),
+    }
+}
+
+/// The first advisory-lock key of `table`'s leases, so two tables (or
+/// another application's locks on other classes) never share a lease.
+fn lease_class(table: &str) -> i32 {
+    let digest = Sha256::digest(format!("session-proxy lease {table}").as_bytes());
+    i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+#[async_trait]
+impl super::Lease for PostgresLease {
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        PostgresLease::release(*self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        assert!(is_plain_identifier("sessions"));
+        assert!(is_plain_identifier("app.web_sessions2"));
+        assert!(!is_plain_identifier("sessions; drop table x"));
+        assert!(!is_plain_identifier("2sessions"));
+        assert!(!is_plain_identifier("a.b.c"));
+        assert!(!is_plain_identifier(""));
+    }
+
+    #[test]
+    fn a_corrupt_record_error_quotes_no_data() {
+        let handle = Handle::of_id("x");
+        let error = decode(&handle, Some("{\"data\": \"secret-value\"}".into())).unwrap_err();
+        let text = error.to_string();
+        assert!(!text.contains("secret-value"), "{text}");
+        assert!(!text.contains(handle.as_str()), "{text}");
+    }
+}

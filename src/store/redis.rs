@@ -1,0 +1,834 @@
+//! The `redis` store: one key per session, standalone or Redis Cluster,
+//! shared by several proxies.
+//!
+//! `key_prefix + handle` holds the record as JSON, with a TTL of the idle
+//! timeout set on every write and refreshed by every touch, so Redis
+//! expires idle sessions itself (SPEC [6]). With several comma-separated
+//! URLs the store talks to a Redis Cluster; every command names one key, so
+//! it works there unchanged.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), session_proxy::store::StoreError> {
+//! use std::time::Duration;
+//! use session_proxy::store::redis::RedisStore;
+//!
+//! let store = RedisStore::connect(
+//!     "redis://127.0.0.1:6379", "session:", Duration::from_secs(2), 86400,
+//! ).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Writes are optimistic: `modify` reads the record, decides in Rust, and a
+//! script writes only if the key still holds what was read; on a conflict
+//! the script answers the newer value and the decision is made again.
+//! Round trips: `load` 1, `touch` 1, `delete` 1, `modify` 2 (1 when
+//! nothing changes; +1 per conflict; the first use of a script on a server
+//! adds 2, to load it).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, Value};
+use serde::Serialize;
+use serde_json::{Map, Value as Json};
+use tokio::task::JoinHandle;
+
+use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
+
+/// How often `modify` decides again after losing a race before it gives up.
+const MAX_ATTEMPTS: u32 = 64;
+
+/// Keys asked for by one SCAN step.
+const SCAN_COUNT: usize = 500;
+
+/// Writes `ARGV[2]` (or deletes when it is empty) only if the key still
+/// holds `ARGV[1]` (empty: absent); `ARGV[3]` is the TTL in seconds, 0 for
+/// none. Answers 1 when written, else what the key holds now (0: absent),
+/// so the caller can decide again without reading.
+const COMPARE_AND_SET: &str = r"
+local current = redis.call('GET', KEYS[1])
+if (current or '') ~= ARGV[1] then return current or 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+elseif tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+";
+
+/// Moves the record's atime forward to `ARGV[1]` and refreshes the TTL
+/// (`ARGV[2]`) in one step, without decoding the data: this store writes
+/// `atime` first (see [`Stored`]). Answers 1 done, 0 absent, -1 a record in
+/// another layout (the caller falls back to `modify`).
+const TOUCH: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local atime = string.match(current, '^{"atime":(%d+),')
+if not atime then return -1 end
+if tonumber(atime) < tonumber(ARGV[1]) then
+  current = '{"atime":' .. ARGV[1] .. ',' .. string.sub(current, #atime + 11)
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('SET', KEYS[1], current, 'EX', ARGV[2])
+  else
+    redis.call('SET', KEYS[1], current, 'KEEPTTL')
+  end
+elseif tonumber(ARGV[2]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"#;
+
+/// Extends a lease (`ARGV[2]` ms) if it still holds our token `ARGV[1]`.
+const LEASE_REFRESH: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Deletes a lease if it still holds our token `ARGV[1]`.
+const LEASE_RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// A session store on Redis or a Redis Cluster. Cheap to share: both
+/// connections multiplex, and reconnect by themselves.
+pub struct RedisStore {
+    connection: Connection,
+    key_prefix: String,
+    timeout: Duration,
+    idle_ttl: u64,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    compare_and_set: Script,
+    touch: Script,
+    lease_refresh: Script,
+    lease_release: Script,
+}
+
+#[derive(Clone)]
+enum Connection {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Standalone(connection) => connection.req_packed_command(cmd),
+            Connection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Standalone(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            Connection::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Standalone(connection) => connection.get_db(),
+            Connection::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// Where a SCAN runs: the one server, or one master of the cluster.
+enum Node {
+    Standalone,
+    ClusterMaster { host: String, port: u16 },
+}
+
+impl Node {
+    fn routing(&self) -> Option<RoutingInfo> {
+        match self {
+            Node::Standalone => None,
+            Node::ClusterMaster { host, port } => {
+                Some(RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                }))
+            }
+        }
+    }
+}
+
+/// The stored layout: a [`Record`] with `atime` first, so [`TOUCH`] finds
+/// it without decoding the rest. Reading accepts any field order.
+#[derive(Serialize)]
+struct Stored<'a> {
+    atime: u64,
+    created: u64,
+    ip: &'a str,
+    ver: u64,
+    data: &'a Map<String, Json>,
+}
+
+impl RedisStore {
+    /// Connects to `urls`: one `redis://host:port[/db]` URL for a standalone
+    /// server, several (comma-separated) for the nodes of a Redis Cluster.
+    /// Records live under `key_prefix + handle` for `idle_ttl` seconds
+    /// after their last write (0: no TTL). Every command gives up after
+    /// `timeout`; a lost connection is re-established by the next commands.
+    pub async fn connect(
+        urls: &str,
+        key_prefix: &str,
+        timeout: Duration,
+        idle_ttl: u64,
+    ) -> Result<RedisStore, StoreError> {
+        let urls: Vec<&str> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
+        let connection = match urls.as_slice() {
+            [] => return Err(StoreError::Unavailable("redis: no url".into())),
+            [url] => {
+                let client = redis::Client::open(*url)
+                    .map_err(|_| StoreError::Unavailable("redis: invalid url".into()))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(timeout);
+                let manager = ConnectionManager::new_with_config(client, config);
+                Connection::Standalone(bounded(timeout, "connect", manager).await?)
+            }
+            nodes => {
+                let client = ClusterClient::builder(nodes.iter().copied())
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(|_| StoreError::Unavailable("redis: invalid cluster url".into()))?;
+                let connection = client.get_async_connection();
+                Connection::Cluster(bounded(timeout, "connect", connection).await?)
+            }
+        };
+        let store = RedisStore {
+            connection,
+            key_prefix: key_prefix.to_owned(),
+            timeout,
+            idle_ttl,
+            scripts: Arc::new(Scripts {
+                compare_and_set: Script::new(COMPARE_AND_SET),
+                touch: Script::new(TOUCH),
+                lease_refresh: Script::new(LEASE_REFRESH),
+                lease_release: Script::new(LEASE_RELEASE),
+            }),
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    fn key(&self, handle: &Handle) -> String {
+        format!("{}{}", self.key_prefix, handle)
+    }
+
+    /// The handle of a key found by SCAN, if it is one of ours (lease keys
+    /// and strangers under the prefix are not).
+    fn handle_of(&self, key: &str) -> Option<Handle> {
+        key.strip_prefix(&self.key_prefix).and_then(Handle::parse)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let mut connection = self.connection.clone();
+        let command = redis::cmd("GET").arg(key).to_owned();
+        bounded(self.timeout, "get", command.query_async(&mut connection)).await
+    }
+
+    /// Writes `new` (`None`: deletes) if `key` still holds `expected`.
+    /// `Ok(None)` when written, else `Ok(Some(what the key holds now))`.
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<Option<Option<String>>, StoreError> {
+        let mut connection = self.connection.clone();
+        let mut invocation = self.scripts.compare_and_set.key(key);
+        invocation
+            .arg(expected.unwrap_or(""))
+            .arg(new.unwrap_or(""))
+            .arg(self.idle_ttl);
+        let answer: Value = bounded(
+            self.timeout,
+            "write",
+            invocation.invoke_async(&mut connection),
+        )
+        .await?;
+        match answer {
+            Value::Int(1) => Ok(None),
+            Value::Int(0) => Ok(Some(None)),
+            Value::BulkString(bytes) => String::from_utf8(bytes)
+                .map(|current| Some(Some(current)))
+                .map_err(|_| StoreError::Unavailable("redis: record is not UTF-8".into())),
+            _ => Err(StoreError::Unavailable(
+                "redis: unexpected script answer".into(),
+            )),
+        }
+    }
+
+    /// Every master of the cluster, or the one server.
+    async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let Connection::Cluster(connection) = &self.connection else {
+            return Ok(vec![Node::Standalone]);
+        };
+        let mut connection = connection.clone();
+        let command = redis::cmd("CLUSTER").arg("NODES").to_owned();
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+        let answer = bounded(
+            self.timeout,
+            "cluster nodes",
+            connection.route_command(command, routing),
+        )
+        .await?;
+        let text: String = redis::from_redis_value(answer)
+            .map_err(|_| StoreError::Unavailable("redis: unreadable CLUSTER NODES".into()))?;
+        Ok(cluster_masters(&text))
+    }
+
+    /// One SCAN step on `node`: the next cursor ("0": done) and this
+    /// store's keys.
+    async fn scan(&self, node: &Node, cursor: &str) -> Result<(String, Vec<String>), StoreError> {
+        let pattern = format!("{}*", glob_escape(&self.key_prefix));
+        let command = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .to_owned();
+        let answer = self.run_on(node, command).await?;
+        redis::from_redis_value(answer)
+            .map_err(|_| StoreError::Unavailable("redis: unreadable SCAN answer".into()))
+    }
+
+    async fn run_on(&self, node: &Node, command: Cmd) -> Result<Value, StoreError> {
+        let mut connection = self.connection.clone();
+        match (&mut connection, node.routing()) {
+            (Connection::Cluster(cluster), Some(routing)) => {
+                bounded(
+                    self.timeout,
+                    "scan",
+                    cluster.route_command(command, routing),
+                )
+                .await
+            }
+            _ => bounded(self.timeout, "scan", command.query_async(&mut connection)).await,
+        }
+    }
+
+    /// The values of `keys`, all on `node`, in one round trip.
+    async fn get_all(
+        &self,
+        node: &Node,
+        keys: &[String],
+    ) -> Result<Vec<Option<String>>, StoreError> {
+        let mut pipeline = redis::pipe();
+        for key in keys {
+            pipeline.cmd("GET").arg(key);
+        }
+        let mut connection = self.connection.clone();
+        let values: Vec<Value> = match (&mut connection, node.routing()) {
+            (Connection::Cluster(cluster), Some(RoutingInfo::SingleNode(route))) => {
+                let read = cluster.route_pipeline(pipeline, 0, keys.len(), route);
+                bounded(self.timeout, "get", read).await?
+            }
+            _ => bounded(self.timeout, "get", pipeline.query_async(&mut connection)).await?,
+        };
+        values
+            .into_iter()
+            .map(|value| {
+                redis::from_redis_value(value)
+                    .map_err(|_| StoreError::Unavailable("redis: unreadable value".into()))
+            })
+            .collect()
+    }
+
+    /// Calls `visit(key, value)` for every key of this store, node by node,
+    /// one SCAN page at a time.
+    async fn for_each_record<F>(&self, mut visit: F) -> Result<(), StoreError>
+    where
+        F: FnMut(String, String),
+    {
+        for node in self.nodes().await? {
+            let mut cursor = "0".to_owned();
+            loop {
+                let (next, keys) = self.scan(&node, &cursor).await?;
+                if !keys.is_empty() {
+                    let values = self.get_all(&node, &keys).await?;
+                    for (key, value) in keys.into_iter().zip(values) {
+                        if let Some(value) = value {
+                            visit(key, value);
+                        }
+                    }
+                }
+                if next == "0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the cross-instance lease of `handle`, waiting at most `wait`
+    /// for another holder: `SET prefix+lock:handle TOKEN NX PX lease_ttl`
+    /// with a random token, refreshed every third of `lease_ttl` while
+    /// held. A crashed holder's lease expires within `lease_ttl`.
+    pub async fn acquire_lease(
+        &self,
+        handle: &Handle,
+        wait: Duration,
+        lease_ttl: Duration,
+    ) -> Result<RedisLease, StoreError> {
+        let key = format!("{}lock:{}", self.key_prefix, handle);
+        let token = format!("{:032x}", rand::random::<u128>());
+        let ttl_ms = u64::try_from(lease_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let mut connection = self.connection.clone();
+            let command = redis::cmd("SET")
+                .arg(&key)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms)
+                .to_owned();
+            let answer: Value =
+                bounded(self.timeout, "lease", command.query_async(&mut connection)).await?;
+            if matches!(answer, Value::Okay) {
+                break;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(StoreError::Busy("redis: lease wait timed out".into()));
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+        let lost = Arc::new(AtomicBool::new(false));
+        let refresher = tokio::spawn(refresh_lease(
+            self.connection.clone(),
+            Arc::clone(&self.scripts),
+            key.clone(),
+            token.clone(),
+            lease_ttl,
+            self.timeout,
+            Arc::clone(&lost),
+        ));
+        Ok(RedisLease {
+            connection: self.connection.clone(),
+            scripts: Arc::clone(&self.scripts),
+            key,
+            token,
+            timeout: self.timeout,
+            lost,
+            refresher: Some(refresher),
+        })
+    }
+}
+
+/// Extends the lease every third of its TTL for as long as it is held;
+/// stops, marking it lost, when the key no longer holds our token.
+async fn refresh_lease(
+    connection: Connection,
+    scripts: Arc<Scripts>,
+    key: String,
+    token: String,
+    ttl: Duration,
+    timeout: Duration,
+    lost: Arc<AtomicBool>,
+) {
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        let mut connection = connection.clone();
+        let mut invocation = scripts.lease_refresh.key(&key);
+        invocation.arg(&token).arg(ttl_ms);
+        let refresh = invocation.invoke_async::<i64>(&mut connection);
+        match bounded(timeout, "lease refresh", refresh).await {
+            Ok(1) => {}
+            Ok(_) => {
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            // Try again at the next tick; the lease outlives one failure.
+            Err(error) => log::warn!("{error}"),
+        }
+    }
+}
+
+/// A held lease (see [`RedisStore::acquire_lease`]). Dropping it releases
+/// it in the background; [`RedisLease::release`] waits for that.
+pub struct RedisLease {
+    connection: Connection,
+    scripts: Arc<Scripts>,
+    key: String,
+    token: String,
+    timeout: Duration,
+    lost: Arc<AtomicBool>,
+    refresher: Option<JoinHandle<()>>,
+}
+
+impl RedisLease {
+    /// False once the lease was found taken over (it expired while its
+    /// refreshes failed).
+    pub fn is_held(&self) -> bool {
+        !self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Deletes the lease if it is still ours.
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        if let Some(refresher) = self.refresher.take() {
+            refresher.abort();
+        }
+        release_lease(
+            self.connection.clone(),
+            Arc::clone(&self.scripts),
+            self.key.clone(),
+            self.token.clone(),
+            self.timeout,
+        )
+        .await
+    }
+}
+
+impl Drop for RedisLease {
+    fn drop(&mut self) {
+        let Some(refresher) = self.refresher.take() else {
+            return;
+        };
+        refresher.abort();
+        // Outside a runtime the lease simply expires.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let release = release_lease(
+                self.connection.clone(),
+                Arc::clone(&self.scripts),
+                std::mem::take(&mut self.key),
+                std::mem::take(&mut self.token),
+                self.timeout,
+            );
+            runtime.spawn(async move {
+                if let Err(error) = release.await {
+                    log::warn!("{error}");
+                }
+            });
+        }
+    }
+}
+
+async fn release_lease(
+    mut connection: Connection,
+    scripts: Arc<Scripts>,
+    key: String,
+    token: String,
+    timeout: Duration,
+) -> Result<(), StoreError> {
+    let mut invocation = scripts.lease_release.key(&key);
+    invocation.arg(&token);
+    let release = invocation.invoke_async::<i64>(&mut connection);
+    bounded(timeout, "lease release", release).await.map(|_| ())
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
+        match self.get(&self.key(handle)).await? {
+            Some(value) => decode(handle, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn modify(
+        &self,
+        handle: &Handle,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError> {
+        let key = self.key(handle);
+        let mut stored = self.get(&key).await?;
+        for attempt in 0..MAX_ATTEMPTS {
+            let current = match &stored {
+                Some(value) => Some(decode(handle, value)?),
+                None => None,
+            };
+            let (new, outcome) = match decide(current.as_ref()).map_err(StoreError::Rejected)? {
+                Change::Keep => return Ok(current),
+                Change::Delete if stored.is_none() => return Ok(None),
+                Change::Delete => (None, None),
+                Change::Put(record) => (Some(encode(&record)?), Some(record)),
+            };
+            match self
+                .compare_and_set(&key, stored.as_deref(), new.as_deref())
+                .await?
+            {
+                None => return Ok(outcome),
+                Some(newer) => stored = newer,
+            }
+            // Many writers on one key: spread them out a little.
+            if attempt >= 2 {
+                let spread = 1 + rand::random::<u64>() % (1 << attempt.min(5));
+                tokio::time::sleep(Duration::from_millis(spread)).await;
+            }
+        }
+        Err(StoreError::Unavailable("redis: contention".into()))
+    }
+
+    async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let key = self.key(handle);
+        let mut invocation = self.scripts.touch.key(&key);
+        invocation.arg(atime).arg(self.idle_ttl);
+        let touch = invocation.invoke_async::<i64>(&mut connection);
+        if bounded(self.timeout, "touch", touch).await? >= 0 {
+            return Ok(());
+        }
+        // Not this store's layout (written by hand or by another tool).
+        let decide = |current: Option<&Record>| {
+            Ok(match current {
+                Some(record) => Change::Put(Record {
+                    atime: atime.max(record.atime),
+                    ..record.clone()
+                }),
+                None => Change::Keep,
+            })
+        };
+        self.modify(handle, &decide).await.map(|_| ())
+    }
+
+    async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let command = redis::cmd("DEL").arg(self.key(handle)).to_owned();
+        let deleted: i64 =
+            bounded(self.timeout, "delete", command.query_async(&mut connection)).await?;
+        Ok(deleted > 0)
+    }
+
+    async fn list(&self) -> Result<Vec<(Handle, Record)>, StoreError> {
+        let mut records = Vec::new();
+        self.for_each_record(|key, value| {
+            let Some(handle) = self.handle_of(&key) else {
+                return;
+            };
+            match decode(&handle, &value) {
+                Ok(record) => records.push((handle, record)),
+                Err(error) => log::warn!("redis: skipping {error}"),
+            }
+        })
+        .await?;
+        Ok(records)
+    }
+
+    /// Redis expires idle records by their TTL; with an absolute timeout
+    /// every key is scanned (each master of a cluster) and the records past
+    /// either timeout are deleted, each only if unchanged since it was read.
+    async fn delete_expired(&self, now: u64, expiry: Expiry) -> Result<u64, StoreError> {
+        if expiry.absolute.is_none() {
+            return Ok(0);
+        }
+        let mut expired = Vec::new();
+        self.for_each_record(|key, value| {
+            let Some(handle) = self.handle_of(&key) else {
+                return;
+            };
+            if decode(&handle, &value).is_ok_and(|record| expiry.is_expired(&record, now)) {
+                expired.push((key, value));
+            }
+        })
+        .await?;
+        let mut deleted = 0;
+        for (key, value) in expired {
+            if self
+                .compare_and_set(&key, Some(&value), None)
+                .await?
+                .is_none()
+            {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let command = redis::cmd("PING").to_owned();
+        bounded::<Value>(self.timeout, "ping", command.query_async(&mut connection))
+            .await
+            .map(|_| ())
+    }
+
+    async fn acquire_lease(
+        &self,
+        handle: &Handle,
+        wait: Duration,
+        ttl: Duration,
+    ) -> Result<Option<Box<dyn super::Lease>>, StoreError> {
+        let lease = RedisStore::acquire_lease(self, handle, wait, ttl).await?;
+        Ok(Some(Box::new(lease)))
+    }
+}
+
+/// Awaits a Redis call for at most `timeout`; any failure is `Unavailable`
+/// with a short message naming the operation.
+async fn bounded<T>(
+    timeout: Duration,
+    operation: &str,
+    call: impl std::future::Future<Output = RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => {
+            let mut message = error.to_string();
+            message.truncate(160);
+            Err(StoreError::Unavailable(format!(
+                "redis {operation}: {message}"
+            )))
+        }
+        Err(_elapsed) => Err(StoreError::Unavailable(format!(
+            "redis {operation}: timed out"
+        ))),
+    }
+}
+
+fn encode(record: &Record) -> Result<String, StoreError> {
+    let stored = Stored {
+        atime: record.atime,
+        created: record.created,
+        ip: &record.ip,
+        ver: record.ver,
+        data: &record.data,
+    };
+    serde_json::to_string(&stored)
+        .map_err(|error| StoreError::Unavailable(format!("redis: cannot encode record: {error}")))
+}
+
+fn decode(handle: &Handle, value: &str) -> Result<Record, StoreError> {
+    serde_json::from_str(value).map_err(|error| StoreError::Corrupt {
+        handle: handle.short().to_owned(),
+        // serde's message may quote the data; keep only where it broke.
+        detail: format!(
+            "invalid record JSON ({:?} error at line {} column {})",
+            error.classify(),
+            error.line(),
+            error.column()
+        ),
+    })
+}
+
+/// `text` as a SCAN MATCH pattern that matches only itself.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// The reachable masters in a `CLUSTER NODES` answer
+/// (`id host:port@cport[,hostname] flags …` per line).
+fn cluster_masters(nodes: &str) -> Vec<Node> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = fields.nth(1)?;
+            let flags = fields.next()?;
+            let usable = flags.split(',').any(|flag| flag == "master")
+                && !flags
+                    .split(',')
+                    .any(|flag| matches!(flag, "fail" | "fail?" | "handshake" | "noaddr"));
+            if !usable {
+                return None;
+            }
+            let address = address.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some(Node::ClusterMaster {
+                host: host.to_owned(),
+                port: port.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+#[async_trait]
+impl super::Lease for RedisLease {
+    async fn release(self: Box<Self>) -> Result<(), StoreError> {
+        RedisLease::release(*self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_layout_puts_atime_first_and_reads_back() {
+        let record = Record {
+            data: serde_json::from_str(r#"{"atime": 1, "count": 2}"#).unwrap(),
+            created: 10,
+            atime: 20,
+            ip: "127.0.0.1".into(),
+            ver: 3,
+        };
+        let value = encode(&record).unwrap();
+        assert!(value.starts_with(r#"{"atime":20,"#), "{value}");
+        assert_eq!(decode(&Handle::of_id("x"), &value).unwrap(), record);
+    }
+
+    #[test]
+    fn glob_characters_in_the_prefix_are_escaped() {
+        assert_eq!(glob_escape("s*[1]?:"), r"s\*\[1\]\?:");
+    }
+
+    #[test]
+    fn cluster_masters_are_read_from_cluster_nodes() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001,host.example master - 0 0 2 connected 5461-10922
+c3 127.0.0.1:7002@17002 slave a1 0 0 1 connected
+d4 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected
+";
+        let masters: Vec<(String, u16)> = cluster_masters(nodes)
+            .into_iter()
+            .filter_map(|node| match node {
+                Node::ClusterMaster { host, port } => Some((host, port)),
+                Node::Standalone => None,
+            })
+            .collect();
+        assert_eq!(
+            masters,
+            vec![("127.0.0.1".into(), 7000), ("127.0.0.1".into(), 7001)]
+        );
+    }
+}

@@ -1,0 +1,1365 @@
+//! The shared stores against real servers: PostgreSQL at 127.0.0.1:5432,
+//! Redis at 127.0.0.1:6379, and a Redis Cluster each test run starts for
+//! itself. A missing server skips its tests loudly, or fails them with
+//! `SESSION_PROXY_REQUIRE_SERVICES=1` (CI). Every test uses its own table or
+//! key prefix, removed at the end.
+
+#[path = "support/store_cases.rs"]
+#[macro_use]
+mod store_cases;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use session_proxy::store::postgres::PostgresStore;
+use session_proxy::store::redis::RedisStore;
+use session_proxy::store::{Change, Expiry, Handle, Record, Store, StoreError};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+
+const POSTGRES_ADDR: &str = "127.0.0.1:5432";
+const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const REDIS_ADDR: &str = "127.0.0.1:6379";
+/// The store timeout of the fault tests, which measure it.
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// The store timeout elsewhere: generous, as this 2-core machine may be
+/// busy with builds while the concurrency tests run.
+const PATIENT: Duration = Duration::from_secs(15);
+const IDLE_TTL: u64 = 3600;
+
+// ---------------------------------------------------------------------------
+// Services: present, or a loud skip.
+
+/// Whether `name` answers at `addr`. When it does not: a failure under
+/// `SESSION_PROXY_REQUIRE_SERVICES=1`, else a loud skip.
+async fn service_up(name: &str, addr: &str) -> bool {
+    let reachable = matches!(
+        tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    );
+    if !reachable {
+        let required = std::env::var("SESSION_PROXY_REQUIRE_SERVICES").as_deref() == Ok("1");
+        assert!(
+            !required,
+            "{name} not reachable at {addr} and SESSION_PROXY_REQUIRE_SERVICES=1"
+        );
+        eprintln!(
+            "\n******** SKIPPED: {name} not reachable at {addr} (set \
+             SESSION_PROXY_REQUIRE_SERVICES=1 to make this a failure) ********\n"
+        );
+    }
+    reachable
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+/// Runs `work` to completion on a runtime of its own: for clean-up in
+/// `Drop`, which may run inside (or outside) the test's runtime.
+fn block_on_fresh<F: std::future::Future<Output = ()> + Send + 'static>(work: F) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            runtime.block_on(work);
+        }
+    })
+    .join();
+}
+
+/// A fresh table name, dropped with the guard.
+struct PgTable {
+    name: String,
+}
+
+impl PgTable {
+    async fn new() -> Option<PgTable> {
+        service_up("PostgreSQL", POSTGRES_ADDR)
+            .await
+            .then(|| PgTable {
+                name: unique("sessions_test"),
+            })
+    }
+
+    async fn store(&self) -> PostgresStore {
+        PostgresStore::connect(POSTGRES_URL, &self.name, 4, PATIENT)
+            .await
+            .expect("connect to PostgreSQL")
+    }
+}
+
+impl Drop for PgTable {
+    fn drop(&mut self) {
+        let drop_table = format!("DROP TABLE IF EXISTS {}", self.name);
+        block_on_fresh(async move {
+            if let Ok(client) = sql_client().await {
+                let _ = client.batch_execute(&drop_table).await;
+            }
+        });
+    }
+}
+
+/// A plain connection, for looking at and arranging the table directly.
+async fn sql_client() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(POSTGRES_URL, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// A fresh key prefix, whose keys are deleted with the guard.
+struct RedisPrefix {
+    prefix: String,
+    urls: String,
+}
+
+impl RedisPrefix {
+    async fn new() -> Option<RedisPrefix> {
+        service_up("Redis", REDIS_ADDR).await.then(|| RedisPrefix {
+            prefix: format!("{}:", unique("test_session")),
+            urls: format!("redis://{REDIS_ADDR}"),
+        })
+    }
+
+    async fn store(&self) -> RedisStore {
+        RedisStore::connect(&self.urls, &self.prefix, PATIENT, IDLE_TTL)
+            .await
+            .expect("connect to Redis")
+    }
+}
+
+impl Drop for RedisPrefix {
+    fn drop(&mut self) {
+        let pattern = format!("{}*", self.prefix);
+        let url = format!("redis://{REDIS_ADDR}");
+        block_on_fresh(async move {
+            let Ok(mut connection) = redis_connection(&url).await else {
+                return;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut connection)
+                .await
+                .unwrap_or_default();
+            for key in keys {
+                let _: Result<i64, _> = redis::cmd("DEL")
+                    .arg(key)
+                    .query_async(&mut connection)
+                    .await;
+            }
+        });
+    }
+}
+
+async fn redis_connection(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await
+}
+
+// ---------------------------------------------------------------------------
+// The suite every store runs (tests/support/store_cases.rs). Its cases use
+// fresh handles in a store shared by all of them, so they share one table
+// (per test run) or one key prefix (whose keys expire by TTL).
+
+store_cases!(postgres_cases, async { postgres_for_cases().await });
+store_cases!(redis_cases, async { redis_for_cases().await });
+
+/// The suite's cases cannot skip: an absent server fails them, with the
+/// loud message first.
+async fn postgres_for_cases() -> Arc<dyn Store> {
+    if !service_up("PostgreSQL", POSTGRES_ADDR).await {
+        panic!("PostgreSQL not reachable at {POSTGRES_ADDR}: the store suite cannot run");
+    }
+    static TABLE: OnceLock<String> = OnceLock::new();
+    static STALE_DROPPED: AtomicBool = AtomicBool::new(false);
+    // The table of this run, named by its start, so a later run can drop
+    // what runs of more than an hour ago left (the harness has no teardown).
+    let table =
+        TABLE.get_or_init(|| format!("store_cases_{}_{:08x}", now(), rand::random::<u32>()));
+    if !STALE_DROPPED.swap(true, Ordering::SeqCst) {
+        drop_stale_case_tables(now() - 3600).await;
+    }
+    let store = PostgresStore::connect(POSTGRES_URL, table, 4, PATIENT)
+        .await
+        .expect("connect to PostgreSQL");
+    Arc::new(store)
+}
+
+async fn drop_stale_case_tables(started_before: u64) {
+    let Ok(client) = sql_client().await else {
+        return;
+    };
+    let Ok(rows) = client
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE tablename LIKE 'store\\_cases\\_%'",
+            &[],
+        )
+        .await
+    else {
+        return;
+    };
+    for row in rows {
+        let name: String = row.get(0);
+        let started = name.split('_').nth(2).and_then(|t| t.parse::<u64>().ok());
+        if started.is_some_and(|started| started < started_before) {
+            let _ = client
+                .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                .await;
+        }
+    }
+}
+
+async fn redis_for_cases() -> Arc<dyn Store> {
+    if !service_up("Redis", REDIS_ADDR).await {
+        panic!("Redis not reachable at {REDIS_ADDR}: the store suite cannot run");
+    }
+    let url = format!("redis://{REDIS_ADDR}");
+    let store = RedisStore::connect(&url, "session_proxy_store_cases:", PATIENT, IDLE_TTL)
+        .await
+        .expect("connect to Redis");
+    Arc::new(store)
+}
+
+// ---------------------------------------------------------------------------
+// Records and the behaviours every shared store must show.
+
+fn record(data: Value, created: u64, atime: u64) -> Record {
+    let Value::Object(data) = data else {
+        panic!("session data must be an object")
+    };
+    Record {
+        data,
+        created,
+        atime,
+        ip: "192.0.2.7".into(),
+        ver: 1,
+    }
+}
+
+fn now() -> u64 {
+    session_proxy::session::now()
+}
+
+fn handle(n: usize) -> Handle {
+    Handle::of_id(&format!("test-session-{n}-{}", rand::random::<u64>()))
+}
+
+async fn put(store: &dyn Store, handle: &Handle, record: &Record) {
+    let decide = |_: Option<&Record>| Ok(Change::Put(record.clone()));
+    store.modify(handle, &decide).await.expect("put");
+}
+
+/// The read-modify-write a proxy does for `count += 1`, atomic by `modify`.
+async fn increment(store: &dyn Store, handle: &Handle) -> Result<Option<Record>, StoreError> {
+    let decide = |current: Option<&Record>| {
+        let mut next = current
+            .cloned()
+            .unwrap_or_else(|| record(json!({"count": 0}), now(), now()));
+        let count = next.data.get("count").and_then(Value::as_u64).unwrap_or(0);
+        next.data.insert("count".into(), json!(count + 1));
+        next.ver += u64::from(current.is_some());
+        Ok(Change::Put(next))
+    };
+    store.modify(handle, &decide).await
+}
+
+fn count_of(record: &Record) -> u64 {
+    record.data["count"].as_u64().expect("a count")
+}
+
+/// `n` concurrent increments of one absent record, alternating between two
+/// store instances (two proxies): every one counts.
+async fn increments_from_two_instances_all_count(
+    first: Arc<dyn Store>,
+    second: Arc<dyn Store>,
+    n: usize,
+) {
+    let handle = handle(0);
+    let mut tasks = JoinSet::new();
+    for i in 0..n {
+        let store = if i % 2 == 0 { &first } else { &second };
+        let (store, handle) = (Arc::clone(store), handle.clone());
+        tasks.spawn(async move { increment(store.as_ref(), &handle).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task").expect("increment");
+    }
+    let stored = first.load(&handle).await.unwrap().expect("stored");
+    assert_eq!(count_of(&stored), n as u64);
+    assert_eq!(stored.ver, n as u64, "ver grows by one per change");
+}
+
+/// Concurrent writers of different keys of one session (two proxies): all
+/// keys survive.
+async fn writes_of_different_keys_all_survive(first: Arc<dyn Store>, second: Arc<dyn Store>) {
+    let handle = handle(1);
+    put(first.as_ref(), &handle, &record(json!({}), now(), now())).await;
+    let mut tasks = JoinSet::new();
+    for i in 0..20 {
+        let store = Arc::clone(if i % 2 == 0 { &first } else { &second });
+        let handle = handle.clone();
+        tasks.spawn(async move {
+            let decide = |current: Option<&Record>| {
+                let mut next = current.cloned().ok_or("gone")?;
+                next.data.insert(format!("key{i}"), json!(i));
+                Ok(Change::Put(next))
+            };
+            store.modify(&handle, &decide).await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task").expect("write");
+    }
+    let stored = second.load(&handle).await.unwrap().expect("stored");
+    assert_eq!(stored.data.len(), 20, "{:?}", stored.data);
+}
+
+/// Load, modify, touch, delete and list, as the trait promises.
+async fn round_trip(store: &dyn Store) {
+    let handle = handle(2);
+    let t = now();
+    assert_eq!(store.load(&handle).await.unwrap(), None);
+    let first = record(
+        json!({"user": "ada", "n": 1.5, "nested": {"a": [1, 2]}}),
+        t,
+        t,
+    );
+    put(store, &handle, &first).await;
+    assert_eq!(store.load(&handle).await.unwrap(), Some(first.clone()));
+
+    // Keep writes nothing; a refusal writes nothing and says why.
+    let keep = |_: Option<&Record>| Ok(Change::Keep);
+    assert_eq!(
+        store.modify(&handle, &keep).await.unwrap(),
+        Some(first.clone())
+    );
+    let refuse = |_: Option<&Record>| Err("too big".to_owned());
+    assert!(matches!(
+        store.modify(&handle, &refuse).await,
+        Err(StoreError::Rejected(reason)) if reason == "too big"
+    ));
+
+    // A touch moves atime forward only, and leaves data and ver.
+    store.touch(&handle, t + 100).await.unwrap();
+    store.touch(&handle, t + 50).await.unwrap();
+    let touched = store.load(&handle).await.unwrap().expect("still there");
+    assert_eq!(
+        touched,
+        Record {
+            atime: t + 100,
+            ..first.clone()
+        }
+    );
+
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed, vec![(handle.clone(), touched)]);
+
+    let delete = |_: Option<&Record>| Ok(Change::Delete);
+    assert_eq!(store.modify(&handle, &delete).await.unwrap(), None);
+    assert_eq!(store.load(&handle).await.unwrap(), None);
+    put(store, &handle, &first).await;
+    assert!(store.delete(&handle).await.unwrap());
+    assert!(!store.delete(&handle).await.unwrap());
+    store.touch(&handle, t).await.unwrap();
+    assert_eq!(
+        store.load(&handle).await.unwrap(),
+        None,
+        "a touch creates nothing"
+    );
+    store.ping().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// A TCP relay the fault tests cut and restore.
+
+/// Forwards 127.0.0.1:`port` to `target` until stopped or frozen.
+/// Stopping closes every relayed connection and refuses new ones, as a dead
+/// server does; freezing keeps every connection open but carries nothing
+/// more, as a hung server or a cut cable does.
+struct Relay {
+    port: u16,
+    target: SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl Relay {
+    async fn start(target: &str) -> Relay {
+        let target = target.parse().expect("target address");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let mut relay = Relay {
+            port,
+            target,
+            frozen: tokio::sync::watch::channel(false).0,
+            tasks: None,
+        };
+        relay.serve(listener);
+        relay
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let target = self.target;
+        let frozen = self.frozen.clone();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut frozen = frozen.subscribe();
+                connections.spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let freeze = async {
+                        let _ = frozen.wait_for(|frozen| *frozen).await;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        () = freeze => {}
+                    }
+                    // Hold both ends open, silent, until stopped.
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    fn stop(&mut self) {
+        // Dropping the JoinSets aborts the accept loop and, with it, the
+        // set of relayed connections it owns.
+        self.tasks = None;
+    }
+
+    fn freeze(&mut self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Closes whatever is open (frozen or not) and forwards again.
+    async fn restart(&mut self) {
+        self.stop();
+        self.frozen.send_replace(false);
+        // The aborted accept loop lets go of the port a moment later.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            let socket = TcpSocket::new_v4().expect("socket");
+            socket.set_reuseaddr(true).expect("reuseaddr");
+            match socket.bind(([127, 0, 0, 1], self.port).into()) {
+                Ok(()) => break socket.listen(64).expect("listen"),
+                Err(error) if Instant::now() > deadline => panic!("rebind relay port: {error}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+/// How the relay fails the store.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Stopped,
+    Frozen,
+}
+
+/// With the relay failed, `op` fails as Unavailable within the store's
+/// timeout (plus scheduling slack); once the relay is back, it succeeds
+/// again on the same store.
+async fn survives<F, Fut>(relay: &mut Relay, fault: Fault, op: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    op().await.expect("works through the relay");
+    match fault {
+        Fault::Stopped => relay.stop(),
+        Fault::Frozen => relay.freeze(),
+    }
+    for _ in 0..2 {
+        let started = Instant::now();
+        let outcome = op().await;
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable(_))),
+            "{fault:?}: {outcome:?}"
+        );
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < TIMEOUT + Duration::from_secs(1),
+            "{fault:?}: failed after {elapsed:?}"
+        );
+    }
+    relay.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match op().await {
+            Ok(()) => break,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("{fault:?}: not yet recovered: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("{fault:?}: no recovery after the relay came back: {error}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL
+
+const WEB_PY_DDL: &str = "create table {table} (
+    session_id char(128) UNIQUE NOT NULL,
+    atime timestamp NOT NULL default current_timestamp,
+    data text
+);";
+
+async fn columns(table: &str) -> Vec<(String, String, Option<i32>)> {
+    let client = sql_client().await.unwrap();
+    client
+        .query(
+            "SELECT column_name::text, data_type::text, character_maximum_length \
+             FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect()
+}
+
+fn web_py_columns() -> Vec<(String, String, Option<i32>)> {
+    vec![
+        ("session_id".into(), "character".into(), Some(128)),
+        ("atime".into(), "timestamp without time zone".into(), None),
+        ("data".into(), "text".into(), None),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_uses_a_table_made_with_web_py_ddl_untouched() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let client = sql_client().await.unwrap();
+    client
+        .batch_execute(&WEB_PY_DDL.replace("{table}", &table.name))
+        .await
+        .unwrap();
+    let store = table.store().await;
+    assert_eq!(columns(&table.name).await, web_py_columns());
+
+    let handle = handle(3);
+    let t = now();
+    let stored = record(json!({"count": 1}), t, t);
+    put(&store, &handle, &stored).await;
+
+    // char(128) pads the 64-character handle; the store sees it trimmed.
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT session_id, data, extract(epoch FROM atime)::bigint FROM {}",
+                table.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let session_id: String = row.get(0);
+    assert_eq!(session_id.len(), 128);
+    assert_eq!(session_id.trim_end(), handle.as_str());
+    let data: String = row.get(1);
+    assert_eq!(serde_json::from_str::<Record>(&data).unwrap(), stored);
+    assert_eq!(
+        row.get::<_, i64>(2),
+        t as i64,
+        "atime column is the record's, in UTC"
+    );
+
+    assert_eq!(store.load(&handle).await.unwrap(), Some(stored.clone()));
+    assert_eq!(store.list().await.unwrap(), vec![(handle, stored)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_works_for_a_role_that_may_only_use_the_existing_table() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let client = sql_client().await.unwrap();
+    client
+        .batch_execute(&WEB_PY_DDL.replace("{table}", &table.name))
+        .await
+        .unwrap();
+    let role = Role::new(&client, &table.name).await;
+    let url = format!("postgres://{}@127.0.0.1:5432/test", role.name);
+    let store = PostgresStore::connect(&url, &table.name, 2, PATIENT)
+        .await
+        .expect("no CREATE needed for an existing table");
+    round_trip(&store).await;
+}
+
+/// A login role allowed to read and write one table and nothing else
+/// (PostgreSQL 15 and later give no one CREATE on `public` by default);
+/// dropped with the guard.
+struct Role {
+    name: String,
+}
+
+impl Role {
+    async fn new(client: &tokio_postgres::Client, table: &str) -> Role {
+        let name = unique("session_proxy_role");
+        client
+            .batch_execute(&format!(
+                "CREATE ROLE {name} LOGIN; \
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {name}"
+            ))
+            .await
+            .unwrap();
+        Role { name }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let drop_role = format!(
+            "DROP OWNED BY {name}; DROP ROLE IF EXISTS {name}",
+            name = self.name
+        );
+        block_on_fresh(async move {
+            if let Ok(client) = sql_client().await {
+                let _ = client.batch_execute(&drop_role).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_creates_the_web_py_table_when_missing() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let _first = table.store().await;
+    let _second = table.store().await;
+    assert_eq!(columns(&table.name).await, web_py_columns());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_round_trip() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    round_trip(&table.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_touch_keeps_the_atime_column_current() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let store = table.store().await;
+    let handle = handle(4);
+    let t = now() - 1000;
+    put(&store, &handle, &record(json!({}), t, t)).await;
+    store.touch(&handle, t + 500).await.unwrap();
+    let client = sql_client().await.unwrap();
+    let atime: i64 = client
+        .query_one(
+            &format!(
+                "SELECT extract(epoch FROM atime)::bigint FROM {}",
+                table.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(atime, (t + 500) as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_increments_from_two_instances_all_count() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let (first, second) = (table.store().await, table.store().await);
+    increments_from_two_instances_all_count(Arc::new(first), Arc::new(second), 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_writes_of_different_keys_all_survive() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let (first, second) = (table.store().await, table.store().await);
+    writes_of_different_keys_all_survive(Arc::new(first), Arc::new(second)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_row_that_is_not_a_record_is_corrupt() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let store = table.store().await;
+    let handle = handle(5);
+    let client = sql_client().await.unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {} (session_id, data) VALUES ($1, 'gAJ9cQEu secret pickle')",
+                table.name
+            ),
+            &[&handle.as_str()],
+        )
+        .await
+        .unwrap();
+    for outcome in [
+        store.load(&handle).await.map(|_| ()),
+        increment(&store, &handle).await.map(|_| ()),
+        store.touch(&handle, now()).await,
+    ] {
+        match outcome {
+            Err(StoreError::Corrupt {
+                handle: named,
+                detail,
+            }) => {
+                assert_eq!(named, handle.short());
+                assert!(!detail.contains("secret"), "{detail}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+    assert_eq!(store.list().await.unwrap(), vec![], "list skips it");
+    store.ping().await.unwrap();
+    assert!(store.delete(&handle).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sweeps_expired_records_in_batches() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let store = table.store().await;
+    let client = sql_client().await.unwrap();
+    let t = now();
+    let insert = format!(
+        "INSERT INTO {} (session_id, atime, data) \
+         SELECT md5(n::text || $1) || md5(n::text), to_timestamp($2::bigint) AT TIME ZONE 'UTC', \
+                json_build_object('data', json_build_object(), 'created', $2::bigint, \
+                                  'atime', $2::bigint, 'ip', '', 'ver', 1)::text \
+         FROM generate_series(1, $3::int) AS n",
+        table.name
+    );
+    let idle = (t - 7200) as i64;
+    client
+        .execute(&insert, &[&"idle", &idle, &2500])
+        .await
+        .unwrap();
+    client
+        .execute(&insert, &[&"live", &(t as i64), &10])
+        .await
+        .unwrap();
+    // Touched recently but created long ago: only an absolute timeout ends it.
+    let old = handle(6);
+    put(&store, &old, &record(json!({}), t - 90_000, t)).await;
+
+    let idle_only = Expiry {
+        timeout: 3600,
+        absolute: None,
+    };
+    assert_eq!(store.delete_expired(t, idle_only).await.unwrap(), 2500);
+    assert_eq!(store.list().await.unwrap().len(), 11);
+    assert_eq!(store.delete_expired(t, idle_only).await.unwrap(), 0);
+
+    let with_absolute = Expiry {
+        timeout: 3600,
+        absolute: Some(86_400),
+    };
+    assert_eq!(store.delete_expired(t, with_absolute).await.unwrap(), 1);
+    assert_eq!(store.load(&old).await.unwrap(), None);
+    assert_eq!(store.list().await.unwrap().len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_fails_within_the_timeout_while_cut_off_and_recovers_by_itself() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let mut relay = Relay::start(POSTGRES_ADDR).await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/test", relay.port);
+    let store = PostgresStore::connect(&url, &table.name, 2, TIMEOUT)
+        .await
+        .unwrap();
+    let handle = handle(7);
+    let write_and_read = || async {
+        increment(&store, &handle).await?;
+        store.load(&handle).await.map(|_| ())
+    };
+    for fault in [Fault::Stopped, Fault::Frozen] {
+        survives(&mut relay, fault, write_and_read).await;
+        survives(&mut relay, fault, || store.ping()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_dead_server_at_start_is_an_error_within_the_timeout() {
+    if !service_up("PostgreSQL", POSTGRES_ADDR).await {
+        return;
+    }
+    let mut relay = Relay::start(POSTGRES_ADDR).await;
+    relay.stop();
+    let started = Instant::now();
+    let url = format!("postgres://postgres@127.0.0.1:{}/test", relay.port);
+    let outcome = PostgresStore::connect(&url, "unused", 2, TIMEOUT).await;
+    assert!(matches!(outcome, Err(StoreError::Unavailable(_))));
+    assert!(started.elapsed() < TIMEOUT + Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lease_is_exclusive_across_instances() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let (first, second) = (table.store().await, table.store().await);
+    let handle = handle(8);
+    let wait = Duration::from_millis(300);
+    let ttl = Duration::from_secs(5);
+
+    let held = first.acquire_lease(&handle, wait, ttl).await.unwrap();
+    let started = Instant::now();
+    assert!(matches!(
+        second.acquire_lease(&handle, wait, ttl).await,
+        Err(StoreError::Busy(_))
+    ));
+    assert!(started.elapsed() >= wait && started.elapsed() < wait + TIMEOUT);
+    // Another session's lease is free meanwhile.
+    let other = second.acquire_lease(&handle_b(), wait, ttl).await.unwrap();
+    other.release().await.unwrap();
+
+    held.release().await.unwrap();
+    let taken = second.acquire_lease(&handle, wait, ttl).await.unwrap();
+    // Dropped without release (a crashed holder): its connection goes, and
+    // the lock with it.
+    drop(taken);
+    first
+        .acquire_lease(&handle, Duration::from_secs(2), ttl)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+}
+
+fn handle_b() -> Handle {
+    handle(99)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lease_serializes_blind_read_modify_writes() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let stores: [Arc<PostgresStore>; 2] =
+        [Arc::new(table.store().await), Arc::new(table.store().await)];
+    let handle = handle(9);
+    let mut tasks = JoinSet::new();
+    for i in 0..20 {
+        let (store, handle) = (Arc::clone(&stores[i % 2]), handle.clone());
+        tasks.spawn(async move {
+            let lease = store
+                .acquire_lease(&handle, Duration::from_secs(10), Duration::from_secs(5))
+                .await?;
+            blind_increment(store.as_ref(), &handle).await?;
+            lease.release().await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task").expect("leased increment");
+    }
+    let stored = stores[0].load(&handle).await.unwrap().expect("stored");
+    assert_eq!(count_of(&stored), 20);
+}
+
+/// A read, a pause and a write that ignores what is stored by then: what
+/// `lock = true` protects (an app's own read-modify-write across requests).
+async fn blind_increment(store: &dyn Store, handle: &Handle) -> Result<(), StoreError> {
+    let read = store.load(handle).await?;
+    let count = read.as_ref().map_or(0, count_of);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut next = read.unwrap_or_else(|| record(json!({}), now(), now()));
+    next.data.insert("count".into(), json!(count + 1));
+    put(store, handle, &next).await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Redis
+
+async fn ttl_of(key: &str) -> i64 {
+    let mut connection = redis_connection(&format!("redis://{REDIS_ADDR}"))
+        .await
+        .unwrap();
+    redis::cmd("TTL")
+        .arg(key)
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_round_trip() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    round_trip(&prefix.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_every_write_sets_the_ttl_and_touch_refreshes_it() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await;
+    let handle = handle(10);
+    let key = format!("{}{}", prefix.prefix, handle);
+    let t = now();
+    let stored = record(json!({"a": 1}), t, t);
+    put(&store, &handle, &stored).await;
+    let ttl = ttl_of(&key).await;
+    assert!(
+        (IDLE_TTL as i64 - 2..=IDLE_TTL as i64).contains(&ttl),
+        "{ttl}"
+    );
+
+    let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    let _: i64 = redis::cmd("EXPIRE")
+        .arg(&key)
+        .arg(5)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    store.touch(&handle, t + 10).await.unwrap();
+    assert!(ttl_of(&key).await > 5, "touch refreshes the TTL");
+    assert_eq!(
+        store.load(&handle).await.unwrap(),
+        Some(Record {
+            atime: t + 10,
+            ..stored.clone()
+        })
+    );
+
+    // An older atime changes nothing but still refreshes the TTL.
+    let _: i64 = redis::cmd("EXPIRE")
+        .arg(&key)
+        .arg(5)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    store.touch(&handle, t).await.unwrap();
+    assert!(ttl_of(&key).await > 5);
+    assert_eq!(store.load(&handle).await.unwrap().unwrap().atime, t + 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_touch_handles_a_record_written_in_another_layout() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await;
+    let handle = handle(11);
+    let t = now();
+    let stored = record(json!({"atime": 1}), t, t);
+    // serde's field order: data (with its own "atime") first.
+    let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}{}", prefix.prefix, handle))
+        .arg(serde_json::to_string(&stored).unwrap())
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    store.touch(&handle, t + 7).await.unwrap();
+    assert_eq!(
+        store.load(&handle).await.unwrap(),
+        Some(Record {
+            atime: t + 7,
+            ..stored
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_increments_from_two_instances_all_count() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let (first, second) = (prefix.store().await, prefix.store().await);
+    increments_from_two_instances_all_count(Arc::new(first), Arc::new(second), 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_writes_of_different_keys_all_survive() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let (first, second) = (prefix.store().await, prefix.store().await);
+    writes_of_different_keys_all_survive(Arc::new(first), Arc::new(second)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_value_that_is_not_a_record_is_corrupt_and_not_listed() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await;
+    let handle = handle(12);
+    let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    for (key, value) in [
+        (format!("{}{}", prefix.prefix, handle), "secret garbage"),
+        (format!("{}not-a-handle", prefix.prefix), "{}"),
+    ] {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    match store.load(&handle).await {
+        Err(StoreError::Corrupt {
+            handle: named,
+            detail,
+        }) => {
+            assert_eq!(named, handle.short());
+            assert!(!detail.contains("secret"), "{detail}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert!(matches!(
+        increment(&store, &handle).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(store.list().await.unwrap(), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sweep_deletes_records_past_the_absolute_timeout() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await;
+    let t = now();
+    let (old, young) = (handle(13), handle(14));
+    put(&store, &old, &record(json!({}), t - 90_000, t)).await;
+    put(&store, &young, &record(json!({}), t - 60, t)).await;
+    let idle_only = Expiry {
+        timeout: 3600,
+        absolute: None,
+    };
+    assert_eq!(
+        store.delete_expired(t, idle_only).await.unwrap(),
+        0,
+        "TTL's job"
+    );
+    let with_absolute = Expiry {
+        timeout: 3600,
+        absolute: Some(86_400),
+    };
+    assert_eq!(store.delete_expired(t, with_absolute).await.unwrap(), 1);
+    assert_eq!(store.load(&old).await.unwrap(), None);
+    assert!(store.load(&young).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_fails_within_the_timeout_while_cut_off_and_recovers_by_itself() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let mut relay = Relay::start(REDIS_ADDR).await;
+    let url = format!("redis://127.0.0.1:{}", relay.port);
+    let store = RedisStore::connect(&url, &prefix.prefix, TIMEOUT, IDLE_TTL)
+        .await
+        .unwrap();
+    let handle = handle(15);
+    let write_and_read = || async {
+        increment(&store, &handle).await?;
+        store.load(&handle).await.map(|_| ())
+    };
+    for fault in [Fault::Stopped, Fault::Frozen] {
+        survives(&mut relay, fault, write_and_read).await;
+        survives(&mut relay, fault, || store.ping()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_is_exclusive_refreshed_while_held_and_expires_after_a_crash() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let (first, second) = (prefix.store().await, prefix.store().await);
+    let handle = handle(16);
+    let wait = Duration::from_millis(200);
+    let ttl = Duration::from_millis(300);
+
+    let held = first.acquire_lease(&handle, wait, ttl).await.unwrap();
+    // Held well past its TTL: the refreshes keep it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(held.is_held());
+    let started = Instant::now();
+    assert!(matches!(
+        second.acquire_lease(&handle, wait, ttl).await,
+        Err(StoreError::Busy(_))
+    ));
+    assert!(started.elapsed() >= wait);
+    held.release().await.unwrap();
+    second
+        .acquire_lease(&handle, wait, ttl)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+
+    // A holder that crashed: its lease key, unrefreshed, expires.
+    let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}lock:{}", prefix.prefix, handle))
+        .arg("crashed-holder")
+        .arg("PX")
+        .arg(300)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let lease = first
+        .acquire_lease(&handle, Duration::from_secs(2), ttl)
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    // Dropping releases in the background.
+    drop(lease);
+    second
+        .acquire_lease(&handle, Duration::from_secs(1), ttl)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    assert_eq!(
+        second.list().await.unwrap(),
+        vec![],
+        "lease keys are not sessions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_serializes_blind_read_modify_writes() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let stores: [Arc<RedisStore>; 2] = [
+        Arc::new(prefix.store().await),
+        Arc::new(prefix.store().await),
+    ];
+    let handle = handle(17);
+    let mut tasks = JoinSet::new();
+    for i in 0..20 {
+        let (store, handle) = (Arc::clone(&stores[i % 2]), handle.clone());
+        tasks.spawn(async move {
+            let lease = store
+                .acquire_lease(&handle, Duration::from_secs(10), Duration::from_secs(2))
+                .await?;
+            blind_increment(store.as_ref(), &handle).await?;
+            lease.release().await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task").expect("leased increment");
+    }
+    let stored = stores[0].load(&handle).await.unwrap().expect("stored");
+    assert_eq!(count_of(&stored), 20);
+}
+
+// ---------------------------------------------------------------------------
+// Redis Cluster, started by the test
+
+/// Three cluster-enabled `redis-server`s on free loopback ports, joined
+/// into one cluster; killed (and their directory removed) on drop, whatever
+/// the test's outcome.
+struct Cluster {
+    children: Vec<Child>,
+    ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Cluster {
+    /// `None` (with a loud skip) when `redis-server` is not installed.
+    fn start() -> Option<Cluster> {
+        let installed = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !installed {
+            let required = std::env::var("SESSION_PROXY_REQUIRE_SERVICES").as_deref() == Ok("1");
+            assert!(!required, "redis-server not installed");
+            eprintln!(
+                "\n******** SKIPPED: redis-server not installed: no Redis Cluster test ********\n"
+            );
+            return None;
+        }
+        let dir = std::env::temp_dir().join(unique("session-proxy-cluster"));
+        std::fs::create_dir_all(&dir).expect("cluster directory");
+        let mut cluster = Cluster {
+            children: Vec::new(),
+            ports: free_cluster_ports(3),
+            dir,
+        };
+        for &port in &cluster.ports {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(cluster.dir.join(format!("nodes-{port}.conf")))
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .current_dir(&cluster.dir)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            cluster.children.push(child);
+        }
+        for &port in &cluster.ports {
+            wait_until(|| redis_cli(port, &["ping"]).contains("PONG"));
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for &port in &cluster.ports {
+            wait_until(|| redis_cli(port, &["cluster", "info"]).contains("cluster_state:ok"));
+        }
+        Some(cluster)
+    }
+
+    fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn wait_until(ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(Instant::now() < deadline, "cluster not ready in 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Ports free now, each with its cluster bus port (+10000) free too.
+fn free_cluster_ports(n: usize) -> Vec<u16> {
+    let mut ports = BTreeSet::new();
+    while ports.len() < n {
+        let port = 20_000 + (rand::random::<u16>() % 20_000);
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            ports.insert(port);
+        }
+    }
+    ports.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_round_trip_increments_sweep_and_lease() {
+    let Some(cluster) = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .expect("cluster start")
+    else {
+        return;
+    };
+    let urls = cluster.urls();
+    let connect = || RedisStore::connect(&urls, "session:", PATIENT, IDLE_TTL);
+    let (first, second) = (connect().await.unwrap(), connect().await.unwrap());
+    round_trip(&first).await;
+
+    let (first, second) = (Arc::new(first), Arc::new(second));
+    increments_from_two_instances_all_count(first.clone(), second.clone(), 50).await;
+    writes_of_different_keys_all_survive(first.clone(), second.clone()).await;
+
+    // Records land on every master; list and the sweep scan them all.
+    let t = now();
+    for n in 0..30 {
+        let created = if n < 10 { t - 90_000 } else { t };
+        put(
+            first.as_ref(),
+            &handle(100 + n),
+            &record(json!({}), created, t),
+        )
+        .await;
+    }
+    let per_master: Vec<usize> = cluster
+        .ports
+        .iter()
+        .map(|&port| {
+            redis_cli(port, &["--scan", "--pattern", "session:*"])
+                .lines()
+                .count()
+        })
+        .collect();
+    assert!(per_master.iter().all(|&n| n > 0), "{per_master:?}");
+    assert_eq!(second.list().await.unwrap().len(), 32);
+    let with_absolute = Expiry {
+        timeout: 3600,
+        absolute: Some(86_400),
+    };
+    assert_eq!(second.delete_expired(t, with_absolute).await.unwrap(), 10);
+    assert_eq!(first.list().await.unwrap().len(), 22);
+
+    let handle = handle(18);
+    let lease = first
+        .acquire_lease(&handle, Duration::from_millis(100), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(second
+        .acquire_lease(&handle, Duration::from_millis(100), Duration::from_secs(1))
+        .await
+        .is_err());
+    lease.release().await.unwrap();
+    second.ping().await.unwrap();
+}
