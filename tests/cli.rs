@@ -181,3 +181,29 @@ fn sessions_lists_shows_kills_and_purges_stored_sessions() {
     assert!(stdout(&purge).contains("deleted 1"), "{}", stdout(&purge));
     assert!(stored_files(&config.sessions_dir()).is_empty());
 }
+
+#[test]
+fn check_exits_1_when_a_shared_store_does_not_answer() {
+    let closed = free_port();
+    for store in [
+        vec![
+            "kind = \"redis\"".to_string(),
+            format!("url = \"redis://127.0.0.1:{closed}\""),
+        ],
+        vec![
+            "kind = \"postgres\"".to_string(),
+            format!("url = \"postgres://postgres@127.0.0.1:{closed}/test\""),
+        ],
+    ] {
+        let mut config = ProxyConfig::new(free_port());
+        config.store = store;
+        config = config.store("timeout = 1");
+        let output = run_cli(&["check", "-c", config.write().to_str().unwrap()], &[]);
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        assert!(
+            !stderr(&output).contains("postgres@"),
+            "the URL is not echoed: {}",
+            stderr(&output)
+        );
+    }
+}

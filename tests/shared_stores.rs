@@ -195,4 +195,95 @@ on_each_shared_store!(
     a_kill_through_one_proxy_ends_the_session_for_both,
     concurrent_writes_of_different_keys_through_both_proxies_all_survive,
     with_lock_increments_through_both_proxies_lose_nothing,
+    a_store_that_goes_away_is_a_503_and_comes_back_without_a_restart,
+    the_sessions_command_works_on_the_shared_store,
 );
+
+/// The store behind a relay the test cuts: 503 within the store timeout,
+/// then normal service again without a restart.
+fn a_store_that_goes_away_is_a_503_and_comes_back_without_a_restart(shared: Shared) {
+    if !shared.available() {
+        return;
+    }
+    let mut relay = Relay::start(&format!("127.0.0.1:{}", shared.port()));
+    let upstream = start_upstream();
+    let mut config = ProxyConfig::new(upstream.port);
+    config.store = shared
+        .store_lines("relay")
+        .into_iter()
+        .map(|line| {
+            line.replace(
+                &format!("127.0.0.1:{}", shared.port()),
+                &format!("127.0.0.1:{}", relay.port),
+            )
+        })
+        .collect();
+    config = config.store("timeout = 1");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+
+    relay.stop();
+    let started = std::time::Instant::now();
+    let response = browser.get("/count", &[]);
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (503, "session store unavailable")
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    relay.resume();
+    let mut last = String::new();
+    let back = eventually(std::time::Duration::from_secs(10), || {
+        last = browser.get("/count", &[]).text();
+        last != "session store unavailable"
+    });
+    assert!(back, "still failing after the store came back: {last}");
+    assert_eq!(last, "2", "the session survived the outage");
+}
+
+fn the_sessions_command_works_on_the_shared_store(shared: Shared) {
+    let Some(pair) = pair(shared, "cli", &["timeout = 100"]) else {
+        return;
+    };
+    let mut browser = Browser::new(pair.a.port);
+    let handle = browser
+        .get("/", &[("X-Test-Update", r#"{"secret": "not-listed"}"#)])
+        .session()["sid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = pair._configs.0.path();
+    let path = path.to_str().unwrap();
+    let run = |args: &[&str]| run_cli(args, &[]);
+    let list = run(&["sessions", "list", "-c", path]);
+    let listed = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        list.status.success() && listed.contains(&handle),
+        "{listed}"
+    );
+    assert!(!listed.contains("not-listed"));
+    let show = run(&["sessions", "show", &handle, "-c", path]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("not-listed"));
+    assert!(run(&["sessions", "kill", &handle, "-c", path])
+        .status
+        .success());
+    assert_eq!(
+        run(&["sessions", "show", &handle, "-c", path])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        browser.get("/", &[]).session()["new"],
+        true,
+        "killed for both proxies"
+    );
+    assert!(run(&["sessions", "purge-expired", "-c", path])
+        .status
+        .success());
+}

@@ -487,3 +487,82 @@ impl CountingUpstream {
         self.requests.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// A TCP relay on loopback between the proxy and a service, which a test
+/// stops (every connection cut, nothing listening) and starts again on the
+/// same port: a store that goes away and comes back.
+pub struct Relay {
+    pub port: u16,
+    target: String,
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    pub fn start(target: &str) -> Relay {
+        let mut relay = Relay {
+            port: free_port(),
+            target: target.to_string(),
+            running: Default::default(),
+            connections: Default::default(),
+            acceptor: None,
+        };
+        relay.resume();
+        relay
+    }
+
+    /// Listens again on the same port.
+    pub fn resume(&mut self) {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        self.running.store(true, Ordering::SeqCst);
+        let (running, connections, target) = (
+            self.running.clone(),
+            self.connections.clone(),
+            self.target.clone(),
+        );
+        self.acceptor = Some(std::thread::spawn(move || {
+            while running.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let mut tracked = connections.lock().unwrap();
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                tracked.extend([client, server]);
+            }
+        }));
+    }
+
+    /// Cuts every connection and stops listening.
+    pub fn stop(&mut self) {
+        self.running
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for connection in self.connections.lock().unwrap().drain(..) {
+            let _ = connection.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
