@@ -39,10 +39,10 @@ impl Setup {
     }
 }
 
-#[test]
-fn the_seed_counter_counts_and_starts_over_after_reset() {
+/// `examples/counter.py`, which verifies every token with `KEY`.
+fn start_counter_example() -> Process {
     let port = free_port();
-    let mut counter = Command::new("python3")
+    let mut child = Command::new("python3")
         .arg(repo_root().join("examples/counter.py"))
         .args(["--port", &port.to_string()])
         .env("SESSION_PROXY_SECRET_KEYS", KEY)
@@ -50,11 +50,14 @@ fn the_seed_counter_counts_and_starts_over_after_reset() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_listening(port, &mut counter);
-    let _counter = Process {
-        child: counter,
-        port,
-    };
+    wait_listening(port, &mut child);
+    Process { child, port }
+}
+
+#[test]
+fn the_seed_counter_counts_and_starts_over_after_reset() {
+    let counter = start_counter_example();
+    let port = counter.port;
     let config = ProxyConfig::new(port).session("initializer = { count = 0 }");
     let proxy = config.start();
     let mut browser = Browser::new(proxy.port);
@@ -68,20 +71,8 @@ fn the_seed_counter_counts_and_starts_over_after_reset() {
 
 #[test]
 fn the_counter_app_refuses_requests_that_bypass_the_proxy() {
-    let port = free_port();
-    let mut counter = Command::new("python3")
-        .arg(repo_root().join("examples/counter.py"))
-        .args(["--port", &port.to_string()])
-        .env("SESSION_PROXY_SECRET_KEYS", KEY)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_listening(port, &mut counter);
-    let _counter = Process {
-        child: counter,
-        port,
-    };
+    let counter = start_counter_example();
+    let port = counter.port;
     assert_eq!(
         get(port, "/count", &[("X-Session", "e30.e30.forged")]).status,
         401

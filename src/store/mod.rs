@@ -115,16 +115,7 @@ pub trait Store: Send + Sync {
     /// Writes a new access time (a touch changes neither data nor `ver`).
     /// Does nothing if the record is gone.
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
-        let decide = |current: Option<&Record>| {
-            Ok(match current {
-                Some(record) => Change::Put(Record {
-                    atime: atime.max(record.atime),
-                    ..record.clone()
-                }),
-                None => Change::Keep,
-            })
-        };
-        self.modify(handle, &decide).await.map(|_| ())
+        touch_by_modify(self, handle, atime).await
     }
 
     /// Deletes `handle`; `true` if it was stored.
@@ -150,6 +141,25 @@ pub trait Store: Send + Sync {
     ) -> Result<Option<Box<dyn Lease>>, StoreError> {
         Ok(None)
     }
+}
+
+/// A touch as a [`Store::modify`], for stores without a cheaper way:
+/// `atime` moves forward only, and a record that is gone stays gone.
+pub async fn touch_by_modify<S: Store + ?Sized>(
+    store: &S,
+    handle: &Handle,
+    atime: u64,
+) -> Result<(), StoreError> {
+    let decide = |current: Option<&Record>| {
+        Ok(match current {
+            Some(record) => Change::Put(Record {
+                atime: atime.max(record.atime),
+                ..record.clone()
+            }),
+            None => Change::Keep,
+        })
+    };
+    store.modify(handle, &decide).await.map(|_| ())
 }
 
 /// Opens the store the config names: creates the disk store's directory,

@@ -612,16 +612,7 @@ impl Store for RedisStore {
             return Ok(());
         }
         // Not this store's layout (written by hand or by another tool).
-        let decide = |current: Option<&Record>| {
-            Ok(match current {
-                Some(record) => Change::Put(Record {
-                    atime: atime.max(record.atime),
-                    ..record.clone()
-                }),
-                None => Change::Keep,
-            })
-        };
-        self.modify(handle, &decide).await.map(|_| ())
+        super::touch_by_modify(self, handle, atime).await
     }
 
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
