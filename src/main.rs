@@ -21,6 +21,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let (Command::Run | Command::Check, Some(problem)) = (&command, config.unsupported()) {
+        eprintln!("session-proxy: {problem}");
+        return ExitCode::from(2);
+    }
     match command {
         Command::Run => commands::run(config),
         Command::Check => commands::check(&config),

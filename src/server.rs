@@ -50,13 +50,6 @@ pub fn run(config: Config) -> Result<(), String> {
     server.bootstrap();
     let pingora_conf = server.configuration.clone();
 
-    if config.server.tls.is_some() {
-        return Err(
-            "server.tls_cert/tls_key: TLS listeners are not supported by this build yet; \
-                    terminate TLS in front of the proxy and leave both keys empty"
-                .into(),
-        );
-    }
     let mut proxy_service =
         pingora::proxy::http_proxy_service_with_name(&pingora_conf, proxy, "session-proxy");
     for address in &config.server.listen {

@@ -192,6 +192,27 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl Config {
+    /// What this build cannot do of a valid config: TLS, for now (no TLS
+    /// library is linked). `run` and `check` refuse such a config (exit 2).
+    pub fn unsupported(&self) -> Option<String> {
+        let file = self.file.display();
+        if self.server.tls.is_some() {
+            return Some(format!(
+                "{file}: server.tls_cert/tls_key: TLS listeners are not built into this version; \
+                 terminate TLS in front of the proxy and leave both keys empty"
+            ));
+        }
+        if self.upstream.tls {
+            return Some(format!(
+                "{file}: upstream.tls: TLS to the upstream is not built into this version; \
+                 set tls = false and reach the app over plain HTTP on a private network"
+            ));
+        }
+        None
+    }
+}
+
 /// Reads, defaults and validates the config file at `path`, taking secret
 /// keys from [`SECRET_KEYS_ENV`] when it is set.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
