@@ -28,6 +28,7 @@ use pingora::{Error, ErrorType, Result};
 use serde_json::{Map, Value};
 
 use crate::config::{Config, CookieConfig};
+use crate::limits;
 use crate::metrics::{Metrics, StoreOp};
 use crate::session::cookie::{set_cookie, CookieSigner, Handle, SessionId};
 use crate::session::patch::Instructions;
@@ -332,6 +333,26 @@ impl ProxyHttp for SessionProxy {
             failure: None,
             _lock: None,
         }
+    }
+
+    /// The head is in: stop its clock.
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        limits::head_received(session);
+        Ok(())
+    }
+
+    /// The connection waits for another request: start its idle clock.
+    fn persist_connection_context(
+        &self,
+        session: &Session,
+        _ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        limits::await_next_request(session);
+        None
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
