@@ -1,5 +1,5 @@
 //! What a client can make the proxy hold, bounded: time to send a request
-//! head and time a connection may sit idle.
+//! head, time a connection may sit idle, and the size of a head.
 //!
 //! pingora times out each read of a request head (60 s), never the whole
 //! head, so a client sending a byte every few seconds (slowloris) holds a
@@ -20,7 +20,7 @@
 //! connection for another request.
 //!
 //! pingora's own limits stay in force: a request head of at most 1 MiB and
-//! 256 header lines, or `400`.
+//! 256 header lines, or `400`. [`MAX_HEAD_BYTES`] is ours, and smaller.
 
 use std::future::Future;
 use std::io;
@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::http::RequestHeader;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::TlsRef;
 use pingora::protocols::{
@@ -40,6 +41,10 @@ use pingora::protocols::{
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+/// The most a request head may hold, counting the request line and, per
+/// header, its name, its value and 4 bytes of `: ` and CRLF. Over it: 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// The `[server]` timeouts that apply to every client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +103,14 @@ pub fn await_next_request(session: &pingora::proxy::Session) {
 fn clocked(session: &pingora::proxy::Session) -> Option<&ClockedStream> {
     let stream: &dyn IO = &**session.stream()?;
     stream.as_any().downcast_ref::<ClockedStream>()
+}
+
+/// The size of a request head as [`MAX_HEAD_BYTES`] counts it.
+pub fn head_bytes(request: &RequestHeader) -> usize {
+    let line = request.method.as_str().len() + request.raw_path().len() + " HTTP/1.1\r\n".len() + 1;
+    request.headers.iter().fold(line, |total, (name, value)| {
+        total + name.as_str().len() + value.len() + 4
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

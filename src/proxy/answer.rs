@@ -49,6 +49,7 @@ impl Failure {
             Failure::UpstreamUnreachable => "upstream unreachable",
             Failure::UpstreamTimeout => "upstream timed out",
             Failure::Status(400) => "bad request",
+            Failure::Status(431) => "request header too large",
             Failure::Status(_) | Failure::ClientGone => "request failed",
             Failure::Internal => "internal error",
         }

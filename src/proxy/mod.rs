@@ -335,13 +335,16 @@ impl ProxyHttp for SessionProxy {
         }
     }
 
-    /// The head is in: stop its clock.
+    /// The head is in: stop its clock, and refuse one over our size limit.
     async fn early_request_filter(
         &self,
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
         limits::head_received(session);
+        if limits::head_bytes(session.req_header()) > limits::MAX_HEAD_BYTES {
+            return Err(Error::new(ErrorType::HTTPStatus(431)));
+        }
         Ok(())
     }
 
