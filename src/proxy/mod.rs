@@ -395,10 +395,13 @@ impl ProxyHttp for SessionProxy {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let names = &self.settings.headers;
         if response.status.is_informational() {
+            // Instructions count only in the final response; none reach the client.
+            response.remove_header(&names.update);
+            response.remove_header(&names.action);
             return Ok(());
         }
-        let names = &self.settings.headers;
         let parsed = Instructions::parse(
             &headers::values(&response.headers, &names.update),
             &headers::values(&response.headers, &names.action),
