@@ -2,8 +2,8 @@
 //! at trace level, names sessions by handle prefix only. No session id,
 //! cookie value, token, full handle or secret key appears, whatever
 //! happens: new sessions, updates, regenerate, kill, forged and expired
-//! cookies, invalid updates, store and upstream failures, malformed
-//! requests (which pingora logs with their raw bytes).
+//! cookies, invalid updates, store and upstream failures, malformed,
+//! oversized and unfinished requests (pingora logs some with their raw bytes).
 
 mod support;
 
@@ -48,7 +48,8 @@ fn a_trace_log_of_a_full_run_holds_no_id_cookie_token_or_key() {
         .session("ignore_expiry = false")
         .session("timeout = 1")
         .session("touch_interval = 0")
-        .session("bypass = [\"/static/\"]");
+        .session("bypass = [\"/static/\"]")
+        .server("header_timeout = 1");
     config.upstream = vec!["read_timeout = 1".into(), "connect_timeout = 1".into()];
     let log = config.dir.path().join("proxy.log");
     let proxy = config.start_logging("trace", &log);
@@ -109,6 +110,16 @@ fn a_trace_log_of_a_full_run_holds_no_id_cookie_token_or_key() {
     flood.push_str("\r\n");
     let answer = raw_exchange(port, flood.as_bytes(), Duration::from_secs(5));
     assert_eq!(raw_status(&answer), Some(400));
+    // Over our head limit (431), and a head that never ends (408).
+    let oversized = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nCookie: session_id={second}\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(70_000)
+    );
+    let answer = raw_exchange(port, oversized.as_bytes(), Duration::from_secs(5));
+    assert_eq!(raw_status(&answer), Some(431));
+    let unfinished = format!("GET / HTTP/1.1\r\nHost: x\r\nCookie: session_id={second}\r\n");
+    let answer = raw_exchange(port, unfinished.as_bytes(), Duration::from_secs(5));
+    assert_eq!(raw_status(&answer), Some(408));
 
     // Kill, then a new session that meets a failing store.
     assert_eq!(browser.get("/", &[("X-Test-Action", "kill")]).status, 200);
