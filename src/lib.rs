@@ -12,6 +12,8 @@ pub mod admin;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

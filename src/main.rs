@@ -4,10 +4,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use session_proxy::cli::{Cli, Command};
-use session_proxy::{commands, config};
+use session_proxy::{commands, config, logging};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    logging::init();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
     if let Command::Keygen = command {
@@ -21,6 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    logging::protect(&config.session.secret_keys);
     if let (Command::Run | Command::Check, Some(problem)) = (&command, config.unsupported()) {
         eprintln!("session-proxy: {problem}");
         return ExitCode::from(2);

@@ -15,6 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::limits::{ClientTimeouts, Clocked};
 use crate::metrics::Metrics;
 use crate::proxy::SessionProxy;
 use crate::store::{self, Expiry, Store};
@@ -50,8 +51,15 @@ pub fn run(config: Config) -> Result<(), String> {
     server.bootstrap();
     let pingora_conf = server.configuration.clone();
 
-    let mut proxy_service =
-        pingora::proxy::http_proxy_service_with_name(&pingora_conf, proxy, "session-proxy");
+    // Every client connection on a clock: slow heads and idle connections end.
+    let timeouts = ClientTimeouts {
+        header: Duration::from_secs(config.server.header_timeout),
+        keepalive: Duration::from_secs(config.server.keepalive_timeout),
+    };
+    let mut proxy_service = pingora::services::listening::Service::new(
+        "session-proxy".to_string(),
+        Clocked::new(pingora::proxy::http_proxy(&pingora_conf, proxy), timeouts),
+    );
     for address in &config.server.listen {
         proxy_service.add_tcp(&address.to_string());
     }

@@ -27,6 +27,8 @@ pub(super) struct Server {
     pub tls_cert: String,
     pub tls_key: String,
     pub grace_period: u64,
+    pub header_timeout: u64,
+    pub keepalive_timeout: u64,
 }
 
 impl Default for Server {
@@ -39,6 +41,8 @@ impl Default for Server {
             tls_cert: String::new(),
             tls_key: String::new(),
             grace_period: 10,
+            header_timeout: 10,
+            keepalive_timeout: 60,
         }
     }
 }

@@ -62,6 +62,10 @@ pub struct ServerConfig {
     /// Both paths, or none.
     pub tls: Option<TlsFiles>,
     pub grace_period: u64,
+    /// Seconds from the first byte of a request head to its end.
+    pub header_timeout: u64,
+    /// Seconds a client connection may sit idle before (and between) requests.
+    pub keepalive_timeout: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -50,6 +50,7 @@ fn absent_sections_take_the_spec_defaults() {
     assert!(server.trusted_proxies.is_empty());
     assert!(server.tls.is_none());
     assert_eq!(server.grace_period, 10);
+    assert_eq!((server.header_timeout, server.keepalive_timeout), (10, 60));
 
     let upstream = &config.upstream;
     assert_eq!(upstream.addresses, vec![addr("127.0.0.1:8000")]);
@@ -169,6 +170,17 @@ fn negative_number_is_a_wrong_value() {
         message.starts_with("test.toml:2:16: server.grace_period: expected a non-negative integer"),
         "{message}"
     );
+}
+
+#[test]
+fn client_timeouts_are_at_least_one_second() {
+    for key in ["header_timeout", "keepalive_timeout"] {
+        let message = error(&format!("[server]\n{key} = 0\n"));
+        assert!(
+            message.contains(&format!("server.{key}: expected at least 1, found 0")),
+            "{message}"
+        );
+    }
 }
 
 #[test]

@@ -111,6 +111,8 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
         trusted_proxies,
         tls,
         grace_period: server.grace_period,
+        header_timeout: at_least(src, "server.header_timeout", server.header_timeout, 1)?,
+        keepalive_timeout: at_least(src, "server.keepalive_timeout", server.keepalive_timeout, 1)?,
     })
 }
 

@@ -49,6 +49,7 @@ impl Failure {
             Failure::UpstreamUnreachable => "upstream unreachable",
             Failure::UpstreamTimeout => "upstream timed out",
             Failure::Status(400) => "bad request",
+            Failure::Status(431) => "request header too large",
             Failure::Status(_) | Failure::ClientGone => "request failed",
             Failure::Internal => "internal error",
         }
@@ -78,6 +79,13 @@ impl Failure {
 
 /// Writes a short `text/plain` answer; a client gone meanwhile is not an error.
 async fn respond(session: &mut Session, status: u16, body: Bytes, clear_cookie: Option<String>) {
+    // A response under way (its head sent) cannot be replaced, and a
+    // message written now would land in its body: the connection just ends.
+    if let Some(written) = session.response_written() {
+        if !written.status.is_informational() || written.status == 101 {
+            return;
+        }
+    }
     let Ok(mut head) = ResponseHeader::build(status, Some(4)) else {
         return;
     };

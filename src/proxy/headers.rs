@@ -36,13 +36,16 @@ impl SessionHeaders {
     }
 }
 
-/// Both names are lower case (http's `HeaderName` guarantees it).
+/// Both names are lower case (http's `HeaderName` guarantees it). `_` and
+/// `-` are one character on either side: a configured `X_Session` is
+/// spoofed by a client's `X-Session` as surely as the other way round.
 fn same_name_modulo_underscore(ours: &str, theirs: &str) -> bool {
+    let dash = |b: u8| if b == b'_' { b'-' } else { b };
     ours.len() == theirs.len()
         && ours
             .bytes()
             .zip(theirs.bytes())
-            .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+            .all(|(a, b)| dash(a) == dash(b))
 }
 
 /// How many session-cookie candidates are checked at most: a request

@@ -28,6 +28,7 @@ use pingora::{Error, ErrorType, Result};
 use serde_json::{Map, Value};
 
 use crate::config::{Config, CookieConfig};
+use crate::limits;
 use crate::metrics::{Metrics, StoreOp};
 use crate::session::cookie::{set_cookie, CookieSigner, Handle, SessionId};
 use crate::session::patch::Instructions;
@@ -349,6 +350,29 @@ impl ProxyHttp for SessionProxy {
         }
     }
 
+    /// The head is in: stop its clock, and refuse one over our size limit.
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        limits::head_received(session);
+        if limits::head_bytes(session.req_header()) > limits::MAX_HEAD_BYTES {
+            return Err(Error::new(ErrorType::HTTPStatus(431)));
+        }
+        Ok(())
+    }
+
+    /// The connection waits for another request: start its idle clock.
+    fn persist_connection_context(
+        &self,
+        session: &Session,
+        _ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        limits::await_next_request(session);
+        None
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let request = session.req_header_mut();
         self.settings.headers.strip_from(request);
@@ -386,10 +410,13 @@ impl ProxyHttp for SessionProxy {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let names = &self.settings.headers;
         if response.status.is_informational() {
+            // Instructions count only in the final response; none reach the client.
+            response.remove_header(&names.update);
+            response.remove_header(&names.action);
             return Ok(());
         }
-        let names = &self.settings.headers;
         let parsed = Instructions::parse(
             &headers::values(&response.headers, &names.update),
             &headers::values(&response.headers, &names.action),

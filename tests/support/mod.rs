@@ -566,3 +566,98 @@ impl Drop for Relay {
         self.stop();
     }
 }
+
+// Helpers for the hostile-input tests (hostile_clients, upstream_faults,
+// crash_safety, soak, log_secrets).
+
+impl ProxyConfig {
+    /// Starts the proxy with `RUST_LOG=level`, its stderr appended to `log`.
+    pub fn start_logging(&self, level: &str, log: &Path) -> Process {
+        let path = self.write();
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", level)
+            .env_remove("SESSION_PROXY_SECRET_KEYS")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let mut process = Process {
+            child,
+            port: self.port,
+        };
+        wait_listening(self.port, &mut process.child);
+        process
+    }
+}
+
+/// Sends `raw` bytes as they are on a new connection and reads until the
+/// proxy closes it (or `within` passes); returns what came back.
+pub fn raw_exchange(port: u16, raw: &[u8], within: Duration) -> Vec<u8> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(within)).unwrap();
+    // The proxy may answer and close before it has read everything.
+    let _ = stream.write_all(raw);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer
+}
+
+/// The status of a raw HTTP response, if it has a status line.
+pub fn raw_status(answer: &[u8]) -> Option<u16> {
+    let line = answer.split(|&b| b == b'\n').next()?;
+    std::str::from_utf8(line)
+        .ok()?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The session id inside a cookie value `ID.TAG`.
+pub fn id_of(cookie: &str) -> &str {
+    cookie.split('.').next().unwrap_or(cookie)
+}
+
+/// The store handle (hex SHA-256) of a cookie value's id.
+pub fn handle_of(cookie: &str) -> String {
+    session_proxy::session::cookie::Handle::of_id(id_of(cookie)).to_string()
+}
+
+/// The record file of a cookie's session in a disk store.
+pub fn record_path(dir: &Path, cookie: &str) -> PathBuf {
+    dir.join(format!("{}.json", handle_of(cookie)))
+}
+
+/// Every record file in a disk store, parsed; panics on one that does not parse.
+pub fn parsed_records(dir: &Path) -> Vec<(PathBuf, session_proxy::store::Record)> {
+    stored_files(dir)
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            let record = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                panic!(
+                    "{} does not parse as a record ({e}): {:?}",
+                    path.display(),
+                    String::from_utf8_lossy(&bytes)
+                )
+            });
+            (path, record)
+        })
+        .collect()
+}
+
+/// Sends a signal to a process by pid.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}

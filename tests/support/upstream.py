@@ -43,6 +43,13 @@ those marked * may be sent several times, each giving one response header):
     X-Test-Fault: huge-header    -> the normal answer plus an X-Session-Update
                                     whose value is a 100000-byte JSON object
                                     {"big":"xxx..."}
+    X-Test-Fault: huge-head      -> the normal answer plus X-Session-Update
+                                    {"a":9} and 20 headers X-Pad-N of 60000
+                                    bytes each: a head over 1 MiB
+    X-Test-Fault: raw            -> writes the bytes of X-Test-Raw (base64,
+                                    standard alphabet) as they are, closes;
+                                    for responses no HTTP library would send
+    X-Test-Fault: raw-hang       -> the same, then never closes
 
 Path /count (query ignored): web.py's counter, without verifying the token:
 n = session.data.count (0 when missing) + 1; body str(n) as text/plain, and
@@ -120,7 +127,7 @@ class Upstream(BaseHTTPRequestHandler):
         if sleep_ms:
             time.sleep(int(sleep_ms) / 1000)
         fault = control.get("X-Test-Fault", "").strip().lower()
-        if fault in ("reset", "hang", "garbage", "truncate"):
+        if fault in ("reset", "hang", "garbage", "truncate", "raw", "raw-hang"):
             return self.fault(fault)
 
         path = urlsplit(self.path).path
@@ -152,6 +159,9 @@ class Upstream(BaseHTTPRequestHandler):
         if fault == "huge-header":
             filler = "x" * (HUGE_UPDATE_BYTES - len('{"big":""}'))
             headers.append(("X-Session-Update", '{"big":"%s"}' % filler))
+        if fault == "huge-head":
+            headers.append(("X-Session-Update", '{"a":9}'))
+            headers += [("X-Pad-%d" % i, "p" * 60000) for i in range(20)]
 
         body_bytes = control.get("X-Test-Body-Bytes")
         if body_bytes is not None:
@@ -179,7 +189,12 @@ class Upstream(BaseHTTPRequestHandler):
 
     def fault(self, fault):
         self.close_connection = True
-        if fault == "hang":
+        if fault in ("raw", "raw-hang"):
+            self.wfile.write(base64.b64decode(self.headers.get("X-Test-Raw", "")))
+            self.wfile.flush()
+            if fault == "raw-hang":
+                time.sleep(3600)
+        elif fault == "hang":
             time.sleep(3600)
         elif fault == "garbage":
             self.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")

@@ -1,0 +1,337 @@
+//! What a client can make the proxy hold, bounded: time to send a request
+//! head, time a connection may sit idle, and the size of a head.
+//!
+//! pingora times out each read of a request head (60 s), never the whole
+//! head, so a client sending a byte every few seconds (slowloris) holds a
+//! connection for as long as it likes; and once a connection has served an
+//! HTTP/1.1 request it waits for the next one forever. Every client
+//! connection is therefore a [`ClockedStream`], which knows which phase
+//! the connection is in:
+//!
+//! - idle (before the first request and between requests): closed quietly
+//!   after `keepalive_timeout`;
+//! - reading a head (from its first byte): cut off after `header_timeout`,
+//!   with a `408`;
+//! - serving (from the end of the head to the end of the response): not
+//!   timed here; the body and the upstream have their own timeouts.
+//!
+//! The proxy moves the phases along: [`head_received`] from
+//! `early_request_filter`, [`await_next_request`] when pingora keeps the
+//! connection for another request.
+//!
+//! pingora's own limits stay in force: a request head of at most 1 MiB and
+//! 256 header lines, or `400`. [`MAX_HEAD_BYTES`] is ours, and smaller.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::http::RequestHeader;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::TlsRef;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN, IO,
+};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The most a request head may hold, counting the request line and, per
+/// header, its name, its value and 4 bytes of `: ` and CRLF. Over it: 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The `[server]` timeouts that apply to every client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// From the first byte of a request head to its end.
+    pub header: Duration,
+    /// Idle, before the first request and between requests.
+    pub keepalive: Duration,
+}
+
+/// A pingora app whose client connections are [`ClockedStream`]s.
+pub struct Clocked<A> {
+    app: Arc<A>,
+    timeouts: ClientTimeouts,
+}
+
+impl<A> Clocked<A> {
+    pub fn new(app: A, timeouts: ClientTimeouts) -> Clocked<A> {
+        Clocked {
+            app: Arc::new(app),
+            timeouts,
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Clocked<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let clocked: Stream = Box::new(ClockedStream::new(stream, self.timeouts));
+        self.app.process_new(clocked, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await
+    }
+}
+
+/// The request head has been read: stop its clock (from `early_request_filter`).
+pub fn head_received(session: &pingora::proxy::Session) {
+    if let Some(stream) = clocked(session) {
+        stream.set_phase(Phase::Serving);
+    }
+}
+
+/// The connection will wait for another request: start the idle clock.
+pub fn await_next_request(session: &pingora::proxy::Session) {
+    if let Some(stream) = clocked(session) {
+        stream.set_phase(Phase::Idle(Instant::now()));
+    }
+}
+
+fn clocked(session: &pingora::proxy::Session) -> Option<&ClockedStream> {
+    let stream: &dyn IO = &**session.stream()?;
+    stream.as_any().downcast_ref::<ClockedStream>()
+}
+
+/// The size of a request head as [`MAX_HEAD_BYTES`] counts it.
+pub fn head_bytes(request: &RequestHeader) -> usize {
+    let line = request.method.as_str().len() + request.raw_path().len() + " HTTP/1.1\r\n".len() + 1;
+    request.headers.iter().fold(line, |total, (name, value)| {
+        total + name.as_str().len() + value.len() + 4
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a request since then.
+    Idle(Instant),
+    /// The first byte of a head arrived then.
+    Head(Instant),
+    Serving,
+}
+
+/// A client connection that closes itself when a phase lasts too long.
+pub struct ClockedStream {
+    inner: Stream,
+    timeouts: ClientTimeouts,
+    /// Set from the proxy's phases through a shared reference.
+    phase: Mutex<Phase>,
+    /// Wakes a read that waits past the deadline.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// What a client too slow with its head gets before the connection closes.
+const TIMEOUT_ANSWER: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 24\r\nConnection: close\r\n\r\nrequest header too slow\n";
+
+impl ClockedStream {
+    fn new(inner: Stream, timeouts: ClientTimeouts) -> ClockedStream {
+        ClockedStream {
+            inner,
+            timeouts,
+            phase: Mutex::new(Phase::Idle(Instant::now())),
+            timer: None,
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        *self.phase.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(PoisonError::into_inner) = phase;
+    }
+
+    /// When the current phase ends, and whether a head was under way.
+    fn deadline(&self) -> Option<(Instant, bool)> {
+        let later = |since: Instant, limit: Duration| {
+            // A limit too large to add is no limit in practice.
+            since
+                .checked_add(limit)
+                .or_else(|| since.checked_add(Duration::from_secs(86_400 * 365)))
+                .unwrap_or(since)
+        };
+        match self.phase() {
+            Phase::Idle(since) => Some((later(since, self.timeouts.keepalive), false)),
+            Phase::Head(since) => Some((later(since, self.timeouts.header), true)),
+            Phase::Serving => None,
+        }
+    }
+
+    /// Ends the connection from a read: quietly when idle, with a 408 (as
+    /// far as it can be written without waiting) during a head.
+    fn expire(&mut self, in_head: bool, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.timer = None;
+        if !in_head {
+            return Poll::Ready(Ok(())); // end of stream: pingora closes
+        }
+        let inner = Pin::new(&mut self.inner);
+        if let Poll::Ready(Ok(n)) = inner.poll_write(cx, TIMEOUT_ANSWER) {
+            if n == TIMEOUT_ANSWER.len() {
+                let _ = Pin::new(&mut self.inner).poll_flush(cx);
+            }
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "request head not complete within header_timeout",
+        )))
+    }
+}
+
+impl AsyncRead for ClockedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Some((deadline, in_head)) = this.deadline() else {
+            this.timer = None;
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        };
+        if Instant::now() >= deadline {
+            return this.expire(in_head, cx);
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if !in_head && buf.filled().len() > before {
+                    this.set_phase(Phase::Head(Instant::now()));
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => this.expire(in_head, cx),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for ClockedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+// The rest of pingora's IO interface, passed through.
+
+#[async_trait]
+impl Shutdown for ClockedStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for ClockedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for ClockedStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for ClockedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for ClockedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for ClockedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for ClockedStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+impl std::fmt::Debug for ClockedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClockedStream")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase())
+            .finish()
+    }
+}

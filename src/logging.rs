@@ -1,0 +1,191 @@
+//! The process logger: `env_logger` (filtered by `RUST_LOG`, `info` by
+//! default) behind a filter that takes credentials out of every line.
+//!
+//! Our own log lines name sessions by handle prefix only, but pingora's
+//! debug and trace lines print whole requests: the client's `Cookie`
+//! header, the token sent upstream, a malformed request's raw bytes. So
+//! every line that is written is redacted first:
+//!
+//! - the secret keys, as configured, become `[secret]`;
+//! - a run of 32 or more base64url characters (`A-Z a-z 0-9 - _`) becomes
+//!   `[redacted]`: a session id is 43 of them, every part of a token but
+//!   the shortest header is longer, and a hex handle is 64 (of which the
+//!   first 8, the log name of a session, are kept).
+//!
+//! Only lines that pass the `RUST_LOG` filter are formatted, so at the
+//! default level the request path pays nothing.
+//!
+//! ```no_run
+//! session_proxy::logging::init();
+//! session_proxy::logging::protect(&["a secret key of 32 bytes or more..".to_string()]);
+//! ```
+
+use std::borrow::Cow;
+use std::sync::RwLock;
+
+use log::{Log, Metadata, Record};
+
+/// A run of base64url characters this long is a credential as far as logs go.
+const MIN_OPAQUE_RUN: usize = 32;
+/// Characters of a handle kept in a log line.
+const HANDLE_PREFIX: usize = 8;
+
+static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+/// Installs the redacting logger; a second call does nothing.
+pub fn init() {
+    let inner =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    let max_level = inner.filter();
+    if log::set_boxed_logger(Box::new(Redacting { inner })).is_ok() {
+        log::set_max_level(max_level);
+    }
+}
+
+/// Adds strings (the secret keys) that no log line may contain.
+pub fn protect(secrets: &[String]) {
+    if let Ok(mut known) = SECRETS.write() {
+        for secret in secrets {
+            if !secret.is_empty() && !known.contains(secret) {
+                known.push(secret.clone());
+            }
+        }
+    }
+}
+
+struct Redacting {
+    inner: env_logger::Logger,
+}
+
+impl Log for Redacting {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.inner.matches(record) {
+            return;
+        }
+        let line = record.args().to_string();
+        match redact(&line) {
+            Cow::Borrowed(_) => self.inner.log(record),
+            Cow::Owned(clean) => self.inner.log(
+                &Record::builder()
+                    .args(format_args!("{clean}"))
+                    .metadata(record.metadata().clone())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .build(),
+            ),
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+/// `line` with secrets and long opaque runs taken out (see the module docs).
+pub fn redact(line: &str) -> Cow<'_, str> {
+    let mut line = Cow::Borrowed(line);
+    if let Ok(secrets) = SECRETS.read() {
+        for secret in secrets.iter() {
+            if line.contains(secret.as_str()) {
+                line = Cow::Owned(line.replace(secret.as_str(), "[secret]"));
+            }
+        }
+    }
+    match redact_runs(&line) {
+        Some(clean) => Cow::Owned(clean),
+        None => line,
+    }
+}
+
+/// `None` when no run is long enough to redact.
+fn redact_runs(line: &str) -> Option<String> {
+    let bytes = line.as_bytes();
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut start = 0;
+    while start < bytes.len() {
+        if !is_base64url(bytes[start]) {
+            start += 1;
+            continue;
+        }
+        let end = bytes[start..]
+            .iter()
+            .position(|&b| !is_base64url(b))
+            .map_or(bytes.len(), |len| start + len);
+        if end - start >= MIN_OPAQUE_RUN {
+            // Runs are ASCII, so both ends are char boundaries.
+            let out = out.get_or_insert_with(|| String::with_capacity(line.len()));
+            out.push_str(&line[copied..start]);
+            let run = &line[start..end];
+            if is_handle(run) {
+                out.push_str(&run[..HANDLE_PREFIX]);
+                out.push('…');
+            } else {
+                out.push_str("[redacted]");
+            }
+            copied = end;
+        }
+        start = end;
+    }
+    let mut out = out?;
+    out.push_str(&line[copied..]);
+    Some(out)
+}
+
+fn is_base64url(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+fn is_handle(run: &str) -> bool {
+    run.len() == 64 && run.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cookie_keeps_nothing_of_its_id() {
+        let id = "j98nwedOTkXfRQZYB4zFs5FijmzbWAN7YJjVgUR-lhE";
+        let line =
+            format!(r#"headers: {{"cookie": "session_id={id}.Sza_-9Dhg7npr8Me14twjA; a=1"}}"#);
+        let clean = redact(&line);
+        assert!(!clean.contains(id));
+        assert_eq!(
+            clean,
+            r#"headers: {"cookie": "session_id=[redacted].Sza_-9Dhg7npr8Me14twjA; a=1"}"#
+        );
+    }
+
+    #[test]
+    fn a_token_loses_its_payload_and_signature() {
+        let line = "x-session: eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzaWQiOiI2YWFlMDZlMDdhZjljMzI2NTVkYjFj.c2lnbmF0dXJlLW9mLXRoZS10b2tlbi0xMjM0NTY3ODk";
+        assert_eq!(redact(line), "x-session: [redacted].[redacted].[redacted]");
+    }
+
+    #[test]
+    fn a_handle_is_cut_to_its_prefix() {
+        let handle = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(redact(&format!("session {handle}")), "session ba7816bf…");
+    }
+
+    #[test]
+    fn registered_secrets_are_hidden_whatever_they_contain() {
+        protect(&["a secret with spaces & symbols!".to_string()]);
+        assert_eq!(
+            redact("key=a secret with spaces & symbols!;"),
+            "key=[secret];"
+        );
+    }
+
+    #[test]
+    fn ordinary_lines_are_left_alone() {
+        let line = "session 6aae06e0: regenerated as 029cf0a2 (GET /x, Host: 127.0.0.1:18080) ü";
+        assert!(matches!(redact(line), Cow::Borrowed(_)));
+    }
+}

@@ -1,0 +1,474 @@
+//! End to end: clients that send too much, too many, too slowly, or not at
+//! all. Each limit answers a clear 4xx (or closes an idle connection),
+//! the proxy serves on, and oversized input never reaches the upstream.
+//!
+//! The limits (SECURITY.md lists them with their defaults):
+//! - request head: 64 KiB (ours, 431); 1 MiB and 256 header lines (pingora's, 400);
+//! - cookies: at most 4 session-cookie candidates are verified per request;
+//! - update header: `max_data_bytes * 2 + 1024` bytes (502, the upstream's fault);
+//! - `server.header_timeout`: from a head's first byte to its end (408, closed);
+//! - `server.keepalive_timeout`: an idle connection is closed.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// A proxy in front of the echoing upstream.
+fn proxy(configure: impl FnOnce(ProxyConfig) -> ProxyConfig) -> (Process, Process, ProxyConfig) {
+    let upstream = start_upstream();
+    let config = configure(ProxyConfig::new(upstream.port));
+    let proxy = config.start();
+    (upstream, proxy, config)
+}
+
+/// A proxy in front of an upstream that counts the requests it gets (and
+/// its config, which owns the store's directory).
+fn counted_proxy(
+    configure: impl FnOnce(ProxyConfig) -> ProxyConfig,
+) -> (CountingUpstream, Process, ProxyConfig) {
+    let upstream = CountingUpstream::start();
+    let config = configure(ProxyConfig::new(upstream.port));
+    let proxy = config.start();
+    (upstream, proxy, config)
+}
+
+fn request_with(headers: &[(String, String)]) -> Vec<u8> {
+    let mut head = String::from("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    head.into_bytes()
+}
+
+fn assert_still_serving(port: u16) {
+    assert_eq!(get(port, "/", &[]).status, 200, "the proxy serves on");
+}
+
+fn metric(admin_port: u16, name: &str) -> f64 {
+    let text = get(admin_port, "/metrics", &[]).text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// Reads one response (head, then a Content-Length body) off a kept-alive
+/// connection.
+fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut status = None;
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if status.is_none() {
+            status = line.split(' ').nth(1).and_then(|s| s.parse().ok());
+        } else if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok((status.unwrap_or(0), body))
+}
+
+/// Waits for the proxy to close `stream`; how long it took, or `None` if
+/// it was still open after `within`.
+fn closed_within(stream: &mut impl Read, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => panic!("unexpected data from an idle connection"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(started.elapsed())
+            }
+            Err(_) if started.elapsed() >= within => return None,
+            Err(_) => {}
+        }
+    }
+}
+
+// ---- Request head size and count ----
+
+#[test]
+fn a_100_kb_header_is_refused_with_431_before_the_upstream() {
+    let (upstream, proxy, _config) = counted_proxy(|c| c);
+    let big = vec![("X-Big".to_string(), "b".repeat(100 * 1024))];
+    let answer = raw_exchange(proxy.port, &request_with(&big), Duration::from_secs(10));
+    assert_eq!(
+        raw_status(&answer),
+        Some(431),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(String::from_utf8_lossy(&answer).ends_with("request header too large"));
+    assert_eq!(upstream.count(), 0);
+    assert_still_serving_counted(&proxy, &upstream);
+}
+
+fn assert_still_serving_counted(proxy: &Process, upstream: &CountingUpstream) {
+    let before = upstream.count();
+    assert_eq!(get(proxy.port, "/", &[]).status, 200, "the proxy serves on");
+    assert_eq!(upstream.count(), before + 1);
+}
+
+#[test]
+fn a_head_just_under_64_kib_is_served() {
+    let (_upstream, proxy, _config) = proxy(|c| c);
+    let headers = vec![("X-Big".to_string(), "b".repeat(60 * 1024))];
+    let answer = raw_exchange(proxy.port, &request_with(&headers), Duration::from_secs(10));
+    assert_eq!(raw_status(&answer), Some(200));
+}
+
+#[test]
+fn a_head_over_one_mib_is_refused_with_400_by_pingora() {
+    let (upstream, proxy, _config) = counted_proxy(|c| c);
+    let headers: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("X-Big-{i}"), "b".repeat(60 * 1024)))
+        .collect();
+    let answer = raw_exchange(proxy.port, &request_with(&headers), Duration::from_secs(10));
+    assert_eq!(
+        raw_status(&answer),
+        Some(400),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
+    );
+    assert_eq!(upstream.count(), 0);
+    assert_still_serving_counted(&proxy, &upstream);
+}
+
+#[test]
+fn a_thousand_headers_are_refused_with_400() {
+    let (upstream, proxy, _config) = counted_proxy(|c| c);
+    let headers: Vec<(String, String)> = (0..1000)
+        .map(|i| (format!("X-H{i}"), i.to_string()))
+        .collect();
+    let answer = raw_exchange(proxy.port, &request_with(&headers), Duration::from_secs(10));
+    assert_eq!(
+        raw_status(&answer),
+        Some(400),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(upstream.count(), 0);
+    assert_still_serving_counted(&proxy, &upstream);
+}
+
+#[test]
+fn two_hundred_headers_are_served() {
+    let (_upstream, proxy, _config) = proxy(|c| c);
+    let headers: Vec<(String, String)> = (0..200)
+        .map(|i| (format!("X-H{i}"), i.to_string()))
+        .collect();
+    let answer = raw_exchange(proxy.port, &request_with(&headers), Duration::from_secs(10));
+    assert_eq!(raw_status(&answer), Some(200));
+}
+
+#[test]
+fn malformed_heads_are_refused_with_400() {
+    let (upstream, proxy, _config) = counted_proxy(|c| c);
+    for raw in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Nul: a\0b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    ] {
+        let answer = raw_exchange(proxy.port, raw, Duration::from_secs(10));
+        assert_eq!(
+            raw_status(&answer),
+            Some(400),
+            "{:?} -> {:?}",
+            String::from_utf8_lossy(raw),
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(upstream.count(), 0);
+    assert_still_serving_counted(&proxy, &upstream);
+}
+
+// ---- Cookies ----
+
+#[test]
+fn a_64_kb_cookie_header_of_thousands_of_pairs_is_handled_in_bounds() {
+    let (_upstream, proxy, config) = proxy(|c| c);
+    let mut pairs: Vec<String> = Vec::new();
+    for i in 0..3000 {
+        if i % 7 == 0 {
+            // Forged copies of the session cookie, each as long as a real one.
+            pairs.push(format!("session_id={:0>43}.{:0>22}", i, i));
+        }
+        pairs.push(format!("c{i}=v"));
+    }
+    let cookie = pairs.join("; ");
+    assert!(
+        (55_000..64 * 1024 - 200).contains(&cookie.len()),
+        "{}",
+        cookie.len()
+    );
+    let response = get(proxy.port, "/", &[("Cookie", &cookie)]);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.session()["new"], true, "no forgery verifies");
+    let forwarded = response.upstream_header("cookie").unwrap();
+    assert!(!forwarded.contains("session_id"));
+    assert_eq!(
+        forwarded.split("; ").count(),
+        3000,
+        "every other cookie goes on"
+    );
+    assert_eq!(
+        metric(config.admin_port, "session_proxy_forged_cookies_total"),
+        1.0,
+        "one request, one forgery"
+    );
+}
+
+#[test]
+fn only_the_first_four_session_cookies_are_checked() {
+    let (_upstream, proxy, _config) = proxy(|c| c);
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let genuine = browser.cookie.clone().unwrap();
+    let junk = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("session_id={:0>43}.{:0>22}", i, i))
+            .collect()
+    };
+    let mut late = junk(4);
+    late.push(format!("session_id={genuine}"));
+    let mut early = junk(3);
+    early.push(format!("session_id={genuine}"));
+    early.extend(junk(700));
+    let late = get(proxy.port, "/", &[("Cookie", &late.join("; "))]);
+    assert_eq!(
+        late.session()["new"],
+        true,
+        "a fifth candidate is not verified"
+    );
+    let early = get(proxy.port, "/", &[("Cookie", &early.join("; "))]);
+    assert_eq!(early.session()["data"], serde_json::json!({"a": 1}));
+}
+
+#[test]
+fn a_cookie_header_over_the_head_limit_is_431() {
+    let (upstream, proxy, _config) = counted_proxy(|c| c);
+    let cookie: Vec<String> = (0..8000).map(|i| format!("c{i}=value{i}")).collect();
+    let headers = vec![("Cookie".to_string(), cookie.join("; "))];
+    let answer = raw_exchange(proxy.port, &request_with(&headers), Duration::from_secs(10));
+    assert_eq!(raw_status(&answer), Some(431));
+    assert_eq!(upstream.count(), 0);
+}
+
+// ---- The update header ----
+
+#[test]
+fn an_update_longer_than_twice_max_data_bytes_plus_1024_is_refused() {
+    let (_upstream, proxy, config) = proxy(|c| c.session("max_data_bytes = 64"));
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let before = parsed_records(&config.sessions_dir());
+    // Deletes only, so the data would fit: the raw length alone decides.
+    let update = |len: usize| {
+        let head = r#"{"a":null"#;
+        format!("{head}{}}}", " ".repeat(len - head.len() - 1))
+    };
+    let limit = 64 * 2 + 1024;
+    let over = browser.get("/", &[("X-Test-Update", &update(limit + 1))]);
+    assert_eq!(over.status, 502);
+    assert_eq!(over.text(), "invalid session update from upstream");
+    assert_eq!(
+        parsed_records(&config.sessions_dir())[0].1,
+        before[0].1,
+        "unchanged"
+    );
+    let at = browser.get("/", &[("X-Test-Update", &update(limit))]);
+    assert_eq!(at.status, 200);
+    assert_eq!(
+        parsed_records(&config.sessions_dir())[0].1.data,
+        serde_json::Map::new()
+    );
+}
+
+// ---- Slow and idle clients ----
+
+#[test]
+fn a_client_sending_its_head_a_byte_at_a_time_gets_408_and_is_cut_off() {
+    let (upstream, proxy, _config) = counted_proxy(|c| c.server("header_timeout = 2"));
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Slow: {}\r\n\r\n",
+        "s".repeat(200)
+    );
+    let started = Instant::now();
+    let mut cut_off = None;
+    // 4 bytes a second: the whole head would take a minute.
+    for byte in head.as_bytes() {
+        if stream.write_all(&[*byte]).is_err() {
+            cut_off = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        if started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        stream
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .unwrap();
+        let mut peek = [0u8; 1];
+        if stream.peek(&mut peek).is_ok() {
+            cut_off = Some(started.elapsed());
+            break;
+        }
+    }
+    let cut_off = cut_off.expect("the slow client was never cut off");
+    assert!(cut_off < Duration::from_secs(10), "{cut_off:?}");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    assert_eq!(
+        raw_status(&answer),
+        Some(408),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(upstream.count(), 0);
+    assert_still_serving_counted(&proxy, &upstream);
+}
+
+#[test]
+fn a_head_in_pieces_within_the_header_timeout_is_served() {
+    let (_upstream, proxy, _config) = proxy(|c| c.server("header_timeout = 3"));
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    for piece in [
+        "GET / HT",
+        "TP/1.1\r\nHost: x\r\n",
+        "Connection: close\r\n\r\n",
+    ] {
+        stream.write_all(piece.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    assert_eq!(raw_status(&answer), Some(200));
+}
+
+#[test]
+fn a_slow_request_body_is_not_cut_by_the_header_timeout() {
+    let (_upstream, proxy, _config) = proxy(|c| c.server("header_timeout = 1"));
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 6\r\n\r\n")
+        .unwrap();
+    for byte in b"slowly" {
+        std::thread::sleep(Duration::from_millis(400));
+        stream.write_all(&[*byte]).unwrap();
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    assert_eq!(raw_status(&answer), Some(200));
+    assert!(String::from_utf8_lossy(&answer).contains(r#""body": "slowly""#));
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
+    let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 2"));
+    let stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    writer
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut reader).unwrap().0, 200);
+    // Reused within the timeout: served.
+    std::thread::sleep(Duration::from_millis(1000));
+    writer
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut reader).unwrap().0, 200);
+    // Then left idle: closed, not at once, and not never.
+    reader
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let closed = closed_within(&mut reader, Duration::from_secs(15))
+        .expect("the idle connection was never closed");
+    assert!(
+        closed >= Duration::from_millis(1500),
+        "closed after {closed:?}"
+    );
+}
+
+#[test]
+fn a_connection_that_never_sends_a_request_is_closed_after_keepalive_timeout() {
+    let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 2"));
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let closed = closed_within(&mut stream, Duration::from_secs(15))
+        .expect("the silent connection was never closed");
+    assert!(
+        closed >= Duration::from_millis(1500),
+        "closed after {closed:?}"
+    );
+    assert_still_serving(proxy.port);
+}
+
+// ---- Spoofed session headers ----
+
+#[test]
+fn session_headers_named_with_underscores_are_stripped_in_every_spelling() {
+    let (_upstream, proxy, _config) = proxy(|mut c| {
+        c.headers = vec![
+            "session = \"X_App_Session\"".into(),
+            "update = \"X_App_Update\"".into(),
+            "action = \"X_App_Action\"".into(),
+        ];
+        c
+    });
+    let response = get(
+        proxy.port,
+        "/",
+        &[
+            ("X-App-Session", "forged"),
+            ("x_app_session", "forged"),
+            ("X-APP-UPDATE", "{}"),
+            ("X-App-Action", "kill"),
+        ],
+    );
+    assert_eq!(response.status, 200);
+    let canonical = |name: &str| name.to_ascii_lowercase().replace('_', "-");
+    let ours: Vec<(String, String)> = response
+        .upstream_headers()
+        .into_iter()
+        .filter(|(name, _)| canonical(name).starts_with("x-app-"))
+        .collect();
+    assert_eq!(ours.len(), 1, "only the proxy's token: {ours:?}");
+    assert_eq!(canonical(&ours[0].0), "x-app-session");
+    assert_ne!(ours[0].1, "forged");
+}

@@ -1,0 +1,295 @@
+//! End to end: upstreams that answer badly. Whatever an upstream sends,
+//! the stored session changes only as the client is told: a failed
+//! response (502, 504) leaves the disk store's files byte for byte as
+//! they were; a change is stored only with a response head the client
+//! receives. Responses no HTTP library would send come from the test
+//! upstream's `raw` fault.
+//!
+//! `tests/failures.rs` has the plain cases (unreachable, reset, garbage,
+//! hang before the head, a huge update, invalid updates); these extend them.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::json;
+use support::*;
+
+/// A proxy with one stored session `{"a": 1}`, and its cookie.
+struct Setup {
+    _upstream: Process,
+    proxy: Process,
+    config: ProxyConfig,
+    cookie: String,
+}
+
+fn with_session() -> Setup {
+    let upstream = start_upstream();
+    let mut config = ProxyConfig::new(upstream.port);
+    config.upstream = vec!["read_timeout = 1".into(), "connect_timeout = 1".into()];
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a": 1}"#)]);
+    let cookie = browser.cookie.expect("a stored session");
+    Setup {
+        _upstream: upstream,
+        proxy,
+        config,
+        cookie,
+    }
+}
+
+impl Setup {
+    /// Every record file, name and bytes.
+    fn files(&self) -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<(String, Vec<u8>)> = stored_files(&self.config.sessions_dir())
+            .into_iter()
+            .map(|path| {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read(&path).unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn data(&self) -> serde_json::Value {
+        let path = record_path(&self.config.sessions_dir(), &self.cookie);
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        record["data"].clone()
+    }
+
+    /// The upstream answers the session's request with exactly `raw`.
+    fn raw(&self, raw: &[u8], then_hang: bool) -> Answer {
+        self.send(&[
+            ("Cookie", &format!("session_id={}", self.cookie)),
+            ("X-Test-Fault", if then_hang { "raw-hang" } else { "raw" }),
+            ("X-Test-Raw", &STANDARD.encode(raw)),
+        ])
+    }
+
+    fn send(&self, headers: &[(&str, &str)]) -> Answer {
+        let mut head = String::from("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        Answer(raw_exchange(
+            self.proxy.port,
+            head.as_bytes(),
+            Duration::from_secs(15),
+        ))
+    }
+}
+
+/// Everything the client received, as bytes.
+struct Answer(Vec<u8>);
+
+impl Answer {
+    fn status(&self) -> Option<u16> {
+        raw_status(&self.0)
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+    fn body(&self) -> &[u8] {
+        let end = self.0.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        &self.0[end + 4..]
+    }
+    /// No copy of the upstream's instructions reached the client.
+    fn assert_no_instructions(&self) {
+        let lower = self.text().to_ascii_lowercase();
+        assert!(
+            !lower.contains("x-session-update") && !lower.contains("x-session-action"),
+            "the client saw the upstream's instructions: {}",
+            self.text()
+        );
+    }
+}
+
+/// The upstream's raw response is a failure: 502 with `message`, the
+/// files untouched, no cookie set.
+fn assert_refused(setup: &Setup, raw: &[u8], message: &str) {
+    let before = setup.files();
+    let answer = setup.raw(raw, false);
+    let shown = String::from_utf8_lossy(raw);
+    assert_eq!(answer.status(), Some(502), "{shown:?} -> {}", answer.text());
+    assert!(
+        answer.text().ends_with(message),
+        "{shown:?} -> {}",
+        answer.text()
+    );
+    assert!(!answer.text().to_ascii_lowercase().contains("set-cookie"));
+    answer.assert_no_instructions();
+    assert_eq!(setup.files(), before, "{shown:?} changed the store");
+}
+
+#[test]
+fn malformed_responses_are_502_and_change_nothing() {
+    let setup = with_session();
+    let update = "X-Session-Update: {\"a\":9}\r\n";
+    let cases: Vec<Vec<u8>> = vec![
+        // Cut off inside the head, the update already sent.
+        format!("HTTP/1.1 200 OK\r\n{update}Content-Len").into_bytes(),
+        format!("HTTP/1.1 2OO OK\r\n{update}Content-Length: 0\r\n\r\n").into_bytes(),
+        format!("HTTP/1.1 200 OK\r\n{update}broken header line\r\nContent-Length: 0\r\n\r\n")
+            .into_bytes(),
+        format!("HTTP/1.1 200 OK\r\n{update}Content-Length: 2\r\nContent-Length: 3\r\n\r\nok")
+            .into_bytes(),
+        format!("HTTP/1.1 200 OK\r\n{update}Content-Length: abc\r\n\r\nok").into_bytes(),
+        b"HTTP/1.1 200 OK\r\nX-Session-Update: {\"a\":\"\x00\"}\r\nContent-Length: 2\r\n\r\nok"
+            .to_vec(),
+        // More header lines than pingora reads (256).
+        format!(
+            "HTTP/1.1 200 OK\r\n{}Content-Length: 2\r\n\r\nok",
+            update.repeat(300)
+        )
+        .into_bytes(),
+        // HTTP/0.9, and a close with no answer at all.
+        b"ok".to_vec(),
+        Vec::new(),
+    ];
+    for raw in cases {
+        assert_refused(&setup, &raw, "upstream unreachable");
+    }
+    assert_eq!(setup.data(), json!({"a": 1}));
+}
+
+#[test]
+fn duplicated_or_undecodable_instructions_in_any_spelling_are_502_and_change_nothing() {
+    let setup = with_session();
+    let many: String = (0..100)
+        .map(|i| format!("X-Session-Update: {{\"a\":{i}}}\r\n"))
+        .collect();
+    let cases: Vec<Vec<u8>> = vec![
+        b"HTTP/1.1 200 OK\r\nX-Session-Update: {\"a\":9}\r\nx-session-update: {\"b\":9}\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+        b"HTTP/1.1 200 OK\r\nX-Session-Action: kill\r\nX-SESSION-ACTION: regenerate\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+        format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 2\r\n\r\nok").into_bytes(),
+        // Not UTF-8, so not JSON.
+        b"HTTP/1.1 200 OK\r\nX-Session-Update: {\"a\":\"\xff\"}\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+        b"HTTP/1.1 200 OK\r\nX-Session-Update: {\"a\":9}\r\nX-Session-Action: kill\r\nX-Session-Action: \r\nContent-Length: 2\r\n\r\nok".to_vec(),
+    ];
+    for raw in cases {
+        assert_refused(&setup, &raw, "invalid session update from upstream");
+    }
+    assert_eq!(setup.data(), json!({"a": 1}));
+}
+
+#[test]
+fn a_kill_or_regenerate_in_a_head_cut_short_is_not_carried_out() {
+    let setup = with_session();
+    for action in ["kill", "regenerate"] {
+        let raw = format!("HTTP/1.1 200 OK\r\nX-Session-Action: {action}\r\nContent-Le");
+        assert_refused(&setup, raw.as_bytes(), "upstream unreachable");
+    }
+    assert_eq!(setup.data(), json!({"a": 1}));
+}
+
+#[test]
+fn a_huge_update_with_an_action_is_refused_whole() {
+    let setup = with_session();
+    let before = setup.files();
+    let answer = setup.send(&[
+        ("Cookie", &format!("session_id={}", setup.cookie)),
+        ("X-Test-Fault", "huge-header"),
+        ("X-Test-Action", "kill"),
+    ]);
+    assert_eq!(answer.status(), Some(502), "{}", answer.text());
+    answer.assert_no_instructions();
+    assert_eq!(
+        setup.files(),
+        before,
+        "killed or changed by a refused response"
+    );
+}
+
+#[test]
+fn a_response_head_over_one_mib_is_502_and_changes_nothing() {
+    let setup = with_session();
+    let before = setup.files();
+    let answer = setup.send(&[
+        ("Cookie", &format!("session_id={}", setup.cookie)),
+        ("X-Test-Fault", "huge-head"),
+    ]);
+    assert_eq!(answer.status(), Some(502), "{}", answer.text());
+    assert_eq!(setup.files(), before);
+}
+
+#[test]
+fn informational_responses_carry_no_instructions_to_the_client_or_the_store() {
+    let setup = with_session();
+    let before = setup.files();
+    for interim in [
+        "HTTP/1.1 103 Early Hints\r\nX-Session-Update: {\"a\":9}\r\nX-Session-Action: kill\r\nLink: </app.css>; rel=preload\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\nX-Session-Update: {\"a\":9}\r\n\r\n",
+    ] {
+        let raw = format!("{interim}HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        let answer = setup.raw(raw.as_bytes(), false);
+        assert!(answer.text().contains("HTTP/1.1 200 OK"), "{}", answer.text());
+        answer.assert_no_instructions();
+        assert_eq!(setup.files(), before, "{interim:?} changed the store");
+    }
+}
+
+#[test]
+fn a_body_cut_short_after_the_head_ends_the_connection_and_nothing_is_added() {
+    let setup = with_session();
+    let raw =
+        b"HTTP/1.1 200 OK\r\nX-Session-Update: {\"a\":9}\r\nContent-Length: 100\r\n\r\nonly ten b";
+    let answer = setup.raw(raw, false);
+    // The head left, so the change was stored first (SPEC 4.5) and the
+    // client was told; then the body stops short of its Content-Length.
+    assert_eq!(answer.status(), Some(200), "{}", answer.text());
+    answer.assert_no_instructions();
+    assert_eq!(setup.data(), json!({"a": 9}));
+    assert_eq!(
+        answer.body(),
+        b"only ten b",
+        "nothing may be written into a body under way"
+    );
+}
+
+#[test]
+fn a_body_that_hangs_after_the_head_is_cut_by_read_timeout_and_nothing_is_added() {
+    let setup = with_session();
+    let raw =
+        b"HTTP/1.1 200 OK\r\nX-Session-Update: {\"a\":9}\r\nContent-Length: 100\r\n\r\nonly ten b";
+    let answer = setup.raw(raw, true);
+    assert_eq!(answer.status(), Some(200), "{}", answer.text());
+    assert_eq!(setup.data(), json!({"a": 9}));
+    assert_eq!(answer.body(), b"only ten b");
+}
+
+#[test]
+fn a_failed_response_stores_no_new_session() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    for headers in [
+        vec![
+            ("X-Test-Fault", "raw".to_string()),
+            (
+                "X-Test-Raw",
+                STANDARD.encode("HTTP/1.1 200 OK\r\nX-Session-Update: {\"n\":1}\r\nContent-Le"),
+            ),
+        ],
+        vec![("X-Test-Fault", "huge-header".to_string())],
+        vec![("X-Test-Fault", "huge-head".to_string())],
+        vec![
+            ("X-Test-Fault", "reset".to_string()),
+            ("X-Test-Update", r#"{"n":1}"#.to_string()),
+        ],
+    ] {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let response = try_request(proxy.port, "GET", "/", &headers, b"").unwrap();
+        assert_eq!(response.status, 502, "{headers:?}");
+        assert!(response.set_cookie("session_id").is_none());
+        assert!(
+            stored_files(&config.sessions_dir()).is_empty(),
+            "{headers:?}"
+        );
+    }
+}
