@@ -13,6 +13,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod limits;
+pub mod locks;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

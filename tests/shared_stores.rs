@@ -197,6 +197,7 @@ on_each_shared_store!(
     with_lock_increments_through_both_proxies_lose_nothing,
     a_store_that_goes_away_is_a_503_and_comes_back_without_a_restart,
     the_sessions_command_works_on_the_shared_store,
+    a_burst_of_parallel_writes_to_one_session_all_succeed,
 );
 
 /// The store behind a relay the test cuts: 503 within the store timeout,
@@ -286,4 +287,44 @@ fn the_sessions_command_works_on_the_shared_store(shared: Shared) {
     assert!(run(&["sessions", "purge-expired", "-c", path])
         .status
         .success());
+}
+
+/// Many requests of one proxy writing one session at the same moment, for
+/// a while, wait their turn instead of exhausting the store's retries.
+fn a_burst_of_parallel_writes_to_one_session_all_succeed(shared: Shared) {
+    let Some(pair) = pair(shared, "burst", &[]) else {
+        return;
+    };
+    let mut browser = Browser::new(pair.a.port);
+    browser.get("/", &[("X-Test-Update", r#"{"start": true}"#)]);
+    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
+    let port = pair.a.port;
+    let threads: Vec<_> = (0..32)
+        .map(|i| {
+            let cookie = cookie.clone();
+            std::thread::spawn(move || {
+                (0..25)
+                    .map(|n| {
+                        let update = format!(r#"{{"key{i}": {n}}}"#);
+                        get(
+                            port,
+                            "/",
+                            &[("Cookie", &cookie), ("X-Test-Update", &update)],
+                        )
+                        .status
+                    })
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let failed = statuses.iter().filter(|&&s| s != 200).count();
+    assert_eq!(failed, 0, "{failed} of {} writes failed", statuses.len());
+    let data = browser.get("/", &[]).session()["data"].clone();
+    for i in 0..32 {
+        assert_eq!(data[format!("key{i}")], 24, "{data}");
+    }
 }

@@ -11,7 +11,6 @@
 mod answer;
 mod commit;
 pub mod headers;
-pub mod locks;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,6 +28,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, CookieConfig};
 use crate::limits;
+use crate::locks::{HandleLock, HandleLocks};
 use crate::metrics::{Metrics, StoreOp};
 use crate::session::cookie::{set_cookie, CookieSigner, Handle, SessionId};
 use crate::session::patch::Instructions;
@@ -38,7 +38,6 @@ use crate::store::{Lease, Record, Store, StoreError};
 pub use answer::Failure;
 use commit::CookieChange;
 use headers::SessionHeaders;
-use locks::{SessionLock, SessionLocks};
 
 /// Everything a request needs, prepared once at start.
 pub struct SessionProxy {
@@ -47,7 +46,7 @@ pub struct SessionProxy {
     metrics: Arc<Metrics>,
     peers: Vec<HttpPeer>,
     next_peer: AtomicUsize,
-    locks: SessionLocks,
+    locks: HandleLocks,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -79,7 +78,7 @@ pub struct RequestCtx {
     failure: Option<Failure>,
     /// Held until the request ends (`lock = true`): the in-process turn,
     /// then, on a shared store, the lease that keeps other proxies out.
-    _lock: Option<SessionLock>,
+    _lock: Option<HandleLock>,
     lease: Option<Box<dyn Lease>>,
 }
 
@@ -161,7 +160,7 @@ impl SessionProxy {
             metrics,
             peers,
             next_peer: AtomicUsize::new(0),
-            locks: SessionLocks::default(),
+            locks: HandleLocks::default(),
             in_flight: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -219,7 +218,7 @@ impl SessionProxy {
         if let Some(wait) = self.settings.lock_wait {
             ctx._lock = Some(
                 self.locks
-                    .acquire(&handle, wait)
+                    .lock_within(&handle, wait)
                     .await
                     .ok_or(Failure::SessionBusy)?,
             );

@@ -33,14 +33,12 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use dashmap::DashMap;
-use tokio::sync::Mutex;
 
 use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
+use crate::locks::HandleLocks;
 
 /// A temporary file older than this cannot belong to a write in progress.
 const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
@@ -48,9 +46,8 @@ const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
 pub struct DiskStore {
     dir: PathBuf,
     fsync: bool,
-    /// One mutex per handle being changed; an entry goes when its last
-    /// user does (see [`LockSlot`]), so the map holds only handles in use.
-    locks: DashMap<Handle, Arc<Mutex<()>>>,
+    /// One mutex per handle being changed, held across a read-decide-write.
+    locks: HandleLocks,
 }
 
 impl DiskStore {
@@ -75,7 +72,7 @@ impl DiskStore {
         Ok(DiskStore {
             dir,
             fsync,
-            locks: DashMap::new(),
+            locks: HandleLocks::default(),
         })
     }
 
@@ -86,16 +83,6 @@ impl DiskStore {
 
     fn file_of(&self, handle: &Handle) -> PathBuf {
         self.dir.join(format!("{}.json", handle.as_str()))
-    }
-
-    /// This handle's lock, to be held across a read-decide-write.
-    fn slot(&self, handle: &Handle) -> LockSlot<'_> {
-        let mutex = Arc::clone(self.locks.entry(handle.clone()).or_default().value());
-        LockSlot {
-            locks: &self.locks,
-            handle: handle.clone(),
-            mutex: Some(mutex),
-        }
     }
 
     async fn read(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
@@ -149,8 +136,7 @@ impl Store for DiskStore {
         handle: &Handle,
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
-        let slot = self.slot(handle);
-        let _held = slot.mutex().lock().await;
+        let _held = self.locks.lock(handle).await;
         let current = self.read(handle).await?;
         match decide(current.as_ref()).map_err(StoreError::Rejected)? {
             Change::Put(record) => {
@@ -170,8 +156,7 @@ impl Store for DiskStore {
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
         // Under the lock, so a change in flight cannot write back a
         // session that was just killed.
-        let slot = self.slot(handle);
-        let _held = slot.mutex().lock().await;
+        let _held = self.locks.lock(handle).await;
         self.remove(handle).await
     }
 
@@ -199,8 +184,7 @@ impl Store for DiskStore {
         for (handle, path) in candidates {
             // Re-read under the lock: a request may have refreshed the
             // session since the scan.
-            let slot = self.slot(&handle);
-            let _held = slot.mutex().lock().await;
+            let _held = self.locks.lock(&handle).await;
             let (dir, fsync) = (self.dir.clone(), self.fsync);
             let short = handle.short().to_owned();
             let outcome =
@@ -226,34 +210,6 @@ impl Store for DiskStore {
             })
         })
         .await?
-    }
-}
-
-/// A handle's entry in [`DiskStore::locks`], taken before and released
-/// after the mutex itself. On drop it removes the entry if no one else
-/// holds or waits for it. Entries are only cloned and removed under the
-/// map's shard lock, so the count it checks cannot change meanwhile.
-struct LockSlot<'a> {
-    locks: &'a DashMap<Handle, Arc<Mutex<()>>>,
-    handle: Handle,
-    mutex: Option<Arc<Mutex<()>>>,
-}
-
-impl LockSlot<'_> {
-    /// The mutex, borrowed from the slot: a guard (or a cancelled wait for
-    /// one) ends before the slot does, so the count in `drop` is exact.
-    fn mutex(&self) -> &Mutex<()> {
-        static UNUSED: Mutex<()> = Mutex::const_new(());
-        // `mutex` is `Some` until `drop`.
-        self.mutex.as_deref().unwrap_or(&UNUSED)
-    }
-}
-
-impl Drop for LockSlot<'_> {
-    fn drop(&mut self) {
-        drop(self.mutex.take());
-        self.locks
-            .remove_if(&self.handle, |_, mutex| Arc::strong_count(mutex) == 1);
     }
 }
 
@@ -513,16 +469,11 @@ mod tests {
         let temp = TempDir::new();
         let store = DiskStore::open(&temp.0, false).unwrap();
         let handle = Handle::of_id("disk-unit-cancel");
-        let slot = store.slot(&handle);
-        let held = slot.mutex().lock().await;
-        let waiting = tokio::time::timeout(Duration::from_millis(20), async {
-            let slot = store.slot(&handle);
-            let _held = slot.mutex().lock().await;
-        })
-        .await;
+        let held = store.locks.lock(&handle).await;
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(20), store.locks.lock(&handle)).await;
         assert!(waiting.is_err());
         drop(held);
-        drop(slot);
         assert!(store.locks.is_empty());
     }
 

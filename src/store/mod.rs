@@ -10,6 +10,7 @@ pub mod disk;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
+pub mod serialized;
 mod sweeper;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use serde_json::{Map, Value};
 use crate::config::{Config, StoreKind};
 
 pub use crate::session::cookie::Handle;
+pub use serialized::Serialized;
 pub use sweeper::sweep_forever;
 
 /// A stored session, as SPEC [6] lays it out.
@@ -177,19 +179,16 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
                 0 => 4 * config.server.threads.max(1),
                 size => size,
             };
-            Arc::new(
+            let postgres =
                 postgres::PostgresStore::connect(&store.url, &store.table, pool_size, timeout)
-                    .await?,
-            )
+                    .await?;
+            Arc::new(Serialized::new(postgres))
         }
-        StoreKind::Redis => Arc::new(
-            redis::RedisStore::connect(
-                &store.url,
-                &store.key_prefix,
-                timeout,
-                config.session.timeout,
-            )
-            .await?,
-        ),
+        StoreKind::Redis => {
+            let (url, prefix) = (&store.url, &store.key_prefix);
+            let ttl = config.session.timeout;
+            let redis = redis::RedisStore::connect(url, prefix, timeout, ttl).await?;
+            Arc::new(Serialized::new(redis))
+        }
     })
 }

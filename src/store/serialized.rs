@@ -1,0 +1,75 @@
+//! A store whose changes of one session take turns within this process.
+//!
+//! The shared stores keep other processes out on their own (Redis by
+//! compare-and-set, PostgreSQL by a row lock), but many requests of this
+//! process writing one session at once would make them retry or queue on
+//! the server, a round trip each: a burst of parallel writes to one
+//! session (a page firing a dozen XHRs) could then run out of retries.
+//! Queueing those writers here first costs nothing when there is no
+//! contention and turns contention into an orderly wait.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{Decide, Expiry, Handle, Lease, Record, Store, StoreError};
+use crate::locks::HandleLocks;
+
+pub struct Serialized<S> {
+    inner: S,
+    locks: HandleLocks,
+}
+
+impl<S> Serialized<S> {
+    pub fn new(inner: S) -> Serialized<S> {
+        Serialized {
+            inner,
+            locks: HandleLocks::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl<S: Store> Store for Serialized<S> {
+    async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
+        self.inner.load(handle).await
+    }
+
+    async fn modify(
+        &self,
+        handle: &Handle,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError> {
+        let _turn = self.locks.lock(handle).await;
+        self.inner.modify(handle, decide).await
+    }
+
+    async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
+        self.inner.touch(handle, atime).await
+    }
+
+    async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
+        self.inner.delete(handle).await
+    }
+
+    async fn list(&self) -> Result<Vec<(Handle, Record)>, StoreError> {
+        self.inner.list().await
+    }
+
+    async fn delete_expired(&self, now: u64, expiry: Expiry) -> Result<u64, StoreError> {
+        self.inner.delete_expired(now, expiry).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+
+    async fn acquire_lease(
+        &self,
+        handle: &Handle,
+        wait: Duration,
+        ttl: Duration,
+    ) -> Result<Option<Box<dyn Lease>>, StoreError> {
+        self.inner.acquire_lease(handle, wait, ttl).await
+    }
+}
