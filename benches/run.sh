@@ -35,7 +35,9 @@
 #        fixed = fixed.lua, wrk -t1 -cCONNS, one session cookie per target
 #      ONLY ("")          space-separated target names to run (default: all)
 #      PHASES ("throughput latency scale")
-#      DELAY_MS (2)       latency phase: pause per connection between requests
+#      DELAY_MS (4)       latency phase: pause per connection between requests
+#      LATENCY_COOKIES (fixed): the latency phase's wrk mode; fixed = one wrk
+#                         thread, whose own scheduling adds less jitter to p99
 #      SCALE_SESSIONS (1000000)
 #      BUILD (1)          0 = use BIN as it is
 #      BIN                default ${CARGO_TARGET_DIR:-target}/release/session-proxy
@@ -58,7 +60,8 @@ QUIET_PCT=${QUIET_PCT:-10}
 COOKIES=${COOKIES:-users}
 ONLY=${ONLY:-}
 PHASES=${PHASES:-throughput latency scale}
-DELAY_MS=${DELAY_MS:-2}
+DELAY_MS=${DELAY_MS:-4}
+LATENCY_COOKIES=${LATENCY_COOKIES:-fixed}
 SCALE_SESSIONS=${SCALE_SESSIONS:-1000000}
 BUILD=${BUILD:-1}
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/session-proxy}
@@ -69,7 +72,9 @@ HZ=$(getconf CLK_TCK)
 NGINX="$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)"
 APACHE="$(command -v apache2 2>/dev/null || echo /usr/sbin/apache2)"
 PYTHON="$(command -v python3)"
-case $COOKIES in users | fixed) ;; *) echo "COOKIES must be users or fixed" >&2; exit 2 ;; esac
+for mode in "$COOKIES" "$LATENCY_COOKIES"; do
+    case $mode in users | fixed) ;; *) echo "COOKIES and LATENCY_COOKIES are users or fixed" >&2; exit 2 ;; esac
+done
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 for b in wrk taskset curl "$NGINX" "$PYTHON"; do
@@ -328,12 +333,15 @@ RAW="$OUT_DIR/raw.tsv"
 printf 'phase\trep\ttarget\trps\tp50_us\tp99_us\trequests\terrors\tpre_busy_pct\tforeign_pct\tsrv_cpu_us_per_req\tupstream_cpu_us_per_req\n' > "$RAW"
 
 wrk_args() {  # TARGET [DELAY_MS]: prints the env + wrk command line, one word a line
-    local t=$1 delay=${2:-} server path cname cookie
+    local t=$1 delay=${2:-} server path cname cookie mode=$COOKIES
     read -r server path cname <<<"${TARGET[$t]}"
     cookie=${FIXED[$t]:-$FALLBACK}
     printf '%s\n' env "COOKIE_NAME=$cname" "COOKIE=$cookie" "LOGIN_PATH=/write/login"
-    [ -n "$delay" ] && printf '%s\n' "DELAY_MS=$delay"
-    if [ "$COOKIES" = users ]; then
+    if [ -n "$delay" ]; then
+        printf '%s\n' "DELAY_MS=$delay"
+        mode=$LATENCY_COOKIES
+    fi
+    if [ "$mode" = users ]; then
         printf '%s\n' wrk -t"$CONNS" -c"$CONNS" -s "$WRK_DIR/session.lua"
     else
         printf '%s\n' wrk -t1 -c"$CONNS" -s "$WRK_DIR/fixed.lua"
@@ -389,7 +397,7 @@ rounds() {  # PHASE DELAY_MS TARGET...: REPS interleaved rounds, rotated start
     echo "# $(date -u +%FT%TZ) $(uname -r) nproc=$(nproc) $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
     echo "# $("$NGINX" -v 2>&1); $("$APACHE" -v 2>/dev/null | head -n1); $(wrk -v 2>&1 | head -n1)"
     echo "# binary: $BIN ($(stat -c %y "$BIN"))"
-    echo "# wrk on CPU 0, servers on CPU 1; -c$CONNS -d$DURATION; reps=$REPS; cookies=$COOKIES; phases: $PHASES"
+    echo "# wrk on CPU 0, servers on CPU 1; -c$CONNS -d$DURATION; reps=$REPS; cookies=$COOKIES; phases: $PHASES (latency: $LATENCY_COOKIES, DELAY_MS=$DELAY_MS)"
 } | tee "$OUT_DIR/machine.txt" >&2
 
 if [[ " $PHASES " == *" throughput "* ]]; then
@@ -424,7 +432,7 @@ if [[ " $PHASES " == *" scale "* ]]; then
         COUNT=$count COOKIES_OUT="$file" taskset -c 0 wrk -t1 -c"$CONNS" -d3600s --timeout 5s \
             -s "$WRK_DIR/prefill.lua" "http://127.0.0.1:${SRV_PORT[$name]}/write/prefill" > "$OUT_DIR/prefill-$name.txt" 2>&1 &
         wpid=$!
-        while [ -d "/proc/$wpid" ] && [ "$(wc -l < "$file" 2>/dev/null || echo 0)" -lt "$count" ]; do sleep 0.5; done
+        while [ -d "/proc/$wpid" ] && [ "$(cat "$file" 2>/dev/null | wc -l)" -lt "$count" ]; do sleep 0.5; done
         kill -INT "$wpid" 2>/dev/null || true
         wait "$wpid" || true
         PREFILL_S[$name]=$(($(date +%s) - started))
