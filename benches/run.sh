@@ -92,6 +92,7 @@ fi
 
 mkdir -p "$RUN_DIR" "$OUT_DIR"
 chmod 755 "$RUN_DIR"
+rm -f "$RUN_DIR"/*.log "$RUN_DIR"/*.check   # the notes count this run's warnings only
 
 # ---------- servers (each started here, pinned to CPU 1, stopped on exit) ----------
 declare -A SRV_PID=() SRV_PORT=() SKIPPED=()
