@@ -6,6 +6,11 @@ use clap::Parser;
 use session_proxy::cli::{Cli, Command};
 use session_proxy::{commands, config, logging};
 
+// glibc's malloc and free were about a fifth of the proxy's user-space
+// instructions per request; mimalloc cuts them (issue 5, BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     logging::init();
     let cli = Cli::parse();

@@ -42,6 +42,10 @@ pub fn run(config: Config) -> Result<(), String> {
 
     let pingora_conf = ServerConf {
         threads: config.server.threads,
+        // A current-thread runtime per thread: cheaper per request than
+        // tokio's work-stealing pool (issue 5, BENCHMARKS.md). Connections
+        // are spread over the threads at random and stay there.
+        work_stealing: false,
         // Our own drain (below) ends the process first; these are backstops.
         grace_period_seconds: Some(config.server.grace_period + 1),
         graceful_shutdown_timeout_seconds: Some(1),

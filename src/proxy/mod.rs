@@ -283,7 +283,11 @@ impl SessionProxy {
         if verified.is_none() && !candidates.is_empty() {
             self.metrics.forged_cookies.inc();
         }
-        let forwarded_for = headers::values(&request.headers, &X_FORWARDED_FOR);
+        // X-Forwarded-For counts only from a trusted proxy: read it only then.
+        let forwarded_for = match settings.trusted_proxies.is_empty() {
+            true => Vec::new(),
+            false => headers::values(&request.headers, &X_FORWARDED_FOR),
+        };
         let client_ip =
             policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies).to_string();
 
@@ -410,12 +414,16 @@ impl ProxyHttp for SessionProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let names = &self.settings.headers;
-        if response.status.is_informational() {
-            // Instructions count only in the final response; none reach the client.
-            response.remove_header(&names.update);
-            response.remove_header(&names.action);
-            return Ok(());
-        }
+        // Instructions count only in the final response of a session path;
+        // none ever reach the client.
+        let active = match ctx.session.as_ref() {
+            Some(active) if !response.status.is_informational() => active,
+            _ => {
+                response.remove_header(&names.update);
+                response.remove_header(&names.action);
+                return Ok(());
+            }
+        };
         let parsed = Instructions::parse(
             &headers::values(&response.headers, &names.update),
             &headers::values(&response.headers, &names.action),
@@ -423,9 +431,6 @@ impl ProxyHttp for SessionProxy {
         );
         response.remove_header(&names.update);
         response.remove_header(&names.action);
-        let Some(active) = ctx.session.as_ref() else {
-            return Ok(()); // a bypassed path: the instructions are ignored
-        };
         let outcome = match parsed {
             Ok(instructions) => self.commit(active, instructions).await,
             Err(invalid) => {

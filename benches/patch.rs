@@ -1,0 +1,51 @@
+//! Applying the upstream's merge patch: parse, merge, size check.
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
+use serde_json::{json, Map, Value};
+use session_proxy::session::patch::{self, Instructions};
+
+fn object(value: Value) -> Map<String, Value> {
+    value.as_object().cloned().unwrap_or_default()
+}
+
+fn merge_patch(c: &mut Criterion) {
+    let stored = object(json!({
+        "count": 41,
+        "last": "0123456789abcdef0123456789abcdef",
+        "user": {"id": 4711, "roles": ["admin", "editor"]}
+    }));
+    let update = br#"{"count":1,"last":"fedcba9876543210fedcba9876543210"}"#;
+    let nested = object(json!({"user": {"roles": null, "theme": "dark"}, "flash": null}));
+
+    c.bench_function("patch/parse_update_header", |b| {
+        b.iter(|| Instructions::parse(&[black_box(&update[..])], &[], 4096))
+    });
+    let flat = object(serde_json::from_slice(update).unwrap_or(Value::Null));
+    c.bench_function("patch/merge_and_check_size", |b| {
+        b.iter_batched_ref(
+            || stored.clone(),
+            |data| {
+                patch::merge(data, black_box(&flat));
+                patch::check_size(data, 4096)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("patch/merge_nested_and_check_size", |b| {
+        b.iter_batched_ref(
+            || stored.clone(),
+            |data| {
+                patch::merge(data, black_box(&nested));
+                patch::check_size(data, 4096)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // The clone `Store::modify`'s decision makes of the current record's data.
+    c.bench_function("patch/clone_data", |b| {
+        b.iter(|| black_box(&stored).clone())
+    });
+}
+
+criterion_group!(benches, merge_patch);
+criterion_main!(benches);

@@ -1,0 +1,15 @@
+-- One fixed session cookie on every request of every connection, as the
+-- peers' bench.sh send it: many connections of one browser.
+-- env: COOKIE (the value, required), COOKIE_NAME (session_id)
+local name = os.getenv("COOKIE_NAME") or "session_id"
+local value = os.getenv("COOKIE") or error("fixed.lua: set COOKIE")
+wrk.headers["Cookie"] = "theme=dark; " .. name .. "=" .. value .. "; lang=en"
+
+-- DELAY_MS: each connection waits that long between requests (a fixed
+-- offered load, for latency comparisons)
+local delay_ms = tonumber(os.getenv("DELAY_MS") or "")
+if delay_ms then
+   function delay()
+      return delay_ms
+   end
+end
