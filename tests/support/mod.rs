@@ -167,21 +167,23 @@ impl ProxyConfig {
 
     /// Writes the config and starts the proxy on it, waiting until it listens.
     pub fn start(&self) -> Process {
+        match std::env::var("TEST_PROXY_LOG") {
+            Ok(level) => self.spawn(&level, Stdio::inherit()),
+            Err(_) => self.spawn("warn", Stdio::null()),
+        }
+    }
+
+    /// Writes the config, starts the proxy with `RUST_LOG=level` and its
+    /// stderr to `stderr`, and waits until it listens.
+    pub fn spawn(&self, level: &str, stderr: impl Into<Stdio>) -> Process {
         let path = self.write();
         let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
             .args(["run", "-c"])
             .arg(&path)
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", level)
             .env_remove("SESSION_PROXY_SECRET_KEYS")
             .stdout(Stdio::null())
-            .stderr(if std::env::var("TEST_PROXY_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut process = Process {
@@ -573,27 +575,12 @@ impl Drop for Relay {
 impl ProxyConfig {
     /// Starts the proxy with `RUST_LOG=level`, its stderr appended to `log`.
     pub fn start_logging(&self, level: &str, log: &Path) -> Process {
-        let path = self.write();
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
-            .args(["run", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", level)
-            .env_remove("SESSION_PROXY_SECRET_KEYS")
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let mut process = Process {
-            child,
-            port: self.port,
-        };
-        wait_listening(self.port, &mut process.child);
-        process
+        self.spawn(level, stderr)
     }
 }
 
