@@ -86,18 +86,6 @@ impl Client {
     }
 }
 
-/// A small xorshift generator: random kill moments, with the seed printed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % below
-    }
-}
-
 struct Outcome {
     clients: Vec<Client>,
     config: ProxyConfig,

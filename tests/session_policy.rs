@@ -288,25 +288,8 @@ fn without_lock_concurrent_writes_of_different_keys_all_survive() {
     let proxy = config.start();
     let mut browser = Browser::new(proxy.port);
     browser.get("/", &[("X-Test-Update", r#"{"start": true}"#)]);
-    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
-    let threads: Vec<_> = (0..20)
-        .map(|i| {
-            let cookie = cookie.clone();
-            let port = proxy.port;
-            std::thread::spawn(move || {
-                let update = format!(r#"{{"key{i}": {i}}}"#);
-                get(
-                    port,
-                    "/",
-                    &[("Cookie", &cookie), ("X-Test-Update", &update)],
-                )
-                .status
-            })
-        })
-        .collect();
-    for thread in threads {
-        assert_eq!(thread.join().unwrap(), 200);
-    }
+    let statuses = concurrent_key_writes(&[proxy.port], browser.cookie.as_ref().unwrap(), 20);
+    assert!(statuses.iter().all(|&status| status == 200), "{statuses:?}");
     let claims = browser.get("/", &[]).session();
     let data = claims["data"].as_object().unwrap();
     for i in 0..20 {

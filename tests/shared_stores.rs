@@ -132,26 +132,9 @@ fn concurrent_writes_of_different_keys_through_both_proxies_all_survive(shared: 
     };
     let mut browser = Browser::new(pair.a.port);
     browser.get("/", &[("X-Test-Update", r#"{"start": true}"#)]);
-    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
     let ports = [pair.a.port, pair.b.port];
-    let threads: Vec<_> = (0..20)
-        .map(|i| {
-            let cookie = cookie.clone();
-            let port = ports[i % 2];
-            std::thread::spawn(move || {
-                let update = format!(r#"{{"key{i}": {i}}}"#);
-                get(
-                    port,
-                    "/",
-                    &[("Cookie", &cookie), ("X-Test-Update", &update)],
-                )
-                .status
-            })
-        })
-        .collect();
-    for thread in threads {
-        assert_eq!(thread.join().unwrap(), 200);
-    }
+    let statuses = concurrent_key_writes(&ports, browser.cookie.as_ref().unwrap(), 20);
+    assert!(statuses.iter().all(|&status| status == 200), "{statuses:?}");
     let data = browser.get("/", &[]).session()["data"].clone();
     for i in 0..20 {
         assert_eq!(data[format!("key{i}")], i, "key{i} lost: {data}");

@@ -50,17 +50,6 @@ impl Tally {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % below
-    }
-}
-
 fn cookie_header(cookie: &str) -> String {
     format!("session_id={cookie}")
 }

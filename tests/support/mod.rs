@@ -648,3 +648,40 @@ pub fn signal(pid: u32, name: &str) {
         .unwrap();
     assert!(status.success(), "kill -{name} {pid}");
 }
+
+/// A small xorshift generator: random moments and choices that a printed
+/// seed reproduces.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+/// `count` writes of one key each (`key0`, `key1`, ...) to one session at
+/// the same time, spread over `ports`; their statuses.
+pub fn concurrent_key_writes(ports: &[u16], cookie: &str, count: usize) -> Vec<u16> {
+    let threads: Vec<_> = (0..count)
+        .map(|i| {
+            let cookie = format!("session_id={cookie}");
+            let port = ports[i % ports.len()];
+            std::thread::spawn(move || {
+                let update = format!(r#"{{"key{i}": {i}}}"#);
+                get(
+                    port,
+                    "/",
+                    &[("Cookie", &cookie), ("X-Test-Update", &update)],
+                )
+                .status
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|thread| thread.join().unwrap())
+        .collect()
+}
