@@ -2,24 +2,27 @@
 //!
 //! A record lives in `DIR/HANDLE.json`, exactly the [`Record`] as JSON. A
 //! write goes to a temporary file in the same directory (`.HANDLE.*.tmp`),
-//! which is renamed over the record, so a crash never leaves a torn
-//! record; with `fsync` the file and then the directory are synced before
-//! the write is reported done. Expiry reads `atime` and `created` from the
-//! record, never the file's times. Other files in the directory are left
-//! alone.
+//! which then takes the record's place atomically (swapped with the old
+//! file, which is deleted, or renamed when there is none: see
+//! [`put_in_place`]), so a crash never leaves a torn record; with `fsync`
+//! the file and then the directory are synced before the write is reported
+//! done. Expiry reads `atime` and `created` from the record, never the
+//! file's times. Other files in the directory are left alone.
 //!
 //! `modify` is atomic within one process (a lock per handle): the directory
 //! belongs to one proxy. Proxies that share sessions use postgres or redis.
 //!
-//! All file I/O runs on tokio's blocking pool (`spawn_blocking`), reads
-//! included. Measured on the development machine (ext4, page cache warm,
-//! debug build): a load costs about 50 µs that way against about 10 µs read
-//! directly on the runtime thread. The difference is small next to a
-//! proxied request, while a direct read blocks every other connection of
-//! its runtime thread whenever the file is not cached (a session idle for
-//! hours, a slow or network disk). A write costs about 250 µs (ext4 starts
-//! writing back a file renamed over another) and 0.6 ms with `fsync` on
-//! that machine's virtual disk.
+//! Without `fsync`, a request's file operations run on its own thread; with
+//! `fsync`, and for the sweep and listings, on tokio's blocking pool (see
+//! `DiskStore::on_request_path` for why). Measured on the development
+//! machine (ext4 on a virtio disk, page cache warm): a load takes about
+//! 5 µs, a write about 12 µs, and 0.6 ms with `fsync`.
+//!
+//! Without `fsync` the records survive a crash of the proxy, not
+//! necessarily one of the machine: after a power loss a record written in
+//! the last seconds may be lost, or come back empty, which reads as a
+//! corrupt record: that session starts over. Set `fsync = true` where a
+//! session must outlive that.
 //!
 //! ```no_run
 //! use session_proxy::store::{disk::DiskStore, Store};
@@ -46,6 +49,9 @@ const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
 pub struct DiskStore {
     dir: PathBuf,
     fsync: bool,
+    /// Request-path file operations run on the calling thread (see
+    /// [`DiskStore::on_request_path`]).
+    inline: bool,
     /// One mutex per handle being changed, held across a read-decide-write.
     locks: HandleLocks,
 }
@@ -72,6 +78,7 @@ impl DiskStore {
         Ok(DiskStore {
             dir,
             fsync,
+            inline: !fsync,
             locks: HandleLocks::default(),
         })
     }
@@ -88,7 +95,8 @@ impl DiskStore {
     async fn read(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
         let path = self.file_of(handle);
         let short = handle.short().to_owned();
-        blocking(move || read_record(&path, &short)).await?
+        self.on_request_path(move || read_record(&path, &short))
+            .await?
     }
 
     async fn write(&self, handle: &Handle, record: &Record) -> Result<(), StoreError> {
@@ -96,7 +104,7 @@ impl DiskStore {
             StoreError::Unavailable(format!("cannot encode session {}: {error}", handle.short()))
         })?;
         let (dir, handle, fsync) = (self.dir.clone(), handle.clone(), self.fsync);
-        blocking(move || {
+        self.on_request_path(move || {
             write_record(&dir, &handle, &json, fsync).map_err(|error| {
                 StoreError::Unavailable(format!(
                     "cannot write session {} in {}: {error}",
@@ -108,10 +116,33 @@ impl DiskStore {
         .await?
     }
 
+    /// Runs a file operation of a request: on the calling thread without
+    /// `fsync`, on the blocking pool with it.
+    ///
+    /// Without `fsync`, reading or writing one small record in the page
+    /// cache takes 5–15 µs of the calling thread; handing it to the pool
+    /// costs more than that in thread wake-ups alone, and under load the
+    /// wake-ups dominated the disk store's cost per request (BENCHMARKS.md).
+    /// The price: while the disk stalls (the page cache misses on a slow
+    /// device), so do the other connections of that thread, as with nginx's
+    /// `aio off` default. With `fsync`, every write waits for the device,
+    /// so it goes to the pool.
+    async fn on_request_path<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        if self.inline {
+            Ok(work())
+        } else {
+            blocking(work).await
+        }
+    }
+
     async fn remove(&self, handle: &Handle) -> Result<bool, StoreError> {
         let (dir, path, fsync) = (self.dir.clone(), self.file_of(handle), self.fsync);
         let short = handle.short().to_owned();
-        blocking(move || {
+        self.on_request_path(move || {
             remove_record(&dir, &path, fsync).map_err(|error| {
                 StoreError::Unavailable(format!(
                     "cannot delete session {short} in {}: {error}",
@@ -271,10 +302,15 @@ fn write_record(dir: &Path, handle: &Handle, json: &[u8], fsync: bool) -> io::Re
             file.sync_all()?;
         }
         drop(file);
-        fs::rename(&temp, dir.join(format!("{}.json", handle.as_str())))?;
+        let replaced = put_in_place(&temp, &dir.join(format!("{}.json", handle.as_str())))?;
         if fsync {
             // The rename itself is durable only once the directory is.
             File::open(dir)?.sync_all()?;
+        }
+        if replaced {
+            // `temp` now holds the previous record. Should this fail, or
+            // the process die first, the sweep removes it after a minute.
+            let _ = fs::remove_file(&temp);
         }
         Ok(())
     })();
@@ -283,6 +319,59 @@ fn write_record(dir: &Path, handle: &Handle, json: &[u8], fsync: bool) -> io::Re
         let _ = fs::remove_file(&temp);
     }
     written
+}
+
+/// Moves the new record `temp` to `target` atomically: a reader sees the
+/// old record or the new one, never none. Returns `true` when the two were
+/// swapped, leaving the previous record at `temp` for the caller to delete.
+///
+/// A swap (`renameat2(RENAME_EXCHANGE)`) rather than a rename over the old
+/// file: ext4 starts writing back a file renamed over another at the rename
+/// (`auto_da_alloc`), a device round trip on every session write, about 8×
+/// the cost of the rest of the write (BENCHMARKS.md). Where there is nothing
+/// to swap with (a new session) or the file system cannot swap, a rename.
+fn put_in_place(temp: &Path, target: &Path) -> io::Result<bool> {
+    match exchange(temp, target) {
+        Ok(()) => Ok(true),
+        Err(error)
+            if matches!(
+                error.raw_os_error(),
+                Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+            ) =>
+        {
+            fs::rename(temp, target).map(|()| false)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let a = CString::new(a.as_os_str().as_bytes())?;
+    let b = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the
+    // call; renameat2 reads them and keeps no pointer.
+    let status = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> io::Result<()> {
+    Err(io::Error::from_raw_os_error(libc::ENOSYS))
 }
 
 /// A new file only its owner can read (on Unix): it holds session data.
@@ -490,6 +579,40 @@ mod tests {
         assert!(!is_temp_file("notes.tmp"));
     }
 
+    #[tokio::test]
+    async fn a_rewrite_replaces_the_record_and_leaves_no_temporary_file() {
+        let temp = TempDir::new();
+        let store = DiskStore::open(&temp.0, false).unwrap();
+        let handle = Handle::of_id("disk-unit-rewrite");
+        for n in 1..=3 {
+            store.write(&handle, &record(n)).await.unwrap();
+            let stored = store.load(&handle).await.unwrap().unwrap();
+            assert_eq!(stored.ver, n);
+        }
+        let names: Vec<String> = fs::read_dir(&temp.0)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec![format!("{handle}.json")]);
+    }
+
+    #[test]
+    fn put_in_place_swaps_with_an_existing_file_and_renames_onto_none() {
+        let temp = TempDir::new();
+        let (new, target) = (temp.0.join(".new.tmp"), temp.0.join("target"));
+        fs::write(&new, "first").unwrap();
+        assert!(!put_in_place(&new, &target).unwrap());
+        assert!(!new.exists());
+        fs::write(&new, "second").unwrap();
+        let swapped = put_in_place(&new, &target).unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "second");
+        if swapped {
+            assert_eq!(fs::read_to_string(&new).unwrap(), "first");
+        } else {
+            assert!(!new.exists());
+        }
+    }
+
     #[test]
     fn a_corrupt_record_error_does_not_quote_the_file() {
         let temp = TempDir::new();
@@ -523,13 +646,16 @@ mod tests {
         for _ in 0..rounds {
             store.load(&handle).await.unwrap().unwrap();
         }
-        println!("load, blocking pool: {:?}", start.elapsed() / rounds);
+        println!(
+            "load (no fsync: on this thread): {:?}",
+            start.elapsed() / rounds
+        );
         let path = store.file_of(&handle);
         let start = Instant::now();
         for _ in 0..rounds {
             read_record(&path, "timing").unwrap().unwrap();
         }
-        println!("load, direct: {:?}", start.elapsed() / rounds);
+        println!("read_record alone: {:?}", start.elapsed() / rounds);
         let put =
             |current: Option<&Record>| Ok(Change::Put(record(current.map_or(0, |r| r.ver + 1))));
         let start = Instant::now();
