@@ -8,6 +8,7 @@
 
 pub mod disk;
 pub mod memory;
+mod per_thread;
 pub mod postgres;
 pub mod redis;
 pub mod serialized;
@@ -175,9 +176,11 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
         StoreKind::Disk => Arc::new(disk::DiskStore::open(&store.path, store.fsync)?),
         StoreKind::Memory => Arc::new(memory::MemoryStore::new(store.max_entries)),
         StoreKind::Postgres => {
+            // Per thread: each proxy thread has a pool of its own.
+            let threads = config.server.threads.max(1);
             let pool_size = match store.pool_size {
-                0 => 4 * config.server.threads.max(1),
-                size => size,
+                0 => 4,
+                size => size.div_ceil(threads),
             };
             let postgres =
                 postgres::PostgresStore::connect(&store.url, &store.table, pool_size, timeout)

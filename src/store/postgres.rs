@@ -44,6 +44,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::per_thread::PerThread;
 use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
 
 /// Rows deleted by one sweep statement: small enough that no statement
@@ -54,9 +55,12 @@ const SWEEP_BATCH: i64 = 1000;
 /// proxy created the same record between our read and our insert).
 const MAX_INSERT_RACES: usize = 8;
 
-/// A session store on a PostgreSQL table. Cheap to share: it is a pool.
+/// A session store on a PostgreSQL table. Cheap to share: each thread
+/// that uses it gets a pool of its own ([`PerThread`]).
 pub struct PostgresStore {
-    pool: Pool,
+    pools: PerThread<Pool>,
+    /// Makes a thread's pool (no connection is opened until it is used).
+    new_pool: Box<dyn Fn() -> Result<Pool, StoreError> + Send + Sync>,
     /// Connections that wait for or hold a lease: a pool of their own, so
     /// requests waiting for a lease never starve the ones holding it.
     lease_pool: Pool,
@@ -147,7 +151,8 @@ impl From<tokio_postgres::Error> for Failure {
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/db`, or libpq's
     /// `key=value` form), creates `table` if it is missing, and keeps up to
-    /// `pool_size` connections. Every operation, connecting included, gives
+    /// `pool_size` connections per thread that uses it (and as many again
+    /// for leases, shared). Every operation, connecting included, gives
     /// up after `timeout`.
     pub async fn connect(
         url: &str,
@@ -167,7 +172,7 @@ impl PostgresStore {
             config.application_name("session-proxy");
         }
         let pool_size = pool_size.max(1);
-        let build = |size: usize| {
+        let build = move |size: usize| {
             let manager = Manager::from_config(
                 config.clone(),
                 NoTls,
@@ -181,8 +186,9 @@ impl PostgresStore {
                 .map_err(|error| StoreError::Unavailable(format!("postgres: pool: {error}")))
         };
         let store = PostgresStore {
-            pool: build(pool_size)?,
+            pools: PerThread::default(),
             lease_pool: build(pool_size)?,
+            new_pool: Box::new(move || build(pool_size)),
             table: table.to_owned(),
             sql: Statements::new(table),
             timeout,
@@ -220,7 +226,11 @@ impl PostgresStore {
     /// A pooled connection and the deadline of the operation it is for.
     async fn checkout(&self) -> Result<(Object, Instant), StoreError> {
         let deadline = Instant::now() + self.timeout;
-        Ok((checkout(&self.pool, deadline).await?, deadline))
+        let pool = self
+            .pools
+            .get_or_open(|| async { (self.new_pool)() })
+            .await?;
+        Ok((checkout(&pool, deadline).await?, deadline))
     }
 
     async fn load_on(

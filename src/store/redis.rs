@@ -39,6 +39,7 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json};
 use tokio::task::JoinHandle;
 
+use super::per_thread::PerThread;
 use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
 
 /// How often `modify` decides again after losing a race before it gives up.
@@ -102,10 +103,12 @@ end
 return 0
 ";
 
-/// A session store on Redis or a Redis Cluster. Cheap to share: both
-/// connections multiplex, and reconnect by themselves.
+/// A session store on Redis or a Redis Cluster. Cheap to share: each
+/// thread that uses it gets its own connection ([`PerThread`]), which
+/// multiplexes that thread's requests and reconnects by itself.
 pub struct RedisStore {
-    connection: Connection,
+    dialer: Dialer,
+    connections: PerThread<Connection>,
     key_prefix: String,
     timeout: Duration,
     idle_ttl: u64,
@@ -117,6 +120,31 @@ struct Scripts {
     touch: Script,
     lease_refresh: Script,
     lease_release: Script,
+}
+
+/// How to open a connection.
+enum Dialer {
+    Standalone(redis::Client, ConnectionManagerConfig),
+    Cluster(ClusterClient),
+}
+
+impl Dialer {
+    async fn open(&self, timeout: Duration) -> Result<Connection, StoreError> {
+        match self {
+            Dialer::Standalone(client, config) => {
+                let manager = ConnectionManager::new_with_config(client.clone(), config.clone());
+                Ok(Connection::Standalone(
+                    bounded(timeout, "connect", manager).await?,
+                ))
+            }
+            Dialer::Cluster(client) => {
+                let connection = client.get_async_connection();
+                Ok(Connection::Cluster(
+                    bounded(timeout, "connect", connection).await?,
+                ))
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -205,7 +233,7 @@ impl RedisStore {
             .map(str::trim)
             .filter(|url| !url.is_empty())
             .collect();
-        let connection = match urls.as_slice() {
+        let dialer = match urls.as_slice() {
             [] => return Err(StoreError::Unavailable("redis: no url".into())),
             [url] => {
                 let client = redis::Client::open(*url)
@@ -215,8 +243,7 @@ impl RedisStore {
                     .set_response_timeout(Some(timeout))
                     .set_number_of_retries(2)
                     .set_max_delay(timeout);
-                let manager = ConnectionManager::new_with_config(client, config);
-                Connection::Standalone(bounded(timeout, "connect", manager).await?)
+                Dialer::Standalone(client, config)
             }
             nodes => {
                 let client = ClusterClient::builder(nodes.iter().copied())
@@ -225,12 +252,12 @@ impl RedisStore {
                     .retries(2)
                     .build()
                     .map_err(|_| StoreError::Unavailable("redis: invalid cluster url".into()))?;
-                let connection = client.get_async_connection();
-                Connection::Cluster(bounded(timeout, "connect", connection).await?)
+                Dialer::Cluster(client)
             }
         };
         let store = RedisStore {
-            connection,
+            dialer,
+            connections: PerThread::default(),
             key_prefix: key_prefix.to_owned(),
             timeout,
             idle_ttl,
@@ -245,6 +272,13 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// The calling thread's connection, opened on first use.
+    async fn connection(&self) -> Result<Connection, StoreError> {
+        self.connections
+            .get_or_open(|| self.dialer.open(self.timeout))
+            .await
+    }
+
     fn key(&self, handle: &Handle) -> String {
         format!("{}{}", self.key_prefix, handle)
     }
@@ -256,7 +290,7 @@ impl RedisStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let command = redis::cmd("GET").arg(key).to_owned();
         bounded(self.timeout, "get", command.query_async(&mut connection)).await
     }
@@ -269,7 +303,7 @@ impl RedisStore {
         expected: Option<&str>,
         new: Option<&str>,
     ) -> Result<Option<Option<String>>, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let mut invocation = self.scripts.compare_and_set.key(key);
         invocation
             .arg(expected.unwrap_or(""))
@@ -295,10 +329,9 @@ impl RedisStore {
 
     /// Every master of the cluster, or the one server.
     async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
-        let Connection::Cluster(connection) = &self.connection else {
+        let Connection::Cluster(mut connection) = self.connection().await? else {
             return Ok(vec![Node::Standalone]);
         };
-        let mut connection = connection.clone();
         let command = redis::cmd("CLUSTER").arg("NODES").to_owned();
         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
         let answer = bounded(
@@ -329,7 +362,7 @@ impl RedisStore {
     }
 
     async fn run_on(&self, node: &Node, command: Cmd) -> Result<Value, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         match (&mut connection, node.routing()) {
             (Connection::Cluster(cluster), Some(routing)) => {
                 bounded(
@@ -353,7 +386,7 @@ impl RedisStore {
         for key in keys {
             pipeline.cmd("GET").arg(key);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let values: Vec<Value> = match (&mut connection, node.routing()) {
             (Connection::Cluster(cluster), Some(RoutingInfo::SingleNode(route))) => {
                 let read = cluster.route_pipeline(pipeline, 0, keys.len(), route);
@@ -415,7 +448,7 @@ impl RedisStore {
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = Duration::from_millis(2);
         loop {
-            let mut connection = self.connection.clone();
+            let mut connection = self.connection().await?;
             let command = redis::cmd("SET")
                 .arg(&key)
                 .arg(&token)
@@ -435,9 +468,10 @@ impl RedisStore {
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(50));
         }
+        let connection = self.connection().await?;
         let lost = Arc::new(AtomicBool::new(false));
         let refresher = tokio::spawn(refresh_lease(
-            self.connection.clone(),
+            connection.clone(),
             Arc::clone(&self.scripts),
             key.clone(),
             token.clone(),
@@ -446,7 +480,7 @@ impl RedisStore {
             Arc::clone(&lost),
         ));
         Ok(RedisLease {
-            connection: self.connection.clone(),
+            connection,
             scripts: Arc::clone(&self.scripts),
             key,
             token,
@@ -603,7 +637,7 @@ impl Store for RedisStore {
     }
 
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let key = self.key(handle);
         let mut invocation = self.scripts.touch.key(&key);
         invocation.arg(atime).arg(self.idle_ttl);
@@ -616,7 +650,7 @@ impl Store for RedisStore {
     }
 
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let command = redis::cmd("DEL").arg(self.key(handle)).to_owned();
         let deleted: i64 =
             bounded(self.timeout, "delete", command.query_async(&mut connection)).await?;
@@ -669,7 +703,7 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let command = redis::cmd("PING").to_owned();
         bounded::<Value>(self.timeout, "ping", command.query_async(&mut connection))
             .await
