@@ -11,7 +11,8 @@
 # Phases:
 #   1. throughput: every target as fast as it goes (wrk -c$CONNS);
 #   2. latency: bypass/read/write at one fixed offered load (each connection
-#      waits DELAY_MS between requests), for the p99 the session work adds;
+#      waits DELAY_MS on average between requests), for the p99 the session
+#      work adds;
 #   3. scale: the memory store's read path with 10^3 and SCALE_SESSIONS live
 #      sessions (created through the real write path by prefill.lua), read
 #      at random by scale.lua; RSS of both proxies.
@@ -35,7 +36,9 @@
 #        fixed = fixed.lua, wrk -t1 -cCONNS, one session cookie per target
 #      ONLY ("")          space-separated target names to run (default: all)
 #      PHASES ("throughput latency scale")
-#      DELAY_MS (4)       latency phase: pause per connection between requests
+#      DELAY_MS (4)       latency phase: mean pause per connection between requests
+#      DELAY_DIST (exp)   exp = exponential pauses (Poisson arrivals); fixed = DELAY_MS
+#                         each, which makes all connections fire together
 #      LATENCY_COOKIES (fixed): the latency phase's wrk mode; fixed = one wrk
 #                         thread, whose own scheduling adds less jitter to p99
 #      SCALE_SESSIONS (1000000)
@@ -398,7 +401,7 @@ rounds() {  # PHASE DELAY_MS TARGET...: REPS interleaved rounds, rotated start
     echo "# $(date -u +%FT%TZ) $(uname -r) nproc=$(nproc) $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')"
     echo "# $("$NGINX" -v 2>&1); $("$APACHE" -v 2>/dev/null | head -n1); $(wrk -v 2>&1 | head -n1)"
     echo "# binary: $BIN ($(stat -c %y "$BIN"))"
-    echo "# wrk on CPU 0, servers on CPU 1; -c$CONNS -d$DURATION; reps=$REPS; cookies=$COOKIES; phases: $PHASES (latency: $LATENCY_COOKIES, DELAY_MS=$DELAY_MS)"
+    echo "# wrk on CPU 0, servers on CPU 1; -c$CONNS -d$DURATION; reps=$REPS; cookies=$COOKIES; phases: $PHASES (latency: $LATENCY_COOKIES, DELAY_MS=$DELAY_MS, DELAY_DIST=${DELAY_DIST:-exp})"
 } | tee "$OUT_DIR/machine.txt" >&2
 
 if [[ " $PHASES " == *" throughput "* ]]; then

@@ -5,11 +5,5 @@ local name = os.getenv("COOKIE_NAME") or "session_id"
 local value = os.getenv("COOKIE") or error("fixed.lua: set COOKIE")
 wrk.headers["Cookie"] = "theme=dark; " .. name .. "=" .. value .. "; lang=en"
 
--- DELAY_MS: each connection waits that long between requests (a fixed
--- offered load, for latency comparisons)
-local delay_ms = tonumber(os.getenv("DELAY_MS") or "")
-if delay_ms then
-   function delay()
-      return delay_ms
-   end
-end
+-- DELAY_MS, DELAY_DIST: pauses between requests (pace.lua, beside this file).
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "pace.lua")

@@ -8,15 +8,13 @@
 -- path with that cookie. A later Set-Cookie replaces it (Apache rotates
 -- its session id on every save). A server that never sets the cookie
 -- (the upstream, nginx) gets COOKIE, so every target parses the same
--- header. With DELAY_MS each connection waits that long between requests:
--- a fixed offered load instead of as fast as possible.
+-- header. DELAY_MS: see below.
 --
 -- env: COOKIE_NAME (session_id), LOGIN_PATH (/write/login; "" = none),
---      COOKIE (fallback value), DELAY_MS
+--      COOKIE (fallback value), DELAY_MS, DELAY_DIST
 local name = os.getenv("COOKIE_NAME") or "session_id"
 local login = os.getenv("LOGIN_PATH") or "/write/login"
 local fallback = os.getenv("COOKIE")
-local delay_ms = tonumber(os.getenv("DELAY_MS") or "")
 local pattern = "^" .. name:gsub("%p", "%%%0") .. "=([^;]*)"
 
 local own = nil
@@ -47,8 +45,5 @@ function response(status, headers, body)
    end
 end
 
-if delay_ms then
-   function delay()
-      return delay_ms
-   end
-end
+-- DELAY_MS, DELAY_DIST: pauses between requests (pace.lua, beside this file).
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "pace.lua")
