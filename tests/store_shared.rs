@@ -918,6 +918,88 @@ async fn redis_round_trip() {
     round_trip(&prefix.store().await).await;
 }
 
+/// `modify_seen` checks the version in the write itself: a record whose
+/// data changed behind the store's back at the same version (which no
+/// writer of ours does) is overwritten on the strength of the version
+/// alone, showing there was no read; one in another layout is read first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_write_on_an_unchanged_version_is_one_step() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await;
+    let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    let handle = handle(11);
+    let key = format!("{}{}", prefix.prefix, handle);
+    let t = now();
+    let seen = record(json!({"a": 1}), t, t);
+    put(&store, &handle, &seen).await;
+
+    let raw: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let behind_our_back = raw.replace(r#""a":1"#, r#""a":9"#);
+    assert_ne!(raw, behind_our_back);
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&behind_our_back)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+
+    let given = std::sync::Mutex::new(Vec::new());
+    let bump = |current: Option<&Record>| {
+        given.lock().unwrap().push(current.cloned());
+        Ok(Change::Put(Record {
+            ver: current.map_or(1, |c| c.ver + 1),
+            ..current.cloned().unwrap_or_else(|| seen.clone())
+        }))
+    };
+    store.modify_seen(&handle, &seen, &bump).await.unwrap();
+    assert_eq!(*given.lock().unwrap(), vec![Some(seen.clone())]);
+
+    // The same record in another field order: not this store's layout,
+    // so the version cannot be checked in the write; it is read first.
+    let reordered = format!(
+        r#"{{"ver":{},"data":{{"a":5}},"ip":"{}","created":{},"atime":{}}}"#,
+        seen.ver + 1,
+        seen.ip,
+        seen.created,
+        seen.atime
+    );
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&reordered)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    given.lock().unwrap().clear();
+    let seen_now = Record {
+        ver: seen.ver + 1,
+        ..seen.clone()
+    };
+    let stored = store.modify_seen(&handle, &seen_now, &bump).await.unwrap();
+    let latest = Record {
+        data: json!({"a": 5}).as_object().unwrap().clone(),
+        ..seen_now.clone()
+    };
+    assert_eq!(
+        given.lock().unwrap().len(),
+        2,
+        "decided on seen, then on the read"
+    );
+    assert_eq!(given.lock().unwrap()[1], Some(latest.clone()));
+    assert_eq!(
+        stored,
+        Some(Record {
+            ver: latest.ver + 1,
+            ..latest
+        })
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_every_write_sets_the_ttl_and_touch_refreshes_it() {
     let Some(prefix) = RedisPrefix::new().await else {

@@ -93,7 +93,7 @@ impl SessionProxy {
         now: u64,
     ) -> Result<Option<CookieChange>, Failure> {
         let max = self.settings.max_data_bytes;
-        if active.stored.is_some() {
+        if let Some(seen) = &active.stored {
             let decide = |current: Option<&Record>| {
                 let Some(current) = current else {
                     return Ok(Change::Keep);
@@ -106,7 +106,10 @@ impl SessionProxy {
                 Ok(Change::Put(record))
             };
             let stored = self
-                .timed(StoreOp::Save, self.store.modify(&active.handle, &decide))
+                .timed(
+                    StoreOp::Save,
+                    self.store.modify_seen(&active.handle, seen, &decide),
+                )
                 .await;
             match stored.map_err(store_failure)? {
                 Some(_) => {

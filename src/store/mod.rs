@@ -115,6 +115,21 @@ pub trait Store: Send + Sync {
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError>;
 
+    /// [`Store::modify`] for a caller that has just loaded `seen`: a store
+    /// that can check in its write step that the record is still at
+    /// `seen.ver` decides on `seen` and skips its own read; when the record
+    /// changed meanwhile, `decide` is given the latest version, as always.
+    /// (Every change of data bumps `ver`; a touch moves only `atime`, and
+    /// a decision writes its own.)
+    async fn modify_seen(
+        &self,
+        handle: &Handle,
+        _seen: &Record,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError> {
+        self.modify(handle, decide).await
+    }
+
     /// Writes a new access time (a touch changes neither data nor `ver`).
     /// Does nothing if the record is gone.
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {

@@ -65,6 +65,22 @@ end
 return 1
 ";
 
+/// Writes `ARGV[2]` with a TTL of `ARGV[3]` seconds (0: none) only if the
+/// key holds a record of this store's layout (see [`Stored`]) at version
+/// `ARGV[1]`. Answers 1 when written, else what the key holds (0: absent).
+const SET_IF_VERSION: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local ver = string.match(current, '^{"atime":%d+,"created":%d+,"ip":"[^"]*","ver":(%d+),')
+if ver ~= ARGV[1] then return current end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+"#;
+
 /// Moves the record's atime forward to `ARGV[1]` and refreshes the TTL
 /// (`ARGV[2]`) in one step, without decoding the data: this store writes
 /// `atime` first (see [`Stored`]). Answers 1 done, 0 absent, -1 a record in
@@ -117,6 +133,7 @@ pub struct RedisStore {
 
 struct Scripts {
     compare_and_set: Script,
+    set_if_version: Script,
     touch: Script,
     lease_refresh: Script,
     lease_release: Script,
@@ -263,6 +280,7 @@ impl RedisStore {
             idle_ttl,
             scripts: Arc::new(Scripts {
                 compare_and_set: Script::new(COMPARE_AND_SET),
+                set_if_version: Script::new(SET_IF_VERSION),
                 touch: Script::new(TOUCH),
                 lease_refresh: Script::new(LEASE_REFRESH),
                 lease_release: Script::new(LEASE_RELEASE),
@@ -309,22 +327,69 @@ impl RedisStore {
             .arg(expected.unwrap_or(""))
             .arg(new.unwrap_or(""))
             .arg(self.idle_ttl);
-        let answer: Value = bounded(
+        let answer = bounded(
             self.timeout,
             "write",
             invocation.invoke_async(&mut connection),
         )
         .await?;
-        match answer {
-            Value::Int(1) => Ok(None),
-            Value::Int(0) => Ok(Some(None)),
-            Value::BulkString(bytes) => String::from_utf8(bytes)
-                .map(|current| Some(Some(current)))
-                .map_err(|_| StoreError::Unavailable("redis: record is not UTF-8".into())),
-            _ => Err(StoreError::Unavailable(
-                "redis: unexpected script answer".into(),
-            )),
+        write_answer(answer)
+    }
+
+    /// Writes `new` if `key` holds a record at version `ver`.
+    /// `Ok(None)` when written, else `Ok(Some(what the key holds now))`.
+    async fn set_if_version(
+        &self,
+        key: &str,
+        ver: u64,
+        new: &str,
+    ) -> Result<Option<Option<String>>, StoreError> {
+        let mut connection = self.connection().await?;
+        let mut invocation = self.scripts.set_if_version.key(key);
+        invocation.arg(ver).arg(new).arg(self.idle_ttl);
+        let answer = bounded(
+            self.timeout,
+            "write",
+            invocation.invoke_async(&mut connection),
+        )
+        .await?;
+        write_answer(answer)
+    }
+
+    /// Decides on `stored` (what the key held when last read) and writes
+    /// if the key still holds it, deciding again on what it holds instead.
+    async fn modify_from(
+        &self,
+        handle: &Handle,
+        key: &str,
+        mut stored: Option<String>,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let current = match &stored {
+                Some(value) => Some(decode(handle, value)?),
+                None => None,
+            };
+            let (new, outcome) = match decide(current.as_ref()).map_err(StoreError::Rejected)? {
+                Change::Keep => return Ok(current),
+                Change::Delete if stored.is_none() => return Ok(None),
+                Change::Delete => (None, None),
+                Change::Put(record) => (Some(encode(&record)?), Some(record)),
+            };
+            match self
+                .compare_and_set(key, stored.as_deref(), new.as_deref())
+                .await?
+            {
+                None => return Ok(outcome),
+                Some(newer) => stored = newer,
+            }
+            // Many writers on one key: spread them out a little.
+            if attempt >= 2 {
+                let spread = 1 + rand::random::<u64>() % (1 << attempt.min(5));
+                tokio::time::sleep(Duration::from_millis(spread)).await;
+            }
         }
+        Err(StoreError::Unavailable("redis: contention".into()))
     }
 
     /// Every master of the cluster, or the one server.
@@ -608,32 +673,30 @@ impl Store for RedisStore {
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
         let key = self.key(handle);
-        let mut stored = self.get(&key).await?;
-        for attempt in 0..MAX_ATTEMPTS {
-            let current = match &stored {
-                Some(value) => Some(decode(handle, value)?),
-                None => None,
-            };
-            let (new, outcome) = match decide(current.as_ref()).map_err(StoreError::Rejected)? {
-                Change::Keep => return Ok(current),
-                Change::Delete if stored.is_none() => return Ok(None),
-                Change::Delete => (None, None),
-                Change::Put(record) => (Some(encode(&record)?), Some(record)),
-            };
-            match self
-                .compare_and_set(&key, stored.as_deref(), new.as_deref())
-                .await?
-            {
-                None => return Ok(outcome),
-                Some(newer) => stored = newer,
-            }
-            // Many writers on one key: spread them out a little.
-            if attempt >= 2 {
-                let spread = 1 + rand::random::<u64>() % (1 << attempt.min(5));
-                tokio::time::sleep(Duration::from_millis(spread)).await;
-            }
+        let stored = self.get(&key).await?;
+        self.modify_from(handle, &key, stored, decide).await
+    }
+
+    /// One round trip when nothing changed since `seen` was loaded: the
+    /// write checks the version instead of a read before it.
+    async fn modify_seen(
+        &self,
+        handle: &Handle,
+        seen: &Record,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError> {
+        let key = self.key(handle);
+        let Change::Put(record) = decide(Some(seen)).map_err(StoreError::Rejected)? else {
+            // Deletes and keeps are not what this shortcut is for.
+            return self.modify(handle, decide).await;
+        };
+        match self
+            .set_if_version(&key, seen.ver, &encode(&record)?)
+            .await?
+        {
+            None => Ok(Some(record)),
+            Some(stored) => self.modify_from(handle, &key, stored, decide).await,
         }
-        Err(StoreError::Unavailable("redis: contention".into()))
     }
 
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
@@ -740,6 +803,21 @@ async fn bounded<T>(
         Err(_elapsed) => Err(StoreError::Unavailable(format!(
             "redis {operation}: timed out"
         ))),
+    }
+}
+
+/// What a write script answered: 1 written (`None`), else the key's
+/// value now (`Some(None)`: absent).
+fn write_answer(answer: Value) -> Result<Option<Option<String>>, StoreError> {
+    match answer {
+        Value::Int(1) => Ok(None),
+        Value::Int(0) => Ok(Some(None)),
+        Value::BulkString(bytes) => String::from_utf8(bytes)
+            .map(|current| Some(Some(current)))
+            .map_err(|_| StoreError::Unavailable("redis: record is not UTF-8".into())),
+        _ => Err(StoreError::Unavailable(
+            "redis: unexpected script answer".into(),
+        )),
     }
 }
 

@@ -44,6 +44,16 @@ impl<S: Store> Store for Serialized<S> {
         self.inner.modify(handle, decide).await
     }
 
+    async fn modify_seen(
+        &self,
+        handle: &Handle,
+        seen: &Record,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError> {
+        let _turn = self.locks.lock(handle).await;
+        self.inner.modify_seen(handle, seen, decide).await
+    }
+
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
         self.inner.touch(handle, atime).await
     }

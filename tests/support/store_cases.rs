@@ -322,6 +322,73 @@ macro_rules! store_cases {
             }
 
             #[tokio::test]
+            async fn modify_seen_writes_when_the_record_is_unchanged() {
+                let Some(store) = store().await else { return };
+                let handle = fresh_handle();
+                let seen = fresh_record();
+                put(&store, &handle, &seen).await;
+                let next = Record {
+                    ver: seen.ver + 1,
+                    atime: now(),
+                    ..seen.clone()
+                };
+                let decide = |current: Option<&Record>| {
+                    assert_eq!(current, Some(&seen));
+                    Ok(Change::Put(next.clone()))
+                };
+                let stored = store.modify_seen(&handle, &seen, &decide).await.unwrap();
+                assert_eq!(stored.as_ref(), Some(&next));
+                assert_eq!(store.load(&handle).await.unwrap(), Some(next));
+            }
+
+            #[tokio::test]
+            async fn modify_seen_decides_again_on_a_record_changed_since() {
+                let Some(store) = store().await else { return };
+                let handle = fresh_handle();
+                let seen = fresh_record();
+                put(&store, &handle, &seen).await;
+                // Another writer got there first: version 2.
+                let latest = Record {
+                    ver: seen.ver + 1,
+                    created: seen.created + 1,
+                    ..seen.clone()
+                };
+                put(&store, &handle, &latest).await;
+                let bump = |current: Option<&Record>| match current {
+                    Some(current) => Ok(Change::Put(Record {
+                        ver: current.ver + 1,
+                        ..current.clone()
+                    })),
+                    None => Ok(Change::Keep),
+                };
+                let stored = store.modify_seen(&handle, &seen, &bump).await.unwrap();
+                let expected = Record {
+                    ver: latest.ver + 1,
+                    ..latest.clone()
+                };
+                assert_eq!(stored.as_ref(), Some(&expected));
+                assert_eq!(store.load(&handle).await.unwrap(), Some(expected));
+            }
+
+            #[tokio::test]
+            async fn modify_seen_of_a_record_deleted_since_is_given_none() {
+                let Some(store) = store().await else { return };
+                let handle = fresh_handle();
+                let seen = fresh_record();
+                put(&store, &handle, &seen).await;
+                assert!(store.delete(&handle).await.unwrap());
+                let bump = |current: Option<&Record>| match current {
+                    Some(current) => Ok(Change::Put(Record {
+                        ver: current.ver + 1,
+                        ..current.clone()
+                    })),
+                    None => Ok(Change::Keep),
+                };
+                assert_eq!(store.modify_seen(&handle, &seen, &bump).await.unwrap(), None);
+                assert_eq!(store.load(&handle).await.unwrap(), None);
+            }
+
+            #[tokio::test]
             async fn ping_succeeds() {
                 let Some(store) = store().await else { return };
                 store.ping().await.unwrap();
