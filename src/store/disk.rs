@@ -1,10 +1,11 @@
 //! The default store: one JSON file per session in a directory.
 //!
 //! A record lives in `DIR/HANDLE.json`, exactly the [`Record`] as JSON. A
-//! write goes to a temporary file in the same directory (`.HANDLE.*.tmp`),
-//! which then takes the record's place atomically (swapped with the old
-//! file, which is deleted, or renamed when there is none: see
-//! [`put_in_place`]), so a crash never leaves a torn record; with `fsync`
+//! write goes to the record's spare file in the same directory
+//! (`.HANDLE.tmp`), which then takes the record's place atomically (swapped
+//! with the old file, which becomes the next spare, or renamed when there
+//! is none: see [`write_record`] and [`put_in_place`]), so a crash never
+//! leaves a torn record; with `fsync`
 //! the file and then the directory are synced before the write is reported
 //! done. Expiry reads `atime` and `created` from the record, never the
 //! file's times. Other files in the directory are left alone.
@@ -34,7 +35,7 @@
 //! ```
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -43,7 +44,8 @@ use async_trait::async_trait;
 use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
 use crate::locks::HandleLocks;
 
-/// A temporary file older than this cannot belong to a write in progress.
+/// A temporary file not written for this long belongs to no write in
+/// progress (a spare the sweep removes too early is made again).
 const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
 
 pub struct DiskStore {
@@ -288,42 +290,55 @@ fn read_record(path: &Path, short: &str) -> Result<Option<Record>, StoreError> {
         })
 }
 
-/// Writes `json` as the record of `handle`: temp file, rename over.
+/// Writes `json` as the record of `handle`: into its spare file, which
+/// then takes the record's place (see [`put_in_place`]).
+///
+/// The spare, `.HANDLE.tmp`, is the file the previous write swapped out:
+/// the record's version before last, overwritten in place by the next
+/// write. Reusing it spares the file system an inode created and one
+/// deleted per write, half the cost of a write (BENCHMARKS.md). It is
+/// deleted with its record; a torn spare (a crash while writing it) is
+/// never read. The caller holds the handle's lock: one writer per spare.
 fn write_record(dir: &Path, handle: &Handle, json: &[u8], fsync: bool) -> io::Result<()> {
-    let temp = dir.join(format!(
-        ".{}.{:016x}.tmp",
-        handle.as_str(),
-        rand::random::<u64>()
-    ));
-    let written = (|| {
-        let mut file = create_private(&temp)?;
-        file.write_all(json)?;
-        if fsync {
-            file.sync_all()?;
+    let spare = spare_of(dir, handle);
+    let target = dir.join(format!("{}.json", handle.as_str()));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let written = (|| -> io::Result<()> {
+            let file = open_private(&spare)?;
+            // No truncation to zero first: ext4 would start writeback at
+            // close (`auto_da_alloc` again).
+            std::os::unix::fs::FileExt::write_all_at(&file, json, 0)?;
+            file.set_len(json.len() as u64)?;
+            if fsync {
+                file.sync_all()?;
+            }
+            drop(file);
+            put_in_place(&spare, &target)?;
+            if fsync {
+                // The swap itself is durable only once the directory is.
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        match written {
+            // The sweep removed the spare between our open and the swap:
+            // write into a new one.
+            Err(error) if error.kind() == io::ErrorKind::NotFound && attempt < 3 => continue,
+            other => return other,
         }
-        drop(file);
-        let replaced = put_in_place(&temp, &dir.join(format!("{}.json", handle.as_str())))?;
-        if fsync {
-            // The rename itself is durable only once the directory is.
-            File::open(dir)?.sync_all()?;
-        }
-        if replaced {
-            // `temp` now holds the previous record. Should this fail, or
-            // the process die first, the sweep removes it after a minute.
-            let _ = fs::remove_file(&temp);
-        }
-        Ok(())
-    })();
-    if written.is_err() {
-        // Best effort: the sweep removes what is left after a minute.
-        let _ = fs::remove_file(&temp);
     }
-    written
+}
+
+/// The spare file of `handle`'s record.
+fn spare_of(dir: &Path, handle: &Handle) -> PathBuf {
+    dir.join(format!(".{}.tmp", handle.as_str()))
 }
 
 /// Moves the new record `temp` to `target` atomically: a reader sees the
 /// old record or the new one, never none. Returns `true` when the two were
-/// swapped, leaving the previous record at `temp` for the caller to delete.
+/// swapped, leaving the previous record at `temp`.
 ///
 /// A swap (`renameat2(RENAME_EXCHANGE)`) rather than a rename over the old
 /// file: ext4 starts writing back a file renamed over another at the rename
@@ -383,8 +398,29 @@ fn create_private(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
-/// Deletes the record file; `false` if there was none.
+/// The file at `path` for writing, created only its owner can read if it
+/// is missing.
+fn open_private(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.write(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// Deletes the record file and its spare; `false` if there was no record.
 fn remove_record(dir: &Path, path: &Path, fsync: bool) -> io::Result<bool> {
+    // The spare first: it holds an older version of the same session.
+    if let Some(handle) = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(handle_of_file)
+    {
+        match fs::remove_file(spare_of(dir, &handle)) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+    }
     match fs::remove_file(path) {
         Ok(()) => {
             if fsync {
@@ -402,7 +438,8 @@ fn handle_of_file(name: &str) -> Option<Handle> {
     name.strip_suffix(".json").and_then(Handle::parse)
 }
 
-/// A temporary file of ours: `.HANDLE.*.tmp` or a ping probe.
+/// A temporary file of ours: a spare `.HANDLE.tmp`, a `.HANDLE.*.tmp` of an
+/// earlier version, or a ping probe.
 fn is_temp_file(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".tmp")
 }
@@ -576,11 +613,23 @@ mod tests {
         assert_eq!(handle_of_file(&format!("{handle}.json.bak")), None);
         assert_eq!(handle_of_file("README.json"), None);
         assert!(is_temp_file(&format!(".{handle}.0123456789abcdef.tmp")));
+        assert!(is_temp_file(
+            &spare_of(Path::new(""), &handle).to_string_lossy()
+        ));
         assert!(!is_temp_file("notes.tmp"));
     }
 
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[tokio::test]
-    async fn a_rewrite_replaces_the_record_and_leaves_no_temporary_file() {
+    async fn rewrites_keep_one_spare_and_a_delete_removes_it_with_the_record() {
         let temp = TempDir::new();
         let store = DiskStore::open(&temp.0, false).unwrap();
         let handle = Handle::of_id("disk-unit-rewrite");
@@ -589,11 +638,31 @@ mod tests {
             let stored = store.load(&handle).await.unwrap().unwrap();
             assert_eq!(stored.ver, n);
         }
-        let names: Vec<String> = fs::read_dir(&temp.0)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names, vec![format!("{handle}.json")]);
+        let spare = spare_of(&temp.0, &handle);
+        assert_eq!(
+            names_in(&temp.0),
+            vec![format!(".{handle}.tmp"), format!("{handle}.json")]
+        );
+        // The version before last, never read as the record.
+        let previous: Record = serde_json::from_slice(&fs::read(&spare).unwrap()).unwrap();
+        assert_eq!(previous.ver, 2);
+
+        // A longer record, then a shorter one: the spare is cut to size.
+        let mut long = record(4);
+        long.data
+            .insert("padding".to_owned(), "x".repeat(500).into());
+        store.write(&handle, &long).await.unwrap();
+        store.write(&handle, &record(5)).await.unwrap();
+        assert_eq!(store.load(&handle).await.unwrap().unwrap().ver, 5);
+
+        // Swept away between writes: the next write makes a new one.
+        fs::remove_file(&spare).unwrap();
+        store.write(&handle, &record(6)).await.unwrap();
+        store.write(&handle, &record(7)).await.unwrap();
+        assert_eq!(store.load(&handle).await.unwrap().unwrap().ver, 7);
+
+        assert!(store.delete(&handle).await.unwrap());
+        assert_eq!(names_in(&temp.0), Vec::<String>::new());
     }
 
     #[test]
