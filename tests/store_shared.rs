@@ -738,6 +738,62 @@ async fn postgres_a_row_that_is_not_a_record_is_corrupt() {
     assert!(store.delete(&handle).await.unwrap());
 }
 
+/// As `redis_a_write_on_an_unchanged_version_is_one_step`: the version
+/// is checked in the update itself, so data changed behind the store's
+/// back at the same version is overwritten without a read; a row that is
+/// not JSON falls back to the read, which reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_write_on_an_unchanged_version_is_one_step() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let store = table.store().await;
+    let client = sql_client().await.unwrap();
+    let handle = handle(6);
+    let t = now();
+    let seen = record(json!({"a": 1}), t, t);
+    put(&store, &handle, &seen).await;
+    let changed = client
+        .execute(
+            &format!(
+                "UPDATE {} SET data = replace(data, '\"a\":1', '\"a\":9') WHERE session_id = $1",
+                table.name
+            ),
+            &[&handle.as_str()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed, 1);
+
+    let given = std::sync::Mutex::new(Vec::new());
+    let bump = |current: Option<&Record>| {
+        given.lock().unwrap().push(current.cloned());
+        Ok(Change::Put(Record {
+            ver: current.map_or(1, |c| c.ver + 1),
+            ..current.cloned().unwrap_or_else(|| seen.clone())
+        }))
+    };
+    store.modify_seen(&handle, &seen, &bump).await.unwrap();
+    assert_eq!(*given.lock().unwrap(), vec![Some(seen.clone())]);
+    assert_eq!(store.load(&handle).await.unwrap().unwrap().data, seen.data);
+
+    client
+        .execute(
+            &format!(
+                "UPDATE {} SET data = 'not json' WHERE session_id = $1",
+                table.name
+            ),
+            &[&handle.as_str()],
+        )
+        .await
+        .unwrap();
+    let outcome = store.modify_seen(&handle, &seen, &bump).await;
+    assert!(
+        matches!(outcome, Err(StoreError::Corrupt { .. })),
+        "{outcome:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sweeps_expired_records_in_batches() {
     let Some(table) = PgTable::new().await else {

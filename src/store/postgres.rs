@@ -79,6 +79,7 @@ struct Statements {
     lock: String,
     insert: String,
     update: String,
+    update_if_version: String,
     delete: String,
     touch: String,
     sweep_idle: String,
@@ -106,6 +107,10 @@ impl Statements {
                  ON CONFLICT (session_id) DO NOTHING"
             ),
             update: format!("UPDATE {table} SET atime = {ATIME}, data = $3 WHERE session_id = $1"),
+            update_if_version: format!(
+                "UPDATE {table} SET atime = {ATIME}, data = $3 \
+                 WHERE session_id = $1 AND data::jsonb ->> 'ver' = $4::text"
+            ),
             delete: format!("DELETE FROM {table} WHERE session_id = $1"),
             // A touch in one statement: the record's atime inside the JSON
             // and the column move together, and never backwards.
@@ -314,6 +319,27 @@ impl PostgresStore {
         )))
     }
 
+    /// Writes `record` if the stored one is still at version `ver`, in
+    /// one statement (its own transaction); `false` if it is not, or does
+    /// not parse (the caller's fallback reports that).
+    async fn update_if_version_on(
+        &self,
+        client: &ClientWrapper,
+        handle: &Handle,
+        ver: u64,
+        record: &Record,
+    ) -> Result<bool, Failure> {
+        let update = client.prepare_cached(&self.sql.update_if_version).await?;
+        let json = encode(record)?;
+        let (atime, ver) = (unix_i64(record.atime), ver.to_string());
+        let params: [&(dyn ToSql + Sync); 4] = [&handle.as_str(), &atime, &json, &ver];
+        match client.execute(&update, &params).await {
+            Ok(written) => Ok(written == 1),
+            Err(error) if is_bad_data(&error) => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     async fn touch_on(
         &self,
         client: &ClientWrapper,
@@ -516,6 +542,26 @@ impl Store for PostgresStore {
         let (client, deadline) = self.checkout().await?;
         let outcome = timeout_at(deadline, self.modify_on(&client, handle, decide)).await;
         finish(client, outcome)
+    }
+
+    /// One statement, one round trip, when nothing changed since `seen`
+    /// was loaded; else as `modify`.
+    async fn modify_seen(
+        &self,
+        handle: &Handle,
+        seen: &Record,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError> {
+        let Change::Put(record) = decide(Some(seen)).map_err(StoreError::Rejected)? else {
+            return self.modify(handle, decide).await;
+        };
+        let (client, deadline) = self.checkout().await?;
+        let update = self.update_if_version_on(&client, handle, seen.ver, &record);
+        let outcome = timeout_at(deadline, update).await;
+        if finish(client, outcome)? {
+            return Ok(Some(record));
+        }
+        self.modify(handle, decide).await
     }
 
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
