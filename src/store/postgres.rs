@@ -31,7 +31,9 @@
 //! (the first use of each on a connection adds one): `load` 1, `touch` 1,
 //! `delete` 1, `modify` 2: `BEGIN` + `SELECT … FOR UPDATE` pipelined, then
 //! the write + `COMMIT` pipelined (or `ROLLBACK` when nothing changes); two
-//! more when it loses the race to create a record.
+//! more when it loses the race to create a record. `modify_seen` 1: an
+//! `UPDATE` of the record only if still at the version the caller loaded
+//! (else as `modify`).
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -23,7 +23,8 @@
 //! the script answers the newer value and the decision is made again.
 //! Round trips: `load` 1, `touch` 1, `delete` 1, `modify` 2 (1 when
 //! nothing changes; +1 per conflict; the first use of a script on a server
-//! adds 2, to load it).
+//! adds 2, to load it), `modify_seen` 1 (the write checks the version the
+//! caller loaded; else as `modify`, less its read).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
