@@ -33,10 +33,10 @@ fn bench_record(n: usize) -> Record {
     let data: Map<String, Value> =
         serde_json::from_str(&format!(r#"{{"count":1,"last":"{n:032x}"}}"#)).expect("JSON");
     Record {
-        data,
+        data: data.into(),
         created: 1_700_000_000,
         atime: 1_700_000_000,
-        ip: "127.0.0.1".to_owned(),
+        ip: "127.0.0.1".into(),
         ver: 1,
     }
 }

@@ -24,13 +24,13 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
-use serde_json::{Map, Value};
 
 use crate::config::{Config, CookieConfig};
 use crate::limits;
 use crate::locks::{HandleLock, HandleLocks};
 use crate::metrics::{Metrics, StoreOp};
 use crate::session::cookie::{set_cookie, CookieSigner, Handle, SessionId};
+use crate::session::data::SessionData;
 use crate::session::patch::Instructions;
 use crate::session::policy::{self, Expired, Policy};
 use crate::session::token::TokenSigner;
@@ -62,7 +62,7 @@ struct Settings {
     ignore_expiry: bool,
     expired_status: u16,
     expired_message: bytes::Bytes,
-    initializer: Map<String, Value>,
+    initializer: SessionData,
     save_uninitialized: bool,
     max_data_bytes: usize,
     touch_interval: u64,
@@ -127,7 +127,7 @@ impl SessionProxy {
             ignore_expiry: session.ignore_expiry,
             expired_status: session.expired_status,
             expired_message: bytes::Bytes::from(session.expired_message.clone()),
-            initializer: session.initializer.clone(),
+            initializer: SessionData::from_map(&session.initializer),
             save_uninitialized: session.save_uninitialized,
             max_data_bytes: session.max_data_bytes,
             touch_interval: session.touch_interval,

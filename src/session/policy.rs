@@ -51,7 +51,7 @@ impl Policy {
                 return Err(Expired::Absolute);
             }
         }
-        if self.check_ip && record.ip != client_ip {
+        if self.check_ip && *record.ip != *client_ip {
             return Err(Expired::Ip);
         }
         Ok(())

@@ -445,10 +445,10 @@ mod tests {
         data.insert("user".to_owned(), serde_json::json!("someone@example.org"));
         data.insert("n".to_owned(), serde_json::json!(n));
         Record {
-            data,
+            data: data.into(),
             created: crate::session::now(),
             atime: crate::session::now(),
-            ip: "192.0.2.7".to_owned(),
+            ip: "192.0.2.7".into(),
             ver: n,
         }
     }

@@ -180,6 +180,7 @@ enum Attempt {
 #[async_trait]
 impl Store for MemoryStore {
     async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
+        // A clone shares the record's data and IP: no copy, no allocation.
         Ok(self
             .records
             .get(&handle.to_bytes())
