@@ -178,7 +178,7 @@ impl SessionProxy {
             data: self.settings.initializer.clone(),
             created: now,
             atime: now,
-            ip: active.client_ip.as_str().into(),
+            ip: active.client_ip.to_string().into(),
             ver: 0,
         }
     }

@@ -12,6 +12,7 @@ mod answer;
 mod commit;
 pub mod headers;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,7 +90,7 @@ struct ActiveSession {
     /// The stored record; `None` for a session not stored yet, whose data
     /// is the initializer.
     stored: Option<Record>,
-    client_ip: String,
+    client_ip: IpAddr,
 }
 
 impl SessionProxy {
@@ -197,7 +198,7 @@ impl SessionProxy {
     }
 
     /// A session not stored yet, with a fresh id and a copy of the initializer.
-    fn new_session(&self, client_ip: String) -> ActiveSession {
+    fn new_session(&self, client_ip: IpAddr) -> ActiveSession {
         let id = SessionId::generate();
         ActiveSession {
             handle: id.handle(),
@@ -211,7 +212,7 @@ impl SessionProxy {
     async fn resume(
         &self,
         id: SessionId,
-        client_ip: String,
+        client_ip: IpAddr,
         ctx: &mut RequestCtx,
     ) -> Result<Result<ActiveSession, Expired>, Failure> {
         let handle = id.handle();
@@ -248,7 +249,7 @@ impl SessionProxy {
         if let Err(expired) =
             self.settings
                 .policy
-                .judge(record.as_ref(), crate::session::now(), &client_ip)
+                .judge(record.as_ref(), crate::session::now(), client_ip)
         {
             self.metrics.expired(expired.label());
             debug!("session {}: expired ({})", handle.short(), expired.label());
@@ -288,12 +289,11 @@ impl SessionProxy {
             true => Vec::new(),
             false => headers::values(&request.headers, &X_FORWARDED_FOR),
         };
-        let client_ip =
-            policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies).to_string();
+        let client_ip = policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies);
 
         let active = match verified {
             None => self.new_session(client_ip),
-            Some(id) => match self.resume(id, client_ip.clone(), ctx).await? {
+            Some(id) => match self.resume(id, client_ip, ctx).await? {
                 Ok(active) => active,
                 Err(expired) if settings.ignore_expiry && expired != Expired::Ip => {
                     ctx.lease = None;
