@@ -38,7 +38,7 @@ use crate::session::token::TokenSigner;
 use crate::store::{Lease, Record, Store, StoreError};
 pub use answer::Failure;
 use commit::CookieChange;
-use headers::SessionHeaders;
+use headers::{Cookie, SessionHeaders};
 
 /// Everything a request needs, prepared once at start.
 pub struct SessionProxy {
@@ -277,13 +277,16 @@ impl SessionProxy {
             .map(|addr| addr.ip())
             .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
         let request = session.req_header_mut();
-        let candidates = headers::take_cookie(request, &settings.cookie.name);
-        let verified = candidates
-            .iter()
-            .find_map(|value| settings.cookie_signer.verify(value));
-        if verified.is_none() && !candidates.is_empty() {
-            self.metrics.forged_cookies.inc();
-        }
+        let verified = match headers::take_cookie(request, &settings.cookie.name, |value| {
+            settings.cookie_signer.verify(value)
+        }) {
+            Cookie::Absent => None,
+            Cookie::Refused => {
+                self.metrics.forged_cookies.inc();
+                None
+            }
+            Cookie::Accepted(id) => Some(id),
+        };
         // X-Forwarded-For counts only from a trusted proxy: read it only then.
         let forwarded_for = match settings.trusted_proxies.is_empty() {
             true => Vec::new(),
@@ -381,7 +384,7 @@ impl ProxyHttp for SessionProxy {
         self.settings.headers.strip_from(request);
         if self.is_bypassed(request.uri.path()) {
             self.metrics.requests_bypass.inc();
-            headers::take_cookie(request, &self.settings.cookie.name);
+            headers::remove_cookie(request, &self.settings.cookie.name);
             return Ok(false);
         }
         self.metrics.requests_session.inc();
