@@ -131,8 +131,10 @@ fn remove_pairs(request: &mut RequestHeader, name: &[u8], rest_len: usize) {
         }
     }
     // Replaces every `Cookie` header. The bytes came from valid header
-    // values joined with "; ".
-    let _ = request.insert_header(COOKIE, rest);
+    // values joined with "; ". The name as text: pingora keeps the case
+    // of a static str as it is, but copies the name of a `HeaderName` it
+    // has no title case for (`cookie` among them) on every insert.
+    let _ = request.insert_header("Cookie", rest);
 }
 
 /// The `name=value` pairs of one `Cookie` header value, trimmed, empty ones skipped.
