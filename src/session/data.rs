@@ -152,15 +152,20 @@ mod tests {
 
     #[test]
     fn it_is_written_verbatim_inside_a_record() {
+        #[derive(Serialize)]
+        struct Outer<'a> {
+            before: u8,
+            data: &'a SessionData,
+        }
         let data = SessionData::from_map(&map(json!({"count": 1, "last": "a b"})));
-        let record = json!({"before": 1});
-        let mut text = serde_json::to_string(&record).unwrap();
-        text.truncate(text.len() - 1);
-        text.push_str(&format!(
-            r#","data":{}}}"#,
-            serde_json::to_string(&data).unwrap()
-        ));
-        assert_eq!(text, r#"{"before":1,"data":{"count":1,"last":"a b"}}"#);
+        let outer = Outer {
+            before: 1,
+            data: &data,
+        };
+        assert_eq!(
+            serde_json::to_string(&outer).unwrap(),
+            r#"{"before":1,"data":{"count":1,"last":"a b"}}"#
+        );
     }
 
     #[test]
