@@ -3,7 +3,7 @@
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
 use http::HeaderName;
 use pingora::http::RequestHeader;
-use session_proxy::proxy::headers::{take_cookie, SessionHeaders};
+use session_proxy::proxy::headers::{remove_cookie, take_cookie, SessionHeaders};
 
 const VALUE: &str = "S0JdVx2qf0m3yH7nV9k0bJk3Xq8rT1a2Zc4Vb6Nm8Lp.Zk8uQ3n5Rx7Tv9Wb1Yc3Ad";
 
@@ -38,17 +38,26 @@ fn headers(c: &mut Criterion) {
     };
     let with_session = format!("theme=dark; session_id={VALUE}; lang=en");
 
+    // The value is offered to a check that accepts it, as a verified cookie is.
+    let accept = |value: &[u8]| Some(black_box(value).len());
     c.bench_function("headers/take_cookie", |b| {
         b.iter_batched_ref(
             || request(&with_session),
-            |request| take_cookie(request, black_box("session_id")),
+            |request| take_cookie(request, black_box("session_id"), accept),
             BatchSize::SmallInput,
         )
     });
     c.bench_function("headers/take_cookie_absent", |b| {
         b.iter_batched_ref(
             || request("theme=dark; lang=en"),
-            |request| take_cookie(request, black_box("session_id")),
+            |request| take_cookie(request, black_box("session_id"), accept),
+            BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("headers/remove_cookie", |b| {
+        b.iter_batched_ref(
+            || request(&with_session),
+            |request| remove_cookie(request, black_box("session_id")),
             BatchSize::SmallInput,
         )
     });

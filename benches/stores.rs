@@ -11,10 +11,11 @@ fn record() -> Record {
         data: json!({"count": 1, "last": "0123456789abcdef0123456789abcdef"})
             .as_object()
             .cloned()
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .into(),
         created: 1_700_000_000,
         atime: 1_700_000_000,
-        ip: "127.0.0.1".to_owned(),
+        ip: "127.0.0.1".into(),
         ver: 1,
     }
 }

@@ -1,14 +1,15 @@
 //! The signed session token sent upstream on every session request.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use session_proxy::session::cookie::Handle;
+use session_proxy::session::data::SessionData;
 use session_proxy::session::token::TokenSigner;
 
 const KEY: &str = "bench-key-bench-key-bench-key-bench-key-0001";
 
-fn data(value: Value) -> Map<String, Value> {
-    value.as_object().cloned().unwrap_or_default()
+fn data(value: Value) -> SessionData {
+    SessionData::from_map(&value.as_object().cloned().unwrap_or_default())
 }
 
 fn token(c: &mut Criterion) {
@@ -24,8 +25,9 @@ fn token(c: &mut Criterion) {
         "count": 1234
     }));
 
+    let empty = SessionData::default();
     c.bench_function("token/sign_empty", |b| {
-        b.iter(|| signer.sign(black_box(&handle), true, 0, 1_700_000_000, &Map::new()))
+        b.iter(|| signer.sign(black_box(&handle), true, 0, 1_700_000_000, &empty))
     });
     c.bench_function("token/sign_bench_data", |b| {
         b.iter(|| signer.sign(black_box(&handle), false, 7, 1_700_000_000, &small))

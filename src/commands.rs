@@ -83,7 +83,7 @@ async fn sessions_with(
                     "{handle}  {}  {}  {:>6}  {}",
                     utc(record.created),
                     utc(record.atime),
-                    crate::session::patch::encoded_len(&record.data),
+                    record.data.encoded_len(),
                     record.ver
                 );
             }
@@ -93,6 +93,9 @@ async fn sessions_with(
             let handle = parse_handle(&handle)?;
             let record = store.load(&handle).await.map_err(|e| e.to_string())?;
             let record = record.ok_or_else(|| format!("no session {handle}"))?;
+            // Through a Value, so the data is indented too (it is kept as
+            // compact text, which would print as one line).
+            let record = serde_json::to_value(&record).map_err(|e| e.to_string())?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?

@@ -160,7 +160,12 @@ fn stored_counts(outcome: &Outcome) -> Vec<Option<u64>> {
             let cookie = client.cookie.as_ref()?;
             let bytes = std::fs::read(record_path(&dir, cookie)).ok()?;
             let record: session_proxy::store::Record = serde_json::from_slice(&bytes).unwrap();
-            record.data.get("count").and_then(|c| c.as_u64())
+            record
+                .data
+                .to_map()
+                .unwrap()
+                .get("count")
+                .and_then(|c| c.as_u64())
         })
         .collect()
 }

@@ -5,6 +5,7 @@ mod support;
 
 use serde_json::{json, Map, Value};
 use session_proxy::session::cookie::Handle;
+use session_proxy::session::data::SessionData;
 use session_proxy::session::token::TokenSigner;
 use support::*;
 
@@ -18,7 +19,13 @@ fn a_float_survives_the_token_round_trip() {
     let data: Map<String, Value> =
         serde_json::from_str(&format!(r#"{{"x": {DRIFTING}}}"#)).unwrap();
     let signer = TokenSigner::new(KEY, 60);
-    let token = signer.sign(&Handle::of_id("x"), false, 1, 0, &data);
+    let token = signer.sign(
+        &Handle::of_id("x"),
+        false,
+        1,
+        0,
+        &SessionData::from_map(&data),
+    );
     let claims = signer.verify(&token).unwrap();
     assert_eq!(claims.data, data);
     assert_eq!(

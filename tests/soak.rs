@@ -258,20 +258,17 @@ fn fifty_sessions_under_mixed_concurrent_load_lose_no_update() {
             distinct.len(),
             "slot {index}: two increments read the same count (lock = true lost one)"
         );
-        if record.data != expected {
-            let stored_keys = record.data.len();
-            lost_writes += expected.len().saturating_sub(stored_keys)
-                + (expected.get("count").and_then(Value::as_u64).unwrap_or(0) as usize)
-                    .saturating_sub(
-                        record
-                            .data
-                            .get("count")
-                            .and_then(Value::as_u64)
-                            .unwrap_or(0) as usize,
-                    );
+        let data = record.data.to_map().unwrap();
+        if data != expected {
+            let stored_keys = data.len();
+            lost_writes +=
+                expected.len().saturating_sub(stored_keys)
+                    + (expected.get("count").and_then(Value::as_u64).unwrap_or(0) as usize)
+                        .saturating_sub(
+                            data.get("count").and_then(Value::as_u64).unwrap_or(0) as usize
+                        );
             mismatches.push(format!(
-                "slot {index}: stored {:?}\n   replay {:?}",
-                record.data, expected
+                "slot {index}: stored {data:?}\n   replay {expected:?}"
             ));
         }
     }

@@ -112,10 +112,10 @@ fn record_at(atime: u64) -> Record {
         unreachable!()
     };
     Record {
-        data,
+        data: data.into(),
         created: atime,
         atime,
-        ip: "192.0.2.1".to_owned(),
+        ip: "192.0.2.1".into(),
         ver: 1,
     }
 }

@@ -236,12 +236,20 @@ fn record(data: Value, created: u64, atime: u64) -> Record {
         panic!("session data must be an object")
     };
     Record {
-        data,
+        data: data.into(),
         created,
         atime,
         ip: "192.0.2.7".into(),
         ver: 1,
     }
+}
+
+/// `record` with `key` set to `value` in its data.
+fn with(mut record: Record, key: &str, value: Value) -> Record {
+    let mut data = record.data.to_map().expect("stored data reads back");
+    data.insert(key.to_owned(), value);
+    record.data = data.into();
+    record
 }
 
 fn now() -> u64 {
@@ -260,11 +268,11 @@ async fn put(store: &dyn Store, handle: &Handle, record: &Record) {
 /// The read-modify-write a proxy does for `count += 1`, atomic by `modify`.
 async fn increment(store: &dyn Store, handle: &Handle) -> Result<Option<Record>, StoreError> {
     let decide = |current: Option<&Record>| {
-        let mut next = current
+        let next = current
             .cloned()
             .unwrap_or_else(|| record(json!({"count": 0}), now(), now()));
-        let count = next.data.get("count").and_then(Value::as_u64).unwrap_or(0);
-        next.data.insert("count".into(), json!(count + 1));
+        let count = count_of(&next);
+        let mut next = with(next, "count", json!(count + 1));
         next.ver += u64::from(current.is_some());
         Ok(Change::Put(next))
     };
@@ -272,7 +280,9 @@ async fn increment(store: &dyn Store, handle: &Handle) -> Result<Option<Record>,
 }
 
 fn count_of(record: &Record) -> u64 {
-    record.data["count"].as_u64().expect("a count")
+    record.data.to_map().expect("stored data reads back")["count"]
+        .as_u64()
+        .expect("a count")
 }
 
 /// `n` concurrent increments of one absent record, alternating between two
@@ -308,9 +318,8 @@ async fn writes_of_different_keys_all_survive(first: Arc<dyn Store>, second: Arc
         let handle = handle.clone();
         tasks.spawn(async move {
             let decide = |current: Option<&Record>| {
-                let mut next = current.cloned().ok_or("gone")?;
-                next.data.insert(format!("key{i}"), json!(i));
-                Ok(Change::Put(next))
+                let next = current.cloned().ok_or("gone")?;
+                Ok(Change::Put(with(next, &format!("key{i}"), json!(i))))
             };
             store.modify(&handle, &decide).await
         });
@@ -319,7 +328,7 @@ async fn writes_of_different_keys_all_survive(first: Arc<dyn Store>, second: Arc
         done.expect("task").expect("write");
     }
     let stored = second.load(&handle).await.unwrap().expect("stored");
-    assert_eq!(stored.data.len(), 20, "{:?}", stored.data);
+    assert_eq!(stored.data.to_map().unwrap().len(), 20, "{:?}", stored.data);
 }
 
 /// Load, modify, touch, delete and list, as the trait promises.
@@ -946,9 +955,8 @@ async fn blind_increment(store: &dyn Store, handle: &Handle) -> Result<(), Store
     let read = store.load(handle).await?;
     let count = read.as_ref().map_or(0, count_of);
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let mut next = read.unwrap_or_else(|| record(json!({}), now(), now()));
-    next.data.insert("count".into(), json!(count + 1));
-    put(store, handle, &next).await;
+    let next = read.unwrap_or_else(|| record(json!({}), now(), now()));
+    put(store, handle, &with(next, "count", json!(count + 1))).await;
     Ok(())
 }
 
@@ -1038,7 +1046,7 @@ async fn redis_a_write_on_an_unchanged_version_is_one_step() {
     };
     let stored = store.modify_seen(&handle, &seen_now, &bump).await.unwrap();
     let latest = Record {
-        data: json!({"a": 5}).as_object().unwrap().clone(),
+        data: json!({"a": 5}).as_object().unwrap().clone().into(),
         ..seen_now.clone()
     };
     assert_eq!(

@@ -46,8 +46,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(config.session.secret_keys.iter().all(|key| key.len() >= 32));
             assert!(config.headers.token_ttl >= 5);
             let initializer =
-                session_proxy::session::patch::encoded_len(&config.session.initializer);
-            assert!(initializer <= config.session.max_data_bytes);
+                session_proxy::session::data::SessionData::from_map(&config.session.initializer);
+            assert!(initializer.encoded_len() <= config.session.max_data_bytes);
         }
         Err(error) => {
             let message = error.to_string();

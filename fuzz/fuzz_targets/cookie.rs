@@ -19,7 +19,7 @@ use hmac::{Hmac, Mac};
 use http::header::COOKIE;
 use libfuzzer_sys::fuzz_target;
 use pingora::http::RequestHeader;
-use session_proxy::proxy::headers::{take_cookie, values};
+use session_proxy::proxy::headers::{take_cookie, values, Cookie};
 use session_proxy::session::cookie::{CookieSigner, COOKIE_VALUE_LEN};
 
 const KEYS: [&str; 2] = [
@@ -102,10 +102,15 @@ fuzz_target!(|data: &[u8]| {
         .filter(|pair| !is_named(pair, name))
         .collect();
 
-    let candidates = take_cookie(&mut request, name);
+    let mut candidates = Vec::new();
+    let found = take_cookie(&mut request, name, |value| {
+        candidates.push(value.to_vec());
+        None::<()>
+    });
 
     assert!(candidates.len() <= 4, "{} candidates", candidates.len());
     assert_eq!(present, !candidates.is_empty());
+    assert_eq!(found == Cookie::Absent, !present);
     for candidate in &candidates {
         check_verify(fixture, candidate);
     }

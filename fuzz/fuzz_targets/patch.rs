@@ -9,13 +9,14 @@
 //! Checked: nothing panics; more than one update or action is refused; an
 //! accepted update is a JSON object no longer than the raw limit; merging
 //! follows RFC 7396 (every key of the patch is deleted, replaced, or merged
-//! into an object) and is idempotent; `check_size` agrees with the length of
-//! the compact JSON.
+//! into an object) and is idempotent; `apply` does the same to the data as
+//! JSON text, and `check_size` agrees with the length of the compact JSON.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Map, Value};
-use session_proxy::session::patch::{check_size, encoded_len, merge, Instructions, InvalidUpdate};
+use session_proxy::session::data::SessionData;
+use session_proxy::session::patch::{apply, check_size, merge, Instructions, InvalidUpdate};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&limit, rest)) = data.split_first() else {
@@ -61,11 +62,19 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(twice, target, "merging twice changed the result");
 
     let compact = serde_json::to_vec(&target).unwrap().len();
-    assert_eq!(encoded_len(&target), compact);
+    let merged = SessionData::from_map(&target);
+    assert_eq!(merged.encoded_len(), compact);
     assert_eq!(
-        check_size(&target, max_data_bytes).is_ok(),
+        check_size(&merged, max_data_bytes).is_ok(),
         compact <= max_data_bytes
     );
+    match apply(&SessionData::from_map(&session()), &patch, max_data_bytes) {
+        Ok(applied) => assert_eq!(applied, merged),
+        Err(InvalidUpdate::DataTooLarge(size, limit)) => {
+            assert_eq!((size, limit), (compact, max_data_bytes))
+        }
+        Err(other) => panic!("apply failed: {other}"),
+    }
 });
 
 fn session() -> Map<String, Value> {

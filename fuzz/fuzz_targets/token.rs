@@ -18,6 +18,7 @@ use base64::Engine;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Map, Value};
 use session_proxy::session::cookie::Handle;
+use session_proxy::session::data::SessionData;
 use session_proxy::session::token::{key_id, Claims, TokenSigner};
 
 const KEY: &str = "fuzz-token-key-0123456789abcdefghijklmnopqrstuvwxyz";
@@ -62,7 +63,7 @@ fuzz_target!(|input: &[u8]| {
     };
     let handle = Handle::of_id(&String::from_utf8_lossy(body));
 
-    let token = signer.sign(&handle, new, ver, now, &data);
+    let token = signer.sign(&handle, new, ver, now, &SessionData::from_map(&data));
 
     let parts: Vec<&str> = token.split('.').collect();
     assert_eq!(parts.len(), 3, "{token}");
@@ -111,6 +112,7 @@ impl SignClaims for TokenSigner {
     fn sign_claims(&self, claims: &Claims) -> String {
         let handle = Handle::parse(&claims.sid).expect("a signed sid is a handle");
         assert_eq!(claims.exp, claims.iat + TTL);
-        self.sign(&handle, claims.new, claims.ver, claims.iat, &claims.data)
+        let data = SessionData::from_map(&claims.data);
+        self.sign(&handle, claims.new, claims.ver, claims.iat, &data)
     }
 }

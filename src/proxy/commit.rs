@@ -61,8 +61,8 @@ impl SessionProxy {
         };
         let mut record = latest.unwrap_or_else(|| self.fresh_record(active, now));
         if let Some(patch) = patch {
-            patch::merge(&mut record.data, patch);
-            patch::check_size(&record.data, self.settings.max_data_bytes).map_err(invalid)?;
+            record.data =
+                patch::apply(&record.data, patch, self.settings.max_data_bytes).map_err(invalid)?;
         }
         record.ver += 1;
         record.atime = now;
@@ -98,12 +98,13 @@ impl SessionProxy {
                 let Some(current) = current else {
                     return Ok(Change::Keep);
                 };
-                let mut record = current.clone();
-                patch::merge(&mut record.data, patch);
-                patch::check_size(&record.data, max).map_err(|e| e.to_string())?;
-                record.ver += 1;
-                record.atime = now;
-                Ok(Change::Put(record))
+                Ok(Change::Put(Record {
+                    data: patch::apply(&current.data, patch, max).map_err(|e| e.to_string())?,
+                    created: current.created,
+                    atime: now,
+                    ip: current.ip.clone(),
+                    ver: current.ver + 1,
+                }))
             };
             let stored = self
                 .timed(
@@ -129,8 +130,7 @@ impl SessionProxy {
             }
         }
         let mut record = self.fresh_record(active, now);
-        patch::merge(&mut record.data, patch);
-        patch::check_size(&record.data, max).map_err(invalid)?;
+        record.data = patch::apply(&record.data, patch, max).map_err(invalid)?;
         record.ver = 1;
         let id = if active.stored.is_some() {
             SessionId::generate()
@@ -174,14 +174,14 @@ impl SessionProxy {
         }
     }
 
-    /// The record a new session starts from: a copy of the initializer.
+    /// The record a new session starts from: the initializer's data (a
+    /// patch makes a new copy, it never changes the shared one).
     fn fresh_record(&self, active: &ActiveSession, now: u64) -> Record {
-        let data = self.settings.initializer.clone();
         Record {
-            data,
+            data: self.settings.initializer.clone(),
             created: now,
             atime: now,
-            ip: active.client_ip.clone(),
+            ip: active.client_ip.to_string().into(),
             ver: 0,
         }
     }

@@ -52,41 +52,97 @@ fn same_name_modulo_underscore(ours: &str, theirs: &str) -> bool {
 /// stuffed with copies of the cookie must not buy more HMACs than this.
 const MAX_CANDIDATES: usize = 4;
 
+/// What [`take_cookie`] found of the session cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cookie<T> {
+    /// Not in the request.
+    Absent,
+    /// There, but no value of it was accepted.
+    Refused,
+    /// What the first accepted value gave.
+    Accepted(T),
+}
+
 /// Removes the cookie `name` from the request's `Cookie` headers (several
-/// headers are one list; an empty header is dropped) and returns its
-/// values, at most [`MAX_CANDIDATES`] of them. Leaves the headers untouched
-/// when the cookie is absent.
-pub fn take_cookie(request: &mut RequestHeader, name: &str) -> Vec<Vec<u8>> {
-    let mut found = Vec::new();
-    let mut others: Vec<&[u8]> = Vec::new();
-    let mut present = false;
+/// headers are one list; an empty header is dropped) and offers its values
+/// to `accept`, in order, at most [`MAX_CANDIDATES`] of them, until one is
+/// accepted. Leaves the headers untouched when the cookie is absent.
+///
+/// The values are offered where they lie in the header, and the headers
+/// are rewritten only when the cookie is there: a request without it
+/// costs a scan and no allocation, one with it a single new header value.
+pub fn take_cookie<T>(
+    request: &mut RequestHeader,
+    name: &str,
+    mut accept: impl FnMut(&[u8]) -> Option<T>,
+) -> Cookie<T> {
+    let name = name.as_bytes();
+    let mut found = Cookie::Absent;
+    let mut offered = 0;
+    // The length of the other cookies joined with "; ".
+    let mut rest_len = 0;
     for header in request.headers.get_all(COOKIE) {
-        for pair in header.as_bytes().split(|&b| b == b';') {
-            let pair = pair.trim_ascii();
-            if pair.is_empty() {
+        for pair in pairs(header.as_bytes()) {
+            let Some(value) = cookie_value(pair, name) else {
+                rest_len += pair.len() + if rest_len > 0 { 2 } else { 0 };
+                continue;
+            };
+            if let Cookie::Accepted(_) = found {
                 continue;
             }
-            match cookie_value(pair, name.as_bytes()) {
-                Some(value) => {
-                    present = true;
-                    if found.len() < MAX_CANDIDATES {
-                        found.push(value.to_vec());
-                    }
+            found = Cookie::Refused;
+            if offered < MAX_CANDIDATES {
+                offered += 1;
+                if let Some(accepted) = accept(value) {
+                    found = Cookie::Accepted(accepted);
                 }
-                None => others.push(pair),
             }
         }
     }
-    if !present {
-        return found;
-    }
-    let rest = others.join(&b"; "[..]);
-    request.remove_header(&COOKIE);
-    if !rest.is_empty() {
-        // The bytes came from valid header values joined with "; ".
-        let _ = request.insert_header(COOKIE, rest);
+    if !matches!(found, Cookie::Absent) {
+        remove_pairs(request, name, rest_len);
     }
     found
+}
+
+/// Removes the cookie `name` from the request, as [`take_cookie`] does,
+/// without looking at its values (a bypassed path).
+pub fn remove_cookie(request: &mut RequestHeader, name: &str) {
+    take_cookie(request, name, |_| None::<()>);
+}
+
+/// Joins the pairs of the `Cookie` headers other than `name` into one
+/// header (`rest_len` bytes long), or drops the header if none is left.
+fn remove_pairs(request: &mut RequestHeader, name: &[u8], rest_len: usize) {
+    if rest_len == 0 {
+        request.remove_header(&COOKIE);
+        return;
+    }
+    // Exactly as long as it will be: the header value takes it as it is.
+    let mut rest = Vec::with_capacity(rest_len);
+    for header in request.headers.get_all(COOKIE) {
+        for pair in pairs(header.as_bytes()) {
+            if cookie_value(pair, name).is_none() {
+                if !rest.is_empty() {
+                    rest.extend_from_slice(b"; ");
+                }
+                rest.extend_from_slice(pair);
+            }
+        }
+    }
+    // Replaces every `Cookie` header. The bytes came from valid header
+    // values joined with "; ". The name as text: pingora keeps the case
+    // of a static str as it is, but copies the name of a `HeaderName` it
+    // has no title case for (`cookie` among them) on every insert.
+    let _ = request.insert_header("Cookie", rest);
+}
+
+/// The `name=value` pairs of one `Cookie` header value, trimmed, empty ones skipped.
+fn pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
+    header
+        .split(|&b| b == b';')
+        .map(<[u8]>::trim_ascii)
+        .filter(|pair| !pair.is_empty())
 }
 
 fn cookie_value<'a>(pair: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
@@ -147,13 +203,21 @@ mod tests {
         assert_eq!(left, ["accept", "x-sessions"]);
     }
 
+    /// Takes the cookie, accepting none of its values; returns them all.
+    fn offered(request: &mut RequestHeader, name: &str) -> Vec<Vec<u8>> {
+        let mut offered = Vec::new();
+        let found = take_cookie(request, name, |value| {
+            offered.push(value.to_vec());
+            None::<()>
+        });
+        assert_eq!(found == Cookie::Absent, offered.is_empty());
+        offered
+    }
+
     #[test]
     fn the_session_cookie_is_taken_and_the_others_stay() {
         let mut request = request(&[("Cookie", "a=1; session_id=abc; b=2"), ("Cookie", "c=3")]);
-        assert_eq!(
-            take_cookie(&mut request, "session_id"),
-            vec![b"abc".to_vec()]
-        );
+        assert_eq!(offered(&mut request, "session_id"), vec![b"abc".to_vec()]);
         assert_eq!(
             values(&request.headers, &COOKIE),
             vec![&b"a=1; b=2; c=3"[..]]
@@ -163,14 +227,14 @@ mod tests {
     #[test]
     fn a_cookie_header_left_empty_is_dropped() {
         let mut request = request(&[("Cookie", "session_id=abc")]);
-        take_cookie(&mut request, "session_id");
+        remove_cookie(&mut request, "session_id");
         assert!(request.headers.get(COOKIE).is_none());
     }
 
     #[test]
     fn cookie_headers_without_the_session_cookie_are_untouched() {
         let mut request = request(&[("Cookie", "a=1;b=2"), ("Cookie", "session_idx=3")]);
-        assert!(take_cookie(&mut request, "session_id").is_empty());
+        assert!(offered(&mut request, "session_id").is_empty());
         assert_eq!(
             values(&request.headers, &COOKIE),
             vec![&b"a=1;b=2"[..], &b"session_idx=3"[..]]
@@ -184,9 +248,35 @@ mod tests {
             .collect::<Vec<_>>()
             .join("; ");
         let mut request = request(&[("Cookie", &many)]);
-        let found = take_cookie(&mut request, "session_id");
+        let found = offered(&mut request, "session_id");
         assert_eq!(found.len(), MAX_CANDIDATES);
         assert_eq!(found[0], b"v0");
         assert!(request.headers.get(COOKIE).is_none());
+    }
+
+    #[test]
+    fn values_are_offered_until_one_is_accepted_and_all_are_removed() {
+        let mut request = request(&[
+            ("Cookie", "session_id=bad; a=1"),
+            ("Cookie", "session_id=good; session_id=later"),
+        ]);
+        let mut offered = Vec::new();
+        let found = take_cookie(&mut request, "session_id", |value| {
+            offered.push(value.to_vec());
+            (value == b"good").then_some(7)
+        });
+        assert_eq!(found, Cookie::Accepted(7));
+        assert_eq!(offered, [b"bad".to_vec(), b"good".to_vec()]);
+        assert_eq!(values(&request.headers, &COOKIE), vec![&b"a=1"[..]]);
+    }
+
+    #[test]
+    fn a_cookie_whose_values_are_all_refused_is_removed_too() {
+        let mut request = request(&[("Cookie", "x=1;session_id=forged ;y=2")]);
+        assert_eq!(
+            take_cookie(&mut request, "session_id", |_| None::<()>),
+            Cookie::Refused
+        );
+        assert_eq!(values(&request.headers, &COOKIE), vec![&b"x=1; y=2"[..]]);
     }
 }

@@ -12,6 +12,7 @@ mod answer;
 mod commit;
 pub mod headers;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,20 +25,20 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
-use serde_json::{Map, Value};
 
 use crate::config::{Config, CookieConfig};
 use crate::limits;
 use crate::locks::{HandleLock, HandleLocks};
 use crate::metrics::{Metrics, StoreOp};
 use crate::session::cookie::{set_cookie, CookieSigner, Handle, SessionId};
+use crate::session::data::SessionData;
 use crate::session::patch::Instructions;
 use crate::session::policy::{self, Expired, Policy};
 use crate::session::token::TokenSigner;
 use crate::store::{Lease, Record, Store, StoreError};
 pub use answer::Failure;
 use commit::CookieChange;
-use headers::SessionHeaders;
+use headers::{Cookie, SessionHeaders};
 
 /// Everything a request needs, prepared once at start.
 pub struct SessionProxy {
@@ -62,7 +63,7 @@ struct Settings {
     ignore_expiry: bool,
     expired_status: u16,
     expired_message: bytes::Bytes,
-    initializer: Map<String, Value>,
+    initializer: SessionData,
     save_uninitialized: bool,
     max_data_bytes: usize,
     touch_interval: u64,
@@ -89,7 +90,7 @@ struct ActiveSession {
     /// The stored record; `None` for a session not stored yet, whose data
     /// is the initializer.
     stored: Option<Record>,
-    client_ip: String,
+    client_ip: IpAddr,
 }
 
 impl SessionProxy {
@@ -127,7 +128,7 @@ impl SessionProxy {
             ignore_expiry: session.ignore_expiry,
             expired_status: session.expired_status,
             expired_message: bytes::Bytes::from(session.expired_message.clone()),
-            initializer: session.initializer.clone(),
+            initializer: SessionData::from_map(&session.initializer),
             save_uninitialized: session.save_uninitialized,
             max_data_bytes: session.max_data_bytes,
             touch_interval: session.touch_interval,
@@ -197,7 +198,7 @@ impl SessionProxy {
     }
 
     /// A session not stored yet, with a fresh id and a copy of the initializer.
-    fn new_session(&self, client_ip: String) -> ActiveSession {
+    fn new_session(&self, client_ip: IpAddr) -> ActiveSession {
         let id = SessionId::generate();
         ActiveSession {
             handle: id.handle(),
@@ -211,7 +212,7 @@ impl SessionProxy {
     async fn resume(
         &self,
         id: SessionId,
-        client_ip: String,
+        client_ip: IpAddr,
         ctx: &mut RequestCtx,
     ) -> Result<Result<ActiveSession, Expired>, Failure> {
         let handle = id.handle();
@@ -248,7 +249,7 @@ impl SessionProxy {
         if let Err(expired) =
             self.settings
                 .policy
-                .judge(record.as_ref(), crate::session::now(), &client_ip)
+                .judge(record.as_ref(), crate::session::now(), client_ip)
         {
             self.metrics.expired(expired.label());
             debug!("session {}: expired ({})", handle.short(), expired.label());
@@ -276,24 +277,26 @@ impl SessionProxy {
             .map(|addr| addr.ip())
             .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
         let request = session.req_header_mut();
-        let candidates = headers::take_cookie(request, &settings.cookie.name);
-        let verified = candidates
-            .iter()
-            .find_map(|value| settings.cookie_signer.verify(value));
-        if verified.is_none() && !candidates.is_empty() {
-            self.metrics.forged_cookies.inc();
-        }
+        let verified = match headers::take_cookie(request, &settings.cookie.name, |value| {
+            settings.cookie_signer.verify(value)
+        }) {
+            Cookie::Absent => None,
+            Cookie::Refused => {
+                self.metrics.forged_cookies.inc();
+                None
+            }
+            Cookie::Accepted(id) => Some(id),
+        };
         // X-Forwarded-For counts only from a trusted proxy: read it only then.
         let forwarded_for = match settings.trusted_proxies.is_empty() {
             true => Vec::new(),
             false => headers::values(&request.headers, &X_FORWARDED_FOR),
         };
-        let client_ip =
-            policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies).to_string();
+        let client_ip = policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies);
 
         let active = match verified {
             None => self.new_session(client_ip),
-            Some(id) => match self.resume(id, client_ip.clone(), ctx).await? {
+            Some(id) => match self.resume(id, client_ip, ctx).await? {
                 Ok(active) => active,
                 Err(expired) if settings.ignore_expiry && expired != Expired::Ip => {
                     ctx.lease = None;
@@ -381,7 +384,7 @@ impl ProxyHttp for SessionProxy {
         self.settings.headers.strip_from(request);
         if self.is_bypassed(request.uri.path()) {
             self.metrics.requests_bypass.inc();
-            headers::take_cookie(request, &self.settings.cookie.name);
+            headers::remove_cookie(request, &self.settings.cookie.name);
             return Ok(false);
         }
         self.metrics.requests_session.inc();

@@ -16,13 +16,31 @@ pub struct Handle(String);
 impl Handle {
     /// The handle of the session id `id` (the 43-character text).
     pub fn of_id(id: &str) -> Handle {
-        let digest = Sha256::digest(id.as_bytes());
-        let mut hex = String::with_capacity(64);
-        for byte in digest {
-            hex.push(char::from(HEX[usize::from(byte >> 4)]));
-            hex.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        Handle::from_bytes(&Sha256::digest(id.as_bytes()).into())
+    }
+
+    /// The handle whose 64 hex digits spell `bytes`.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Handle {
+        let mut hex = [0u8; 64];
+        for (pair, byte) in hex.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0x0f)];
         }
-        Handle(hex)
+        // Hex digits are ASCII.
+        Handle(String::from_utf8_lossy(&hex).into_owned())
+    }
+
+    /// The 32 bytes the hex digits spell: half the size, for keeping many.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let nibble = |digit: u8| match digit {
+            b'0'..=b'9' => digit - b'0',
+            _ => digit.wrapping_sub(b'a').wrapping_add(10),
+        };
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(self.0.as_bytes().chunks_exact(2)) {
+            *byte = nibble(pair[0]) << 4 | nibble(pair[1]);
+        }
+        bytes
     }
 
     /// A handle typed by a person or read back from a store: exactly 64
@@ -269,8 +287,11 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(handle.short(), "ba7816bf");
-        assert_eq!(Handle::parse(handle.as_str()), Some(handle));
+        assert_eq!(Handle::parse(handle.as_str()), Some(handle.clone()));
         assert_eq!(Handle::parse("BA7816BF"), None);
+        let bytes = handle.to_bytes();
+        assert_eq!(bytes[..3], [0xba, 0x78, 0x16]);
+        assert_eq!(Handle::from_bytes(&bytes), handle);
     }
 
     #[test]

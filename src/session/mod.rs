@@ -1,8 +1,9 @@
 //! The pieces of a session that know nothing of HTTP plumbing: the id and
-//! its signed cookie, the token sent upstream, the patch that comes back,
-//! and the expiry and IP policy.
+//! its signed cookie, its data, the token sent upstream, the patch that
+//! comes back, and the expiry and IP policy.
 
 pub mod cookie;
+pub mod data;
 pub mod patch;
 pub mod policy;
 pub mod token;

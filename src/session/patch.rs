@@ -5,6 +5,8 @@
 
 use serde_json::{Map, Value};
 
+use super::data::SessionData;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Delete the record and clear the cookie.
@@ -31,6 +33,8 @@ pub enum InvalidUpdate {
     UnknownAction(String),
     #[error("the session data would be {0} bytes, over max_data_bytes = {1}")]
     DataTooLarge(usize, usize),
+    #[error("the stored session data cannot be read back: {0}")]
+    UnreadableData(String),
 }
 
 /// The upstream's instructions of one response.
@@ -128,30 +132,28 @@ pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
     }
 }
 
+/// `data` with `patch` merged in, if it stays within `max_data_bytes`.
+pub fn apply(
+    data: &SessionData,
+    patch: &Map<String, Value>,
+    max_data_bytes: usize,
+) -> Result<SessionData, InvalidUpdate> {
+    let mut map = data
+        .to_map()
+        .map_err(|e| InvalidUpdate::UnreadableData(e.to_string()))?;
+    merge(&mut map, patch);
+    let merged = SessionData::from_map(&map);
+    check_size(&merged, max_data_bytes)?;
+    Ok(merged)
+}
+
 /// The size of `data` as compact JSON, checked against `max_data_bytes`.
-pub fn check_size(data: &Map<String, Value>, max_data_bytes: usize) -> Result<(), InvalidUpdate> {
-    let size = encoded_len(data);
+pub fn check_size(data: &SessionData, max_data_bytes: usize) -> Result<(), InvalidUpdate> {
+    let size = data.encoded_len();
     if size > max_data_bytes {
         return Err(InvalidUpdate::DataTooLarge(size, max_data_bytes));
     }
     Ok(())
-}
-
-/// Compact JSON length without building the string.
-pub fn encoded_len(data: &Map<String, Value>) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    let _ = serde_json::to_writer(&mut counter, data);
-    counter.0
 }
 
 #[cfg(test)]
@@ -255,12 +257,24 @@ mod tests {
 
     #[test]
     fn the_size_check_counts_compact_json() {
-        let data = object(json!({"a": "bc"}));
-        assert_eq!(encoded_len(&data), r#"{"a":"bc"}"#.len());
+        let data = SessionData::from_map(&object(json!({"a": "bc"})));
+        assert_eq!(data.encoded_len(), r#"{"a":"bc"}"#.len());
         assert!(check_size(&data, 10).is_ok());
         assert_eq!(
             check_size(&data, 9),
             Err(InvalidUpdate::DataTooLarge(10, 9))
+        );
+    }
+
+    #[test]
+    fn applying_a_patch_merges_and_checks_the_merged_size() {
+        let data = SessionData::from_map(&object(json!({"a": 1, "b": {"c": 2}})));
+        let patch = object(json!({"a": null, "b": {"d": "e"}}));
+        let merged = apply(&data, &patch, 100).unwrap();
+        assert_eq!(merged.as_str(), r#"{"b":{"c":2,"d":"e"}}"#);
+        assert_eq!(
+            apply(&data, &patch, 20),
+            Err(InvalidUpdate::DataTooLarge(21, 20))
         );
     }
 }

@@ -41,7 +41,12 @@ pub struct Policy {
 
 impl Policy {
     /// `Ok` when `record` may serve a request from `client_ip` at `now`.
-    pub fn judge(&self, record: Option<&Record>, now: u64, client_ip: &str) -> Result<(), Expired> {
+    pub fn judge(
+        &self,
+        record: Option<&Record>,
+        now: u64,
+        client_ip: IpAddr,
+    ) -> Result<(), Expired> {
         let record = record.ok_or(Expired::Missing)?;
         if now.saturating_sub(record.atime) > self.expiry.timeout {
             return Err(Expired::Idle);
@@ -51,7 +56,9 @@ impl Policy {
                 return Err(Expired::Absolute);
             }
         }
-        if self.check_ip && record.ip != client_ip {
+        // The stored IP is the text of one written by `client_ip`; read
+        // back, it compares without formatting an address per request.
+        if self.check_ip && record.ip.parse::<IpAddr>().ok() != Some(client_ip) {
             return Err(Expired::Ip);
         }
         Ok(())
@@ -102,6 +109,12 @@ mod tests {
         }
     }
 
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    const A: &str = "192.0.2.1";
+
     fn policy(timeout: u64, absolute: Option<u64>, check_ip: bool) -> Policy {
         Policy {
             expiry: Expiry { timeout, absolute },
@@ -112,9 +125,9 @@ mod tests {
     #[test]
     fn a_session_lives_until_its_idle_timeout_has_passed() {
         let policy = policy(100, None, false);
-        assert_eq!(policy.judge(Some(&record(0, 1000, "a")), 1100, "a"), Ok(()));
+        assert_eq!(policy.judge(Some(&record(0, 1000, A)), 1100, ip(A)), Ok(()));
         assert_eq!(
-            policy.judge(Some(&record(0, 1000, "a")), 1101, "a"),
+            policy.judge(Some(&record(0, 1000, A)), 1101, ip(A)),
             Err(Expired::Idle)
         );
     }
@@ -123,11 +136,11 @@ mod tests {
     fn the_absolute_timeout_counts_from_creation() {
         let policy = policy(100, Some(500), false);
         assert_eq!(
-            policy.judge(Some(&record(1000, 1490, "a")), 1500, "a"),
+            policy.judge(Some(&record(1000, 1490, A)), 1500, ip(A)),
             Ok(())
         );
         assert_eq!(
-            policy.judge(Some(&record(1000, 1590, "a")), 1501, "a"),
+            policy.judge(Some(&record(1000, 1590, A)), 1501, ip(A)),
             Err(Expired::Absolute)
         );
     }
@@ -135,7 +148,7 @@ mod tests {
     #[test]
     fn a_missing_record_is_expired() {
         assert_eq!(
-            policy(100, None, false).judge(None, 0, "a"),
+            policy(100, None, false).judge(None, 0, ip(A)),
             Err(Expired::Missing)
         );
     }
@@ -143,12 +156,30 @@ mod tests {
     #[test]
     fn another_ip_is_refused_only_when_checked() {
         assert_eq!(
-            policy(100, None, true).judge(Some(&record(0, 0, "1.2.3.4")), 0, "5.6.7.8"),
+            policy(100, None, true).judge(Some(&record(0, 0, "1.2.3.4")), 0, ip("5.6.7.8")),
             Err(Expired::Ip)
         );
         assert_eq!(
-            policy(100, None, false).judge(Some(&record(0, 0, "1.2.3.4")), 0, "5.6.7.8"),
+            policy(100, None, false).judge(Some(&record(0, 0, "1.2.3.4")), 0, ip("5.6.7.8")),
             Ok(())
+        );
+        assert_eq!(
+            policy(100, None, true).judge(Some(&record(0, 0, "1.2.3.4")), 0, ip("1.2.3.4")),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_stored_ip_is_compared_as_the_address_it_was_written_from() {
+        let check = policy(100, None, true);
+        let v6 = ip("2001:db8::1");
+        assert_eq!(
+            check.judge(Some(&record(0, 0, &v6.to_string())), 0, v6),
+            Ok(())
+        );
+        assert_eq!(
+            check.judge(Some(&record(0, 0, "not an address")), 0, v6),
+            Err(Expired::Ip)
         );
     }
 

@@ -1,25 +1,33 @@
 //! The token sent upstream: a standard HS256 JWT (SPEC [4]), so any JWT
 //! library verifies it with the shared secret.
 
+use std::fmt::Write;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::cookie::Handle;
+use super::data::SessionData;
 
 /// What the upstream reads from the token.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Claims<S = String, D = Map<String, Value>> {
-    pub sid: S,
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Claims {
+    pub sid: String,
     pub new: bool,
     pub ver: u64,
     pub iat: u64,
     pub exp: u64,
-    pub data: D,
+    pub data: Map<String, Value>,
 }
+
+/// The claims around the data, with the widest numbers: the payload's
+/// size less the data's.
+const CLAIMS_LEN: usize =
+    r#"{"sid":"","new":false,"ver":,"iat":,"exp":,"data":}"#.len() + 64 + 3 * 20;
 
 /// Signs tokens with one key. The encoded JWT header and the keyed HMAC
 /// are computed once, at start.
@@ -44,25 +52,26 @@ impl TokenSigner {
         }
     }
 
-    /// The compact JWT for a session at time `now`.
+    /// The compact JWT for a session at time `now`. The claims are written
+    /// as text around the data's JSON, which is spliced in as it is: the
+    /// handle is hex and the rest are numbers, so nothing needs escaping.
     pub fn sign(
         &self,
         handle: &Handle,
         new: bool,
         ver: u64,
         now: u64,
-        data: &Map<String, Value>,
+        data: &SessionData,
     ) -> String {
-        let claims = Claims {
-            sid: handle.as_str(),
-            new,
-            ver,
-            iat: now,
-            exp: now + self.ttl,
-            data,
-        };
-        // Serializing a map of JSON values into a Vec cannot fail.
-        let payload = serde_json::to_vec(&claims).unwrap_or_default();
+        let mut payload = String::with_capacity(CLAIMS_LEN + data.encoded_len());
+        // Writing to a String cannot fail.
+        let _ = write!(
+            payload,
+            r#"{{"sid":"{handle}","new":{new},"ver":{ver},"iat":{now},"exp":{},"data":"#,
+            now + self.ttl
+        );
+        payload.push_str(data.as_str());
+        payload.push('}');
         let mut token =
             String::with_capacity(self.header_prefix.len() + payload.len() * 4 / 3 + 48);
         token.push_str(&self.header_prefix);
@@ -102,11 +111,12 @@ mod tests {
 
     const KEY: &str = "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk";
 
-    fn data() -> Map<String, Value> {
-        serde_json::json!({"count": 3, "user": "zoé"})
-            .as_object()
-            .cloned()
-            .unwrap()
+    fn map(value: Value) -> Map<String, Value> {
+        value.as_object().cloned().unwrap()
+    }
+
+    fn data() -> SessionData {
+        SessionData::from_map(&map(serde_json::json!({"count": 3, "user": "zoé"})))
     }
 
     #[test]
@@ -123,14 +133,52 @@ mod tests {
                 ver: 7,
                 iat: 1_700_000_000,
                 exp: 1_700_000_060,
-                data: data()
+                data: data().to_map().unwrap()
             }
         );
     }
 
     #[test]
+    fn the_claims_are_json_with_the_data_spliced_in_and_its_escapes_kept() {
+        let signer = TokenSigner::new(KEY, 60);
+        let handle = Handle::of_id("y");
+        let tricky = map(serde_json::json!({
+            "quote\"": "a \"b\" \\ c",
+            "lines": "one\ntwo\tthree\u{1}",
+            "unicode": "zoé \u{2028} 😀",
+            "nested": {"empty": {}, "list": [null, true, -1.5e-7, 18446744073709551615u64]}
+        }));
+        let data = SessionData::from_map(&tricky);
+        let token = signer.sign(&handle, true, u64::MAX, 1_700_000_000, &data);
+        let payload = URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap();
+        let claims: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            claims,
+            serde_json::json!({
+                "sid": handle.as_str(),
+                "new": true,
+                "ver": u64::MAX,
+                "iat": 1_700_000_000u64,
+                "exp": 1_700_000_060u64,
+                "data": Value::Object(tricky.clone()),
+            })
+        );
+        let expected_start = format!(r#"{{"sid":"{handle}","new":true,"ver":{},"#, u64::MAX);
+        assert!(payload.starts_with(expected_start.as_bytes()));
+        assert_eq!(signer.verify(&token).unwrap().data, tricky);
+    }
+
+    #[test]
     fn the_header_names_hs256_and_the_key_id() {
-        let token = TokenSigner::new(KEY, 60).sign(&Handle::of_id("x"), true, 0, 1, &Map::new());
+        let token = TokenSigner::new(KEY, 60).sign(
+            &Handle::of_id("x"),
+            true,
+            0,
+            1,
+            &SessionData::default(),
+        );
         let header: Value = serde_json::from_slice(
             &URL_SAFE_NO_PAD
                 .decode(token.split('.').next().unwrap())

@@ -571,10 +571,10 @@ mod tests {
         data.insert("user".to_owned(), serde_json::json!("someone@example.org"));
         data.insert("n".to_owned(), serde_json::json!(n));
         Record {
-            data,
+            data: data.into(),
             created: crate::session::now(),
             atime: crate::session::now(),
-            ip: "192.0.2.7".to_owned(),
+            ip: "192.0.2.7".into(),
             ver: n,
         }
     }
@@ -649,8 +649,9 @@ mod tests {
 
         // A longer record, then a shorter one: the spare is cut to size.
         let mut long = record(4);
-        long.data
-            .insert("padding".to_owned(), "x".repeat(500).into());
+        let mut data = long.data.to_map().unwrap();
+        data.insert("padding".to_owned(), "x".repeat(500).into());
+        long.data = data.into();
         store.write(&handle, &long).await.unwrap();
         store.write(&handle, &record(5)).await.unwrap();
         assert_eq!(store.load(&handle).await.unwrap().unwrap().ver, 5);

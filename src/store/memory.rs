@@ -7,6 +7,10 @@
 //! accessed goes; the others get a second chance at the back of the line
 //! (the "clock" approximation of least-recently-used).
 //!
+//! Both the map and the eviction line hold a session by the 32 bytes of
+//! its handle, not by its 64 hex digits: at 10^6 sessions every byte kept
+//! per session is a megabyte.
+//!
 //! ```
 //! use session_proxy::store::memory::MemoryStore;
 //! let store = MemoryStore::new(100_000);
@@ -31,13 +35,16 @@ pub const EVICTION_SAMPLE: usize = 16;
 /// their handle). Each retry yields to the runtime first.
 const FULL_RETRIES: usize = 64;
 
+/// A handle as the store keeps it: [`Handle::to_bytes`].
+type Key = [u8; 32];
+
 pub struct MemoryStore {
-    records: DashMap<Handle, Record>,
+    records: DashMap<Key, Record>,
     /// Handles in the order they were first stored: the eviction
     /// candidates, oldest first. It may also hold handles deleted since
     /// (skipped when met, dropped by `compact`), and it is locked only
     /// while no shard of `records` is write-locked by the same thread.
-    arrivals: Mutex<VecDeque<Handle>>,
+    arrivals: Mutex<VecDeque<Key>>,
     /// Slots taken in `records`: reserved before an insert, released after
     /// a removal, so `records` never holds more than `max_entries`.
     /// (`DashMap::len` would read-lock every shard, one of which an insert
@@ -90,15 +97,15 @@ impl MemoryStore {
 
     /// The eviction line. A panic elsewhere while it was locked leaves it
     /// usable (it is only a list of candidates), so poisoning is ignored.
-    fn arrivals(&self) -> MutexGuard<'_, VecDeque<Handle>> {
+    fn arrivals(&self) -> MutexGuard<'_, VecDeque<Key>> {
         self.arrivals.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Queues a newly stored handle as an eviction candidate. Must not be
     /// called while holding a shard of `records` (lock order: line, shard).
-    fn arrived(&self, handle: Handle) {
+    fn arrived(&self, key: Key) {
         let mut arrivals = self.arrivals();
-        arrivals.push_back(handle);
+        arrivals.push_back(key);
         if arrivals.len() > 2 * self.taken.load(Ordering::Acquire) + 1024 {
             self.compact(&mut arrivals);
         }
@@ -106,26 +113,26 @@ impl MemoryStore {
 
     /// Drops deleted and duplicate handles from the eviction line, so it
     /// stays within a small multiple of the stored sessions.
-    fn compact(&self, arrivals: &mut VecDeque<Handle>) {
+    fn compact(&self, arrivals: &mut VecDeque<Key>) {
         let mut seen = HashSet::with_capacity(arrivals.len());
-        arrivals.retain(|handle| self.records.contains_key(handle) && seen.insert(handle.clone()));
+        arrivals.retain(|key| self.records.contains_key(key) && seen.insert(*key));
     }
 
     /// Evicts the least recently accessed of the longest-stored sessions;
     /// `false` if there was none to evict.
     fn evict_one(&self) -> bool {
         let mut arrivals = self.arrivals();
-        let mut candidates: Vec<(Handle, u64)> = Vec::with_capacity(EVICTION_SAMPLE);
+        let mut candidates: Vec<(Key, u64)> = Vec::with_capacity(EVICTION_SAMPLE);
         while candidates.len() < EVICTION_SAMPLE {
-            let Some(handle) = arrivals.pop_front() else {
+            let Some(key) = arrivals.pop_front() else {
                 break;
             };
             // Deleted handles leave the line here; duplicates (a handle
             // deleted and stored again) are compared once.
-            let atime = self.records.get(&handle).map(|record| record.atime);
+            let atime = self.records.get(&key).map(|record| record.atime);
             if let Some(atime) = atime {
-                if !candidates.iter().any(|(seen, _)| *seen == handle) {
-                    candidates.push((handle, atime));
+                if !candidates.iter().any(|(seen, _)| *seen == key) {
+                    candidates.push((key, atime));
                 }
             }
         }
@@ -138,7 +145,7 @@ impl MemoryStore {
             return false;
         };
         let (victim, atime) = candidates.swap_remove(oldest);
-        arrivals.extend(candidates.into_iter().map(|(handle, _)| handle));
+        arrivals.extend(candidates.into_iter().map(|(key, _)| key));
         drop(arrivals);
 
         // Only if it was not accessed since it was compared: a session in
@@ -150,7 +157,10 @@ impl MemoryStore {
         {
             self.release();
             self.evictions.fetch_add(1, Ordering::Relaxed);
-            log::debug!("memory store full: evicted session {}", victim.short());
+            log::debug!(
+                "memory store full: evicted session {}",
+                Handle::from_bytes(&victim).short()
+            );
         } else if self.records.contains_key(&victim) {
             self.arrived(victim);
         }
@@ -170,7 +180,11 @@ enum Attempt {
 #[async_trait]
 impl Store for MemoryStore {
     async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
-        Ok(self.records.get(handle).map(|record| record.clone()))
+        // A clone shares the record's data and IP: no copy, no allocation.
+        Ok(self
+            .records
+            .get(&handle.to_bytes())
+            .map(|record| record.clone()))
     }
 
     async fn modify(
@@ -178,11 +192,12 @@ impl Store for MemoryStore {
         handle: &Handle,
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
+        let key = handle.to_bytes();
         for _ in 0..FULL_RETRIES {
             // The entry holds the shard's write lock: the decision sees the
             // latest record and nobody changes it before we store ours.
             // Nothing in this block awaits.
-            let attempt = match self.records.entry(handle.clone()) {
+            let attempt = match self.records.entry(key) {
                 Entry::Occupied(mut entry) => {
                     match decide(Some(entry.get())).map_err(StoreError::Rejected)? {
                         Change::Put(record) => {
@@ -209,7 +224,7 @@ impl Store for MemoryStore {
             match attempt {
                 Attempt::Done(stored) => return Ok(stored),
                 Attempt::Inserted(record) => {
-                    self.arrived(handle.clone());
+                    self.arrived(key);
                     return Ok(Some(record));
                 }
                 // The shard is unlocked again: make room, then decide anew
@@ -229,14 +244,14 @@ impl Store for MemoryStore {
 
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
         // In place: no clone, no decision.
-        if let Some(mut record) = self.records.get_mut(handle) {
+        if let Some(mut record) = self.records.get_mut(&handle.to_bytes()) {
             record.atime = record.atime.max(atime);
         }
         Ok(())
     }
 
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
-        let removed = self.records.remove(handle).is_some();
+        let removed = self.records.remove(&handle.to_bytes()).is_some();
         if removed {
             self.release();
         }
@@ -247,24 +262,24 @@ impl Store for MemoryStore {
         Ok(self
             .records
             .iter()
-            .map(|entry| (entry.key().clone(), entry.value().clone()))
+            .map(|entry| (Handle::from_bytes(entry.key()), entry.value().clone()))
             .collect())
     }
 
     async fn delete_expired(&self, now: u64, expiry: Expiry) -> Result<u64, StoreError> {
         // Collect first (read locks), then remove one by one, checking
         // again under the write lock: a session refreshed in between stays.
-        let expired: Vec<Handle> = self
+        let expired: Vec<Key> = self
             .records
             .iter()
             .filter(|entry| expiry.is_expired(entry.value(), now))
-            .map(|entry| entry.key().clone())
+            .map(|entry| *entry.key())
             .collect();
         let mut removed = 0;
-        for handle in expired {
+        for key in expired {
             if self
                 .records
-                .remove_if(&handle, |_, record| expiry.is_expired(record, now))
+                .remove_if(&key, |_, record| expiry.is_expired(record, now))
                 .is_some()
             {
                 self.release();
@@ -295,10 +310,10 @@ mod tests {
 
     fn record(atime: u64) -> Record {
         Record {
-            data: serde_json::Map::new(),
+            data: Default::default(),
             created: atime,
             atime,
-            ip: "127.0.0.1".to_owned(),
+            ip: "127.0.0.1".into(),
             ver: 1,
         }
     }
@@ -357,7 +372,7 @@ mod tests {
         put(&store, &handle(2), 5).await;
         store.touch(&handle(1), 9).await.unwrap();
         assert!(store.evict_one());
-        assert!(store.records.contains_key(&handle(1)));
-        assert!(!store.records.contains_key(&handle(2)));
+        assert!(store.records.contains_key(&handle(1).to_bytes()));
+        assert!(!store.records.contains_key(&handle(2).to_bytes()));
     }
 }

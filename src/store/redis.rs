@@ -37,11 +37,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, Value};
 use serde::Serialize;
-use serde_json::{Map, Value as Json};
 use tokio::task::JoinHandle;
 
 use super::per_thread::PerThread;
-use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
+use super::{Change, Decide, Expiry, Handle, Record, SessionData, Store, StoreError};
 
 /// How often `modify` decides again after losing a race before it gives up.
 const MAX_ATTEMPTS: u32 = 64;
@@ -231,7 +230,7 @@ struct Stored<'a> {
     created: u64,
     ip: &'a str,
     ver: u64,
-    data: &'a Map<String, Json>,
+    data: &'a SessionData,
 }
 
 impl RedisStore {
@@ -899,7 +898,7 @@ mod tests {
     #[test]
     fn the_stored_layout_puts_atime_first_and_reads_back() {
         let record = Record {
-            data: serde_json::from_str(r#"{"atime": 1, "count": 2}"#).unwrap(),
+            data: serde_json::from_str(r#"{"atime":1,"count":2}"#).unwrap(),
             created: 10,
             atime: 20,
             ip: "127.0.0.1".into(),

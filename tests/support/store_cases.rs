@@ -56,10 +56,10 @@ macro_rules! store_cases {
                     panic!("session data is an object");
                 };
                 Record {
-                    data,
+                    data: data.into(),
                     created,
                     atime,
-                    ip: "2001:db8::7".to_owned(),
+                    ip: "2001:db8::7".into(),
                     ver: 1,
                 }
             }
@@ -249,8 +249,10 @@ macro_rules! store_cases {
                         tokio::spawn(async move {
                             let increment = |current: Option<&Record>| {
                                 let mut record = current.cloned().ok_or("gone")?;
-                                let n = record.data["n"].as_u64().ok_or("not a number")?;
-                                record.data.insert("n".to_owned(), json!(n + 1));
+                                let mut data = record.data.to_map().map_err(|e| e.to_string())?;
+                                let n = data["n"].as_u64().ok_or("not a number")?;
+                                data.insert("n".to_owned(), json!(n + 1));
+                                record.data = data.into();
                                 record.ver += 1;
                                 Ok(Change::Put(record))
                             };
@@ -263,7 +265,7 @@ macro_rules! store_cases {
                 }
 
                 let stored = store.load(&handle).await.unwrap().unwrap();
-                assert_eq!(stored.data["n"], json!(WRITERS));
+                assert_eq!(stored.data.to_map().unwrap()["n"], json!(WRITERS));
                 assert_eq!(stored.ver, 1 + WRITERS);
             }
 
@@ -282,7 +284,9 @@ macro_rules! store_cases {
                                 let mut stored = current
                                     .cloned()
                                     .unwrap_or_else(|| record(json!({}), created, created));
-                                stored.data.insert(format!("k{writer}"), json!(writer));
+                                let mut data = stored.data.to_map().map_err(|e| e.to_string())?;
+                                data.insert(format!("k{writer}"), json!(writer));
+                                stored.data = data.into();
                                 Ok(Change::Put(stored))
                             };
                             store.modify(&handle, &set_own_key).await
@@ -294,8 +298,9 @@ macro_rules! store_cases {
                 }
 
                 let stored = store.load(&handle).await.unwrap().unwrap();
+                let data = stored.data.to_map().unwrap();
                 for writer in 0..WRITERS {
-                    assert_eq!(stored.data[&format!("k{writer}")], json!(writer));
+                    assert_eq!(data[&format!("k{writer}")], json!(writer));
                 }
             }
 
