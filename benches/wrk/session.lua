@@ -28,10 +28,13 @@ local function cookie_header(value)
 end
 
 function request()
-   wrk.headers["Cookie"] = cookie_header(own or fallback)
    if not logged_in then
+      -- Without the fallback: a login carrying one shared session would
+      -- update that session instead of starting this user's own.
+      wrk.headers["Cookie"] = cookie_header(nil)
       return wrk.format(nil, login)
    end
+   wrk.headers["Cookie"] = cookie_header(own or fallback)
    return wrk.format(nil, wrk.path)
 end
 
