@@ -747,6 +747,22 @@ async fn postgres_a_row_that_is_not_a_record_is_corrupt() {
     assert!(store.delete(&handle).await.unwrap());
 }
 
+/// A decision that bumps `ver`, noting every record it was given.
+fn bump_noting(
+    given: &std::sync::Mutex<Vec<Option<Record>>>,
+) -> impl Fn(Option<&Record>) -> Result<Change, String> + Send + Sync + '_ {
+    move |current| {
+        given.lock().unwrap().push(current.cloned());
+        Ok(match current {
+            Some(current) => Change::Put(Record {
+                ver: current.ver + 1,
+                ..current.clone()
+            }),
+            None => Change::Keep,
+        })
+    }
+}
+
 /// As `redis_a_write_on_an_unchanged_version_is_one_step`: the version
 /// is checked in the update itself, so data changed behind the store's
 /// back at the same version is overwritten without a read; a row that is
@@ -775,13 +791,7 @@ async fn postgres_a_write_on_an_unchanged_version_is_one_step() {
     assert_eq!(changed, 1);
 
     let given = std::sync::Mutex::new(Vec::new());
-    let bump = |current: Option<&Record>| {
-        given.lock().unwrap().push(current.cloned());
-        Ok(Change::Put(Record {
-            ver: current.map_or(1, |c| c.ver + 1),
-            ..current.cloned().unwrap_or_else(|| seen.clone())
-        }))
-    };
+    let bump = bump_noting(&given);
     store.modify_seen(&handle, &seen, &bump).await.unwrap();
     assert_eq!(*given.lock().unwrap(), vec![Some(seen.clone())]);
     assert_eq!(store.load(&handle).await.unwrap().unwrap().data, seen.data);
@@ -1014,13 +1024,7 @@ async fn redis_a_write_on_an_unchanged_version_is_one_step() {
         .unwrap();
 
     let given = std::sync::Mutex::new(Vec::new());
-    let bump = |current: Option<&Record>| {
-        given.lock().unwrap().push(current.cloned());
-        Ok(Change::Put(Record {
-            ver: current.map_or(1, |c| c.ver + 1),
-            ..current.cloned().unwrap_or_else(|| seen.clone())
-        }))
-    };
+    let bump = bump_noting(&given);
     store.modify_seen(&handle, &seen, &bump).await.unwrap();
     assert_eq!(*given.lock().unwrap(), vec![Some(seen.clone())]);
 

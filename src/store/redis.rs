@@ -321,19 +321,12 @@ impl RedisStore {
         expected: Option<&str>,
         new: Option<&str>,
     ) -> Result<Option<Option<String>>, StoreError> {
-        let mut connection = self.connection().await?;
         let mut invocation = self.scripts.compare_and_set.key(key);
         invocation
             .arg(expected.unwrap_or(""))
             .arg(new.unwrap_or(""))
             .arg(self.idle_ttl);
-        let answer = bounded(
-            self.timeout,
-            "write",
-            invocation.invoke_async(&mut connection),
-        )
-        .await?;
-        write_answer(answer)
+        self.write(&invocation).await
     }
 
     /// Writes `new` if `key` holds a record at version `ver`.
@@ -344,16 +337,34 @@ impl RedisStore {
         ver: u64,
         new: &str,
     ) -> Result<Option<Option<String>>, StoreError> {
-        let mut connection = self.connection().await?;
         let mut invocation = self.scripts.set_if_version.key(key);
         invocation.arg(ver).arg(new).arg(self.idle_ttl);
+        self.write(&invocation).await
+    }
+
+    /// Runs a write script: `Ok(None)` when it wrote, else
+    /// `Ok(Some(what the key holds now))` (`Some(None)`: absent).
+    async fn write(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Option<Option<String>>, StoreError> {
+        let mut connection = self.connection().await?;
         let answer = bounded(
             self.timeout,
             "write",
             invocation.invoke_async(&mut connection),
         )
         .await?;
-        write_answer(answer)
+        match answer {
+            Value::Int(1) => Ok(None),
+            Value::Int(0) => Ok(Some(None)),
+            Value::BulkString(bytes) => String::from_utf8(bytes)
+                .map(|current| Some(Some(current)))
+                .map_err(|_| StoreError::Unavailable("redis: record is not UTF-8".into())),
+            _ => Err(StoreError::Unavailable(
+                "redis: unexpected script answer".into(),
+            )),
+        }
     }
 
     /// Decides on `stored` (what the key held when last read) and writes
@@ -803,21 +814,6 @@ async fn bounded<T>(
         Err(_elapsed) => Err(StoreError::Unavailable(format!(
             "redis {operation}: timed out"
         ))),
-    }
-}
-
-/// What a write script answered: 1 written (`None`), else the key's
-/// value now (`Some(None)`: absent).
-fn write_answer(answer: Value) -> Result<Option<Option<String>>, StoreError> {
-    match answer {
-        Value::Int(1) => Ok(None),
-        Value::Int(0) => Ok(Some(None)),
-        Value::BulkString(bytes) => String::from_utf8(bytes)
-            .map(|current| Some(Some(current)))
-            .map_err(|_| StoreError::Unavailable("redis: record is not UTF-8".into())),
-        _ => Err(StoreError::Unavailable(
-            "redis: unexpected script answer".into(),
-        )),
     }
 }
 
