@@ -369,7 +369,21 @@ async fn round_trip(store: &dyn Store) {
     );
 
     let listed = store.list().await.unwrap();
-    assert_eq!(listed, vec![(handle.clone(), touched)]);
+    assert_eq!(listed, vec![(handle.clone(), touched.clone())]);
+
+    // An update of the record just loaded, touched or not since.
+    let given = std::sync::Mutex::new(Vec::new());
+    let bumped = store
+        .modify_seen(&handle, &touched, &bump_noting(&given))
+        .await
+        .unwrap();
+    let expected = Record {
+        ver: touched.ver + 1,
+        ..touched.clone()
+    };
+    assert_eq!(bumped.as_ref(), Some(&expected));
+    assert_eq!(store.load(&handle).await.unwrap(), Some(expected));
+    assert_eq!(given.into_inner().unwrap(), vec![Some(touched)]);
 
     let delete = |_: Option<&Record>| Ok(Change::Delete);
     assert_eq!(store.modify(&handle, &delete).await.unwrap(), None);
