@@ -661,6 +661,36 @@ impl Drop for Role {
     }
 }
 
+/// Proxies starting together on a missing table race to create it; every
+/// one of them must come up (CI once failed with "type already exists").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_proxies_starting_together_all_get_the_table() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    for round in 0..20 {
+        let name = format!("{}_{round}", table.name);
+        let starts: Vec<_> = (0..16)
+            .map(|_| {
+                let name = name.clone();
+                tokio::spawn(async move {
+                    PostgresStore::connect(POSTGRES_URL, &name, 1, PATIENT)
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .collect();
+        for start in starts {
+            start.await.unwrap().unwrap();
+        }
+        let client = sql_client().await.unwrap();
+        client
+            .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_creates_the_web_py_table_when_missing() {
     let Some(table) = PgTable::new().await else {

@@ -217,13 +217,24 @@ impl PostgresStore {
             if exists.try_get::<_, bool>(0)? {
                 return Ok(());
             }
-            match client.batch_execute(&self.sql.create).await {
-                // Two proxies starting together can race on the catalog;
-                // the loser finds the table made.
-                Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    Ok(client.batch_execute(&self.sql.create).await?)
+            // Proxies starting together race on the catalog (which of
+            // these errors a loser gets depends on where they met); a
+            // loser, trying again, finds the table made.
+            let raced = [
+                SqlState::UNIQUE_VIOLATION,
+                SqlState::DUPLICATE_OBJECT,
+                SqlState::DUPLICATE_TABLE,
+            ];
+            let mut attempts = 1;
+            loop {
+                match client.batch_execute(&self.sql.create).await {
+                    Err(error)
+                        if attempts < 4 && raced.iter().any(|code| error.code() == Some(code)) =>
+                    {
+                        attempts += 1;
+                    }
+                    other => return Ok(other?),
                 }
-                other => Ok(other?),
             }
         };
         let outcome = timeout_at(deadline, create).await;
