@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 cargo build --release
-proxy=target/release/session-proxy
+proxy="${CARGO_TARGET_DIR:-target}/release/session-proxy"
 
 if [[ -z "${SESSION_PROXY_SECRET_KEYS:-}" ]]; then
     SESSION_PROXY_SECRET_KEYS="$("$proxy" keygen)"
