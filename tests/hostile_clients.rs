@@ -108,15 +108,26 @@ fn a_100_kb_header_is_refused_with_431_before_the_upstream() {
     let (upstream, proxy, _config) = counted_proxy(|c| c);
     let big = vec![("X-Big".to_string(), "b".repeat(100 * 1024))];
     let answer = raw_exchange(proxy.port, &request_with(&big), Duration::from_secs(10));
-    assert_eq!(
-        raw_status(&answer),
-        Some(431),
-        "{:?}",
-        String::from_utf8_lossy(&answer)
-    );
+    assert_refused_before_upstream(&answer, 431, &proxy, &upstream);
     assert!(String::from_utf8_lossy(&answer).ends_with("request header too large"));
+}
+
+/// The proxy answered `status` itself, the upstream saw nothing, and the
+/// proxy still serves.
+fn assert_refused_before_upstream(
+    answer: &[u8],
+    status: u16,
+    proxy: &Process,
+    upstream: &CountingUpstream,
+) {
+    assert_eq!(
+        raw_status(answer),
+        Some(status),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
+    );
     assert_eq!(upstream.count(), 0);
-    assert_still_serving_counted(&proxy, &upstream);
+    assert_still_serving_counted(proxy, upstream);
 }
 
 fn assert_still_serving_counted(proxy: &Process, upstream: &CountingUpstream) {
@@ -140,14 +151,7 @@ fn a_head_over_one_mib_is_refused_with_400_by_pingora() {
         .map(|i| (format!("X-Big-{i}"), "b".repeat(60 * 1024)))
         .collect();
     let answer = raw_exchange(proxy.port, &request_with(&headers), Duration::from_secs(10));
-    assert_eq!(
-        raw_status(&answer),
-        Some(400),
-        "{:?}",
-        String::from_utf8_lossy(&answer[..answer.len().min(200)])
-    );
-    assert_eq!(upstream.count(), 0);
-    assert_still_serving_counted(&proxy, &upstream);
+    assert_refused_before_upstream(&answer, 400, &proxy, &upstream);
 }
 
 #[test]
@@ -157,14 +161,7 @@ fn a_thousand_headers_are_refused_with_400() {
         .map(|i| (format!("X-H{i}"), i.to_string()))
         .collect();
     let answer = raw_exchange(proxy.port, &request_with(&headers), Duration::from_secs(10));
-    assert_eq!(
-        raw_status(&answer),
-        Some(400),
-        "{:?}",
-        String::from_utf8_lossy(&answer)
-    );
-    assert_eq!(upstream.count(), 0);
-    assert_still_serving_counted(&proxy, &upstream);
+    assert_refused_before_upstream(&answer, 400, &proxy, &upstream);
 }
 
 #[test]
@@ -342,14 +339,7 @@ fn a_client_sending_its_head_a_byte_at_a_time_gets_408_and_is_cut_off() {
         .unwrap();
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
-    assert_eq!(
-        raw_status(&answer),
-        Some(408),
-        "{:?}",
-        String::from_utf8_lossy(&answer)
-    );
-    assert_eq!(upstream.count(), 0);
-    assert_still_serving_counted(&proxy, &upstream);
+    assert_refused_before_upstream(&answer, 408, &proxy, &upstream);
 }
 
 #[test]
