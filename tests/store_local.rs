@@ -320,6 +320,30 @@ mod disk_store {
         assert!(store.list().await.unwrap().is_empty());
     }
 
+    /// An expired session leaves nothing behind: its spare (an older
+    /// version of the same data) goes with the record, even when it was
+    /// written recently enough to escape the stale-file rule.
+    #[tokio::test]
+    async fn the_sweep_removes_an_expired_session_with_its_spare() {
+        let dir = TempDir::new();
+        let store = DiskStore::open(&dir.0, false).unwrap();
+        let (idle, active) = (handle("idle"), handle("active"));
+        for n in 0..3 {
+            put(&store, &idle, record_at(100 + n)).await;
+            put(&store, &active, record_at(10_000 + n)).await;
+        }
+        assert_eq!(dir.names().len(), 4, "{:?}", dir.names());
+        let expiry = Expiry {
+            timeout: 60,
+            absolute: None,
+        };
+        assert_eq!(store.delete_expired(1_000, expiry).await.unwrap(), 1);
+        assert_eq!(
+            dir.names(),
+            [format!(".{active}.tmp"), format!("{active}.json")]
+        );
+    }
+
     #[tokio::test]
     async fn the_sweep_removes_corrupt_records_unwritten_for_the_idle_timeout() {
         let dir = TempDir::new();
