@@ -28,7 +28,7 @@
 #   read-disk / write-disk                           :18283
 #   read-redis / write-redis                         :18284  skipped when `check` fails
 #   read-postgres / write-postgres                   :18285  skipped when `check` fails
-#   bypass@NAME / read@NAME                          :18290+ one per COMPARE entry
+#   bypass@NAME / read@NAME / write@NAME             :18290+ one per COMPARE entry
 #
 # env: DURATION (8s) CONNS (32) REPS (3) WARMUP (2s) QUIET_WAIT (60) QUIET_PCT (10)
 #      COOKIES (users): users = session.lua, wrk -tCONNS -cCONNS, each connection
@@ -45,7 +45,7 @@
 #      BUILD (1)          0 = use BIN as it is
 #      BIN                default ${CARGO_TARGET_DIR:-target}/release/session-proxy
 #      COMPARE ("")       "NAME=/path/to/session-proxy ..." other builds to
-#                         measure side by side (bypass and read, memory store)
+#                         measure side by side (bypass, read, write; memory store)
 #      REDIS_URL (redis://127.0.0.1:6379) POSTGRES_URL (postgres://postgres@127.0.0.1:5432/test)
 #      BENCH_RUN_DIR (/tmp/session-proxy-bench)
 set -euo pipefail
@@ -290,7 +290,8 @@ for entry in $COMPARE; do
     start_proxy "cmp-$cname" "$port" memory "" "${entry#*=}"
     TARGET[bypass@$cname]="cmp-$cname /bypass/x session_id"
     TARGET[read@$cname]="cmp-$cname /read/x session_id"
-    ORDER+=("bypass@$cname" "read@$cname")
+    TARGET[write@$cname]="cmp-$cname /write/x session_id"
+    ORDER+=("bypass@$cname" "read@$cname" "write@$cname")
     port=$((port + 1))
 done
 
@@ -544,9 +545,11 @@ if med:
             b = first[path]
             lines.append(f"| {t} / {b} | {med[t]['rps'] / med[b]['rps']:.3f} | | CPU µs/req {med[t]['srv']:.1f} vs {med[b]['srv']:.1f} |")
     for build in sorted({t.partition("@")[2] for t in extra}):
-        r, b = med.get("read@" + build), med.get("bypass@" + build)
-        if r and b:
-            lines.append(f"| read@{build} / bypass@{build} | {r['rps'] / b['rps']:.3f} | | |")
+        b = med.get("bypass@" + build)
+        for path in ("read", "write"):
+            r = med.get(f"{path}@{build}")
+            if r and b:
+                lines.append(f"| {path}@{build} / bypass@{build} | {r['rps'] / b['rps']:.3f} | | |")
     lines += ["", "| CPU µs per request of the serving process | value |", "|---|---:|"]
     for x, y in (("bypass", "nginx"), ("read-memory", "bypass"), ("write-memory", "bypass"), ("write-disk", "bypass")):
         if x in med and y in med:
