@@ -1,8 +1,6 @@
 //! The token sent upstream: a standard HS256 JWT (SPEC [4]), so any JWT
 //! library verifies it with the shared secret.
 
-use std::fmt::Write;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -64,12 +62,20 @@ impl TokenSigner {
         data: &SessionData,
     ) -> String {
         let mut payload = String::with_capacity(CLAIMS_LEN + data.encoded_len());
-        // Writing to a String cannot fail.
-        let _ = write!(
-            payload,
-            r#"{{"sid":"{handle}","new":{new},"ver":{ver},"iat":{now},"exp":{},"data":"#,
-            now + self.ttl
-        );
+        let mut number = itoa::Buffer::new();
+        payload.push_str(r#"{"sid":""#);
+        payload.push_str(handle.as_str());
+        payload.push_str(if new {
+            r#"","new":true,"ver":"#
+        } else {
+            r#"","new":false,"ver":"#
+        });
+        payload.push_str(number.format(ver));
+        payload.push_str(r#","iat":"#);
+        payload.push_str(number.format(now));
+        payload.push_str(r#","exp":"#);
+        payload.push_str(number.format(now + self.ttl));
+        payload.push_str(r#","data":"#);
         payload.push_str(data.as_str());
         payload.push('}');
         let mut token =
