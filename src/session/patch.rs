@@ -3,6 +3,13 @@
 //! header. Parsing is strict: anything ambiguous is an invalid update, and
 //! an invalid update leaves the session unchanged.
 
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::iter::Peekable;
+
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::data::SessionData;
@@ -133,18 +140,146 @@ pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
 }
 
 /// `data` with `patch` merged in, if it stays within `max_data_bytes`.
+///
+/// Works on the stored text, so that a write costs what its patch
+/// touches: the stored object's top-level entries stay text, and the
+/// merged object is written in one pass over them and the patch's entries,
+/// both in key order. Only an entry the patch merges an object into is
+/// parsed. The result is the compact JSON that merging whole
+/// `serde_json::Map`s gives.
 pub fn apply(
     data: &SessionData,
     patch: &Map<String, Value>,
     max_data_bytes: usize,
 ) -> Result<SessionData, InvalidUpdate> {
-    let mut map = data
-        .to_map()
-        .map_err(|e| InvalidUpdate::UnreadableData(e.to_string()))?;
-    merge(&mut map, patch);
-    let merged = SessionData::from_map(&map);
+    let unreadable = |e: serde_json::Error| InvalidUpdate::UnreadableData(e.to_string());
+    let mut stored = serde_json::from_str::<Entries<'_>>(data.as_str())
+        .map_err(unreadable)?
+        .in_key_order();
+    let mut changes: Vec<(&str, &Value)> = patch.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    changes.sort_unstable_by_key(|&(key, _)| key);
+    let mut changes = changes.into_iter().peekable();
+
+    let mut text = MergedObject::with_capacity(data.encoded_len() + 64);
+    loop {
+        let order = match (stored.peek(), changes.peek()) {
+            (Some((kept, _)), Some((changed, _))) => kept.0.as_ref().cmp(changed),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => break,
+        };
+        match order {
+            Ordering::Less => {
+                if let Some((key, value)) = stored.next() {
+                    text.entry(&key.0, value).map_err(unreadable)?;
+                }
+            }
+            Ordering::Greater => {
+                if let Some((key, change)) = changes.next() {
+                    text.change(key, None, change).map_err(unreadable)?;
+                }
+            }
+            Ordering::Equal => {
+                if let (Some((_, value)), Some((key, change))) = (stored.next(), changes.next()) {
+                    text.change(key, Some(value), change).map_err(unreadable)?;
+                }
+            }
+        }
+    }
+    let merged = text.finish().map_err(unreadable)?;
     check_size(&merged, max_data_bytes)?;
     Ok(merged)
+}
+
+/// A top-level key of the stored object: borrowed from its text unless
+/// it has escapes.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(transparent)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// The stored object's top-level entries as written, values left as text.
+struct Entries<'a>(Vec<(Key<'a>, &'a RawValue)>);
+
+impl<'a> Entries<'a> {
+    /// The entries by key, as `serde_json::Map` keeps them. Text the proxy
+    /// wrote is in order already; a record edited by hand may not be, or
+    /// may repeat a key, of which the last one counts.
+    fn in_key_order(self) -> Peekable<std::vec::IntoIter<(Key<'a>, &'a RawValue)>> {
+        let mut entries = self.0;
+        if !entries.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+            entries.reverse();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            entries.dedup_by(|later, earlier| later.0 == earlier.0);
+        }
+        entries.into_iter().peekable()
+    }
+}
+
+impl<'de> Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Entries<'de>, D::Error> {
+        struct EntriesVisitor;
+        impl<'de> Visitor<'de> for EntriesVisitor {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<'de>, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+        deserializer.deserialize_map(EntriesVisitor)
+    }
+}
+
+/// The merged object's compact JSON, written entry by entry.
+struct MergedObject(Vec<u8>);
+
+impl MergedObject {
+    fn with_capacity(capacity: usize) -> MergedObject {
+        let mut text = Vec::with_capacity(capacity);
+        text.push(b'{');
+        MergedObject(text)
+    }
+
+    fn entry(&mut self, key: &str, value: &(impl Serialize + ?Sized)) -> serde_json::Result<()> {
+        if self.0.len() > 1 {
+            self.0.push(b',');
+        }
+        serde_json::to_writer(&mut self.0, key)?;
+        self.0.push(b':');
+        serde_json::to_writer(&mut self.0, value)
+    }
+
+    /// The entry `key` as the patch's `change` leaves it: deleted by
+    /// `null`, an object merged into the stored one, anything else set.
+    fn change(
+        &mut self,
+        key: &str,
+        stored: Option<&RawValue>,
+        change: &Value,
+    ) -> serde_json::Result<()> {
+        match change {
+            Value::Null => Ok(()),
+            Value::Object(inner) => {
+                let mut target = match stored {
+                    Some(text) if text.get().starts_with('{') => serde_json::from_str(text.get())?,
+                    _ => Map::new(),
+                };
+                merge(&mut target, inner);
+                self.entry(key, &target)
+            }
+            other => self.entry(key, other),
+        }
+    }
+
+    fn finish(mut self) -> serde_json::Result<SessionData> {
+        self.0.push(b'}');
+        SessionData::from_compact_json(self.0)
+    }
 }
 
 /// The size of `data` as compact JSON, checked against `max_data_bytes`.
@@ -264,6 +399,41 @@ mod tests {
             check_size(&data, 9),
             Err(InvalidUpdate::DataTooLarge(10, 9))
         );
+    }
+
+    #[test]
+    fn applying_to_the_stored_text_gives_what_merging_whole_maps_gives() {
+        let stored = [
+            r#"{}"#,
+            r#"{"a":"b","b":{"c":[1,{"d":null}],"e":"f"},"z":1.5}"#,
+            // keys with escapes, out of order, repeated (the last one counts)
+            r#"{"z\u00e9":1,"a\"q":{"x":1},"m":"\u0041","m":2}"#,
+            r#"{"cart":[{"n":2,"sku":"A1"}],"user":{"id":7,"roles":["admin"]},"é":"ü"}"#,
+            r#"{"b":{"z":1,"a":2},"a":[{"y":1,"x":2}]}"#,
+        ];
+        let patches = [
+            json!({}),
+            json!({"a": null, "missing": null}),
+            json!({"a": "c", "new": [1, 2], "z": {"y": null}}),
+            json!({"b": {"c": null, "g": {"h": 1}}, "z": null}),
+            json!({"a\"q": {"x": null, "y": "ü"}, "m": {"deep": {"er": true}}}),
+            json!({"user": {"roles": null, "theme": "dark"}, "cart": null, "": 0}),
+        ];
+        for text in stored {
+            let data: SessionData = serde_json::from_str(text).unwrap();
+            for patch in &patches {
+                let patch = object(patch.clone());
+                let mut whole = data.to_map().unwrap();
+                merge(&mut whole, &patch);
+                let merged = apply(&data, &patch, 4096).unwrap();
+                assert_eq!(merged.to_map().unwrap(), whole, "{text} + {patch:?}");
+                // Text the proxy wrote (sorted keys) gives the same bytes;
+                // a record edited by hand keeps its untouched entries as written.
+                if data == SessionData::from_map(&data.to_map().unwrap()) {
+                    assert_eq!(merged, SessionData::from_map(&whole), "{text} + {patch:?}");
+                }
+            }
+        }
     }
 
     #[test]
