@@ -234,6 +234,9 @@ jiffies_of() {  # utime+stime of the given pids
     echo "$s"
 }
 machine_jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+# Time the hypervisor gave to other guests: on a shared VM, the noise that
+# foreign processes do not explain.
+steal_jiffies() { awk '/^cpu /{print $9}' /proc/stat; }
 busy_pct_1s() {
     local b0 t0 b1 t1
     read -r b0 t0 < <(machine_jiffies); sleep 1; read -r b1 t1 < <(machine_jiffies)
@@ -335,7 +338,7 @@ if [ -n "${SRV_PID[memory]:-}" ]; then
 fi
 
 RAW="$OUT_DIR/raw.tsv"
-printf 'phase\trep\ttarget\trps\tp50_us\tp99_us\trequests\terrors\tpre_busy_pct\tforeign_pct\tsrv_cpu_us_per_req\tupstream_cpu_us_per_req\n' > "$RAW"
+printf 'phase\trep\ttarget\trps\tp50_us\tp99_us\trequests\terrors\tpre_busy_pct\tforeign_pct\tsrv_cpu_us_per_req\tupstream_cpu_us_per_req\tsteal_pct\n' > "$RAW"
 
 wrk_args() {  # TARGET [DELAY_MS]: prints the env + wrk command line, one word a line
     local t=$1 delay=${2:-} server path cname cookie mode=$COOKIES
@@ -356,15 +359,15 @@ wrk_args() {  # TARGET [DELAY_MS]: prints the env + wrk command line, one word a
 
 run_wrk() {  # PHASE REP TARGET [DELAY_MS]
     local phase=$1 rep=$2 t=$3 delay=${4:-} out="$OUT_DIR/wrk-$1-$2-$3.txt" server
-    local pre b0 t0 b1 t1 o0 o1 s0 s1 u0 u1 w nreq spids upids cmd
+    local pre b0 t0 b1 t1 o0 o1 s0 s1 u0 u1 st0 st1 w nreq spids upids cmd
     read -r server _ _ <<<"${TARGET[$t]}"
     spids=$(with_children "${SRV_PID[$server]}" | tr '\n' ' ')
     upids=$(with_children "${SRV_PID[upstream]}" | tr '\n' ' ')
     mapfile -t cmd < <(wrk_args "$t" "$delay")
     pre=$(wait_quiet)
-    read -r b0 t0 < <(machine_jiffies); o0=$(jiffies_of $OURS); s0=$(jiffies_of $spids); u0=$(jiffies_of $upids)
+    read -r b0 t0 < <(machine_jiffies); o0=$(jiffies_of $OURS); s0=$(jiffies_of $spids); u0=$(jiffies_of $upids); st0=$(steal_jiffies)
     taskset -c 0 /usr/bin/time -f '%U %S' -o "$out.cpu" "${cmd[@]:0:${#cmd[@]}-1}" -d"$DURATION" "${cmd[-1]}" > "$out" 2>&1 || true
-    read -r b1 t1 < <(machine_jiffies); o1=$(jiffies_of $OURS); s1=$(jiffies_of $spids); u1=$(jiffies_of $upids)
+    read -r b1 t1 < <(machine_jiffies); o1=$(jiffies_of $OURS); s1=$(jiffies_of $spids); u1=$(jiffies_of $upids); st1=$(steal_jiffies)
     nreq=$(awk '/requests in/{print $1}' "$out")
     [ -n "$nreq" ] && [ "$nreq" -gt 0 ] || { log "$t: wrk failed: $(tail -n3 "$out" | tr '\n' ' ')"; return; }
     local srv_us up_us foreign rps p50 p99 errs
@@ -377,8 +380,8 @@ run_wrk() {  # PHASE REP TARGET [DELAY_MS]
     p50=$(to_us "$(awk '$1=="50%"{print $2}' "$out")")
     p99=$(to_us "$(awk '$1=="99%"{print $2}' "$out")")
     errs=$(awk '/Non-2xx|Socket errors/{printf "%s ", $0}' "$out")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$rep" "$t" "$rps" "$p50" "$p99" "$nreq" \
-        "${errs:-0}" "$pre" "$foreign" "$srv_us" "$up_us" | tee -a "$RAW" >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$rep" "$t" "$rps" "$p50" "$p99" "$nreq" \
+        "${errs:-0}" "$pre" "$foreign" "$srv_us" "$up_us" "$(((st1 - st0) * 100 / (t1 - t0)))" | tee -a "$RAW" >&2
 }
 
 rounds() {  # PHASE DELAY_MS TARGET...: REPS interleaved rounds, rotated start
@@ -499,16 +502,17 @@ def medians(phase):
                       srv=st.median(float(r["srv_cpu_us_per_req"]) for r in rs),
                       up=st.median(float(r["upstream_cpu_us_per_req"]) for r in rs),
                       errs="; ".join(sorted({r["errors"].strip() for r in rs if r["errors"].strip() not in ("", "0")})) or "none",
-                      foreign=max(int(r["foreign_pct"]) for r in rs))
+                      foreign=max(int(r["foreign_pct"]) for r in rs),
+                      steal=max(int(r.get("steal_pct") or 0) for r in rs))
     return med
 
 def table(med, order):
-    out = ["| target | req/s median | min..max | p50 µs | p99 µs | server CPU µs/req | upstream CPU µs/req | errors | foreign CPU % max |",
-           "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    out = ["| target | req/s median | min..max | p50 µs | p99 µs | server CPU µs/req | upstream CPU µs/req | errors | foreign CPU % max | steal % max |",
+           "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for t in order:
         if t in med:
             m = med[t]
-            out.append(f"| {t} | {m['rps']:.0f} | {m['lo']:.0f}..{m['hi']:.0f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['srv']:.1f} | {m['up']:.1f} | {m['errs']} | {m['foreign']} |")
+            out.append(f"| {t} | {m['rps']:.0f} | {m['lo']:.0f}..{m['hi']:.0f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['srv']:.1f} | {m['up']:.1f} | {m['errs']} | {m['foreign']} | {m['steal']} |")
     return out
 
 def verdict(value, goal, higher=True):
