@@ -36,7 +36,12 @@
 #        fixed = fixed.lua, wrk -t1 -cCONNS, one session cookie per target
 #      ONLY ("")          space-separated target names to run (default: all)
 #      PHASES ("throughput latency scale")
-#      DELAY_MS (4)       latency phase: mean pause per connection between requests
+#      DELAY_MS (auto)    latency phase: mean pause per connection between requests;
+#                         auto = the pause that offers LOAD_PCT % of the bypassed
+#                         path's throughput (its median in this run's throughput
+#                         phase, or one WARMUP-long run when that phase is skipped),
+#                         so that the load is the same share of any machine
+#      LOAD_PCT (25)      the latency phase's offered load with DELAY_MS=auto
 #      DELAY_DIST (exp)   exp = exponential pauses (Poisson arrivals); fixed = DELAY_MS
 #                         each, which makes all connections fire together
 #      LATENCY_COOKIES (fixed): the latency phase's wrk mode; fixed = one wrk
@@ -63,7 +68,8 @@ QUIET_PCT=${QUIET_PCT:-10}
 COOKIES=${COOKIES:-users}
 ONLY=${ONLY:-}
 PHASES=${PHASES:-throughput latency scale}
-DELAY_MS=${DELAY_MS:-4}
+DELAY_MS=${DELAY_MS:-auto}
+LOAD_PCT=${LOAD_PCT:-25}
 LATENCY_COOKIES=${LATENCY_COOKIES:-fixed}
 SCALE_SESSIONS=${SCALE_SESSIONS:-1000000}
 BUILD=${BUILD:-1}
@@ -418,6 +424,17 @@ if [[ " $PHASES " == *" latency "* ]]; then
     for t in nginx bypass read-memory write-memory write-disk; do
         [[ " ${RUN_TARGETS[*]} " == *" $t "* ]] && LAT+=("$t")
     done
+    if [ "$DELAY_MS" = auto ]; then
+        capacity=$(awk -F'\t' '$1 == "throughput" && $3 == "bypass" {print $4}' "$RAW" | sort -n |
+            awk '{v[NR] = $1} END {if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}')
+        if [ -z "$capacity" ]; then
+            mapfile -t cmd < <(wrk_args bypass)
+            capacity=$(taskset -c 0 "${cmd[@]:0:${#cmd[@]}-1}" -d"$WARMUP" "${cmd[-1]}" | awk '/^Requests\/sec:/{print $2}')
+        fi
+        DELAY_MS=$(awk -v c="$CONNS" -v r="${capacity:-0}" -v p="$LOAD_PCT" 'BEGIN{d = r > 0 ? c * 1000 / (r * p / 100) : 4; printf "%d", d < 1 ? 1 : d + 0.5}')
+        log "latency: bypass capacity ${capacity:-unknown} req/s, $LOAD_PCT % of it offered: DELAY_MS=$DELAY_MS"
+        echo "# latency phase: DELAY_MS=$DELAY_MS ($LOAD_PCT % of bypass's ${capacity:-unknown} req/s)" >> "$OUT_DIR/machine.txt"
+    fi
     log "phase latency (DELAY_MS=$DELAY_MS per connection): ${LAT[*]}"
     rounds latency "$DELAY_MS" "${LAT[@]}"
 fi
