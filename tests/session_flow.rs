@@ -508,8 +508,12 @@ fn head_requests_and_request_bodies_pass_through() {
 #[test]
 fn large_bodies_stream_through_untouched() {
     let s = setup(|c| c);
-    let response = get(s.port(), "/", &[("X-Test-Body-Bytes", "3000000")]);
+    // A client that takes compressed bodies still gets the upstream's bytes.
+    let accepts = ("Accept-Encoding", "gzip, br, zstd");
+    let response = get(s.port(), "/", &[("X-Test-Body-Bytes", "3000000"), accepts]);
     assert_eq!(response.status, 200);
+    assert_eq!(response.header("Content-Encoding"), None);
+    assert_eq!(response.header("Content-Length"), Some("3000000"));
     assert_eq!(response.body.len(), 3_000_000);
     assert!(response.body.iter().all(|&b| b == b'a'));
 }

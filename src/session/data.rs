@@ -9,7 +9,9 @@
 //! In a record it is written verbatim, so the stored format is the one a
 //! `serde_json::Map` gave (`"data":{"count":1}`). Reading accepts any JSON
 //! object: compact text is kept as written, anything else (a record edited
-//! by hand, pretty-printed) is encoded again.
+//! by hand, pretty-printed) is encoded again. A merge patch rewrites the
+//! top-level entries it names and copies the others as they are
+//! (`patch::apply`).
 //!
 //! ```
 //! use session_proxy::session::data::SessionData;
