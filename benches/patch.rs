@@ -31,6 +31,19 @@ fn merge_patch(c: &mut Criterion) {
     c.bench_function("patch/apply_nested", |b| {
         b.iter(|| patch::apply(&stored, black_box(&nested), 4096))
     });
+    // A session holding more (a user, a cart, a CSRF token: ~250 bytes),
+    // of which a request changes one key: the merge copies the rest as text.
+    let larger = SessionData::from_map(&object(json!({
+        "cart": [{"sku": "A-1001", "n": 2}, {"sku": "B-2002", "n": 1}, {"sku": "C-3003", "n": 5}],
+        "csrf": "0123456789abcdef0123456789abcdef0123456789abcdef",
+        "flash": null,
+        "user": {"id": 4711, "name": "Zoé Martin", "roles": ["admin", "editor"]},
+        "visits": 41
+    })));
+    let one_key = object(json!({"visits": 42}));
+    c.bench_function("patch/apply_one_key_of_larger_data", |b| {
+        b.iter(|| patch::apply(&larger, black_box(&one_key), 4096))
+    });
     // The clone `Store::modify`'s decision makes of the current record's data.
     c.bench_function("patch/clone_data", |b| {
         b.iter(|| black_box(&stored).clone())

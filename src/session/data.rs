@@ -43,13 +43,11 @@ impl SessionData {
         }
     }
 
-    /// The object written as `text`, compact JSON the caller encoded
-    /// (a merge of stored and patched entries). Its syntax is checked
-    /// again; that it is an object without whitespace is the caller's.
-    pub(crate) fn from_compact_json(text: Vec<u8>) -> Result<SessionData, serde_json::Error> {
-        let text = String::from_utf8(text).map_err(serde_json::Error::custom)?;
-        debug_assert!(text.starts_with('{') && is_compact(&text), "{text}");
-        Ok(SessionData(Arc::from(RawValue::from_string(text)?)))
+    /// `raw` as session data: compact JSON of an object, as serde_json's
+    /// serializer writes a map (`patch::apply` merges into one).
+    pub(crate) fn from_raw(raw: Box<RawValue>) -> SessionData {
+        debug_assert!(raw.get().starts_with('{') && is_compact(raw.get()), "{raw}");
+        SessionData(Arc::from(raw))
     }
 
     /// The object as a map, to change it. Fails only for an object nested

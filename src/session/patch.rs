@@ -141,12 +141,12 @@ pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
 
 /// `data` with `patch` merged in, if it stays within `max_data_bytes`.
 ///
-/// Works on the stored text, so that a write costs what its patch
-/// touches: the stored object's top-level entries stay text, and the
-/// merged object is written in one pass over them and the patch's entries,
-/// both in key order. Only an entry the patch merges an object into is
-/// parsed. The result is the compact JSON that merging whole
-/// `serde_json::Map`s gives.
+/// Works on the stored text: its top-level entries stay text and are
+/// copied as they are, in one pass over them and the patch's entries, both
+/// in key order; only an entry the patch merges an object into is parsed.
+/// The stored text is still scanned once (serde_json checks what it
+/// splits), but no tree of it is built. The result is the compact JSON
+/// that merging whole `serde_json::Map`s gives.
 pub fn apply(
     data: &SessionData,
     patch: &Map<String, Value>,
@@ -160,7 +160,7 @@ pub fn apply(
     changes.sort_unstable_by_key(|&(key, _)| key);
     let mut changes = changes.into_iter().peekable();
 
-    let mut text = MergedObject::with_capacity(data.encoded_len() + 64);
+    let mut merged = MergedObject::default();
     loop {
         let order = match (stored.peek(), changes.peek()) {
             (Some((kept, _)), Some((changed, _))) => kept.0.as_ref().cmp(changed),
@@ -171,22 +171,24 @@ pub fn apply(
         match order {
             Ordering::Less => {
                 if let Some((key, value)) = stored.next() {
-                    text.entry(&key.0, value).map_err(unreadable)?;
+                    merged.0.push((key.0, Entry::Stored(value)));
                 }
             }
             Ordering::Greater => {
                 if let Some((key, change)) = changes.next() {
-                    text.change(key, None, change).map_err(unreadable)?;
+                    merged.change(key, None, change).map_err(unreadable)?;
                 }
             }
             Ordering::Equal => {
                 if let (Some((_, value)), Some((key, change))) = (stored.next(), changes.next()) {
-                    text.change(key, Some(value), change).map_err(unreadable)?;
+                    merged
+                        .change(key, Some(value), change)
+                        .map_err(unreadable)?;
                 }
             }
         }
     }
-    let merged = text.finish().map_err(unreadable)?;
+    let merged = merged.encode().map_err(unreadable)?;
     check_size(&merged, max_data_bytes)?;
     Ok(merged)
 }
@@ -235,50 +237,65 @@ impl<'de> Deserialize<'de> for Entries<'de> {
     }
 }
 
-/// The merged object's compact JSON, written entry by entry.
-struct MergedObject(Vec<u8>);
+/// The merged object's entries, in key order.
+#[derive(Default)]
+struct MergedObject<'a>(Vec<(Cow<'a, str>, Entry<'a>)>);
 
-impl MergedObject {
-    fn with_capacity(capacity: usize) -> MergedObject {
-        let mut text = Vec::with_capacity(capacity);
-        text.push(b'{');
-        MergedObject(text)
-    }
+/// A top-level value of the merged object.
+enum Entry<'a> {
+    /// Kept from the stored text as it was written.
+    Stored(&'a RawValue),
+    /// Set by the patch.
+    Set(&'a Value),
+    /// A stored object with an object of the patch merged into it.
+    Merged(Map<String, Value>),
+}
 
-    fn entry(&mut self, key: &str, value: &(impl Serialize + ?Sized)) -> serde_json::Result<()> {
-        if self.0.len() > 1 {
-            self.0.push(b',');
-        }
-        serde_json::to_writer(&mut self.0, key)?;
-        self.0.push(b':');
-        serde_json::to_writer(&mut self.0, value)
-    }
-
+impl<'a> MergedObject<'a> {
     /// The entry `key` as the patch's `change` leaves it: deleted by
     /// `null`, an object merged into the stored one, anything else set.
     fn change(
         &mut self,
-        key: &str,
+        key: &'a str,
         stored: Option<&RawValue>,
-        change: &Value,
+        change: &'a Value,
     ) -> serde_json::Result<()> {
-        match change {
-            Value::Null => Ok(()),
+        let entry = match change {
+            Value::Null => return Ok(()),
             Value::Object(inner) => {
                 let mut target = match stored {
                     Some(text) if text.get().starts_with('{') => serde_json::from_str(text.get())?,
                     _ => Map::new(),
                 };
                 merge(&mut target, inner);
-                self.entry(key, &target)
+                Entry::Merged(target)
             }
-            other => self.entry(key, other),
-        }
+            other => Entry::Set(other),
+        };
+        self.0.push((Cow::Borrowed(key), entry));
+        Ok(())
     }
 
-    fn finish(mut self) -> serde_json::Result<SessionData> {
-        self.0.push(b'}');
-        SessionData::from_compact_json(self.0)
+    /// The compact JSON text, written by serde_json: stored entries go in
+    /// verbatim and nothing is parsed again to check it.
+    fn encode(&self) -> serde_json::Result<SessionData> {
+        serde_json::value::to_raw_value(self).map(SessionData::from_raw)
+    }
+}
+
+impl Serialize for MergedObject<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(key, entry)| (key, entry)))
+    }
+}
+
+impl Serialize for Entry<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Entry::Stored(text) => text.serialize(serializer),
+            Entry::Set(value) => value.serialize(serializer),
+            Entry::Merged(map) => map.serialize(serializer),
+        }
     }
 }
 
