@@ -50,7 +50,8 @@
 #      BUILD (1)          0 = use BIN as it is
 #      BIN                default ${CARGO_TARGET_DIR:-target}/release/session-proxy
 #      COMPARE ("")       "NAME=/path/to/session-proxy ..." other builds to
-#                         measure side by side (bypass, read, write; memory store)
+#                         measure side by side (bypass, read, write)
+#      COMPARE_STORE (memory) the store of the COMPARE builds
 #      REDIS_URL (redis://127.0.0.1:6379) POSTGRES_URL (postgres://postgres@127.0.0.1:5432/test)
 #      BENCH_RUN_DIR (/tmp/session-proxy-bench)
 set -euo pipefail
@@ -75,6 +76,7 @@ SCALE_SESSIONS=${SCALE_SESSIONS:-1000000}
 BUILD=${BUILD:-1}
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/session-proxy}
 COMPARE=${COMPARE:-}
+COMPARE_STORE=${COMPARE_STORE:-memory}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 POSTGRES_URL=${POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}
 HZ=$(getconf CLK_TCK)
@@ -296,7 +298,7 @@ start_proxy postgres 18285 postgres
 port=18290
 for entry in $COMPARE; do
     cname=${entry%%=*}
-    start_proxy "cmp-$cname" "$port" memory "" "${entry#*=}"
+    start_proxy "cmp-$cname" "$port" "$COMPARE_STORE" "" "${entry#*=}"
     TARGET[bypass@$cname]="cmp-$cname /bypass/x session_id"
     TARGET[read@$cname]="cmp-$cname /read/x session_id"
     TARGET[write@$cname]="cmp-$cname /write/x session_id"
