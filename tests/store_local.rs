@@ -86,6 +86,14 @@ impl Store for TempDiskStore {
     ) -> Result<Option<Record>, StoreError> {
         self.store.modify(handle, decide).await
     }
+    async fn modify_seen(
+        &self,
+        handle: &Handle,
+        seen: &Record,
+        decide: Decide<'_>,
+    ) -> Result<Option<Record>, StoreError> {
+        self.store.modify_seen(handle, seen, decide).await
+    }
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
         self.store.touch(handle, atime).await
     }

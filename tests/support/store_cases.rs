@@ -269,6 +269,44 @@ macro_rules! store_cases {
                 assert_eq!(stored.ver, 1 + WRITERS);
             }
 
+            /// The proxy's pattern: load at the request, `modify_seen` at
+            /// its response, many requests of one session at once.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_loads_and_writes_on_what_was_seen_lose_no_increment() {
+                const WRITERS: u64 = 50;
+                let Some(store) = store().await else { return };
+                let handle = fresh_handle();
+                put(&store, &handle, &record(json!({"n": 0}), now(), now())).await;
+                let before = store.load(&handle).await.unwrap().unwrap().ver;
+
+                let writers: Vec<_> = (0..WRITERS)
+                    .map(|_| {
+                        let (store, handle) = (Arc::clone(&store), handle.clone());
+                        tokio::spawn(async move {
+                            let increment = |current: Option<&Record>| {
+                                let mut record = current.cloned().ok_or("gone")?;
+                                let mut data = record.data.to_map().map_err(|e| e.to_string())?;
+                                let n = data["n"].as_u64().ok_or("not a number")?;
+                                data.insert("n".to_owned(), json!(n + 1));
+                                record.data = data.into();
+                                record.ver += 1;
+                                Ok(Change::Put(record))
+                            };
+                            let seen = store.load(&handle).await?.ok_or(StoreError::Unavailable("gone".into()))?;
+                            tokio::task::yield_now().await;
+                            store.modify_seen(&handle, &seen, &increment).await
+                        })
+                    })
+                    .collect();
+                for writer in writers {
+                    writer.await.unwrap().unwrap();
+                }
+
+                let stored = store.load(&handle).await.unwrap().unwrap();
+                assert_eq!(stored.data.to_map().unwrap()["n"], json!(WRITERS));
+                assert_eq!(stored.ver, before + WRITERS);
+            }
+
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn concurrent_changes_of_different_keys_all_survive() {
                 const WRITERS: usize = 20;

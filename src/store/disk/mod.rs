@@ -47,10 +47,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
-use crate::locks::HandleLocks;
-use versions::LastWritten;
+use stripes::{Held, Stripes};
 
-mod versions;
+mod stripes;
 
 /// A temporary file not written for this long belongs to no write in
 /// progress (a spare the sweep removes too early is made again).
@@ -62,11 +61,9 @@ pub struct DiskStore {
     /// Request-path file operations run on the calling thread (see
     /// [`DiskStore::on_request_path`]).
     inline: bool,
-    /// One mutex per handle in use, held across a read-decide-write and
-    /// a load.
-    locks: HandleLocks,
-    /// The version of each record this process wrote last.
-    last_written: LastWritten,
+    /// Locks held across a load and a read-decide-write, with a note of
+    /// the version this process wrote last.
+    stripes: Stripes,
 }
 
 impl DiskStore {
@@ -92,8 +89,7 @@ impl DiskStore {
             dir,
             fsync,
             inline: !fsync,
-            locks: HandleLocks::default(),
-            last_written: LastWritten::default(),
+            stripes: Stripes::default(),
         })
     }
 
@@ -114,10 +110,10 @@ impl DiskStore {
     }
 
     /// Writes `record` as `handle`'s. With [`Place::OverRecord`], only over
-    /// a record still on disk: `Ok(false)` when it is gone. The caller holds
-    /// the handle's lock.
+    /// a record still on disk: `Ok(false)` when it is gone.
     async fn write(
         &self,
+        held: &mut Held<'_>,
         handle: &Handle,
         record: &Record,
         place: Place,
@@ -126,7 +122,7 @@ impl DiskStore {
             StoreError::Unavailable(format!("cannot encode session {}: {error}", handle.short()))
         })?;
         // Until this write is known to be in place, nothing is known.
-        self.last_written.forget(handle);
+        held.forget();
         let (dir, handle_owned, fsync) = (self.dir.clone(), handle.clone(), self.fsync);
         let placed = self
             .on_request_path(move || {
@@ -140,7 +136,7 @@ impl DiskStore {
             })
             .await??;
         if placed {
-            self.last_written.wrote(handle, record.ver);
+            held.wrote(record.ver);
         }
         Ok(placed)
     }
@@ -168,8 +164,8 @@ impl DiskStore {
         }
     }
 
-    async fn remove(&self, handle: &Handle) -> Result<bool, StoreError> {
-        self.last_written.forget(handle);
+    async fn remove(&self, held: &mut Held<'_>, handle: &Handle) -> Result<bool, StoreError> {
+        held.forget();
         let (dir, path, fsync) = (self.dir.clone(), self.file_of(handle), self.fsync);
         let short = handle.short().to_owned();
         self.on_request_path(move || {
@@ -183,21 +179,22 @@ impl DiskStore {
         .await?
     }
 
-    /// `modify` with the handle's lock held.
+    /// `modify` with the handle's stripe held.
     async fn modify_locked(
         &self,
+        held: &mut Held<'_>,
         handle: &Handle,
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
         let current = self.read(handle).await?;
         match decide(current.as_ref()).map_err(StoreError::Rejected)? {
             Change::Put(record) => {
-                self.write(handle, &record, Place::Anyway).await?;
+                self.write(held, handle, &record, Place::Anyway).await?;
                 Ok(Some(record))
             }
             Change::Delete => {
                 if current.is_some() {
-                    self.remove(handle).await?;
+                    self.remove(held, handle).await?;
                 }
                 Ok(None)
             }
@@ -221,7 +218,7 @@ impl Store for DiskStore {
         // A rename replaces the record whole, but the file it replaced
         // becomes the spare that the next write overwrites: a load that
         // opened it before the swap could read half of that next version.
-        let _held = self.locks.lock(handle).await;
+        let _held = self.stripes.lock(handle).await;
         self.read(handle).await
     }
 
@@ -230,8 +227,8 @@ impl Store for DiskStore {
         handle: &Handle,
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
-        let _held = self.locks.lock(handle).await;
-        self.modify_locked(handle, decide).await
+        let mut held = self.stripes.lock(handle).await;
+        self.modify_locked(&mut held, handle, decide).await
     }
 
     async fn modify_seen(
@@ -240,34 +237,37 @@ impl Store for DiskStore {
         seen: &Record,
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
-        let _held = self.locks.lock(handle).await;
-        if !self.last_written.was_last(handle, seen.ver) {
-            return self.modify_locked(handle, decide).await;
+        let mut held = self.stripes.lock(handle).await;
+        if !held.wrote_last(seen.ver) {
+            return self.modify_locked(&mut held, handle, decide).await;
         }
         // `seen` is on disk, unless another process deleted it since.
         match decide(Some(seen)).map_err(StoreError::Rejected)? {
             Change::Put(record) => {
-                if self.write(handle, &record, Place::OverRecord).await? {
+                if self
+                    .write(&mut held, handle, &record, Place::OverRecord)
+                    .await?
+                {
                     Ok(Some(record))
                 } else {
                     // Deleted: decide again on what is there now.
-                    self.modify_locked(handle, decide).await
+                    self.modify_locked(&mut held, handle, decide).await
                 }
             }
             Change::Delete => {
-                self.remove(handle).await?;
+                self.remove(&mut held, handle).await?;
                 Ok(None)
             }
             // Read it, to return what is stored.
-            Change::Keep => self.modify_locked(handle, decide).await,
+            Change::Keep => self.modify_locked(&mut held, handle, decide).await,
         }
     }
 
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
         // Under the lock, so a change in flight cannot write back a
         // session that was just killed.
-        let _held = self.locks.lock(handle).await;
-        self.remove(handle).await
+        let mut held = self.stripes.lock(handle).await;
+        self.remove(&mut held, handle).await
     }
 
     async fn list(&self) -> Result<Vec<(Handle, Record)>, StoreError> {
@@ -294,8 +294,8 @@ impl Store for DiskStore {
         for (handle, path) in candidates {
             // Re-read under the lock: a request may have refreshed the
             // session since the scan.
-            let _held = self.locks.lock(&handle).await;
-            self.last_written.forget(&handle);
+            let mut held = self.stripes.lock(&handle).await;
+            held.forget();
             let (dir, fsync) = (self.dir.clone(), self.fsync);
             let short = handle.short().to_owned();
             let outcome =
@@ -735,30 +735,6 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn handle_locks_are_forgotten_when_unused() {
-        let temp = TempDir::new();
-        let store = DiskStore::open(&temp.0, false).unwrap();
-        let handle = Handle::of_id("disk-unit-locks");
-        let put = |_: Option<&Record>| Ok(Change::Put(record(1)));
-        store.modify(&handle, &put).await.unwrap();
-        store.delete(&handle).await.unwrap();
-        assert!(store.locks.is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_cancelled_wait_for_a_handle_lock_leaves_no_entry() {
-        let temp = TempDir::new();
-        let store = DiskStore::open(&temp.0, false).unwrap();
-        let handle = Handle::of_id("disk-unit-cancel");
-        let held = store.locks.lock(&handle).await;
-        let waiting =
-            tokio::time::timeout(Duration::from_millis(20), store.locks.lock(&handle)).await;
-        assert!(waiting.is_err());
-        drop(held);
-        assert!(store.locks.is_empty());
-    }
-
     #[test]
     fn only_record_and_temp_names_are_ours() {
         let handle = Handle::of_id("x");
@@ -791,7 +767,12 @@ mod tests {
         let handle = Handle::of_id("disk-unit-rewrite");
         for n in 1..=3 {
             store
-                .write(&handle, &record(n), Place::Anyway)
+                .write(
+                    &mut store.stripes.lock(&handle).await,
+                    &handle,
+                    &record(n),
+                    Place::Anyway,
+                )
                 .await
                 .unwrap();
             let stored = store.load(&handle).await.unwrap().unwrap();
@@ -811,15 +792,33 @@ mod tests {
         let mut data = long.data.to_map().unwrap();
         data.insert("padding".to_owned(), "x".repeat(500).into());
         long.data = data.into();
-        store.write(&handle, &long, Place::Anyway).await.unwrap();
         store
-            .write(&handle, &record(5), Place::Anyway)
+            .write(
+                &mut store.stripes.lock(&handle).await,
+                &handle,
+                &long,
+                Place::Anyway,
+            )
+            .await
+            .unwrap();
+        store
+            .write(
+                &mut store.stripes.lock(&handle).await,
+                &handle,
+                &record(5),
+                Place::Anyway,
+            )
             .await
             .unwrap();
         assert_eq!(store.load(&handle).await.unwrap().unwrap().ver, 5);
         // Into the long version's file: nothing of it is left.
         store
-            .write(&handle, &record(6), Place::Anyway)
+            .write(
+                &mut store.stripes.lock(&handle).await,
+                &handle,
+                &record(6),
+                Place::Anyway,
+            )
             .await
             .unwrap();
         let on_disk = fs::read(temp.0.join(format!("{handle}.json"))).unwrap();
@@ -828,11 +827,21 @@ mod tests {
         // Swept away between writes: the next write makes a new one.
         fs::remove_file(&spare).unwrap();
         store
-            .write(&handle, &record(7), Place::Anyway)
+            .write(
+                &mut store.stripes.lock(&handle).await,
+                &handle,
+                &record(7),
+                Place::Anyway,
+            )
             .await
             .unwrap();
         store
-            .write(&handle, &record(8), Place::Anyway)
+            .write(
+                &mut store.stripes.lock(&handle).await,
+                &handle,
+                &record(8),
+                Place::Anyway,
+            )
             .await
             .unwrap();
         assert_eq!(store.load(&handle).await.unwrap().unwrap().ver, 8);
@@ -997,7 +1006,12 @@ mod tests {
             let start = Instant::now();
             for n in 0..rounds {
                 store
-                    .write(&handle, &record(u64::from(n)), Place::Anyway)
+                    .write(
+                        &mut store.stripes.lock(&handle).await,
+                        &handle,
+                        &record(u64::from(n)),
+                        Place::Anyway,
+                    )
                     .await
                     .unwrap();
             }
