@@ -51,6 +51,17 @@ macro_rules! store_cases {
                 ::session_proxy::session::now()
             }
 
+            /// Adds 1 to the data's `n` and bumps the version.
+            fn increment(current: Option<&Record>) -> Result<Change, String> {
+                let mut record = current.cloned().ok_or("gone")?;
+                let mut data = record.data.to_map().map_err(|e| e.to_string())?;
+                let n = data["n"].as_u64().ok_or("not a number")?;
+                data.insert("n".to_owned(), json!(n + 1));
+                record.data = data.into();
+                record.ver += 1;
+                Ok(Change::Put(record))
+            }
+
             fn record(data: Value, created: u64, atime: u64) -> Record {
                 let Value::Object(data) = data else {
                     panic!("session data is an object");
@@ -247,15 +258,6 @@ macro_rules! store_cases {
                     .map(|_| {
                         let (store, handle) = (Arc::clone(&store), handle.clone());
                         tokio::spawn(async move {
-                            let increment = |current: Option<&Record>| {
-                                let mut record = current.cloned().ok_or("gone")?;
-                                let mut data = record.data.to_map().map_err(|e| e.to_string())?;
-                                let n = data["n"].as_u64().ok_or("not a number")?;
-                                data.insert("n".to_owned(), json!(n + 1));
-                                record.data = data.into();
-                                record.ver += 1;
-                                Ok(Change::Put(record))
-                            };
                             store.modify(&handle, &increment).await
                         })
                     })
@@ -283,15 +285,6 @@ macro_rules! store_cases {
                     .map(|_| {
                         let (store, handle) = (Arc::clone(&store), handle.clone());
                         tokio::spawn(async move {
-                            let increment = |current: Option<&Record>| {
-                                let mut record = current.cloned().ok_or("gone")?;
-                                let mut data = record.data.to_map().map_err(|e| e.to_string())?;
-                                let n = data["n"].as_u64().ok_or("not a number")?;
-                                data.insert("n".to_owned(), json!(n + 1));
-                                record.data = data.into();
-                                record.ver += 1;
-                                Ok(Change::Put(record))
-                            };
                             let seen = store.load(&handle).await?.ok_or(StoreError::Unavailable("gone".into()))?;
                             tokio::task::yield_now().await;
                             store.modify_seen(&handle, &seen, &increment).await

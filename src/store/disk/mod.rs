@@ -762,7 +762,10 @@ mod tests {
         let handle = Handle::of_id("x");
         for dir in ["/var/lib/sessions", "/var/lib/sessions/", "sessions", ""] {
             let dir = Path::new(dir);
-            assert_eq!(record_path(dir, &handle), dir.join(format!("{handle}.json")));
+            assert_eq!(
+                record_path(dir, &handle),
+                dir.join(format!("{handle}.json"))
+            );
             assert_eq!(spare_of(dir, &handle), dir.join(format!(".{handle}.tmp")));
         }
     }
@@ -783,6 +786,13 @@ mod tests {
         assert!(!is_temp_file("notes.tmp"));
     }
 
+    /// A write of `record`, as `modify` makes one.
+    async fn put_record(store: &DiskStore, handle: &Handle, record: &Record) {
+        let mut held = store.stripes.lock(handle).await;
+        let placed = store.write(&mut held, handle, record, Place::Anyway).await;
+        assert!(placed.unwrap());
+    }
+
     fn names_in(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(dir)
             .unwrap()
@@ -798,15 +808,7 @@ mod tests {
         let store = DiskStore::open(&temp.0, false).unwrap();
         let handle = Handle::of_id("disk-unit-rewrite");
         for n in 1..=3 {
-            store
-                .write(
-                    &mut store.stripes.lock(&handle).await,
-                    &handle,
-                    &record(n),
-                    Place::Anyway,
-                )
-                .await
-                .unwrap();
+            put_record(&store, &handle, &record(n)).await;
             let stored = store.load(&handle).await.unwrap().unwrap();
             assert_eq!(stored.ver, n);
         }
@@ -824,58 +826,18 @@ mod tests {
         let mut data = long.data.to_map().unwrap();
         data.insert("padding".to_owned(), "x".repeat(500).into());
         long.data = data.into();
-        store
-            .write(
-                &mut store.stripes.lock(&handle).await,
-                &handle,
-                &long,
-                Place::Anyway,
-            )
-            .await
-            .unwrap();
-        store
-            .write(
-                &mut store.stripes.lock(&handle).await,
-                &handle,
-                &record(5),
-                Place::Anyway,
-            )
-            .await
-            .unwrap();
+        put_record(&store, &handle, &long).await;
+        put_record(&store, &handle, &record(5)).await;
         assert_eq!(store.load(&handle).await.unwrap().unwrap().ver, 5);
         // Into the long version's file: nothing of it is left.
-        store
-            .write(
-                &mut store.stripes.lock(&handle).await,
-                &handle,
-                &record(6),
-                Place::Anyway,
-            )
-            .await
-            .unwrap();
+        put_record(&store, &handle, &record(6)).await;
         let on_disk = fs::read(temp.0.join(format!("{handle}.json"))).unwrap();
         assert_eq!(on_disk, serde_json::to_vec(&record(6)).unwrap());
 
         // Swept away between writes: the next write makes a new one.
         fs::remove_file(&spare).unwrap();
-        store
-            .write(
-                &mut store.stripes.lock(&handle).await,
-                &handle,
-                &record(7),
-                Place::Anyway,
-            )
-            .await
-            .unwrap();
-        store
-            .write(
-                &mut store.stripes.lock(&handle).await,
-                &handle,
-                &record(8),
-                Place::Anyway,
-            )
-            .await
-            .unwrap();
+        put_record(&store, &handle, &record(7)).await;
+        put_record(&store, &handle, &record(8)).await;
         assert_eq!(store.load(&handle).await.unwrap().unwrap().ver, 8);
 
         assert!(store.delete(&handle).await.unwrap());
@@ -1037,15 +999,7 @@ mod tests {
             let handle = Handle::of_id(&format!("timing-{fsync}"));
             let start = Instant::now();
             for n in 0..rounds {
-                store
-                    .write(
-                        &mut store.stripes.lock(&handle).await,
-                        &handle,
-                        &record(u64::from(n)),
-                        Place::Anyway,
-                    )
-                    .await
-                    .unwrap();
+                put_record(&store, &handle, &record(u64::from(n))).await;
             }
             println!("write (fsync {fsync}): {:?}", start.elapsed() / rounds);
         }
