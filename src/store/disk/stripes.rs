@@ -24,7 +24,7 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use crate::session::cookie::Handle;
 
-/// 16 384 stripes: about 1 MiB.
+/// 16 384 stripes of 48 bytes: 768 KiB.
 const STRIPES: usize = 1 << 14;
 
 pub struct Stripes {
