@@ -10,13 +10,13 @@
 //! done. Expiry reads `atime` and `created` from the record, never the
 //! file's times. Other files in the directory are left alone.
 //!
-//! `modify` is atomic within one process (a lock per handle, which loads
-//! take too: a write reuses the spare file in place, so a load must not
-//! overlap the write after next). The directory belongs to one proxy:
-//! other processes may delete records (`session-proxy sessions`), never
-//! write them. Proxies that share sessions use postgres or redis.
+//! `modify` is atomic within one process (a lock per stripe of handles,
+//! which loads take too: a write reuses the spare file in place, so a load
+//! must not overlap the write after next). The directory belongs to one
+//! proxy: other processes may delete records (`session-proxy sessions`),
+//! never write them. Proxies that share sessions use postgres or redis.
 //! `modify_seen` skips reading the record again when this process wrote
-//! the version the caller loaded (see [`versions`]).
+//! the version the caller loaded (see the `stripes` module).
 //!
 //! Without `fsync`, a request's file operations run on its own thread; with
 //! `fsync`, and for the sweep and listings, on tokio's blocking pool (see
@@ -415,7 +415,7 @@ fn read_small_file(path: &Path) -> io::Result<Vec<u8>> {
 /// write. Reusing it spares the file system an inode created and one
 /// deleted per write, half the cost of a write (BENCHMARKS.md). It is
 /// deleted with its record; a torn spare (a crash while writing it) is
-/// never read. The caller holds the handle's lock: one writer per spare.
+/// never read. The caller holds the handle's stripe: one writer per spare.
 /// `false` when `place` is [`Place::OverRecord`] and the record was gone.
 fn write_record(
     dir: &Path,
