@@ -187,19 +187,30 @@ impl DiskStore {
         handle: &Handle,
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
-        let current = self.read(handle).await?;
-        match decide(current.as_ref()).map_err(StoreError::Rejected)? {
-            Change::Put(record) => {
-                self.write(held, handle, &record, Place::Anyway).await?;
-                Ok(Some(record))
-            }
-            Change::Delete => {
-                if current.is_some() {
-                    self.remove(held, handle).await?;
+        loop {
+            let current = self.read(handle).await?;
+            match decide(current.as_ref()).map_err(StoreError::Rejected)? {
+                Change::Put(record) => {
+                    // A change decided on a record goes only over that
+                    // record: if another process deleted it since the
+                    // read (`sessions kill`), decide again on nothing,
+                    // which cannot fail this way a second time.
+                    let place = match current {
+                        Some(_) => Place::OverRecord,
+                        None => Place::Anyway,
+                    };
+                    if self.write(held, handle, &record, place).await? {
+                        return Ok(Some(record));
+                    }
                 }
-                Ok(None)
+                Change::Delete => {
+                    if current.is_some() {
+                        self.remove(held, handle).await?;
+                    }
+                    return Ok(None);
+                }
+                Change::Keep => return Ok(current),
             }
-            Change::Keep => Ok(current),
         }
     }
 }
@@ -588,24 +599,38 @@ fn open_private(path: &Path) -> io::Result<File> {
 
 /// Deletes the record file and its spare; `false` if there was no record.
 fn remove_record(dir: &Path, path: &Path, fsync: bool) -> io::Result<bool> {
-    // The spare first: it holds an older version of the same session.
-    if let Some(handle) = path
+    let mut record_was_there = false;
+    for file in removal_order(dir, path) {
+        let was_there = remove_if_there(&file)?;
+        if file == path {
+            record_was_there = was_there;
+        }
+    }
+    if record_was_there && fsync {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(record_was_there)
+}
+
+/// The files a delete removes, in order: the record, then its spare. A
+/// proxy writing the session meanwhile (the delete may run in another
+/// process) then either swapped before the record went, leaving the old
+/// version in the spare that goes next, or finds the record gone and
+/// removes the spare itself. Spare first, a write in between would swap
+/// the old version into a new spare that nothing removes.
+fn removal_order(dir: &Path, path: &Path) -> Vec<PathBuf> {
+    let spare = path
         .file_name()
         .and_then(|name| name.to_str())
         .and_then(handle_of_file)
-    {
-        match fs::remove_file(spare_of(dir, &handle)) {
-            Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
-            _ => {}
-        }
-    }
+        .map(|handle| spare_of(dir, &handle));
+    std::iter::once(path.to_owned()).chain(spare).collect()
+}
+
+/// Removes the file at `path`; `false` if there was none.
+fn remove_if_there(path: &Path) -> io::Result<bool> {
     match fs::remove_file(path) {
-        Ok(()) => {
-            if fsync {
-                File::open(dir)?.sync_all()?;
-            }
-            Ok(true)
-        }
+        Ok(()) => Ok(true),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(error) => Err(error),
     }
@@ -938,6 +963,62 @@ mod tests {
         assert_eq!(stored, None);
         assert_eq!(names_in(&temp.0), Vec::<String>::new());
         assert_eq!(store.load(&handle).await.unwrap(), None);
+    }
+
+    /// `session-proxy sessions kill` of `handle`, in another process,
+    /// stopped after its first `steps` file removals.
+    fn kill_in_another_process(dir: &Path, handle: &Handle, steps: std::ops::Range<usize>) {
+        let files = removal_order(dir, &record_path(dir, handle));
+        for file in &files[steps.start.min(files.len())..steps.end.min(files.len())] {
+            remove_if_there(file).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_between_the_steps_of_a_kill_leaves_nothing_behind() {
+        for steps_before_the_write in 0..=2 {
+            let temp = TempDir::new();
+            let store = DiskStore::open(&temp.0, false).unwrap();
+            let handle = Handle::of_id("disk-unit-kill-steps");
+            put_record(&store, &handle, &record(1)).await;
+            put_record(&store, &handle, &record(2)).await;
+            let loaded = store.load(&handle).await.unwrap().unwrap();
+
+            kill_in_another_process(&temp.0, &handle, 0..steps_before_the_write);
+            store.modify_seen(&handle, &loaded, &next).await.unwrap();
+            kill_in_another_process(&temp.0, &handle, steps_before_the_write..usize::MAX);
+
+            let names = names_in(&temp.0);
+            assert_eq!(
+                names,
+                Vec::<String>::new(),
+                "kill's step {steps_before_the_write}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_decided_on_a_record_killed_since_it_was_read_is_not_written() {
+        let temp = TempDir::new();
+        let store = DiskStore::open(&temp.0, false).unwrap();
+        let handle = Handle::of_id("disk-unit-killed-while-deciding");
+        put_record(&store, &handle, &record(1)).await;
+        put_record(&store, &handle, &record(2)).await;
+
+        let decided_on = std::sync::Mutex::new(Vec::new());
+        let kill_then_next = |current: Option<&Record>| {
+            decided_on
+                .lock()
+                .unwrap()
+                .push(current.map(|record| record.ver));
+            kill_in_another_process(&temp.0, &handle, 0..usize::MAX);
+            next(current)
+        };
+        let stored = store.modify(&handle, &kill_then_next).await.unwrap();
+
+        assert_eq!(stored, None);
+        assert_eq!(*decided_on.lock().unwrap(), [Some(2), None]);
+        assert_eq!(names_in(&temp.0), Vec::<String>::new());
     }
 
     #[tokio::test]
