@@ -2,6 +2,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use serde_json::{json, Value};
+use session_proxy::proxy::token_memo::TokenMemo;
 use session_proxy::session::cookie::Handle;
 use session_proxy::session::data::SessionData;
 use session_proxy::session::token::TokenSigner;
@@ -34,6 +35,19 @@ fn token(c: &mut Criterion) {
     });
     c.bench_function("token/sign_larger_data", |b| {
         b.iter(|| signer.sign(black_box(&handle), false, 7, 1_700_000_000, &larger))
+    });
+
+    // The request path: a header value, made or given back by the memo.
+    let memo = TokenMemo::new(signer.clone());
+    c.bench_function("token/memo_hit_bench_data", |b| {
+        b.iter(|| memo.token(black_box(&handle), false, 7, 1_700_000_000, &small))
+    });
+    let mut now = 1_700_000_000;
+    c.bench_function("token/memo_miss_bench_data", |b| {
+        b.iter(|| {
+            now += 1;
+            memo.token(black_box(&handle), false, 7, now, &small)
+        })
     });
 }
 

@@ -11,6 +11,7 @@
 mod answer;
 mod commit;
 pub mod headers;
+pub mod token_memo;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,6 +41,7 @@ use crate::store::{Lease, Record, Store, StoreError};
 pub use answer::Failure;
 use commit::CookieChange;
 use headers::{Cookie, SessionHeaders};
+use token_memo::TokenMemo;
 
 /// Everything a request needs, prepared once at start.
 pub struct SessionProxy {
@@ -57,7 +59,7 @@ struct Settings {
     headers: SessionHeaders,
     cookie: CookieConfig,
     cookie_signer: CookieSigner,
-    token_signer: TokenSigner,
+    tokens: TokenMemo,
     policy: Policy,
     trusted_proxies: Vec<ipnet::IpNet>,
     bypass: Vec<String>,
@@ -113,10 +115,10 @@ impl SessionProxy {
             },
             cookie: session.cookie.clone(),
             cookie_signer: CookieSigner::new(&session.secret_keys),
-            token_signer: TokenSigner::new(
+            tokens: TokenMemo::new(TokenSigner::new(
                 session.secret_keys.first().ok_or("no secret key")?,
                 config.headers.token_ttl,
-            ),
+            )),
             policy: Policy {
                 expiry: crate::store::Expiry {
                     timeout: session.timeout,
@@ -315,10 +317,9 @@ impl SessionProxy {
             Some(record) => (record.ver, &record.data),
             None => (0, &settings.initializer),
         };
-        let token =
-            settings
-                .token_signer
-                .sign(&active.handle, active.stored.is_none(), ver, now, data);
+        let token = settings
+            .tokens
+            .token(&active.handle, active.stored.is_none(), ver, now, data);
         session
             .req_header_mut()
             .insert_header(settings.headers.session.clone(), token)

@@ -522,7 +522,9 @@ enum Placed {
 /// (`auto_da_alloc`), a device round trip on every session write, about 8×
 /// the cost of the rest of the write (BENCHMARKS.md). Where there is nothing
 /// to swap with (a new session) or the file system cannot swap, a rename.
-/// The swap also tells, at no cost, whether the record is still there.
+/// The swap also tells, at no cost, whether the record is still there;
+/// where the file system cannot swap, that check and the rename are two
+/// steps, and a delete by another process between them is undone.
 fn put_in_place(temp: &Path, target: &Path, place: Place) -> io::Result<Placed> {
     match exchange(temp, target) {
         Ok(()) => Ok(Placed::Swapped),
