@@ -62,8 +62,9 @@ impl TokenMemo {
         now: u64,
         data: &SessionData,
     ) -> HeaderValue {
+        let sign = || header_value(self.signer.sign(handle, new, ver, now, data));
         if new {
-            return self.sign(handle, new, ver, now, data);
+            return sign();
         }
         let slot = &self.slots[slot_of(handle)];
         if let Ok(memo) = slot.try_lock() {
@@ -77,7 +78,7 @@ impl TokenMemo {
                 }
             }
         }
-        let token = self.sign(handle, new, ver, now, data);
+        let token = sign();
         if token.len() <= MAX_TOKEN_BYTES {
             if let Ok(mut memo) = slot.try_lock() {
                 // The handle's text refilled in place: no allocation.
@@ -95,23 +96,15 @@ impl TokenMemo {
         }
         token
     }
-
-    fn sign(
-        &self,
-        handle: &Handle,
-        new: bool,
-        ver: u64,
-        now: u64,
-        data: &SessionData,
-    ) -> HeaderValue {
-        let token = self.signer.sign(handle, new, ver, now, data);
-        // A token is base64url and dots: always a valid header value.
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(token))
-            .unwrap_or_else(|_| HeaderValue::from_static(""))
-    }
 }
 
-/// The slot of `handle`: its first 16 hex digits, mixed (Fibonacci
+/// A token as a header value. A token is base64url and dots: always valid.
+fn header_value(token: String) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(token))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The slot of `handle`: its first 8 hex digits, mixed (Fibonacci
 /// hashing), top bits. Handles are SHA-256 output, so any bits would do;
 /// the mix spreads the hex digits' ASCII codes over the index.
 fn slot_of(handle: &Handle) -> usize {
