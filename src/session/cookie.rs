@@ -154,9 +154,11 @@ impl CookieSigner {
             mac.update(id);
             mac.verify_truncated_left(&tag_bytes[..16]).is_ok()
         });
+        if !verified {
+            return None;
+        }
         // `id` is base64url, hence ASCII.
-        let id = std::str::from_utf8(id).ok().filter(|_| verified)?;
-        Some(SessionId(id.to_owned()))
+        Some(SessionId(std::str::from_utf8(id).ok()?.to_owned()))
     }
 }
 
