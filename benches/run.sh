@@ -88,7 +88,7 @@ for mode in "$COOKIES" "$LATENCY_COOKIES"; do
 done
 
 log() { printf '[bench] %s\n' "$*" >&2; }
-for b in wrk taskset curl "$NGINX" "$PYTHON"; do
+for b in wrk taskset setsid curl "$NGINX" "$PYTHON"; do
     command -v "$b" >/dev/null || { echo "missing $b" >&2; exit 1; }
 done
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs (wrk on 0, servers on 1)" >&2; exit 1; }
@@ -220,7 +220,12 @@ EOF
         return
     fi
     claim_port "$port" "$name"
-    taskset -c 1 "$bin" run -c "$conf" > "$RUN_DIR/$name.log" 2>&1 &
+    # A session of its own, as nginx and Apache have by daemonizing: with
+    # the kernel's autogroups (sched_autogroup_enabled) each session is
+    # one scheduling group, and the proxy would otherwise share this
+    # script's. (Not a process-group leader here, setsid execs in place:
+    # $! stays the proxy's pid.)
+    taskset -c 1 setsid "$bin" run -c "$conf" > "$RUN_DIR/$name.log" 2>&1 &
     SRV_PID[$name]=$!
     SRV_PORT[$name]=$port
     STARTED+=("$name")
