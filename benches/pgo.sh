@@ -54,26 +54,14 @@ cleanup() {
     nginx -p "$WORK/upstream/" -c "$WORK/upstream.conf" -e "$WORK/upstream/error.log" -s stop 2>/dev/null || true
 }
 trap cleanup EXIT
+. "$ROOT/benches/proxy-toml.sh"
 secret=$("$instrumented" keygen)
 for store in memory disk; do
     case $store in
         memory) settings='max_entries = 100000' ;;
         disk) rm -rf "$WORK/sessions"; settings="path = \"$WORK/sessions\"" ;;
     esac
-    cat > "$WORK/$store.toml" <<EOF
-[server]
-listen = "127.0.0.1:$PROXY_PORT"
-threads = 1
-admin_listen = ""
-[upstream]
-addresses = ["127.0.0.1:$UPSTREAM_PORT"]
-[session]
-secret_keys = ["$secret"]
-bypass = ["/bypass/"]
-[store]
-kind = "$store"
-$settings
-EOF
+    proxy_toml "$PROXY_PORT" "$UPSTREAM_PORT" "$secret" "$store" "$settings" > "$WORK/$store.toml"
     # One profile per process (%p): two runs never write into one file.
     LLVM_PROFILE_FILE="$WORK/profiles/proxy-%p.profraw" \
         "$instrumented" run -c "$WORK/$store.toml" > "$WORK/$store.log" 2>&1 &

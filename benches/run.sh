@@ -187,6 +187,7 @@ SQL
     wait_http 18286 /read/x || { echo "apache did not come up" >&2; tail "$dir/error.log" >&2; exit 1; }
 }
 
+. "$ROOT/benches/proxy-toml.sh"
 SECRET=$("$BIN" keygen)
 # session-proxy with one store: NAME PORT KIND [ADMIN_PORT] [BINARY] [MAX_ENTRIES]
 start_proxy() {
@@ -200,20 +201,7 @@ key_prefix = \"bench-$$:\"" ;;
         postgres) store="url = \"$POSTGRES_URL\"
 table = \"bench_sessions_$$\"" ;;
     esac
-    cat > "$conf" <<EOF
-[server]
-listen = "127.0.0.1:$port"
-threads = 1
-admin_listen = "${admin:+127.0.0.1:$admin}"
-[upstream]
-addresses = ["127.0.0.1:18280"]
-[session]
-secret_keys = ["$SECRET"]
-bypass = ["/bypass/"]
-[store]
-kind = "$kind"
-$store
-EOF
+    proxy_toml "$port" 18280 "$SECRET" "$kind" "$store" "$admin" > "$conf"
     if ! "$bin" check -c "$conf" > "$RUN_DIR/$name.check" 2>&1; then
         SKIPPED[$name]="session-proxy check failed: $(tail -n1 "$RUN_DIR/$name.check")"
         log "skipping $name: ${SKIPPED[$name]}"
