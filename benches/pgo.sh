@@ -9,8 +9,10 @@
 #
 # Needs: nginx and wrk (as benches/run.sh), and the llvm-profdata of the
 # LLVM that rustc is built on (`rustc -vV`; Debian: apt-get install llvm-N).
-# The load is the harness's, not your app's: to train on your own traffic,
-# run the instrumented binary (step 1) in front of your app instead of step 2.
+# The load is the harness's, not your app's. To train on your own traffic,
+# run step 1's binary in front of your app instead of step 2, with
+# LLVM_PROFILE_FILE=$PGO_DIR/profiles/proxy-%p.profraw, stop it with SIGTERM,
+# and do steps 3 and 4 as below.
 #
 # env: TRAIN (5s) wrk duration per path and store;  PGO_DIR (/tmp/session-proxy-pgo)
 #      PROFDATA (llvm-profdata-N, N = rustc's LLVM major version)
