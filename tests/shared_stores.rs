@@ -109,8 +109,15 @@ fn a_kill_through_one_proxy_ends_the_session_for_both(shared: Shared) {
         return;
     };
     let mut browser = Browser::new(pair.a.port);
-    browser.get("/count", &[]);
-    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
+    let first = browser.get("/count", &[]);
+    let cookie = browser.cookie.clone().unwrap_or_else(|| {
+        panic!(
+            "no session cookie from the first request: {} {}",
+            first.status,
+            first.text()
+        )
+    });
+    let cookie = format!("session_id={cookie}");
     assert_eq!(
         get(pair.b.port, "/", &[("Cookie", &cookie)]).session()["new"],
         false

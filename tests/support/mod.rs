@@ -47,12 +47,39 @@ fn rand_suffix() -> u64 {
     hasher.finish()
 }
 
+/// A free port for a test server, handed out once per test process.
+///
+/// Not one found by binding port 0: that port is released before the
+/// server binds it, and meanwhile any socket bound to port 0 (another
+/// test's upstream) or any outgoing connection may draw it again. The
+/// server then fails to start while the test, finding the port open,
+/// talks to that other socket. So the ports come from just below the
+/// kernel's ephemeral range, from which neither draws.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const SPAN: u32 = 8192;
+    static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let Some(low) = ephemeral_low.checked_sub(SPAN).filter(|&low| low >= 1024) else {
+        return TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    };
+    // Test processes running side by side start at scattered offsets.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    loop {
+        let n = HANDED_OUT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free port left below the ephemeral range");
+        let port = (low + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A child process killed when dropped.
