@@ -16,7 +16,9 @@
 //! proxy: other processes may delete records (`session-proxy sessions`),
 //! never write them. Proxies that share sessions use postgres or redis.
 //! `modify_seen` skips reading the record again when this process wrote
-//! the version the caller loaded (see the `stripes` module).
+//! the version the caller loaded, and a load of a small record this
+//! process wrote last only checks that its file is still there (see the
+//! `stripes` module).
 //!
 //! Without `fsync`, a request's file operations run on its own thread; with
 //! `fsync`, and for the sweep and listings, on tokio's blocking pool (see
@@ -103,8 +105,23 @@ impl DiskStore {
         record_path(&self.dir, handle)
     }
 
-    async fn read(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
+    /// The handle's record, with its stripe `held`.
+    async fn read(&self, held: &Held<'_>, handle: &Handle) -> Result<Option<Record>, StoreError> {
         let path = self.file_of(handle);
+        if let Some(record) = held.last_record() {
+            // This process wrote it last: it is on disk as kept, unless
+            // another process deleted it since.
+            let record = record.clone();
+            let there = self.on_request_path(move || exists(&path)).await?;
+            return match there {
+                Ok(true) => Ok(Some(record)),
+                Ok(false) => Ok(None),
+                Err(error) => Err(StoreError::Unavailable(format!(
+                    "cannot read session {}: {error}",
+                    handle.short()
+                ))),
+            };
+        }
         let short = handle.short().to_owned();
         self.on_request_path(move || read_record(&path, &short))
             .await?
@@ -137,7 +154,7 @@ impl DiskStore {
             })
             .await??;
         if placed {
-            held.wrote(record.ver);
+            held.wrote(record);
         }
         Ok(placed)
     }
@@ -188,7 +205,7 @@ impl DiskStore {
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
         loop {
-            let current = self.read(handle).await?;
+            let current = self.read(held, handle).await?;
             match decide(current.as_ref()).map_err(StoreError::Rejected)? {
                 Change::Put(record) => {
                     // A change decided on a record goes only over that
@@ -230,8 +247,8 @@ impl Store for DiskStore {
         // A rename replaces the record whole, but the file it replaced
         // becomes the spare that the next write overwrites: a load that
         // opened it before the swap could read half of that next version.
-        let _held = self.stripes.lock(handle).await;
-        self.read(handle).await
+        let held = self.stripes.lock(handle).await;
+        self.read(&held, handle).await
     }
 
     async fn modify(
@@ -749,6 +766,7 @@ fn probe_writable(dir: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::stripes::KEPT_RECORD_MAX;
     use super::*;
     use std::time::Instant;
 
@@ -965,6 +983,46 @@ mod tests {
         assert_eq!(stored, None);
         assert_eq!(names_in(&temp.0), Vec::<String>::new());
         assert_eq!(store.load(&handle).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_load_of_a_small_record_this_process_wrote_last_does_not_read_it() {
+        let temp = TempDir::new();
+        let store = DiskStore::open(&temp.0, false).unwrap();
+        let handle = Handle::of_id("disk-unit-kept");
+        let mut large = record(2);
+        let mut data = large.data.to_map().unwrap();
+        data.insert("padding".to_owned(), "x".repeat(KEPT_RECORD_MAX).into());
+        large.data = data.into();
+        for written in [record(1), large] {
+            put_record(&store, &handle, &written).await;
+            // Edited behind the store's back, which no process may do:
+            // only a record too large to keep is read again.
+            let mut edited = written.clone();
+            edited.ip = "198.51.100.1".into();
+            fs::write(store.file_of(&handle), serde_json::to_vec(&edited).unwrap()).unwrap();
+            let loaded = store.load(&handle).await.unwrap().unwrap();
+            let kept = written.data.encoded_len() <= KEPT_RECORD_MAX;
+            assert_eq!(loaded, if kept { written } else { edited });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_load_of_a_record_another_process_deleted_after_this_one_wrote_it_finds_none() {
+        let temp = TempDir::new();
+        let store = DiskStore::open(&temp.0, false).unwrap();
+        let handle = Handle::of_id("disk-unit-kept-killed");
+        put_record(&store, &handle, &record(1)).await;
+        assert_eq!(store.load(&handle).await.unwrap(), Some(record(1)));
+        // `session-proxy sessions kill`, in its own process.
+        let other = DiskStore::open(&temp.0, false).unwrap();
+        assert!(other.delete(&handle).await.unwrap());
+        assert_eq!(store.load(&handle).await.unwrap(), None);
+        let put = |current: Option<&Record>| {
+            assert_eq!(current, None, "decided on the deleted record");
+            Ok(Change::Keep)
+        };
+        assert_eq!(store.modify(&handle, &put).await.unwrap(), None);
     }
 
     /// `session-proxy sessions kill` of `handle`, in another process,

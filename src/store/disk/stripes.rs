@@ -13,33 +13,51 @@
 //! **Notes.** A request loads its session's record, and its write later
 //! must land on the latest version. Reading the file again for that was a
 //! third of a disk write's system calls. But every write of this process
-//! holds the stripe's lock and notes its version there, and other
-//! processes only delete records (`session-proxy sessions kill` and
+//! holds the stripe's lock and notes its handle and version there, and
+//! other processes only delete records (`session-proxy sessions kill` and
 //! `sweep`), which a write notices by itself (the swap finds no record).
 //! So when the note still names the handle and the version the request
 //! loaded, that is the version on disk. Handles of one stripe overwrite
 //! each other's note, which only costs the re-read.
+//!
+//! The note also keeps the record itself when it is small, so that a load
+//! of it need only ask whether its file is still there (another process
+//! may have deleted it) instead of reading and decoding it: 3 of a
+//! request's 8 file system calls (BENCHMARKS.md). A kept record holds at
+//! most [`KEPT_RECORD_MAX`] bytes of session data, so the notes hold at
+//! most about 20 MiB however many sessions there are.
 
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::session::cookie::Handle;
+use crate::store::Record;
 
-/// 16 384 stripes of 48 bytes: 768 KiB.
+/// 16 384 stripes of 40 bytes (640 KiB), plus a note per stripe in use.
 const STRIPES: usize = 1 << 14;
+
+/// The largest session data a note keeps, in bytes of JSON.
+pub const KEPT_RECORD_MAX: usize = 1024;
 
 pub struct Stripes {
     stripes: Box<[Mutex<Note>]>,
 }
 
-/// The handle's tag in the high half and the version in the low half;
-/// 0 when nothing is known.
+/// What this process wrote last in a stripe, if anything is known.
 #[derive(Default)]
-struct Note(u64);
+struct Note(Option<Box<Written>>);
+
+struct Written {
+    handle: Handle,
+    /// 0 when nothing is known: version 0 is never stored.
+    ver: u64,
+    /// The record of `ver`, when its data is small enough to keep.
+    record: Option<Record>,
+}
 
 /// A handle's stripe, locked.
 pub struct Held<'a> {
     note: MutexGuard<'a, Note>,
-    tag: u64,
+    handle: &'a Handle,
 }
 
 impl Default for Stripes {
@@ -52,40 +70,60 @@ impl Default for Stripes {
 
 impl Stripes {
     /// Waits for `handle`'s stripe.
-    pub async fn lock(&self, handle: &Handle) -> Held<'_> {
-        // The first 16 hex digits, SHA-256 output: the low bits choose the
-        // stripe, the high ones tell the handles of a stripe apart.
+    pub async fn lock<'a>(&'a self, handle: &'a Handle) -> Held<'a> {
+        // Hex digits of SHA-256 output: any few of them are uniform.
         let prefix = u64::from_str_radix(&handle.as_str()[..16], 16).unwrap_or(0);
         Held {
             note: self.stripes[prefix as usize % STRIPES].lock().await,
-            // Nonzero: no note is 0.
-            tag: prefix >> 32 | 1,
+            handle,
         }
     }
 }
 
 impl Held<'_> {
-    /// Notes that `ver` of the handle is now in place.
-    pub fn wrote(&mut self, ver: u64) {
-        // Version 0 is never stored, and one past 32 bits is not noted.
-        self.note.0 = match u32::try_from(ver) {
-            Ok(ver) if ver > 0 => self.tag << 32 | u64::from(ver),
-            _ => 0,
-        };
+    /// Notes that `record` is now the handle's record on disk.
+    pub fn wrote(&mut self, record: &Record) {
+        let kept = (record.data.encoded_len() <= KEPT_RECORD_MAX).then(|| record.clone());
+        match &mut self.note.0 {
+            // The stripe's last writer was this handle: no new allocation.
+            Some(written) if written.handle == *self.handle => {
+                written.ver = record.ver;
+                written.record = kept;
+            }
+            note => {
+                *note = Some(Box::new(Written {
+                    handle: self.handle.clone(),
+                    ver: record.ver,
+                    record: kept,
+                }));
+            }
+        }
     }
 
     /// Forgets what is known, before a write or a delete that may not
     /// finish.
     pub fn forget(&mut self) {
-        self.note.0 = 0;
+        if let Some(written) = &mut self.note.0 {
+            written.ver = 0;
+            written.record = None;
+        }
     }
 
     /// Whether this process's last write of the handle was `ver`.
     pub fn wrote_last(&self, ver: u64) -> bool {
-        match u32::try_from(ver) {
-            Ok(ver) if ver > 0 => self.note.0 == self.tag << 32 | u64::from(ver),
-            _ => false,
-        }
+        ver > 0 && self.written().is_some_and(|written| written.ver == ver)
+    }
+
+    /// The record this process wrote last for the handle, if it was kept.
+    pub fn last_record(&self) -> Option<&Record> {
+        self.written()?.record.as_ref()
+    }
+
+    fn written(&self) -> Option<&Written> {
+        self.note
+            .0
+            .as_deref()
+            .filter(|written| written.handle == *self.handle && written.ver > 0)
     }
 }
 
@@ -97,22 +135,33 @@ mod tests {
         Handle::parse(&format!("{prefix:016x}{}", "0".repeat(48))).unwrap()
     }
 
+    fn record(ver: u64, data: &str) -> Record {
+        Record {
+            data: serde_json::from_str(data).unwrap(),
+            created: 1,
+            atime: 1,
+            ip: "192.0.2.1".into(),
+            ver,
+        }
+    }
+
     #[tokio::test]
     async fn a_note_names_one_version_of_one_handle() {
         let stripes = Stripes::default();
         let a = Handle::of_id("a");
         assert!(!stripes.lock(&a).await.wrote_last(1));
-        stripes.lock(&a).await.wrote(7);
+        stripes.lock(&a).await.wrote(&record(7, "{}"));
         let mut held = stripes.lock(&a).await;
         assert!(held.wrote_last(7));
         assert!(!held.wrote_last(6) && !held.wrote_last(8));
+        assert_eq!(held.last_record(), Some(&record(7, "{}")));
         held.forget();
         assert!(!held.wrote_last(7));
-        // Not noted: never stored as such, or too large.
-        held.wrote(0);
+        assert_eq!(held.last_record(), None);
+        // Version 0 is never stored as such.
+        held.wrote(&record(0, "{}"));
         assert!(!held.wrote_last(0));
-        held.wrote(1 << 32);
-        assert!(!held.wrote_last(1 << 32) && !held.wrote_last(0));
+        assert_eq!(held.last_record(), None);
     }
 
     #[tokio::test]
@@ -127,9 +176,43 @@ mod tests {
         drop(stripes.lock(&c).await);
         drop(held);
 
-        stripes.lock(&a).await.wrote(3);
-        stripes.lock(&b).await.wrote(3);
+        stripes.lock(&a).await.wrote(&record(3, "{}"));
+        stripes.lock(&b).await.wrote(&record(3, "{}"));
         assert!(stripes.lock(&b).await.wrote_last(3));
         assert!(!stripes.lock(&a).await.wrote_last(3));
+        assert_eq!(stripes.lock(&a).await.last_record(), None);
+    }
+
+    #[tokio::test]
+    async fn handles_that_agree_in_every_digit_the_stripe_reads_get_no_record_of_the_other() {
+        let stripes = Stripes::default();
+        let a = Handle::parse(&format!("{}{}", "1".repeat(16), "a".repeat(48))).unwrap();
+        let b = Handle::parse(&format!("{}{}", "1".repeat(16), "b".repeat(48))).unwrap();
+        stripes.lock(&a).await.wrote(&record(1, r#"{"user":"a"}"#));
+        assert_eq!(stripes.lock(&b).await.last_record(), None);
+        assert!(!stripes.lock(&b).await.wrote_last(1));
+        stripes.lock(&b).await.wrote(&record(1, r#"{"user":"b"}"#));
+        assert_eq!(stripes.lock(&a).await.last_record(), None);
+        assert_eq!(
+            stripes.lock(&b).await.last_record(),
+            Some(&record(1, r#"{"user":"b"}"#))
+        );
+    }
+
+    #[tokio::test]
+    async fn only_small_records_are_kept() {
+        let stripes = Stripes::default();
+        let a = Handle::of_id("a");
+        let small = format!(r#"{{"v":"{}"}}"#, "x".repeat(KEPT_RECORD_MAX - 8));
+        let large = format!(r#"{{"v":"{}"}}"#, "x".repeat(KEPT_RECORD_MAX - 7));
+        stripes.lock(&a).await.wrote(&record(1, &small));
+        assert_eq!(
+            stripes.lock(&a).await.last_record(),
+            Some(&record(1, &small))
+        );
+        stripes.lock(&a).await.wrote(&record(2, &large));
+        let held = stripes.lock(&a).await;
+        assert!(held.wrote_last(2));
+        assert_eq!(held.last_record(), None);
     }
 }
