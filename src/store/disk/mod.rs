@@ -108,19 +108,24 @@ impl DiskStore {
     /// The handle's record, with its stripe `held`.
     async fn read(&self, held: &Held<'_>, handle: &Handle) -> Result<Option<Record>, StoreError> {
         let path = self.file_of(handle);
-        if let Some(record) = held.last_record() {
+        if let Some((record, stamp)) = held.last_record() {
             // This process wrote it last: it is on disk as kept, unless
-            // another process deleted it since.
-            let record = record.clone();
-            let there = self.on_request_path(move || exists(&path)).await?;
-            return match there {
-                Ok(true) => Ok(Some(record)),
-                Ok(false) => Ok(None),
-                Err(error) => Err(StoreError::Unavailable(format!(
-                    "cannot read session {}: {error}",
-                    handle.short()
-                ))),
-            };
+            // its file was deleted or rewritten since.
+            let looked_up = path.clone();
+            match self
+                .on_request_path(move || Stamp::of_file(&looked_up))
+                .await?
+            {
+                Ok(Some(now)) if now == stamp => return Ok(Some(record.clone())),
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(None),
+                Err(error) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot read session {}: {error}",
+                        handle.short()
+                    )))
+                }
+            }
         }
         let short = handle.short().to_owned();
         self.on_request_path(move || read_record(&path, &short))
@@ -142,7 +147,7 @@ impl DiskStore {
         // Until this write is known to be in place, nothing is known.
         held.forget();
         let (dir, handle_owned, fsync) = (self.dir.clone(), handle.clone(), self.fsync);
-        let placed = self
+        let stamp = self
             .on_request_path(move || {
                 write_record(&dir, &handle_owned, &json, fsync, place).map_err(|error| {
                     StoreError::Unavailable(format!(
@@ -153,10 +158,10 @@ impl DiskStore {
                 })
             })
             .await??;
-        if placed {
-            held.wrote(record);
+        if let Some(stamp) = stamp {
+            held.wrote(record, stamp);
         }
-        Ok(placed)
+        Ok(stamp.is_some())
     }
 
     /// Runs a file operation of a request: on the calling thread without
@@ -444,29 +449,33 @@ fn read_small_file(path: &Path) -> io::Result<Vec<u8>> {
 /// deleted per write, half the cost of a write (BENCHMARKS.md). It is
 /// deleted with its record; a torn spare (a crash while writing it) is
 /// never read. The caller holds the handle's stripe: one writer per spare.
-/// `false` when `place` is [`Place::OverRecord`] and the record was gone.
+/// The record file's stamp; `None` when `place` is [`Place::OverRecord`]
+/// and the record was gone.
 fn write_record(
     dir: &Path,
     handle: &Handle,
     json: &[u8],
     fsync: bool,
     place: Place,
-) -> io::Result<bool> {
+) -> io::Result<Option<Stamp>> {
     let spare = spare_of(dir, handle);
     let target = record_path(dir, handle);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let written = (|| -> io::Result<Placed> {
+        let written = (|| -> io::Result<(Placed, Stamp)> {
             let file = open_private(&spare)?;
             // No truncation to zero first: ext4 would start writeback at
             // close (`auto_da_alloc` again).
             std::os::unix::fs::FileExt::write_all_at(&file, json, 0)?;
             // Cut what is left of a longer older version. Truncating takes
             // the inode's lock and a journal entry even to the same size;
-            // records rarely shrink, and `fstat` is far cheaper.
-            if file.metadata()?.len() > json.len() as u64 {
+            // records rarely shrink, and `fstat` is far cheaper. A rename
+            // keeps a file's modification time: the stamp holds.
+            let mut written = file.metadata()?;
+            if written.len() > json.len() as u64 {
                 file.set_len(json.len() as u64)?;
+                written = file.metadata()?;
             }
             if fsync {
                 file.sync_all()?;
@@ -477,19 +486,53 @@ fn write_record(
                 // The swap itself is durable only once the directory is.
                 File::open(dir)?.sync_all()?;
             }
-            Ok(placed)
+            Ok((placed, Stamp::of(&written)))
         })();
         match written {
-            Ok(Placed::RecordGone) => {
+            Ok((Placed::RecordGone, _)) => {
                 // What is left of a deleted session goes with it.
                 let _ = fs::remove_file(&spare);
-                return Ok(false);
+                return Ok(None);
             }
-            Ok(Placed::Swapped | Placed::Renamed) => return Ok(true),
+            Ok((Placed::Swapped | Placed::Renamed, stamp)) => return Ok(Some(stamp)),
             // The sweep removed the spare between our open and the swap:
             // write into a new one.
             Err(error) if error.kind() == io::ErrorKind::NotFound && attempt < 3 => continue,
             Err(error) => return Err(error),
+        }
+    }
+}
+
+/// What a record file looked like when this process wrote it. A file
+/// rewritten since, even in place, differs in one of these: its
+/// modification time is fine-grained once it has been asked for (Linux's
+/// multigrain timestamps, 6.13 and later, on ext4, xfs, btrfs and tmpfs;
+/// before that, a rewrite of the same length within the same clock tick
+/// goes unseen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    len: u64,
+    /// Seconds and nanoseconds.
+    modified: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            inode: meta.ino(),
+            len: meta.len(),
+            modified: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
+
+    /// The stamp of the file at `path`; `None` if there is none.
+    fn of_file(path: &Path) -> io::Result<Option<Stamp>> {
+        match fs::symlink_metadata(path) {
+            Ok(meta) => Ok(Some(Stamp::of(&meta))),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
         }
     }
 }
@@ -986,24 +1029,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_load_of_a_small_record_this_process_wrote_last_does_not_read_it() {
+    async fn a_load_reads_a_small_record_this_process_wrote_last_only_if_its_file_changed() {
         let temp = TempDir::new();
         let store = DiskStore::open(&temp.0, false).unwrap();
         let handle = Handle::of_id("disk-unit-kept");
+        let path = store.file_of(&handle);
         let mut large = record(2);
         let mut data = large.data.to_map().unwrap();
         data.insert("padding".to_owned(), "x".repeat(KEPT_RECORD_MAX).into());
         large.data = data.into();
         for written in [record(1), large] {
             put_record(&store, &handle, &written).await;
-            // Edited behind the store's back, which no process may do:
-            // only a record too large to keep is read again.
+            // Rewritten in place to the same length, with the file's time
+            // set back: only a record too large to keep is read again.
             let mut edited = written.clone();
-            edited.ip = "198.51.100.1".into();
-            fs::write(store.file_of(&handle), serde_json::to_vec(&edited).unwrap()).unwrap();
-            let loaded = store.load(&handle).await.unwrap().unwrap();
+            edited.ip = "192.0.2.8".into();
+            let modified = fs::metadata(&path).unwrap().modified().unwrap();
+            fs::write(&path, serde_json::to_vec(&edited).unwrap()).unwrap();
+            let file = OpenOptions::new().write(true).open(&path).unwrap();
+            file.set_modified(modified).unwrap();
             let kept = written.data.encoded_len() <= KEPT_RECORD_MAX;
-            assert_eq!(loaded, if kept { written } else { edited });
+            let expected = if kept { &written } else { &edited };
+            assert_eq!(store.load(&handle).await.unwrap().as_ref(), Some(expected));
+            // A rewrite that shows is read, kept or not.
+            file.set_modified(modified + Duration::from_millis(1))
+                .unwrap();
+            assert_eq!(store.load(&handle).await.unwrap(), Some(edited));
         }
     }
 

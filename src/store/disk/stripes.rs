@@ -20,19 +20,21 @@
 //! loaded, that is the version on disk. Handles of one stripe overwrite
 //! each other's note, which only costs the re-read.
 //!
-//! The note also keeps the record itself when it is small, so that a load
-//! of it need only ask whether its file is still there (another process
-//! may have deleted it) instead of reading and decoding it: 3 of a
-//! request's 8 file system calls (BENCHMARKS.md). A kept record holds at
-//! most [`KEPT_RECORD_MAX`] bytes of session data, so the notes hold at
-//! most about 20 MiB however many sessions there are.
+//! The note also keeps the record itself when it is small, with the
+//! [`Stamp`] its file had once written, so that a load need only look the
+//! file up (one `statx`) instead of opening, reading and decoding it: 3
+//! of a request's 8 file system calls (BENCHMARKS.md). A file deleted
+//! since (`sessions kill`), or rewritten by hand, reads as it is. A kept
+//! record holds at most [`KEPT_RECORD_MAX`] bytes of session data, so the
+//! notes hold at most about 20 MiB however many sessions there are.
 
 use tokio::sync::{Mutex, MutexGuard};
 
+use super::Stamp;
 use crate::session::cookie::Handle;
 use crate::store::Record;
 
-/// 16 384 stripes of 40 bytes (640 KiB), plus a note per stripe in use.
+/// 16 384 stripes of 48 bytes (768 KiB), plus a note per stripe in use.
 const STRIPES: usize = 1 << 14;
 
 /// The largest session data a note keeps, in bytes of JSON.
@@ -50,8 +52,9 @@ struct Written {
     handle: Handle,
     /// 0 when nothing is known: version 0 is never stored.
     ver: u64,
-    /// The record of `ver`, when its data is small enough to keep.
-    record: Option<Record>,
+    /// The record of `ver` and its file's stamp, when its data is small
+    /// enough to keep.
+    record: Option<(Record, Stamp)>,
 }
 
 /// A handle's stripe, locked.
@@ -81,9 +84,10 @@ impl Stripes {
 }
 
 impl Held<'_> {
-    /// Notes that `record` is now the handle's record on disk.
-    pub fn wrote(&mut self, record: &Record) {
-        let kept = (record.data.encoded_len() <= KEPT_RECORD_MAX).then(|| record.clone());
+    /// Notes that `record` is now the handle's record on disk, in a file
+    /// stamped `stamp`.
+    pub fn wrote(&mut self, record: &Record, stamp: Stamp) {
+        let kept = (record.data.encoded_len() <= KEPT_RECORD_MAX).then(|| (record.clone(), stamp));
         match &mut self.note.0 {
             // The stripe's last writer was this handle: no new allocation.
             Some(written) if written.handle == *self.handle => {
@@ -114,9 +118,11 @@ impl Held<'_> {
         ver > 0 && self.written().is_some_and(|written| written.ver == ver)
     }
 
-    /// The record this process wrote last for the handle, if it was kept.
-    pub fn last_record(&self) -> Option<&Record> {
-        self.written()?.record.as_ref()
+    /// The record this process wrote last for the handle and its file's
+    /// stamp, if it was kept.
+    pub fn last_record(&self) -> Option<(&Record, Stamp)> {
+        let (record, stamp) = self.written()?.record.as_ref()?;
+        Some((record, *stamp))
     }
 
     fn written(&self) -> Option<&Written> {
@@ -135,6 +141,12 @@ mod tests {
         Handle::parse(&format!("{prefix:016x}{}", "0".repeat(48))).unwrap()
     }
 
+    const STAMP: Stamp = Stamp {
+        inode: 7,
+        len: 100,
+        modified: (1, 2),
+    };
+
     fn record(ver: u64, data: &str) -> Record {
         Record {
             data: serde_json::from_str(data).unwrap(),
@@ -150,16 +162,16 @@ mod tests {
         let stripes = Stripes::default();
         let a = Handle::of_id("a");
         assert!(!stripes.lock(&a).await.wrote_last(1));
-        stripes.lock(&a).await.wrote(&record(7, "{}"));
+        stripes.lock(&a).await.wrote(&record(7, "{}"), STAMP);
         let mut held = stripes.lock(&a).await;
         assert!(held.wrote_last(7));
         assert!(!held.wrote_last(6) && !held.wrote_last(8));
-        assert_eq!(held.last_record(), Some(&record(7, "{}")));
+        assert_eq!(held.last_record(), Some((&record(7, "{}"), STAMP)));
         held.forget();
         assert!(!held.wrote_last(7));
         assert_eq!(held.last_record(), None);
         // Version 0 is never stored as such.
-        held.wrote(&record(0, "{}"));
+        held.wrote(&record(0, "{}"), STAMP);
         assert!(!held.wrote_last(0));
         assert_eq!(held.last_record(), None);
     }
@@ -176,8 +188,8 @@ mod tests {
         drop(stripes.lock(&c).await);
         drop(held);
 
-        stripes.lock(&a).await.wrote(&record(3, "{}"));
-        stripes.lock(&b).await.wrote(&record(3, "{}"));
+        stripes.lock(&a).await.wrote(&record(3, "{}"), STAMP);
+        stripes.lock(&b).await.wrote(&record(3, "{}"), STAMP);
         assert!(stripes.lock(&b).await.wrote_last(3));
         assert!(!stripes.lock(&a).await.wrote_last(3));
         assert_eq!(stripes.lock(&a).await.last_record(), None);
@@ -188,14 +200,20 @@ mod tests {
         let stripes = Stripes::default();
         let a = Handle::parse(&format!("{}{}", "1".repeat(16), "a".repeat(48))).unwrap();
         let b = Handle::parse(&format!("{}{}", "1".repeat(16), "b".repeat(48))).unwrap();
-        stripes.lock(&a).await.wrote(&record(1, r#"{"user":"a"}"#));
+        stripes
+            .lock(&a)
+            .await
+            .wrote(&record(1, r#"{"user":"a"}"#), STAMP);
         assert_eq!(stripes.lock(&b).await.last_record(), None);
         assert!(!stripes.lock(&b).await.wrote_last(1));
-        stripes.lock(&b).await.wrote(&record(1, r#"{"user":"b"}"#));
+        stripes
+            .lock(&b)
+            .await
+            .wrote(&record(1, r#"{"user":"b"}"#), STAMP);
         assert_eq!(stripes.lock(&a).await.last_record(), None);
         assert_eq!(
             stripes.lock(&b).await.last_record(),
-            Some(&record(1, r#"{"user":"b"}"#))
+            Some((&record(1, r#"{"user":"b"}"#), STAMP))
         );
     }
 
@@ -205,12 +223,12 @@ mod tests {
         let a = Handle::of_id("a");
         let small = format!(r#"{{"v":"{}"}}"#, "x".repeat(KEPT_RECORD_MAX - 8));
         let large = format!(r#"{{"v":"{}"}}"#, "x".repeat(KEPT_RECORD_MAX - 7));
-        stripes.lock(&a).await.wrote(&record(1, &small));
+        stripes.lock(&a).await.wrote(&record(1, &small), STAMP);
         assert_eq!(
             stripes.lock(&a).await.last_record(),
-            Some(&record(1, &small))
+            Some((&record(1, &small), STAMP))
         );
-        stripes.lock(&a).await.wrote(&record(2, &large));
+        stripes.lock(&a).await.wrote(&record(2, &large), STAMP);
         let held = stripes.lock(&a).await;
         assert!(held.wrote_last(2));
         assert_eq!(held.last_record(), None);
