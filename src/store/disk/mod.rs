@@ -874,6 +874,14 @@ mod tests {
         assert!(!is_temp_file("notes.tmp"));
     }
 
+    /// `record` with `len` more bytes of data.
+    fn padded(mut record: Record, len: usize) -> Record {
+        let mut data = record.data.to_map().unwrap();
+        data.insert("padding".to_owned(), "x".repeat(len).into());
+        record.data = data.into();
+        record
+    }
+
     /// A write of `record`, as `modify` makes one.
     async fn put_record(store: &DiskStore, handle: &Handle, record: &Record) {
         let mut held = store.stripes.lock(handle).await;
@@ -910,10 +918,7 @@ mod tests {
         assert_eq!(previous.ver, 2);
 
         // A longer record, then a shorter one: the spare is cut to size.
-        let mut long = record(4);
-        let mut data = long.data.to_map().unwrap();
-        data.insert("padding".to_owned(), "x".repeat(500).into());
-        long.data = data.into();
+        let long = padded(record(4), 500);
         put_record(&store, &handle, &long).await;
         put_record(&store, &handle, &record(5)).await;
         assert_eq!(store.load(&handle).await.unwrap().unwrap().ver, 5);
@@ -1034,11 +1039,7 @@ mod tests {
         let store = DiskStore::open(&temp.0, false).unwrap();
         let handle = Handle::of_id("disk-unit-kept");
         let path = store.file_of(&handle);
-        let mut large = record(2);
-        let mut data = large.data.to_map().unwrap();
-        data.insert("padding".to_owned(), "x".repeat(KEPT_RECORD_MAX).into());
-        large.data = data.into();
-        for written in [record(1), large] {
+        for written in [record(1), padded(record(2), KEPT_RECORD_MAX)] {
             put_record(&store, &handle, &written).await;
             // Rewritten in place to the same length, with the file's time
             // set back: only a record too large to keep is read again.
@@ -1137,10 +1138,7 @@ mod tests {
         let temp = TempDir::new();
         let store = DiskStore::open(&temp.0, false).unwrap();
         let handle = Handle::of_id("disk-unit-large");
-        let mut large = record(1);
-        let mut data = large.data.to_map().unwrap();
-        data.insert("padding".to_owned(), "x".repeat(10_000).into());
-        large.data = data.into();
+        let large = padded(record(1), 10_000);
         let put = |_: Option<&Record>| Ok(Change::Put(large.clone()));
         store.modify(&handle, &put).await.unwrap();
         assert_eq!(store.load(&handle).await.unwrap(), Some(large.clone()));
