@@ -17,8 +17,8 @@
 //! never write them. Proxies that share sessions use postgres or redis.
 //! `modify_seen` skips reading the record again when this process wrote
 //! the version the caller loaded, and a load of a small record this
-//! process wrote last only checks that its file is still there (see the
-//! `stripes` module).
+//! process wrote last only looks its file up: gone is no record, and only
+//! a file rewritten since is read (see the `stripes` module).
 //!
 //! Without `fsync`, a request's file operations run on its own thread; with
 //! `fsync`, and for the sweep and listings, on tokio's blocking pool (see
