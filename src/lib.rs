@@ -9,6 +9,7 @@
 //! ([`session::patch`]) before the response head leaves.
 
 pub mod admin;
+pub mod allocator;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -9,7 +9,7 @@ use session_proxy::{commands, config, logging};
 // glibc's malloc and free were about a fifth of the proxy's user-space
 // instructions per request; mimalloc cuts them (issue 5, BENCHMARKS.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: session_proxy::allocator::MiMalloc = session_proxy::allocator::MiMalloc;
 
 fn main() -> ExitCode {
     logging::init();

@@ -13,7 +13,7 @@ use session_proxy::store::{Change, Handle, Record, Store};
 
 // As in src/main.rs: the binary's allocator decides the per-session cost.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: session_proxy::allocator::MiMalloc = session_proxy::allocator::MiMalloc;
 
 const SESSIONS: usize = 1_000_000;
 
