@@ -5,14 +5,15 @@
 //! `mi_malloc_aligned`. For a block over 1 KiB whose size class is not a
 //! power of two, mimalloc's aligned path then over-allocates and marks the
 //! page, even for an alignment of 8: on the bypassed path that was 18 of
-//! the 74 allocations per request. Without it the allocator's instructions
-//! per request fell by about 40 %, 3 200 of about 80 000 on every path
+//! the 74 allocations per request. Without it, the allocator's instructions
+//! per request fell by about 40 % and the request's by 2–4 % on every path
 //! (callgrind, BENCHMARKS.md round 8).
 //!
 //! On 64-bit targets every mimalloc block of 16 bytes or more is 16-byte
-//! aligned (blocks come in multiples of two words), and a smaller one is
-//! 8-byte aligned: the same promise as glibc's `malloc`, and the test std's
-//! own `System` allocator makes before it calls plain `malloc`.
+//! aligned (size classes come in multiples of two words; mimalloc asserts
+//! it in `_mi_page_malloc_zero`), and a smaller one is 8-byte aligned. That
+//! is the promise glibc's `malloc` makes, so the test below is the one
+//! std's `System` allocator applies before it calls plain `malloc`.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
