@@ -53,6 +53,7 @@ wrk -t1 -c4 -d3s -H "Cookie: session_id=$cookie" "$url$REQ_PATH" > /dev/null
 callgrind_control -z "$VG" > /dev/null 2>&1
 requests=$(wrk -t1 -c4 -d6s -H "Cookie: session_id=$cookie" "$url$REQ_PATH" | awk '/requests in/{print $1}')
 callgrind_control -d "$VG" > /dev/null 2>&1
+[ "${requests:-0}" -gt 0 ] 2>/dev/null || { echo "wrk completed no request through $url$REQ_PATH" >&2; exit 1; }
 dump=$OUT.1
 [ -s "$dump" ] || dump=$OUT
 

@@ -535,6 +535,9 @@ def paired(phase, key, x, y, combine):
             by_round.setdefault(int(r["rep"]), {})[r["target"]] = float(r[key])
     return [combine(rr[x], rr[y]) for _, rr in sorted(by_round.items()) if x in rr and y in rr]
 
+def median_or_none(values):
+    return st.median(values) if values else None
+
 def verdict(value, goal, higher=True):
     ok = value >= goal if higher else value <= goal
     return "met" if ok else "**not met**"
@@ -554,7 +557,8 @@ if med:
     def rounds_of(x, y):
         return " / ".join(f"{v:.2f}" for v in paired("throughput", "rps", x, y, lambda a, b: a / b))
     def median_of_rounds(x, y):
-        return f"{st.median(paired('throughput', 'rps', x, y, lambda a, b: a / b)):.3f}"
+        m = median_or_none(paired("throughput", "rps", x, y, lambda a, b: a / b))
+        return "–" if m is None else f"{m:.3f}"
     lines += ["", "| ratio (req/s of medians) | value | issue 5 target | | each round | median of the rounds | best run / best run |",
               "|---|---:|---:|---|---|---:|---:|"]
     for x, y, goal in (("read-memory", "bypass", 0.95), ("write-memory", "bypass", 0.85),
@@ -597,8 +601,9 @@ if lat:
     for x in ("read-memory", "write-memory", "write-disk"):
         if x in lat and "bypass" in lat:
             d = lat[x]["p99"] - lat["bypass"]["p99"]
-            per_round = st.median(paired("latency", "p99_us", x, "bypass", lambda a, b: a - b))
-            lines.append(f"| {x} − bypass | {d:+.0f} | <= 100 | {verdict(d, 100, higher=False)} | {per_round:+.0f} |")
+            per_round = median_or_none(paired("latency", "p99_us", x, "bypass", lambda a, b: a - b))
+            shown = "–" if per_round is None else f"{per_round:+.0f}"
+            lines.append(f"| {x} − bypass | {d:+.0f} | <= 100 | {verdict(d, 100, higher=False)} | {shown} |")
 sc = medians("scale")
 scale_tsv = os.path.join(out_dir, "scale.tsv")
 if sc and os.path.exists(scale_tsv):
@@ -615,10 +620,10 @@ if sc and os.path.exists(scale_tsv):
     if a and b and "scale-big" in info:
         v = b["rps"] / a["rps"]
         rss = int(info["scale-big"]["rss_kb_end"]) / 1024
-        per_round = st.median(paired("scale", "rps", "scale-read-scale-big", "scale-read-scale-1e3", lambda a, b: a / b))
+        per_round = median_or_none(paired("scale", "rps", "scale-read-scale-big", "scale-read-scale-1e3", lambda a, b: a / b))
         lines += ["", "| scale | value | issue 5 target | |", "|---|---:|---:|---|",
                   f"| read req/s, big / 1e3 | {v:.3f} | >= 0.90 | {verdict(v, 0.90)} |",
-                  f"| the same, median of the rounds' ratios | {per_round:.3f} | | |",
+                  f"| the same, median of the rounds' ratios | {'–' if per_round is None else f'{per_round:.3f}'} | | |",
                   f"| RSS with {info['scale-big']['sessions_created']} sessions | {rss:.0f} MB | < 512 MB | {verdict(rss, 512, higher=False)} |"]
 skipped = open(os.path.join(out_dir, "skipped.txt")).read().strip()
 if skipped:
