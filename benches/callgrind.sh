@@ -4,9 +4,12 @@
 # machine is doing, so it can judge a change that wrk's noise hides.
 #
 #   benches/callgrind.sh BIN PATH [STORE] [OUT]
-#     BIN    a session-proxy binary (a release build: target/release/session-proxy)
+#     BIN    a session-proxy binary (a release build: target/release/session-proxy),
+#            or with STORE=bare the baseline target/release/examples/bare_pingora,
+#            or with STORE=nginx an nginx binary (benches/wrk/nginx-proxy.conf)
 #     PATH   /bypass/x, /read/x or /write/x (see benches/run.sh's targets)
-#     STORE  memory (default) or disk
+#     STORE  memory (default) or disk; bare: pingora's proxy alone; nginx:
+#            nginx as a plain reverse proxy, one process
 #     OUT    the callgrind file (default /tmp/session-proxy-callgrind/PATH.out)
 #
 # The upstream is benches/wrk/nginx-upstream.conf on port 18380, the proxy
@@ -35,8 +38,20 @@ nginx -p "$DIR/up/" -c "$DIR/up/nginx.conf" -e "$DIR/up/error.log"
 source "$ROOT/benches/proxy-toml.sh"
 store=""
 [ "$KIND" = disk ] && store="path = \"$DIR/sessions\""
-proxy_toml "$PROXY_PORT" "$UP_PORT" "callgrind-benchmark-secret-key-0123456789" "$KIND" "$store" > "$DIR/proxy.toml"
-RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT" "$BIN" run -c "$DIR/proxy.toml" \
+if [ "$KIND" = bare ]; then
+    args=("127.0.0.1:$PROXY_PORT" "127.0.0.1:$UP_PORT")
+elif [ "$KIND" = nginx ]; then
+    rm -rf "$DIR/px"
+    mkdir -p "$DIR/px/tmp"
+    sed -e "s/127.0.0.1:18280/127.0.0.1:$UP_PORT/" -e "s/127.0.0.1:18281/127.0.0.1:$PROXY_PORT/" \
+        "$ROOT/benches/wrk/nginx-proxy.conf" > "$DIR/px/nginx.conf"
+    # In the foreground and in one process, so that valgrind follows it.
+    args=(-p "$DIR/px/" -c "$DIR/px/nginx.conf" -e "$DIR/px/error.log" -g "daemon off; master_process off;")
+else
+    proxy_toml "$PROXY_PORT" "$UP_PORT" "callgrind-benchmark-secret-key-0123456789" "$KIND" "$store" > "$DIR/proxy.toml"
+    args=(run -c "$DIR/proxy.toml")
+fi
+RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT" "$BIN" "${args[@]}" \
     > "$DIR/proxy.log" 2>&1 &
 VG=$!
 stop() {
@@ -47,8 +62,12 @@ trap stop EXIT
 
 url=http://127.0.0.1:$PROXY_PORT
 for _ in $(seq 100); do curl -s -o /dev/null "$url/bypass/" && break; sleep 0.3; done
-cookie=$(curl -s -D - -o /dev/null "$url/write/login" | sed -n 's/^[Ss]et-[Cc]ookie: session_id=\([^;]*\).*/\1/p')
-[ -n "$cookie" ] || { echo "no session cookie from $url/write/login" >&2; exit 1; }
+if [ "$KIND" = bare ] || [ "$KIND" = nginx ]; then
+    cookie=none  # passed on as it is, as a bypassed path does with other cookies
+else
+    cookie=$(curl -s -D - -o /dev/null "$url/write/login" | sed -n 's/^[Ss]et-[Cc]ookie: session_id=\([^;]*\).*/\1/p')
+    [ -n "$cookie" ] || { echo "no session cookie from $url/write/login" >&2; exit 1; }
+fi
 wrk -t1 -c4 -d3s -H "Cookie: session_id=$cookie" "$url$REQ_PATH" > /dev/null
 callgrind_control -z "$VG" > /dev/null 2>&1
 requests=$(wrk -t1 -c4 -d6s -H "Cookie: session_id=$cookie" "$url$REQ_PATH" | awk '/requests in/{print $1}')

@@ -20,6 +20,8 @@
 # Targets (ports on 127.0.0.1; the proxies' TOML is written to $BENCH_RUN_DIR):
 #   upstream        nginx upstream direct            :18280 /read/x
 #   nginx           nginx plain proxy, keepalive     :18281 /read/x
+#   pingora         pingora's proxy alone, nothing   :18289 /bypass/x
+#                   of ours but the allocator (examples/bare_pingora.rs)
 #   apache-read     Apache mod_session dbd, read     :18286 /read/x
 #   apache-write    Apache mod_session dbd, write    :18286 /write/x
 #   bypass          session-proxy, bypassed path     :18282 /bypass/x  (memory store)
@@ -49,6 +51,8 @@
 #      SCALE_SESSIONS (1000000)
 #      BUILD (1)          0 = use BIN as it is
 #      BIN                default ${CARGO_TARGET_DIR:-target}/release/session-proxy
+#      BARE               the pingora target's binary, default next to BIN:
+#                         .../release/examples/bare_pingora (skipped when absent)
 #      COMPARE ("")       "NAME=/path/to/session-proxy ..." other builds to
 #                         measure side by side (bypass, read, write)
 #      COMPARE_STORE (memory) the store of the COMPARE builds
@@ -75,6 +79,7 @@ LATENCY_COOKIES=${LATENCY_COOKIES:-fixed}
 SCALE_SESSIONS=${SCALE_SESSIONS:-1000000}
 BUILD=${BUILD:-1}
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/session-proxy}
+BARE=${BARE:-${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bare_pingora}
 COMPARE=${COMPARE:-}
 COMPARE_STORE=${COMPARE_STORE:-memory}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
@@ -97,7 +102,7 @@ export RUST_LOG=${RUST_LOG:-warn}
 
 if [ "$BUILD" = 1 ]; then
     log "building the release binary"
-    (cd "$ROOT" && cargo build --release --quiet)
+    (cd "$ROOT" && cargo build --release --quiet --bin session-proxy --example bare_pingora)
 fi
 [ -x "$BIN" ] || { echo "no binary at $BIN" >&2; exit 1; }
 
@@ -116,6 +121,7 @@ stop_all() {
         [ -n "$pid" ] && [ -d "/proc/$pid" ] || continue
         case $name in
             upstream | proxy) kill -QUIT "$pid" 2>/dev/null || true ;;
+            bare) kill -INT "$pid" 2>/dev/null || true ;;  # pingora's fast shutdown
             *) kill -TERM "$pid" 2>/dev/null || true ;;
         esac
         for ((i = 0; i < 100; i++)); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
@@ -220,6 +226,21 @@ table = \"bench_sessions_$$\"" ;;
     wait_http "$port" /bypass/ || { echo "$name did not come up" >&2; tail "$RUN_DIR/$name.log" >&2; exit 1; }
 }
 
+# pingora's proxy with nothing of ours: the engine's own cost per request
+start_bare() {
+    if [ ! -x "$BARE" ]; then
+        SKIPPED[bare]="no bare_pingora binary at $BARE (cargo build --release --example bare_pingora)"
+        log "skipping bare: ${SKIPPED[bare]}"
+        return
+    fi
+    claim_port 18289 bare
+    taskset -c 1 setsid "$BARE" 127.0.0.1:18289 127.0.0.1:18280 > "$RUN_DIR/bare.log" 2>&1 &
+    SRV_PID[bare]=$!
+    SRV_PORT[bare]=18289
+    STARTED+=(bare)
+    wait_http 18289 /bypass/ || { echo "bare did not come up" >&2; tail "$RUN_DIR/bare.log" >&2; exit 1; }
+}
+
 with_children() {  # PID...: the pids plus their descendants (nginx/apache workers)
     local p c
     for p in "$@"; do
@@ -265,6 +286,7 @@ to_us() {  # "123.45us" | "1.23ms" | "1.00s"
 declare -A TARGET=(
     [upstream]="upstream /read/x session_id"
     [nginx]="proxy /read/x session_id"
+    [pingora]="bare /bypass/x session_id"
     [apache-read]="apache /read/x peersid"
     [apache-write]="apache /write/x peersid"
     [bypass]="memory /bypass/x session_id"
@@ -277,12 +299,13 @@ declare -A TARGET=(
     [read-postgres]="postgres /read/x session_id"
     [write-postgres]="postgres /write/x session_id"
 )
-ORDER=(upstream nginx apache-read apache-write bypass read-memory write-memory
+ORDER=(upstream nginx pingora apache-read apache-write bypass read-memory write-memory
     read-disk write-disk read-redis write-redis read-postgres write-postgres)
 
 log "starting the servers (pinned to CPU 1)"
 start_nginx upstream nginx-upstream.conf 18280
 start_nginx proxy nginx-proxy.conf 18281
+start_bare
 start_apache
 start_proxy memory 18282 memory
 start_proxy disk 18283 disk
@@ -322,7 +345,7 @@ done
 declare -A FIXED=()
 for t in "${RUN_TARGETS[@]}"; do
     read -r server path cname <<<"${TARGET[$t]}"
-    case $server in upstream | proxy) continue ;; esac
+    case $server in upstream | proxy | bare) continue ;; esac
     FIXED[$t]=$(new_cookie "${SRV_PORT[$server]}" "$cname")
     [ -n "${FIXED[$t]}" ] || { echo "$t: no session cookie from /write/login" >&2; exit 1; }
 done
@@ -542,7 +565,7 @@ def verdict(value, goal, higher=True):
     ok = value >= goal if higher else value <= goal
     return "met" if ok else "**not met**"
 
-order = ["upstream", "nginx", "apache-read", "apache-write", "bypass", "read-memory", "write-memory",
+order = ["upstream", "nginx", "pingora", "apache-read", "apache-write", "bypass", "read-memory", "write-memory",
          "read-disk", "write-disk", "read-redis", "write-redis", "read-postgres", "write-postgres"]
 lines = []
 print(open(os.path.join(out_dir, "machine.txt")).read().rstrip())
@@ -571,9 +594,11 @@ if med:
             lines.append(f"| {x} / {y} | {v:.3f} | >= {goal} | {verdict(v, goal)} | {rounds_of(x, y)} | {median_of_rounds(x, y)} | {best:.3f} |")
     for x, y in (("read-disk", "bypass"), ("read-redis", "bypass"), ("read-postgres", "bypass"),
                  ("write-postgres", "bypass"), ("read-memory", "nginx"), ("read-memory", "apache-read"),
-                 ("nginx", "upstream"), ("bypass", "upstream")):
+                 ("nginx", "upstream"), ("bypass", "upstream"),
+                 ("pingora", "nginx"), ("bypass", "pingora")):
         if x in med and y in med:
-            lines.append(f"| {x} / {y} | {med[x]['rps'] / med[y]['rps']:.3f} | | |")
+            best = med[x]["hi"] / med[y]["hi"]
+            lines.append(f"| {x} / {y} | {med[x]['rps'] / med[y]['rps']:.3f} | | | {rounds_of(x, y)} | {median_of_rounds(x, y)} | {best:.3f} |")
     # COMPARE builds: each against the first one, path by path
     first = {}
     for t in extra:
@@ -589,7 +614,7 @@ if med:
             if r and b:
                 lines.append(f"| {path}@{build} / bypass@{build} | {r['rps'] / b['rps']:.3f} | | |")
     lines += ["", "| CPU µs per request of the serving process | value |", "|---|---:|"]
-    for x, y in (("bypass", "nginx"), ("read-memory", "bypass"), ("write-memory", "bypass"), ("write-disk", "bypass")):
+    for x, y in (("bypass", "nginx"), ("pingora", "nginx"), ("bypass", "pingora"), ("read-memory", "bypass"), ("write-memory", "bypass"), ("write-disk", "bypass")):
         if x in med and y in med:
             lines.append(f"| {x} − {y} | {med[x]['srv'] - med[y]['srv']:+.1f} |")
 lat = medians("latency")
