@@ -5,10 +5,11 @@
 #
 #   benches/callgrind.sh BIN PATH [STORE] [OUT]
 #     BIN    a session-proxy binary (a release build: target/release/session-proxy),
-#            or with STORE=bare the baseline target/release/examples/bare_pingora,
+#            or with STORE=bare a baseline: target/release/examples/bare_pingora
+#            or .../examples/core_loop,
 #            or with STORE=nginx an nginx binary (benches/wrk/nginx-proxy.conf)
 #     PATH   /bypass/x, /read/x or /write/x (see benches/run.sh's targets)
-#     STORE  memory (default) or disk; bare: pingora's proxy alone; nginx:
+#     STORE  memory (default) or disk; bare: a baseline (LISTEN UPSTREAM); nginx:
 #            nginx as a plain reverse proxy, one process
 #     OUT    the callgrind file (default /tmp/session-proxy-callgrind/PATH.out)
 #

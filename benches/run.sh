@@ -22,6 +22,8 @@
 #   nginx           nginx plain proxy, keepalive     :18281 /read/x
 #   pingora         pingora's proxy alone, nothing   :18289 /bypass/x
 #                   of ours but the allocator (examples/bare_pingora.rs)
+#   pingora-core    a minimal proxy loop on pingora- :18279 /bypass/x
+#                   core, without pingora-proxy (examples/core_loop.rs)
 #   apache-read     Apache mod_session dbd, read     :18286 /read/x
 #   apache-write    Apache mod_session dbd, write    :18286 /write/x
 #   bypass          session-proxy, bypassed path     :18282 /bypass/x  (memory store)
@@ -51,8 +53,9 @@
 #      SCALE_SESSIONS (1000000)
 #      BUILD (1)          0 = use BIN as it is
 #      BIN                default ${CARGO_TARGET_DIR:-target}/release/session-proxy
-#      BARE               the pingora target's binary, default next to BIN:
-#                         .../release/examples/bare_pingora (skipped when absent)
+#      BARE, CORE         the pingora and pingora-core targets' binaries, default
+#                         next to BIN: .../release/examples/bare_pingora and
+#                         .../examples/core_loop (each skipped when absent)
 #      COMPARE ("")       "NAME=/path/to/session-proxy ..." other builds to
 #                         measure side by side (bypass, read, write)
 #      COMPARE_STORE (memory) the store of the COMPARE builds
@@ -80,6 +83,7 @@ SCALE_SESSIONS=${SCALE_SESSIONS:-1000000}
 BUILD=${BUILD:-1}
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/session-proxy}
 BARE=${BARE:-${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bare_pingora}
+CORE=${CORE:-${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/core_loop}
 COMPARE=${COMPARE:-}
 COMPARE_STORE=${COMPARE_STORE:-memory}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
@@ -102,7 +106,7 @@ export RUST_LOG=${RUST_LOG:-warn}
 
 if [ "$BUILD" = 1 ]; then
     log "building the release binary"
-    (cd "$ROOT" && cargo build --release --quiet --bin session-proxy --example bare_pingora)
+    (cd "$ROOT" && cargo build --release --quiet --bin session-proxy --example bare_pingora --example core_loop)
 fi
 [ -x "$BIN" ] || { echo "no binary at $BIN" >&2; exit 1; }
 
@@ -121,7 +125,7 @@ stop_all() {
         [ -n "$pid" ] && [ -d "/proc/$pid" ] || continue
         case $name in
             upstream | proxy) kill -QUIT "$pid" 2>/dev/null || true ;;
-            bare) kill -INT "$pid" 2>/dev/null || true ;;  # pingora's fast shutdown
+            bare | core) kill -INT "$pid" 2>/dev/null || true ;;  # pingora's fast shutdown
             *) kill -TERM "$pid" 2>/dev/null || true ;;
         esac
         for ((i = 0; i < 100; i++)); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
@@ -226,19 +230,20 @@ table = \"bench_sessions_$$\"" ;;
     wait_http "$port" /bypass/ || { echo "$name did not come up" >&2; tail "$RUN_DIR/$name.log" >&2; exit 1; }
 }
 
-# pingora's proxy with nothing of ours: the engine's own cost per request
-start_bare() {
-    if [ ! -x "$BARE" ]; then
-        SKIPPED[bare]="no bare_pingora binary at $BARE (cargo build --release --example bare_pingora)"
-        log "skipping bare: ${SKIPPED[bare]}"
+# pingora with nothing of ours (examples/): the engine's own cost per request
+start_baseline() {  # NAME BINARY PORT
+    local name=$1 bin=$2 port=$3
+    if [ ! -x "$bin" ]; then
+        SKIPPED[$name]="no binary at $bin (cargo build --release --example $(basename "$bin"))"
+        log "skipping $name: ${SKIPPED[$name]}"
         return
     fi
-    claim_port 18289 bare
-    taskset -c 1 setsid "$BARE" 127.0.0.1:18289 127.0.0.1:18280 > "$RUN_DIR/bare.log" 2>&1 &
-    SRV_PID[bare]=$!
-    SRV_PORT[bare]=18289
-    STARTED+=(bare)
-    wait_http 18289 /bypass/ || { echo "bare did not come up" >&2; tail "$RUN_DIR/bare.log" >&2; exit 1; }
+    claim_port "$port" "$name"
+    taskset -c 1 setsid "$bin" "127.0.0.1:$port" 127.0.0.1:18280 > "$RUN_DIR/$name.log" 2>&1 &
+    SRV_PID[$name]=$!
+    SRV_PORT[$name]=$port
+    STARTED+=("$name")
+    wait_http "$port" /bypass/ || { echo "$name did not come up" >&2; tail "$RUN_DIR/$name.log" >&2; exit 1; }
 }
 
 with_children() {  # PID...: the pids plus their descendants (nginx/apache workers)
@@ -287,6 +292,7 @@ declare -A TARGET=(
     [upstream]="upstream /read/x session_id"
     [nginx]="proxy /read/x session_id"
     [pingora]="bare /bypass/x session_id"
+    [pingora-core]="core /bypass/x session_id"
     [apache-read]="apache /read/x peersid"
     [apache-write]="apache /write/x peersid"
     [bypass]="memory /bypass/x session_id"
@@ -299,13 +305,14 @@ declare -A TARGET=(
     [read-postgres]="postgres /read/x session_id"
     [write-postgres]="postgres /write/x session_id"
 )
-ORDER=(upstream nginx pingora apache-read apache-write bypass read-memory write-memory
+ORDER=(upstream nginx pingora pingora-core apache-read apache-write bypass read-memory write-memory
     read-disk write-disk read-redis write-redis read-postgres write-postgres)
 
 log "starting the servers (pinned to CPU 1)"
 start_nginx upstream nginx-upstream.conf 18280
 start_nginx proxy nginx-proxy.conf 18281
-start_bare
+start_baseline bare "$BARE" 18289
+start_baseline core "$CORE" 18279
 start_apache
 start_proxy memory 18282 memory
 start_proxy disk 18283 disk
@@ -345,7 +352,7 @@ done
 declare -A FIXED=()
 for t in "${RUN_TARGETS[@]}"; do
     read -r server path cname <<<"${TARGET[$t]}"
-    case $server in upstream | proxy | bare) continue ;; esac
+    case $server in upstream | proxy | bare | core) continue ;; esac
     FIXED[$t]=$(new_cookie "${SRV_PORT[$server]}" "$cname")
     [ -n "${FIXED[$t]}" ] || { echo "$t: no session cookie from /write/login" >&2; exit 1; }
 done
@@ -565,7 +572,7 @@ def verdict(value, goal, higher=True):
     ok = value >= goal if higher else value <= goal
     return "met" if ok else "**not met**"
 
-order = ["upstream", "nginx", "pingora", "apache-read", "apache-write", "bypass", "read-memory", "write-memory",
+order = ["upstream", "nginx", "pingora", "pingora-core", "apache-read", "apache-write", "bypass", "read-memory", "write-memory",
          "read-disk", "write-disk", "read-redis", "write-redis", "read-postgres", "write-postgres"]
 lines = []
 print(open(os.path.join(out_dir, "machine.txt")).read().rstrip())
@@ -595,7 +602,8 @@ if med:
     for x, y in (("read-disk", "bypass"), ("read-redis", "bypass"), ("read-postgres", "bypass"),
                  ("write-postgres", "bypass"), ("read-memory", "nginx"), ("read-memory", "apache-read"),
                  ("nginx", "upstream"), ("bypass", "upstream"),
-                 ("pingora", "nginx"), ("bypass", "pingora")):
+                 ("pingora", "nginx"), ("bypass", "pingora"),
+                 ("pingora-core", "nginx"), ("pingora-core", "pingora")):
         if x in med and y in med:
             best = med[x]["hi"] / med[y]["hi"]
             lines.append(f"| {x} / {y} | {med[x]['rps'] / med[y]['rps']:.3f} | | | {rounds_of(x, y)} | {median_of_rounds(x, y)} | {best:.3f} |")
@@ -614,7 +622,7 @@ if med:
             if r and b:
                 lines.append(f"| {path}@{build} / bypass@{build} | {r['rps'] / b['rps']:.3f} | | |")
     lines += ["", "| CPU µs per request of the serving process | value |", "|---|---:|"]
-    for x, y in (("bypass", "nginx"), ("pingora", "nginx"), ("bypass", "pingora"), ("read-memory", "bypass"), ("write-memory", "bypass"), ("write-disk", "bypass")):
+    for x, y in (("bypass", "nginx"), ("pingora", "nginx"), ("bypass", "pingora"), ("pingora-core", "nginx"), ("read-memory", "bypass"), ("write-memory", "bypass"), ("write-disk", "bypass")):
         if x in med and y in med:
             lines.append(f"| {x} − {y} | {med[x]['srv'] - med[y]['srv']:+.1f} |")
 lat = medians("latency")
