@@ -8,19 +8,12 @@
 //! cargo run --release --example bare_pingora -- 127.0.0.1:8080 127.0.0.1:8000
 //! ```
 
-use std::net::SocketAddr;
-use std::time::Duration;
+mod baseline;
 
 use async_trait::async_trait;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
-use pingora::server::configuration::ServerConf;
-use pingora::server::Server;
 use pingora::Result;
-
-// The same allocator as the proxy's binary, so that only the proxying differs.
-#[global_allocator]
-static GLOBAL: session_proxy::allocator::MiMalloc = session_proxy::allocator::MiMalloc;
 
 /// Every request to one upstream, with the peer options the proxy sets.
 struct Bare {
@@ -39,30 +32,12 @@ impl ProxyHttp for Bare {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let (Some(listen), Some(upstream), None) = (args.next(), args.next(), args.next()) else {
-        eprintln!("usage: bare_pingora LISTEN_ADDR UPSTREAM_ADDR");
-        std::process::exit(2);
+    let (listen, upstream) = baseline::command_line("bare_pingora");
+    let mut server = baseline::server();
+    let bare = Bare {
+        peer: baseline::peer(upstream),
     };
-    let Ok(upstream) = upstream.parse::<SocketAddr>() else {
-        eprintln!("bare_pingora: not an address: {upstream}");
-        std::process::exit(2);
-    };
-    let mut peer = HttpPeer::new(upstream, false, String::new());
-    peer.options.connection_timeout = Some(Duration::from_secs(2));
-    peer.options.read_timeout = Some(Duration::from_secs(30));
-    peer.options.write_timeout = Some(Duration::from_secs(30));
-    peer.options.idle_timeout = Some(Duration::from_secs(60));
-
-    // As `server::run` sets them: one current-thread runtime, no stealing.
-    let conf = ServerConf {
-        threads: 1,
-        work_stealing: false,
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, Bare { peer });
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, bare);
     service.add_tcp(&listen);
     server.add_service(service);
     server.run_forever();

@@ -10,20 +10,16 @@
 //! cargo run --release --example core_loop -- 127.0.0.1:8080 127.0.0.1:8000
 //! ```
 
-use std::net::SocketAddr;
+mod baseline;
+
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::connectors::http::Connector;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::ServerSession;
-use pingora::server::configuration::ServerConf;
-use pingora::server::{Server, ShutdownWatch};
-
-#[global_allocator]
-static GLOBAL: session_proxy::allocator::MiMalloc = session_proxy::allocator::MiMalloc;
+use pingora::server::ShutdownWatch;
 
 struct CoreLoop {
     connector: Connector,
@@ -69,31 +65,11 @@ impl HttpServerApp for CoreLoop {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let (Some(listen), Some(upstream), None) = (args.next(), args.next(), args.next()) else {
-        eprintln!("usage: core_loop LISTEN_ADDR UPSTREAM_ADDR");
-        std::process::exit(2);
-    };
-    let Ok(upstream) = upstream.parse::<SocketAddr>() else {
-        eprintln!("core_loop: not an address: {upstream}");
-        std::process::exit(2);
-    };
-    let mut peer = HttpPeer::new(upstream, false, String::new());
-    peer.options.connection_timeout = Some(Duration::from_secs(2));
-    peer.options.read_timeout = Some(Duration::from_secs(30));
-    peer.options.write_timeout = Some(Duration::from_secs(30));
-    peer.options.idle_timeout = Some(Duration::from_secs(60));
-
-    let conf = ServerConf {
-        threads: 1,
-        work_stealing: false,
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
+    let (listen, upstream) = baseline::command_line("core_loop");
+    let mut server = baseline::server();
     let app = CoreLoop {
         connector: Connector::new(None),
-        peer,
+        peer: baseline::peer(upstream),
     };
     let mut service = pingora::services::listening::Service::new("core loop".to_string(), app);
     service.add_tcp(&listen);
