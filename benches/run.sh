@@ -54,8 +54,8 @@
 #      BUILD (1)          0 = use BIN as it is
 #      BIN                default ${CARGO_TARGET_DIR:-target}/release/session-proxy
 #      BARE, CORE         the pingora and pingora-core targets' binaries, default
-#                         next to BIN: .../release/examples/bare_pingora and
-#                         .../examples/core_loop (each skipped when absent)
+#                         ${CARGO_TARGET_DIR:-target}/release/examples/bare_pingora
+#                         and .../core_loop (each target skipped when absent)
 #      COMPARE ("")       "NAME=/path/to/session-proxy ..." other builds to
 #                         measure side by side (bypass, read, write)
 #      COMPARE_STORE (memory) the store of the COMPARE builds
