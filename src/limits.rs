@@ -197,7 +197,12 @@ impl AsyncRead for ClockedStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let Some((deadline, in_head)) = this.deadline() else {
-            this.timer = None;
+            // The timer stays armed while the request is served (should it
+            // fire meanwhile, it wakes the connection's task once, for
+            // nothing). Dropped here and armed again after each response,
+            // it made tokio's time driver wake its own thread through its
+            // eventfd on every request: the driver had parked with no timer
+            // left, and any new one came too early for it.
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         };
         if Instant::now() >= deadline {

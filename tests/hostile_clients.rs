@@ -414,6 +414,41 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
 }
 
 #[test]
+fn a_response_slower_than_keepalive_timeout_keeps_its_connection() {
+    // The idle clock stays armed while a request is served: firing then
+    // must neither cut the response nor the next request, and the clock
+    // must start again once the connection is idle.
+    let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 1"));
+    let stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    writer
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut reader).unwrap().0, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    writer
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Test-Sleep-Ms: 2500\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut reader).unwrap().0, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    writer
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut reader).unwrap().0, 200);
+    reader
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let closed = closed_within(&mut reader, Duration::from_secs(15))
+        .expect("the idle connection was never closed");
+    assert!(
+        closed >= Duration::from_millis(700) && closed < Duration::from_secs(5),
+        "closed after {closed:?}"
+    );
+}
+
+#[test]
 fn a_connection_that_never_sends_a_request_is_closed_after_keepalive_timeout() {
     let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 2"));
     let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
