@@ -384,29 +384,50 @@ fn a_slow_request_body_is_not_cut_by_the_header_timeout() {
     assert!(String::from_utf8_lossy(&answer).contains(r#""body": "slowly""#));
 }
 
+/// A client connection kept alive across requests.
+struct KeptAlive {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl KeptAlive {
+    fn open(port: u16) -> KeptAlive {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        KeptAlive {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+
+    /// Sends one request head; the response's status.
+    fn status_of(&mut self, head: &[u8]) -> u16 {
+        self.writer.write_all(head).unwrap();
+        read_response(&mut self.reader).unwrap().0
+    }
+
+    /// Left idle from now: how long until the proxy closes it.
+    fn closed_after_idle(&mut self) -> Duration {
+        self.reader
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        closed_within(&mut self.reader, Duration::from_secs(15))
+            .expect("the idle connection was never closed")
+    }
+}
+
+const PLAIN_GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
 #[test]
 fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
     let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 2"));
-    let stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    writer
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    assert_eq!(read_response(&mut reader).unwrap().0, 200);
+    let mut client = KeptAlive::open(proxy.port);
+    assert_eq!(client.status_of(PLAIN_GET), 200);
     // Reused within the timeout: served.
     std::thread::sleep(Duration::from_millis(1000));
-    writer
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    assert_eq!(read_response(&mut reader).unwrap().0, 200);
+    assert_eq!(client.status_of(PLAIN_GET), 200);
     // Then left idle: closed, not at once, and not never.
-    reader
-        .get_mut()
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let closed = closed_within(&mut reader, Duration::from_secs(15))
-        .expect("the idle connection was never closed");
+    let closed = client.closed_after_idle();
     assert!(
         closed >= Duration::from_millis(1500),
         "closed after {closed:?}"
@@ -419,29 +440,14 @@ fn a_response_slower_than_keepalive_timeout_keeps_its_connection() {
     // must neither cut the response nor the next request, and the clock
     // must start again once the connection is idle.
     let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 1"));
-    let stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    writer
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    assert_eq!(read_response(&mut reader).unwrap().0, 200);
+    let mut client = KeptAlive::open(proxy.port);
+    assert_eq!(client.status_of(PLAIN_GET), 200);
     std::thread::sleep(Duration::from_millis(500));
-    writer
-        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Test-Sleep-Ms: 2500\r\n\r\n")
-        .unwrap();
-    assert_eq!(read_response(&mut reader).unwrap().0, 200);
+    let slow = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Test-Sleep-Ms: 2500\r\n\r\n";
+    assert_eq!(client.status_of(slow), 200);
     std::thread::sleep(Duration::from_millis(500));
-    writer
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    assert_eq!(read_response(&mut reader).unwrap().0, 200);
-    reader
-        .get_mut()
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let closed = closed_within(&mut reader, Duration::from_secs(15))
-        .expect("the idle connection was never closed");
+    assert_eq!(client.status_of(PLAIN_GET), 200);
+    let closed = client.closed_after_idle();
     assert!(
         closed >= Duration::from_millis(700) && closed < Duration::from_secs(5),
         "closed after {closed:?}"
