@@ -36,7 +36,7 @@
 # set beside run.sh's req/s ratios: there each target has CPU 1 to itself,
 # where proxy and upstream spend all of it, so its req/s is 1 / (their CPU
 # per request). A store's own server (Redis) is counted in neither.
-# Two runs of one build against itself gave B/A within 0.8 % in every
+# One build against itself gave B/A within 1.2 % in every
 # round (BENCHMARKS.md, round 10).
 #
 # Ports: upstreams 18480 (A) and 18490 (B), proxies 18481 (A) and 18482 (B).
