@@ -255,9 +255,13 @@ impl RedisStore {
             [url] => {
                 let client = redis::Client::open(*url)
                     .map_err(|_| StoreError::Unavailable("redis: invalid url".into()))?;
+                // No response timeout of the crate's own: `bounded` already
+                // times every command, reconnection included, and a second
+                // tokio timer per command costs a timer-wheel entry (and at
+                // times a wake-up of the thread) for nothing.
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
+                    .set_response_timeout(None)
                     .set_number_of_retries(2)
                     .set_max_delay(timeout);
                 Dialer::Standalone(client, config)
