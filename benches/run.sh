@@ -48,8 +48,11 @@
 #      LOAD_PCT (25)      the latency phase's offered load with DELAY_MS=auto
 #      DELAY_DIST (exp)   exp = exponential pauses (Poisson arrivals); fixed = DELAY_MS
 #                         each, which makes all connections fire together
-#      LATENCY_COOKIES (fixed): the latency phase's wrk mode; fixed = one wrk
-#                         thread, whose own scheduling adds less jitter to p99
+#      LATENCY_COOKIES (users): the latency phase's wrk mode, as COOKIES. users:
+#                         one wrk thread per connection, so the pauses are
+#                         independent; fixed: one thread for all, whose event
+#                         loop fires every pause due in the same millisecond
+#                         together, bursts that p99 then measures (round 11)
 #      SCALE_SESSIONS (1000000)
 #      BUILD (1)          0 = use BIN as it is
 #      BIN                default ${CARGO_TARGET_DIR:-target}/release/session-proxy
@@ -78,7 +81,7 @@ ONLY=${ONLY:-}
 PHASES=${PHASES:-throughput latency scale}
 DELAY_MS=${DELAY_MS:-auto}
 LOAD_PCT=${LOAD_PCT:-25}
-LATENCY_COOKIES=${LATENCY_COOKIES:-fixed}
+LATENCY_COOKIES=${LATENCY_COOKIES:-users}
 SCALE_SESSIONS=${SCALE_SESSIONS:-1000000}
 BUILD=${BUILD:-1}
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/session-proxy}

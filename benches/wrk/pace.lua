@@ -5,7 +5,9 @@
 -- arrive as independent users' would (Poisson) rather than in bursts of
 -- every connection at once, which a fixed pause (DELAY_DIST=fixed)
 -- produces: then p99 measures queueing behind the burst, not the server.
--- wrk counts the pause in whole milliseconds.
+-- wrk counts the pause in whole milliseconds, and one wrk thread sends
+-- every request whose pause ends in the same millisecond at once: run one
+-- thread per connection (-tN -cN) for independent arrivals.
 local delay_ms = tonumber(os.getenv("DELAY_MS") or "")
 local delay_dist = os.getenv("DELAY_DIST") or "exp"
 if delay_ms then
