@@ -15,6 +15,10 @@
 //! Only lines that pass the `RUST_LOG` filter are formatted, so at the
 //! default level the request path pays nothing.
 //!
+//! It also moves pingora's ERROR line for a client that broke off before
+//! its request head was complete down to DEBUG: any client can cause as
+//! many as it likes, and ERROR is what operators are paged on.
+//!
 //! ```no_run
 //! session_proxy::logging::init();
 //! session_proxy::logging::protect(&["a secret key of 32 bytes or more..".to_string()]);
@@ -23,7 +27,7 @@
 use std::borrow::Cow;
 use std::sync::RwLock;
 
-use log::{Log, Metadata, Record};
+use log::{Level, Log, Metadata, Record};
 
 /// A run of base64url characters this long is a credential as far as logs go.
 const MIN_OPAQUE_RUN: usize = 32;
@@ -67,12 +71,23 @@ impl Log for Redacting {
             return;
         }
         let line = record.args().to_string();
+        let level = match is_client_failure(record, &line) {
+            true => Level::Debug,
+            false => record.level(),
+        };
+        let metadata = Metadata::builder()
+            .level(level)
+            .target(record.target())
+            .build();
+        if level != record.level() && !self.inner.enabled(&metadata) {
+            return;
+        }
         match redact(&line) {
-            Cow::Borrowed(_) => self.inner.log(record),
-            Cow::Owned(clean) => self.inner.log(
+            Cow::Borrowed(_) if level == record.level() => self.inner.log(record),
+            clean => self.inner.log(
                 &Record::builder()
                     .args(format_args!("{clean}"))
-                    .metadata(record.metadata().clone())
+                    .metadata(metadata)
                     .module_path(record.module_path())
                     .file(record.file())
                     .line(record.line())
@@ -84,6 +99,18 @@ impl Log for Redacting {
     fn flush(&self) {
         self.inner.flush();
     }
+}
+
+/// pingora's ERROR line for a request whose head never came whole: the
+/// client closed, broke the connection or outlasted `header_timeout`
+/// (its error's source is `Downstream`). pingora writes it before any hook
+/// of ours could keep it quiet, as `suppress_error_log` does for a client
+/// gone later; such lines are the client's doing, so they are demoted to
+/// DEBUG (nginx logs them at info).
+fn is_client_failure(record: &Record, line: &str) -> bool {
+    record.level() == Level::Error
+        && record.target().starts_with("pingora_proxy")
+        && line.starts_with("Fail to proxy: Downstream ")
 }
 
 /// `line` with secrets and long opaque runs taken out (see the module docs).

@@ -503,3 +503,57 @@ fn session_headers_named_with_underscores_are_stripped_in_every_spelling() {
     assert_eq!(canonical(&ours[0].0), "x-app-session");
     assert_ne!(ours[0].1, "forged");
 }
+
+/// Clients that break off are their own business: no ERROR line for them
+/// (pingora writes one for each, and any client can make as many as it
+/// likes), only a DEBUG one; an upstream that fails still gets its ERROR.
+#[test]
+fn clients_that_break_off_leave_no_error_line_in_the_log() {
+    let upstream = start_upstream();
+    let mut config = ProxyConfig::new(upstream.port).server("header_timeout = 1");
+    config.upstream = vec!["read_timeout = 1".into()];
+    let log = config.dir.path().join("proxy.log");
+    let proxy = config.start_logging("info,pingora_proxy=debug,session_proxy=debug", &log);
+    let port = proxy.port;
+
+    // A head that never ends (408), and half a head, then a close.
+    let unfinished = raw_exchange(
+        port,
+        b"GET / HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(raw_status(&unfinished), Some(408));
+    let mut half = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    half.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    drop(half);
+    // A whole request, its client gone while the upstream takes its time.
+    let mut impatient = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    impatient
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Test-Sleep-Ms: 500\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(impatient);
+    // An upstream that never answers: the proxy's 504 is worth an ERROR.
+    assert_eq!(get(port, "/", &[("X-Test-Fault", "hang")]).status, 504);
+    std::thread::sleep(Duration::from_millis(600));
+    drop(proxy);
+
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(
+        errors.iter().all(|line| !line.contains("Downstream")),
+        "a client's doing logged as an error:\n{text}"
+    );
+    assert!(
+        errors.iter().any(|line| line.contains("Upstream")),
+        "the upstream's failure was not logged as an error:\n{text}"
+    );
+    let debug = |needle: &str| {
+        text.lines()
+            .filter(|l| l.contains(" DEBUG ") && l.contains(needle))
+            .count()
+    };
+    // The 408 and the half head; the client gone before its answer.
+    assert!(debug("Fail to proxy: Downstream") >= 2, "{text}");
+    assert!(debug("client went away") >= 1, "{text}");
+}

@@ -484,13 +484,24 @@ impl ProxyHttp for SessionProxy {
         }
     }
 
+    /// A client that hangs up is the client's business, not an error of
+    /// the proxy's: pingora would log it at ERROR, the level operators
+    /// are paged on, and any client can make as many as it likes.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        let gone = failure_of(ctx, e) == Failure::ClientGone;
+        if gone {
+            debug!("client went away: {e}");
+        }
+        gone
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let failure = ctx.failure.unwrap_or_else(|| Failure::of_error(e));
+        let failure = failure_of(ctx, e);
         let code = match failure {
             Failure::ClientGone => 0,
             failure => {
@@ -503,6 +514,11 @@ impl ProxyHttp for SessionProxy {
             can_reuse_downstream: false,
         }
     }
+}
+
+/// Why a request failed: what the proxy decided, else what pingora reports.
+fn failure_of(ctx: &RequestCtx, e: &Error) -> Failure {
+    ctx.failure.unwrap_or_else(|| Failure::of_error(e))
 }
 
 /// The upstream already keeps the response out of shared caches.
