@@ -101,12 +101,13 @@ impl Log for Redacting {
     }
 }
 
-/// pingora's ERROR line for a request whose head never came whole: the
-/// client closed, broke the connection or outlasted `header_timeout`
-/// (its error's source is `Downstream`). pingora writes it before any hook
-/// of ours could keep it quiet, as `suppress_error_log` does for a client
-/// gone later; such lines are the client's doing, so they are demoted to
-/// DEBUG (nginx logs them at info).
+/// pingora's ERROR line for a request that failed on the client's side
+/// (the error's source is `Downstream`). Above all a head that never came
+/// whole (the client closed, broke the connection or outlasted
+/// `header_timeout`): pingora logs it before any hook of ours runs, where
+/// `suppress_error_log` keeps quiet about a client gone later. The client's
+/// doing, so DEBUG (nginx logs such at info). The proxy's own answers
+/// (502, 503, 504) carry another source and keep their ERROR lines.
 fn is_client_failure(record: &Record, line: &str) -> bool {
     record.level() == Level::Error
         && record.target().starts_with("pingora_proxy")
