@@ -105,7 +105,8 @@ impl Log for Redacting {
 /// (the error's source is `Downstream`). Above all a head that never came
 /// whole (the client closed, broke the connection or outlasted
 /// `header_timeout`): pingora logs it before any hook of ours runs, where
-/// `suppress_error_log` keeps quiet about a client gone later. The client's
+/// `suppress_error_log` keeps quiet about a client gone later or a head
+/// refused. The client's
 /// doing, so DEBUG (nginx logs such at info). The proxy's own answers
 /// (502, 503, 504) carry another source and keep their ERROR lines.
 fn is_client_failure(record: &Record, line: &str) -> bool {

@@ -39,6 +39,12 @@ impl Failure {
         }
     }
 
+    /// The client's doing: it went away, or its request was refused
+    /// (pingora's 400, our 431). Nothing for the proxy's operators.
+    pub fn is_clients_doing(self) -> bool {
+        matches!(self, Failure::ClientGone | Failure::Status(400..=499))
+    }
+
     fn message(self) -> &'static str {
         match self {
             Failure::StoreUnavailable => "session store unavailable",

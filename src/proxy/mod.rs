@@ -484,15 +484,17 @@ impl ProxyHttp for SessionProxy {
         }
     }
 
-    /// A client that hangs up is the client's business, not an error of
-    /// the proxy's: pingora would log it at ERROR, the level operators
-    /// are paged on, and any client can make as many as it likes.
+    /// A client that hangs up or sends a request we refuse is the client's
+    /// business, not an error of the proxy's: pingora would log it at
+    /// ERROR, the level operators are paged on, and any client can make as
+    /// many as it likes.
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
-        let gone = failure_of(ctx, e) == Failure::ClientGone;
-        if gone {
-            debug!("client went away: {e}");
+        let failure = failure_of(ctx, e);
+        let clients = failure.is_clients_doing();
+        if clients {
+            debug!("client's request failed ({failure:?}): {e}");
         }
-        gone
+        clients
     }
 
     async fn fail_to_proxy(
