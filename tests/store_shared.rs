@@ -411,7 +411,8 @@ struct Relay {
     port: u16,
     target: SocketAddr,
     frozen: tokio::sync::watch::Sender<bool>,
-    tasks: Option<JoinSet<()>>,
+    accept: Option<tokio::task::JoinHandle<()>>,
+    connections: Arc<std::sync::Mutex<JoinSet<()>>>,
 }
 
 impl Relay {
@@ -423,7 +424,8 @@ impl Relay {
             port,
             target,
             frozen: tokio::sync::watch::channel(false).0,
-            tasks: None,
+            accept: None,
+            connections: Arc::default(),
         };
         relay.serve(listener);
         relay
@@ -432,12 +434,11 @@ impl Relay {
     fn serve(&mut self, listener: TcpListener) {
         let target = self.target;
         let frozen = self.frozen.clone();
-        let mut tasks = JoinSet::new();
-        tasks.spawn(async move {
-            let mut connections = JoinSet::new();
+        let connections = Arc::clone(&self.connections);
+        self.accept = Some(tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let mut frozen = frozen.subscribe();
-                connections.spawn(async move {
+                let relayed = async move {
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
                     };
@@ -450,16 +451,31 @@ impl Relay {
                     }
                     // Hold both ends open, silent, until stopped.
                     std::future::pending::<()>().await;
-                });
+                };
+                connections
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .spawn(relayed);
             }
-        });
-        self.tasks = Some(tasks);
+        }));
     }
 
-    fn stop(&mut self) {
-        // Dropping the JoinSets aborts the accept loop and, with it, the
-        // set of relayed connections it owns.
-        self.tasks = None;
+    /// Returns once the port refuses and every relayed connection is
+    /// closed: an abort only takes effect when the runtime gets to the
+    /// task, and a command sent before that would still get through.
+    async fn stop(&mut self) {
+        if let Some(accept) = self.accept.take() {
+            accept.abort();
+            let _ = accept.await;
+        }
+        let mut connections = std::mem::take(
+            &mut *self
+                .connections
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
 
     fn freeze(&mut self) {
@@ -468,9 +484,9 @@ impl Relay {
 
     /// Closes whatever is open (frozen or not) and forwards again.
     async fn restart(&mut self) {
-        self.stop();
+        self.stop().await;
         self.frozen.send_replace(false);
-        // The aborted accept loop lets go of the port a moment later.
+        // The closed listener's port may take a moment to be free again.
         let deadline = Instant::now() + Duration::from_secs(5);
         let listener = loop {
             let socket = TcpSocket::new_v4().expect("socket");
@@ -482,6 +498,15 @@ impl Relay {
             }
         };
         self.serve(listener);
+    }
+}
+
+impl Drop for Relay {
+    /// The relayed connections go with the last handle on their set.
+    fn drop(&mut self) {
+        if let Some(accept) = &self.accept {
+            accept.abort();
+        }
     }
 }
 
@@ -502,7 +527,7 @@ where
 {
     op().await.expect("works through the relay");
     match fault {
-        Fault::Stopped => relay.stop(),
+        Fault::Stopped => relay.stop().await,
         Fault::Frozen => relay.freeze(),
     }
     for _ in 0..2 {
@@ -930,7 +955,7 @@ async fn postgres_a_dead_server_at_start_is_an_error_within_the_timeout() {
         return;
     }
     let mut relay = Relay::start(POSTGRES_ADDR).await;
-    relay.stop();
+    relay.stop().await;
     let started = Instant::now();
     let url = format!("postgres://postgres@127.0.0.1:{}/test", relay.port);
     let outcome = PostgresStore::connect(&url, "unused", 2, TIMEOUT).await;
