@@ -26,6 +26,9 @@
 #                   core, without pingora-proxy (examples/core_loop.rs)
 #   apache-read     Apache mod_session dbd, read     :18286 /read/x
 #   apache-write    Apache mod_session dbd, write    :18286 /write/x
+#   lua-bypass      nginx + Lua session peer         :18278 /bypass/x
+#   lua-read        (../shared/peers/nginx-lua-      :18278 /read/x
+#   lua-write       session), memory store           :18278 /write/x
 #   bypass          session-proxy, bypassed path     :18282 /bypass/x  (memory store)
 #   read-memory     session read path (no update)    :18282 /read/x
 #   write-memory    session write path (every req)   :18282 /write/x
@@ -54,6 +57,10 @@
 #                         loop fires every pause due in the same millisecond
 #                         together, bursts that p99 then measures (round 11)
 #      SCALE_SESSIONS (1000000)
+#      LUA_RESTART (1)    1 = the Lua peer starts afresh before each round in which
+#                         it runs, warmed in that round's order: its LuaJIT traces
+#                         differ from one start to the next (the peer's NOTES.md),
+#                         so the median samples several; 0 = one start
 #      BUILD (1)          0 = use BIN as it is
 #      BIN                default ${CARGO_TARGET_DIR:-target}/release/session-proxy
 #      BARE, CORE         the pingora and pingora-core targets' binaries, default
@@ -83,6 +90,7 @@ DELAY_MS=${DELAY_MS:-auto}
 LOAD_PCT=${LOAD_PCT:-25}
 LATENCY_COOKIES=${LATENCY_COOKIES:-users}
 SCALE_SESSIONS=${SCALE_SESSIONS:-1000000}
+LUA_RESTART=${LUA_RESTART:-1}
 BUILD=${BUILD:-1}
 BIN=${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/session-proxy}
 BARE=${BARE:-${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bare_pingora}
@@ -121,19 +129,20 @@ rm -f "$RUN_DIR"/*.log "$RUN_DIR"/*.check   # the notes count this run's warning
 declare -A SRV_PID=() SRV_PORT=() SKIPPED=()
 STARTED=()
 
+stop_server() {  # NAME
+    local name=$1 pid=${SRV_PID[$1]:-} i
+    [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 0
+    case $name in
+        upstream | proxy | lua) kill -QUIT "$pid" 2>/dev/null || true ;;
+        bare | core) kill -INT "$pid" 2>/dev/null || true ;;  # pingora's fast shutdown
+        *) kill -TERM "$pid" 2>/dev/null || true ;;
+    esac
+    for ((i = 0; i < 100; i++)); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+    [ -d "/proc/$pid" ] && kill -KILL "$pid" 2>/dev/null || true
+}
 stop_all() {
-    local name pid i
-    for name in "${STARTED[@]}"; do
-        pid=${SRV_PID[$name]:-}
-        [ -n "$pid" ] && [ -d "/proc/$pid" ] || continue
-        case $name in
-            upstream | proxy) kill -QUIT "$pid" 2>/dev/null || true ;;
-            bare | core) kill -INT "$pid" 2>/dev/null || true ;;  # pingora's fast shutdown
-            *) kill -TERM "$pid" 2>/dev/null || true ;;
-        esac
-        for ((i = 0; i < 100; i++)); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
-        [ -d "/proc/$pid" ] && kill -KILL "$pid" 2>/dev/null || true
-    done
+    local name
+    for name in "${STARTED[@]}"; do stop_server "$name"; done
     STARTED=()
 }
 trap stop_all EXIT
@@ -164,20 +173,27 @@ start_nginx() {  # NAME CONF PORT
     taskset -c 1 "$NGINX" -p "$prefix" -c "$WRK_DIR/$2" -e "${prefix}error.log"
     SRV_PID[$name]=$(pid_from_file "$prefix/nginx.pid")
     SRV_PORT[$name]=$3
-    STARTED+=("$name")
+    [[ " ${STARTED[*]} " == *" $name "* ]] || STARTED+=("$name")
     wait_http "$3" / || { echo "$name did not come up" >&2; exit 1; }
 }
 
-start_apache() {
-    local dir="$RUN_DIR/apache" peers
+# The peers' working setups (../shared/peers/NAME/), if this machine has them.
+peer_dir() {  # NAME: prints the folder, or fails
+    local peers
     for peers in "$ROOT/../shared/peers" "$ROOT/../../shared/peers" /work/shared/peers; do
-        [ -f "$peers/apache-mod-session/env.sh" ] && break
+        [ -f "$peers/$1/env.sh" ] && { echo "$peers/$1"; return 0; }
     done
+    return 1
+}
+
+start_apache() {
+    local dir="$RUN_DIR/apache" peer
+    peer=$(peer_dir apache-mod-session) || peer=""
     if [ ! -x "$APACHE" ] || [ ! -e /usr/lib/apache2/modules/mod_session_dbd.so ] ||
         ! ls /usr/lib/*/apr-util-1/apr_dbd_sqlite3*.so >/dev/null 2>&1; then
         # the peer's own installer (Debian packages, no service started)
-        if [ -f "$peers/apache-mod-session/env.sh" ]; then
-            (. "$peers/apache-mod-session/env.sh" && peer_ensure_packages) || true
+        if [ -n "$peer" ]; then
+            (. "$peer/env.sh" && peer_ensure_packages) || true
         fi
     fi
     if [ ! -x "$APACHE" ] || ! command -v sqlite3 >/dev/null; then
@@ -198,6 +214,26 @@ SQL
     SRV_PORT[apache]=18286
     STARTED+=(apache)
     wait_http 18286 /read/x || { echo "apache did not come up" >&2; tail "$dir/error.log" >&2; exit 1; }
+}
+
+# The nginx + Lua session peer: its session.lua, our conf (ports).
+LUA_SECRET=$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')
+start_lua() {
+    local dir="$RUN_DIR/lua" peer
+    if ! peer=$(peer_dir nginx-lua-session); then
+        SKIPPED[lua]="the nginx-lua-session peer is not on this machine"
+        return
+    fi
+    if [ ! -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || [ ! -e /usr/share/lua/5.1/resty/core.lua ]; then
+        (. "$peer/env.sh" && peer_ensure_packages) || true  # Debian packages, no service started
+    fi
+    if [ ! -e /usr/lib/nginx/modules/ngx_http_lua_module.so ]; then
+        SKIPPED[lua]="libnginx-mod-http-lua not installed"
+        return
+    fi
+    mkdir -p "$dir"
+    ln -sfn "$peer" "$dir/lua"
+    SESSION_PROXY_SECRET_KEYS=$LUA_SECRET start_nginx lua nginx-lua-session.conf 18278
 }
 
 . "$ROOT/benches/proxy-toml.sh"
@@ -298,6 +334,9 @@ declare -A TARGET=(
     [pingora-core]="core /bypass/x session_id"
     [apache-read]="apache /read/x peersid"
     [apache-write]="apache /write/x peersid"
+    [lua-bypass]="lua /bypass/x session_id"
+    [lua-read]="lua /read/x session_id"
+    [lua-write]="lua /write/x session_id"
     [bypass]="memory /bypass/x session_id"
     [read-memory]="memory /read/x session_id"
     [write-memory]="memory /write/x session_id"
@@ -308,8 +347,8 @@ declare -A TARGET=(
     [read-postgres]="postgres /read/x session_id"
     [write-postgres]="postgres /write/x session_id"
 )
-ORDER=(upstream nginx pingora pingora-core apache-read apache-write bypass read-memory write-memory
-    read-disk write-disk read-redis write-redis read-postgres write-postgres)
+ORDER=(upstream nginx pingora pingora-core apache-read apache-write lua-bypass lua-read lua-write
+    bypass read-memory write-memory read-disk write-disk read-redis write-redis read-postgres write-postgres)
 
 log "starting the servers (pinned to CPU 1)"
 start_nginx upstream nginx-upstream.conf 18280
@@ -317,6 +356,7 @@ start_nginx proxy nginx-proxy.conf 18281
 start_baseline bare "$BARE" 18289
 start_baseline core "$CORE" 18279
 start_apache
+start_lua
 start_proxy memory 18282 memory
 start_proxy disk 18283 disk
 start_proxy redis 18284 redis
@@ -332,8 +372,13 @@ for entry in $COMPARE; do
     port=$((port + 1))
 done
 
-OURS=""
-for name in "${STARTED[@]}"; do OURS="$OURS $(with_children "${SRV_PID[$name]}" | tr '\n' ' ')"; done
+# every pid of our servers, for the foreign CPU
+ours() {
+    local name
+    OURS=""
+    for name in "${STARTED[@]}"; do OURS="$OURS $(with_children "${SRV_PID[$name]}" | tr '\n' ' ')"; done
+}
+ours
 for p in $OURS; do
     aff=$(taskset -pc "$p" | sed 's/.*: //')
     [ "$aff" = 1 ] || { echo "pid $p is not pinned to CPU 1 ($aff)" >&2; exit 1; }
@@ -353,12 +398,16 @@ done
 # a fixed session per target (COOKIES=fixed, and the fallback of the
 # upstream and nginx targets, which never set a cookie)
 declare -A FIXED=()
-for t in "${RUN_TARGETS[@]}"; do
-    read -r server path cname <<<"${TARGET[$t]}"
-    case $server in upstream | proxy | bare | core) continue ;; esac
-    FIXED[$t]=$(new_cookie "${SRV_PORT[$server]}" "$cname")
-    [ -n "${FIXED[$t]}" ] || { echo "$t: no session cookie from /write/login" >&2; exit 1; }
-done
+fixed_cookies() {  # TARGET...
+    local t server path cname
+    for t in "$@"; do
+        read -r server path cname <<<"${TARGET[$t]}"
+        case $server in upstream | proxy | bare | core) continue ;; esac
+        FIXED[$t]=$(new_cookie "${SRV_PORT[$server]}" "$cname")
+        [ -n "${FIXED[$t]}" ] || { echo "$t: no session cookie from /write/login" >&2; exit 1; }
+    done
+}
+fixed_cookies "${RUN_TARGETS[@]}"
 FALLBACK=$(new_cookie 18282 session_id)
 
 # smoke test: the read path resolves the session (no Set-Cookie), the
@@ -418,19 +467,40 @@ run_wrk() {  # PHASE REP TARGET [DELAY_MS]
         "${errs:-0}" "$pre" "$foreign" "$srv_us" "$up_us" "$(((st1 - st0) * 100 / (t1 - t0)))" | tee -a "$RAW" >&2
 }
 
+warm_up() {  # PHASE DELAY_MS TARGET...: a WARMUP-long run of each, not recorded
+    local phase=$1 delay=$2 t cmd
+    shift 2
+    for t in "$@"; do
+        mapfile -t cmd < <(wrk_args "$t" "$delay")
+        taskset -c 0 "${cmd[@]:0:${#cmd[@]}-1}" -d"$WARMUP" "${cmd[-1]}" > "$OUT_DIR/warmup-$phase-$t.txt" 2>&1 || true
+    done
+}
+
+# The Lua peer afresh, warmed on its targets of this round in its order.
+restart_lua() {  # PHASE DELAY_MS TARGET...
+    local phase=$1 delay=$2 t mine=()
+    shift 2
+    for t in "$@"; do [[ $t == lua-* ]] && mine+=("$t"); done
+    [ "${#mine[@]}" -gt 0 ] || return 0
+    stop_server lua
+    SESSION_PROXY_SECRET_KEYS=$LUA_SECRET start_nginx lua nginx-lua-session.conf 18278
+    ours
+    log "lua peer started afresh (pid ${SRV_PID[lua]}), warming ${mine[*]}"
+    fixed_cookies "${mine[@]}"
+    warm_up "$phase" "$delay" "${mine[@]}"
+}
+
 rounds() {  # PHASE DELAY_MS TARGET...: REPS interleaved rounds, rotated start
-    local phase=$1 delay=$2 rep k n order cmd
+    local phase=$1 delay=$2 rep k n order
     shift 2
     local targets=("$@")
     n=${#targets[@]}
     [ "$n" -gt 0 ] || return 0
-    for t in "${targets[@]}"; do  # warm-up, not recorded
-        mapfile -t cmd < <(wrk_args "$t" "$delay")
-        taskset -c 0 "${cmd[@]:0:${#cmd[@]}-1}" -d"$WARMUP" "${cmd[-1]}" > "$OUT_DIR/warmup-$phase-$t.txt" 2>&1 || true
-    done
+    warm_up "$phase" "$delay" "${targets[@]}"
     for rep in $(seq 1 "$REPS"); do
         order=()
         for k in $(seq 0 $((n - 1))); do order+=("${targets[$(((k + rep - 1) % n))]}"); done
+        if [ "$rep" -gt 1 ] && [ "$LUA_RESTART" = 1 ]; then restart_lua "$phase" "$delay" "${order[@]}"; fi
         for t in "${order[@]}"; do run_wrk "$phase" "$rep" "$t" "$delay"; done
     done
 }
@@ -575,7 +645,8 @@ def verdict(value, goal, higher=True):
     ok = value >= goal if higher else value <= goal
     return "met" if ok else "**not met**"
 
-order = ["upstream", "nginx", "pingora", "pingora-core", "apache-read", "apache-write", "bypass", "read-memory", "write-memory",
+order = ["upstream", "nginx", "pingora", "pingora-core", "apache-read", "apache-write", "lua-bypass", "lua-read", "lua-write",
+         "bypass", "read-memory", "write-memory",
          "read-disk", "write-disk", "read-redis", "write-redis", "read-postgres", "write-postgres"]
 lines = []
 print(open(os.path.join(out_dir, "machine.txt")).read().rstrip())
@@ -606,7 +677,9 @@ if med:
                  ("write-postgres", "bypass"), ("read-memory", "nginx"), ("read-memory", "apache-read"),
                  ("nginx", "upstream"), ("bypass", "upstream"),
                  ("pingora", "nginx"), ("bypass", "pingora"),
-                 ("pingora-core", "nginx"), ("pingora-core", "pingora")):
+                 ("pingora-core", "nginx"), ("pingora-core", "pingora"),
+                 ("lua-read", "lua-bypass"), ("lua-write", "lua-bypass"), ("lua-bypass", "nginx"),
+                 ("bypass", "lua-bypass"), ("read-memory", "lua-read"), ("write-memory", "lua-write")):
         if x in med and y in med:
             best = med[x]["hi"] / med[y]["hi"]
             lines.append(f"| {x} / {y} | {med[x]['rps'] / med[y]['rps']:.3f} | | | {rounds_of(x, y)} | {median_of_rounds(x, y)} | {best:.3f} |")
@@ -625,7 +698,8 @@ if med:
             if r and b:
                 lines.append(f"| {path}@{build} / bypass@{build} | {r['rps'] / b['rps']:.3f} | | |")
     lines += ["", "| CPU µs per request of the serving process | value |", "|---|---:|"]
-    for x, y in (("bypass", "nginx"), ("pingora", "nginx"), ("bypass", "pingora"), ("pingora-core", "nginx"), ("read-memory", "bypass"), ("write-memory", "bypass"), ("write-disk", "bypass")):
+    for x, y in (("bypass", "nginx"), ("pingora", "nginx"), ("bypass", "pingora"), ("pingora-core", "nginx"), ("read-memory", "bypass"), ("write-memory", "bypass"), ("write-disk", "bypass"),
+                 ("lua-bypass", "nginx"), ("lua-read", "lua-bypass"), ("lua-write", "lua-bypass"), ("read-memory", "lua-read"), ("write-memory", "lua-write")):
         if x in med and y in med:
             lines.append(f"| {x} − {y} | {med[x]['srv'] - med[y]['srv']:+.1f} |")
 lat = medians("latency")
