@@ -13,6 +13,10 @@
 #        REDIS_URL (redis://127.0.0.1:6379),
 #        A_SESSION, B_SESSION: extra [session] lines for one side
 #        (e.g. B_SESSION='touch_interval = 0'),
+#        PEER_B=lua: side B is the nginx + Lua session peer
+#        (../shared/peers/nginx-lua-session, benches/peers.sh) instead of
+#        BIN_B, which is then not used; one start, so one of its LuaJIT
+#        states (its NOTES.md): run it more than once,
 #        SESSIONS_A, SESSIONS_B: store that many sessions in each proxy
 #        first (benches/wrk/prefill.lua), then read a random one per
 #        request (benches/wrk/scale.lua, wrk -t1) instead of one session
@@ -55,6 +59,7 @@ STORE_B=${STORE_B:-${STORE:-memory}}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 SESSIONS_A=${SESSIONS_A:-}
 SESSIONS_B=${SESSIONS_B:-}
+PEER_B=${PEER_B:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=/tmp/session-proxy-ab
 for b in "$BIN_A" "$BIN_B"; do
@@ -65,6 +70,7 @@ if [ -n "$SESSIONS_A$SESSIONS_B" ] &&
     echo "SESSIONS_A and SESSIONS_B go together, with the memory store" >&2
     exit 2
 fi
+case $PEER_B in "" | lua) ;; *) echo "PEER_B is lua or nothing" >&2; exit 2 ;; esac
 for b in nginx wrk taskset setsid python3; do
     command -v "$b" >/dev/null || { echo "missing $b" >&2; exit 1; }
 done
@@ -82,6 +88,9 @@ trap stop EXIT
 
 # shellcheck source=benches/proxy-toml.sh
 source "$ROOT/benches/proxy-toml.sh"
+# shellcheck source=benches/peers.sh
+source "$ROOT/benches/peers.sh"
+SECRET=ab-benchmark-secret-key-0123456789abcdef
 wait_for_port() {
     for _ in $(seq 50); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
@@ -95,6 +104,10 @@ start() { # SIDE UPSTREAM_PORT PROXY_PORT BIN STORE EXTRA_SESSION_LINES
     mkdir -p "$up/tmp"
     sed "s/127.0.0.1:18280/127.0.0.1:$2/" "$ROOT/benches/wrk/nginx-upstream.conf" > "$up/nginx.conf"
     taskset -c 1 nginx -p "$up/" -c "$up/nginx.conf" -e "$up/error.log"
+    if [ "$1" = b ] && [ "$PEER_B" = lua ]; then
+        start_lua_peer "$2" "$3"
+        return
+    fi
     case $5 in
         memory) # both sides alike, with room for what the prefill's last requests add
             [ -n "$SESSIONS_A" ] && store="max_entries = $(((SESSIONS_A > SESSIONS_B ? SESSIONS_A : SESSIONS_B) + 100000))" ;;
@@ -103,12 +116,20 @@ start() { # SIDE UPSTREAM_PORT PROXY_PORT BIN STORE EXTRA_SESSION_LINES
 key_prefix = \"bench-ab-$1-$$:\"" ;;
         *) echo "a store is memory, disk or redis" >&2; exit 2 ;;
     esac
-    proxy_toml "$3" "$2" "ab-benchmark-secret-key-0123456789abcdef" "$5" "$store" |
+    proxy_toml "$3" "$2" "$SECRET" "$5" "$store" |
         awk -v extra="$6" '{ print } /^\[session\]$/ && extra != "" { print extra }' > "$DIR/$1.toml"
     RUST_LOG=warn taskset -c 1 setsid "$4" run -c "$DIR/$1.toml" > "$DIR/$1.log" 2>&1 &
     PIDS+=("$!")
     wait_for_port "$2"
     wait_for_port "$3"
+}
+start_lua_peer() { # UPSTREAM_PORT PROXY_PORT: side B
+    local prefix="$DIR/lua-b" why
+    why=$(lua_peer_prepare "$prefix" "$2" "$1") || { echo "PEER_B=lua: $why" >&2; exit 1; }
+    SESSION_PROXY_SECRET_KEYS=$SECRET taskset -c 1 nginx -p "$prefix/" -c "$prefix/nginx.conf" -e "$prefix/error.log"
+    wait_for_port "$1"
+    wait_for_port "$2"
+    PIDS+=("$(cat "$prefix/nginx.pid")")  # the master; ticks() adds its worker
 }
 mkdir -p "$DIR"
 start a 18480 18481 "$BIN_A" "$STORE_A" "${A_SESSION:-}"
@@ -148,8 +169,9 @@ load() { # SIDE PORT PATH
     fi
 }
 
-echo "# $(date -u +%FT%TZ) A: $BIN_A $PATH_A $STORE_A${A_SESSION:+ ($A_SESSION)}${SESSIONS_A:+, $SESSIONS_A sessions};" \
-    "B: $BIN_B $PATH_B $STORE_B${B_SESSION:+ ($B_SESSION)}${SESSIONS_B:+, $SESSIONS_B sessions}"
+B_IS="$BIN_B $PATH_B $STORE_B${B_SESSION:+ ($B_SESSION)}${SESSIONS_B:+, $SESSIONS_B sessions}"
+[ "$PEER_B" = lua ] && B_IS="the nginx + Lua peer $PATH_B"
+echo "# $(date -u +%FT%TZ) A: $BIN_A $PATH_A $STORE_A${A_SESSION:+ ($A_SESSION)}${SESSIONS_A:+, $SESSIONS_A sessions}; B: $B_IS"
 printf 'round\tA_rps\tA_proxy_us\tA_total_us\tB_rps\tB_proxy_us\tB_total_us\tB/A_rps\tB/A_proxy\tB/A_total\n' > "$DIR/rounds.tsv"
 cat "$DIR/rounds.tsv"
 for round in $(seq "$ROUNDS"); do

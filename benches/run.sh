@@ -165,26 +165,21 @@ claim_port() {  # PORT NAME
     if port_busy "$1"; then echo "port 127.0.0.1:$1 ($2) is taken by something that is not ours" >&2; exit 1; fi
 }
 
-start_nginx() {  # NAME CONF PORT
-    local name=$1 prefix="$RUN_DIR/$1/"
+start_nginx() {  # NAME CONF PORT (CONF: a path, or a file of benches/wrk/)
+    local name=$1 prefix="$RUN_DIR/$1/" conf=$2
+    [[ $conf == /* ]] || conf="$WRK_DIR/$conf"
     claim_port "$3" "$name"
     mkdir -p "$prefix/tmp"
     rm -f "$prefix/nginx.pid"
-    taskset -c 1 "$NGINX" -p "$prefix" -c "$WRK_DIR/$2" -e "${prefix}error.log"
+    taskset -c 1 "$NGINX" -p "$prefix" -c "$conf" -e "${prefix}error.log"
     SRV_PID[$name]=$(pid_from_file "$prefix/nginx.pid")
     SRV_PORT[$name]=$3
     [[ " ${STARTED[*]} " == *" $name "* ]] || STARTED+=("$name")
     wait_http "$3" / || { echo "$name did not come up" >&2; exit 1; }
 }
 
-# The peers' working setups (../shared/peers/NAME/), if this machine has them.
-peer_dir() {  # NAME: prints the folder, or fails
-    local peers
-    for peers in "$ROOT/../shared/peers" "$ROOT/../../shared/peers" /work/shared/peers; do
-        [ -f "$peers/$1/env.sh" ] && { echo "$peers/$1"; return 0; }
-    done
-    return 1
-}
+# shellcheck source=benches/peers.sh
+. "$ROOT/benches/peers.sh"
 
 start_apache() {
     local dir="$RUN_DIR/apache" peer
@@ -219,21 +214,12 @@ SQL
 # The nginx + Lua session peer: its session.lua, our conf (ports).
 LUA_SECRET=$(head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')
 start_lua() {
-    local dir="$RUN_DIR/lua" peer
-    if ! peer=$(peer_dir nginx-lua-session); then
-        SKIPPED[lua]="the nginx-lua-session peer is not on this machine"
+    local why
+    if ! why=$(lua_peer_prepare "$RUN_DIR/lua" 18278 18280); then
+        SKIPPED[lua]=$why
         return
     fi
-    if [ ! -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || [ ! -e /usr/share/lua/5.1/resty/core.lua ]; then
-        (. "$peer/env.sh" && peer_ensure_packages) || true  # Debian packages, no service started
-    fi
-    if [ ! -e /usr/lib/nginx/modules/ngx_http_lua_module.so ]; then
-        SKIPPED[lua]="libnginx-mod-http-lua not installed"
-        return
-    fi
-    mkdir -p "$dir"
-    ln -sfn "$peer" "$dir/lua"
-    SESSION_PROXY_SECRET_KEYS=$LUA_SECRET start_nginx lua nginx-lua-session.conf 18278
+    SESSION_PROXY_SECRET_KEYS=$LUA_SECRET start_nginx lua "$RUN_DIR/lua/nginx.conf" 18278
 }
 
 . "$ROOT/benches/proxy-toml.sh"
@@ -483,7 +469,7 @@ restart_lua() {  # PHASE DELAY_MS TARGET...
     for t in "$@"; do [[ $t == lua-* ]] && mine+=("$t"); done
     [ "${#mine[@]}" -gt 0 ] || return 0
     stop_server lua
-    SESSION_PROXY_SECRET_KEYS=$LUA_SECRET start_nginx lua nginx-lua-session.conf 18278
+    SESSION_PROXY_SECRET_KEYS=$LUA_SECRET start_nginx lua "$RUN_DIR/lua/nginx.conf" 18278
     ours
     log "lua peer started afresh (pid ${SRV_PID[lua]}), warming ${mine[*]}"
     fixed_cookies "${mine[@]}"
