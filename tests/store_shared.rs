@@ -882,6 +882,29 @@ async fn postgres_a_write_on_an_unchanged_version_is_one_step() {
     );
 }
 
+/// `jsonb` refuses `\u0000`, which JSON and the `text` column hold: a
+/// record with one is written and touched without the cast instead,
+/// rather than a 503 on every later write of its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_record_holding_a_nul_character_stays_writable() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let store = table.store().await;
+    let handle = handle(20);
+    let t = now() - 1000;
+    let seen = record(json!({"a": "x\u{0}y"}), t, t);
+    put(&store, &handle, &seen).await;
+    let given = std::sync::Mutex::new(Vec::new());
+    let bump = bump_noting(&given);
+    let written = store.modify_seen(&handle, &seen, &bump).await.unwrap();
+    assert_eq!(written.map(|record| record.ver), Some(2));
+    store.touch(&handle, t + 500).await.unwrap();
+    let stored = store.load(&handle).await.unwrap().expect("stored");
+    assert_eq!((stored.ver, stored.atime), (2, t + 500));
+    assert_eq!(stored.data, seen.data);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sweeps_expired_records_in_batches() {
     let Some(table) = PgTable::new().await else {

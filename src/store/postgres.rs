@@ -47,7 +47,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::per_thread::PerThread;
-use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
+use super::{touch_by_modify, Change, Decide, Expiry, Handle, Record, Store, StoreError};
 
 /// Rows deleted by one sweep statement: small enough that no statement
 /// holds many row locks or runs for long.
@@ -334,7 +334,8 @@ impl PostgresStore {
 
     /// Writes `record` if the stored one is still at version `ver`, in
     /// one statement (its own transaction); `false` if it is not, or does
-    /// not parse (the caller's fallback reports that).
+    /// not parse (the caller's fallback reports that), or holds what
+    /// `jsonb` refuses (the fallback does without the cast).
     async fn update_if_version_on(
         &self,
         client: &ClientWrapper,
@@ -348,23 +349,26 @@ impl PostgresStore {
         let params: [&(dyn ToSql + Sync); 4] = [&handle.as_str(), &atime, &json, &ver];
         match client.execute(&update, &params).await {
             Ok(written) => Ok(written == 1),
-            Err(error) if is_bad_data(&error) => Ok(false),
+            Err(error) if is_bad_data(&error) || is_beyond_jsonb(&error) => Ok(false),
             Err(error) => Err(error.into()),
         }
     }
 
+    /// The touch in one statement; `false` when the record holds what
+    /// `jsonb` refuses, for the caller to touch it without the cast.
     async fn touch_on(
         &self,
         client: &ClientWrapper,
         handle: &Handle,
         atime: u64,
-    ) -> Result<(), Failure> {
+    ) -> Result<bool, Failure> {
         let touch = client.prepare_cached(&self.sql.touch).await?;
         match client
             .execute(&touch, &[&handle.as_str(), &unix_i64(atime)])
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(true),
+            Err(error) if is_beyond_jsonb(&error) => Ok(false),
             Err(error) if is_bad_data(&error) => Err(Failure::Clean(corrupt(
                 handle,
                 "data is not a JSON record".into(),
@@ -580,7 +584,10 @@ impl Store for PostgresStore {
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
         let (client, deadline) = self.checkout().await?;
         let outcome = timeout_at(deadline, self.touch_on(&client, handle, atime)).await;
-        finish(client, outcome)
+        if finish(client, outcome)? {
+            return Ok(());
+        }
+        touch_by_modify(self, handle, atime).await
     }
 
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
@@ -761,6 +768,13 @@ fn unavailable(error: &tokio_postgres::Error) -> StoreError {
 fn is_bad_data(error: &tokio_postgres::Error) -> bool {
     error.code() == Some(&SqlState::INVALID_TEXT_REPRESENTATION)
         || error.code() == Some(&SqlState::INVALID_PARAMETER_VALUE)
+}
+
+/// The stored data is JSON that `jsonb` cannot hold: a string with
+/// `\u0000` in it, which `text` and JSON allow. Only the one-statement
+/// write and touch cast to `jsonb`; the locking `modify` reads the text.
+fn is_beyond_jsonb(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::UNTRANSLATABLE_CHARACTER)
 }
 
 /// Unix seconds as PostgreSQL's bigint; times past 2^63 s do not occur.
