@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use session_proxy::store::postgres::PostgresStore;
 use session_proxy::store::redis::RedisStore;
-use session_proxy::store::{Change, Expiry, Handle, Record, Store, StoreError};
+use session_proxy::store::{Change, Expiry, Handle, Record, Serialized, Store, StoreError};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
@@ -1334,6 +1334,44 @@ async fn redis_fails_within_the_timeout_while_cut_off_and_recovers_by_itself() {
         survives(&mut relay, fault, write_and_read).await;
         survives(&mut relay, fault, || store.ping()).await;
     }
+}
+
+/// Writers of one session take turns in the process (`Serialized`, as
+/// `store::open` wraps Redis and PostgreSQL) before they reach the server.
+/// With the server hung, a wait for a turn gives up within the timeout
+/// too: no writer waits out the timeouts of all those ahead of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_writers_of_one_session_all_fail_within_two_timeouts_while_it_hangs() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let mut relay = Relay::start(REDIS_ADDR).await;
+    let url = format!("redis://127.0.0.1:{}", relay.port);
+    let redis = RedisStore::connect(&url, &prefix.prefix, TIMEOUT, IDLE_TTL)
+        .await
+        .unwrap();
+    let store = Arc::new(Serialized::new(redis, TIMEOUT));
+    let handle = handle(21);
+    increment(&*store, &handle).await.unwrap();
+    relay.freeze();
+    let started = Instant::now();
+    let mut writers = JoinSet::new();
+    for _ in 0..5 {
+        let (store, handle) = (Arc::clone(&store), handle.clone());
+        writers.spawn(async move { (increment(&*store, &handle).await, started.elapsed()) });
+    }
+    while let Some(joined) = writers.join_next().await {
+        let (outcome, elapsed) = joined.unwrap();
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable(_))),
+            "{outcome:?}"
+        );
+        assert!(
+            elapsed < 2 * TIMEOUT + Duration::from_secs(1),
+            "a writer failed after {elapsed:?}"
+        );
+    }
+    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

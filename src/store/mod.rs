@@ -201,13 +201,13 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
             let postgres =
                 postgres::PostgresStore::connect(&store.url, &store.table, pool_size, timeout)
                     .await?;
-            Arc::new(Serialized::new(postgres))
+            Arc::new(Serialized::new(postgres, timeout))
         }
         StoreKind::Redis => {
             let (url, prefix) = (&store.url, &store.key_prefix);
             let ttl = config.session.timeout;
             let redis = redis::RedisStore::connect(url, prefix, timeout, ttl).await?;
-            Arc::new(Serialized::new(redis))
+            Arc::new(Serialized::new(redis, timeout))
         }
     })
 }

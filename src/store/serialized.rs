@@ -7,25 +7,46 @@
 //! session (a page firing a dozen XHRs) could then run out of retries.
 //! Queueing those writers here first costs nothing when there is no
 //! contention and turns contention into an orderly wait.
+//!
+//! The wait for a turn is bounded by the store's timeout too. Each writer
+//! ahead holds its turn for at most that long; unbounded, the k-th of k
+//! writers to a server that stopped answering would get its 503 after k
+//! timeouts. Bounded, every writer has its answer within two.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::{Decide, Expiry, Handle, Lease, Record, Store, StoreError};
-use crate::locks::HandleLocks;
+use crate::locks::{HandleLock, HandleLocks};
 
 pub struct Serialized<S> {
     inner: S,
     locks: HandleLocks,
+    /// The longest wait for a turn: the store's operation timeout.
+    wait: Duration,
 }
 
 impl<S> Serialized<S> {
-    pub fn new(inner: S) -> Serialized<S> {
+    pub fn new(inner: S, wait: Duration) -> Serialized<S> {
         Serialized {
             inner,
             locks: HandleLocks::default(),
+            wait,
         }
+    }
+
+    async fn turn(&self, handle: &Handle) -> Result<HandleLock, StoreError> {
+        self.locks
+            .lock_within(handle, self.wait)
+            .await
+            .ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "session {}: earlier writes of it did not finish within {:?}",
+                    handle.short(),
+                    self.wait
+                ))
+            })
     }
 }
 
@@ -40,7 +61,7 @@ impl<S: Store> Store for Serialized<S> {
         handle: &Handle,
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
-        let _turn = self.locks.lock(handle).await;
+        let _turn = self.turn(handle).await?;
         self.inner.modify(handle, decide).await
     }
 
@@ -50,7 +71,7 @@ impl<S: Store> Store for Serialized<S> {
         seen: &Record,
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
-        let _turn = self.locks.lock(handle).await;
+        let _turn = self.turn(handle).await?;
         self.inner.modify_seen(handle, seen, decide).await
     }
 
