@@ -70,6 +70,39 @@ fn an_invalid_update_is_a_502_and_leaves_the_session_unchanged() {
     );
 }
 
+/// SPEC [5]: an invalid update is "logged with the handle", whether the
+/// headers do not parse or the merged data would be too large.
+#[test]
+fn an_invalid_update_is_logged_with_the_sessions_handle() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("max_data_bytes = 64");
+    let log = config.dir.path().join("proxy.log");
+    let proxy = config.start_logging("warn", &log);
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a": 1}"#)]);
+    let handle = handle_of(&browser.cookie.clone().unwrap());
+    let big = format!(r#"{{"big": "{}"}}"#, "x".repeat(80));
+    for headers in [
+        vec![("X-Test-Update", "not json")],
+        vec![("X-Test-Update", big.as_str())],
+        vec![
+            ("X-Test-Action", "regenerate"),
+            ("X-Test-Update", big.as_str()),
+        ],
+    ] {
+        assert_eq!(browser.get("/", &headers).status, 502, "{headers:?}");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("invalid session update from upstream"))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{text}");
+    for line in warnings {
+        assert!(line.contains(&handle[..8]), "no handle in: {line}");
+    }
+}
+
 #[test]
 fn an_invalid_update_for_a_new_session_stores_nothing() {
     let upstream = start_upstream();

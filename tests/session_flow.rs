@@ -250,6 +250,45 @@ fn regenerate_moves_the_session_to_a_new_id_and_applies_the_update() {
     assert_eq!(replay.session()["new"], true, "the old id is dead");
 }
 
+/// With the lock off, a request of the session may be answered after a
+/// regenerate has moved it. Its touch then finds no record, and it must
+/// not send the old id back over the new cookie: that would log the user
+/// out again (and undo the defence against session fixation).
+#[test]
+fn an_answer_after_a_regenerate_does_not_send_the_old_cookie_back() {
+    let s = setup(|c| {
+        c.session("cookie_max_age = 600")
+            .session("touch_interval = 0")
+    });
+    let mut browser = s.browser();
+    browser.get("/", &[("X-Test-Update", r#"{"cart": 3}"#)]);
+    let old = browser.cookie.clone().unwrap();
+    let (port, cookie) = (s.port(), format!("session_id={old}"));
+    let slow = std::thread::spawn(move || {
+        get(
+            port,
+            "/",
+            &[("Cookie", cookie.as_str()), ("X-Test-Sleep-Ms", "1500")],
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    browser.get(
+        "/",
+        &[
+            ("X-Test-Action", "regenerate"),
+            ("X-Test-Update", r#"{"user": "ann"}"#),
+        ],
+    );
+    assert_ne!(browser.cookie.as_ref(), Some(&old));
+    let late = slow.join().unwrap();
+    assert_eq!(late.status, 200);
+    assert_eq!(late.set_cookie("session_id"), None, "the old id came back");
+    assert_eq!(
+        browser.get("/", &[]).session()["data"],
+        serde_json::json!({"cart": 3, "user": "ann"})
+    );
+}
+
 #[test]
 fn a_forged_cookie_is_a_new_session_and_creates_no_file() {
     let s = setup(|c| c);

@@ -94,7 +94,7 @@ impl Store for TempDiskStore {
     ) -> Result<Option<Record>, StoreError> {
         self.store.modify_seen(handle, seen, decide).await
     }
-    async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
+    async fn touch(&self, handle: &Handle, atime: u64) -> Result<bool, StoreError> {
         self.store.touch(handle, atime).await
     }
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {

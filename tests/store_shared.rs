@@ -798,7 +798,7 @@ async fn postgres_a_row_that_is_not_a_record_is_corrupt() {
     for outcome in [
         store.load(&handle).await.map(|_| ()),
         increment(&store, &handle).await.map(|_| ()),
-        store.touch(&handle, now()).await,
+        store.touch(&handle, now()).await.map(|_| ()),
     ] {
         match outcome {
             Err(StoreError::Corrupt {

@@ -39,50 +39,80 @@ impl SessionProxy {
         if active.stored.is_some() {
             self.timed(StoreOp::Delete, self.store.delete(&active.handle))
                 .await
-                .map_err(store_failure)?;
+                .map_err(|e| store_failure(&active.handle, e))?;
             debug!("session {}: killed", active.handle.short());
         }
         Ok(Some(CookieChange::Clear))
     }
 
     /// A new id for the latest version of the session, then the patch.
+    ///
+    /// The old id goes only at the version copied: a write another request
+    /// made meanwhile (its 200 already sent) is copied again, as SPEC [4.5]
+    /// asks of concurrent changes, rather than deleted with the old id.
     async fn regenerate(
         &self,
         active: &ActiveSession,
         patch: Option<&Map<String, Value>>,
         now: u64,
     ) -> Result<Option<CookieChange>, Failure> {
-        let latest = match active.stored {
+        let handle = &active.handle;
+        let mut latest = match active.stored {
             Some(_) => self
-                .timed(StoreOp::Load, self.store.load(&active.handle))
+                .timed(StoreOp::Load, self.store.load(handle))
                 .await
-                .map_err(store_failure)?,
+                .map_err(|e| store_failure(handle, e))?,
             None => None,
         };
-        let mut record = latest.unwrap_or_else(|| self.fresh_record(active, now));
-        if let Some(patch) = patch {
-            record.data =
-                patch::apply(&record.data, patch, self.settings.max_data_bytes).map_err(invalid)?;
-        }
-        record.ver += 1;
-        record.atime = now;
         let id = SessionId::generate();
-        self.put(&id.handle(), record).await?;
-        if active.stored.is_some() {
-            self.timed(StoreOp::Delete, self.store.delete(&active.handle))
+        for _ in 0..MAX_REGENERATE_COPIES {
+            let mut record = latest
+                .clone()
+                .unwrap_or_else(|| self.fresh_record(active, now));
+            if let Some(patch) = patch {
+                record.data = patch::apply(&record.data, patch, self.settings.max_data_bytes)
+                    .map_err(|e| invalid(handle, e))?;
+            }
+            record.ver += 1;
+            record.atime = now;
+            self.put(&id.handle(), record).await?;
+            if active.stored.is_none() {
+                self.metrics.sessions_created.inc();
+            }
+            // Gone meanwhile (killed): nothing left to move.
+            let Some(copied) = latest.as_ref().map(|record| record.ver) else {
+                return Ok(Some(self.regenerated(handle, &id)));
+            };
+            let decide = |current: Option<&Record>| {
+                Ok(match current {
+                    Some(current) if current.ver == copied => Change::Delete,
+                    _ => Change::Keep,
+                })
+            };
+            latest = self
+                .timed(StoreOp::Delete, self.store.modify(handle, &decide))
                 .await
-                .map_err(store_failure)?;
-        } else {
-            self.metrics.sessions_created.inc();
+                .map_err(|e| store_failure(handle, e))?;
+            if latest.is_none() {
+                return Ok(Some(self.regenerated(handle, &id)));
+            }
         }
+        // Written to faster than it can be copied: leave it as it is.
+        let _ = self.store.delete(&id.handle()).await;
+        warn!(
+            "session {}: changed during every copy of its regenerate",
+            handle.short()
+        );
+        Err(Failure::SessionBusy)
+    }
+
+    fn regenerated(&self, old: &Handle, id: &SessionId) -> CookieChange {
         debug!(
             "session {}: regenerated as {}",
-            active.handle.short(),
+            old.short(),
             id.handle().short()
         );
-        Ok(Some(CookieChange::Set(
-            self.settings.cookie_signer.sign(&id),
-        )))
+        self.cookie_for(id)
     }
 
     /// Merges the patch into the latest stored version.
@@ -112,7 +142,7 @@ impl SessionProxy {
                     self.store.modify_seen(&active.handle, seen, &decide),
                 )
                 .await;
-            match stored.map_err(store_failure)? {
+            match stored.map_err(|e| store_failure(&active.handle, e))? {
                 Some(_) => {
                     return Ok(self
                         .settings
@@ -130,7 +160,8 @@ impl SessionProxy {
             }
         }
         let mut record = self.fresh_record(active, now);
-        record.data = patch::apply(&record.data, patch, max).map_err(invalid)?;
+        record.data =
+            patch::apply(&record.data, patch, max).map_err(|e| invalid(&active.handle, e))?;
         record.ver = 1;
         let id = if active.stored.is_some() {
             SessionId::generate()
@@ -151,9 +182,16 @@ impl SessionProxy {
     ) -> Result<Option<CookieChange>, Failure> {
         match &active.stored {
             Some(record) if now.saturating_sub(record.atime) >= self.settings.touch_interval => {
-                self.timed(StoreOp::Save, self.store.touch(&active.handle, now))
+                let touched = self
+                    .timed(StoreOp::Save, self.store.touch(&active.handle, now))
                     .await
-                    .map_err(store_failure)?;
+                    .map_err(|e| store_failure(&active.handle, e))?;
+                if !touched {
+                    // Killed or regenerated by another request meanwhile:
+                    // its answer set the cookie, which this one must not undo.
+                    debug!("session {}: gone before its touch", active.handle.short());
+                    return Ok(None);
+                }
                 // The browser's expiry slides with the session's.
                 Ok(self
                     .settings
@@ -190,7 +228,7 @@ impl SessionProxy {
         let decide = move |_: Option<&Record>| Ok(Change::Put(record.clone()));
         self.timed(StoreOp::Save, self.store.modify(handle, &decide))
             .await
-            .map_err(store_failure)?;
+            .map_err(|e| store_failure(handle, e))?;
         Ok(())
     }
 
@@ -199,20 +237,158 @@ impl SessionProxy {
     }
 }
 
-fn store_failure(e: StoreError) -> Failure {
+/// How many times a regenerate copies a session that other requests keep
+/// changing before it answers 503 instead.
+const MAX_REGENERATE_COPIES: usize = 8;
+
+/// The answer to a store's failure, logged with the session's handle.
+fn store_failure(handle: &Handle, e: StoreError) -> Failure {
     match e {
         StoreError::Rejected(reason) => {
-            warn!("invalid session update from upstream: {reason}");
+            warn!(
+                "session {}: invalid session update from upstream: {reason}",
+                handle.short()
+            );
             Failure::InvalidUpdate
         }
         other => {
-            warn!("session store failed: {other}");
+            warn!("session {}: session store failed: {other}", handle.short());
             Failure::StoreUnavailable
         }
     }
 }
 
-fn invalid(e: patch::InvalidUpdate) -> Failure {
-    warn!("invalid session update from upstream: {e}");
+fn invalid(handle: &Handle, e: patch::InvalidUpdate) -> Failure {
+    warn!(
+        "session {}: invalid session update from upstream: {e}",
+        handle.short()
+    );
     Failure::InvalidUpdate
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use serde_json::json;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Decide, Expiry, Store};
+
+    fn object(value: Value) -> Map<String, Value> {
+        value.as_object().cloned().expect("an object")
+    }
+
+    /// A memory store on which another request's update of `old` lands
+    /// right after the first write of any other handle: in a regenerate,
+    /// between the copy under the new id and the removal of the old one.
+    struct UpdateDuringCopy {
+        inner: MemoryStore,
+        old: Handle,
+        landed: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Store for UpdateDuringCopy {
+        async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
+            self.inner.load(handle).await
+        }
+
+        async fn modify(
+            &self,
+            handle: &Handle,
+            decide: Decide<'_>,
+        ) -> Result<Option<Record>, StoreError> {
+            let stored = self.inner.modify(handle, decide).await;
+            if *handle != self.old && !self.landed.swap(true, Ordering::SeqCst) {
+                let cart = |current: Option<&Record>| {
+                    Ok(match current {
+                        Some(current) => Change::Put(Record {
+                            data: patch::apply(&current.data, &object(json!({"cart": 3})), 4096)
+                                .map_err(|e| e.to_string())?,
+                            ver: current.ver + 1,
+                            ..current.clone()
+                        }),
+                        None => Change::Keep,
+                    })
+                };
+                self.inner.modify(&self.old, &cart).await?;
+            }
+            stored
+        }
+
+        async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
+            self.inner.delete(handle).await
+        }
+
+        async fn list(&self) -> Result<Vec<(Handle, Record)>, StoreError> {
+            self.inner.list().await
+        }
+
+        async fn delete_expired(&self, now: u64, expiry: Expiry) -> Result<u64, StoreError> {
+            self.inner.delete_expired(now, expiry).await
+        }
+
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_regenerate_keeps_an_update_that_lands_during_its_copy() {
+        let config = crate::config::parse(
+            "[upstream]\naddresses = [\"127.0.0.1:8000\"]\n",
+            Path::new("test.toml"),
+            Some("0123456789abcdef0123456789abcdef"),
+        )
+        .expect("valid config");
+        let id = SessionId::generate();
+        let old = id.handle();
+        let store = Arc::new(UpdateDuringCopy {
+            inner: MemoryStore::new(100),
+            old: old.clone(),
+            landed: AtomicBool::new(false),
+        });
+        let now = crate::session::now();
+        let stored = Record {
+            data: object(json!({"user": "guest"})).into(),
+            created: now,
+            atime: now,
+            ip: "192.0.2.1".into(),
+            ver: 1,
+        };
+        let put = |_: Option<&Record>| Ok(Change::Put(stored.clone()));
+        store.inner.modify(&old, &put).await.unwrap();
+        let proxy = SessionProxy::new(&config, store.clone(), Arc::new(Metrics::new())).unwrap();
+        let active = ActiveSession {
+            id,
+            handle: old.clone(),
+            stored: Some(stored),
+            client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+        };
+        let instructions = Instructions {
+            patch: Some(object(json!({"user": "ann"}))),
+            action: Some(Action::Regenerate),
+        };
+
+        let cookie = proxy.commit(&active, instructions).await.unwrap();
+
+        assert!(matches!(cookie, Some(CookieChange::Set(_))), "{cookie:?}");
+        assert!(store.landed.load(Ordering::SeqCst), "the update landed");
+        let records = store.inner.list().await.unwrap();
+        assert_eq!(records.len(), 1, "only the new id is left: {records:?}");
+        let (handle, record) = &records[0];
+        assert_ne!(*handle, old);
+        assert_eq!(
+            record.data.to_map().unwrap(),
+            object(json!({"user": "ann", "cart": 3}))
+        );
+        assert_eq!(record.ver, 3);
+    }
 }

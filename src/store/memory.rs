@@ -269,12 +269,13 @@ impl Store for MemoryStore {
         )))
     }
 
-    async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
+    async fn touch(&self, handle: &Handle, atime: u64) -> Result<bool, StoreError> {
         // In place: no clone, no decision.
-        if let Some(mut record) = self.records.get_mut(&handle.to_bytes()) {
-            record.atime = record.atime.max(atime);
-        }
-        Ok(())
+        let Some(mut record) = self.records.get_mut(&handle.to_bytes()) else {
+            return Ok(false);
+        };
+        record.atime = record.atime.max(atime);
+        Ok(true)
     }
 
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {

@@ -132,8 +132,8 @@ pub trait Store: Send + Sync {
     }
 
     /// Writes a new access time (a touch changes neither data nor `ver`).
-    /// Does nothing if the record is gone.
-    async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
+    /// Does nothing if the record is gone; `false` then.
+    async fn touch(&self, handle: &Handle, atime: u64) -> Result<bool, StoreError> {
         touch_by_modify(self, handle, atime).await
     }
 
@@ -163,12 +163,13 @@ pub trait Store: Send + Sync {
 }
 
 /// A touch as a [`Store::modify`], for stores without a cheaper way:
-/// `atime` moves forward only, and a record that is gone stays gone.
+/// `atime` moves forward only, and a record that is gone stays gone
+/// (`false`).
 pub async fn touch_by_modify<S: Store + ?Sized>(
     store: &S,
     handle: &Handle,
     atime: u64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let decide = |current: Option<&Record>| {
         Ok(match current {
             Some(record) => Change::Put(Record {
@@ -178,7 +179,10 @@ pub async fn touch_by_modify<S: Store + ?Sized>(
             None => Change::Keep,
         })
     };
-    store.modify(handle, &decide).await.map(|_| ())
+    store
+        .modify(handle, &decide)
+        .await
+        .map(|stored| stored.is_some())
 }
 
 /// Opens the store the config names: creates the disk store's directory,

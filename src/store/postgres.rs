@@ -354,21 +354,22 @@ impl PostgresStore {
         }
     }
 
-    /// The touch in one statement; `false` when the record holds what
-    /// `jsonb` refuses, for the caller to touch it without the cast.
+    /// The touch in one statement: whether there was a record; `None`
+    /// when it holds what `jsonb` refuses, for the caller to touch it
+    /// without the cast.
     async fn touch_on(
         &self,
         client: &ClientWrapper,
         handle: &Handle,
         atime: u64,
-    ) -> Result<bool, Failure> {
+    ) -> Result<Option<bool>, Failure> {
         let touch = client.prepare_cached(&self.sql.touch).await?;
         match client
             .execute(&touch, &[&handle.as_str(), &unix_i64(atime)])
             .await
         {
-            Ok(_) => Ok(true),
-            Err(error) if is_beyond_jsonb(&error) => Ok(false),
+            Ok(touched) => Ok(Some(touched > 0)),
+            Err(error) if is_beyond_jsonb(&error) => Ok(None),
             Err(error) if is_bad_data(&error) => Err(Failure::Clean(corrupt(
                 handle,
                 "data is not a JSON record".into(),
@@ -581,13 +582,13 @@ impl Store for PostgresStore {
         self.modify(handle, decide).await
     }
 
-    async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
+    async fn touch(&self, handle: &Handle, atime: u64) -> Result<bool, StoreError> {
         let (client, deadline) = self.checkout().await?;
         let outcome = timeout_at(deadline, self.touch_on(&client, handle, atime)).await;
-        if finish(client, outcome)? {
-            return Ok(());
+        match finish(client, outcome)? {
+            Some(touched) => Ok(touched),
+            None => touch_by_modify(self, handle, atime).await,
         }
-        touch_by_modify(self, handle, atime).await
     }
 
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {

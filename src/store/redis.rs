@@ -714,14 +714,16 @@ impl Store for RedisStore {
         }
     }
 
-    async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
+    async fn touch(&self, handle: &Handle, atime: u64) -> Result<bool, StoreError> {
         let mut connection = self.connection().await?;
         let key = self.key(handle);
         let mut invocation = self.scripts.touch.key(&key);
         invocation.arg(atime).arg(self.idle_ttl);
         let touch = invocation.invoke_async::<i64>(&mut connection);
-        if bounded(self.timeout, "touch", touch).await? >= 0 {
-            return Ok(());
+        match bounded(self.timeout, "touch", touch).await? {
+            0 => return Ok(false),
+            touched if touched > 0 => return Ok(true),
+            _ => {}
         }
         // Not this store's layout (written by hand or by another tool).
         super::touch_by_modify(self, handle, atime).await

@@ -75,7 +75,7 @@ impl<S: Store> Store for Serialized<S> {
         self.inner.modify_seen(handle, seen, decide).await
     }
 
-    async fn touch(&self, handle: &Handle, atime: u64) -> Result<(), StoreError> {
+    async fn touch(&self, handle: &Handle, atime: u64) -> Result<bool, StoreError> {
         self.inner.touch(handle, atime).await
     }
 

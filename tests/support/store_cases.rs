@@ -180,7 +180,7 @@ macro_rules! store_cases {
                 let handle = fresh_handle();
                 let record = fresh_record();
                 put(&store, &handle, &record).await;
-                store.touch(&handle, record.atime + 5).await.unwrap();
+                assert!(store.touch(&handle, record.atime + 5).await.unwrap());
                 let expected = Record {
                     atime: record.atime + 5,
                     ..record
@@ -194,15 +194,15 @@ macro_rules! store_cases {
                 let handle = fresh_handle();
                 let record = fresh_record();
                 put(&store, &handle, &record).await;
-                store.touch(&handle, record.atime - 5).await.unwrap();
+                assert!(store.touch(&handle, record.atime - 5).await.unwrap());
                 assert_eq!(store.load(&handle).await.unwrap(), Some(record));
             }
 
             #[tokio::test]
-            async fn touch_of_a_missing_handle_stores_nothing() {
+            async fn touch_of_a_missing_handle_stores_nothing_and_says_so() {
                 let Some(store) = store().await else { return };
                 let handle = fresh_handle();
-                store.touch(&handle, now()).await.unwrap();
+                assert!(!store.touch(&handle, now()).await.unwrap());
                 assert_eq!(store.load(&handle).await.unwrap(), None);
             }
 
