@@ -79,7 +79,7 @@ impl SessionProxy {
             if active.stored.is_none() {
                 self.metrics.sessions_created.inc();
             }
-            // Gone meanwhile (killed): nothing left to move.
+            // A new session, or one killed meanwhile: no old id to remove.
             let Some(copied) = latest.as_ref().map(|record| record.ver) else {
                 return Ok(Some(self.regenerated(handle, &id)));
             };
