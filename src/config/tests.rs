@@ -268,6 +268,47 @@ fn admin_listen_empty_is_off_and_set_is_resolved() {
 }
 
 #[test]
+fn admin_listen_on_a_listen_address_is_refused() {
+    for text in [
+        "[server]\nlisten = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.1:9000\"",
+        "[server]\nlisten = [\"127.0.0.1:9001\", \"127.0.0.1:9000\"]\nadmin_listen = \"localhost:9000\"",
+    ] {
+        let message = error(text);
+        assert!(
+            message.contains("server.admin_listen: 127.0.0.1:9000 is also in server.listen"),
+            "{message}"
+        );
+    }
+    config("[server]\nlisten = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.1:9001\"")
+        .expect("another port");
+}
+
+#[test]
+fn a_wait_longer_than_a_year_is_refused() {
+    for key in [
+        "[server]\ngrace_period",
+        "[server]\nheader_timeout",
+        "[server]\nkeepalive_timeout",
+        "[store]\ntimeout",
+    ] {
+        let message = error(&format!("{key} = 9223372036854775807"));
+        assert!(
+            message.contains("expected at most 31536000 (a year)"),
+            "{message}"
+        );
+        config(&format!("{key} = 31536000")).expect("a year is allowed");
+    }
+    let upstream = "[upstream]\naddresses = [\"127.0.0.1:8000\"]\nread_timeout = 31536001";
+    let message = parse(upstream, Path::new("test.toml"), Some(KEY))
+        .unwrap_err()
+        .message;
+    assert!(
+        message.contains("upstream.read_timeout: expected at most"),
+        "{message}"
+    );
+}
+
+#[test]
 fn threads_zero_means_one_per_cpu() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(

@@ -81,6 +81,14 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
             .into_iter()
             .next(),
     };
+    // One socket would serve both: requests split between the proxy and
+    // the admin app, /metrics on the public port.
+    if let Some(admin) = admin_listen.filter(|admin| listen.contains(admin)) {
+        return Err(src.error(
+            "server.admin_listen",
+            format!("{admin} is also in server.listen; the admin port must be a port of its own"),
+        ));
+    }
 
     let threads = match server.threads {
         0 => std::thread::available_parallelism().map_or(1, |cpus| cpus.get()),
@@ -110,9 +118,9 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
         admin_listen,
         trusted_proxies,
         tls,
-        grace_period: server.grace_period,
-        header_timeout: at_least(src, "server.header_timeout", server.header_timeout, 1)?,
-        keepalive_timeout: at_least(src, "server.keepalive_timeout", server.keepalive_timeout, 1)?,
+        grace_period: seconds(src, "server.grace_period", server.grace_period, 0)?,
+        header_timeout: seconds(src, "server.header_timeout", server.header_timeout, 1)?,
+        keepalive_timeout: seconds(src, "server.keepalive_timeout", server.keepalive_timeout, 1)?,
     })
 }
 
@@ -175,8 +183,8 @@ fn upstream(upstream: file::Upstream, src: &Source) -> Result<UpstreamConfig> {
         addresses,
         tls: upstream.tls,
         sni: upstream.sni,
-        connect_timeout: at_least(src, "upstream.connect_timeout", upstream.connect_timeout, 1)?,
-        read_timeout: at_least(src, "upstream.read_timeout", upstream.read_timeout, 1)?,
+        connect_timeout: seconds(src, "upstream.connect_timeout", upstream.connect_timeout, 1)?,
+        read_timeout: seconds(src, "upstream.read_timeout", upstream.read_timeout, 1)?,
     })
 }
 
@@ -545,7 +553,7 @@ fn store(store: file::Store, src: &Source) -> Result<StoreConfig> {
         max_entries: at_least(src, "store.max_entries", store.max_entries, 1)?,
         fsync: store.fsync,
         pool_size: store.pool_size,
-        timeout: at_least(src, "store.timeout", store.timeout, 1)?,
+        timeout: seconds(src, "store.timeout", store.timeout, 1)?,
     })
 }
 
@@ -599,6 +607,22 @@ fn at_least<T: PartialOrd + std::fmt::Display>(
 ) -> Result<T> {
     if value < min {
         return Err(src.error(key, format!("expected at least {min}, found {value}")));
+    }
+    Ok(value)
+}
+
+/// The longest wait a server or store timeout may set: a year. A wait is
+/// a deadline from now, and one past what the clock can hold would panic.
+const MAX_WAIT_SECONDS: u64 = 365 * 24 * 3600;
+
+/// A timeout or grace period of the server, upstream or store, in seconds.
+fn seconds(src: &Source, key: &str, value: u64, min: u64) -> Result<u64> {
+    let value = at_least(src, key, value, min)?;
+    if value > MAX_WAIT_SECONDS {
+        return Err(src.error(
+            key,
+            format!("expected at most {MAX_WAIT_SECONDS} (a year), found {value}"),
+        ));
     }
     Ok(value)
 }
