@@ -3,6 +3,7 @@
 //! and a shutdown that drains in-flight requests for at most
 //! `grace_period`.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use async_trait::async_trait;
 use log::{info, warn};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use tokio::net::TcpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::Admin;
@@ -23,6 +25,7 @@ use crate::store::{self, Expiry, Store};
 /// Runs the proxy until SIGTERM or SIGINT; exits the process when drained.
 pub fn run(config: Config) -> Result<(), String> {
     let store_runtime = store_runtime()?;
+    store_runtime.block_on(async { can_listen(&config) })?;
     let store = store_runtime
         .block_on(store::open(&config))
         .map_err(|e| e.to_string())?;
@@ -93,6 +96,35 @@ pub fn run(config: Config) -> Result<(), String> {
     // pingora returns only after its own backstop grace period.
     drop(store_runtime);
     Ok(())
+}
+
+/// Whether every listen and admin address can be bound now.
+fn can_listen(config: &Config) -> Result<(), String> {
+    let admin = config.server.admin_listen.iter();
+    config
+        .server
+        .listen
+        .iter()
+        .chain(admin)
+        .try_for_each(can_listen_on)
+}
+
+/// Whether `address` can be bound now. pingora binds in a task of its
+/// own, and a failure there ends only that task: the process would go on
+/// serving nothing, its /healthz saying ok. As pingora's listeners do, the
+/// check reuses an address in TIME_WAIT (a restart), but not one that a
+/// listening socket holds.
+fn can_listen_on(address: &SocketAddr) -> Result<(), String> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    };
+    socket
+        .and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(*address)
+        })
+        .map_err(|e| format!("cannot listen on {address}: {e}"))
 }
 
 /// The store's connections and the sweeper live here, apart from

@@ -70,6 +70,47 @@ fn run_with_an_invalid_config_exits_2_and_listens_nowhere() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", config.port)).is_err());
 }
 
+/// pingora binds in a task of its own, where a failure would leave a
+/// process that serves nothing, its /healthz saying ok: `run` checks every
+/// address first, and exits 1 naming the one it cannot have.
+#[test]
+fn run_exits_1_when_its_port_or_admin_port_is_taken() {
+    for admin in [false, true] {
+        let config = ProxyConfig::new(free_port());
+        let port = if admin {
+            config.admin_port
+        } else {
+            config.port
+        };
+        let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+            .args(["run", "-c", config.write().to_str().unwrap()])
+            .env_remove("SESSION_PROXY_SECRET_KEYS")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(10) {
+                child.kill().unwrap();
+                panic!("still running with port {port} taken (admin: {admin})");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut message = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut message).unwrap();
+        assert_eq!(status.code(), Some(1), "{message}");
+        assert!(
+            message.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+            "{message}"
+        );
+    }
+}
+
 #[test]
 fn the_secret_can_come_from_the_environment() {
     let mut config = ProxyConfig::new(free_port());
