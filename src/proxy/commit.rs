@@ -97,7 +97,9 @@ impl SessionProxy {
                 return Ok(Some(self.regenerated(handle, &id)));
             }
         }
-        // Written to faster than it can be copied: leave it as it is.
+        // Written to faster than it can be copied: the session stays as it
+        // is under its old id, and the last copy goes (if it can; unnamed,
+        // it would only wait for the sweep).
         let _ = self.store.delete(&id.handle()).await;
         warn!(
             "session {}: changed during every copy of its regenerate",
