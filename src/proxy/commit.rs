@@ -272,7 +272,7 @@ fn invalid(handle: &Handle, e: patch::InvalidUpdate) -> Failure {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
     use std::path::Path;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     use async_trait::async_trait;
@@ -288,12 +288,13 @@ mod tests {
     }
 
     /// A memory store on which another request's update of `old` lands
-    /// right after the first write of any other handle: in a regenerate,
-    /// between the copy under the new id and the removal of the old one.
+    /// right after a write of any other handle, `updates` times: in a
+    /// regenerate, between the copy under the new id and the removal of
+    /// the old one.
     struct UpdateDuringCopy {
         inner: MemoryStore,
         old: Handle,
-        landed: AtomicBool,
+        updates: AtomicUsize,
     }
 
     #[async_trait]
@@ -308,7 +309,13 @@ mod tests {
             decide: Decide<'_>,
         ) -> Result<Option<Record>, StoreError> {
             let stored = self.inner.modify(handle, decide).await;
-            if *handle != self.old && !self.landed.swap(true, Ordering::SeqCst) {
+            let landing = |left: usize| left.checked_sub(1);
+            if *handle != self.old
+                && self
+                    .updates
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, landing)
+                    .is_ok()
+            {
                 let cart = |current: Option<&Record>| {
                     Ok(match current {
                         Some(current) => Change::Put(Record {
@@ -342,8 +349,16 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_regenerate_keeps_an_update_that_lands_during_its_copy() {
+    /// A session `{"user": "guest"}` stored under a new id, the store
+    /// landing `updates` updates of it during copies, and the proxy on it.
+    async fn regenerating(
+        updates: usize,
+    ) -> (
+        Arc<UpdateDuringCopy>,
+        SessionProxy,
+        ActiveSession,
+        Instructions,
+    ) {
         let config = crate::config::parse(
             "[upstream]\naddresses = [\"127.0.0.1:8000\"]\n",
             Path::new("test.toml"),
@@ -351,11 +366,10 @@ mod tests {
         )
         .expect("valid config");
         let id = SessionId::generate();
-        let old = id.handle();
         let store = Arc::new(UpdateDuringCopy {
             inner: MemoryStore::new(100),
-            old: old.clone(),
-            landed: AtomicBool::new(false),
+            old: id.handle(),
+            updates: AtomicUsize::new(updates),
         });
         let now = crate::session::now();
         let stored = Record {
@@ -366,11 +380,11 @@ mod tests {
             ver: 1,
         };
         let put = |_: Option<&Record>| Ok(Change::Put(stored.clone()));
-        store.inner.modify(&old, &put).await.unwrap();
+        store.inner.modify(&id.handle(), &put).await.unwrap();
         let proxy = SessionProxy::new(&config, store.clone(), Arc::new(Metrics::new())).unwrap();
         let active = ActiveSession {
+            handle: id.handle(),
             id,
-            handle: old.clone(),
             stored: Some(stored),
             client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
         };
@@ -378,19 +392,43 @@ mod tests {
             patch: Some(object(json!({"user": "ann"}))),
             action: Some(Action::Regenerate),
         };
+        (store, proxy, active, instructions)
+    }
+
+    #[tokio::test]
+    async fn a_regenerate_keeps_an_update_that_lands_during_its_copy() {
+        let (store, proxy, active, instructions) = regenerating(1).await;
 
         let cookie = proxy.commit(&active, instructions).await.unwrap();
 
         assert!(matches!(cookie, Some(CookieChange::Set(_))), "{cookie:?}");
-        assert!(store.landed.load(Ordering::SeqCst), "the update landed");
+        assert_eq!(store.updates.load(Ordering::SeqCst), 0, "the update landed");
         let records = store.inner.list().await.unwrap();
         assert_eq!(records.len(), 1, "only the new id is left: {records:?}");
         let (handle, record) = &records[0];
-        assert_ne!(*handle, old);
+        assert_ne!(*handle, active.handle);
         assert_eq!(
             record.data.to_map().unwrap(),
             object(json!({"user": "ann", "cart": 3}))
         );
         assert_eq!(record.ver, 3);
+    }
+
+    #[tokio::test]
+    async fn a_regenerate_of_a_session_changed_during_every_copy_leaves_it_as_it_was() {
+        let (store, proxy, active, instructions) = regenerating(usize::MAX).await;
+
+        let outcome = proxy.commit(&active, instructions).await;
+
+        assert_eq!(outcome, Err(Failure::SessionBusy));
+        let records = store.inner.list().await.unwrap();
+        assert_eq!(records.len(), 1, "no copy is left: {records:?}");
+        let (handle, record) = &records[0];
+        assert_eq!(*handle, active.handle);
+        assert_eq!(
+            record.data.to_map().unwrap(),
+            object(json!({"user": "guest", "cart": 3}))
+        );
+        assert_eq!(record.ver, 1 + MAX_REGENERATE_COPIES as u64);
     }
 }
