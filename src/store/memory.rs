@@ -149,49 +149,59 @@ impl MemoryStore {
     /// `false` if there was none to evict.
     fn evict_one(&self) -> bool {
         let mut arrivals = self.arrivals();
-        let mut candidates: Vec<(Key, u64)> = Vec::with_capacity(EVICTION_SAMPLE);
+        let mut candidates: Vec<(Key, (u64, u64))> = Vec::with_capacity(EVICTION_SAMPLE);
         while candidates.len() < EVICTION_SAMPLE {
             let Some(key) = arrivals.pop_front() else {
                 break;
             };
             // Deleted handles leave the line here; duplicates (a handle
             // deleted and stored again) are compared once.
-            let atime = self.records.get(&key).map(|record| record.atime);
-            if let Some(atime) = atime {
-                if !candidates.iter().any(|(seen, _)| *seen == key) {
-                    candidates.push((key, atime));
+            let seen = self
+                .records
+                .get(&key)
+                .map(|record| (record.atime, record.ver));
+            if let Some(seen) = seen {
+                if !candidates.iter().any(|(other, _)| *other == key) {
+                    candidates.push((key, seen));
                 }
             }
         }
         let oldest = candidates
             .iter()
             .enumerate()
-            .min_by_key(|(_, (_, atime))| *atime)
+            .min_by_key(|(_, (_, (atime, _)))| *atime)
             .map(|(index, _)| index);
         let Some(oldest) = oldest else {
             return false;
         };
-        let (victim, atime) = candidates.swap_remove(oldest);
+        let (victim, seen) = candidates.swap_remove(oldest);
         arrivals.extend(candidates.into_iter().map(|(key, _)| key));
         drop(arrivals);
 
-        // Only if it was not accessed since it was compared: a session in
-        // use is not evicted, it goes to the back of the line instead.
-        if self
+        if !self.evict_unless_used(victim, seen) && self.records.contains_key(&victim) {
+            self.arrived(victim);
+        }
+        true
+    }
+
+    /// Evicts `victim` only if it was neither accessed nor written since
+    /// it was `seen` as (`atime`, `ver`): `atime` counts whole seconds,
+    /// `ver` catches a write within the same one. A session in use is not
+    /// evicted; its caller puts it at the back of the line instead.
+    fn evict_unless_used(&self, victim: Key, seen: (u64, u64)) -> bool {
+        let evicted = self
             .records
-            .remove_if(&victim, |_, record| record.atime == atime)
-            .is_some()
-        {
+            .remove_if(&victim, |_, record| (record.atime, record.ver) == seen)
+            .is_some();
+        if evicted {
             self.release();
             self.evictions.fetch_add(1, Ordering::Relaxed);
             log::debug!(
                 "memory store full: evicted session {}",
                 Handle::from_bytes(&victim).short()
             );
-        } else if self.records.contains_key(&victim) {
-            self.arrived(victim);
         }
-        true
+        evicted
     }
 }
 
@@ -360,6 +370,27 @@ mod tests {
     async fn put(store: &MemoryStore, handle: &Handle, atime: u64) {
         let decide = move |_: Option<&Record>| Ok(Change::Put(record(atime)));
         store.modify(handle, &decide).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_session_written_since_it_was_picked_for_eviction_stays() {
+        let store = MemoryStore::new(10);
+        let picked = handle(1);
+        put(&store, &picked, 7).await;
+        let seen = (7, 1);
+        // A write in the same second: the same atime, a newer version.
+        let decide = |_: Option<&Record>| {
+            Ok(Change::Put(Record {
+                ver: 2,
+                ..record(7)
+            }))
+        };
+        store.modify(&picked, &decide).await.unwrap();
+        assert!(!store.evict_unless_used(picked.to_bytes(), seen));
+        assert!(store.load(&picked).await.unwrap().is_some());
+        assert!(store.evict_unless_used(picked.to_bytes(), (7, 2)));
+        assert!(store.load(&picked).await.unwrap().is_none());
+        assert_eq!(store.evictions(), 1);
     }
 
     #[tokio::test]
