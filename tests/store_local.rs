@@ -6,7 +6,8 @@
 mod store_cases;
 
 use std::fs;
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -266,6 +267,139 @@ mod disk_store {
         let listed = store.list().await.unwrap();
         assert_eq!(listed, [(sound, record_at(1))]);
         assert!(store.delete(&corrupt).await.unwrap());
+    }
+
+    /// Names the store never writes under a record's name: read in bounds
+    /// and without blocking, each is a corrupt record, and the sweep goes
+    /// past them (a FIFO blocked it for good; a huge file or a link to
+    /// `/dev/zero` was read whole).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fifo_a_link_or_a_huge_file_under_a_records_name_is_corrupt() {
+        let dir = TempDir::new();
+        let store = Arc::new(DiskStore::open(&dir.0, false).unwrap());
+        let (fifo, link, huge) = (handle("fifo"), handle("link"), handle("huge"));
+        let path = |handle: &Handle| dir.0.join(format!("{handle}.json"));
+        let fifo_path = std::ffi::CString::new(path(&fifo).into_os_string().into_vec()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo_path.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink("/dev/zero", path(&link)).unwrap();
+        // Sparse: a gigabyte that takes no room.
+        fs::File::create(path(&huge))
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+
+        for handle in [fifo, link, huge] {
+            // Without fsync the load runs on the calling thread: time it
+            // from another one.
+            let (store, (sender, receiver)) = (store.clone(), std::sync::mpsc::channel());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let _ = sender.send(runtime.block_on(store.load(&handle)));
+            });
+            let loaded = receiver.recv_timeout(Duration::from_secs(10));
+            assert!(
+                matches!(loaded, Ok(Err(StoreError::Corrupt { .. }))),
+                "{loaded:?}"
+            );
+        }
+        let expiry = Expiry {
+            timeout: 60,
+            absolute: None,
+        };
+        let swept = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.delete_expired(session_proxy::session::now(), expiry),
+        )
+        .await;
+        // The link goes (its target's time is old), the others stay: new.
+        assert!(matches!(swept, Ok(Ok(1))), "{swept:?}");
+        assert!(Path::new("/dev/zero").exists());
+    }
+
+    /// With fsync a write runs on tokio's blocking pool. A request dropped
+    /// meanwhile (its client or its upstream gone) released the stripe
+    /// while its write went on, and the next write of the session, run at
+    /// the same time on the same spare, could end with the version before
+    /// both on disk after it returned Ok.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_dropped_on_the_blocking_pool_does_not_undo_the_next_one() {
+        let dir = TempDir::new();
+        let store = DiskStore::open(&dir.0, true).unwrap();
+        let handle = handle("dropped");
+        put(&store, &handle, record_at(1)).await;
+        let next = |n: u64| {
+            move |current: Option<&Record>| {
+                let mut record = record_at(n);
+                record.ver = current.map_or(1, |current| current.ver + 1);
+                Ok(Change::Put(record))
+            }
+        };
+        for round in 0..200u64 {
+            // Dropped anywhere from before its read to after its write.
+            let dropped_after = Duration::from_micros(round * 37 % 4000);
+            let _ =
+                tokio::time::timeout(dropped_after, store.modify(&handle, &next(2 * round))).await;
+            let written = store.modify(&handle, &next(2 * round + 1)).await.unwrap();
+            let on_disk = DiskStore::open(&dir.0, false).unwrap().load(&handle).await;
+            assert_eq!(on_disk.unwrap(), written, "round {round}");
+        }
+    }
+
+    /// A full disk still lets a probe make an empty file, but not a new
+    /// session: the health check must say so.
+    #[tokio::test]
+    async fn a_full_disk_fails_the_health_check() {
+        let Some(small) = SmallFileSystem::mount() else {
+            return;
+        };
+        let store = DiskStore::open(&small.0, false).unwrap();
+        store.ping().await.unwrap();
+        let mut filler = fs::File::create(small.0.join("filler")).unwrap();
+        while std::io::Write::write_all(&mut filler, &[0; 1024]).is_ok() {}
+        let checked = store.ping().await;
+        assert!(
+            matches!(&checked, Err(StoreError::Unavailable(message)) if message.contains("No space left")),
+            "{checked:?}"
+        );
+    }
+
+    /// A 64 KiB tmpfs, unmounted on drop; `None`, loudly, where this
+    /// process may not mount one (not root), unless the services are
+    /// required (CI, which runs as root).
+    struct SmallFileSystem(PathBuf);
+
+    impl SmallFileSystem {
+        fn mount() -> Option<SmallFileSystem> {
+            let dir = TempDir::new();
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+                .arg(&dir.0)
+                .status()
+                .is_ok_and(|status| status.success());
+            if !mounted {
+                assert!(
+                    std::env::var("SESSION_PROXY_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                    "cannot mount a small tmpfs, and SESSION_PROXY_REQUIRE_SERVICES=1"
+                );
+                eprintln!("SKIPPED: cannot mount a small tmpfs here (not root?)");
+                return None;
+            }
+            let path = dir.0.clone();
+            std::mem::forget(dir);
+            Some(SmallFileSystem(path))
+        }
+    }
+
+    impl Drop for SmallFileSystem {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+            let _ = fs::remove_dir_all(&self.0);
+        }
     }
 
     /// One spare per stored session (the version before last, which the

@@ -193,7 +193,10 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     let timeout = Duration::from_secs(store.timeout);
     Ok(match store.kind {
         // A directory check and create at start-up: blocking is fine here.
-        StoreKind::Disk => Arc::new(disk::DiskStore::open(&store.path, store.fsync)?),
+        StoreKind::Disk => Arc::new(
+            disk::DiskStore::open(&store.path, store.fsync)?
+                .with_max_data_bytes(config.session.max_data_bytes),
+        ),
         StoreKind::Memory => Arc::new(memory::MemoryStore::new(store.max_entries)),
         StoreKind::Postgres => {
             // Per thread: each proxy thread has a pool of its own.

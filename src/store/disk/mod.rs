@@ -61,12 +61,14 @@ const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
 pub struct DiskStore {
     dir: PathBuf,
     fsync: bool,
-    /// Request-path file operations run on the calling thread (see
-    /// [`DiskStore::on_request_path`]).
-    inline: bool,
     /// Locks held across a load and a read-decide-write, with a note of
-    /// the version this process wrote last.
+    /// the version this process wrote last. With `fsync`, request-path
+    /// file operations run on the blocking pool, in their stripe's file
+    /// turn; without, on the calling thread (see
+    /// [`DiskStore::on_request_path`]).
     stripes: Stripes,
+    /// A record file larger than this is read as corrupt, never whole.
+    max_record_bytes: usize,
 }
 
 impl DiskStore {
@@ -91,9 +93,18 @@ impl DiskStore {
         Ok(DiskStore {
             dir,
             fsync,
-            inline: !fsync,
-            stripes: Stripes::default(),
+            stripes: Stripes::new(fsync),
+            // The floor, until `with_max_data_bytes` says more.
+            max_record_bytes: max_record_bytes(0),
         })
+    }
+
+    /// Sizes the largest record file it reads for session data of at most
+    /// `max_data_bytes`, with room to spare for records an earlier config
+    /// allowed larger.
+    pub fn with_max_data_bytes(mut self, max_data_bytes: usize) -> DiskStore {
+        self.max_record_bytes = max_record_bytes(max_data_bytes);
+        self
     }
 
     /// The directory the records are in.
@@ -113,7 +124,7 @@ impl DiskStore {
             // its file was deleted or rewritten since.
             let looked_up = path.clone();
             match self
-                .on_request_path(move || Stamp::of_file(&looked_up))
+                .on_request_path(held, move || Stamp::of_file(&looked_up))
                 .await?
             {
                 Ok(Some(now)) if now == stamp => return Ok(Some(record.clone())),
@@ -127,8 +138,8 @@ impl DiskStore {
                 }
             }
         }
-        let short = handle.short().to_owned();
-        self.on_request_path(move || read_record(&path, &short))
+        let (short, limit) = (handle.short().to_owned(), self.max_record_bytes);
+        self.on_request_path(held, move || read_record(&path, &short, limit))
             .await?
     }
 
@@ -148,7 +159,7 @@ impl DiskStore {
         held.forget();
         let (dir, handle_owned, fsync) = (self.dir.clone(), handle.clone(), self.fsync);
         let stamp = self
-            .on_request_path(move || {
+            .on_request_path(held, move || {
                 write_record(&dir, &handle_owned, &json, fsync, place).map_err(|error| {
                     StoreError::Unavailable(format!(
                         "cannot write session {} in {}: {error}",
@@ -174,16 +185,17 @@ impl DiskStore {
     /// The price: while the disk stalls (the page cache misses on a slow
     /// device), so do the other connections of that thread, as with nginx's
     /// `aio off` default. With `fsync`, every write waits for the device,
-    /// so it goes to the pool.
-    async fn on_request_path<T, F>(&self, work: F) -> Result<T, StoreError>
+    /// so it goes to the pool, in the stripe's file turn (`held`'s): should
+    /// the caller be dropped while it runs there, the stripe's next file
+    /// work waits for it to end.
+    async fn on_request_path<T, F>(&self, held: &Held<'_>, work: F) -> Result<T, StoreError>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        if self.inline {
-            Ok(work())
-        } else {
-            blocking(work).await
+        match held.file_turn() {
+            None => Ok(work()),
+            Some(turn) => blocking(move || turn.run(work)).await,
         }
     }
 
@@ -191,7 +203,7 @@ impl DiskStore {
         held.forget();
         let (dir, path, fsync) = (self.dir.clone(), self.file_of(handle), self.fsync);
         let short = handle.short().to_owned();
-        self.on_request_path(move || {
+        self.on_request_path(held, move || {
             remove_record(&dir, &path, fsync).map_err(|error| {
                 StoreError::Unavailable(format!(
                     "cannot delete session {short} in {}: {error}",
@@ -305,11 +317,11 @@ impl Store for DiskStore {
     }
 
     async fn list(&self) -> Result<Vec<(Handle, Record)>, StoreError> {
-        let dir = self.dir.clone();
+        let (dir, limit) = (self.dir.clone(), self.max_record_bytes);
         blocking(move || {
             let mut records = Vec::new();
             for (handle, path) in record_files(&dir)? {
-                match read_record(&path, handle.short()) {
+                match read_record(&path, handle.short(), limit) {
                     Ok(Some(record)) => records.push((handle, record)),
                     // Deleted since the directory was read.
                     Ok(None) => {}
@@ -322,8 +334,8 @@ impl Store for DiskStore {
     }
 
     async fn delete_expired(&self, now: u64, expiry: Expiry) -> Result<u64, StoreError> {
-        let dir = self.dir.clone();
-        let candidates = blocking(move || expired_candidates(&dir, now, expiry)).await??;
+        let (dir, limit) = (self.dir.clone(), self.max_record_bytes);
+        let candidates = blocking(move || expired_candidates(&dir, now, expiry, limit)).await??;
         let mut deleted = 0;
         for (handle, path) in candidates {
             // Re-read under the lock: a request may have refreshed the
@@ -332,8 +344,11 @@ impl Store for DiskStore {
             held.forget();
             let (dir, fsync) = (self.dir.clone(), self.fsync);
             let short = handle.short().to_owned();
-            let outcome =
-                blocking(move || sweep_record(&dir, &path, &short, now, expiry, fsync)).await?;
+            let sweep = move || sweep_record(&dir, &path, &short, now, expiry, limit, fsync);
+            let outcome = match held.file_turn() {
+                None => blocking(sweep).await?,
+                Some(turn) => blocking(move || turn.run(sweep)).await?,
+            };
             match outcome {
                 Ok(true) => deleted += 1,
                 Ok(false) => {}
@@ -377,37 +392,44 @@ fn create_dir(dir: &Path) -> io::Result<()> {
     builder.create(dir)
 }
 
-/// The record in `path`; `None` if there is no such file.
-fn read_record(path: &Path, short: &str) -> Result<Option<Record>, StoreError> {
+/// The record in `path`; `None` if there is no such file. Anything but a
+/// regular file of at most `limit` bytes is a corrupt record: a symbolic
+/// link, a FIFO (which would block the thread), a huge file (which would
+/// be read whole).
+fn read_record(path: &Path, short: &str, limit: usize) -> Result<Option<Record>, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        handle: short.to_owned(),
+        detail,
+    };
     let unreadable = |error: io::Error| match error.kind() {
         io::ErrorKind::NotFound => Ok(None),
+        _ if is_not_a_record_file(&error) => Err(corrupt(error.to_string())),
         _ => Err(StoreError::Unavailable(format!(
             "cannot read session {short}: {error}"
         ))),
     };
-    let bytes = match read_small_file(path) {
+    let bytes = match read_small_file(path, limit) {
         Ok(bytes) => bytes,
         Err(error) => return unreadable(error),
     };
     let parsed = match serde_json::from_slice(&bytes) {
         // Cut short (see `read_small_file`): the long way, once.
         Err(error) if error.classify() == serde_json::error::Category::Eof => {
-            match fs::read(path) {
+            match read_whole_file(path, limit) {
                 Ok(bytes) => serde_json::from_slice(&bytes),
                 Err(error) => return unreadable(error),
             }
         }
         parsed => parsed,
     };
-    parsed.map(Some).map_err(|error| StoreError::Corrupt {
-        handle: short.to_owned(),
+    parsed.map(Some).map_err(|error| {
         // Where, not what: serde's message may quote session data.
-        detail: format!(
+        corrupt(format!(
             "{:?} error at line {} column {}",
             error.classify(),
             error.line(),
             error.column()
-        ),
+        ))
     })
 }
 
@@ -418,8 +440,8 @@ fn read_record(path: &Path, short: &str) -> Result<Option<Record>, StoreError> {
 /// has reached the end of a regular file on Linux's local file systems;
 /// where it has not, the record does not parse as a whole, and
 /// [`read_record`] reads it again the long way.
-fn read_small_file(path: &Path) -> io::Result<Vec<u8>> {
-    let mut file = File::open(path)?;
+fn read_small_file(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
+    let mut file = open_record_file(path)?;
     let mut bytes = vec![0; 2048];
     let mut filled = 0;
     loop {
@@ -430,6 +452,9 @@ fn read_small_file(path: &Path) -> io::Result<Vec<u8>> {
                 if filled < bytes.len() {
                     break;
                 }
+                if filled > limit {
+                    return Err(too_large(limit));
+                }
                 bytes.resize(bytes.len() * 2, 0);
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -438,6 +463,60 @@ fn read_small_file(path: &Path) -> io::Result<Vec<u8>> {
     }
     bytes.truncate(filled);
     Ok(bytes)
+}
+
+/// The whole file at `path`, read to its end: a regular file of at most
+/// `limit` bytes.
+fn read_whole_file(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
+    let file = open_record_file(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > limit {
+        return Err(too_large(limit));
+    }
+    Ok(bytes)
+}
+
+/// Opens a record file to read it. Not through a symbolic link, which the
+/// store never makes; and without blocking, should the name be a FIFO's.
+fn open_record_file(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NOFOLLOW | libc::O_NONBLOCK,
+    );
+    options.open(path)
+}
+
+fn too_large(limit: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("larger than {limit} bytes"),
+    )
+}
+
+/// The errors of a name in the directory that holds no record the store
+/// wrote: what `open_record_file` refuses, and what the readers above do.
+fn is_not_a_record_file(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::WouldBlock
+    ) || error.raw_os_error() == Some(libc::ELOOP)
+}
+
+/// The largest record file read for session data of at most
+/// `max_data_bytes`: four times that, and at least 4 MiB, so that records
+/// written under a larger limit before a restart still load.
+fn max_record_bytes(max_data_bytes: usize) -> usize {
+    max_data_bytes.saturating_mul(4).max(4 << 20)
 }
 
 /// Writes `json` as the record of `handle`: into its spare file, which
@@ -732,6 +811,7 @@ fn expired_candidates(
     dir: &Path,
     now: u64,
     expiry: Expiry,
+    limit: usize,
 ) -> Result<Vec<(Handle, PathBuf)>, StoreError> {
     let entries = fs::read_dir(dir).map_err(|error| {
         StoreError::Unavailable(format!(
@@ -751,7 +831,7 @@ fn expired_candidates(
                 let _ = fs::remove_file(&path);
             }
         } else if let Some(handle) = handle_of_file(name) {
-            match read_record(&path, handle.short()) {
+            match read_record(&path, handle.short(), limit) {
                 Ok(Some(record)) if !expiry.is_expired(&record, now) => {}
                 Ok(None) => {}
                 // Expired, or unreadable (`sweep_record` decides).
@@ -772,9 +852,10 @@ fn sweep_record(
     short: &str,
     now: u64,
     expiry: Expiry,
+    limit: usize,
     fsync: bool,
 ) -> Result<bool, StoreError> {
-    let expired = match read_record(path, short) {
+    let expired = match read_record(path, short, limit) {
         Ok(Some(record)) => expiry.is_expired(&record, now),
         Ok(None) => false,
         Err(StoreError::Corrupt { handle, detail }) => {
@@ -799,13 +880,22 @@ fn age(path: &Path) -> Option<Duration> {
     SystemTime::now().duration_since(modified).ok()
 }
 
-/// Creates and removes a probe file: the one check that catches a
-/// read-only mount or a full inode table as well as permissions.
+/// Writes and removes a probe file of a block: the one check that catches
+/// a read-only mount, a full inode table and a full disk (where an empty
+/// file can still be made, but no new session) as well as permissions.
 fn probe_writable(dir: &Path) -> io::Result<()> {
     let probe = dir.join(format!(".ping.{:016x}.tmp", rand::random::<u64>()));
-    drop(create_private(&probe)?);
-    fs::remove_file(&probe)
+    // ext4, xfs and tmpfs reserve the blocks at the write: a full disk
+    // fails it, with no sync (which a health check polled every second
+    // should not cost the disk).
+    let written = create_private(&probe)
+        .and_then(|mut file| io::Write::write_all(&mut file, &[b'\n'; PROBE_BYTES]));
+    let removed = fs::remove_file(&probe);
+    written.and(removed)
 }
+
+/// A block of the usual file systems.
+const PROBE_BYTES: usize = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -1171,7 +1261,7 @@ mod tests {
         let temp = TempDir::new();
         let path = temp.0.join("x.json");
         fs::write(&path, br#"{"data": {"password": "hunter2"}, "created": "#).unwrap();
-        let error = read_record(&path, "12345678").unwrap_err();
+        let error = read_record(&path, "12345678", 1 << 20).unwrap_err();
         assert!(matches!(error, StoreError::Corrupt { .. }));
         assert!(!error.to_string().contains("hunter2"), "{error}");
     }
@@ -1213,7 +1303,7 @@ mod tests {
         for _ in 0..5 {
             let start = Instant::now();
             for _ in 0..rounds {
-                read_small_file(&path).unwrap();
+                read_small_file(&path, 1 << 20).unwrap();
             }
             small += start.elapsed();
             let start = Instant::now();

@@ -27,6 +27,16 @@
 //! since (`sessions kill`), or rewritten by hand, reads as it is. A kept
 //! record holds at most [`KEPT_RECORD_MAX`] bytes of session data, so the
 //! notes hold at most about 20 MiB however many sessions there are.
+//!
+//! **File turns.** Where the file operations run on the blocking pool
+//! (`fsync`), a request dropped while its write runs there (its client
+//! gone, its upstream failed) releases the stripe's lock, but the write
+//! goes on. The next writer of the handle would then write the same spare
+//! at the same time, and the two swaps could leave the version before
+//! both. So that work takes a second lock of the stripe, its [`FileTurn`],
+//! in the pool thread itself, for as long as it runs.
+
+use std::sync::{Arc, PoisonError};
 
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -42,6 +52,8 @@ pub const KEPT_RECORD_MAX: usize = 1024;
 
 pub struct Stripes {
     stripes: Box<[Mutex<Note>]>,
+    /// One per stripe, where file work runs on the blocking pool.
+    file_turns: Option<Arc<[std::sync::Mutex<()>]>>,
 }
 
 /// What this process wrote last in a stripe, if anything is known.
@@ -61,29 +73,68 @@ struct Written {
 pub struct Held<'a> {
     note: MutexGuard<'a, Note>,
     handle: &'a Handle,
+    stripe: usize,
+    file_turns: Option<&'a Arc<[std::sync::Mutex<()>]>>,
+}
+
+/// The right to do a stripe's file work on the blocking pool: see the
+/// module's comment.
+pub struct FileTurn {
+    turns: Arc<[std::sync::Mutex<()>]>,
+    stripe: usize,
+}
+
+impl FileTurn {
+    /// Runs `work` once the file work of the stripe before it has ended.
+    pub fn run<T>(&self, work: impl FnOnce() -> T) -> T {
+        // A panic in earlier work left nothing half-done that this lock
+        // guards: the files are what they are.
+        let _turn = self.turns[self.stripe]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        work()
+    }
 }
 
 impl Default for Stripes {
     fn default() -> Self {
-        Stripes {
-            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
-        }
+        Stripes::new(false)
     }
 }
 
 impl Stripes {
+    /// The table; with `file_turns` where file work runs on the blocking
+    /// pool.
+    pub fn new(file_turns: bool) -> Stripes {
+        Stripes {
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            file_turns: file_turns.then(|| (0..STRIPES).map(|_| Default::default()).collect()),
+        }
+    }
+
     /// Waits for `handle`'s stripe.
     pub async fn lock<'a>(&'a self, handle: &'a Handle) -> Held<'a> {
         // Hex digits of SHA-256 output: any few of them are uniform.
         let prefix = u64::from_str_radix(&handle.as_str()[..16], 16).unwrap_or(0);
+        let stripe = prefix as usize % STRIPES;
         Held {
-            note: self.stripes[prefix as usize % STRIPES].lock().await,
+            note: self.stripes[stripe].lock().await,
             handle,
+            stripe,
+            file_turns: self.file_turns.as_ref(),
         }
     }
 }
 
 impl Held<'_> {
+    /// The stripe's file turn, where file work runs on the blocking pool.
+    pub fn file_turn(&self) -> Option<FileTurn> {
+        self.file_turns.map(|turns| FileTurn {
+            turns: turns.clone(),
+            stripe: self.stripe,
+        })
+    }
+
     /// Notes that `record` is now the handle's record on disk, in a file
     /// stamped `stamp`.
     pub fn wrote(&mut self, record: &Record, stamp: Stamp) {
