@@ -13,7 +13,9 @@
 //! - reading a head (from its first byte): cut off after `header_timeout`,
 //!   with a `408`;
 //! - serving (from the end of the head to the end of the response): not
-//!   timed here; the body and the upstream have their own timeouts.
+//!   timed here; the body and the upstream have their own timeouts, and
+//!   each write of the response to the client `send_timeout` (pingora's,
+//!   set per request by [`head_received`]).
 //!
 //! The proxy moves the phases along: [`head_received`] from
 //! `early_request_filter`, [`await_next_request`] when pingora keeps the
@@ -53,6 +55,11 @@ pub struct ClientTimeouts {
     pub header: Duration,
     /// Idle, before the first request and between requests.
     pub keepalive: Duration,
+    /// For the client to accept each write of a response (pingora's
+    /// downstream write timeout, which it leaves unset): a client that
+    /// stops reading would otherwise hold its connection, and the
+    /// upstream's that the proxy stops reading, for ever.
+    pub send: Duration,
 }
 
 /// A pingora app whose client connections are [`ClockedStream`]s.
@@ -86,11 +93,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Clocked<A> {
     }
 }
 
-/// The request head has been read: stop its clock (from `early_request_filter`).
-pub fn head_received(session: &pingora::proxy::Session) {
-    if let Some(stream) = clocked(session) {
-        stream.set_phase(Phase::Serving);
-    }
+/// The request head has been read: stop its clock, and time the writes of
+/// the response instead (from `early_request_filter`).
+pub fn head_received(session: &mut pingora::proxy::Session) {
+    let Some(stream) = clocked(session) else {
+        return;
+    };
+    stream.set_phase(Phase::Serving);
+    let send = stream.timeouts.send;
+    session.set_write_timeout(Some(send));
 }
 
 /// The connection will wait for another request: start the idle clock.

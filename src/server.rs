@@ -62,6 +62,7 @@ pub fn run(config: Config) -> Result<(), String> {
     let timeouts = ClientTimeouts {
         header: Duration::from_secs(config.server.header_timeout),
         keepalive: Duration::from_secs(config.server.keepalive_timeout),
+        send: Duration::from_secs(config.server.send_timeout),
     };
     let mut proxy_service = pingora::services::listening::Service::new(
         "session-proxy".to_string(),

@@ -454,6 +454,40 @@ fn a_response_slower_than_keepalive_timeout_keeps_its_connection() {
     );
 }
 
+/// A client that stops reading its response held its connection, and the
+/// upstream's (which the proxy stops reading in turn), for ever: pingora
+/// sets no downstream write timeout. Each write now waits at most
+/// `send_timeout`.
+#[test]
+fn a_client_that_stops_reading_its_response_is_cut_off_after_send_timeout() {
+    let (_upstream, proxy, _config) = proxy(|c| c.server("send_timeout = 1"));
+    // More than the socket buffers between upstream and client hold.
+    let body_bytes: usize = 64 << 20;
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    let head = format!("GET /big HTTP/1.1\r\nHost: x\r\nX-Test-Body-Bytes: {body_bytes}\r\n\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+
+    // Whatever was buffered, then the end: not the whole body.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (mut received, mut buffer) = (0, vec![0u8; 1 << 16]);
+    let ended = loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break true,
+            Ok(read) => received += read,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        ended && received < body_bytes,
+        "closed: {ended}, {received} of {body_bytes} bytes of body received"
+    );
+    assert_still_serving(proxy.port);
+}
+
 #[test]
 fn a_connection_that_never_sends_a_request_is_closed_after_keepalive_timeout() {
     let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 2"));

@@ -29,6 +29,7 @@ pub(super) struct Server {
     pub grace_period: u64,
     pub header_timeout: u64,
     pub keepalive_timeout: u64,
+    pub send_timeout: u64,
 }
 
 impl Default for Server {
@@ -43,6 +44,7 @@ impl Default for Server {
             grace_period: 10,
             header_timeout: 10,
             keepalive_timeout: 60,
+            send_timeout: 60,
         }
     }
 }

@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub header_timeout: u64,
     /// Seconds a client connection may sit idle before (and between) requests.
     pub keepalive_timeout: u64,
+    /// Seconds a client may take to accept each write of a response.
+    pub send_timeout: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -51,6 +51,7 @@ fn absent_sections_take_the_spec_defaults() {
     assert!(server.tls.is_none());
     assert_eq!(server.grace_period, 10);
     assert_eq!((server.header_timeout, server.keepalive_timeout), (10, 60));
+    assert_eq!(server.send_timeout, 60);
 
     let upstream = &config.upstream;
     assert_eq!(upstream.addresses, vec![addr("127.0.0.1:8000")]);
@@ -174,7 +175,7 @@ fn negative_number_is_a_wrong_value() {
 
 #[test]
 fn client_timeouts_are_at_least_one_second() {
-    for key in ["header_timeout", "keepalive_timeout"] {
+    for key in ["header_timeout", "keepalive_timeout", "send_timeout"] {
         let message = error(&format!("[server]\n{key} = 0\n"));
         assert!(
             message.contains(&format!("server.{key}: expected at least 1, found 0")),
@@ -289,6 +290,7 @@ fn a_wait_longer_than_a_year_is_refused() {
         "[server]\ngrace_period",
         "[server]\nheader_timeout",
         "[server]\nkeepalive_timeout",
+        "[server]\nsend_timeout",
         "[store]\ntimeout",
     ] {
         let message = error(&format!("{key} = 9223372036854775807"));

@@ -121,6 +121,7 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
         grace_period: seconds(src, "server.grace_period", server.grace_period, 0)?,
         header_timeout: seconds(src, "server.header_timeout", server.header_timeout, 1)?,
         keepalive_timeout: seconds(src, "server.keepalive_timeout", server.keepalive_timeout, 1)?,
+        send_timeout: seconds(src, "server.send_timeout", server.send_timeout, 1)?,
     })
 }
 
