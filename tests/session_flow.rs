@@ -355,6 +355,18 @@ fn client_sent_session_headers_never_reach_the_upstream() {
     }
 }
 
+/// Headers a client names in `Connection` are hop-by-hop, and pingora
+/// removes them from the upstream request: the token must not be one.
+#[test]
+fn a_client_cannot_take_the_token_away_by_naming_it_in_connection() {
+    let s = setup(|c| c);
+    for connection in ["X-Session", "x-session, keep-alive", "close, X-SESSION"] {
+        let response = get(s.port(), "/app", &[("Connection", connection)]);
+        assert_eq!(response.status, 200);
+        assert_eq!(response.session()["new"], true, "{connection}: a token");
+    }
+}
+
 #[test]
 fn upstream_session_headers_never_reach_the_client() {
     let s = setup(|c| c.session("bypass = [\"/static/\"]"));

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use http::header::{CACHE_CONTROL, SET_COOKIE};
 use http::HeaderName;
 use log::{debug, warn};
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -78,6 +78,8 @@ pub struct RequestCtx {
     _in_flight: InFlight,
     /// `None` on a bypassed path.
     session: Option<ActiveSession>,
+    /// The session's token, for the upstream request.
+    token: Option<http::HeaderValue>,
     /// Why the proxy answers this request itself.
     failure: Option<Failure>,
     /// Held until the request ends (`lock = true`): the in-process turn,
@@ -317,13 +319,12 @@ impl SessionProxy {
             Some(record) => (record.ver, &record.data),
             None => (0, &settings.initializer),
         };
-        let token = settings
-            .tokens
-            .token(&active.handle, active.stored.is_none(), ver, now, data);
-        session
-            .req_header_mut()
-            .insert_header(settings.headers.session.clone(), token)
-            .map_err(|_| Failure::Internal)?;
+        ctx.token =
+            Some(
+                settings
+                    .tokens
+                    .token(&active.handle, active.stored.is_none(), ver, now, data),
+            );
         ctx.session = Some(active);
         Ok(false)
     }
@@ -352,6 +353,7 @@ impl ProxyHttp for SessionProxy {
         RequestCtx {
             _in_flight: InFlight(self.in_flight.clone()),
             session: None,
+            token: None,
             failure: None,
             _lock: None,
             lease: None,
@@ -403,6 +405,22 @@ impl ProxyHttp for SessionProxy {
                 Err(Error::new(ErrorType::HTTPStatus(failure.status())))
             }
         }
+    }
+
+    /// The token goes in last, into the request as it leaves: pingora has
+    /// removed the headers a client named in `Connection` by then, which
+    /// could otherwise name the token's.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Cloned, not taken: a retry on another connection comes here again.
+        if let Some(token) = &ctx.token {
+            upstream_request.insert_header(self.settings.headers.session.clone(), token.clone())?;
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
