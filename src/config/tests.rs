@@ -173,6 +173,27 @@ fn negative_number_is_a_wrong_value() {
     );
 }
 
+/// web.py writes the access time on every request; the proxy at most every
+/// touch_interval, which at the idle timeout or more expires sessions in
+/// use (a timeout of 60 with the default interval did).
+#[test]
+fn touch_interval_must_be_shorter_than_the_idle_timeout() {
+    let message = error("[session]\ntimeout = 60");
+    assert!(
+        message
+            .contains("session.touch_interval: expected less than session.timeout (60), found 60"),
+        "{message}"
+    );
+    let message = error("[session]\ntimeout = 5\ntouch_interval = 9");
+    assert!(
+        message.starts_with("test.toml:3:18: session.touch_interval"),
+        "{message}"
+    );
+    let session = config("[session]\ntimeout = 61").unwrap().session;
+    assert_eq!((session.timeout, session.touch_interval), (61, 60));
+    assert!(config("[session]\ntimeout = 1\ntouch_interval = 0").is_ok());
+}
+
 #[test]
 fn client_timeouts_are_at_least_one_second() {
     for key in ["header_timeout", "keepalive_timeout", "send_timeout"] {

@@ -261,10 +261,24 @@ fn session(session: file::Session, src: &Source, env_keys: Option<&str>) -> Resu
         }
     }
 
+    let timeout = at_least(src, "session.timeout", session.timeout, 1)?;
+    // The access time is written at most every touch_interval seconds: at
+    // timeout or more, a session in use would expire.
+    if session.touch_interval >= timeout {
+        return Err(src.error(
+            "session.touch_interval",
+            format!(
+                "expected less than session.timeout ({timeout}), found {}: the access time is \
+                 written at most this often, so sessions in use would expire; lower it",
+                session.touch_interval
+            ),
+        ));
+    }
+
     Ok(SessionConfig {
         secret_keys,
         cookie,
-        timeout: at_least(src, "session.timeout", session.timeout, 1)?,
+        timeout,
         absolute_timeout: (session.absolute_timeout > 0).then_some(session.absolute_timeout),
         touch_interval: session.touch_interval,
         ignore_expiry: session.ignore_expiry,
