@@ -367,6 +367,40 @@ fn a_client_cannot_take_the_token_away_by_naming_it_in_connection() {
     }
 }
 
+/// The proxy owns the session cookie. An upstream `Set-Cookie` of that
+/// name (an app whose framework uses the same one) replaced the browser's
+/// session whenever the proxy set no cookie itself; it never reaches the
+/// client now, and the app's other cookies still do.
+#[test]
+fn the_upstreams_set_cookie_of_the_session_cookie_never_reaches_the_client() {
+    let s = setup(|c| c.session("bypass = [\"/static/\"]"));
+    let mut browser = s.browser();
+    browser.get("/app", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let clash = [
+        ("X-Test-Set-Cookie", "session_id=EVIL; Path=/"),
+        ("X-Test-Set-Cookie", "theme=dark; Path=/"),
+    ];
+    for (path, update) in [
+        ("/app", None),
+        ("/app", Some(r#"{"a":2}"#)),
+        ("/static/x", None),
+    ] {
+        let mut headers = clash.to_vec();
+        headers.extend(update.map(|update| ("X-Test-Update", update)));
+        let response = browser.get(path, &headers);
+        let cookies = response.headers_named("set-cookie");
+        assert!(
+            cookies.iter().any(|c| c.starts_with("theme=dark")),
+            "{path}: {cookies:?}"
+        );
+        assert!(
+            !cookies.iter().any(|c| c.contains("EVIL")),
+            "{path}: {cookies:?}"
+        );
+    }
+    assert_eq!(browser.get("/app", &[]).session()["data"]["a"], 2);
+}
+
 #[test]
 fn upstream_session_headers_never_reach_the_client() {
     let s = setup(|c| c.session("bypass = [\"/static/\"]"));

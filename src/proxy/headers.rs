@@ -1,8 +1,9 @@
 //! Header surgery on the request: removing client-sent session headers and
 //! taking the session cookie out of `Cookie`.
 
-use http::header::{HeaderName, COOKIE};
-use pingora::http::RequestHeader;
+use http::header::{HeaderName, COOKIE, SET_COOKIE};
+use http::HeaderValue;
+use pingora::http::{RequestHeader, ResponseHeader};
 
 /// The headers in `[headers]`, which only the proxy may write.
 #[derive(Debug, Clone)]
@@ -156,6 +157,44 @@ fn cookie_value<'a>(pair: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
             .and_then(|v| v.strip_suffix(b"\""))
             .unwrap_or(value),
     )
+}
+
+/// Removes the upstream's `Set-Cookie`s of the cookie `name`, the session
+/// cookie, which the proxy owns: an app that sets a cookie of that name
+/// would replace the browser's session. `true` if there were any.
+pub fn remove_set_cookie(response: &mut ResponseHeader, name: &str) -> bool {
+    let sets_ours = |value: &&HeaderValue| set_cookie_name(value.as_bytes()) == name.as_bytes();
+    if !response
+        .headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .any(|v| sets_ours(&v))
+    {
+        return false;
+    }
+    let others: Vec<HeaderValue> = response
+        .headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter(|value| !sets_ours(value))
+        .cloned()
+        .collect();
+    response.remove_header(&SET_COOKIE);
+    for value in others {
+        // Values it held a moment ago: they cannot be refused.
+        let _ = response.append_header(SET_COOKIE, value);
+    }
+    true
+}
+
+/// The name of the cookie a `Set-Cookie` value sets (RFC 6265 5.2: up to
+/// the first `=` of the first pair, trimmed).
+fn set_cookie_name(value: &[u8]) -> &[u8] {
+    let pair = value.split(|&b| b == b';').next().unwrap_or_default();
+    pair.split(|&b| b == b'=')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii()
 }
 
 /// The values of header `name`, in order.

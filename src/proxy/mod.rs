@@ -443,6 +443,9 @@ impl ProxyHttp for SessionProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let names = &self.settings.headers;
+        if headers::remove_set_cookie(response, &self.settings.cookie.name) {
+            debug!("the upstream set the session cookie: removed");
+        }
         // Instructions count only in the final response of a session path;
         // none ever reach the client.
         let active = match ctx.session.as_ref() {
