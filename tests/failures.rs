@@ -186,6 +186,11 @@ fn a_store_that_fails_is_a_503_and_healthz_says_so() {
     assert_eq!(fresh.status, 503, "a new session cannot be stored either");
     assert!(fresh.headers_named("set-cookie").is_empty());
     assert_eq!(get(admin, "/healthz", &[]).status, 503);
+    let metrics = get(admin, "/metrics", &[]).text();
+    assert!(
+        metrics.contains("session_proxy_store_errors_total 2"),
+        "the load and the save counted:\n{metrics}"
+    );
     std::fs::remove_file(&dir).unwrap();
     std::fs::rename(&kept, &dir).unwrap();
     assert_eq!(

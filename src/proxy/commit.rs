@@ -76,7 +76,8 @@ impl SessionProxy {
             record.ver += 1;
             record.atime = now;
             self.put(&id.handle(), record).await?;
-            if active.stored.is_none() {
+            // A new session, or one killed since it was loaded: a fresh record.
+            if latest.is_none() {
                 self.metrics.sessions_created.inc();
             }
             // A new session, or one killed meanwhile: no old id to remove.
@@ -100,7 +101,9 @@ impl SessionProxy {
         // Written to faster than it can be copied: the session stays as it
         // is under its old id, and the last copy goes (if it can; unnamed,
         // it would only wait for the sweep).
-        let _ = self.store.delete(&id.handle()).await;
+        let _ = self
+            .timed(StoreOp::Delete, self.store.delete(&id.handle()))
+            .await;
         warn!(
             "session {}: changed during every copy of its regenerate",
             handle.short()
@@ -412,6 +415,23 @@ mod tests {
             object(json!({"user": "ann", "cart": 3}))
         );
         assert_eq!(record.ver, 3);
+    }
+
+    #[tokio::test]
+    async fn a_regenerate_of_a_session_killed_since_its_load_counts_a_new_one() {
+        let (store, proxy, active, instructions) = regenerating(0).await;
+        store.inner.delete(&active.handle).await.unwrap();
+
+        let cookie = proxy.commit(&active, instructions).await.unwrap();
+
+        assert!(matches!(cookie, Some(CookieChange::Set(_))), "{cookie:?}");
+        let records = store.inner.list().await.unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(
+            records[0].1.data.to_map().unwrap(),
+            object(json!({"user": "ann"}))
+        );
+        assert_eq!(proxy.metrics.sessions_created.get(), 1);
     }
 
     #[tokio::test]

@@ -233,6 +233,7 @@ impl SessionProxy {
                 Err(StoreError::Busy(_)) => return Err(Failure::SessionBusy),
                 Err(e) => {
                     warn!("session {}: lease failed: {e}", handle.short());
+                    self.metrics.store_errors.inc();
                     return Err(Failure::StoreUnavailable);
                 }
             };
