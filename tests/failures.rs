@@ -202,6 +202,18 @@ fn a_store_that_fails_is_a_503_and_healthz_says_so() {
 }
 
 #[test]
+fn requests_go_round_robin_over_the_upstream_addresses() {
+    let upstreams = [CountingUpstream::start(), CountingUpstream::start()];
+    let mut config = ProxyConfig::new(upstreams[0].port);
+    config.more_upstreams.push(upstreams[1].port);
+    let proxy = config.start();
+    for _ in 0..6 {
+        assert_eq!(get(proxy.port, "/", &[]).status, 200);
+    }
+    assert_eq!(upstreams.each_ref().map(CountingUpstream::count), [3, 3]);
+}
+
+#[test]
 fn metrics_count_requests_sessions_and_forgeries() {
     let (_upstream, proxy, config, _browser) = with_session(|c| c);
     get(proxy.port, "/", &[("Cookie", "session_id=forged.value")]);

@@ -26,6 +26,16 @@ fn age_records(config: &ProxyConfig, seconds: u64) {
     }
 }
 
+/// `/metrics` counted one expired session, for `reason` and no other.
+fn assert_counted_expired_once(config: &ProxyConfig, reason: &str) {
+    let metrics = get(config.admin_port, "/metrics", &[]).text();
+    for other in ["idle", "absolute", "ip", "missing"] {
+        let count = if other == reason { 1 } else { 0 };
+        let line = format!("session_proxy_sessions_expired_total{{reason=\"{other}\"}} {count}");
+        assert!(metrics.contains(&line), "missing {line:?} in\n{metrics}");
+    }
+}
+
 #[test]
 fn an_expired_session_gets_the_configured_answer_and_the_upstream_is_not_called() {
     let upstream = CountingUpstream::start();
@@ -52,6 +62,7 @@ fn an_expired_session_gets_the_configured_answer_and_the_upstream_is_not_called(
         "the cookie is cleared"
     );
     assert_eq!(upstream.count(), 1, "the upstream was not called");
+    assert_counted_expired_once(&config, "idle");
 }
 
 #[test]
@@ -70,6 +81,7 @@ fn a_missing_record_with_ignore_expiry_false_gets_the_expired_answer() {
         (200, "Session expired")
     );
     assert_eq!(upstream.count(), 1);
+    assert_counted_expired_once(&config, "missing");
 }
 
 #[test]
@@ -103,6 +115,7 @@ fn the_absolute_timeout_ends_a_busy_session() {
         std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
     }
     assert_eq!(browser.get("/", &[]).text(), "Session expired");
+    assert_counted_expired_once(&config, "absolute");
 }
 
 #[test]
@@ -133,6 +146,7 @@ fn a_session_used_from_another_ip_is_refused_and_left_alone() {
     );
     assert_eq!(other.text(), "Session expired");
     assert_eq!(upstream.count(), 2);
+    assert_counted_expired_once(&config, "ip");
     assert_eq!(
         record_files(&config),
         before,

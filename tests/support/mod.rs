@@ -122,6 +122,8 @@ pub struct ProxyConfig {
     pub port: u16,
     pub admin_port: u16,
     pub upstream_port: u16,
+    /// Ports of further upstream addresses, after `upstream_port`.
+    pub more_upstreams: Vec<u16>,
     pub session: Vec<String>,
     pub store: Vec<String>,
     pub server: Vec<String>,
@@ -137,6 +139,7 @@ impl ProxyConfig {
             port: free_port(),
             admin_port: free_port(),
             upstream_port,
+            more_upstreams: Vec::new(),
             session: vec![
                 format!("secret_keys = [{KEY:?}]"),
                 "touch_interval = 60".into(),
@@ -178,11 +181,15 @@ impl ProxyConfig {
     pub fn write(&self) -> PathBuf {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nthreads = 2\n{}\n\n\
-             [upstream]\naddresses = [\"127.0.0.1:{}\"]\n{}\n\n[session]\n{}\n\n[headers]\n{}\n\n[store]\n{}\n",
+             [upstream]\naddresses = [{}]\n{}\n\n[session]\n{}\n\n[headers]\n{}\n\n[store]\n{}\n",
             self.port,
             self.admin_port,
             self.server.join("\n"),
-            self.upstream_port,
+            std::iter::once(self.upstream_port)
+                .chain(self.more_upstreams.iter().copied())
+                .map(|port| format!("\"127.0.0.1:{port}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             self.upstream.join("\n"),
             self.session.join("\n"),
             self.headers.join("\n"),
