@@ -1,5 +1,6 @@
-//! Header surgery on the request: removing client-sent session headers and
-//! taking the session cookie out of `Cookie`.
+//! Header surgery: removing client-sent session headers and taking the
+//! session cookie out of `Cookie` on the request; removing the upstream's
+//! `Set-Cookie` of the session cookie from the response.
 
 use http::header::{HeaderName, COOKIE, SET_COOKIE};
 use http::HeaderValue;
@@ -163,22 +164,12 @@ fn cookie_value<'a>(pair: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
 /// cookie, which the proxy owns: an app that sets a cookie of that name
 /// would replace the browser's session. `true` if there were any.
 pub fn remove_set_cookie(response: &mut ResponseHeader, name: &str) -> bool {
-    let sets_ours = |value: &&HeaderValue| set_cookie_name(value.as_bytes()) == name.as_bytes();
-    if !response
-        .headers
-        .get_all(SET_COOKIE)
-        .iter()
-        .any(|v| sets_ours(&v))
-    {
+    let sets_ours = |value: &HeaderValue| set_cookie_name(value.as_bytes()) == name.as_bytes();
+    let set_cookies = || response.headers.get_all(SET_COOKIE).iter();
+    if !set_cookies().any(sets_ours) {
         return false;
     }
-    let others: Vec<HeaderValue> = response
-        .headers
-        .get_all(SET_COOKIE)
-        .iter()
-        .filter(|value| !sets_ours(value))
-        .cloned()
-        .collect();
+    let others: Vec<HeaderValue> = set_cookies().filter(|v| !sets_ours(v)).cloned().collect();
     response.remove_header(&SET_COOKIE);
     for value in others {
         // Values it held a moment ago: they cannot be refused.
