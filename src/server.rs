@@ -33,13 +33,14 @@ pub fn run(config: Config) -> Result<(), String> {
         timeout: config.session.timeout,
         absolute: config.session.absolute_timeout,
     };
+    let metrics = Arc::new(Metrics::new());
     store_runtime.spawn(store::sweep_forever(
         store.clone(),
         expiry,
         Duration::from_secs(config.store.sweep_interval),
+        metrics.clone(),
     ));
 
-    let metrics = Arc::new(Metrics::new());
     let proxy = SessionProxy::new(&config, store.clone(), metrics.clone())?;
     let in_flight = proxy.in_flight();
 

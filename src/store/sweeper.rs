@@ -4,12 +4,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Expiry, Store};
+use crate::metrics::Metrics;
 
 /// Calls [`Store::delete_expired`] every `interval`, for ever: an error is
-/// logged and the next round tried; even a panic inside the store ends
-/// only that round. The first round runs at once, so records that expired
-/// while the proxy was down go early.
-pub async fn sweep_forever(store: Arc<dyn Store>, expiry: Expiry, interval: Duration) {
+/// logged, counted in `store_errors_total`, and the next round tried; even
+/// a panic inside the store ends only that round. The first round runs at
+/// once, so records that expired while the proxy was down go early.
+pub async fn sweep_forever(
+    store: Arc<dyn Store>,
+    expiry: Expiry,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+) {
     // `tokio::time::interval` panics on zero; a config should never ask
     // for it, but a sweeper must not die of it.
     let mut ticks = tokio::time::interval(interval.max(Duration::from_secs(1)));
@@ -17,11 +23,14 @@ pub async fn sweep_forever(store: Arc<dyn Store>, expiry: Expiry, interval: Dura
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        sweep_once(&store, expiry).await;
+        if !sweep_once(&store, expiry).await {
+            metrics.store_errors.inc();
+        }
     }
 }
 
-async fn sweep_once(store: &Arc<dyn Store>, expiry: Expiry) {
+/// One round; `false` if it failed.
+async fn sweep_once(store: &Arc<dyn Store>, expiry: Expiry) -> bool {
     let now = crate::session::now();
     // A task of its own, so that a panic in the store surfaces as a
     // `JoinError` here instead of unwinding through the sweeper.
@@ -29,12 +38,20 @@ async fn sweep_once(store: &Arc<dyn Store>, expiry: Expiry) {
         let store = Arc::clone(store);
         tokio::spawn(async move { store.delete_expired(now, expiry).await })
     };
-    match round.await {
-        Ok(Ok(0)) => log::debug!("sweep: no expired sessions"),
-        Ok(Ok(count)) => log::info!("sweep: deleted {count} expired sessions"),
-        Ok(Err(error)) => log::warn!("sweep failed, will retry: {error}"),
-        Err(error) => log::warn!("sweep failed, will retry: {error}"),
-    }
+    let failure = match round.await {
+        Ok(Ok(0)) => {
+            log::debug!("sweep: no expired sessions");
+            return true;
+        }
+        Ok(Ok(count)) => {
+            log::info!("sweep: deleted {count} expired sessions");
+            return true;
+        }
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => error.to_string(),
+    };
+    log::warn!("sweep failed, will retry: {failure}");
+    false
 }
 
 #[cfg(test)]
@@ -83,11 +100,18 @@ mod tests {
             timeout: 60,
             absolute: None,
         };
-        let sweeper = tokio::spawn(sweep_forever(store.clone(), expiry, Duration::ZERO));
+        let metrics = Arc::new(Metrics::new());
+        let sweeper = tokio::spawn(sweep_forever(
+            store.clone(),
+            expiry,
+            Duration::ZERO,
+            metrics.clone(),
+        ));
         // Rounds at 0 s, 1 s and 2 s (a zero interval is taken as 1 s).
         tokio::time::sleep(Duration::from_millis(2_500)).await;
         assert!(!sweeper.is_finished());
         assert_eq!(store.rounds.load(Ordering::SeqCst), 3);
+        assert_eq!(metrics.store_errors.get(), 2, "the error and the panic");
         sweeper.abort();
     }
 }
