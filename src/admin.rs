@@ -8,6 +8,7 @@ use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use crate::limits;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -27,7 +28,10 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[async_trait]
 impl ServeHttp for Admin {
+    /// Its connections are on the proxy's clocks (`limits`, wrapped in
+    /// `server`): a slow head is cut off, an idle connection closed.
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        limits::head_received(session);
         let path = session.req_header().uri.path().to_owned();
         let (status, content_type, body) = match path.as_str() {
             "/healthz" => match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
@@ -49,6 +53,8 @@ impl ServeHttp for Admin {
                 b"not found: try /healthz or /metrics".to_vec(),
             ),
         };
+        // The answer is a few KB, written at once: the idle clock can start.
+        limits::await_next_request(session);
         Response::builder()
             .status(status)
             .header(http::header::CONTENT_TYPE, content_type)

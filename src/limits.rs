@@ -34,6 +34,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::http::RequestHeader;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::TlsRef;
 use pingora::protocols::{
@@ -94,8 +95,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Clocked<A> {
 }
 
 /// The request head has been read: stop its clock, and time the writes of
-/// the response instead (from `early_request_filter`).
-pub fn head_received(session: &mut pingora::proxy::Session) {
+/// the response instead (from `early_request_filter`, and the admin
+/// listener's handler).
+pub fn head_received(session: &mut ServerSession) {
     let Some(stream) = clocked(session) else {
         return;
     };
@@ -105,13 +107,13 @@ pub fn head_received(session: &mut pingora::proxy::Session) {
 }
 
 /// The connection will wait for another request: start the idle clock.
-pub fn await_next_request(session: &pingora::proxy::Session) {
+pub fn await_next_request(session: &ServerSession) {
     if let Some(stream) = clocked(session) {
         stream.set_phase(Phase::Idle(Instant::now()));
     }
 }
 
-fn clocked(session: &pingora::proxy::Session) -> Option<&ClockedStream> {
+fn clocked(session: &ServerSession) -> Option<&ClockedStream> {
     let stream: &dyn IO = &**session.stream()?;
     stream.as_any().downcast_ref::<ClockedStream>()
 }

@@ -16,8 +16,9 @@
 //! default level the request path pays nothing.
 //!
 //! It also moves pingora's ERROR line for a client that broke off before
-//! its request head was complete down to DEBUG: any client can cause as
-//! many as it likes, and ERROR is what operators are paged on.
+//! its request head was complete down to DEBUG, on the proxy's listener
+//! and the admin one: any client can cause as many as it likes, and ERROR
+//! is what operators are paged on.
 //!
 //! ```no_run
 //! session_proxy::logging::init();
@@ -108,11 +109,20 @@ impl Log for Redacting {
 /// `suppress_error_log` keeps quiet about a client gone later or a head
 /// refused. The client's
 /// doing, so DEBUG (nginx logs such at info). The proxy's own answers
-/// (502, 503, 504) carry another source and keep their ERROR lines.
+/// (502, 503, 504) carry another source and keep their ERROR lines. The
+/// admin listener's are pingora's HTTP app's, which names no source: all
+/// its failures to read a head or write an answer are the client's.
 fn is_client_failure(record: &Record, line: &str) -> bool {
-    record.level() == Level::Error
-        && record.target().starts_with("pingora_proxy")
-        && line.starts_with("Fail to proxy: Downstream ")
+    if record.level() != Level::Error {
+        return false;
+    }
+    let target = record.target();
+    if target.starts_with("pingora_proxy") {
+        return line.starts_with("Fail to proxy: Downstream ");
+    }
+    target.starts_with("pingora_core::apps::http_app")
+        && (line.starts_with("HTTP server fails to read from downstream")
+            || line.starts_with("HTTP server fails to write to downstream"))
 }
 
 /// `line` with secrets and long opaque runs taken out (see the module docs).

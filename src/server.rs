@@ -78,7 +78,10 @@ pub fn run(config: Config) -> Result<(), String> {
         let admin = Admin::new(store, metrics);
         let mut admin_service = pingora::services::listening::Service::new(
             "session-proxy admin".to_string(),
-            pingora::apps::http_app::HttpServer::new_app(admin),
+            Clocked::new(
+                pingora::apps::http_app::HttpServer::new_app(admin),
+                timeouts,
+            ),
         );
         admin_service.add_tcp(&address.to_string());
         server.add_service(admin_service);

@@ -504,6 +504,59 @@ fn a_connection_that_never_sends_a_request_is_closed_after_keepalive_timeout() {
     assert_still_serving(proxy.port);
 }
 
+/// The admin listener's connections are on the same clocks. pingora's own
+/// bound there is 60 s per read, so a scraper's connection left idle stayed
+/// a minute, and a head sent a byte every 59 s for ever: each holds a file
+/// descriptor of the process that serves the clients.
+#[test]
+fn idle_and_slow_admin_connections_are_cut_off_like_the_proxys() {
+    let (_upstream, proxy, config) =
+        proxy(|c| c.server("keepalive_timeout = 2\nheader_timeout = 2"));
+    let mut scraper = KeptAlive::open(config.admin_port);
+    assert_eq!(
+        scraper.status_of(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+        200
+    );
+    // Reused within the timeout: served.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        scraper.status_of(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+        200
+    );
+    let closed = scraper.closed_after_idle();
+    assert!(
+        closed >= Duration::from_millis(1500),
+        "closed after {closed:?}"
+    );
+
+    let mut slow = TcpStream::connect(("127.0.0.1", config.admin_port)).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        match slow.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(_) if started.elapsed() > Duration::from_secs(15) => {
+                panic!("the unfinished admin head was never cut off")
+            }
+            // A byte a second keeps the head coming.
+            Err(_) => {
+                let _ = slow.write_all(b"X");
+                std::thread::sleep(Duration::from_millis(900));
+            }
+        }
+    }
+    assert_eq!(raw_status(&answer), Some(408));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_still_serving(proxy.port);
+    assert_eq!(get(config.admin_port, "/healthz", &[]).status, 200);
+}
+
 // ---- Spoofed session headers ----
 
 #[test]
@@ -567,6 +620,16 @@ fn clients_that_break_off_leave_no_error_line_in_the_log() {
     assert_eq!(raw_status(&answer), Some(431));
     let mut half = TcpStream::connect(("127.0.0.1", port)).unwrap();
     half.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    drop(half);
+    // The same on the admin listener: a head that never ends, and half a head.
+    let unfinished = raw_exchange(
+        config.admin_port,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(raw_status(&unfinished), Some(408));
+    let mut half = TcpStream::connect(("127.0.0.1", config.admin_port)).unwrap();
+    half.write_all(b"GET /metrics HTTP/1.1\r\nHo").unwrap();
     drop(half);
     // A whole request, its client gone while the upstream takes its time.
     let mut impatient = TcpStream::connect(("127.0.0.1", port)).unwrap();
