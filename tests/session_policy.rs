@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -293,6 +293,28 @@ fn with_lock_concurrent_read_modify_writes_lose_no_increment() {
     let statuses = increments(proxy.port, browser.cookie.as_ref().unwrap(), 20);
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     assert_eq!(browser.get("/count", &[]).text(), "22");
+}
+
+/// The turn of `lock = true` ends when the change is stored, before the
+/// response head leaves (SPEC [4.5]): a download its client reads slowly,
+/// or a stream that stays open, held it to the body's end, and every
+/// other request of the session waited for it, then got `503 session busy`.
+#[test]
+fn with_lock_a_response_body_read_slowly_does_not_hold_up_the_session() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("lock = true");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    let cookie = browser.cookie.clone().unwrap();
+    let download = stalled_download(proxy.port, &cookie);
+
+    let started = Instant::now();
+    let response = browser.get("/count", &[]);
+    let waited = started.elapsed();
+    assert_eq!((response.status, response.text().as_str()), (200, "2"));
+    assert!(waited < Duration::from_secs(2), "waited {waited:?}");
+    drop(download);
 }
 
 #[test]

@@ -169,6 +169,29 @@ fn with_lock_increments_through_both_proxies_lose_nothing(shared: Shared) {
     assert_eq!(browser.get("/count", &[]).text(), "52");
 }
 
+/// The lease of `lock = true` ends when the change is stored, before the
+/// response head leaves: a download its client reads slowly held it to the
+/// body's end, and the session's requests through the other proxy waited.
+fn with_lock_a_response_body_read_slowly_does_not_hold_up_the_session(shared: Shared) {
+    let Some(pair) = pair(shared, "slowbody", &["lock = true"]) else {
+        return;
+    };
+    let mut browser = Browser::new(pair.a.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    let download = stalled_download(pair.a.port, browser.cookie.as_ref().unwrap());
+
+    let started = std::time::Instant::now();
+    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
+    let response = get(pair.b.port, "/count", &[("Cookie", &cookie)]);
+    let waited = started.elapsed();
+    assert_eq!((response.status, response.text().as_str()), (200, "2"));
+    assert!(
+        waited < std::time::Duration::from_secs(2),
+        "waited {waited:?}"
+    );
+    drop(download);
+}
+
 macro_rules! on_each_shared_store {
     ($($case:ident),* $(,)?) => {
         mod postgres {
@@ -185,6 +208,7 @@ on_each_shared_store!(
     a_kill_through_one_proxy_ends_the_session_for_both,
     concurrent_writes_of_different_keys_through_both_proxies_all_survive,
     with_lock_increments_through_both_proxies_lose_nothing,
+    with_lock_a_response_body_read_slowly_does_not_hold_up_the_session,
     a_store_that_goes_away_is_a_503_and_comes_back_without_a_restart,
     the_sessions_command_works_on_the_shared_store,
     a_burst_of_parallel_writes_to_one_session_all_succeed,

@@ -82,9 +82,9 @@ pub struct RequestCtx {
     token: Option<http::HeaderValue>,
     /// Why the proxy answers this request itself.
     failure: Option<Failure>,
-    /// Held until the request ends (`lock = true`): the in-process turn,
-    /// then, on a shared store, the lease that keeps other proxies out.
-    _lock: Option<HandleLock>,
+    /// Held until the change is stored (`lock = true`): the in-process
+    /// turn, then, on a shared store, the lease that keeps other proxies out.
+    lock: Option<HandleLock>,
     lease: Option<Box<dyn Lease>>,
 }
 
@@ -222,7 +222,7 @@ impl SessionProxy {
     ) -> Result<Result<ActiveSession, Expired>, Failure> {
         let handle = id.handle();
         if let Some(wait) = self.settings.lock_wait {
-            ctx._lock = Some(
+            ctx.lock = Some(
                 self.locks
                     .lock_within(&handle, wait)
                     .await
@@ -306,7 +306,7 @@ impl SessionProxy {
                 Ok(active) => active,
                 Err(expired) if settings.ignore_expiry && expired != Expired::Ip => {
                     ctx.lease = None;
-                    ctx._lock = None;
+                    ctx.lock = None;
                     self.new_session(client_ip)
                 }
                 Err(_) => {
@@ -356,7 +356,7 @@ impl ProxyHttp for SessionProxy {
             session: None,
             token: None,
             failure: None,
-            _lock: None,
+            lock: None,
             lease: None,
         }
     }
@@ -484,6 +484,9 @@ impl ProxyHttp for SessionProxy {
                 return Err(Error::new(ErrorType::HTTPStatus(failure.status())));
             }
         };
+        // Stored: the session's next request may go now, not when this
+        // response's body ends (a download, a stream, a slow reader).
+        release_turn(ctx).await;
         if let Some(cookie) = cookie {
             let value = match &cookie {
                 CookieChange::Set(value) => set_cookie(&self.settings.cookie, Some(value)),
@@ -497,13 +500,10 @@ impl ProxyHttp for SessionProxy {
         Ok(())
     }
 
+    /// A request that stored nothing (it failed, or the proxy answered
+    /// itself) still holds its turn here.
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        // Let the next proxy in now rather than when the lease times out.
-        if let Some(lease) = ctx.lease.take() {
-            if let Err(e) = lease.release().await {
-                debug!("lease release failed (it will expire): {e}");
-            }
-        }
+        release_turn(ctx).await;
     }
 
     /// A client that hangs up or sends a request we refuse is the client's
@@ -538,6 +538,18 @@ impl ProxyHttp for SessionProxy {
             can_reuse_downstream: false,
         }
     }
+}
+
+/// Ends the request's turn on its session (`lock = true`): the lease
+/// first, released now rather than left to time out, so that the next
+/// proxy in line goes, then the in-process lock.
+async fn release_turn(ctx: &mut RequestCtx) {
+    if let Some(lease) = ctx.lease.take() {
+        if let Err(e) = lease.release().await {
+            debug!("lease release failed (it will expire): {e}");
+        }
+    }
+    ctx.lock = None;
 }
 
 /// Why a request failed: what the proxy decided, else what pingora reports.

@@ -719,3 +719,28 @@ pub fn concurrent_key_writes(ports: &[u16], cookie: &str, count: usize) -> Vec<u
         .map(|thread| thread.join().unwrap())
         .collect()
 }
+
+/// A download of the session `cookie` whose client reads the response head
+/// and then stops reading: the response's body (500 MB) is still being
+/// sent while the connection lives.
+pub fn stalled_download(port: u16, cookie: &str) -> TcpStream {
+    let mut download = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        download,
+        "GET /download HTTP/1.1\r\nHost: x\r\nCookie: session_id={cookie}\r\n\
+         X-Test-Body-Bytes: 500000000\r\n\r\n"
+    )
+    .unwrap();
+    download
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut head = [0u8; 256];
+    let read = download.read(&mut head).unwrap();
+    assert!(
+        head[..read].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&head[..read])
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    download
+}
