@@ -196,6 +196,47 @@ fn the_access_time_is_written_only_after_touch_interval_and_keeps_ver() {
     assert_eq!(touched["ver"], 1, "a touch leaves ver alone");
 }
 
+/// A WebSocket handshake is a request of the session, and its `101` the
+/// final response: read as an interim one, it did no session work, so a
+/// session used only through WebSocket (re)connections was never touched
+/// and idled out while in use.
+#[test]
+fn a_websocket_handshake_touches_the_session() {
+    use base64::Engine;
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    age_records(&config, 61);
+    let aged = record_files(&config)[0]["atime"].as_u64().unwrap();
+
+    let switching =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                      Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+    let handshake = format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Cookie: session_id={cookie}\r\nX-Test-Fault: raw\r\nX-Test-Raw: {}\r\n\r\n",
+        base64::engine::general_purpose::STANDARD.encode(switching)
+    );
+    let answer = raw_exchange(proxy.port, handshake.as_bytes(), Duration::from_secs(5));
+    assert_eq!(
+        raw_status(&answer),
+        Some(101),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let record = record_files(&config)[0].clone();
+    assert!(
+        record["atime"].as_u64().unwrap() >= aged + 60,
+        "the handshake did not touch the session: atime {}, aged to {aged}",
+        record["atime"]
+    );
+    assert_eq!(record["ver"], 1, "a touch leaves ver alone");
+}
+
 #[test]
 fn with_cookie_max_age_the_cookie_is_re_sent_when_the_session_is_touched() {
     let upstream = start_upstream();

@@ -447,10 +447,13 @@ impl ProxyHttp for SessionProxy {
         if headers::remove_set_cookie(response, &self.settings.cookie.name) {
             debug!("the upstream set the session cookie: removed");
         }
-        // Instructions count only in the final response of a session path;
-        // none ever reach the client.
+        // Instructions count only in the final response of a session path
+        // (a `101` ends an upgrade's exchange: it is final too); none ever
+        // reach the client.
+        let is_interim = response.status.is_informational()
+            && response.status != http::StatusCode::SWITCHING_PROTOCOLS;
         let active = match ctx.session.as_ref() {
-            Some(active) if !response.status.is_informational() => active,
+            Some(active) if !is_interim => active,
             _ => {
                 response.remove_header(&names.update);
                 response.remove_header(&names.action);
