@@ -196,6 +196,48 @@ fn the_access_time_is_written_only_after_touch_interval_and_keeps_ver() {
     assert_eq!(touched["ver"], 1, "a touch leaves ver alone");
 }
 
+/// An update that changes nothing (`{}`, which a middleware that sends
+/// the keys it changed sends on most requests; a `null` for an absent key;
+/// a value already stored) is no change (SPEC [4.4], [4.5]): it stored every
+/// new visitor's session with a cookie, and bumped `ver` of existing ones.
+#[test]
+fn an_update_that_changes_nothing_is_no_change() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    for noop in ["{}", r#"{"absent": null}"#] {
+        let response = get(proxy.port, "/", &[("X-Test-Update", noop)]);
+        assert_eq!(response.status, 200);
+        assert_eq!(response.set_cookie("session_id"), None, "{noop}");
+        assert!(record_files(&config).is_empty(), "stored for {noop}");
+    }
+
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    assert_eq!(record_files(&config)[0]["ver"], 1);
+    for noop in ["{}", r#"{"absent": null}"#, r#"{"a": 1}"#] {
+        let response = browser.get("/", &[("X-Test-Update", noop)]);
+        assert_eq!(response.status, 200);
+        assert_eq!(response.set_cookie("session_id"), None, "{noop}");
+        let record = record_files(&config)[0].clone();
+        assert_eq!(record["data"], serde_json::json!({"a": 1}));
+        assert_eq!(record["ver"], 1, "{noop} changed nothing, yet ver grew");
+    }
+    // An old session's no-op update touches it, as a request without one would.
+    age_records(&config, 61);
+    let aged = record_files(&config)[0]["atime"].as_u64().unwrap();
+    browser.get("/", &[("X-Test-Update", "{}")]);
+    let record = record_files(&config)[0].clone();
+    assert!(
+        record["atime"].as_u64().unwrap() >= aged + 60,
+        "not touched"
+    );
+    assert_eq!(record["ver"], 1);
+    // A real change still counts.
+    browser.get("/", &[("X-Test-Update", r#"{"a":2}"#)]);
+    assert_eq!(record_files(&config)[0]["ver"], 2);
+}
+
 /// A WebSocket handshake is a request of the session, and its `101` the
 /// final response: read as an interim one, it did no session work, so a
 /// session used only through WebSocket (re)connections was never touched

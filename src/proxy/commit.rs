@@ -2,6 +2,8 @@
 //! the response head leaves. Every change goes through `Store::modify`,
 //! so it lands on the latest stored version.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use log::{debug, warn};
 use serde_json::{Map, Value};
 
@@ -120,7 +122,10 @@ impl SessionProxy {
         self.cookie_for(id)
     }
 
-    /// Merges the patch into the latest stored version.
+    /// Merges the patch into the latest stored version. A patch that
+    /// changes nothing there (`{}`, a `null` for an absent key, a value
+    /// already stored) is no change: `ver` stays, the access time is
+    /// written only as a touch would, and a new session is not stored.
     async fn update(
         &self,
         active: &ActiveSession,
@@ -129,16 +134,26 @@ impl SessionProxy {
     ) -> Result<Option<CookieChange>, Failure> {
         let max = self.settings.max_data_bytes;
         if let Some(seen) = &active.stored {
+            // What the decision that was stored did: `decide` runs again
+            // after a lost race, and only its last run counts.
+            let wrote = AtomicBool::new(false);
             let decide = |current: Option<&Record>| {
                 let Some(current) = current else {
                     return Ok(Change::Keep);
                 };
+                let data = patch::apply(&current.data, patch, max).map_err(|e| e.to_string())?;
+                let changed = data != current.data;
+                let touch = now.saturating_sub(current.atime) >= self.settings.touch_interval;
+                wrote.store(changed || touch, Ordering::Relaxed);
+                if !changed && !touch {
+                    return Ok(Change::Keep);
+                }
                 Ok(Change::Put(Record {
-                    data: patch::apply(&current.data, patch, max).map_err(|e| e.to_string())?,
+                    data,
                     created: current.created,
                     atime: now,
                     ip: current.ip.clone(),
-                    ver: current.ver + 1,
+                    ver: current.ver + u64::from(changed),
                 }))
             };
             let stored = self
@@ -149,12 +164,9 @@ impl SessionProxy {
                 .await;
             match stored.map_err(|e| store_failure(&active.handle, e))? {
                 Some(_) => {
-                    return Ok(self
-                        .settings
-                        .cookie
-                        .max_age
-                        .gt(&0)
-                        .then(|| self.cookie_for(&active.id)));
+                    // The browser's expiry slides whenever the access time is written.
+                    let slide = self.settings.cookie.max_age > 0 && wrote.load(Ordering::Relaxed);
+                    return Ok(slide.then(|| self.cookie_for(&active.id)));
                 }
                 // Killed by another request meanwhile: a killed session must
                 // stay dead, so the update starts a new one under a new id.
@@ -165,8 +177,12 @@ impl SessionProxy {
             }
         }
         let mut record = self.fresh_record(active, now);
-        record.data =
+        let data =
             patch::apply(&record.data, patch, max).map_err(|e| invalid(&active.handle, e))?;
+        if data == record.data && !self.settings.save_uninitialized {
+            return Ok(None);
+        }
+        record.data = data;
         record.ver = 1;
         let id = if active.stored.is_some() {
             SessionId::generate()
