@@ -194,6 +194,22 @@ fn touch_interval_must_be_shorter_than_the_idle_timeout() {
     assert!(config("[session]\ntimeout = 1\ntouch_interval = 0").is_ok());
 }
 
+/// A 204, 205 or 304 has no content, and the expired answer carries the
+/// message: sent as `204` with `Content-Length: 15`, its 15 bytes never came.
+#[test]
+fn expired_status_must_be_a_status_with_content() {
+    for status in [204, 205, 304] {
+        let message = error(&format!("[session]\nexpired_status = {status}"));
+        assert!(
+            message.contains(&format!("session.expired_status: {status} has no content")),
+            "{message}"
+        );
+    }
+    for status in [200, 401, 440] {
+        assert!(config(&format!("[session]\nexpired_status = {status}")).is_ok());
+    }
+}
+
 #[test]
 fn client_timeouts_are_at_least_one_second() {
     for key in ["header_timeout", "keepalive_timeout", "send_timeout"] {

@@ -225,6 +225,17 @@ fn session(session: file::Session, src: &Source, env_keys: Option<&str>) -> Resu
             ),
         ));
     }
+    // The expired answer carries `expired_message`: not a status that has
+    // no content (RFC 9110 15.3.5, 15.3.6, 15.4.5).
+    if [204, 205, 304].contains(&session.expired_status) {
+        return Err(src.error(
+            "session.expired_status",
+            format!(
+                "{} has no content, and the expired answer carries expired_message; use e.g. 200, 401 or 440",
+                session.expired_status
+            ),
+        ));
+    }
     let expired_status = session.expired_status as u16;
 
     let max_data_bytes = session.max_data_bytes;
