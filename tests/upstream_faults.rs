@@ -293,3 +293,55 @@ fn a_failed_response_stores_no_new_session() {
         );
     }
 }
+
+/// RFC 9112 6.1: no `Transfer-Encoding` to a client that did not speak
+/// HTTP/1.1. pingora asks the upstream in HTTP/1.1 whatever the client
+/// spoke, and turns a response without a length into a chunked one: an
+/// HTTP/1.0 client (ab, simple scripts, health checkers) read the chunk
+/// framing as part of the body.
+#[test]
+fn an_http_1_0_client_never_gets_a_chunked_body() {
+    let upstream = start_upstream();
+    let proxy = ProxyConfig::new(upstream.port).start();
+    for raw in [
+        // The upstream chunks its body (any streaming app server does).
+        &b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"[..],
+        // The upstream ends its body by closing the connection.
+        &b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello world"[..],
+    ] {
+        let head = format!(
+            "GET / HTTP/1.0\r\nHost: x\r\nX-Test-Fault: raw\r\nX-Test-Raw: {}\r\n\r\n",
+            STANDARD.encode(raw)
+        );
+        let answer = raw_exchange(proxy.port, head.as_bytes(), Duration::from_secs(10));
+        let text = String::from_utf8_lossy(&answer);
+        assert_eq!(raw_status(&answer), Some(200), "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
+        assert!(
+            !head.to_ascii_lowercase().contains("transfer-encoding"),
+            "an HTTP/1.0 client got Transfer-Encoding:\n{head}"
+        );
+        assert_eq!(body, "hello world");
+    }
+}
+
+/// RFC 9110 15.2: no 1xx to an HTTP/1.0 client, which takes the upstream's
+/// `103 Early Hints` for the answer.
+#[test]
+fn an_http_1_0_client_gets_no_interim_response() {
+    let upstream = start_upstream();
+    let proxy = ProxyConfig::new(upstream.port).start();
+    let raw = b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\n\
+                HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let head = format!(
+        "GET / HTTP/1.0\r\nHost: x\r\nX-Test-Fault: raw\r\nX-Test-Raw: {}\r\n\r\n",
+        STANDARD.encode(raw)
+    );
+    let answer = raw_exchange(proxy.port, head.as_bytes(), Duration::from_secs(10));
+    assert_eq!(
+        raw_status(&answer),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}

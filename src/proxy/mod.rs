@@ -19,12 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use http::header::{CACHE_CONTROL, SET_COOKIE};
+use http::header::{CACHE_CONTROL, SET_COOKIE, TRANSFER_ENCODING};
 use http::HeaderName;
 use log::{debug, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
@@ -374,6 +375,13 @@ impl ProxyHttp for SessionProxy {
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
         limits::head_received(session);
+        // RFC 9110 15.2: no 1xx to an HTTP/1.0 client, which would take it
+        // for the answer; pingora passes the upstream's on (103 Early Hints).
+        if session.req_header().version < http::Version::HTTP_11 {
+            if let ServerSession::H1(h1) = &mut *session.downstream_session {
+                h1.set_ignore_info_resp(true);
+            }
+        }
         if limits::head_bytes(session.req_header()) > limits::MAX_HEAD_BYTES {
             return Err(Error::new(ErrorType::HTTPStatus(431)));
         }
@@ -499,6 +507,25 @@ impl ProxyHttp for SessionProxy {
             if !forbids_shared_caching(response) {
                 response.append_header(CACHE_CONTROL, r#"no-cache="Set-Cookie""#)?;
             }
+        }
+        Ok(())
+    }
+
+    /// An HTTP/1.0 client cannot read chunked framing, and a server must
+    /// not send it one (RFC 9112 6.1). pingora asks the upstream in
+    /// HTTP/1.1 whatever the client spoke, passes on its chunked
+    /// responses and turns one without a length into a chunked one: for a
+    /// 1.0 client the coding goes, and the body ends with the connection.
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if session.req_header().version < http::Version::HTTP_11
+            && !response.status.is_informational()
+        {
+            response.remove_header(&TRANSFER_ENCODING);
         }
         Ok(())
     }
