@@ -61,6 +61,8 @@ fn an_expired_session_gets_the_configured_answer_and_the_upstream_is_not_called(
         response.header("set-cookie").unwrap().contains("Max-Age=0"),
         "the cookie is cleared"
     );
+    // About this client's session: no shared cache may serve it to others.
+    assert_eq!(response.header("cache-control"), Some("no-store"));
     assert_eq!(upstream.count(), 1, "the upstream was not called");
     assert_counted_expired_once(&config, "idle");
 }

@@ -97,14 +97,12 @@ async fn respond(session: &mut Session, status: u16, body: Bytes, clear_cookie: 
     };
     let _ = head.insert_header(CONTENT_TYPE, "text/plain; charset=utf-8");
     let _ = head.insert_header(CONTENT_LENGTH, body.len());
-    match clear_cookie {
-        Some(cookie) => {
-            let _ = head.insert_header(SET_COOKIE, cookie);
-            let _ = head.insert_header(CACHE_CONTROL, r#"no-cache="Set-Cookie""#);
-        }
-        None => {
-            let _ = head.insert_header(CACHE_CONTROL, "no-store");
-        }
+    // An answer about this client's session, or this request: no cache
+    // may keep it for the URL and serve it to others (a `200` "session
+    // expired" on a CDN). `no-store` covers the cookie's clearing too.
+    let _ = head.insert_header(CACHE_CONTROL, "no-store");
+    if let Some(cookie) = clear_cookie {
+        let _ = head.insert_header(SET_COOKIE, cookie);
     }
     let head_only = session.req_header().method == http::Method::HEAD;
     let written = match session
