@@ -50,6 +50,12 @@ impl<T: Clone> PerThread<T> {
         cell.get_or_try_init(open).await.cloned()
     }
 
+    /// Forgets the calling thread's value (found broken): its next use
+    /// opens a new one. Holders of a clone keep theirs.
+    pub fn forget(&self) {
+        self.values.remove(&std::thread::current().id());
+    }
+
     /// How many threads have a value (or are opening one).
     #[cfg(test)]
     fn len(&self) -> usize {

@@ -294,6 +294,26 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// Awaits a call on the calling thread's connection for at most the
+    /// timeout. A call that times out leaves that connection in doubt: the
+    /// server may have vanished behind a black hole, or a firewall or NAT
+    /// dropped the flow, and nothing ever tells the connection (the crate
+    /// reconnects on an error, never on silence; a kernel gives up on
+    /// unacknowledged data after some 15 minutes). It is forgotten, so the
+    /// next call dials anew, as the PostgreSQL store drops a connection
+    /// that timed out.
+    async fn bounded<T>(
+        &self,
+        operation: &str,
+        call: impl std::future::Future<Output = RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let outcome = tokio::time::timeout(self.timeout, call).await;
+        if outcome.is_err() {
+            self.connections.forget();
+        }
+        answer(operation, outcome)
+    }
+
     /// The calling thread's connection, opened on first use.
     async fn connection(&self) -> Result<Connection, StoreError> {
         self.connections
@@ -311,10 +331,15 @@ impl RedisStore {
         key.strip_prefix(&self.key_prefix).and_then(Handle::parse)
     }
 
-    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+    /// The value of `handle`'s key, if any; a value that is not UTF-8
+    /// (another program's, under the prefix) is a corrupt record.
+    async fn get(&self, handle: &Handle, key: &str) -> Result<Option<String>, StoreError> {
         let mut connection = self.connection().await?;
         let command = redis::cmd("GET").arg(key).to_owned();
-        bounded(self.timeout, "get", command.query_async(&mut connection)).await
+        let value: Option<Vec<u8>> = self
+            .bounded("get", command.query_async(&mut connection))
+            .await?;
+        value.map(|bytes| utf8(handle, bytes)).transpose()
     }
 
     /// Writes `new` (`None`: deletes) if `key` still holds `expected`.
@@ -353,12 +378,9 @@ impl RedisStore {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<Option<Option<String>>, StoreError> {
         let mut connection = self.connection().await?;
-        let answer = bounded(
-            self.timeout,
-            "write",
-            invocation.invoke_async(&mut connection),
-        )
-        .await?;
+        let answer = self
+            .bounded("write", invocation.invoke_async(&mut connection))
+            .await?;
         match answer {
             Value::Int(1) => Ok(None),
             Value::Int(0) => Ok(Some(None)),
@@ -414,12 +436,9 @@ impl RedisStore {
         };
         let command = redis::cmd("CLUSTER").arg("NODES").to_owned();
         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-        let answer = bounded(
-            self.timeout,
-            "cluster nodes",
-            connection.route_command(command, routing),
-        )
-        .await?;
+        let answer = self
+            .bounded("cluster nodes", connection.route_command(command, routing))
+            .await?;
         let text: String = redis::from_redis_value(answer)
             .map_err(|_| StoreError::Unavailable("redis: unreadable CLUSTER NODES".into()))?;
         Ok(cluster_masters(&text))
@@ -445,14 +464,13 @@ impl RedisStore {
         let mut connection = self.connection().await?;
         match (&mut connection, node.routing()) {
             (Connection::Cluster(cluster), Some(routing)) => {
-                bounded(
-                    self.timeout,
-                    "scan",
-                    cluster.route_command(command, routing),
-                )
-                .await
+                self.bounded("scan", cluster.route_command(command, routing))
+                    .await
             }
-            _ => bounded(self.timeout, "scan", command.query_async(&mut connection)).await,
+            _ => {
+                self.bounded("scan", command.query_async(&mut connection))
+                    .await
+            }
         }
     }
 
@@ -470,9 +488,12 @@ impl RedisStore {
         let values: Vec<Value> = match (&mut connection, node.routing()) {
             (Connection::Cluster(cluster), Some(RoutingInfo::SingleNode(route))) => {
                 let read = cluster.route_pipeline(pipeline, 0, keys.len(), route);
-                bounded(self.timeout, "get", read).await?
+                self.bounded("get", read).await?
             }
-            _ => bounded(self.timeout, "get", pipeline.query_async(&mut connection)).await?,
+            _ => {
+                self.bounded("get", pipeline.query_async(&mut connection))
+                    .await?
+            }
         };
         values
             .into_iter()
@@ -536,8 +557,9 @@ impl RedisStore {
                 .arg("PX")
                 .arg(ttl_ms)
                 .to_owned();
-            let answer: Value =
-                bounded(self.timeout, "lease", command.query_async(&mut connection)).await?;
+            let answer: Value = self
+                .bounded("lease", command.query_async(&mut connection))
+                .await?;
             if matches!(answer, Value::Okay) {
                 break;
             }
@@ -676,7 +698,7 @@ async fn release_lease(
 #[async_trait]
 impl Store for RedisStore {
     async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
-        match self.get(&self.key(handle)).await? {
+        match self.get(handle, &self.key(handle)).await? {
             Some(value) => decode(handle, &value).map(Some),
             None => Ok(None),
         }
@@ -688,7 +710,7 @@ impl Store for RedisStore {
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
         let key = self.key(handle);
-        let stored = self.get(&key).await?;
+        let stored = self.get(handle, &key).await?;
         self.modify_from(handle, &key, stored, decide).await
     }
 
@@ -720,7 +742,7 @@ impl Store for RedisStore {
         let mut invocation = self.scripts.touch.key(&key);
         invocation.arg(atime).arg(self.idle_ttl);
         let touch = invocation.invoke_async::<i64>(&mut connection);
-        match bounded(self.timeout, "touch", touch).await? {
+        match self.bounded("touch", touch).await? {
             0 => return Ok(false),
             touched if touched > 0 => return Ok(true),
             _ => {}
@@ -732,8 +754,9 @@ impl Store for RedisStore {
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
         let mut connection = self.connection().await?;
         let command = redis::cmd("DEL").arg(self.key(handle)).to_owned();
-        let deleted: i64 =
-            bounded(self.timeout, "delete", command.query_async(&mut connection)).await?;
+        let deleted: i64 = self
+            .bounded("delete", command.query_async(&mut connection))
+            .await?;
         Ok(deleted > 0)
     }
 
@@ -785,7 +808,7 @@ impl Store for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let mut connection = self.connection().await?;
         let command = redis::cmd("PING").to_owned();
-        bounded::<Value>(self.timeout, "ping", command.query_async(&mut connection))
+        self.bounded::<Value>("ping", command.query_async(&mut connection))
             .await
             .map(|_| ())
     }
@@ -808,7 +831,14 @@ async fn bounded<T>(
     operation: &str,
     call: impl std::future::Future<Output = RedisResult<T>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(timeout, call).await {
+    answer(operation, tokio::time::timeout(timeout, call).await)
+}
+
+fn answer<T>(
+    operation: &str,
+    outcome: Result<RedisResult<T>, tokio::time::error::Elapsed>,
+) -> Result<T, StoreError> {
+    match outcome {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => {
             let mut message = error.to_string();
@@ -821,6 +851,14 @@ async fn bounded<T>(
             "redis {operation}: timed out"
         ))),
     }
+}
+
+/// A stored value as text; one that is not UTF-8 is a corrupt record.
+fn utf8(handle: &Handle, bytes: Vec<u8>) -> Result<String, StoreError> {
+    String::from_utf8(bytes).map_err(|_| StoreError::Corrupt {
+        handle: handle.short().to_owned(),
+        detail: "record is not UTF-8".into(),
+    })
 }
 
 fn encode(record: &Record) -> Result<String, StoreError> {
