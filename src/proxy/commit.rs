@@ -75,7 +75,9 @@ impl SessionProxy {
                 record.data = patch::apply(&record.data, patch, self.settings.max_data_bytes)
                     .map_err(|e| invalid(handle, e))?;
             }
-            record.ver += 1;
+            // Saturating: a record read back from a shared store may hold
+            // anything, and nothing on the request path may panic.
+            record.ver = record.ver.saturating_add(1);
             record.atime = now;
             self.put(&id.handle(), record).await?;
             // A new session, or one killed since it was loaded: a fresh record.
@@ -153,7 +155,7 @@ impl SessionProxy {
                     created: current.created,
                     atime: now,
                     ip: current.ip.clone(),
-                    ver: current.ver + u64::from(changed),
+                    ver: current.ver.saturating_add(u64::from(changed)),
                 }))
             };
             let stored = self
