@@ -209,6 +209,7 @@ on_each_shared_store!(
     concurrent_writes_of_different_keys_through_both_proxies_all_survive,
     with_lock_increments_through_both_proxies_lose_nothing,
     with_lock_a_response_body_read_slowly_does_not_hold_up_the_session,
+    with_lock_requests_of_different_sessions_run_side_by_side,
     a_store_that_goes_away_is_a_503_and_comes_back_without_a_restart,
     the_sessions_command_works_on_the_shared_store,
     a_burst_of_parallel_writes_to_one_session_all_succeed,
@@ -341,4 +342,174 @@ fn a_burst_of_parallel_writes_to_one_session_all_succeed(shared: Shared) {
     for i in 0..32 {
         assert_eq!(data[format!("key{i}")], 24, "{data}");
     }
+}
+
+/// SPEC [4.6]: `lock = true` makes the requests of one session take turns;
+/// the requests of different sessions still run side by side. Twelve
+/// sessions, each with one request the upstream takes 1.5 s to answer, are
+/// served in about 1.5 s, not in waves of a few sessions at a time.
+fn with_lock_requests_of_different_sessions_run_side_by_side(shared: Shared) {
+    let Some(pair) = pair(shared, "side", &["lock = true"]) else {
+        return;
+    };
+    let port = pair.a.port;
+    let cookies: Vec<String> = (0..12)
+        .map(|_| {
+            let mut browser = Browser::new(port);
+            assert_eq!(browser.get("/count", &[]).text(), "1");
+            format!("session_id={}", browser.cookie.unwrap())
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let threads: Vec<_> = cookies
+        .into_iter()
+        .map(|cookie| {
+            std::thread::spawn(move || {
+                let slow = [("Cookie", cookie.as_str()), ("X-Test-Sleep-Ms", "1500")];
+                let response = get(port, "/count", &slow);
+                (response.status, response.text())
+            })
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().unwrap(), (200, "2".to_string()));
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < std::time::Duration::from_millis(3000),
+        "12 sessions with one 1.5 s request each took {elapsed:?}"
+    );
+}
+
+/// Runs `statements` on the test database (PostgreSQL 127.0.0.1:5432, `test`).
+fn sql(statements: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let url = "postgres://postgres@127.0.0.1:5432/test";
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client.batch_execute(statements).await.unwrap();
+    });
+}
+
+/// A table name of this test's own, dropped with the guard.
+struct WebPyTable(String);
+
+impl Drop for WebPyTable {
+    fn drop(&mut self) {
+        sql(&format!("DROP TABLE IF EXISTS {}", self.0));
+    }
+}
+
+/// SPEC [6] takes web.py's DBStore table as is, so a table web.py filled
+/// keeps web.py's rows (sha1 ids, pickled data) when the proxy takes over,
+/// until they go idle. With an absolute timeout the sweep reads every row:
+/// it must neither fail on those rows nor log a WARN line for each of them
+/// at every round (500 rows and a round a minute, the default, is 720 000
+/// lines a day).
+#[test]
+fn postgres_web_py_rows_left_in_the_table_do_not_flood_the_log() {
+    if !Shared::Postgres.available() {
+        return;
+    }
+    let table = WebPyTable(format!(
+        "sessions_webpy_{}_{}",
+        std::process::id(),
+        free_port()
+    ));
+    sql(&format!(
+        "CREATE TABLE {t} (session_id char(128) UNIQUE NOT NULL, \
+         atime timestamp NOT NULL default current_timestamp, data text); \
+         INSERT INTO {t} (session_id, data) \
+         SELECT left(md5(n::text) || md5(n::text), 40), 'KGRwMApTJ2NvdW50JwpwMQpJMQpzLg==' \
+         FROM generate_series(1, 500) AS n",
+        t = table.0
+    ));
+    let upstream = start_upstream();
+    let mut config = ProxyConfig::new(upstream.port);
+    config.store = vec![
+        "kind = \"postgres\"".into(),
+        "url = \"postgres://postgres@127.0.0.1:5432/test\"".into(),
+        format!("table = \"{}\"", table.0),
+        "sweep_interval = 1".into(),
+    ];
+    config = config.session("absolute_timeout = 3600");
+    let log = config.dir.path().join("proxy.log");
+    let proxy = config.start_logging("warn", &log);
+    let mut browser = Browser::new(proxy.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    assert_eq!(
+        browser.get("/count", &[]).text(),
+        "2",
+        "sessions still work"
+    );
+    drop(proxy);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let per_row = text
+        .lines()
+        .filter(|line| line.contains("not a handle") || line.contains("not session-proxy records"))
+        .count();
+    assert!(
+        per_row <= 10,
+        "{per_row} WARN lines in 3.5 s about the 500 rows web.py left; first: {:?}",
+        text.lines().next()
+    );
+}
+
+#[test]
+fn redis_a_record_at_the_last_version_number_is_answered() {
+    let Some(pair) = pair(Shared::Redis, "lastver", &[]) else {
+        return;
+    };
+    let mut browser = Browser::new(pair.a.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    let cookie = browser.cookie.clone().unwrap();
+    let key = pair._configs.0.store[2]
+        .trim_start_matches("key_prefix = \"")
+        .trim_end_matches('"')
+        .to_string()
+        + &handle_of(&cookie);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = ::redis::Client::open("redis://127.0.0.1:6379").unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let value: String = ::redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let mut record: serde_json::Value = serde_json::from_str(&value).unwrap();
+        record["ver"] = serde_json::json!(u64::MAX);
+        let _: () = ::redis::cmd("SET")
+            .arg(&key)
+            .arg(record.to_string())
+            .arg("EX")
+            .arg(600)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    });
+    let cookie_header = format!("session_id={cookie}");
+    let answer = try_request(
+        pair.a.port,
+        "GET",
+        "/count",
+        &[("Cookie", &cookie_header)],
+        b"",
+    );
+    assert!(answer.is_ok(), "no answer: {answer:?}");
+    assert_eq!(
+        get(pair.a.port, "/", &[]).status,
+        200,
+        "the proxy serves on"
+    );
 }

@@ -905,6 +905,50 @@ async fn postgres_a_record_holding_a_nul_character_stays_writable() {
     assert_eq!(stored.data, seen.data);
 }
 
+/// A record whose data holds numbers `jsonb` writes out in its own way.
+fn record_with_unusual_numbers(t: u64) -> Record {
+    record(
+        json!({"big": 1e16, "negative_zero": -0.0, "huge": 1e300}),
+        t,
+        t,
+    )
+}
+
+/// SPEC [4.4]: a touch writes the access time and leaves the data (and
+/// `ver`) as they are. The data is kept as the JSON text it was written
+/// as (`fuzz_regressions`: a float must come back the float it was).
+async fn a_touch_leaves_the_data_as_written(store: &dyn Store) {
+    let handle = handle(22);
+    let t = now() - 1000;
+    let stored = record_with_unusual_numbers(t);
+    let text = stored.data.as_str();
+    assert!(
+        text.contains(":1e+16") && text.contains(":1e+300") && text.contains(":-0.0"),
+        "{text}"
+    );
+    put(store, &handle, &stored).await;
+    assert!(store.touch(&handle, t + 500).await.unwrap());
+    let touched = store.load(&handle).await.unwrap().expect("stored");
+    assert_eq!((touched.atime, touched.ver), (t + 500, stored.ver));
+    assert_eq!(touched.data.as_str(), stored.data.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_touch_leaves_the_data_as_written() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    a_touch_leaves_the_data_as_written(&table.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_touch_leaves_the_data_as_written() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    a_touch_leaves_the_data_as_written(&prefix.store().await).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sweeps_expired_records_in_batches() {
     let Some(table) = PgTable::new().await else {
@@ -1287,6 +1331,37 @@ async fn redis_a_value_that_is_not_a_record_is_corrupt_and_not_listed() {
     assert_eq!(store.list().await.unwrap(), vec![]);
 }
 
+/// README: "A stored record that cannot be decoded is logged and treated
+/// as missing". A value that is not even UTF-8 (written by another
+/// program under the prefix) is such a record too: `Corrupt`, not
+/// `Unavailable`, which the proxy answers with a 503 on every request of
+/// the session until the key expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_value_that_is_not_utf8_is_corrupt() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await;
+    let handle = handle(23);
+    let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}{}", prefix.prefix, handle))
+        .arg(&b"\xff\xfe not UTF-8"[..])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let loaded = store.load(&handle).await;
+    assert!(
+        matches!(loaded, Err(StoreError::Corrupt { .. })),
+        "{loaded:?}"
+    );
+    let changed = increment(&store, &handle).await;
+    assert!(
+        matches!(changed, Err(StoreError::Corrupt { .. })),
+        "{changed:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_sweep_deletes_records_past_the_absolute_timeout() {
     let Some(prefix) = RedisPrefix::new().await else {
@@ -1334,6 +1409,122 @@ async fn redis_fails_within_the_timeout_while_cut_off_and_recovers_by_itself() {
         survives(&mut relay, fault, write_and_read).await;
         survives(&mut relay, fault, || store.ping()).await;
     }
+}
+
+/// Forwards 127.0.0.1:`port` to `target`. `wedge` silences every
+/// connection open at that moment for good, both ends held open (a peer
+/// gone behind a black hole, a firewall or NAT that dropped the flow), while
+/// connections made afterwards are forwarded as before: the server itself
+/// answers.
+struct WedgingRelay {
+    port: u16,
+    wedged: tokio::sync::watch::Sender<u64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl WedgingRelay {
+    async fn start(target: &str) -> WedgingRelay {
+        let target: SocketAddr = target.parse().expect("target address");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let wedged = tokio::sync::watch::channel(0u64).0;
+        let epochs = wedged.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut epoch = epochs.subscribe();
+                let born = *epoch.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let wedged = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        _ = epoch.wait_for(|epoch| *epoch > born) => true,
+                    };
+                    if wedged {
+                        // Silent for good, both ends still open.
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+        WedgingRelay {
+            port,
+            wedged,
+            accept,
+        }
+    }
+
+    fn wedge(&self) {
+        self.wedged.send_modify(|epoch| *epoch += 1);
+    }
+}
+
+impl Drop for WedgingRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Once the connection in use hangs, the store fails within its timeout
+/// (as `survives` checks) and then gets through to the server again on a
+/// new connection, without the old one coming back.
+async fn a_hung_connection_is_replaced(store: &dyn Store, relay: &WedgingRelay, handle: &Handle) {
+    increment(store, handle)
+        .await
+        .expect("works through the relay");
+    relay.wedge();
+    let started = Instant::now();
+    let outcome = store.load(handle).await;
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < TIMEOUT + Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.load(handle).await {
+            Ok(Some(record)) => {
+                assert_eq!(count_of(&record), 1);
+                break;
+            }
+            other if Instant::now() < deadline => {
+                eprintln!("not yet recovered: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!(
+                "the server answers new connections, but the store still fails \
+                 10 s after its connection hung: {other:?}"
+            ),
+        }
+    }
+}
+
+// One thread, so that the store has one connection (per thread) to lose.
+#[tokio::test(flavor = "current_thread")]
+async fn redis_replaces_a_connection_that_hangs() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let relay = WedgingRelay::start(REDIS_ADDR).await;
+    let url = format!("redis://127.0.0.1:{}", relay.port);
+    let store = RedisStore::connect(&url, &prefix.prefix, TIMEOUT, IDLE_TTL)
+        .await
+        .unwrap();
+    a_hung_connection_is_replaced(&store, &relay, &handle(31)).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn postgres_replaces_a_connection_that_hangs() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let relay = WedgingRelay::start(POSTGRES_ADDR).await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/test", relay.port);
+    let store = PostgresStore::connect(&url, &table.name, 2, TIMEOUT)
+        .await
+        .unwrap();
+    a_hung_connection_is_replaced(&store, &relay, &handle(32)).await;
 }
 
 /// Writers of one session take turns in the process (`Serialized`, as

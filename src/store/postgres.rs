@@ -36,6 +36,8 @@
 //! (else as `modify`).
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,6 +50,7 @@ use tokio_postgres::{NoTls, Row};
 
 use super::per_thread::PerThread;
 use super::{touch_by_modify, Change, Decide, Expiry, Handle, Record, Store, StoreError};
+use crate::locks::{HandleLock, HandleLocks};
 
 /// Rows deleted by one sweep statement: small enough that no statement
 /// holds many row locks or runs for long.
@@ -63,9 +66,16 @@ pub struct PostgresStore {
     pools: PerThread<Pool>,
     /// Makes a thread's pool (no connection is opened until it is used).
     new_pool: Box<dyn Fn() -> Result<Pool, StoreError> + Send + Sync>,
-    /// Connections that wait for or hold a lease: a pool of their own, so
-    /// requests waiting for a lease never starve the ones holding it.
-    lease_pool: Pool,
+    /// How to open the connection that holds this process's leases.
+    lease_config: tokio_postgres::Config,
+    /// That connection, opened on first use and again once closed or in
+    /// doubt. Every lease of this process is an advisory lock held on it:
+    /// a lease costs no connection of its own, so requests of any number
+    /// of sessions hold leases side by side.
+    leases: tokio::sync::Mutex<Option<Arc<LeaseConnection>>>,
+    /// A session-level advisory lock is re-entrant within its connection:
+    /// holders of one handle's lease in this process take turns here first.
+    lease_turns: HandleLocks,
     table: String,
     sql: Statements,
     timeout: Duration,
@@ -95,6 +105,9 @@ impl Statements {
         // `timestamp` has no time zone: every atime is written and compared
         // as UTC, whatever the server's TimeZone setting.
         const ATIME: &str = "to_timestamp($2::bigint) AT TIME ZONE 'UTC'";
+        // The end of a record as this store writes it, and its atime.
+        const TOUCHED: &str = r#""atime":[0-9]+(,"ip":"[^"\\]*","ver":[0-9]+\}$)"#;
+        const TOUCHED_ATIME: &str = r#""atime":([0-9]+),"ip":"[^"\\]*","ver":[0-9]+\}$"#;
         Statements {
             create: format!(
                 "CREATE TABLE IF NOT EXISTS {table} (\
@@ -115,13 +128,20 @@ impl Statements {
             ),
             delete: format!("DELETE FROM {table} WHERE session_id = $1"),
             // A touch in one statement: the record's atime inside the JSON
-            // and the column move together, and never backwards.
+            // and the column move together, and never backwards. The JSON
+            // is edited as text, where this store writes `atime`: right
+            // before the closing `"ip"` and `"ver"` (a record's field
+            // order). Not through `jsonb`, which would write the data out
+            // again in its own way (1e16 as 10000000000000000, -0.0 as 0):
+            // a touch changes the access time only. A record in another
+            // layout is not matched; the caller touches it by `modify`.
             touch: format!(
                 "UPDATE {table} SET \
-                 data = jsonb_set(data::jsonb, '{{atime}}', to_jsonb(GREATEST(\
-                 (data::jsonb ->> 'atime')::bigint, $2::bigint)))::text, \
+                 data = regexp_replace(data, '{TOUCHED}', \
+                 '\"atime\":' || GREATEST(substring(data FROM '{TOUCHED_ATIME}')::bigint, \
+                 $2::bigint) || '\\1'), \
                  atime = GREATEST(atime, {ATIME}) \
-                 WHERE session_id = $1"
+                 WHERE session_id = $1 AND data ~ '{TOUCHED}'"
             ),
             // Locks only the rows it deletes, skips rows another
             // transaction holds, and re-checks `atime` on rows updated since
@@ -179,6 +199,7 @@ impl PostgresStore {
             config.application_name("session-proxy");
         }
         let pool_size = pool_size.max(1);
+        let lease_config = config.clone();
         let build = move |size: usize| {
             let manager = Manager::from_config(
                 config.clone(),
@@ -194,7 +215,9 @@ impl PostgresStore {
         };
         let store = PostgresStore {
             pools: PerThread::default(),
-            lease_pool: build(pool_size)?,
+            lease_config,
+            leases: tokio::sync::Mutex::new(None),
+            lease_turns: HandleLocks::default(),
             new_pool: Box::new(move || build(pool_size)),
             table: table.to_owned(),
             sql: Statements::new(table),
@@ -354,9 +377,9 @@ impl PostgresStore {
         }
     }
 
-    /// The touch in one statement: whether there was a record; `None`
-    /// when it holds what `jsonb` refuses, for the caller to touch it
-    /// without the cast.
+    /// The touch in one statement: `Some(true)` when done; `None` when
+    /// there is no record in this store's layout (none at all, or one
+    /// written otherwise), for the caller to touch it by `modify`.
     async fn touch_on(
         &self,
         client: &ClientWrapper,
@@ -364,18 +387,10 @@ impl PostgresStore {
         atime: u64,
     ) -> Result<Option<bool>, Failure> {
         let touch = client.prepare_cached(&self.sql.touch).await?;
-        match client
+        let touched = client
             .execute(&touch, &[&handle.as_str(), &unix_i64(atime)])
-            .await
-        {
-            Ok(touched) => Ok(Some(touched > 0)),
-            Err(error) if is_beyond_jsonb(&error) => Ok(None),
-            Err(error) if is_bad_data(&error) => Err(Failure::Clean(corrupt(
-                handle,
-                "data is not a JSON record".into(),
-            ))),
-            Err(error) => Err(error.into()),
-        }
+            .await?;
+        Ok((touched > 0).then_some(true))
     }
 
     async fn delete_on(&self, client: &ClientWrapper, handle: &Handle) -> Result<bool, Failure> {
@@ -402,7 +417,8 @@ impl PostgresStore {
 
     /// Reads the page of rows after `after` (by handle) and deletes those
     /// past the absolute timeout. Returns the last handle read (`None`: the
-    /// end) and how many were deleted. `created` never changes, so deleting
+    /// end), how many were deleted, and how many rows were not this
+    /// store's records. `created` never changes, so deleting
     /// by handle cannot remove a record that has meanwhile become young.
     async fn sweep_absolute_page(
         &self,
@@ -410,7 +426,7 @@ impl PostgresStore {
         after: &str,
         now: u64,
         absolute: u64,
-    ) -> Result<(Option<String>, u64), Failure> {
+    ) -> Result<(Option<String>, u64, u64), Failure> {
         let page = client.prepare_cached(&self.sql.page).await?;
         let delete_many = client.prepare_cached(&self.sql.delete_many).await?;
         let rows = client.query(&page, &[&after, &SWEEP_BATCH]).await?;
@@ -418,9 +434,13 @@ impl PostgresStore {
             .last()
             .and_then(|row| text(row, 0))
             .map(|session_id| session_id.trim_end().to_owned());
-        let expired: Vec<String> = rows
+        let records: Vec<(Handle, Record)> = rows
             .iter()
-            .filter_map(|row| readable(text(row, 0), text(row, 1)))
+            .filter_map(|row| record_of(text(row, 0), text(row, 1)).ok())
+            .collect();
+        let skipped = (rows.len() - records.len()) as u64;
+        let expired: Vec<String> = records
+            .into_iter()
             .filter(|(_, record)| now.saturating_sub(record.created) > absolute)
             .map(|(handle, _)| handle.as_str().to_owned())
             .collect();
@@ -429,14 +449,15 @@ impl PostgresStore {
         } else {
             client.execute(&delete_many, &[&expired]).await?
         };
-        Ok((last, deleted))
+        Ok((last, deleted, skipped))
     }
 
-    /// Takes the cross-instance lease of `handle`: a session-level advisory
-    /// lock held on a connection of its own, waiting at most `wait` for
-    /// another holder. The server releases it when the connection drops, so
-    /// a crashed proxy's leases go with its connections (its TCP
-    /// keep-alives are set to notice a vanished host within ~10 s).
+    /// Takes the cross-instance lease of `handle`, waiting at most `wait`
+    /// for another holder: a session-level advisory lock, taken with
+    /// `pg_try_advisory_lock` (polled, as the Redis lease is) on the one
+    /// connection that holds this process's leases. The server releases it
+    /// when that connection drops, so a crashed proxy's leases go with it
+    /// (its TCP keep-alives are set to notice a vanished host within ~10 s).
     /// `_lease_ttl` is there for the common lease API: a lock tied to a
     /// connection needs no expiry.
     pub async fn acquire_lease(
@@ -445,51 +466,103 @@ impl PostgresStore {
         wait: Duration,
         _lease_ttl: Duration,
     ) -> Result<PostgresLease, StoreError> {
-        let deadline = Instant::now() + wait + self.timeout;
-        let client = checkout(&self.lease_pool, deadline).await?;
+        let deadline = Instant::now() + wait;
+        let busy = || StoreError::Busy("postgres: lease wait timed out".into());
+        let turn = timeout_at(deadline, self.lease_turns.lock(handle))
+            .await
+            .map_err(|_elapsed| busy())?;
         let key = self.lease_key(handle);
-        // lock_timeout bounds the server-side wait; the keep-alives make the
-        // server drop the lock of a host that vanished without a FIN.
-        let setup = format!(
-            "SET lock_timeout = {}; SET tcp_keepalives_idle = 5; \
-             SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3",
-            wait.as_millis().max(1)
-        );
-        let acquired = timeout_at(deadline, async {
-            let lock = client
-                .prepare_cached("SELECT pg_advisory_lock($1, $2)")
-                .await?;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let connection = self.lease_connection().await?;
             let params: [&(dyn ToSql + Sync); 2] = [&key.0, &key.1];
-            let (set, locked, reset) = tokio::join!(
-                client.batch_execute(&setup),
-                client.execute(&lock, &params),
-                client.batch_execute("RESET lock_timeout")
-            );
-            set?;
-            reset?;
-            locked
-        })
-        .await;
-        match acquired {
-            Ok(Ok(_)) => Ok(PostgresLease {
-                client: Some(client),
-                key,
-                timeout: self.timeout,
-            }),
-            Ok(Err(error)) if error.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                Err(StoreError::Busy("postgres: lease wait timed out".into()))
+            let attempt = connection.client.query_one(&connection.try_lock, &params);
+            let locked = match tokio::time::timeout(self.timeout, attempt).await {
+                Ok(Ok(row)) => row
+                    .try_get::<_, bool>(0)
+                    .map_err(|error| unavailable(&error)),
+                Ok(Err(error)) => Err(unavailable(&error)),
+                Err(_elapsed) => Err(StoreError::Unavailable("postgres: timed out".into())),
+            };
+            match locked {
+                Ok(true) => {
+                    return Ok(PostgresLease {
+                        connection: Some(connection),
+                        key,
+                        timeout: self.timeout,
+                        _turn: turn,
+                    })
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    // The lock may have been taken all the same: the
+                    // connection goes once its other leases are released,
+                    // not kept open by the slot until the next lease.
+                    connection.poisoned.store(true, Ordering::Relaxed);
+                    self.forget_lease_connection(&connection).await;
+                    return Err(error);
+                }
             }
-            Ok(Err(error)) => {
-                discard(client);
-                Err(unavailable(&error))
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(busy());
             }
-            Err(_elapsed) => {
-                discard(client);
-                Err(StoreError::Unavailable(
-                    "postgres: lease wait timed out".into(),
-                ))
-            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
+    }
+
+    /// Lets go of `connection` as the one for new leases, if it still is.
+    async fn forget_lease_connection(&self, connection: &Arc<LeaseConnection>) {
+        let mut slot = self.leases.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|held| Arc::ptr_eq(held, connection))
+        {
+            *slot = None;
+        }
+    }
+
+    /// The connection that holds this process's leases, opened if there is
+    /// none usable.
+    async fn lease_connection(&self) -> Result<Arc<LeaseConnection>, StoreError> {
+        // Bounded, as `Serialized` bounds a turn: with the server gone, the
+        // k-th of k callers must not wait out k attempts to open it.
+        let mut slot = tokio::time::timeout(self.timeout, self.leases.lock())
+            .await
+            .map_err(|_elapsed| StoreError::Unavailable("postgres: timed out".into()))?;
+        if let Some(connection) = slot.as_ref().filter(|connection| connection.usable()) {
+            return Ok(Arc::clone(connection));
+        }
+        let open = async {
+            let (client, connection) = self.lease_config.connect(NoTls).await?;
+            tokio::spawn(connection);
+            // The keep-alives make the server drop the locks of a host that
+            // vanished without a FIN.
+            client
+                .batch_execute(
+                    "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
+                     SET tcp_keepalives_count = 3",
+                )
+                .await?;
+            let try_lock = client
+                .prepare("SELECT pg_try_advisory_lock($1, $2)")
+                .await?;
+            let unlock = client.prepare("SELECT pg_advisory_unlock($1, $2)").await?;
+            Ok::<_, tokio_postgres::Error>(LeaseConnection {
+                client,
+                try_lock,
+                unlock,
+                poisoned: AtomicBool::new(false),
+            })
+        };
+        let connection = match tokio::time::timeout(self.timeout, open).await {
+            Ok(Ok(connection)) => Arc::new(connection),
+            Ok(Err(error)) => return Err(unavailable(&error)),
+            Err(_elapsed) => return Err(StoreError::Unavailable("postgres: timed out".into())),
+        };
+        *slot = Some(Arc::clone(&connection));
+        Ok(connection)
     }
 
     /// The advisory lock keys of `handle`'s lease: this table's class and
@@ -501,47 +574,78 @@ impl PostgresStore {
     }
 }
 
+/// The connection that holds a process's leases, with its statements.
+/// Dropping its last holder closes it, and the server frees its locks.
+struct LeaseConnection {
+    client: tokio_postgres::Client,
+    try_lock: tokio_postgres::Statement,
+    unlock: tokio_postgres::Statement,
+    /// A lock or unlock on it failed: whether the lock is held is unknown,
+    /// so new leases go to a new connection, and this one closes (freeing
+    /// whatever it holds) once the leases still on it are released.
+    poisoned: AtomicBool,
+}
+
+impl LeaseConnection {
+    fn usable(&self) -> bool {
+        !self.client.is_closed() && !self.poisoned.load(Ordering::Relaxed)
+    }
+}
+
 /// A held lease (see [`PostgresStore::acquire_lease`]). Dropping it without
-/// [`PostgresLease::release`] closes its connection, which frees the lock.
+/// [`PostgresLease::release`] releases it in the background.
 pub struct PostgresLease {
-    client: Option<Object>,
+    connection: Option<Arc<LeaseConnection>>,
     key: (i32, i32),
     timeout: Duration,
+    _turn: HandleLock,
 }
 
 impl PostgresLease {
-    /// Frees the lock and returns the connection to the pool.
+    /// Frees the lock.
     pub async fn release(mut self) -> Result<(), StoreError> {
-        let Some(client) = self.client.take() else {
-            return Ok(());
-        };
-        let unlock = async {
-            let unlock = client
-                .prepare_cached("SELECT pg_advisory_unlock($1, $2)")
-                .await?;
-            client.execute(&unlock, &[&self.key.0, &self.key.1]).await
-        };
-        match tokio::time::timeout(self.timeout, unlock).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => {
-                discard(client);
-                Err(unavailable(&error))
-            }
-            Err(_elapsed) => {
-                discard(client);
-                Err(StoreError::Unavailable("postgres: timed out".into()))
-            }
+        match self.connection.take() {
+            Some(connection) => unlock(connection, self.key, self.timeout).await,
+            None => Ok(()),
         }
     }
 }
 
 impl Drop for PostgresLease {
     fn drop(&mut self) {
-        // Never hand a connection that still holds the lock back to the pool.
-        if let Some(client) = self.client.take() {
-            discard(client);
+        let Some(connection) = self.connection.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let (key, timeout) = (self.key, self.timeout);
+                runtime.spawn(async move {
+                    if let Err(error) = unlock(connection, key, timeout).await {
+                        log::warn!("{error}");
+                    }
+                });
+            }
+            // Outside a runtime: the connection goes, and the lock with it.
+            Err(_) => connection.poisoned.store(true, Ordering::Relaxed),
         }
     }
+}
+
+async fn unlock(
+    connection: Arc<LeaseConnection>,
+    key: (i32, i32),
+    timeout: Duration,
+) -> Result<(), StoreError> {
+    let params: [&(dyn ToSql + Sync); 2] = [&key.0, &key.1];
+    let unlock = connection.client.query_one(&connection.unlock, &params);
+    let failure = match tokio::time::timeout(timeout, unlock).await {
+        Ok(Ok(_)) => return Ok(()),
+        Ok(Err(error)) => unavailable(&error),
+        Err(_elapsed) => StoreError::Unavailable("postgres: timed out".into()),
+    };
+    // Still held, perhaps: let the connection go, and the lock with it.
+    connection.poisoned.store(true, Ordering::Relaxed);
+    Err(failure)
 }
 
 #[async_trait]
@@ -621,16 +725,26 @@ impl Store for PostgresStore {
         }
         if let Some(absolute) = expiry.absolute {
             let mut after = String::new();
+            let mut foreign = 0;
             loop {
                 let (client, deadline) = self.checkout().await?;
                 let page = self.sweep_absolute_page(&client, &after, now, absolute);
                 let outcome = timeout_at(deadline, page).await;
-                let (last, batch) = finish(client, outcome)?;
+                let (last, batch, skipped) = finish(client, outcome)?;
                 deleted += batch;
+                foreign += skipped;
                 match last {
                     Some(last) => after = last,
                     None => break,
                 }
+            }
+            // One line a round, not one a row: a table web.py filled keeps
+            // its rows until they go idle.
+            if foreign > 0 {
+                log::warn!(
+                    "sweep: skipped {foreign} rows that are not session-proxy records \
+                     (web.py's, or edited by hand); they go once idle"
+                );
             }
         }
         Ok(deleted)
@@ -731,21 +845,20 @@ fn encode(record: &Record) -> Result<String, Failure> {
 /// A listed row as (handle, record), or `None` (logged) if either is not
 /// what this store writes: `sessions list` shows the rest.
 fn readable(session_id: Option<String>, data: Option<String>) -> Option<(Handle, Record)> {
-    let Some(handle) = session_id
+    record_of(session_id, data)
+        .map_err(|why| log::warn!("postgres: skipping {why}"))
+        .ok()
+}
+
+/// A row as (handle, record), or why it is not one this store wrote.
+fn record_of(session_id: Option<String>, data: Option<String>) -> Result<(Handle, Record), String> {
+    let handle = session_id
         .as_deref()
         .map(str::trim_end)
         .and_then(Handle::parse)
-    else {
-        log::warn!("postgres: skipping a row whose session_id is not a handle");
-        return None;
-    };
-    match decode(&handle, data) {
-        Ok(record) => Some((handle, record)),
-        Err(error) => {
-            log::warn!("postgres: skipping {error}");
-            None
-        }
-    }
+        .ok_or("a row whose session_id is not a handle")?;
+    let record = decode(&handle, data).map_err(|error| error.to_string())?;
+    Ok((handle, record))
 }
 
 fn corrupt(handle: &Handle, detail: String) -> StoreError {
@@ -773,7 +886,7 @@ fn is_bad_data(error: &tokio_postgres::Error) -> bool {
 
 /// The stored data is JSON that `jsonb` cannot hold: a string with
 /// `\u0000` in it, which `text` and JSON allow. Only the one-statement
-/// write and touch cast to `jsonb`; the locking `modify` reads the text.
+/// write casts to `jsonb`; the locking `modify` reads the text.
 fn is_beyond_jsonb(error: &tokio_postgres::Error) -> bool {
     error.code() == Some(&SqlState::UNTRANSLATABLE_CHARACTER)
 }
