@@ -462,6 +462,27 @@ fn postgres_web_py_rows_left_in_the_table_do_not_flood_the_log() {
     );
 }
 
+/// The key prefix of a Redis pair's store.
+fn redis_prefix(pair: &Pair) -> String {
+    pair._configs.0.store[2]
+        .trim_start_matches("key_prefix = \"")
+        .trim_end_matches('"')
+        .to_string()
+}
+
+/// Runs one command on the test Redis, as another program would.
+fn redis_run<T: ::redis::FromRedisValue>(command: &::redis::Cmd) -> T {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = ::redis::Client::open("redis://127.0.0.1:6379").unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        command.query_async(&mut connection).await.unwrap()
+    })
+}
+
 #[test]
 fn redis_a_record_at_the_last_version_number_is_answered() {
     let Some(pair) = pair(Shared::Redis, "lastver", &[]) else {
@@ -470,34 +491,17 @@ fn redis_a_record_at_the_last_version_number_is_answered() {
     let mut browser = Browser::new(pair.a.port);
     assert_eq!(browser.get("/count", &[]).text(), "1");
     let cookie = browser.cookie.clone().unwrap();
-    let key = pair._configs.0.store[2]
-        .trim_start_matches("key_prefix = \"")
-        .trim_end_matches('"')
-        .to_string()
-        + &handle_of(&cookie);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = ::redis::Client::open("redis://127.0.0.1:6379").unwrap();
-        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-        let value: String = ::redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        let mut record: serde_json::Value = serde_json::from_str(&value).unwrap();
-        record["ver"] = serde_json::json!(u64::MAX);
-        let _: () = ::redis::cmd("SET")
+    let key = redis_prefix(&pair) + &handle_of(&cookie);
+    let value: String = redis_run(::redis::cmd("GET").arg(&key));
+    let mut record: serde_json::Value = serde_json::from_str(&value).unwrap();
+    record["ver"] = serde_json::json!(u64::MAX);
+    let _: () = redis_run(
+        ::redis::cmd("SET")
             .arg(&key)
             .arg(record.to_string())
             .arg("EX")
-            .arg(600)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-    });
+            .arg(600),
+    );
     let cookie_header = format!("session_id={cookie}");
     let answer = try_request(
         pair.a.port,
@@ -512,4 +516,41 @@ fn redis_a_record_at_the_last_version_number_is_answered() {
         200,
         "the proxy serves on"
     );
+}
+
+/// `lock = true` promises the app the session to itself. A lease found
+/// taken over while its request is at the upstream (its refreshes failed,
+/// and another proxy took it) stores nothing: another proxy may have served
+/// the session meanwhile. The lease's refresher noticed, and nothing read it.
+#[test]
+fn redis_a_lease_lost_during_its_request_stores_nothing() {
+    let Some(pair) = pair(Shared::Redis, "lostlease", &["lock = true"]) else {
+        return;
+    };
+    let mut browser = Browser::new(pair.a.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    let cookie = browser.cookie.clone().unwrap();
+    let lease_key = format!("{}lock:{}", redis_prefix(&pair), handle_of(&cookie));
+    let port = pair.a.port;
+    let header = format!("session_id={cookie}");
+    // The lease is refreshed every third of its 5 s: within the 3 s here.
+    let slow = std::thread::spawn(move || {
+        get(
+            port,
+            "/count",
+            &[("Cookie", &header), ("X-Test-Sleep-Ms", "3000")],
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _: () = redis_run(
+        ::redis::cmd("SET")
+            .arg(&lease_key)
+            .arg("another proxy's token")
+            .arg("PX")
+            .arg(10_000),
+    );
+    let response = slow.join().unwrap();
+    assert_eq!(response.status, 503, "{}", response.text());
+    let _: () = redis_run(::redis::cmd("DEL").arg(&lease_key));
+    assert_eq!(browser.get("/count", &[]).text(), "2", "nothing was stored");
 }

@@ -475,6 +475,17 @@ impl ProxyHttp for SessionProxy {
         );
         response.remove_header(&names.update);
         response.remove_header(&names.action);
+        // `lock = true` promised the app this session to itself: with the
+        // lease lost, another proxy may have served it meanwhile, and this
+        // change was decided on what may be an old version.
+        if ctx.lease.as_ref().is_some_and(|lease| !lease.is_held()) {
+            warn!(
+                "session {}: lease lost before the commit; nothing stored",
+                active.handle.short()
+            );
+            ctx.failure = Some(Failure::SessionBusy);
+            return Err(Error::new(ErrorType::HTTPStatus(503)));
+        }
         let outcome = match parsed {
             Ok(instructions) => self.commit(active, instructions).await,
             Err(invalid) => {

@@ -99,6 +99,11 @@ pub enum StoreError {
 #[async_trait]
 pub trait Lease: Send + Sync {
     async fn release(self: Box<Self>) -> Result<(), StoreError>;
+
+    /// False once the hold is known lost: a Redis lease taken over after
+    /// its refreshes failed, a PostgreSQL lock whose connection closed.
+    /// Another proxy may be serving the session meanwhile.
+    fn is_held(&self) -> bool;
 }
 
 /// A session store. Handles are the store keys; raw ids never reach it.

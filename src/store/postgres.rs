@@ -925,6 +925,13 @@ impl super::Lease for PostgresLease {
     async fn release(self: Box<Self>) -> Result<(), StoreError> {
         PostgresLease::release(*self).await
     }
+
+    /// The server frees the lock with its connection.
+    fn is_held(&self) -> bool {
+        self.connection
+            .as_ref()
+            .is_some_and(|connection| !connection.client.is_closed())
+    }
 }
 
 #[cfg(test)]

@@ -929,6 +929,10 @@ impl super::Lease for RedisLease {
     async fn release(self: Box<Self>) -> Result<(), StoreError> {
         RedisLease::release(*self).await
     }
+
+    fn is_held(&self) -> bool {
+        RedisLease::is_held(self)
+    }
 }
 
 #[cfg(test)]
