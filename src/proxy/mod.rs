@@ -476,9 +476,11 @@ impl ProxyHttp for SessionProxy {
         response.remove_header(&names.update);
         response.remove_header(&names.action);
         // `lock = true` promised the app this session to itself: with the
-        // lease lost, another proxy may have served it meanwhile, and this
-        // change was decided on what may be an old version.
-        if ctx.lease.as_ref().is_some_and(|lease| !lease.is_held()) {
+        // lease lost, another proxy may have served it meanwhile, and a
+        // change was decided on what may be an old version. A response
+        // with nothing to store goes as it is.
+        let lease_lost = ctx.lease.as_ref().is_some_and(|lease| !lease.is_held());
+        if lease_lost && matches!(&parsed, Ok(instructions) if !instructions.is_empty()) {
             warn!(
                 "session {}: lease lost before the commit; nothing stored",
                 active.handle.short()
