@@ -16,9 +16,9 @@
 //! default level the request path pays nothing.
 //!
 //! It also moves pingora's ERROR line for a client that broke off before
-//! its request head was complete down to DEBUG, on the proxy's listener
-//! and the admin one: any client can cause as many as it likes, and ERROR
-//! is what operators are paged on.
+//! its request head was complete, or whose TLS handshake failed, down to
+//! DEBUG, on the proxy's listener and the admin one: any client can cause
+//! as many as it likes, and ERROR is what operators are paged on.
 //!
 //! ```no_run
 //! session_proxy::logging::init();
@@ -111,7 +111,10 @@ impl Log for Redacting {
 /// doing, so DEBUG (nginx logs such at info). The proxy's own answers
 /// (502, 503, 504) carry another source and keep their ERROR lines. The
 /// admin listener's are pingora's HTTP app's, which names no source: all
-/// its failures to read a head or write an answer are the client's.
+/// its failures to read a head or write an answer are the client's. So
+/// is a TLS handshake that failed or outlasted pingora's 60 s: plain HTTP
+/// sent to an HTTPS port, a scanner, a client that distrusts the
+/// certificate (nginx logs those at info too).
 fn is_client_failure(record: &Record, line: &str) -> bool {
     if record.level() != Level::Error {
         return false;
@@ -119,6 +122,9 @@ fn is_client_failure(record: &Record, line: &str) -> bool {
     let target = record.target();
     if target.starts_with("pingora_proxy") {
         return line.starts_with("Fail to proxy: Downstream ");
+    }
+    if target.starts_with("pingora_core::services::listening") {
+        return line.starts_with("Downstream handshake ");
     }
     target.starts_with("pingora_core::apps::http_app")
         && (line.starts_with("HTTP server fails to read from downstream")

@@ -27,10 +27,6 @@ fn main() -> ExitCode {
         }
     };
     logging::protect(&config.session.secret_keys);
-    if let (Command::Run | Command::Check, Some(problem)) = (&command, config.unsupported()) {
-        eprintln!("session-proxy: {problem}");
-        return ExitCode::from(2);
-    }
     match command {
         Command::Run => commands::run(config),
         Command::Check => commands::check(&config),

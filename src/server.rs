@@ -53,6 +53,12 @@ pub fn run(config: Config) -> Result<(), String> {
         // Our own drain (below) ends the process first; these are backstops.
         grace_period_seconds: Some(config.server.grace_period + 1),
         graceful_shutdown_timeout_seconds: Some(1),
+        // The CAs for the upstream's certificate; None: the system's.
+        ca_file: config
+            .upstream
+            .ca_file
+            .as_ref()
+            .map(|path| path.display().to_string()),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf);
@@ -70,7 +76,14 @@ pub fn run(config: Config) -> Result<(), String> {
         Clocked::new(pingora::proxy::http_proxy(&pingora_conf, proxy), timeouts),
     );
     for address in &config.server.listen {
-        proxy_service.add_tcp(&address.to_string());
+        match &config.server.tls {
+            Some(files) => proxy_service.add_tls_with_settings(
+                &address.to_string(),
+                None,
+                crate::tls::listener_settings(files)?,
+            ),
+            None => proxy_service.add_tcp(&address.to_string()),
+        }
     }
     server.add_service(proxy_service);
 

@@ -248,19 +248,3 @@ fn check_exits_1_when_a_shared_store_does_not_answer() {
         );
     }
 }
-
-#[test]
-fn tls_is_refused_with_exit_2_until_it_is_built_in() {
-    let mut config = ProxyConfig::new(free_port());
-    let pem = config.dir.path().join("any.pem");
-    std::fs::write(&pem, "not used").unwrap();
-    config = config
-        .server(&format!("tls_cert = {:?}", pem.display().to_string()))
-        .server(&format!("tls_key = {:?}", pem.display().to_string()));
-    let output = run_cli(&["check", "-c", config.write().to_str().unwrap()], &[]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("TLS"), "{}", stderr(&output));
-    let config = ProxyConfig::new(free_port()).upstream("tls = true");
-    let output = run_cli(&["run", "-c", config.write().to_str().unwrap()], &[]);
-    assert_eq!(output.status.code(), Some(2));
-}

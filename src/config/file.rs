@@ -93,6 +93,7 @@ pub(super) struct Upstream {
     pub addresses: Option<Vec<String>>,
     pub tls: bool,
     pub sni: String,
+    pub ca_file: String,
     pub connect_timeout: u64,
     pub read_timeout: u64,
 }
@@ -103,6 +104,7 @@ impl Default for Upstream {
             addresses: None,
             tls: false,
             sni: String::new(),
+            ca_file: String::new(),
             connect_timeout: 2,
             read_timeout: 30,
         }

@@ -80,8 +80,15 @@ pub struct TlsFiles {
 pub struct UpstreamConfig {
     /// Resolved once at load time (pingora must never resolve per request).
     pub addresses: Vec<SocketAddr>,
+    /// The host of each address as written (a name or an IP address):
+    /// with `tls`, what the upstream's certificate must name when `sni`
+    /// is empty.
+    pub hosts: Vec<String>,
     pub tls: bool,
     pub sni: String,
+    /// With `tls`: the CAs the upstream's certificate is checked against;
+    /// `None` = the system's.
+    pub ca_file: Option<PathBuf>,
     pub connect_timeout: u64,
     pub read_timeout: u64,
 }
@@ -196,27 +203,6 @@ pub struct StoreConfig {
 #[error("{message}")]
 pub struct ConfigError {
     pub message: String,
-}
-
-impl Config {
-    /// What this build cannot do of a valid config: TLS, for now (no TLS
-    /// library is linked). `run` and `check` refuse such a config (exit 2).
-    pub fn unsupported(&self) -> Option<String> {
-        let file = self.file.display();
-        if self.server.tls.is_some() {
-            return Some(format!(
-                "{file}: server.tls_cert/tls_key: TLS listeners are not built into this version; \
-                 terminate TLS in front of the proxy and leave both keys empty"
-            ));
-        }
-        if self.upstream.tls {
-            return Some(format!(
-                "{file}: upstream.tls: TLS to the upstream is not built into this version; \
-                 set tls = false and reach the app over plain HTTP on a private network"
-            ));
-        }
-        None
-    }
 }
 
 /// Reads, defaults and validates the config file at `path`, taking secret

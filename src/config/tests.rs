@@ -57,6 +57,8 @@ fn absent_sections_take_the_spec_defaults() {
     assert_eq!(upstream.addresses, vec![addr("127.0.0.1:8000")]);
     assert!(!upstream.tls);
     assert_eq!(upstream.sni, "");
+    assert_eq!(upstream.hosts, vec!["127.0.0.1"]);
+    assert_eq!(upstream.ca_file, None);
     assert_eq!((upstream.connect_timeout, upstream.read_timeout), (2, 30));
 
     let session = &config.session;
@@ -415,14 +417,33 @@ fn tls_files_must_exist() {
 
 #[test]
 fn tls_with_both_files_is_on() {
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
-    let config = config(&format!(
-        "[server]\ntls_cert = {manifest:?}\ntls_key = {manifest:?}"
-    ))
-    .expect("valid");
-    let tls = config.server.tls.expect("tls on");
-    assert_eq!(tls.cert, Path::new(manifest));
-    assert_eq!(tls.key, Path::new(manifest));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("session-proxy-config-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let with_key = |key: &Path| {
+        format!(
+            "[server]\ntls_cert = {:?}\ntls_key = {:?}",
+            cert_path.display().to_string(),
+            key.display().to_string()
+        )
+    };
+    let loaded = config(&with_key(&key_path));
+    let wrong = error(&with_key(&cert_path));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let tls = loaded.expect("valid").server.tls.expect("tls on");
+    assert_eq!(tls.cert, cert_path);
+    assert_eq!(tls.key, key_path);
+    assert!(
+        wrong.starts_with("test.toml:2:12: server.tls_cert: ") && wrong.contains("no private key"),
+        "{wrong}"
+    );
 }
 
 // [upstream]
@@ -459,6 +480,13 @@ fn upstream_address_must_resolve() {
         "{message}"
     );
     assert!(message.contains("found \"no port\""), "{message}");
+}
+
+#[test]
+fn upstream_hosts_are_kept_as_written_for_tls() {
+    let text = "[upstream]\naddresses = [\"localhost:8000\", \"[::1]:8001\", \"127.0.0.1:8002\"]";
+    let config = parse(text, Path::new("test.toml"), Some(KEY)).expect("valid");
+    assert_eq!(config.upstream.hosts, vec!["localhost", "::1", "127.0.0.1"]);
 }
 
 #[test]

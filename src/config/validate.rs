@@ -104,10 +104,16 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
 
     let tls = match (server.tls_cert.is_empty(), server.tls_key.is_empty()) {
         (true, true) => None,
-        (false, false) => Some(TlsFiles {
-            cert: readable_file(src, "server.tls_cert", &server.tls_cert)?,
-            key: readable_file(src, "server.tls_key", &server.tls_key)?,
-        }),
+        (false, false) => {
+            let files = TlsFiles {
+                cert: readable_file(src, "server.tls_cert", &server.tls_cert)?,
+                key: readable_file(src, "server.tls_key", &server.tls_key)?,
+            };
+            // Read now: a bad file is a config error, not a failed start.
+            crate::tls::listener_settings(&files)
+                .map_err(|problem| src.error("server.tls_cert", problem))?;
+            Some(files)
+        }
         (false, true) => return Err(tls_half(src, "server.tls_cert", "server.tls_key")),
         (true, false) => return Err(tls_half(src, "server.tls_key", "server.tls_cert")),
     };
@@ -170,6 +176,7 @@ fn upstream(upstream: file::Upstream, src: &Source) -> Result<UpstreamConfig> {
             "expected at least one \"host:port\", found an empty array",
         ));
     }
+    let hosts = addresses.iter().map(|address| host_of(address)).collect();
     let addresses = addresses
         .iter()
         .enumerate()
@@ -180,13 +187,41 @@ fn upstream(upstream: file::Upstream, src: &Source) -> Result<UpstreamConfig> {
         })
         .collect::<Result<_>>()?;
 
+    let ca_file = match (upstream.ca_file.is_empty(), upstream.tls) {
+        (true, _) => None,
+        (false, true) => {
+            let path = readable_file(src, "upstream.ca_file", &upstream.ca_file)?;
+            crate::tls::check_ca_file(&path).map_err(|problem| src.error("upstream.ca_file", problem))?;
+            Some(path)
+        }
+        (false, false) => {
+            return Err(src.error(
+                "upstream.ca_file",
+                "is set while upstream.tls = false; set tls = true to reach the app over HTTPS, or remove ca_file",
+            ))
+        }
+    };
+
     Ok(UpstreamConfig {
         addresses,
+        hosts,
         tls: upstream.tls,
         sni: upstream.sni,
+        ca_file,
         connect_timeout: seconds(src, "upstream.connect_timeout", upstream.connect_timeout, 1)?,
         read_timeout: seconds(src, "upstream.read_timeout", upstream.read_timeout, 1)?,
     })
+}
+
+/// The host of "host:port" as written: a name, or an IP address without
+/// the brackets of IPv6.
+fn host_of(address: &str) -> String {
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(host, _port)| host);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 /// Resolves "host:port" now, so that no request ever waits for DNS; the

@@ -149,9 +149,18 @@ impl SessionProxy {
             .upstream
             .addresses
             .iter()
-            .map(|address| {
-                let mut peer =
-                    HttpPeer::new(*address, config.upstream.tls, config.upstream.sni.clone());
+            .zip(&config.upstream.hosts)
+            .map(|(address, host)| {
+                // With TLS, the name the upstream's certificate must carry
+                // (sent as SNI unless it is an IP address). Never empty:
+                // pingora turns the certificate checks off for no SNI.
+                let tls_name = match config.upstream.sni.as_str() {
+                    "" => host.clone(),
+                    sni => sni.to_string(),
+                };
+                let mut peer = HttpPeer::new(*address, config.upstream.tls, tls_name);
+                peer.options.verify_cert = true;
+                peer.options.verify_hostname = true;
                 peer.options.connection_timeout =
                     Some(Duration::from_secs(config.upstream.connect_timeout));
                 peer.options.read_timeout = Some(Duration::from_secs(config.upstream.read_timeout));

@@ -97,9 +97,15 @@ impl Drop for Process {
 
 /// The Python test upstream (`tests/support/upstream.py`).
 pub fn start_upstream() -> Process {
+    start_upstream_with(&[])
+}
+
+/// The Python test upstream with more arguments (e.g. `--tls CERT KEY`).
+pub fn start_upstream_with(args: &[&str]) -> Process {
     let mut child = Command::new("python3")
         .arg(repo_root().join("tests/support/upstream.py"))
         .args(["--port", "0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -360,7 +366,7 @@ pub fn try_request(
     parse_response(&raw, method == "HEAD")
 }
 
-fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {
+pub fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     let end = raw
         .windows(4)

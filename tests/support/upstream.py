@@ -2,6 +2,7 @@
 """A programmable upstream for session-proxy's end-to-end tests.
 
     python3 tests/support/upstream.py [--port 0] [--session-header X-Session]
+                                      [--tls CERT KEY]
 
 Binds 127.0.0.1 (port 0 = a free port), prints exactly `listening <port>`
 on stdout, flushes, and serves until killed. HTTP/1.1 keep-alive, one daemon
@@ -18,9 +19,11 @@ the body
                                           kept, underscores kept)
      "body": "...",                      (request body as UTF-8 text, bad
                                           bytes replaced)
-     "session": {...} | null}            (the claims of the X-Session JWT,
+     "session": {...} | null,            (the claims of the X-Session JWT,
                                           decoded but NOT verified; null when
                                           absent or undecodable)
+     "sni": "name" | null}               (with --tls only: the server name
+                                          the client sent, null for none)
 
 Request headers that steer the answer (header names are case-insensitive;
 those marked * may be sent several times, each giving one response header):
@@ -65,6 +68,7 @@ import binascii
 import http.client
 import json
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -146,6 +150,8 @@ class Upstream(BaseHTTPRequestHandler):
                 "headers": [[name, value] for name, value in self.headers.items()],
                 "body": body.decode("utf-8", errors="replace"),
                 "session": session,
+                **({"sni": getattr(self.connection, "sni", None)}
+                   if isinstance(self.connection, ssl.SSLSocket) else {}),
             }).encode()
 
         headers += [("X-Session-Update", v) for v in control.get_all("X-Test-Update", [])]
@@ -219,14 +225,28 @@ class Server(ThreadingHTTPServer):
             print(f"upstream.py: {sys.exc_info()[1]!r}", file=sys.stderr, flush=True)
 
 
+def remember_sni(ssl_socket, server_name, _context):
+    ssl_socket.sni = server_name
+
+
 def main():
     ap = argparse.ArgumentParser(description="programmable upstream for session-proxy's tests")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--session-header", default=Upstream.session_header)
+    ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
+                    help="speak HTTPS with this PEM certificate chain and key")
     args = ap.parse_args()
     Upstream.session_header = args.session_header
 
     server = Server(("127.0.0.1", args.port), Upstream)
+    if args.tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*args.tls)
+        context.sni_callback = remember_sni
+        # The handshake runs in the connection's thread, on its first read:
+        # a client that never completes one cannot hold up the others.
+        server.socket = context.wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False)
     print(f"listening {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

@@ -1,0 +1,78 @@
+//! TLS, with rustls on `ring` (pingora's `rustls` feature): the one TLS
+//! stack of the process.
+//!
+//! The files are read and checked when the config is loaded, so a bad
+//! certificate, key or CA file is a config error (exit 2) naming the file,
+//! rather than a panic inside pingora once the listeners start.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use pingora::listeners::tls::TlsSettings;
+use pingora::protocols::ALPN;
+use pingora::tls::sign::{CertifiedKey, SingleCertAndKey};
+use pingora::tls::{CertificateDer, CryptoProvider, PrivateKeyDer, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+
+use crate::config::TlsFiles;
+
+/// The listeners' TLS: the certificate chain and key of `files`, TLS 1.2
+/// and 1.3, HTTP/1.1 in ALPN. HTTP/2 is not offered: the session work,
+/// the client clocks and their tests are HTTP/1.1's (README).
+pub fn listener_settings(files: &TlsFiles) -> Result<TlsSettings, String> {
+    let resolver = SingleCertAndKey::from(certified_key(files)?);
+    // The paths stay empty: pingora reads no file once a resolver is set.
+    let mut settings = TlsSettings::intermediate("", "").map_err(|e| e.to_string())?;
+    settings.set_cert_resolver(Arc::new(resolver));
+    settings.set_alpn(ALPN::H1);
+    Ok(settings)
+}
+
+/// The certificate chain of `files.cert` with the key of `files.key`,
+/// which must go with its first certificate.
+fn certified_key(files: &TlsFiles) -> Result<CertifiedKey, String> {
+    pingora::tls::install_default_crypto_provider();
+    let provider = CryptoProvider::get_default().ok_or("no TLS crypto provider installed")?;
+    let certificates = certificates(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        format!(
+            "{}: no private key read: {e}; expected a PEM file with one PKCS#8, PKCS#1 or SEC1 key",
+            files.key.display()
+        )
+    })?;
+    CertifiedKey::from_der(certificates, key, provider).map_err(|e| {
+        format!(
+            "{} with {}: not a key for this certificate: {e}",
+            files.key.display(),
+            files.cert.display()
+        )
+    })
+}
+
+/// Checks that `path` holds CA certificates the upstream's certificate can
+/// be verified against; returns how many.
+pub fn check_ca_file(path: &Path) -> Result<usize, String> {
+    let mut roots = RootCertStore::empty();
+    for certificate in certificates(path)? {
+        roots
+            .add(certificate)
+            .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+    }
+    Ok(roots.len())
+}
+
+/// Every certificate of a PEM file; at least one.
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let unreadable = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(|e| unreadable(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unreadable(&e))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{}: no certificate found; expected PEM (\"-----BEGIN CERTIFICATE-----\")",
+            path.display()
+        ));
+    }
+    Ok(certificates)
+}

@@ -1,0 +1,327 @@
+//! TLS: HTTPS listeners (`[server] tls_cert`/`tls_key`) and HTTPS to the
+//! upstream (`[upstream] tls`, `sni`, `ca_file`), end to end. A test CA is
+//! made for each test; the client is rustls, the upstream is the Python
+//! test upstream behind `ssl`.
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use support::*;
+
+/// A CA of the test's own, and the PEM files of certificates it signed.
+struct TestCa {
+    dir: TempDir,
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "session-proxy test CA");
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = TempDir::new("tls");
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        TestCa { dir, cert, key }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses), as
+    /// `(cert.pem, key.pem)` paths.
+    fn issue(&self, tag: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.cert, &self.key)
+            .unwrap();
+        let cert_path = self.dir.path().join(format!("{tag}.pem"));
+        let key_path = self.dir.path().join(format!("{tag}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    /// A client that trusts this CA only, offering `alpn`.
+    fn client(&self, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.cert.der().to_vec()))
+            .unwrap();
+        let mut config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+/// A TLS connection to the proxy on 127.0.0.1, the handshake done.
+fn connect(client: Arc<ClientConfig>, port: u16) -> StreamOwned<ClientConnection, TcpStream> {
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let connection = ClientConnection::new(client, name).unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut stream = StreamOwned::new(connection, tcp);
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .expect("TLS handshake with the proxy");
+    }
+    stream
+}
+
+/// One HTTPS request on a connection of its own (`Connection: close`).
+fn https_get(
+    client: &Arc<ClientConfig>,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Response {
+    let mut stream = connect(client.clone(), port);
+    let mut head =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A peer that closes without close_notify: what came is whole here,
+        // the response's framing says so.
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => {}
+        Err(e) => panic!("reading the HTTPS answer: {e}"),
+    }
+    parse_response(&raw, false).expect("an HTTP answer over TLS")
+}
+
+/// An HTTPS proxy with a certificate for 127.0.0.1, in front of `upstream`.
+fn https_proxy(ca: &TestCa, upstream_port: u16) -> ProxyConfig {
+    let (cert, key) = ca.issue("proxy", &["localhost", "127.0.0.1"]);
+    ProxyConfig::new(upstream_port)
+        .server(&format!("tls_cert = {}", path_text(&cert)))
+        .server(&format!("tls_key = {}", path_text(&key)))
+        .session("secure = true")
+}
+
+#[test]
+fn an_https_listener_serves_sessions() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port);
+    let _proxy = config.start();
+    let client = ca.client(&[]);
+
+    let first = https_get(&client, config.port, "/count", &[]);
+    assert_eq!(first.status, 200);
+    assert_eq!(first.text(), "1");
+    let cookie = first.set_cookie("session_id").expect("a session cookie");
+    let set_cookie = first.header("set-cookie").unwrap();
+    assert!(set_cookie.contains("; Secure"), "{set_cookie}");
+
+    let jar = format!("session_id={cookie}");
+    let second = https_get(&client, config.port, "/count", &[("Cookie", &jar)]);
+    assert_eq!(second.text(), "2");
+    let third = https_get(&client, config.port, "/x", &[("Cookie", &jar)]);
+    assert_eq!(third.session()["data"]["count"], 2);
+}
+
+#[test]
+fn the_https_listener_offers_http_1_1_only() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port);
+    let _proxy = config.start();
+
+    let stream = connect(ca.client(&[b"h2", b"http/1.1"]), config.port);
+    assert_eq!(stream.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+}
+
+#[test]
+fn plain_http_to_the_https_port_gets_no_answer_and_no_error_line() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port);
+    let log = config.dir.path().join("proxy.log");
+    let _proxy = config.start_logging("info", &log);
+
+    let answer = raw_exchange(
+        config.port,
+        b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(raw_status(&answer), None, "{answer:?}");
+    // A client that distrusts the certificate fails its handshake.
+    let stranger = TestCa::new();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut connection = ClientConnection::new(stranger.client(&[]), name).unwrap();
+    let mut tcp = TcpStream::connect(("127.0.0.1", config.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let refused = loop {
+        match connection.complete_io(&mut tcp) {
+            Ok(_) if connection.is_handshaking() => continue,
+            outcome => break outcome,
+        }
+    };
+    assert!(refused.is_err(), "a certificate of another CA was accepted");
+    drop(tcp);
+
+    // The listener still serves.
+    let served = https_get(&ca.client(&[]), config.port, "/x", &[]);
+    assert_eq!(served.status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("ERROR"), "{text}");
+}
+
+#[test]
+fn bad_tls_files_are_config_errors() {
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue("proxy", &["127.0.0.1"]);
+    let (_other_cert, other_key) = ca.issue("other", &["127.0.0.1"]);
+    let not_pem = ca.dir.path().join("not.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+
+    let cases = [
+        (&not_pem, &key, "no certificate found"),
+        (&cert, &not_pem, "no private key"),
+        (&cert, &other_key, "not a key for this certificate"),
+    ];
+    for (cert, key, expected) in cases {
+        let config = ProxyConfig::new(free_port())
+            .server(&format!("tls_cert = {}", path_text(cert)))
+            .server(&format!("tls_key = {}", path_text(key)));
+        let path = config.write();
+        for command in ["run", "check"] {
+            let output = run_cli(&[command, "-c", path.to_str().unwrap()], &[]);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
+            assert!(stderr.contains("server.tls_cert"), "{stderr}");
+            assert!(stderr.contains(expected), "{expected}: {stderr}");
+        }
+    }
+
+    let config = ProxyConfig::new(free_port())
+        .server(&format!("tls_cert = {}", path_text(&cert)))
+        .server(&format!("tls_key = {}", path_text(&key)));
+    let path = config.write();
+    let output = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+}
+
+/// The test upstream over HTTPS with a certificate for `names`.
+fn https_upstream(ca: &TestCa, names: &[&str]) -> Process {
+    let (cert, key) = ca.issue("upstream", names);
+    start_upstream_with(&["--tls", cert.to_str().unwrap(), key.to_str().unwrap()])
+}
+
+#[test]
+fn an_https_upstream_is_verified_against_ca_file() {
+    let ca = TestCa::new();
+    let upstream = https_upstream(&ca, &["127.0.0.1"]);
+    let config = ProxyConfig::new(upstream.port)
+        .upstream("tls = true")
+        .upstream(&format!("ca_file = {}", path_text(&ca.ca_file())));
+    let _proxy = config.start();
+
+    let mut browser = Browser::new(config.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    assert_eq!(browser.get("/count", &[]).text(), "2");
+    let echoed = browser.get("/x", &[]);
+    assert_eq!(echoed.session()["data"]["count"], 2);
+    // An IP address is checked against the certificate, and is no SNI.
+    assert_eq!(echoed.json()["sni"], serde_json::Value::Null);
+}
+
+#[test]
+fn an_https_upstream_must_carry_the_name_asked_for() {
+    let ca = TestCa::new();
+    let upstream = https_upstream(&ca, &["app.internal"]);
+    let ca_file = format!("ca_file = {}", path_text(&ca.ca_file()));
+
+    // sni = "": the certificate must name the address, 127.0.0.1.
+    let config = ProxyConfig::new(upstream.port)
+        .upstream("tls = true")
+        .upstream(&ca_file);
+    let proxy = config.start();
+    assert_eq!(get(config.port, "/x", &[]).status, 502);
+    drop(proxy);
+
+    let config = ProxyConfig::new(upstream.port)
+        .upstream("tls = true")
+        .upstream(&ca_file)
+        .upstream("sni = \"app.internal\"");
+    let _proxy = config.start();
+    let served = get(config.port, "/x", &[]);
+    assert_eq!(served.status, 200);
+    assert_eq!(served.json()["sni"], "app.internal");
+}
+
+#[test]
+fn an_https_upstream_signed_by_an_unknown_ca_is_refused() {
+    let ca = TestCa::new();
+    let upstream = https_upstream(&ca, &["127.0.0.1"]);
+    // No ca_file: the system's CAs, which do not know the test CA.
+    let config = ProxyConfig::new(upstream.port).upstream("tls = true");
+    let _proxy = config.start();
+    let mut browser = Browser::new(config.port);
+    let refused = browser.get("/count", &[]);
+    assert_eq!(refused.status, 502);
+    assert_eq!(refused.set_cookie("session_id"), None);
+
+    // Nor does TLS to a plain HTTP upstream go through.
+    let plain = start_upstream();
+    let other_ca = TestCa::new();
+    let config = ProxyConfig::new(plain.port)
+        .upstream("tls = true")
+        .upstream(&format!("ca_file = {}", path_text(&other_ca.ca_file())));
+    let _proxy = config.start();
+    assert_eq!(get(config.port, "/x", &[]).status, 502);
+}
+
+#[test]
+fn ca_file_without_tls_or_unreadable_is_a_config_error() {
+    let ca = TestCa::new();
+    let not_pem = ca.dir.path().join("not.pem");
+    std::fs::write(&not_pem, "nothing here\n").unwrap();
+    let cases = [
+        ("tls = false", ca.ca_file(), "upstream.tls = false"),
+        ("tls = true", not_pem, "no certificate found"),
+    ];
+    for (tls, ca_file, expected) in cases {
+        let config = ProxyConfig::new(free_port())
+            .upstream(tls)
+            .upstream(&format!("ca_file = {}", path_text(&ca_file)));
+        let path = config.write();
+        let output = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("upstream.ca_file"), "{stderr}");
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+}
