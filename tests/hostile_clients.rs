@@ -591,6 +591,73 @@ fn session_headers_named_with_underscores_are_stripped_in_every_spelling() {
     assert_ne!(ours[0].1, "forged");
 }
 
+/// What the upstream saw of the forwarding headers, in any spelling.
+fn forwarding_headers(response: &Response) -> Vec<(String, String)> {
+    response
+        .upstream_headers()
+        .into_iter()
+        .map(|(name, value)| (name.to_ascii_lowercase(), value))
+        .filter(|(name, _)| name.replace('_', "-").starts_with("x-forwarded-"))
+        .collect()
+}
+
+#[test]
+fn a_client_cannot_forge_who_it_is_to_the_app() {
+    let (_upstream, proxy, _config) = proxy(|c| c.session("bypass = [\"/static/\"]"));
+    let forged = [
+        ("X-Forwarded-For", "203.0.113.7"),
+        ("X_Forwarded_For", "203.0.113.8"),
+        ("X-Forwarded-Proto", "https"),
+        ("x_forwarded_proto", "https"),
+    ];
+    for path in ["/page", "/static/app.css"] {
+        let response = get(proxy.port, path, &forged);
+        assert_eq!(response.status, 200);
+        let expected = [
+            ("x-forwarded-for".to_string(), "127.0.0.1".to_string()),
+            ("x-forwarded-proto".to_string(), "http".to_string()),
+        ];
+        let mut seen = forwarding_headers(&response);
+        seen.sort();
+        assert_eq!(seen, expected, "{path}");
+    }
+}
+
+#[test]
+fn a_trusted_proxy_in_front_extends_the_chain() {
+    let (_upstream, proxy, _config) = proxy(|c| c.server("trusted_proxies = [\"127.0.0.0/8\"]"));
+    let response = get(
+        proxy.port,
+        "/",
+        &[
+            ("X-Forwarded-For", "198.51.100.1"),
+            ("X-Forwarded-For", "203.0.113.7"),
+            ("X-Forwarded-Proto", "https"),
+        ],
+    );
+    let mut seen = forwarding_headers(&response);
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (
+                "x-forwarded-for".to_string(),
+                "198.51.100.1, 203.0.113.7, 127.0.0.1".to_string()
+            ),
+            ("x-forwarded-proto".to_string(), "https".to_string()),
+        ]
+    );
+    let response = get(proxy.port, "/", &[]);
+    assert_eq!(
+        response.upstream_header("x-forwarded-proto").as_deref(),
+        Some("http")
+    );
+    assert_eq!(
+        response.upstream_header("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+}
+
 /// Clients that break off, or send a head we refuse, are their own
 /// business: no ERROR line for them (pingora writes one for each, and any
 /// client can make as many as it likes), only a DEBUG one; an upstream

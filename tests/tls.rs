@@ -149,6 +149,10 @@ fn an_https_listener_serves_sessions() {
     assert_eq!(second.text(), "2");
     let third = https_get(&client, config.port, "/x", &[("Cookie", &jar)]);
     assert_eq!(third.session()["data"]["count"], 2);
+    assert_eq!(
+        third.upstream_header("x-forwarded-proto").as_deref(),
+        Some("https")
+    );
 }
 
 #[test]

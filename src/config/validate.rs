@@ -21,8 +21,10 @@ const MIN_DATA_BYTES: usize = 2;
 
 /// Headers the proxy or HTTP itself gives a meaning; a session header named
 /// like one of them would be stripped, merged or forwarded by mistake.
-const RESERVED_HEADERS: [&str; 13] = [
+const RESERVED_HEADERS: [&str; 15] = [
     "cookie",
+    "x-forwarded-for",
+    "x-forwarded-proto",
     "set-cookie",
     "host",
     "content-length",

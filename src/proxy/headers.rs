@@ -1,10 +1,16 @@
 //! Header surgery: removing client-sent session headers and taking the
-//! session cookie out of `Cookie` on the request; removing the upstream's
-//! `Set-Cookie` of the session cookie from the response.
+//! session cookie out of `Cookie` on the request; telling the upstream who
+//! the client is (`X-Forwarded-For`, `X-Forwarded-Proto`); removing the
+//! upstream's `Set-Cookie` of the session cookie from the response.
+
+use std::net::IpAddr;
 
 use http::header::{HeaderName, COOKIE, SET_COOKIE};
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The headers in `[headers]`, which only the proxy may write.
 #[derive(Debug, Clone)]
@@ -24,18 +30,58 @@ impl SessionHeaders {
             .any(|ours| same_name_modulo_underscore(ours.as_str(), name.as_str()))
     }
 
-    /// Removes every client-sent copy of the session headers.
+    /// Removes every client-sent copy of the session headers, and the
+    /// `_` spellings of the forwarding headers (`X_Forwarded_For`), which
+    /// would reach a CGI/WSGI app as the proxy's [`forward_client`].
     pub fn strip_from(&self, request: &mut RequestHeader) {
         let spoofed: Vec<HeaderName> = request
             .headers
             .keys()
-            .filter(|name| self.reserves(name))
+            .filter(|name| self.reserves(name) || is_underscore_forwarding(name))
             .cloned()
             .collect();
         for name in spoofed {
             request.remove_header(&name);
         }
     }
+}
+
+fn is_underscore_forwarding(name: &HeaderName) -> bool {
+    name.as_str().contains('_')
+        && [X_FORWARDED_FOR, X_FORWARDED_PROTO]
+            .iter()
+            .any(|ours| same_name_modulo_underscore(ours.as_str(), name.as_str()))
+}
+
+/// Tells the upstream who the client is, on the request as it leaves:
+///
+/// - `X-Forwarded-For`: the peer's address, after the chain the peer sent
+///   when it is one of `trusted_proxies`; from any other peer what it sent
+///   is dropped, so an app reading the first entry reads no forgery;
+/// - `X-Forwarded-Proto`: what a trusted peer sent, else `scheme`, the
+///   listeners' (`https` with TLS), which apps need to build their URLs
+///   and to know a request came over TLS.
+pub fn forward_client(
+    request: &mut RequestHeader,
+    peer: Option<IpAddr>,
+    peer_is_trusted: bool,
+    scheme: &'static str,
+) -> pingora::Result<()> {
+    if let Some(peer) = peer {
+        let mut chain = Vec::new();
+        if peer_is_trusted {
+            for value in values(&request.headers, &X_FORWARDED_FOR) {
+                chain.extend_from_slice(value);
+                chain.extend_from_slice(b", ");
+            }
+        }
+        chain.extend_from_slice(peer.to_string().as_bytes());
+        request.insert_header(X_FORWARDED_FOR, chain)?;
+    }
+    if !(peer_is_trusted && request.headers.contains_key(X_FORWARDED_PROTO)) {
+        request.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(scheme))?;
+    }
+    Ok(())
 }
 
 /// Both names are lower case (http's `HeaderName` guarantees it). `_` and

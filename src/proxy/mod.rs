@@ -63,6 +63,8 @@ struct Settings {
     tokens: TokenMemo,
     policy: Policy,
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// The listeners' scheme, for `X-Forwarded-Proto`.
+    scheme: &'static str,
     bypass: Vec<String>,
     ignore_expiry: bool,
     expired_status: u16,
@@ -130,6 +132,10 @@ impl SessionProxy {
                 check_ip: !session.ignore_change_ip,
             },
             trusted_proxies: config.server.trusted_proxies.clone(),
+            scheme: match config.server.tls {
+                Some(_) => "https",
+                None => "http",
+            },
             bypass: session.bypass.clone(),
             ignore_expiry: session.ignore_expiry,
             expired_status: session.expired_status,
@@ -155,6 +161,7 @@ impl SessionProxy {
                 // (sent as SNI unless it is an IP address). Never empty:
                 // pingora turns the certificate checks off for no SNI.
                 let tls_name = match config.upstream.sni.as_str() {
+                    _ if !config.upstream.tls => String::new(),
                     "" => host.clone(),
                     sni => sni.to_string(),
                 };
@@ -287,11 +294,7 @@ impl SessionProxy {
         ctx: &mut RequestCtx,
     ) -> Result<bool, Failure> {
         let settings = &self.settings;
-        let peer = session
-            .client_addr()
-            .and_then(|addr| addr.as_inet())
-            .map(|addr| addr.ip())
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let peer = client_addr(session).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
         let request = session.req_header_mut();
         let verified = match headers::take_cookie(request, &settings.cookie.name, |value| {
             settings.cookie_signer.verify(value)
@@ -306,7 +309,7 @@ impl SessionProxy {
         // X-Forwarded-For counts only from a trusted proxy: read it only then.
         let forwarded_for = match settings.trusted_proxies.is_empty() {
             true => Vec::new(),
-            false => headers::values(&request.headers, &X_FORWARDED_FOR),
+            false => headers::values(&request.headers, &headers::X_FORWARDED_FOR),
         };
         let client_ip = policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies);
 
@@ -344,7 +347,14 @@ impl SessionProxy {
 /// How long a shared store's lease outlives a proxy that crashed holding it.
 const LEASE_TTL: Duration = Duration::from_secs(5);
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// The IP address of the connection's peer (the client, or a proxy in
+/// front).
+fn client_addr(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|addr| addr.as_inet())
+        .map(|addr| addr.ip())
+}
 
 /// Counts a request as in flight for as long as it lives.
 struct InFlight(Arc<AtomicUsize>);
@@ -430,10 +440,18 @@ impl ProxyHttp for SessionProxy {
     /// could otherwise name the token's.
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let peer = client_addr(session);
+        let trusted = peer.is_some_and(|peer| {
+            self.settings
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&peer))
+        });
+        headers::forward_client(upstream_request, peer, trusted, self.settings.scheme)?;
         // Cloned, not taken: a retry on another connection comes here again.
         if let Some(token) = &ctx.token {
             upstream_request.insert_header(self.settings.headers.session.clone(), token.clone())?;
