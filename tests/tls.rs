@@ -1,13 +1,15 @@
-//! TLS: HTTPS listeners (`[server] tls_cert`/`tls_key`) and HTTPS to the
-//! upstream (`[upstream] tls`, `sni`, `ca_file`), end to end. A test CA is
-//! made for each test; the client is rustls, the upstream is the Python
-//! test upstream behind `ssl`.
+//! TLS: HTTPS listeners (`[server] tls_cert`/`tls_key`), HTTPS to the
+//! upstream (`[upstream] tls`, `sni`, `ca_file`) and `rediss://`, end to
+//! end. A test CA is made for each test; the client is rustls, the
+//! upstream is the Python test upstream behind `ssl`, the Redis server one
+//! `redis-server` with TLS of the test's own.
 
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -328,4 +330,74 @@ fn ca_file_without_tls_or_unreadable_is_a_config_error() {
         assert!(stderr.contains("upstream.ca_file"), "{stderr}");
         assert!(stderr.contains(expected), "{expected}: {stderr}");
     }
+}
+
+/// A `redis-server` speaking only TLS with a certificate of `ca`, on a
+/// port of its own; `None` (with a loud skip) when it is not installed,
+/// except under `SESSION_PROXY_REQUIRE_SERVICES=1`.
+fn redis_over_tls(ca: &TestCa) -> Option<Process> {
+    let installed = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !installed {
+        let required = std::env::var("SESSION_PROXY_REQUIRE_SERVICES").as_deref() == Ok("1");
+        assert!(!required, "redis-server not installed");
+        eprintln!("\n******** SKIPPED: redis-server not installed: no rediss:// test ********\n");
+        return None;
+    }
+    let (cert, key) = ca.issue("redis", &["127.0.0.1"]);
+    let port = free_port();
+    let mut child = Command::new("redis-server")
+        .args(["--port", "0", "--bind", "127.0.0.1"])
+        .args(["--tls-port", &port.to_string()])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(ca.ca_file())
+        .args(["--tls-auth-clients", "no"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .current_dir(ca.dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    wait_listening(port, &mut child);
+    Some(Process { child, port })
+}
+
+#[test]
+fn a_redis_store_over_tls_checks_the_servers_certificate() {
+    let ca = TestCa::new();
+    let Some(redis) = redis_over_tls(&ca) else {
+        return;
+    };
+    let upstream = start_upstream();
+    let mut config = ProxyConfig::new(upstream.port)
+        .store("kind = \"redis\"")
+        .store(&format!("url = \"rediss://127.0.0.1:{}\"", redis.port));
+    let path = config.write();
+    let path = path.to_str().unwrap();
+
+    // The system's CAs do not know the test CA: the store is unreachable.
+    let output = run_cli(&["check", "-c", path], &[("SSL_CERT_FILE", "/nonexistent")]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let ca_file = ca.ca_file().display().to_string();
+    let output = run_cli(&["check", "-c", path], &[("SSL_CERT_FILE", &ca_file)]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+
+    config.env.push(("SSL_CERT_FILE".into(), ca_file));
+    let _proxy = config.start();
+    let mut browser = Browser::new(config.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    assert_eq!(browser.get("/count", &[]).text(), "2");
+    let handle = handle_of(browser.cookie.as_deref().unwrap());
+    let sessions = run_cli(
+        &["sessions", "show", &handle, "-c", path],
+        &[("SSL_CERT_FILE", &ca.ca_file().display().to_string())],
+    );
+    let record: serde_json::Value = serde_json::from_slice(&sessions.stdout).unwrap();
+    assert_eq!(record["data"]["count"], 2, "{sessions:?}");
 }

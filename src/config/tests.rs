@@ -910,18 +910,18 @@ fn store_url_scheme_must_match_the_kind_and_is_not_echoed() {
 }
 
 #[test]
-fn redis_over_tls_is_refused_in_this_build() {
-    let message = error("[store]\nkind = \"redis\"\nurl = \"rediss://a:6379\"");
-    assert!(
-        message.contains("store.url: expected a URL starting with \"redis://\""),
-        "{message}"
+fn redis_over_tls_is_accepted() {
+    let kind = |text: &str| config(text).expect("valid").store.kind;
+    assert_eq!(
+        kind("[store]\nkind = \"redis\"\nurl = \"rediss://a:6379, rediss://b:6379\""),
+        StoreKind::Redis
     );
 }
 
 #[test]
 fn every_redis_cluster_node_needs_a_scheme() {
     let message = error("[store]\nkind = \"redis\"\nurl = \"redis://a:1,b:2\"");
-    assert!(message.contains("store.url: expected a URL starting with \"redis://\" (entry 2 of 2), found one without a scheme"), "{message}");
+    assert!(message.contains("store.url: expected a URL starting with \"redis://\" or \"rediss://\" (entry 2 of 2), found one without a scheme"), "{message}");
 }
 
 #[test]

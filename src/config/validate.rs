@@ -584,8 +584,7 @@ fn store(store: file::Store, src: &Source) -> Result<StoreConfig> {
     // The URL may hold a password: messages show its scheme at most.
     match kind {
         StoreKind::Postgres => check_url(src, &store.url, kind, &["postgres://", "postgresql://"])?,
-        // rediss:// (TLS) would need a TLS stack in the Redis client.
-        StoreKind::Redis => check_url(src, &store.url, kind, &["redis://"])?,
+        StoreKind::Redis => check_url(src, &store.url, kind, &["redis://", "rediss://"])?,
         StoreKind::Disk | StoreKind::Memory => {}
     }
 

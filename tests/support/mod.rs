@@ -135,6 +135,8 @@ pub struct ProxyConfig {
     pub server: Vec<String>,
     pub upstream: Vec<String>,
     pub headers: Vec<String>,
+    /// Environment variables of the proxy process.
+    pub env: Vec<(String, String)>,
 }
 
 impl ProxyConfig {
@@ -154,6 +156,7 @@ impl ProxyConfig {
             server: vec!["grace_period = 5".into()],
             upstream: vec!["read_timeout = 5".into(), "connect_timeout = 1".into()],
             headers: vec![],
+            env: vec![],
             dir,
         }
     }
@@ -222,6 +225,7 @@ impl ProxyConfig {
             .arg(&path)
             .env("RUST_LOG", level)
             .env_remove("SESSION_PROXY_SECRET_KEYS")
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
