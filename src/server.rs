@@ -21,6 +21,7 @@ use crate::limits::{ClientTimeouts, Clocked};
 use crate::metrics::Metrics;
 use crate::proxy::SessionProxy;
 use crate::store::{self, Expiry, Store};
+use crate::tls::ListenerCertificate;
 
 /// Runs the proxy until SIGTERM or SIGINT; exits the process when drained.
 pub fn run(config: Config) -> Result<(), String> {
@@ -75,12 +76,17 @@ pub fn run(config: Config) -> Result<(), String> {
         "session-proxy".to_string(),
         Clocked::new(pingora::proxy::http_proxy(&pingora_conf, proxy), timeouts),
     );
+    let certificate = match &config.server.tls {
+        Some(files) => Some(ListenerCertificate::load(files)?),
+        None => None,
+    };
+    store_runtime.spawn(reload_on_sighup(certificate.clone()));
     for address in &config.server.listen {
-        match &config.server.tls {
-            Some(files) => proxy_service.add_tls_with_settings(
+        match &certificate {
+            Some(certificate) => proxy_service.add_tls_with_settings(
                 &address.to_string(),
                 None,
-                crate::tls::listener_settings(files)?,
+                certificate.listener_settings()?,
             ),
             None => proxy_service.add_tcp(&address.to_string()),
         }
@@ -197,6 +203,25 @@ impl ShutdownSignalWatch for DrainOnSignal {
             std::process::exit(0);
         });
         ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// SIGHUP reads the listeners' certificate and key again (and nothing
+/// else of the config). Without TLS it does nothing: a stray hangup must
+/// not kill the proxy, as SIGHUP's default would.
+async fn reload_on_sighup(certificate: Option<Arc<ListenerCertificate>>) {
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        warn!("cannot watch SIGHUP: a renewed certificate will take a restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match &certificate {
+            None => info!("SIGHUP: no TLS listener, nothing to reload"),
+            Some(certificate) => match certificate.reload() {
+                Ok(()) => info!("SIGHUP: listeners' certificate reloaded"),
+                Err(problem) => warn!("SIGHUP: certificate kept, cannot reload: {problem}"),
+            },
+        }
     }
 }
 

@@ -6,26 +6,65 @@
 //! rather than a panic inside pingora once the listeners start.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::ALPN;
-use pingora::tls::sign::{CertifiedKey, SingleCertAndKey};
-use pingora::tls::{CertificateDer, CryptoProvider, PrivateKeyDer, RootCertStore};
+use pingora::tls::sign::CertifiedKey;
+use pingora::tls::{
+    CertificateDer, ClientHello, CryptoProvider, PrivateKeyDer, ResolvesServerCert, RootCertStore,
+};
 use rustls_pki_types::pem::PemObject;
 
 use crate::config::TlsFiles;
 
-/// The listeners' TLS: the certificate chain and key of `files`, TLS 1.2
-/// and 1.3, HTTP/1.1 in ALPN. HTTP/2 is not offered: the session work,
-/// the client clocks and their tests are HTTP/1.1's (README).
-pub fn listener_settings(files: &TlsFiles) -> Result<TlsSettings, String> {
-    let resolver = SingleCertAndKey::from(certified_key(files)?);
-    // The paths stay empty: pingora reads no file once a resolver is set.
-    let mut settings = TlsSettings::intermediate("", "").map_err(|e| e.to_string())?;
-    settings.set_cert_resolver(Arc::new(resolver));
-    settings.set_alpn(ALPN::H1);
-    Ok(settings)
+/// The listeners' certificate and key, read from their files when the
+/// proxy starts and again on SIGHUP: a renewed certificate (Let's Encrypt,
+/// every 60 to 90 days) takes no restart. Each handshake takes the one
+/// current then.
+#[derive(Debug)]
+pub struct ListenerCertificate {
+    files: TlsFiles,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ListenerCertificate {
+    pub fn load(files: &TlsFiles) -> Result<Arc<ListenerCertificate>, String> {
+        Ok(Arc::new(ListenerCertificate {
+            files: files.clone(),
+            current: RwLock::new(Arc::new(certified_key(files)?)),
+        }))
+    }
+
+    /// Reads the files again; on any problem the current certificate
+    /// stays, and the problem is returned.
+    pub fn reload(&self) -> Result<(), String> {
+        let renewed = Arc::new(certified_key(&self.files)?);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = renewed;
+        Ok(())
+    }
+
+    /// pingora's settings for a listener with this certificate: TLS 1.2
+    /// and 1.3, HTTP/1.1 in ALPN. HTTP/2 is not offered: the session work,
+    /// the client clocks and their tests are HTTP/1.1's (README).
+    pub fn listener_settings(self: &Arc<Self>) -> Result<TlsSettings, String> {
+        // The paths stay empty: pingora reads no file once a resolver is set.
+        let mut settings = TlsSettings::intermediate("", "").map_err(|e| e.to_string())?;
+        settings.set_cert_resolver(self.clone());
+        settings.set_alpn(ALPN::H1);
+        Ok(settings)
+    }
+}
+
+impl ResolvesServerCert for ListenerCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
 }
 
 /// The certificate chain of `files.cert` with the key of `files.key`,

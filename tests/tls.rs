@@ -183,19 +183,7 @@ fn plain_http_to_the_https_port_gets_no_answer_and_no_error_line() {
     );
     assert_eq!(raw_status(&answer), None, "{answer:?}");
     // A client that distrusts the certificate fails its handshake.
-    let stranger = TestCa::new();
-    let name = ServerName::try_from("127.0.0.1").unwrap();
-    let mut connection = ClientConnection::new(stranger.client(&[]), name).unwrap();
-    let mut tcp = TcpStream::connect(("127.0.0.1", config.port)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let refused = loop {
-        match connection.complete_io(&mut tcp) {
-            Ok(_) if connection.is_handshaking() => continue,
-            outcome => break outcome,
-        }
-    };
-    assert!(refused.is_err(), "a certificate of another CA was accepted");
-    drop(tcp);
+    assert!(!trusts(&TestCa::new(), config.port));
 
     // The listener still serves.
     let served = https_get(&ca.client(&[]), config.port, "/x", &[]);
@@ -400,4 +388,63 @@ fn a_redis_store_over_tls_checks_the_servers_certificate() {
     );
     let record: serde_json::Value = serde_json::from_slice(&sessions.stdout).unwrap();
     assert_eq!(record["data"]["count"], 2, "{sessions:?}");
+}
+
+/// Whether a client trusting `ca` alone completes a handshake with the
+/// proxy on `port`.
+fn trusts(ca: &TestCa, port: u16) -> bool {
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut connection = ClientConnection::new(ca.client(&[]), name).unwrap();
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    loop {
+        match connection.complete_io(&mut tcp) {
+            Ok(_) if connection.is_handshaking() => continue,
+            outcome => return outcome.is_ok(),
+        }
+    }
+}
+
+#[test]
+fn sighup_renews_the_listeners_certificate_and_keeps_it_on_a_bad_file() {
+    let (old_ca, new_ca) = (TestCa::new(), TestCa::new());
+    let upstream = start_upstream();
+    let config = https_proxy(&old_ca, upstream.port);
+    let log = config.dir.path().join("proxy.log");
+    let proxy = config.start_logging("info", &log);
+    assert!(trusts(&old_ca, config.port));
+    assert!(!trusts(&new_ca, config.port));
+
+    // The files the config names, rewritten with a certificate of the new CA.
+    let (cert, key) = new_ca.issue("renewed", &["127.0.0.1"]);
+    let served = old_ca.dir.path();
+    std::fs::copy(&cert, served.join("proxy.pem")).unwrap();
+    std::fs::copy(&key, served.join("proxy.key")).unwrap();
+    assert!(!trusts(&new_ca, config.port), "renewed before SIGHUP");
+    signal(proxy.child.id(), "HUP");
+    assert!(eventually(Duration::from_secs(5), || trusts(
+        &new_ca,
+        config.port
+    )));
+    assert!(!trusts(&old_ca, config.port));
+    let response = https_get(&new_ca.client(&[]), config.port, "/count", &[]);
+    assert_eq!(response.text(), "1");
+
+    // A broken file: the renewed certificate stays, and the log says why.
+    std::fs::write(served.join("proxy.pem"), "half a certificate").unwrap();
+    signal(proxy.child.id(), "HUP");
+    assert!(eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("certificate kept"))
+    }));
+    assert!(trusts(&new_ca, config.port));
+}
+
+#[test]
+fn sighup_without_tls_leaves_the_proxy_serving() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    signal(proxy.child.id(), "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(config.port, "/x", &[]).status, 200);
 }

@@ -112,7 +112,7 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
                 key: readable_file(src, "server.tls_key", &server.tls_key)?,
             };
             // Read now: a bad file is a config error, not a failed start.
-            crate::tls::listener_settings(&files)
+            crate::tls::ListenerCertificate::load(&files)
                 .map_err(|problem| src.error("server.tls_cert", problem))?;
             Some(files)
         }
