@@ -17,6 +17,9 @@
 #        (../shared/peers/nginx-lua-session, benches/peers.sh) instead of
 #        BIN_B, which is then not used; one start, so one of its LuaJIT
 #        states (its NOTES.md): run it more than once,
+#        TLS=1: both proxies listen with HTTPS (a self-signed certificate
+#        made here) and wrk speaks TLS to them, over kept-alive
+#        connections as ever: the cost of TLS records, not of handshakes,
 #        SESSIONS_A, SESSIONS_B: store that many sessions in each proxy
 #        first (benches/wrk/prefill.lua), then read a random one per
 #        request (benches/wrk/scale.lua, wrk -t1) instead of one session
@@ -60,6 +63,7 @@ REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 SESSIONS_A=${SESSIONS_A:-}
 SESSIONS_B=${SESSIONS_B:-}
 PEER_B=${PEER_B:-}
+TLS=${TLS:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=/tmp/session-proxy-ab
 for b in "$BIN_A" "$BIN_B"; do
@@ -71,11 +75,23 @@ if [ -n "$SESSIONS_A$SESSIONS_B" ] &&
     exit 2
 fi
 case $PEER_B in "" | lua) ;; *) echo "PEER_B is lua or nothing" >&2; exit 2 ;; esac
+case $TLS$PEER_B in "" | 1 | lua) ;; *) echo "TLS is 1 or nothing, and not with PEER_B" >&2; exit 2 ;; esac
 for b in nginx wrk taskset setsid python3; do
     command -v "$b" >/dev/null || { echo "missing $b" >&2; exit 1; }
 done
 
 rm -rf "$DIR"
+mkdir -p "$DIR"
+SCHEME=http
+SERVER_TLS=""
+if [ "$TLS" = 1 ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+        -keyout "$DIR/tls.key" -out "$DIR/tls.pem" 2>/dev/null
+    SCHEME=https
+    SERVER_TLS="tls_cert = \"$DIR/tls.pem\"
+tls_key = \"$DIR/tls.key\""
+fi
 PIDS=()
 stop() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -117,7 +133,9 @@ key_prefix = \"bench-ab-$1-$$:\"" ;;
         *) echo "a store is memory, disk or redis" >&2; exit 2 ;;
     esac
     proxy_toml "$3" "$2" "$SECRET" "$5" "$store" |
-        awk -v extra="$6" '{ print } /^\[session\]$/ && extra != "" { print extra }' > "$DIR/$1.toml"
+        awk -v extra="$6" -v tls="$SERVER_TLS" '{ print }
+            /^\[server\]$/ && tls != "" { print tls }
+            /^\[session\]$/ && extra != "" { print extra }' > "$DIR/$1.toml"
     RUST_LOG=warn taskset -c 1 setsid "$4" run -c "$DIR/$1.toml" > "$DIR/$1.log" 2>&1 &
     PIDS+=("$!")
     wait_for_port "$2"
@@ -131,14 +149,13 @@ start_lua_peer() { # UPSTREAM_PORT PROXY_PORT: side B
     wait_for_port "$2"
     PIDS+=("$(cat "$prefix/nginx.pid")")  # the master; ticks() adds its worker
 }
-mkdir -p "$DIR"
 start a 18480 18481 "$BIN_A" "$STORE_A" "${A_SESSION:-}"
 start b 18490 18482 "$BIN_B" "$STORE_B" "${B_SESSION:-}"
 
 prefill() { # SIDE PORT COUNT
     local file="$DIR/$1.cookies" wrk_pid
     COUNT=$3 COOKIES_OUT="$file" taskset -c 0 wrk -t1 -c32 -d3600s --timeout 5s \
-        -s "$ROOT/benches/wrk/prefill.lua" "http://127.0.0.1:$2/write/prefill" > "$DIR/prefill-$1.txt" 2>&1 &
+        -s "$ROOT/benches/wrk/prefill.lua" "$SCHEME://127.0.0.1:$2/write/prefill" > "$DIR/prefill-$1.txt" 2>&1 &
     wrk_pid=$!
     while [ -d "/proc/$wrk_pid" ] && [ "$(cat "$file" 2>/dev/null | wc -l)" -lt "$3" ]; do sleep 0.5; done
     kill -INT "$wrk_pid" 2>/dev/null || true
@@ -162,16 +179,16 @@ upstream_pid() { cat "$DIR/up-$1/nginx.pid"; }
 load() { # SIDE PORT PATH
     if [ -n "$SESSIONS_A" ]; then
         COOKIES="$DIR/$1.cookies" taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$ROOT/benches/wrk/scale.lua" \
-            "http://127.0.0.1:$2$3" > "$DIR/wrk-$1.txt" 2>&1
+            "$SCHEME://127.0.0.1:$2$3" > "$DIR/wrk-$1.txt" 2>&1
     else
         taskset -c 0 wrk -t"$CONNS" -c"$CONNS" -d"${DURATION}s" -s "$ROOT/benches/wrk/session.lua" \
-            "http://127.0.0.1:$2$3" > "$DIR/wrk-$1.txt" 2>&1
+            "$SCHEME://127.0.0.1:$2$3" > "$DIR/wrk-$1.txt" 2>&1
     fi
 }
 
 B_IS="$BIN_B $PATH_B $STORE_B${B_SESSION:+ ($B_SESSION)}${SESSIONS_B:+, $SESSIONS_B sessions}"
 [ "$PEER_B" = lua ] && B_IS="the nginx + Lua peer $PATH_B"
-echo "# $(date -u +%FT%TZ) A: $BIN_A $PATH_A $STORE_A${A_SESSION:+ ($A_SESSION)}${SESSIONS_A:+, $SESSIONS_A sessions}; B: $B_IS"
+echo "# $(date -u +%FT%TZ)${TLS:+ over TLS} A: $BIN_A $PATH_A $STORE_A${A_SESSION:+ ($A_SESSION)}${SESSIONS_A:+, $SESSIONS_A sessions}; B: $B_IS"
 printf 'round\tA_rps\tA_proxy_us\tA_total_us\tB_rps\tB_proxy_us\tB_total_us\tB/A_rps\tB/A_proxy\tB/A_total\n' > "$DIR/rounds.tsv"
 cat "$DIR/rounds.tsv"
 for round in $(seq "$ROUNDS"); do

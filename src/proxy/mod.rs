@@ -63,8 +63,8 @@ struct Settings {
     tokens: TokenMemo,
     policy: Policy,
     trusted_proxies: Vec<ipnet::IpNet>,
-    /// The listeners' scheme, for `X-Forwarded-Proto`.
-    scheme: &'static str,
+    /// Whether the listeners speak HTTPS, for `X-Forwarded-Proto`.
+    tls: bool,
     bypass: Vec<String>,
     ignore_expiry: bool,
     expired_status: u16,
@@ -132,10 +132,7 @@ impl SessionProxy {
                 check_ip: !session.ignore_change_ip,
             },
             trusted_proxies: config.server.trusted_proxies.clone(),
-            scheme: match config.server.tls {
-                Some(_) => "https",
-                None => "http",
-            },
+            tls: config.server.tls.is_some(),
             bypass: session.bypass.clone(),
             ignore_expiry: session.ignore_expiry,
             expired_status: session.expired_status,
@@ -451,7 +448,7 @@ impl ProxyHttp for SessionProxy {
                 .iter()
                 .any(|net| net.contains(&peer))
         });
-        headers::forward_client(upstream_request, peer, trusted, self.settings.scheme)?;
+        headers::forward_client(upstream_request, peer, trusted, self.settings.tls)?;
         // Cloned, not taken: a retry on another connection comes here again.
         if let Some(token) = &ctx.token {
             upstream_request.insert_header(self.settings.headers.session.clone(), token.clone())?;
