@@ -80,6 +80,9 @@ pub fn run(config: Config) -> Result<(), String> {
         Some(files) => Some(ListenerCertificate::load(files)?),
         None => None,
     };
+    if certificate.is_some() && !config.session.cookie.secure {
+        warn!("HTTPS listeners with session.secure = false: browsers will send the session cookie over plain HTTP too; set secure = true");
+    }
     store_runtime.spawn(reload_on_sighup(certificate.clone()));
     for address in &config.server.listen {
         match &certificate {
