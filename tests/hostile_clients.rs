@@ -650,6 +650,22 @@ fn a_trusted_proxy_in_front_extends_the_chain() {
     );
 }
 
+#[test]
+fn an_ipv4_client_of_a_dual_stack_listener_is_named_as_ipv4() {
+    let (_upstream, proxy, _config) = proxy(|mut c| {
+        c.listen_host = "[::]".into();
+        c.server("trusted_proxies = [\"127.0.0.1\"]")
+    });
+    let response = get(proxy.port, "/", &[("X-Forwarded-For", "203.0.113.7")]);
+    assert_eq!(
+        forwarding_headers(&response),
+        [(
+            "x-forwarded-for".to_string(),
+            "203.0.113.7, 127.0.0.1".to_string()
+        )]
+    );
+}
+
 /// Clients that break off, or send a head we refuse, are their own
 /// business: no ERROR line for them (pingora writes one for each, and any
 /// client can make as many as it likes), only a DEBUG one; an upstream

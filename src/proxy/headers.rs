@@ -77,7 +77,7 @@ pub fn forward_client(
                 chain.extend_from_slice(b", ");
             }
         }
-        write_ip(&mut chain, peer.to_canonical());
+        write_ip(&mut chain, peer);
         request.insert_header("X-Forwarded-For", chain)?;
     }
     let keep_proto = peer_is_trusted && request.headers.contains_key(X_FORWARDED_PROTO);

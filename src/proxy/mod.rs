@@ -345,12 +345,14 @@ impl SessionProxy {
 const LEASE_TTL: Duration = Duration::from_secs(5);
 
 /// The IP address of the connection's peer (the client, or a proxy in
-/// front).
+/// front). An IPv4 client of a dual-stack listener (`[::]`) is named as
+/// IPv4, not `::ffff:a.b.c.d`: as `trusted_proxies`, the stored IP and
+/// `X-Forwarded-For` name it.
 fn client_addr(session: &Session) -> Option<std::net::IpAddr> {
     session
         .client_addr()
         .and_then(|addr| addr.as_inet())
-        .map(|addr| addr.ip())
+        .map(|addr| addr.ip().to_canonical())
 }
 
 /// Counts a request as in flight for as long as it lives.

@@ -137,6 +137,8 @@ pub struct ProxyConfig {
     pub headers: Vec<String>,
     /// Environment variables of the proxy process.
     pub env: Vec<(String, String)>,
+    /// The host of `listen` ("127.0.0.1"; "[::]" for a dual-stack listener).
+    pub listen_host: String,
 }
 
 impl ProxyConfig {
@@ -157,6 +159,7 @@ impl ProxyConfig {
             upstream: vec!["read_timeout = 5".into(), "connect_timeout = 1".into()],
             headers: vec![],
             env: vec![],
+            listen_host: "127.0.0.1".into(),
             dir,
         }
     }
@@ -189,8 +192,9 @@ impl ProxyConfig {
 
     pub fn write(&self) -> PathBuf {
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nthreads = 2\n{}\n\n\
+            "[server]\nlisten = \"{}:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nthreads = 2\n{}\n\n\
              [upstream]\naddresses = [{}]\n{}\n\n[session]\n{}\n\n[headers]\n{}\n\n[store]\n{}\n",
+            self.listen_host,
             self.port,
             self.admin_port,
             self.server.join("\n"),
