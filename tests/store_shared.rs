@@ -7,6 +7,8 @@
 #[path = "support/store_cases.rs"]
 #[macro_use]
 mod store_cases;
+#[path = "support/redis_server.rs"]
+mod redis_server;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -22,6 +24,8 @@ use session_proxy::store::redis::RedisStore;
 use session_proxy::store::{Change, Expiry, Handle, Record, Serialized, Store, StoreError};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
+
+use redis_server::redis_server_installed;
 
 const POSTGRES_ADDR: &str = "127.0.0.1:5432";
 const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -1679,17 +1683,7 @@ impl Drop for Cluster {
 impl Cluster {
     /// `None` (with a loud skip) when `redis-server` is not installed.
     fn start() -> Option<Cluster> {
-        let installed = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        if !installed {
-            let required = std::env::var("SESSION_PROXY_REQUIRE_SERVICES").as_deref() == Ok("1");
-            assert!(!required, "redis-server not installed");
-            eprintln!(
-                "\n******** SKIPPED: redis-server not installed: no Redis Cluster test ********\n"
-            );
+        if !redis_server_installed("Redis Cluster") {
             return None;
         }
         let dir = std::env::temp_dir().join(unique("session-proxy-cluster"));

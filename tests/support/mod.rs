@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod redis_server;
+#[allow(unused_imports)] // used by some of the test crates that include this module
+pub use redis_server::redis_server_installed;
+
 pub const KEY: &str = "test-key-0123456789abcdefghijklmnopqrstuvwxyz";
 pub const OLD_KEY: &str = "old-test-key-0123456789abcdefghijklmnopqrstuv";
 
