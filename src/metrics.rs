@@ -1,7 +1,7 @@
 //! The Prometheus metrics of SPEC [7], served by the admin listener.
 
 use prometheus::{
-    Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec, Registry, TextEncoder,
+    Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
 };
 
 /// Every metric the proxy exports. Cheap to update from the request path:
@@ -18,6 +18,8 @@ pub struct Metrics {
     store_latency: HistogramVec,
     /// `store_latency` by op, resolved once: no label lookup per request.
     latency_by_op: [Histogram; 3],
+    /// Exported only with TLS listeners: see [`Metrics::certificate_expires`].
+    certificate_not_after: IntGauge,
 }
 
 /// A store operation, as the `op` label of the latency histogram.
@@ -84,6 +86,11 @@ impl Metrics {
             ),
             latency_by_op: ["load", "save", "delete"]
                 .map(|op| store_latency.with_label_values(&[op])),
+            certificate_not_after: IntGauge::new(
+                "session_proxy_tls_certificate_not_after_seconds",
+                "Unix time at which the listeners' TLS certificate expires",
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
             expired,
             store_latency,
             registry,
@@ -107,6 +114,16 @@ impl Metrics {
 
     pub fn expired(&self, reason: &str) {
         self.expired.with_label_values(&[reason]).inc();
+    }
+
+    /// The listeners' certificate expires at `unix` seconds: exported from
+    /// the first call on, for alerts before it does.
+    pub fn certificate_expires(&self, unix: i64) {
+        // A second registration fails, harmlessly: the gauge is in already.
+        let _ = self
+            .registry
+            .register(Box::new(self.certificate_not_after.clone()));
+        self.certificate_not_after.set(unix);
     }
 
     pub fn observe_store(&self, op: StoreOp, seconds: f64) {

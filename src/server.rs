@@ -80,10 +80,13 @@ pub fn run(config: Config) -> Result<(), String> {
         Some(files) => Some(ListenerCertificate::load(files)?),
         None => None,
     };
+    if let Some(certificate) = &certificate {
+        report_expiry(certificate, &metrics);
+    }
     if certificate.is_some() && !config.session.cookie.secure {
         warn!("HTTPS listeners with session.secure = false: browsers will send the session cookie over plain HTTP too; set secure = true");
     }
-    store_runtime.spawn(reload_on_sighup(certificate.clone()));
+    store_runtime.spawn(reload_on_sighup(certificate.clone(), metrics.clone()));
     for address in &config.server.listen {
         match &certificate {
             Some(certificate) => proxy_service.add_tls_with_settings(
@@ -212,7 +215,7 @@ impl ShutdownSignalWatch for DrainOnSignal {
 /// SIGHUP reads the listeners' certificate and key again (and nothing
 /// else of the config). Without TLS it does nothing: a stray hangup must
 /// not kill the proxy, as SIGHUP's default would.
-async fn reload_on_sighup(certificate: Option<Arc<ListenerCertificate>>) {
+async fn reload_on_sighup(certificate: Option<Arc<ListenerCertificate>>, metrics: Arc<Metrics>) {
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         warn!("cannot watch SIGHUP: a renewed certificate will take a restart");
         return;
@@ -221,10 +224,36 @@ async fn reload_on_sighup(certificate: Option<Arc<ListenerCertificate>>) {
         match &certificate {
             None => info!("SIGHUP: no TLS listener, nothing to reload"),
             Some(certificate) => match certificate.reload() {
-                Ok(()) => info!("SIGHUP: listeners' certificate reloaded"),
+                Ok(()) => {
+                    info!("SIGHUP: listeners' certificate reloaded");
+                    report_expiry(certificate, &metrics);
+                }
                 Err(problem) => warn!("SIGHUP: certificate kept, cannot reload: {problem}"),
             },
         }
+    }
+}
+
+/// How long before its expiry a certificate gets a WARN line.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+/// Puts the listeners' certificate's expiry in the metrics, and warns when
+/// it is near or past: rustls serves an expired certificate as any other,
+/// and clients refuse it.
+fn report_expiry(certificate: &ListenerCertificate, metrics: &Metrics) {
+    let Some(not_after) = certificate.not_after() else {
+        warn!("cannot read the expiry date of the listeners' certificate");
+        return;
+    };
+    metrics.certificate_expires(not_after);
+    let left = not_after.saturating_sub(crate::session::now() as i64);
+    if left <= 0 {
+        warn!("the listeners' TLS certificate has EXPIRED: clients will refuse it; renew it and send SIGHUP");
+    } else if left < EXPIRY_WARNING.as_secs() as i64 {
+        warn!(
+            "the listeners' TLS certificate expires in {} day(s); renew it and send SIGHUP",
+            left / 86_400
+        );
     }
 }
 

@@ -44,6 +44,19 @@ impl ListenerCertificate {
         Ok(())
     }
 
+    /// When the current certificate expires, in Unix seconds; `None` if
+    /// its end-entity certificate does not parse as X.509.
+    pub fn not_after(&self) -> Option<i64> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(current.end_entity_cert().ok()?).ok()?;
+        Some(parsed.validity().not_after.timestamp())
+    }
+
     /// pingora's settings for a listener with this certificate: TLS 1.2
     /// and 1.3, HTTP/1.1 in ALPN. HTTP/2 is not offered: the session work,
     /// the client clocks and their tests are HTTP/1.1's (README).

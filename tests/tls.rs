@@ -46,12 +46,21 @@ impl TestCa {
     /// A server certificate for `names` (DNS names or IP addresses), as
     /// `(cert.pem, key.pem)` paths.
     fn issue(&self, tag: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        self.issue_until(tag, names, (4096, 1, 1))
+    }
+
+    /// The same, valid until the start of `(year, month, day)`, UTC.
+    fn issue_until(
+        &self,
+        tag: &str,
+        names: &[&str],
+        (year, month, day): (i32, u8, u8),
+    ) -> (PathBuf, PathBuf) {
         let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.cert, &self.key)
-            .unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.not_after = rcgen::date_time_ymd(year, month, day);
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         let cert_path = self.dir.path().join(format!("{tag}.pem"));
         let key_path = self.dir.path().join(format!("{tag}.key"));
         std::fs::write(&cert_path, cert.pem()).unwrap();
@@ -439,4 +448,40 @@ fn sighup_without_tls_leaves_the_proxy_serving() {
     signal(proxy.child.id(), "HUP");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(get(config.port, "/x", &[]).status, 200);
+}
+
+#[test]
+fn the_certificates_expiry_is_exported_and_an_expired_one_is_warned_of() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let (cert, key) = ca.issue_until("proxy", &["127.0.0.1"], (2020, 1, 1));
+    let config = ProxyConfig::new(upstream.port)
+        .server(&format!("tls_cert = {}", path_text(&cert)))
+        .server(&format!("tls_key = {}", path_text(&key)))
+        .session("secure = true");
+    let log = config.dir.path().join("proxy.log");
+    let proxy = config.start_logging("info", &log);
+    let metric = |port: u16| {
+        get(port, "/metrics", &[]).text().lines().find_map(|line| {
+            line.strip_prefix("session_proxy_tls_certificate_not_after_seconds ")
+                .map(str::to_string)
+        })
+    };
+    assert_eq!(metric(config.admin_port).as_deref(), Some("1577836800"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("WARN") && text.contains("EXPIRED"), "{text}");
+
+    // Renewed: the metric follows.
+    let (renewed_cert, renewed_key) = ca.issue_until("renewed", &["127.0.0.1"], (2099, 1, 1));
+    std::fs::copy(&renewed_cert, &cert).unwrap();
+    std::fs::copy(&renewed_key, &key).unwrap();
+    signal(proxy.child.id(), "HUP");
+    assert!(eventually(Duration::from_secs(5), || {
+        metric(config.admin_port).as_deref() == Some("4070908800")
+    }));
+
+    // Without TLS, no such metric.
+    let plain = ProxyConfig::new(upstream.port);
+    let _plain = plain.start();
+    assert_eq!(metric(plain.admin_port), None);
 }
