@@ -485,3 +485,17 @@ fn the_certificates_expiry_is_exported_and_an_expired_one_is_warned_of() {
     let _plain = plain.start();
     assert_eq!(metric(plain.admin_port), None);
 }
+
+#[test]
+fn https_listeners_with_cookies_not_secure_are_warned_of() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port).session("secure = false");
+    let log = config.dir.path().join("proxy.log");
+    let _proxy = config.start_logging("warn", &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("WARN") && text.contains("session.secure = false"),
+        "{text}"
+    );
+}
