@@ -132,8 +132,18 @@ start() { # SIDE UPSTREAM_PORT PROXY_PORT BIN STORE EXTRA_SESSION_LINES
 key_prefix = \"bench-ab-$1-$$:\"" ;;
         *) echo "a store is memory, disk or redis" >&2; exit 2 ;;
     esac
+    local extra=$6
+    # Prefilled sessions: no touches on either side. With the default
+    # touch_interval (60 s), the first read of a session stored more than
+    # 60 s earlier also writes its access time; the larger side's prefill
+    # outlasts that and its reads are mostly first reads, so it would pay
+    # read + touch where the smaller one pays read.
+    if [ -n "$SESSIONS_A" ] && [[ $extra != *touch_interval* ]]; then
+        extra="touch_interval = 3600${extra:+
+$extra}"
+    fi
     proxy_toml "$3" "$2" "$SECRET" "$5" "$store" |
-        awk -v extra="$6" -v tls="$SERVER_TLS" '{ print }
+        awk -v extra="$extra" -v tls="$SERVER_TLS" '{ print }
             /^\[server\]$/ && tls != "" { print tls }
             /^\[session\]$/ && extra != "" { print extra }' > "$DIR/$1.toml"
     RUST_LOG=warn taskset -c 1 setsid "$4" run -c "$DIR/$1.toml" > "$DIR/$1.log" 2>&1 &
