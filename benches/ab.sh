@@ -159,6 +159,14 @@ start_lua_peer() { # UPSTREAM_PORT PROXY_PORT: side B
     wait_for_port "$2"
     PIDS+=("$(cat "$prefix/nginx.pid")")  # the master; ticks() adds its worker
 }
+# wait_for_port only asks whether something listens: a server left over
+# from an earlier run on one of these ports would be measured instead.
+for port in 18480 18481 18482 18490; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "port 127.0.0.1:$port is taken by something that is not ours" >&2
+        exit 1
+    fi
+done
 start a 18480 18481 "$BIN_A" "$STORE_A" "${A_SESSION:-}"
 start b 18490 18482 "$BIN_B" "$STORE_B" "${B_SESSION:-}"
 

@@ -584,7 +584,8 @@ fi
 
 : > "$OUT_DIR/skipped.txt"
 for k in "${!SKIPPED[@]}"; do echo "$k: ${SKIPPED[$k]}" >> "$OUT_DIR/skipped.txt"; done
-# Apache's sessions table: rows grow with every write (its id rotates)
+# Apache's sessions table: one row per session it created (a write renames
+# its row to the new id, an UPDATE, so rows do not grow with writes)
 if [ -n "${SRV_PID[apache]:-}" ]; then
     echo "apache sessions rows: $(sqlite3 "$RUN_DIR/apache/sessions.db" 'select count(*) from session' 2>/dev/null)" >> "$OUT_DIR/skipped.txt"
 fi
