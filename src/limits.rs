@@ -135,7 +135,8 @@ enum Phase {
     Serving,
 }
 
-/// A client connection that closes itself when a phase lasts too long.
+/// A client connection that closes itself when a phase lasts too long,
+/// or when the client accepts nothing for `send_timeout`.
 pub struct ClockedStream {
     inner: Stream,
     timeouts: ClientTimeouts,
@@ -143,6 +144,11 @@ pub struct ClockedStream {
     phase: Mutex<Phase>,
     /// Wakes a read that waits past the deadline.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Since when a write, flush or shutdown has been waiting for the
+    /// client to take something.
+    send_blocked: Option<Instant>,
+    /// Wakes a write, flush or shutdown that waits past `send_timeout`.
+    send_timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// What a client too slow with its head gets before the connection closes.
@@ -155,7 +161,48 @@ impl ClockedStream {
             timeouts,
             phase: Mutex::new(Phase::Idle(Instant::now())),
             timer: None,
+            send_blocked: None,
+            send_timer: None,
         }
+    }
+
+    /// The outcome of a write, flush or shutdown of the client connection,
+    /// bounded by `send_timeout`. pingora times each write of a response
+    /// body (`head_received`), but neither the write of a head, nor a
+    /// flush, nor the shutdown after `Connection: close`. On plain TCP those
+    /// hardly ever wait; on TLS every response ends in a flush of what
+    /// rustls holds (up to 64 KiB) and a `close_notify`, which wait for a
+    /// client that stopped reading for ever.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        outcome: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if outcome.is_ready() {
+            self.send_blocked = None;
+            return outcome;
+        }
+        let now = Instant::now();
+        let since = *self.send_blocked.get_or_insert(now);
+        // A limit too large to add is no limit in practice.
+        let deadline = since
+            .checked_add(self.timeouts.send)
+            .or_else(|| since.checked_add(Duration::from_secs(86_400 * 365)))
+            .unwrap_or(since);
+        let timer = self
+            .send_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if now < deadline && timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.send_blocked = None;
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took nothing for send_timeout",
+        )))
     }
 
     fn phase(&self) -> Phase {
@@ -251,15 +298,21 @@ impl AsyncWrite for ClockedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.bounded(cx, outcome)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.inner).poll_flush(cx);
+        this.bounded(cx, outcome)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.bounded(cx, outcome)
     }
 
     fn poll_write_vectored(
@@ -267,7 +320,9 @@ impl AsyncWrite for ClockedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.bounded(cx, outcome)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -279,8 +334,10 @@ impl AsyncWrite for ClockedStream {
 
 #[async_trait]
 impl Shutdown for ClockedStream {
+    /// As `poll_shutdown`: at most `send_timeout` for a client that takes
+    /// nothing (TLS's `close_notify` waits for it).
     async fn shutdown(&mut self) {
-        self.inner.shutdown().await
+        let _ = tokio::time::timeout(self.timeouts.send, self.inner.shutdown()).await;
     }
 }
 

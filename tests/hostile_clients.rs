@@ -488,6 +488,33 @@ fn a_client_that_stops_reading_its_response_is_cut_off_after_send_timeout() {
     assert_still_serving(proxy.port);
 }
 
+/// A response without a body (to `HEAD`, a `204`, a `304`) is a head
+/// only, and pingora times the writes of a body, not of a head: a client
+/// that asked for such responses one after the other and read none held
+/// its connection (and its request in flight, which a SIGTERM waits for)
+/// for ever once the socket buffers were full. `send_timeout` bounds every
+/// write.
+#[test]
+fn a_client_that_stops_reading_responses_without_body_is_cut_off_after_send_timeout() {
+    let (_upstream, proxy, _config) = proxy(|c| c.server("send_timeout = 1"));
+    let pad = "p".repeat(60_000);
+    let head = format!("HEAD /x HTTP/1.1\r\nHost: x\r\nX-Test-Header: X-Pad: {pad}\r\n\r\n");
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    let raw = stream.try_clone().unwrap();
+    assert!(send_until_a_response_stalls(
+        &mut stream,
+        &raw,
+        proxy.port,
+        head.as_bytes()
+    ));
+    let closed = eventually(Duration::from_secs(8), || held_connections(proxy.port) == 0);
+    assert!(
+        closed,
+        "the connection of a client that reads nothing is still held"
+    );
+    assert_still_serving(proxy.port);
+}
+
 #[test]
 fn a_connection_that_never_sends_a_request_is_closed_after_keepalive_timeout() {
     let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 2"));

@@ -499,3 +499,37 @@ fn https_listeners_with_cookies_not_secure_are_warned_of() {
         "{text}"
     );
 }
+
+/// As on plain HTTP (tests/hostile_clients.rs): a client that asks for
+/// responses without a body one after the other and reads none is cut off
+/// after `send_timeout`. On TLS, besides the head, the `close_notify` of a
+/// `Connection: close` waits for the client untimed by pingora.
+#[test]
+fn an_https_client_that_stops_reading_responses_without_body_is_cut_off() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port).server("send_timeout = 1");
+    let _proxy = config.start();
+
+    let pad = "p".repeat(60_000);
+    let head = format!("HEAD /x HTTP/1.1\r\nHost: x\r\nX-Test-Header: X-Pad: {pad}\r\n\r\n");
+    let mut stream = connect(ca.client(&[]), config.port);
+    let raw = stream.sock.try_clone().unwrap();
+    assert!(send_until_a_response_stalls(
+        &mut stream,
+        &raw,
+        config.port,
+        head.as_bytes()
+    ));
+    let closed = eventually(Duration::from_secs(8), || {
+        held_connections(config.port) == 0
+    });
+    assert!(
+        closed,
+        "the HTTPS connection of a client that reads nothing is still held"
+    );
+    assert_eq!(
+        https_get(&ca.client(&[]), config.port, "/x", &[]).status,
+        200
+    );
+}

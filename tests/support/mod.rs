@@ -762,3 +762,91 @@ pub fn stalled_download(port: u16, cookie: &str) -> TcpStream {
     std::thread::sleep(Duration::from_millis(500));
     download
 }
+
+/// Connections on `port` that a process still holds open: not listening,
+/// and not left to the kernel (FIN_WAIT, TIME_WAIT: inode 0); from
+/// /proc/net/tcp and tcp6.
+pub fn held_connections(port: u16) -> usize {
+    let local_port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|text| text.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 9
+                && fields[1].ends_with(&local_port)
+                && fields[3] != "0A"
+                && fields[9] != "0"
+        })
+        .count()
+}
+
+/// A client that reads nothing: sends `request` on a kept-alive
+/// connection (through `writer`, over the socket `raw`) to the proxy on
+/// `proxy_port` again and again, one at a time, until a response no
+/// longer goes out whole: what the proxy has sent on the connection (its
+/// send queue in /proc/net/tcp, plus the client's receive queue) grows by
+/// less than the first response. The buffers are full and the proxy waits
+/// to write; the client stops there (pingora drops a connection whose
+/// client sends while a response is under way). Whether it got there.
+pub fn send_until_a_response_stalls(
+    writer: &mut dyn Write,
+    raw: &TcpStream,
+    proxy_port: u16,
+    request: &[u8],
+) -> bool {
+    let client_port = raw.local_addr().unwrap().port();
+    let (local, remote) = (format!(":{proxy_port:04X}"), format!(":{client_port:04X}"));
+    let mut peeked = vec![0u8; 64 << 20];
+    let mut sent_so_far = || {
+        let queued_there = std::fs::read_to_string("/proc/net/tcp")
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields.len() > 4 && fields[1].ends_with(&local) && fields[2].ends_with(&remote))
+                    .then(|| usize::from_str_radix(fields[4].split(':').next()?, 16).ok())
+                    .flatten()
+            })
+            .unwrap_or(0);
+        raw.set_nonblocking(true).unwrap();
+        let queued_here = raw.peek(&mut peeked).unwrap_or(0);
+        raw.set_nonblocking(false).unwrap();
+        queued_there + queued_here
+    };
+    // What has been sent once it stops growing for a moment.
+    let mut settled = || {
+        let mut last = sent_so_far();
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = sent_so_far();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
+    };
+    let mut size = None;
+    for _ in 0..2000 {
+        let before = settled();
+        if writer
+            .write_all(request)
+            .and_then(|()| writer.flush())
+            .is_err()
+        {
+            return false;
+        }
+        let grown = settled().saturating_sub(before);
+        match size {
+            None if grown > 0 => size = Some(grown),
+            None => return false,
+            // Short of a whole response (by more than TLS's framing varies).
+            Some(size) if grown + 1024 < size => return true,
+            Some(_) => {}
+        }
+    }
+    false
+}
