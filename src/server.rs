@@ -54,12 +54,13 @@ pub fn run(config: Config) -> Result<(), String> {
         // Our own drain (below) ends the process first; these are backstops.
         grace_period_seconds: Some(config.server.grace_period + 1),
         graceful_shutdown_timeout_seconds: Some(1),
-        // The CAs for the upstream's certificate; None: the system's.
-        ca_file: config
-            .upstream
-            .ca_file
-            .as_ref()
-            .map(|path| path.display().to_string()),
+        // The CAs for the upstream's certificate; None: the system's (checked
+        // when the config was loaded). None at all for a plain-HTTP upstream.
+        ca_file: match (&config.upstream.ca_file, config.upstream.tls) {
+            (Some(path), _) => Some(path.display().to_string()),
+            (None, true) => None,
+            (None, false) => Some(crate::tls::NO_CA_FILE.to_string()),
+        },
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, pingora_conf);

@@ -102,16 +102,43 @@ fn certified_key(files: &TlsFiles) -> Result<CertifiedKey, String> {
 }
 
 /// Checks that `path` holds CA certificates the upstream's certificate can
-/// be verified against; returns how many.
+/// be verified against; returns how many. The file is read as pingora
+/// reads it when the proxy starts (`Connector::new`, which panics on a
+/// file it refuses: one with anything but certificates, a key say), so
+/// that `check` and `run` agree.
 pub fn check_ca_file(path: &Path) -> Result<usize, String> {
+    certificates(path)?;
     let mut roots = RootCertStore::empty();
-    for certificate in certificates(path)? {
-        roots
-            .add(certificate)
-            .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
-    }
+    pingora::tls::load_ca_file_into_store(path, &mut roots).map_err(|e| {
+        format!(
+            "{}: not usable as CA certificates: {e}; expected a PEM file of certificates only",
+            path.display()
+        )
+    })?;
     Ok(roots.len())
 }
+
+/// Checks that the system's CAs load, as pingora loads them when the
+/// proxy starts with `[upstream] tls = true` and no `ca_file` (and panics
+/// if they do not): `SSL_CERT_FILE`/`SSL_CERT_DIR` when set, else the
+/// system's bundle. Returns how many.
+pub fn check_system_cas() -> Result<usize, String> {
+    let mut roots = RootCertStore::empty();
+    pingora::tls::load_platform_certs_incl_env_into_store(&mut roots).map_err(|e| {
+        format!(
+            "the system's CAs cannot be loaded: {e}; fix SSL_CERT_FILE/SSL_CERT_DIR, \
+             or give the app's CA in upstream.ca_file"
+        )
+    })?;
+    Ok(roots.len())
+}
+
+/// What pingora's connector is given as its CA file when the upstream
+/// speaks plain HTTP: no CA at all. pingora builds its TLS connector
+/// whatever the upstream speaks, and without a CA file loads the system's,
+/// panicking when `SSL_CERT_FILE`/`SSL_CERT_DIR` name nothing readable:
+/// a plain-HTTP proxy must not depend on them.
+pub const NO_CA_FILE: &str = "/dev/null";
 
 /// Every certificate of a PEM file; at least one.
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {

@@ -533,3 +533,64 @@ fn an_https_client_that_stops_reading_responses_without_body_is_cut_off() {
         200
     );
 }
+
+/// `SSL_CERT_FILE`/`SSL_CERT_DIR` (README: how to trust a private CA for
+/// `rediss://`) name the CAs pingora loads for the upstream when the proxy
+/// starts, whether or not the upstream speaks TLS; one that cannot be read
+/// made `run` panic (exit 101) after `check` had said ok.
+#[test]
+fn an_unusable_ssl_cert_file_is_no_panic() {
+    let upstream = start_upstream();
+    // Both set (neither rescues the other), to nothing readable.
+    let missing = [
+        ("SSL_CERT_FILE", "/nonexistent/ca.pem"),
+        ("SSL_CERT_DIR", "/nonexistent/certs"),
+    ];
+
+    // No TLS to the upstream: the CAs are not needed, the proxy serves.
+    let mut config = ProxyConfig::new(upstream.port);
+    for (name, value) in missing {
+        config.env.push((name.into(), value.into()));
+    }
+    let _proxy = config.start();
+    assert_eq!(get(config.port, "/x", &[]).status, 200);
+
+    // TLS with the system's CAs: a config error, from `check` and `run` alike.
+    let config = ProxyConfig::new(upstream.port).upstream("tls = true");
+    let path = config.write();
+    for command in ["check", "run"] {
+        let output = run_cli(&[command, "-c", path.to_str().unwrap()], &missing);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
+        assert!(stderr.contains("upstream."), "{command}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{command}: {stderr}");
+    }
+}
+
+/// A `ca_file` holding more than certificates (a key, as in a combined
+/// PEM) passed `check`, and `run` panicked in pingora, which refuses it.
+#[test]
+fn check_and_run_agree_on_a_ca_file() {
+    let ca = TestCa::new();
+    let combined = ca.dir.path().join("combined.pem");
+    std::fs::write(
+        &combined,
+        format!("{}{}", ca.cert.pem(), ca.key.serialize_pem()),
+    )
+    .unwrap();
+    let config = ProxyConfig::new(free_port())
+        .upstream("tls = true")
+        .upstream(&format!("ca_file = {}", path_text(&combined)));
+    let path = config.write();
+    let mut codes = Vec::new();
+    for command in ["check", "run"] {
+        let output = run_cli(&[command, "-c", path.to_str().unwrap()], &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(!stderr.contains("panicked"), "{command}: {stderr}");
+        codes.push((command, output.status.code(), stderr));
+    }
+    for (command, code, stderr) in &codes {
+        assert_eq!(*code, Some(2), "{command}: {stderr}");
+        assert!(stderr.contains("upstream.ca_file"), "{command}: {stderr}");
+    }
+}

@@ -190,7 +190,11 @@ fn upstream(upstream: file::Upstream, src: &Source) -> Result<UpstreamConfig> {
         .collect::<Result<_>>()?;
 
     let ca_file = match (upstream.ca_file.is_empty(), upstream.tls) {
-        (true, _) => None,
+        (true, true) => {
+            crate::tls::check_system_cas().map_err(|problem| src.error("upstream.tls", problem))?;
+            None
+        }
+        (true, false) => None,
         (false, true) => {
             let path = readable_file(src, "upstream.ca_file", &upstream.ca_file)?;
             crate::tls::check_ca_file(&path).map_err(|problem| src.error("upstream.ca_file", problem))?;
