@@ -594,3 +594,21 @@ fn check_and_run_agree_on_a_ca_file() {
         assert!(stderr.contains("upstream.ca_file"), "{command}: {stderr}");
     }
 }
+/// An `sni` that is no server name (a port, a scheme) failed every request
+/// at run time with a 502, after `check` had said ok.
+#[test]
+fn an_sni_that_is_no_server_name_is_a_config_error() {
+    let ca = TestCa::new();
+    for sni in ["app.internal:8443", "https://app.internal", "app internal"] {
+        let config = ProxyConfig::new(free_port())
+            .upstream("tls = true")
+            .upstream(&format!("ca_file = {}", path_text(&ca.ca_file())))
+            .upstream(&format!("sni = {sni:?}"));
+        let path = config.write();
+        let output = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{sni}: {stderr}");
+        assert!(stderr.contains("upstream.sni"), "{sni}: {stderr}");
+    }
+}
+

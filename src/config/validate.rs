@@ -178,7 +178,7 @@ fn upstream(upstream: file::Upstream, src: &Source) -> Result<UpstreamConfig> {
             "expected at least one \"host:port\", found an empty array",
         ));
     }
-    let hosts = addresses.iter().map(|address| host_of(address)).collect();
+    let hosts: Vec<String> = addresses.iter().map(|address| host_of(address)).collect();
     let addresses = addresses
         .iter()
         .enumerate()
@@ -207,6 +207,29 @@ fn upstream(upstream: file::Upstream, src: &Source) -> Result<UpstreamConfig> {
             ))
         }
     };
+
+    if upstream.tls {
+        // The name the app's certificate must carry; one rustls cannot take
+        // failed every request (502) once the proxy ran.
+        let names: Vec<(String, &str)> = match upstream.sni.as_str() {
+            "" => hosts
+                .iter()
+                .enumerate()
+                .map(|(index, host)| (format!("upstream.addresses[{index}]"), host.as_str()))
+                .collect(),
+            sni => vec![("upstream.sni".to_string(), sni)],
+        };
+        for (key, name) in names {
+            if pingora::tls::ServerName::try_from(name).is_err() {
+                return Err(src.error(
+                    &key,
+                    format!(
+                        "expected a DNS name or an IP address for the app's certificate (no scheme, port or spaces), found {name:?}"
+                    ),
+                ));
+            }
+        }
+    }
 
     Ok(UpstreamConfig {
         addresses,
