@@ -32,14 +32,16 @@ impl ListenerCertificate {
     pub fn load(files: &TlsFiles) -> Result<Arc<ListenerCertificate>, String> {
         Ok(Arc::new(ListenerCertificate {
             files: files.clone(),
-            current: RwLock::new(Arc::new(certified_key(files)?)),
+            current: RwLock::new(Arc::new(
+                certified_key(files).map_err(|(_, problem)| problem)?,
+            )),
         }))
     }
 
     /// Reads the files again; on any problem the current certificate
     /// stays, and the problem is returned.
     pub fn reload(&self) -> Result<(), String> {
-        let renewed = Arc::new(certified_key(&self.files)?);
+        let renewed = Arc::new(certified_key(&self.files).map_err(|(_, problem)| problem)?);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = renewed;
         Ok(())
     }
@@ -80,23 +82,40 @@ impl ResolvesServerCert for ListenerCertificate {
     }
 }
 
+/// What is wrong with the listeners' files, if anything: the config key
+/// of the file at fault (`server.tls_cert` or `server.tls_key`) and the
+/// problem.
+pub fn listener_problem(files: &TlsFiles) -> Option<(&'static str, String)> {
+    certified_key(files).err()
+}
+
 /// The certificate chain of `files.cert` with the key of `files.key`,
-/// which must go with its first certificate.
-fn certified_key(files: &TlsFiles) -> Result<CertifiedKey, String> {
+/// which must go with its first certificate; else the key of the file at
+/// fault, and why.
+fn certified_key(files: &TlsFiles) -> Result<CertifiedKey, (&'static str, String)> {
+    const CERT: &str = "server.tls_cert";
+    const KEY: &str = "server.tls_key";
     pingora::tls::install_default_crypto_provider();
-    let provider = CryptoProvider::get_default().ok_or("no TLS crypto provider installed")?;
-    let certificates = certificates(&files.cert)?;
+    let provider = CryptoProvider::get_default()
+        .ok_or((CERT, "no TLS crypto provider installed".to_string()))?;
+    let certificates = certificates(&files.cert).map_err(|problem| (CERT, problem))?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
-        format!(
-            "{}: no private key read: {e}; expected a PEM file with one PKCS#8, PKCS#1 or SEC1 key",
-            files.key.display()
+        (
+            KEY,
+            format!(
+                "{}: no private key read: {e}; expected a PEM file with one PKCS#8, PKCS#1 or SEC1 key",
+                files.key.display()
+            ),
         )
     })?;
     CertifiedKey::from_der(certificates, key, provider).map_err(|e| {
-        format!(
-            "{} with {}: not a key for this certificate: {e}",
-            files.key.display(),
-            files.cert.display()
+        (
+            KEY,
+            format!(
+                "{} with {}: not a key for this certificate: {e}",
+                files.key.display(),
+                files.cert.display()
+            ),
         )
     })
 }

@@ -211,11 +211,16 @@ fn bad_tls_files_are_config_errors() {
     std::fs::write(&not_pem, "not a certificate\n").unwrap();
 
     let cases = [
-        (&not_pem, &key, "no certificate found"),
-        (&cert, &not_pem, "no private key"),
-        (&cert, &other_key, "not a key for this certificate"),
+        (&not_pem, &key, "no certificate found", "server.tls_cert"),
+        (&cert, &not_pem, "no private key", "server.tls_key"),
+        (
+            &cert,
+            &other_key,
+            "not a key for this certificate",
+            "server.tls_key",
+        ),
     ];
-    for (cert, key, expected) in cases {
+    for (cert, key, expected, named) in cases {
         let config = ProxyConfig::new(free_port())
             .server(&format!("tls_cert = {}", path_text(cert)))
             .server(&format!("tls_key = {}", path_text(key)));
@@ -224,7 +229,7 @@ fn bad_tls_files_are_config_errors() {
             let output = run_cli(&[command, "-c", path.to_str().unwrap()], &[]);
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
-            assert!(stderr.contains("server.tls_cert"), "{stderr}");
+            assert!(stderr.contains(named), "{stderr}");
             assert!(stderr.contains(expected), "{expected}: {stderr}");
         }
     }
@@ -612,3 +617,23 @@ fn an_sni_that_is_no_server_name_is_a_config_error() {
     }
 }
 
+/// A bad key file is named as `server.tls_key`, at its line (SPEC [1]),
+/// not as `server.tls_cert`.
+#[test]
+fn a_bad_key_file_is_named_as_tls_key() {
+    let ca = TestCa::new();
+    let (cert, _key) = ca.issue("proxy", &["127.0.0.1"]);
+    let (_other_cert, other_key) = ca.issue("other", &["127.0.0.1"]);
+    let not_pem = ca.dir.path().join("not.pem");
+    std::fs::write(&not_pem, "not a key\n").unwrap();
+    for key in [&not_pem, &other_key] {
+        let config = ProxyConfig::new(free_port())
+            .server(&format!("tls_cert = {}", path_text(&cert)))
+            .server(&format!("tls_key = {}", path_text(key)));
+        let path = config.write();
+        let output = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("server.tls_key"), "{stderr}");
+    }
+}

@@ -441,7 +441,7 @@ fn tls_with_both_files_is_on() {
     assert_eq!(tls.cert, cert_path);
     assert_eq!(tls.key, key_path);
     assert!(
-        wrong.starts_with("test.toml:2:12: server.tls_cert: ") && wrong.contains("no private key"),
+        wrong.starts_with("test.toml:3:11: server.tls_key: ") && wrong.contains("no private key"),
         "{wrong}"
     );
 }

@@ -112,8 +112,9 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
                 key: readable_file(src, "server.tls_key", &server.tls_key)?,
             };
             // Read now: a bad file is a config error, not a failed start.
-            crate::tls::ListenerCertificate::load(&files)
-                .map_err(|problem| src.error("server.tls_cert", problem))?;
+            if let Some((key, problem)) = crate::tls::listener_problem(&files) {
+                return Err(src.error(key, problem));
+            }
             Some(files)
         }
         (false, true) => return Err(tls_half(src, "server.tls_cert", "server.tls_key")),
