@@ -141,10 +141,13 @@ impl SessionProxy {
             save_uninitialized: session.save_uninitialized,
             max_data_bytes: session.max_data_bytes,
             touch_interval: session.touch_interval,
-            // A turn comes at the latest when the request ahead times out upstream.
+            // A turn comes at the latest when the request ahead times out
+            // upstream. With TLS, pingora gives the handshake a connect_timeout of
+            // its own, after the TCP connect's.
             lock_wait: session.lock.then(|| {
+                let connects = if config.upstream.tls { 2 } else { 1 };
                 Duration::from_secs(
-                    config.upstream.connect_timeout + config.upstream.read_timeout + 1,
+                    connects * config.upstream.connect_timeout + config.upstream.read_timeout + 1,
                 )
             }),
         };
@@ -635,4 +638,37 @@ fn forbids_shared_caching(response: &ResponseHeader) -> bool {
                 || directive.eq_ignore_ascii_case(b"no-store")
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn lock_wait(upstream: &str) -> Option<Duration> {
+        let text = format!(
+            "[upstream]\naddresses = [\"127.0.0.1:8000\"]\nconnect_timeout = 2\nread_timeout = 30\n{upstream}\n[session]\nlock = true\n"
+        );
+        let config = crate::config::parse(
+            &text,
+            Path::new("test.toml"),
+            Some("0123456789abcdef0123456789abcdef"),
+        )
+        .expect("valid config");
+        let store = Arc::new(MemoryStore::new(10));
+        let proxy = SessionProxy::new(&config, store, Arc::new(Metrics::new())).expect("proxy");
+        proxy.settings.lock_wait
+    }
+
+    #[test]
+    fn a_turn_is_awaited_as_long_as_the_request_ahead_can_take_upstream() {
+        assert_eq!(lock_wait(""), Some(Duration::from_secs(2 + 30 + 1)));
+        // The TLS handshake has a connect_timeout of its own.
+        assert_eq!(
+            lock_wait("tls = true"),
+            Some(Duration::from_secs(2 * 2 + 30 + 1))
+        );
+    }
 }
