@@ -114,12 +114,19 @@ impl Log for Redacting {
 /// its failures to read a head or write an answer are the client's. So
 /// is a TLS handshake that failed or outlasted pingora's 60 s: plain HTTP
 /// sent to an HTTPS port, a scanner, a client that distrusts the
-/// certificate (nginx logs those at info too).
+/// certificate (nginx logs those at info too). pingora's WARN line for a
+/// TLS client that went without reading the `close_notify` goes to DEBUG
+/// too.
 fn is_client_failure(record: &Record, line: &str) -> bool {
+    let target = record.target();
+    if record.level() == Level::Warn {
+        // A TLS client that left without taking the close_notify.
+        return target.starts_with("pingora_core::protocols::tls")
+            && line.starts_with("TLS shutdown failed");
+    }
     if record.level() != Level::Error {
         return false;
     }
-    let target = record.target();
     if target.starts_with("pingora_proxy") {
         return line.starts_with("Fail to proxy: Downstream ");
     }
@@ -232,5 +239,42 @@ mod tests {
     fn ordinary_lines_are_left_alone() {
         let line = "session 6aae06e0: regenerated as 029cf0a2 (GET /x, Host: 127.0.0.1:18080) ü";
         assert!(matches!(redact(line), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn client_failures_are_told_apart_from_the_proxys() {
+        let record = |level: Level, target: &str, line: &str| {
+            is_client_failure(
+                &Record::builder()
+                    .level(level)
+                    .target(target)
+                    .args(format_args!("{line}"))
+                    .build(),
+                line,
+            )
+        };
+        let tls = "pingora_core::protocols::tls::rustls::server";
+        assert!(record(Level::Warn, tls, "TLS shutdown failed, Broken pipe"));
+        assert!(!record(
+            Level::Warn,
+            "session_proxy::proxy",
+            "TLS shutdown failed"
+        ));
+        let listening = "pingora_core::services::listening";
+        assert!(record(
+            Level::Error,
+            listening,
+            "Downstream handshake error from 127.0.0.1:1: x"
+        ));
+        assert!(!record(
+            Level::Error,
+            "pingora_proxy::proxy_h1",
+            "Fail to proxy: Upstream ConnectRefused"
+        ));
+        assert!(record(
+            Level::Error,
+            "pingora_proxy::proxy_h1",
+            "Fail to proxy: Downstream ReadError"
+        ));
     }
 }
