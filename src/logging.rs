@@ -18,7 +18,9 @@
 //! It also moves pingora's ERROR line for a client that broke off before
 //! its request head was complete, or whose TLS handshake failed, down to
 //! DEBUG, on the proxy's listener and the admin one: any client can cause
-//! as many as it likes, and ERROR is what operators are paged on.
+//! as many as it likes, and ERROR is what operators are paged on. So is
+//! its ERROR line for a race in its upstream connection pool that it
+//! recovers from by itself.
 //!
 //! ```no_run
 //! session_proxy::logging::init();
@@ -72,7 +74,7 @@ impl Log for Redacting {
             return;
         }
         let line = record.args().to_string();
-        let level = match is_client_failure(record, &line) {
+        let level = match belongs_at_debug(record, &line) {
             true => Level::Debug,
             false => record.level(),
         };
@@ -116,8 +118,11 @@ impl Log for Redacting {
 /// sent to an HTTPS port, a scanner, a client that distrusts the
 /// certificate (nginx logs those at info too). pingora's WARN line for a
 /// TLS client that went without reading the `close_notify` goes to DEBUG
-/// too.
-fn is_client_failure(record: &Record, line: &str) -> bool {
+/// too. And one that is no failure at all: pingora's pool found an idle
+/// upstream connection still held by the task that watches it, gave it
+/// up and connects anew (seen once in a while on a quiet proxy); the
+/// request is served.
+fn belongs_at_debug(record: &Record, line: &str) -> bool {
     let target = record.target();
     if record.level() == Level::Warn {
         // A TLS client that left without taking the close_notify.
@@ -132,6 +137,9 @@ fn is_client_failure(record: &Record, line: &str) -> bool {
     }
     if target.starts_with("pingora_core::services::listening") {
         return line.starts_with("Downstream handshake ");
+    }
+    if target.starts_with("pingora_core::connectors") {
+        return line == "failed to acquire reusable stream";
     }
     target.starts_with("pingora_core::apps::http_app")
         && (line.starts_with("HTTP server fails to read from downstream")
@@ -242,9 +250,9 @@ mod tests {
     }
 
     #[test]
-    fn client_failures_are_told_apart_from_the_proxys() {
+    fn client_failures_and_the_pools_race_are_told_apart_from_the_proxys_failures() {
         let record = |level: Level, target: &str, line: &str| {
-            is_client_failure(
+            belongs_at_debug(
                 &Record::builder()
                     .level(level)
                     .target(target)
@@ -275,6 +283,16 @@ mod tests {
             Level::Error,
             "pingora_proxy::proxy_h1",
             "Fail to proxy: Downstream ReadError"
+        ));
+        assert!(record(
+            Level::Error,
+            "pingora_core::connectors",
+            "failed to acquire reusable stream"
+        ));
+        assert!(!record(
+            Level::Error,
+            "pingora_core::connectors::l4",
+            "connect to 127.0.0.1:1 failed"
         ));
     }
 }
