@@ -126,6 +126,12 @@ fn certified_key(files: &TlsFiles) -> Result<CertifiedKey, (&'static str, String
 /// file it refuses: one with anything but certificates, a key say), so
 /// that `check` and `run` agree.
 pub fn check_ca_file(path: &Path) -> Result<usize, String> {
+    Ok(ca_roots(path)?.len())
+}
+
+/// The CA certificates of `path`, read as [`check_ca_file`] reads them
+/// (the PostgreSQL store's `sslrootcert` too).
+pub fn ca_roots(path: &Path) -> Result<RootCertStore, String> {
     certificates(path)?;
     let mut roots = RootCertStore::empty();
     pingora::tls::load_ca_file_into_store(path, &mut roots).map_err(|e| {
@@ -134,7 +140,7 @@ pub fn check_ca_file(path: &Path) -> Result<usize, String> {
             path.display()
         )
     })?;
-    Ok(roots.len())
+    Ok(roots)
 }
 
 /// Checks that the system's CAs load, as pingora loads them when the
@@ -142,14 +148,19 @@ pub fn check_ca_file(path: &Path) -> Result<usize, String> {
 /// if they do not): `SSL_CERT_FILE`/`SSL_CERT_DIR` when set, else the
 /// system's bundle. Returns how many.
 pub fn check_system_cas() -> Result<usize, String> {
+    let roots = system_roots()
+        .map_err(|problem| format!("{problem}, or give the app's CA in upstream.ca_file"))?;
+    Ok(roots.len())
+}
+
+/// The system's CAs, as [`check_system_cas`] reads them; the error ends
+/// where the caller can add its own way out.
+pub fn system_roots() -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     pingora::tls::load_platform_certs_incl_env_into_store(&mut roots).map_err(|e| {
-        format!(
-            "the system's CAs cannot be loaded: {e}; fix SSL_CERT_FILE/SSL_CERT_DIR, \
-             or give the app's CA in upstream.ca_file"
-        )
+        format!("the system's CAs cannot be loaded: {e}; fix SSL_CERT_FILE/SSL_CERT_DIR")
     })?;
-    Ok(roots.len())
+    Ok(roots)
 }
 
 /// What pingora's connector is given as its CA file when the upstream
