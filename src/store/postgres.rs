@@ -868,12 +868,21 @@ fn corrupt(handle: &Handle, detail: String) -> StoreError {
     }
 }
 
-/// A short message: the server's primary message or the I/O failure, never
-/// the statement's parameters.
+/// A short message: the server's primary message or the I/O or TLS failure
+/// with its causes ("error performing TLS handshake" alone says not why),
+/// never the statement's parameters.
 fn unavailable(error: &tokio_postgres::Error) -> StoreError {
     let message = match error.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => error.to_string(),
+        None => {
+            let mut message = error.to_string();
+            let mut cause = std::error::Error::source(error);
+            while let Some(inner) = cause {
+                message = format!("{message}: {inner}");
+                cause = inner.source();
+            }
+            message
+        }
     };
     StoreError::Unavailable(format!("postgres: {message}"))
 }
