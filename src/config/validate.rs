@@ -13,6 +13,7 @@ use super::{
     Config, ConfigError, CookieConfig, HeaderConfig, SameSite, ServerConfig, SessionConfig,
     StoreConfig, StoreKind, TlsFiles, UpstreamConfig, SECRET_KEYS_ENV,
 };
+use crate::store::postgres_tls::PostgresTls;
 
 const MIN_SECRET_BYTES: usize = 32;
 const MIN_TOKEN_TTL: u64 = 5;
@@ -611,7 +612,15 @@ fn store(store: file::Store, src: &Source) -> Result<StoreConfig> {
 
     // The URL may hold a password: messages show its scheme at most.
     match kind {
-        StoreKind::Postgres => check_url(src, &store.url, kind, &["postgres://", "postgresql://"])?,
+        StoreKind::Postgres => {
+            check_url(src, &store.url, kind, &["postgres://", "postgresql://"])?;
+            // sslmode and sslrootcert, and the CAs read now: a bad one would
+            // only show as an unreachable store.
+            let (_, tls) = PostgresTls::from_url(&store.url)
+                .map_err(|problem| src.error("store.url", problem))?;
+            tls.connector()
+                .map_err(|problem| src.error("store.url", problem))?;
+        }
         StoreKind::Redis => check_url(src, &store.url, kind, &["redis://", "rediss://"])?,
         StoreKind::Disk | StoreKind::Memory => {}
     }

@@ -10,6 +10,7 @@ pub mod disk;
 pub mod memory;
 mod per_thread;
 pub mod postgres;
+pub mod postgres_tls;
 pub mod redis;
 pub mod serialized;
 mod sweeper;

@@ -46,9 +46,11 @@ use sha2::{Digest, Sha256};
 use tokio::time::{timeout_at, Instant};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::per_thread::PerThread;
+use super::postgres_tls::{PostgresTls, SslMode};
 use super::{touch_by_modify, Change, Decide, Expiry, Handle, Record, Store, StoreError};
 use crate::locks::{HandleLock, HandleLocks};
 
@@ -68,6 +70,7 @@ pub struct PostgresStore {
     new_pool: Box<dyn Fn() -> Result<Pool, StoreError> + Send + Sync>,
     /// How to open the connection that holds this process's leases.
     lease_config: tokio_postgres::Config,
+    lease_tls: MakeRustlsConnect,
     /// That connection, opened on first use and again once closed or in
     /// doubt. Every lease of this process is an advisory lock held on it:
     /// a lease costs no connection of its own, so requests of any number
@@ -176,8 +179,9 @@ impl From<tokio_postgres::Error> for Failure {
 }
 
 impl PostgresStore {
-    /// Connects to `url` (`postgres://user@host:port/db`, or libpq's
-    /// `key=value` form), creates `table` if it is missing, and keeps up to
+    /// Connects to `url` (`postgres://user@host:port/db`, with libpq's
+    /// `sslmode` and `sslrootcert`; or libpq's `key=value` form, where
+    /// `sslmode` is `disable`, `prefer` or `require` only), creates `table` if it is missing, and keeps up to
     /// `pool_size` connections per thread that uses it (and as many again
     /// for leases, shared). Every operation, connecting included, gives
     /// up after `timeout`.
@@ -192,18 +196,33 @@ impl PostgresStore {
                 "postgres: table name {table:?} is not a plain SQL identifier"
             )));
         }
-        let mut config = tokio_postgres::Config::from_str(url)
+        // The URL may hold a password: messages never quote it.
+        let (url, tls) = PostgresTls::from_url(url)
+            .map_err(|problem| StoreError::Unavailable(format!("postgres: {problem}")))?;
+        let connector = tls
+            .connector()
+            .map_err(|problem| StoreError::Unavailable(format!("postgres: {problem}")))?;
+        if tls.mode == SslMode::Unverified {
+            log::warn!(
+                "store.url: sslmode=require without sslrootcert: the PostgreSQL server's \
+                 certificate is not verified, so anyone on the path can pose as the server; \
+                 set sslmode=verify-full and sslrootcert to its CA"
+            );
+        }
+        let mut config = tokio_postgres::Config::from_str(&url)
             .map_err(|_| StoreError::Unavailable("postgres: invalid url".into()))?;
+        config.ssl_mode(tls.negotiated());
         config.connect_timeout(timeout);
         if config.get_application_name().is_none() {
             config.application_name("session-proxy");
         }
         let pool_size = pool_size.max(1);
         let lease_config = config.clone();
+        let lease_tls = connector.clone();
         let build = move |size: usize| {
             let manager = Manager::from_config(
                 config.clone(),
-                NoTls,
+                connector.clone(),
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
@@ -216,6 +235,7 @@ impl PostgresStore {
         let store = PostgresStore {
             pools: PerThread::default(),
             lease_config,
+            lease_tls,
             leases: tokio::sync::Mutex::new(None),
             lease_turns: HandleLocks::default(),
             new_pool: Box::new(move || build(pool_size)),
@@ -535,7 +555,7 @@ impl PostgresStore {
             return Ok(Arc::clone(connection));
         }
         let open = async {
-            let (client, connection) = self.lease_config.connect(NoTls).await?;
+            let (client, connection) = self.lease_config.connect(self.lease_tls.clone()).await?;
             tokio::spawn(connection);
             // The keep-alives make the server drop the locks of a host that
             // vanished without a FIN.

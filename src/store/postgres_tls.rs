@@ -1,0 +1,353 @@
+//! TLS to PostgreSQL, as libpq's `sslmode` and `sslrootcert` in the store
+//! URL ask (README, "TLS"), on the process's one rustls (ring).
+//!
+//! tokio-postgres reads `sslmode` `disable`, `prefer` and `require` only,
+//! and no `sslrootcert`: both are taken off the URL here, tokio-postgres is
+//! told `require` (or `disable`), and the connector made here verifies.
+//!
+//! ```
+//! use session_proxy::store::postgres_tls::{PostgresTls, SslMode};
+//!
+//! let (url, tls) =
+//!     PostgresTls::from_url("postgres://app@db.internal/app?sslmode=verify-full").unwrap();
+//! assert_eq!(url, "postgres://app@db.internal/app");
+//! assert_eq!(tls.mode, SslMode::VerifyFull);
+//! ```
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use percent_encoding::percent_decode_str;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, Error, SignatureScheme};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// What is asked of the server's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// `disable`, `allow`, `prefer`, or no `sslmode`: no TLS. libpq's
+    /// `prefer` tries TLS without verifying it, which stops no attacker on
+    /// the path (README, deviations).
+    Plain,
+    /// `require` without `sslrootcert`: TLS, any certificate.
+    Unverified,
+    /// `verify-ca`, or `require` with `sslrootcert`: a chain to one of the
+    /// CAs, for any name.
+    VerifyCa,
+    /// `verify-full`: a chain to one of the CAs, for the name in `host`.
+    VerifyFull,
+}
+
+/// The store URL's TLS settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresTls {
+    pub mode: SslMode,
+    /// `sslrootcert`: a PEM file of CAs; `None` for the system's CAs.
+    pub root_cert: Option<PathBuf>,
+}
+
+impl PostgresTls {
+    /// Takes `sslmode` and `sslrootcert` off a `postgres://` URL; returns
+    /// the URL left for tokio-postgres, and the settings. libpq's
+    /// `key=value` form is left whole: tokio-postgres reads its `sslmode`.
+    /// Errors name the setting, never the URL, which may hold a password.
+    pub fn from_url(url: &str) -> Result<(String, PostgresTls), String> {
+        let Some((base, query)) = split_query(url) else {
+            return Ok((url.to_owned(), key_value_settings(url)));
+        };
+        let (mut sslmode, mut root_cert) = (None, None);
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = || percent_decode_str(value).decode_utf8_lossy().into_owned();
+            match &*percent_decode_str(key).decode_utf8_lossy() {
+                "sslmode" => sslmode = Some(value()),
+                "sslrootcert" => root_cert = Some(value()).filter(|path| !path.is_empty()),
+                _ => kept.push(pair),
+            }
+        }
+        let rest = match kept.is_empty() {
+            true => base.to_owned(),
+            false => format!("{base}?{}", kept.join("&")),
+        };
+        // libpq 16: the system's CAs sign certificates for any name, so
+        // with them only the name tells the server from anyone else's.
+        let system = root_cert.as_deref() == Some("system");
+        let mode = match sslmode.as_deref() {
+            None if system => SslMode::VerifyFull,
+            None | Some("disable" | "allow" | "prefer") => SslMode::Plain,
+            Some("require") if root_cert.is_some() => SslMode::VerifyCa,
+            Some("require") => SslMode::Unverified,
+            Some("verify-ca") => SslMode::VerifyCa,
+            Some("verify-full") => SslMode::VerifyFull,
+            Some(other) => {
+                return Err(format!(
+                    "sslmode: expected disable, allow, prefer, require, verify-ca or verify-full, found {other:?}"
+                ))
+            }
+        };
+        if system && mode != SslMode::VerifyFull {
+            return Err(
+                "sslrootcert=system takes sslmode=verify-full (as in libpq): any name is signed by some system CA"
+                    .into(),
+            );
+        }
+        let root_cert = root_cert.filter(|_| !system).map(PathBuf::from);
+        Ok((rest, PostgresTls { mode, root_cert }))
+    }
+
+    /// What tokio-postgres is told: the verification is the connector's.
+    pub fn negotiated(&self) -> tokio_postgres::config::SslMode {
+        match self.mode {
+            SslMode::Plain => tokio_postgres::config::SslMode::Disable,
+            _ => tokio_postgres::config::SslMode::Require,
+        }
+    }
+
+    /// The connector, with the CAs read (none for `Plain` and
+    /// `Unverified`). Errors name `sslrootcert` and the problem.
+    pub fn connector(&self) -> Result<MakeRustlsConnect, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match self.mode {
+            SslMode::Plain | SslMode::Unverified => Arc::new(Unverified(provider.clone())),
+            SslMode::VerifyCa | SslMode::VerifyFull => {
+                let roots = match &self.root_cert {
+                    Some(path) => crate::tls::ca_roots(path)
+                        .map_err(|problem| format!("sslrootcert: {problem}"))?,
+                    None => crate::tls::system_roots().map_err(|problem| {
+                        format!("{problem}, or name the server's CA in sslrootcert")
+                    })?,
+                };
+                let chain =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| format!("sslrootcert: {e}"))?;
+                match self.mode {
+                    SslMode::VerifyCa => Arc::new(AnyName(chain)),
+                    _ => chain,
+                }
+            }
+        };
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        // As libpq 17 sends; PostgreSQL 17 asks it of sslnegotiation=direct.
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(MakeRustlsConnect::new(config))
+    }
+}
+
+/// A `postgres://` URL before its query, and the query; split where
+/// tokio-postgres splits it: at the first `?` after the credentials.
+fn split_query(url: &str) -> Option<(&str, &str)> {
+    let rest = ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|scheme| url.strip_prefix(scheme))?;
+    let start = url.len() - rest.len() + rest.find('@').map_or(0, |at| at + 1);
+    Some(match url[start..].find('?') {
+        Some(at) => (&url[..start + at], &url[start + at + 1..]),
+        None => (url, ""),
+    })
+}
+
+/// `require` in a `key=value` string is TLS, unverified; an unreadable
+/// string is left for tokio-postgres to refuse.
+fn key_value_settings(url: &str) -> PostgresTls {
+    let required = tokio_postgres::Config::from_str(url)
+        .is_ok_and(|config| config.get_ssl_mode() == tokio_postgres::config::SslMode::Require);
+    PostgresTls {
+        mode: match required {
+            true => SslMode::Unverified,
+            false => SslMode::Plain,
+        },
+        root_cert: None,
+    }
+}
+
+/// `require` without `sslrootcert`: any certificate, as libpq. The
+/// handshake's signatures are still checked against its key.
+#[derive(Debug)]
+struct Unverified(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain as `verify-full` checks it, and any name.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let verified =
+            self.0
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        match verified {
+            // rustls checks the name last, once the chain is good.
+            Err(Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str) -> Result<(String, SslMode, Option<PathBuf>), String> {
+        PostgresTls::from_url(url).map(|(rest, tls)| (rest, tls.mode, tls.root_cert))
+    }
+
+    #[test]
+    fn no_sslmode_and_prefer_stay_plain() {
+        for url in [
+            "postgres://u@h/db",
+            "postgres://u@h/db?sslmode=prefer",
+            "postgres://u@h/db?sslmode=allow",
+            "postgres://u@h/db?sslmode=disable",
+        ] {
+            assert_eq!(settings(url).unwrap().1, SslMode::Plain, "{url}");
+        }
+    }
+
+    #[test]
+    fn require_verifies_only_with_a_root_cert() {
+        let (rest, mode, root) = settings("postgres://u@h/db?sslmode=require").unwrap();
+        assert_eq!(
+            (rest.as_str(), mode, root),
+            ("postgres://u@h/db", SslMode::Unverified, None)
+        );
+        let (_, mode, root) =
+            settings("postgres://u@h/db?sslmode=require&sslrootcert=/ca.pem").unwrap();
+        assert_eq!((mode, root), (SslMode::VerifyCa, Some("/ca.pem".into())));
+    }
+
+    #[test]
+    fn the_tls_keys_leave_the_url_and_the_others_stay() {
+        let (rest, mode, root) = settings(
+            "postgresql://u:p%3Fw@h:5433/db?application_name=a&sslrootcert=%2Fetc%2Fca%20x.pem&sslmode=verify-full&connect_timeout=3",
+        )
+        .unwrap();
+        assert_eq!(
+            rest,
+            "postgresql://u:p%3Fw@h:5433/db?application_name=a&connect_timeout=3"
+        );
+        assert_eq!(mode, SslMode::VerifyFull);
+        assert_eq!(root, Some("/etc/ca x.pem".into()));
+    }
+
+    #[test]
+    fn the_query_starts_after_the_credentials() {
+        // tokio-postgres takes a raw `?` in a password as the password's.
+        let (rest, mode, _) = settings("postgres://u:pa?ss@h/db?sslmode=verify-ca").unwrap();
+        assert_eq!(
+            (rest.as_str(), mode),
+            ("postgres://u:pa?ss@h/db", SslMode::VerifyCa)
+        );
+    }
+
+    #[test]
+    fn system_root_certs_take_verify_full() {
+        let (_, mode, root) = settings("postgres://h/db?sslrootcert=system").unwrap();
+        assert_eq!((mode, root), (SslMode::VerifyFull, None));
+        let error = settings("postgres://h/db?sslrootcert=system&sslmode=require").unwrap_err();
+        assert!(error.contains("verify-full"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_sslmode_is_named_and_the_url_is_not() {
+        let error = settings("postgres://u:secret@h/db?sslmode=verify_full").unwrap_err();
+        assert!(error.starts_with("sslmode: expected"), "{error}");
+        assert!(error.contains("\"verify_full\""), "{error}");
+        assert!(!error.contains("secret"), "{error}");
+    }
+
+    #[test]
+    fn key_value_strings_go_to_tokio_postgres_whole() {
+        let (rest, mode, _) = settings("host=h dbname=db sslmode=require").unwrap();
+        assert_eq!(
+            (rest.as_str(), mode),
+            ("host=h dbname=db sslmode=require", SslMode::Unverified)
+        );
+        assert_eq!(settings("host=h dbname=db").unwrap().1, SslMode::Plain);
+    }
+}
