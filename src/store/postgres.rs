@@ -35,6 +35,7 @@
 //! `UPDATE` of the record only if still at the version the caller loaded
 //! (else as `modify`).
 
+use std::fmt::Write;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -181,10 +182,10 @@ impl From<tokio_postgres::Error> for Failure {
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/db`, with libpq's
     /// `sslmode` and `sslrootcert`; or libpq's `key=value` form, where
-    /// `sslmode` is `disable`, `prefer` or `require` only), creates `table` if it is missing, and keeps up to
-    /// `pool_size` connections per thread that uses it (and as many again
-    /// for leases, shared). Every operation, connecting included, gives
-    /// up after `timeout`.
+    /// `sslmode` is `disable`, `prefer` or `require` only), creates `table`
+    /// if it is missing, and keeps up to `pool_size` connections per thread
+    /// that uses it (and as many again for leases, shared). Every
+    /// operation, connecting included, gives up after `timeout`.
     pub async fn connect(
         url: &str,
         table: &str,
@@ -898,7 +899,7 @@ fn unavailable(error: &tokio_postgres::Error) -> StoreError {
             let mut message = error.to_string();
             let mut cause = std::error::Error::source(error);
             while let Some(inner) = cause {
-                message = format!("{message}: {inner}");
+                let _ = write!(message, ": {inner}");
                 cause = inner.source();
             }
             message

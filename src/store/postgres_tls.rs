@@ -70,9 +70,10 @@ impl PostgresTls {
                 _ => kept.push(pair),
             }
         }
-        let rest = match kept.is_empty() {
-            true => base.to_owned(),
-            false => format!("{base}?{}", kept.join("&")),
+        let rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
         };
         // libpq 16: the system's CAs sign certificates for any name, so
         // with them only the name tells the server from anyone else's.
@@ -163,9 +164,10 @@ fn key_value_settings(url: &str) -> PostgresTls {
     let required = tokio_postgres::Config::from_str(url)
         .is_ok_and(|config| config.get_ssl_mode() == tokio_postgres::config::SslMode::Require);
     PostgresTls {
-        mode: match required {
-            true => SslMode::Unverified,
-            false => SslMode::Plain,
+        mode: if required {
+            SslMode::Unverified
+        } else {
+            SslMode::Plain
         },
         root_cert: None,
     }
