@@ -351,6 +351,30 @@ fn assert_never_smuggled(upstream: &Recorder) {
 // Request framing: the app gets one unambiguous framing, or nothing.
 
 #[test]
+fn a_content_length_in_any_unusual_form_reaches_the_app_as_one_plain_number() {
+    let upstream = Recorder::start();
+    let (proxy, _config) = proxy_for(&upstream, |c| c);
+    let cases: [&[&str]; 3] = [
+        &["Content-Length: 5, 5"],
+        &["Content-Length: 5", "Content-Length: 5"],
+        &["Content-Length: 005"],
+    ];
+    for lengths in cases {
+        let mut headers = lengths.to_vec();
+        headers.push("Connection: close");
+        let raw = message("POST /form HTTP/1.1", &headers, "hello");
+        let answer = exchange(proxy.port, raw.as_bytes(), Duration::from_secs(2));
+        assert_eq!(statuses(&answer), [200], "{lengths:?}");
+    }
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for request in seen {
+        assert_eq!(request.all("content-length"), ["5"]);
+        assert_eq!(request.body, b"hello");
+    }
+}
+
+#[test]
 fn conflicting_or_malformed_lengths_are_refused_before_the_app() {
     let upstream = Recorder::start();
     let (proxy, _config) = proxy_for(&upstream, |c| c);
@@ -802,6 +826,21 @@ fn assert_victim_unharmed(answer: &[u8], case: &str) {
         text.ends_with("victim-ok") && !text.contains("POISON"),
         "{case}: another client got {text:?}"
     );
+}
+
+#[test]
+fn unusual_response_lengths_reach_the_client_as_one_plain_number() {
+    let upstream = answering(|path| match path {
+        "/comma" => "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello".into(),
+        "/twice" => "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello".into(),
+        _ => "HTTP/1.1 200 OK\r\nContent-Length: 005\r\n\r\nhello".into(),
+    });
+    let (proxy, _config) = proxy_for(&upstream, |c| c);
+    for path in ["/comma", "/twice", "/zeros"] {
+        let response = get(proxy.port, path, &[]);
+        assert_eq!(response.headers_named("content-length"), ["5"], "{path}");
+        assert_eq!(response.text(), "hello");
+    }
 }
 
 #[test]

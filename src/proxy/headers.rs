@@ -263,9 +263,64 @@ pub fn values<'a>(headers: &'a http::HeaderMap, name: &HeaderName) -> Vec<&'a [u
         .collect()
 }
 
+/// The length a message's `Content-Length` headers declare, when they
+/// declare it in any form but one plain number: `5, 5`, two `5` headers,
+/// `005`. pingora accepts those (RFC 9110 8.6 lets identical values
+/// collapse) and frames the body by the one length, but passes the header
+/// on as it came; lenient HTTP parsers read such a header differently
+/// (`int("5, 5")` fails, `strtol("010", 0)` is 8), and the body bytes they
+/// leave unread are taken for the next request on the connection. `None`
+/// for a plain length, no header, or one pingora would have refused.
+pub fn length_to_rewrite(headers: &http::HeaderMap) -> Option<u64> {
+    let mut all = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let first = all.next()?.as_bytes();
+    let plain = |v: &[u8]| {
+        !v.is_empty() && v.iter().all(u8::is_ascii_digit) && (v[0] != b'0' || v.len() == 1)
+    };
+    let mut rest = all.peekable();
+    if rest.peek().is_none() && plain(first) {
+        return None;
+    }
+    let mut length = None;
+    for value in std::iter::once(first).chain(rest.map(|v| v.as_bytes())) {
+        for token in value.split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty() || !token.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let n: u64 = std::str::from_utf8(token).ok()?.parse().ok()?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        }
+    }
+    length
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_unusual_content_lengths_are_rewritten() {
+        let length = |values: &[&str]| {
+            let mut map = http::HeaderMap::new();
+            for v in values {
+                map.append(http::header::CONTENT_LENGTH, v.parse().unwrap());
+            }
+            length_to_rewrite(&map)
+        };
+        assert_eq!(length(&[]), None);
+        assert_eq!(length(&["5"]), None);
+        assert_eq!(length(&["0"]), None);
+        assert_eq!(length(&["5", "5"]), Some(5));
+        assert_eq!(length(&["5, 5"]), Some(5));
+        assert_eq!(length(&["005"]), Some(5));
+        assert_eq!(length(&["00"]), Some(0));
+        assert_eq!(length(&["5", "6"]), None, "pingora refuses it");
+        assert_eq!(length(&["+5"]), None, "pingora refuses it");
+    }
 
     fn request(headers: &[(&str, &str)]) -> RequestHeader {
         let mut request = RequestHeader::build("GET", b"/", None).unwrap();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use http::header::{CACHE_CONTROL, SET_COOKIE, TRANSFER_ENCODING};
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, SET_COOKIE, TRANSFER_ENCODING};
 use http::HeaderName;
 use log::{debug, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -454,6 +454,10 @@ impl ProxyHttp for SessionProxy {
                 .any(|net| net.contains(&peer))
         });
         headers::forward_client(upstream_request, peer, trusted, self.settings.tls)?;
+        // One plain length, the one pingora frames the body by.
+        if let Some(length) = headers::length_to_rewrite(&upstream_request.headers) {
+            upstream_request.insert_header(CONTENT_LENGTH, length)?;
+        }
         // Cloned, not taken: a retry on another connection comes here again.
         if let Some(token) = &ctx.token {
             upstream_request.insert_header(self.settings.headers.session.clone(), token.clone())?;
@@ -481,6 +485,11 @@ impl ProxyHttp for SessionProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let names = &self.settings.headers;
+        // As on the request: whatever is in front of the proxy reads one
+        // plain length, the one pingora framed the body by.
+        if let Some(length) = headers::length_to_rewrite(&response.headers) {
+            response.insert_header(CONTENT_LENGTH, length)?;
+        }
         if headers::remove_set_cookie(response, &self.settings.cookie.name) {
             debug!("the upstream set the session cookie: removed");
         }
