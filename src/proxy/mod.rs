@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use http::header::{CACHE_CONTROL, CONTENT_LENGTH, SET_COOKIE, TRANSFER_ENCODING};
+use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, SET_COOKIE, TRANSFER_ENCODING};
 use http::HeaderName;
 use log::{debug, warn};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -457,6 +457,21 @@ impl ProxyHttp for SessionProxy {
         // One plain length, the one pingora frames the body by.
         if let Some(length) = headers::length_to_rewrite(&upstream_request.headers) {
             upstream_request.insert_header(CONTENT_LENGTH, length)?;
+        }
+        // No upstream connection is reused whose end the app may see
+        // elsewhere than pingora: what the app leaves on it would be read
+        // in the next exchange on it, another client's. An app may write a
+        // body for HEAD (a CGI script that ignores the method), or answer
+        // without reading a request body, which a server that does not
+        // drain it then parses as a request of its own, one without the
+        // session work. With `Connection: close` the app stops after its
+        // answer and pingora does not pool the connection.
+        if upstream_request.method == http::Method::HEAD || !session.is_body_empty() {
+            let close = match upstream_request.headers.contains_key(http::header::UPGRADE) {
+                true => "Upgrade, close",
+                false => "close",
+            };
+            upstream_request.insert_header(CONNECTION, close)?;
         }
         // Cloned, not taken: a retry on another connection comes here again.
         if let Some(token) = &ctx.token {
