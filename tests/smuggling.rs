@@ -1033,3 +1033,36 @@ fn a_body_the_app_leaves_unread_is_never_answered_to_another_client() {
     }
     assert!(upstream.requests().iter().all(|r| r.target != "/slow"));
 }
+
+#[test]
+fn a_body_that_ends_with_the_connection_is_announced_so() {
+    // With no length and no chunked coding last, the app's bytes end only
+    // with the connection. Sent with `Connection: keep-alive`, an
+    // intermediary in front that believed it would read them, written by
+    // the app, as the next response on a connection it reuses.
+    let inner = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON";
+    let upstream = answering(move |path| match path {
+        "/chunked" => format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+            chunked(inner)
+        ),
+        _ => format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n{inner}"),
+    });
+    let (proxy, _config) = proxy_for(&upstream, |c| c);
+    // HTTP/1.0 cannot read chunked: the proxy sends such a body bare.
+    for (version, path) in [("1.0", "/chunked"), ("1.1", "/gzip"), ("1.0", "/gzip")] {
+        let raw = format!("GET {path} HTTP/{version}\r\nHost: x\r\nConnection: keep-alive\r\n\r\n");
+        let answer = exchange(proxy.port, raw.as_bytes(), Duration::from_secs(2));
+        let response = parse_response(&answer, false).unwrap();
+        assert_eq!(
+            response.header("connection"),
+            Some("close"),
+            "{version} {path}"
+        );
+        assert!(response.header("content-length").is_none());
+        assert!(
+            String::from_utf8_lossy(&answer).ends_with("POISON"),
+            "{version} {path}"
+        );
+    }
+}

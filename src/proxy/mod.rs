@@ -593,6 +593,13 @@ impl ProxyHttp for SessionProxy {
         {
             response.remove_header(&TRANSFER_ENCODING);
         }
+        // pingora announces `Connection: keep-alive` before it finds that
+        // such a body ends only with the connection (and then closes it);
+        // an intermediary in front that believed the header would read
+        // the body's bytes, the app's, as its next response.
+        if ends_with_connection(&session.req_header().method, response) {
+            session.set_keepalive(None);
+        }
         Ok(())
     }
 
@@ -651,6 +658,27 @@ async fn release_turn(ctx: &mut RequestCtx) {
 /// Why a request failed: what the proxy decided, else what pingora reports.
 fn failure_of(ctx: &RequestCtx, e: &Error) -> Failure {
     ctx.failure.unwrap_or_else(|| Failure::of_error(e))
+}
+
+/// Whether a response's body ends only with the connection: it may have
+/// one, and has no length and no chunked coding last.
+fn ends_with_connection(method: &http::Method, response: &ResponseHeader) -> bool {
+    let status = response.status;
+    if status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+        || method == http::Method::HEAD
+        || response.headers.contains_key(CONTENT_LENGTH)
+    {
+        return false;
+    }
+    let last_coding = response
+        .headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|value| value.as_bytes().rsplit(|&b| b == b',').next());
+    !last_coding.is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// The upstream already keeps the response out of shared caches.
