@@ -1066,3 +1066,30 @@ fn a_body_that_ends_with_the_connection_is_announced_so() {
         );
     }
 }
+
+#[test]
+fn underscore_spellings_of_the_framing_headers_never_reach_the_app() {
+    // A server that reads `_` as `-` (as CGI/WSGI environ does) would
+    // frame by `Content_Length` a body the proxy never sent: it would wait
+    // for, and swallow, the next request on the pooled connection, another
+    // client's; `Transfer_Encoding` likewise.
+    let upstream = Recorder::start();
+    let (proxy, _config) = proxy_for(&upstream, |c| c);
+    for spelling in [
+        "Content_Length: 40",
+        "Transfer_Encoding: chunked",
+        "content_length: 4",
+    ] {
+        let raw = message("GET / HTTP/1.1", &[spelling, "Connection: close"], "");
+        let answer = exchange(proxy.port, raw.as_bytes(), Duration::from_secs(2));
+        assert_eq!(statuses(&answer), [200], "{spelling}");
+    }
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 3);
+    for request in seen {
+        assert!(
+            request.headers.iter().all(|(name, _)| !name.contains('_')),
+            "{request:?}"
+        );
+    }
+}

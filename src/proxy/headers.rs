@@ -30,14 +30,15 @@ impl SessionHeaders {
             .any(|ours| same_name_modulo_underscore(ours.as_str(), name.as_str()))
     }
 
-    /// Removes every client-sent copy of the session headers, and the
-    /// `_` spellings of the forwarding headers (`X_Forwarded_For`), which
-    /// would reach a CGI/WSGI app as the proxy's [`forward_client`].
+    /// Removes every client-sent copy of the session headers, the `_`
+    /// spellings of the forwarding headers (`X_Forwarded_For`), which
+    /// would reach a CGI/WSGI app as the proxy's [`forward_client`], and
+    /// those of the framing headers (`Content_Length`).
     pub fn strip_from(&self, request: &mut RequestHeader) {
         let spoofed: Vec<HeaderName> = request
             .headers
             .keys()
-            .filter(|name| self.reserves(name) || is_underscore_forwarding(name))
+            .filter(|name| self.reserves(name) || is_underscore_spelling(name))
             .cloned()
             .collect();
         for name in spoofed {
@@ -46,9 +47,19 @@ impl SessionHeaders {
     }
 }
 
-fn is_underscore_forwarding(name: &HeaderName) -> bool {
+/// A `_` spelling of a header the app must read only as the proxy sends
+/// it: the forwarding headers, and the framing headers, by which a server
+/// that reads `_` as `-` would frame a body the proxy never sent (and
+/// take the next request on the connection, another client's, for it).
+fn is_underscore_spelling(name: &HeaderName) -> bool {
+    const GUARDED: [HeaderName; 4] = [
+        X_FORWARDED_FOR,
+        X_FORWARDED_PROTO,
+        http::header::CONTENT_LENGTH,
+        http::header::TRANSFER_ENCODING,
+    ];
     name.as_str().contains('_')
-        && [X_FORWARDED_FOR, X_FORWARDED_PROTO]
+        && GUARDED
             .iter()
             .any(|ours| same_name_modulo_underscore(ours.as_str(), name.as_str()))
 }
