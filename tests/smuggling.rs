@@ -582,6 +582,11 @@ fn pipelined_requests_each_get_the_session_work_or_none_at_all() {
     let seen = upstream.requests();
     // As many answers as requests the app saw, each with the proxy's token.
     assert_eq!(statuses(&answer).len(), seen.len(), "{seen:?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "pingora reads no pipelined request: {seen:?}"
+    );
     assert_eq!(seen[0].target, "/one");
     assert_all_processed(&seen);
     assert!(!String::from_utf8_lossy(&upstream.raw()).contains("forged"));
@@ -702,6 +707,37 @@ fn an_accepted_upgrade_had_the_session_work_and_an_unasked_101_is_no_tunnel() {
     let _ = stream.write_all(SMUGGLED.as_bytes());
     let _ = read_until_quiet(&mut stream, Duration::from_millis(500));
     assert_eq!(upstream.requests().len(), 2);
+    assert_never_smuggled(&upstream);
+}
+
+#[test]
+fn an_h2c_upgrade_never_reaches_the_app() {
+    // h2c smuggling: an app switching to HTTP/2 on the proxy's connection
+    // would take all the client sends next as requests of its own, none
+    // of them through the session work.
+    let upstream = Recorder::scripted(|_, _| {
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n".to_vec()
+    });
+    let (proxy, _config) = proxy_for(&upstream, |c| c);
+    let raw = message(
+        "GET / HTTP/1.1",
+        &[
+            "Connection: Upgrade, HTTP2-Settings",
+            "Upgrade: h2c",
+            "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+        ],
+        "",
+    );
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    stream.write_all(raw.as_bytes()).unwrap();
+    let answer = read_until_quiet(&mut stream, Duration::from_millis(500));
+    let _ = stream.write_all(SMUGGLED.as_bytes());
+    let _ = read_until_quiet(&mut stream, Duration::from_millis(500));
+    assert!(!statuses(&answer).contains(&101), "{answer:?}");
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].all("upgrade").is_empty(), "{seen:?}");
+    assert!(seen[0].all("http2-settings").is_empty(), "{seen:?}");
     assert_never_smuggled(&upstream);
 }
 
