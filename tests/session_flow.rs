@@ -449,6 +449,28 @@ fn a_bypassed_path_gets_no_session_work_but_loses_the_session_cookie() {
     );
 }
 
+/// An app that resolves dot-segments would serve `/static/../count` as
+/// `/count`: such a path is no bypassed path, whatever its spelling.
+#[test]
+fn a_path_that_leaves_the_bypass_prefix_gets_the_session() {
+    let s = setup(|c| c.session("bypass = [\"/static/\"]"));
+    let mut browser = s.browser();
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
+    assert!(get(s.port(), "/static/app.css", &[("Cookie", &cookie)])
+        .session()
+        .is_null());
+    for path in [
+        "/static/../count",
+        "/static/%2e%2e/count",
+        "/static/..;/count",
+    ] {
+        let response = get(s.port(), path, &[("Cookie", &cookie)]);
+        assert_eq!(response.status, 200, "{path}");
+        assert_eq!(response.session()["data"]["a"], 1, "{path}");
+    }
+}
+
 #[test]
 fn the_session_cookie_is_removed_from_the_upstream_cookie_header() {
     let s = setup(|c| c);

@@ -194,10 +194,7 @@ impl SessionProxy {
     }
 
     fn is_bypassed(&self, path: &str) -> bool {
-        self.settings
-            .bypass
-            .iter()
-            .any(|prefix| path.starts_with(prefix.as_str()))
+        is_under(&self.settings.bypass, path)
     }
 
     /// Times a store call for the latency histogram and counts its errors.
@@ -342,6 +339,35 @@ impl SessionProxy {
         ctx.session = Some(active);
         Ok(false)
     }
+}
+
+/// Whether `path` is under one of the `bypass` prefixes, and stays there
+/// whichever way the app reads it. A path the app could resolve out of its
+/// prefix is not: `/static/../admin` would reach `/admin` without the
+/// session, and so would the spellings servers resolve after routing:
+/// `%2e`, `%2f` and `%5c` (Tomcat, IIS, and double-decoding servers, hence
+/// `%25`), `\` for `/` (IIS), `..;` (Tomcat's path parameters). Such a path
+/// gets the session work, which no request is harmed by.
+fn is_under(bypass: &[String], path: &str) -> bool {
+    bypass
+        .iter()
+        .any(|prefix| path.starts_with(prefix.as_str()))
+        && !may_leave_its_prefix(path)
+}
+
+fn may_leave_its_prefix(path: &str) -> bool {
+    let encoded = |code: &[u8]| {
+        path.as_bytes()
+            .windows(3)
+            .any(|window| window.eq_ignore_ascii_case(code))
+    };
+    ["%2e", "%2f", "%5c", "%25"]
+        .iter()
+        .any(|code| encoded(code.as_bytes()))
+        || path.split(['/', '\\']).any(|segment| {
+            let segment = segment.split(';').next().unwrap_or_default();
+            segment == "." || segment == ".."
+        })
 }
 
 /// How long a shared store's lease outlives a proxy that crashed holding it.
@@ -712,6 +738,34 @@ mod tests {
         let store = Arc::new(MemoryStore::new(10));
         let proxy = SessionProxy::new(&config, store, Arc::new(Metrics::new())).expect("proxy");
         proxy.settings.lock_wait
+    }
+
+    #[test]
+    fn a_path_that_could_leave_its_bypass_prefix_is_not_bypassed() {
+        let bypass = ["/static/".to_string()];
+        for path in [
+            "/static/app.css",
+            "/static/a/b.js",
+            "/static/..x/y",
+            "/static/x..",
+        ] {
+            assert!(is_under(&bypass, path), "{path}");
+        }
+        for path in [
+            "/count",
+            "/static/../admin",
+            "/static/./../admin",
+            "/static/..",
+            "/static/%2e%2e/admin",
+            "/static/%2E./admin",
+            "/static/..%2fadmin",
+            "/static/..%5cadmin",
+            "/static/%252e%252e/admin",
+            "/static/..\\admin",
+            "/static/..;/admin",
+        ] {
+            assert!(!is_under(&bypass, path), "{path}");
+        }
     }
 
     #[test]
