@@ -768,3 +768,48 @@ fn clients_that_break_off_leave_no_error_line_in_the_log() {
     );
     assert!(debug("client's request failed (ClientGone)") >= 1, "{text}");
 }
+
+/// With `lock = true` a client that sends many requests of its own session
+/// at once gets `503 session busy` for those that waited too long for their
+/// turn: its own doing, so no ERROR line (any client can cause as many).
+#[test]
+fn a_client_crowding_its_own_locked_session_gets_503_and_no_error_line() {
+    let upstream = start_upstream();
+    let mut config = ProxyConfig::new(upstream.port).session("lock = true");
+    // A turn is awaited for connect_timeout + read_timeout + 1 = 3 s.
+    config.upstream = vec!["connect_timeout = 1".into(), "read_timeout = 1".into()];
+    let log = config.dir.path().join("proxy.log");
+    let proxy = config.start_logging("info", &log);
+    let mut browser = Browser::new(proxy.port);
+    assert_eq!(
+        browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]).status,
+        200
+    );
+    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
+
+    // Six requests of 0.8 s each, one at a time: the last ones wait > 3 s.
+    let port = proxy.port;
+    let statuses: Vec<u16> = (0..6)
+        .map(|_| {
+            let cookie = cookie.clone();
+            std::thread::spawn(move || {
+                get(
+                    port,
+                    "/",
+                    &[("Cookie", &cookie), ("X-Test-Sleep-Ms", "800")],
+                )
+                .status
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|thread| thread.join().unwrap())
+        .collect();
+    assert!(statuses.contains(&503), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    drop(proxy);
+
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}

@@ -641,11 +641,15 @@ impl ProxyHttp for SessionProxy {
     /// many as it likes.
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
         let failure = failure_of(ctx, e);
-        let clients = failure.is_clients_doing();
-        if clients {
+        // A busy session is its own requests crowding it with `lock =
+        // true`, which any client can do as often as it likes; its other
+        // causes (a lost lease, a regenerate outrun) have a WARN line of
+        // their own.
+        let quiet = failure.is_clients_doing() || failure == Failure::SessionBusy;
+        if quiet {
             debug!("client's request failed ({failure:?}): {e}");
         }
-        clients
+        quiet
     }
 
     async fn fail_to_proxy(
