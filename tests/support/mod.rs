@@ -216,7 +216,8 @@ impl ProxyConfig {
         self.path()
     }
 
-    /// Writes the config and starts the proxy on it, waiting until it listens.
+    /// Writes the config and starts the proxy on it, waiting until it listens
+    /// on both ports.
     pub fn start(&self) -> Process {
         match std::env::var("TEST_PROXY_LOG") {
             Ok(level) => self.spawn(&level, Stdio::inherit()),
@@ -242,7 +243,9 @@ impl ProxyConfig {
             child,
             port: self.port,
         };
+        // Two services of their own, started in no set order.
         wait_listening(self.port, &mut process.child);
+        wait_listening(self.admin_port, &mut process.child);
         process
     }
 }
