@@ -1129,3 +1129,36 @@ fn underscore_spellings_of_the_framing_headers_never_reach_the_app() {
         );
     }
 }
+
+/// Requests with a body cost an upstream connection each, unless the
+/// operator says the app's server drains every body (`reuse_after_body`).
+/// The proxy runs two threads, each with its own pool: two at most then.
+#[test]
+fn reuse_after_body_keeps_the_upstream_connection_after_a_post() {
+    for reuse in [false, true] {
+        let upstream = Recorder::start();
+        let (proxy, _config) = proxy_for(&upstream, |mut c| {
+            c.upstream = vec![format!("reuse_after_body = {reuse}")];
+            c
+        });
+        for _ in 0..6 {
+            let post = message("POST /form HTTP/1.1", &["Content-Length: 3"], "a=1");
+            let answer = exchange(proxy.port, post.as_bytes(), Duration::from_millis(200));
+            assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+        }
+        let requests = upstream.requests();
+        assert_eq!(requests.len(), 6, "reuse_after_body = {reuse}");
+        assert!(requests.iter().all(|r| r.body == b"a=1"));
+        let closing = requests.iter().filter(|r| r.all("connection") == ["close"]);
+        match reuse {
+            false => {
+                assert_eq!(closing.count(), 6);
+                assert_eq!(upstream.connections(), 6);
+            }
+            true => {
+                assert_eq!(closing.count(), 0);
+                assert!(upstream.connections() <= 2, "{}", upstream.connections());
+            }
+        }
+    }
+}

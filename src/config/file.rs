@@ -96,6 +96,7 @@ pub(super) struct Upstream {
     pub ca_file: String,
     pub connect_timeout: u64,
     pub read_timeout: u64,
+    pub reuse_after_body: bool,
 }
 
 impl Default for Upstream {
@@ -107,6 +108,7 @@ impl Default for Upstream {
             ca_file: String::new(),
             connect_timeout: 2,
             read_timeout: 30,
+            reuse_after_body: false,
         }
     }
 }

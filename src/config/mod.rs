@@ -91,6 +91,10 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: u64,
     pub read_timeout: u64,
+    /// Whether an upstream connection goes back to the pool after a
+    /// request with a body: only safe with a server that reads or discards
+    /// every request body (README, "Framing").
+    pub reuse_after_body: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -60,6 +60,7 @@ fn absent_sections_take_the_spec_defaults() {
     assert_eq!(upstream.hosts, vec!["127.0.0.1"]);
     assert_eq!(upstream.ca_file, None);
     assert_eq!((upstream.connect_timeout, upstream.read_timeout), (2, 30));
+    assert!(!upstream.reuse_after_body);
 
     let session = &config.session;
     assert_eq!(session.secret_keys, vec![KEY.to_owned()]);

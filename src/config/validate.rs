@@ -241,6 +241,7 @@ fn upstream(upstream: file::Upstream, src: &Source) -> Result<UpstreamConfig> {
         ca_file,
         connect_timeout: seconds(src, "upstream.connect_timeout", upstream.connect_timeout, 1)?,
         read_timeout: seconds(src, "upstream.read_timeout", upstream.read_timeout, 1)?,
+        reuse_after_body: upstream.reuse_after_body,
     })
 }
 

@@ -65,6 +65,8 @@ struct Settings {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// Whether the listeners speak HTTPS, for `X-Forwarded-Proto`.
     tls: bool,
+    /// `[upstream] reuse_after_body`.
+    reuse_after_body: bool,
     bypass: Vec<String>,
     ignore_expiry: bool,
     expired_status: u16,
@@ -133,6 +135,7 @@ impl SessionProxy {
             },
             trusted_proxies: config.server.trusted_proxies.clone(),
             tls: config.server.tls.is_some(),
+            reuse_after_body: config.upstream.reuse_after_body,
             bypass: session.bypass.clone(),
             ignore_expiry: session.ignore_expiry,
             expired_status: session.expired_status,
@@ -491,8 +494,11 @@ impl ProxyHttp for SessionProxy {
         // without reading a request body, which a server that does not
         // drain it then parses as a request of its own, one without the
         // session work. With `Connection: close` the app stops after its
-        // answer and pingora does not pool the connection.
-        if upstream_request.method == http::Method::HEAD || !session.is_body_empty() {
+        // answer and pingora does not pool the connection. A body costs a
+        // new connection each (2.5 times fewer POSTs a second, BENCHMARKS.md):
+        // `reuse_after_body` is for apps whose server drains every body.
+        let body_unsafe = !self.settings.reuse_after_body && !session.is_body_empty();
+        if upstream_request.method == http::Method::HEAD || body_unsafe {
             let close = match upstream_request.headers.contains_key(http::header::UPGRADE) {
                 true => "Upgrade, close",
                 false => "close",
