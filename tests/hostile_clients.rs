@@ -809,7 +809,12 @@ fn a_client_crowding_its_own_locked_session_gets_503_and_no_error_line() {
     assert!(statuses.contains(&200), "{statuses:?}");
     drop(proxy);
 
+    // Only the 503s: on a loaded machine a 0.8 s answer may outlast
+    // read_timeout, and that 504 is rightly an ERROR.
     let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
-    let errors: Vec<&str> = text.lines().filter(|l| l.contains(" ERROR ")).collect();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" ERROR ") && l.contains("503"))
+        .collect();
     assert!(errors.is_empty(), "{errors:#?}");
 }
