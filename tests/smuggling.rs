@@ -1142,8 +1142,12 @@ fn reuse_after_body_keeps_the_upstream_connection_after_a_post() {
             c
         });
         for _ in 0..6 {
-            let post = message("POST /form HTTP/1.1", &["Content-Length: 3"], "a=1");
-            let answer = exchange(proxy.port, post.as_bytes(), Duration::from_millis(200));
+            let post = message(
+                "POST /form HTTP/1.1",
+                &["Content-Length: 3", "Connection: close"],
+                "a=1",
+            );
+            let answer = exchange(proxy.port, post.as_bytes(), Duration::from_secs(2));
             assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
         }
         let requests = upstream.requests();
