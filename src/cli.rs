@@ -22,7 +22,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy (the default).
-    Run,
+    Run {
+        /// Take the listening sockets over from a running proxy, which hands
+        /// them over on SIGQUIT (`[server] upgrade_sock`), instead of binding.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate the config and reach the store; prints `ok`.
     Check,
     /// Print a fresh 32-byte random secret, base64url.

@@ -17,8 +17,15 @@ pub fn keygen() -> String {
     URL_SAFE_NO_PAD.encode(key)
 }
 
-pub fn run(config: Config) -> ExitCode {
-    match crate::server::run(config) {
+pub fn run(config: Config, upgrade: bool) -> ExitCode {
+    if upgrade && config.server.upgrade_sock.is_none() {
+        eprintln!(
+            "session-proxy: {}: run --upgrade takes the listeners over a Unix socket: set [server] upgrade_sock, in this config and in the running proxy's",
+            config.file.display()
+        );
+        return ExitCode::from(2);
+    }
+    match crate::server::run(config, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("session-proxy: {e}");

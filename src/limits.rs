@@ -89,10 +89,22 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Clocked<A> {
         self.app.process_new(clocked, shutdown).await
     }
 
+    /// pingora closes the connections that wait for their next request as
+    /// soon as it stops accepting (SIGTERM, an upgrade's hand-over): a
+    /// client whose next request is on its way gets a reset, which it
+    /// may not retry. For `LAST_CALL` they stay open: each next request
+    /// is served with `Connection: close`, so a client that keeps sending
+    /// moves to a new connection (the new process's, after an upgrade),
+    /// and only idle connections are left to close.
     async fn cleanup(&self) {
+        tokio::time::sleep(LAST_CALL).await;
         self.app.cleanup().await
     }
 }
+
+/// How long a proxy that stops accepting keeps serving the next request
+/// of each open client connection (see `Clocked::cleanup`).
+pub const LAST_CALL: Duration = Duration::from_millis(500);
 
 /// The request head has been read: stop its clock, and time the writes of
 /// the response instead (from `early_request_filter`, and the admin

@@ -121,7 +121,9 @@ impl Log for Redacting {
 /// too. And one that is no failure at all: pingora's pool found an idle
 /// upstream connection still held by the task that watches it, gave it
 /// up and connects anew (seen once in a while on a quiet proxy); the
-/// request is served.
+/// request is served. Nor is a process started with `run --upgrade`
+/// waiting for the listeners, which it logs each second until the old
+/// process sends them; we log the wait once, at INFO.
 fn belongs_at_debug(record: &Record, line: &str) -> bool {
     let target = record.target();
     if record.level() == Level::Warn {
@@ -140,6 +142,9 @@ fn belongs_at_debug(record: &Record, line: &str) -> bool {
     }
     if target.starts_with("pingora_core::connectors") {
         return line == "failed to acquire reusable stream";
+    }
+    if target.starts_with("pingora_core::server::transfer_fd") {
+        return line.starts_with("No incoming socket transfer");
     }
     target.starts_with("pingora_core::apps::http_app")
         && (line.starts_with("HTTP server fails to read from downstream")
@@ -293,6 +298,17 @@ mod tests {
             Level::Error,
             "pingora_core::connectors::l4",
             "connect to 127.0.0.1:1 failed"
+        ));
+        let transfer = "pingora_core::server::transfer_fd";
+        assert!(record(
+            Level::Error,
+            transfer,
+            "No incoming socket transfer, sleep 1s and try again"
+        ));
+        assert!(!record(
+            Level::Error,
+            transfer,
+            "Giving up reading socket from: /run/x.sock, error: EAGAIN"
         ));
     }
 }

@@ -14,7 +14,7 @@ static GLOBAL: session_proxy::allocator::MiMalloc = session_proxy::allocator::Mi
 fn main() -> ExitCode {
     logging::init();
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Run);
+    let command = cli.command.unwrap_or(Command::Run { upgrade: false });
     if let Command::Keygen = command {
         println!("{}", commands::keygen());
         return ExitCode::SUCCESS;
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     };
     logging::protect(&config.session.secret_keys);
     match command {
-        Command::Run => commands::run(config),
+        Command::Run { upgrade } => commands::run(config, upgrade),
         Command::Check => commands::check(&config),
         Command::Sessions { action } => commands::sessions(&config, action),
         Command::Keygen => ExitCode::SUCCESS,

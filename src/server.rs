@@ -1,32 +1,39 @@
 //! Assembles the running proxy: the store (on a runtime of its own, which
 //! also runs the sweeper), the pingora proxy service, the admin service,
 //! and a shutdown that drains in-flight requests for at most
-//! `grace_period`.
+//! `grace_period`, after handing the listening sockets to a new process
+//! (`run --upgrade`) on SIGQUIT where `upgrade_sock` is set.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use log::{info, warn};
-use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use tokio::net::TcpSocket;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::broadcast;
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::limits::{ClientTimeouts, Clocked};
+use crate::limits::{ClientTimeouts, Clocked, LAST_CALL};
 use crate::metrics::Metrics;
 use crate::proxy::SessionProxy;
 use crate::store::{self, Expiry, Store};
 use crate::tls::ListenerCertificate;
 
-/// Runs the proxy until SIGTERM or SIGINT; exits the process when drained.
-pub fn run(config: Config) -> Result<(), String> {
+/// Runs the proxy until SIGTERM or SIGINT, or until it has handed its
+/// listeners to a new process; exits the process when drained. With
+/// `upgrade`, it takes its listeners from the running proxy instead of
+/// binding them.
+pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     let store_runtime = store_runtime()?;
-    store_runtime.block_on(async { can_listen(&config) })?;
+    store_runtime.block_on(async { can_listen(&config, upgrade) })?;
     let store = store_runtime
         .block_on(store::open(&config))
         .map_err(|e| e.to_string())?;
@@ -61,10 +68,21 @@ pub fn run(config: Config) -> Result<(), String> {
             (None, true) => None,
             (None, false) => Some(crate::tls::NO_CA_FILE.to_string()),
         },
+        upgrade_sock: config
+            .server
+            .upgrade_sock
+            .as_ref()
+            .map_or_else(String::new, |path| path.display().to_string()),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, pingora_conf);
-    server.bootstrap();
+    let options = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(options), pingora_conf);
+    // The listeners wait for it: with `upgrade`, it receives their sockets
+    // from the old process (and closes any the config no longer names).
+    let bootstrap = server.bootstrap_as_a_service();
     let pingora_conf = server.configuration.clone();
 
     // Every client connection on a clock: slow heads and idle connections end.
@@ -88,6 +106,9 @@ pub fn run(config: Config) -> Result<(), String> {
         warn!("HTTPS listeners with session.secure = false: browsers will send the session cookie over plain HTTP too; set secure = true");
     }
     store_runtime.spawn(reload_on_sighup(certificate.clone(), metrics.clone()));
+    if let Some(sock) = &config.server.upgrade_sock {
+        warn_if_others_can_reach(sock);
+    }
     for address in &config.server.listen {
         match &certificate {
             Some(certificate) => proxy_service.add_tls_with_settings(
@@ -98,7 +119,7 @@ pub fn run(config: Config) -> Result<(), String> {
             None => proxy_service.add_tcp(&address.to_string()),
         }
     }
-    server.add_service(proxy_service);
+    server.add_service(proxy_service).add_dependency(&bootstrap);
 
     if let Some(address) = config.server.admin_listen {
         let admin = Admin::new(store, metrics);
@@ -110,16 +131,24 @@ pub fn run(config: Config) -> Result<(), String> {
             ),
         );
         admin_service.add_tcp(&address.to_string());
-        server.add_service(admin_service);
+        server.add_service(admin_service).add_dependency(&bootstrap);
     }
 
     info!(
         "session-proxy listening on {:?}, upstream {:?}, {:?} store",
         config.server.listen, config.upstream.addresses, config.store.kind
     );
+    if let (true, Some(sock)) = (upgrade, &config.server.upgrade_sock) {
+        info!(
+            "waiting about 6 s on {} for the listeners of the running proxy: send it SIGQUIT",
+            sock.display()
+        );
+    }
     let drain = DrainOnSignal {
         in_flight,
         grace: Duration::from_secs(config.server.grace_period),
+        upgrade_sock: config.server.upgrade_sock.clone(),
+        phases: Mutex::new(Some(server.watch_execution_phase())),
     };
     server.run(RunArgs {
         shutdown_signal: Box::new(drain),
@@ -129,15 +158,20 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether every listen and admin address can be bound now.
-fn can_listen(config: &Config) -> Result<(), String> {
+/// Whether every listen and admin address can be bound now. When
+/// upgrading, the old process holds them: only an address this host does
+/// not have is an error then.
+fn can_listen(config: &Config, upgrade: bool) -> Result<(), String> {
     let admin = config.server.admin_listen.iter();
     config
         .server
         .listen
         .iter()
         .chain(admin)
-        .try_for_each(can_listen_on)
+        .try_for_each(|address| match can_listen_on(address) {
+            Err(e) if upgrade && e.kind() == std::io::ErrorKind::AddrInUse => Ok(()),
+            result => result.map_err(|e| format!("cannot listen on {address}: {e}")),
+        })
 }
 
 /// Whether `address` can be bound now. pingora binds in a task of its
@@ -145,17 +179,13 @@ fn can_listen(config: &Config) -> Result<(), String> {
 /// serving nothing, its /healthz saying ok. As pingora's listeners do, the
 /// check reuses an address in TIME_WAIT (a restart), but not one that a
 /// listening socket holds.
-fn can_listen_on(address: &SocketAddr) -> Result<(), String> {
+fn can_listen_on(address: &SocketAddr) -> std::io::Result<()> {
     let socket = match address {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
-    };
-    socket
-        .and_then(|socket| {
-            socket.set_reuseaddr(true)?;
-            socket.bind(*address)
-        })
-        .map_err(|e| format!("cannot listen on {address}: {e}"))
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(*address)
 }
 
 /// The store's connections and the sweeper live here, apart from
@@ -173,44 +203,150 @@ fn store_runtime() -> Result<tokio::runtime::Runtime, String> {
 /// On SIGTERM or SIGINT: pingora stops accepting, and we exit as soon as
 /// no request is in flight, or when `grace` has passed. pingora alone
 /// would always sleep its whole grace period, even when idle.
+///
+/// On SIGQUIT, with `upgrade_sock` set and a new process waiting there
+/// (`run --upgrade`): pingora hands it the listening sockets, both accept
+/// for 5 s, then this one stops accepting and drains as above. Without a
+/// new process waiting, SIGQUIT changes nothing: stopping would leave
+/// the port closed.
 struct DrainOnSignal {
     in_flight: Arc<AtomicUsize>,
     grace: Duration,
+    upgrade_sock: Option<PathBuf>,
+    /// pingora's phases, to start draining only once it stops accepting.
+    phases: Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
 }
+
+/// How long SIGQUIT waits for a new process to open the upgrade socket;
+/// pingora's own wait for it to answer is about as long.
+const NEW_PROCESS_WAIT: Duration = Duration::from_secs(5);
 
 #[async_trait]
 impl ShutdownSignalWatch for DrainOnSignal {
     async fn recv(&self) -> ShutdownSignal {
-        let (Ok(mut terminate), Ok(mut interrupt)) = (
+        let (Ok(mut terminate), Ok(mut interrupt), Ok(mut quit)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
         ) else {
-            warn!("cannot watch SIGTERM/SIGINT; stop the proxy with SIGKILL");
+            warn!("cannot watch SIGTERM/SIGINT/SIGQUIT; stop the proxy with SIGKILL");
             return std::future::pending().await;
         };
-        tokio::select! {
-            _ = terminate.recv() => info!("SIGTERM: draining for at most {:?}", self.grace),
-            _ = interrupt.recv() => info!("SIGINT: draining for at most {:?}", self.grace),
+        loop {
+            let upgrade = tokio::select! {
+                _ = terminate.recv() => {
+                    info!("SIGTERM: draining for at most {:?}", self.grace);
+                    false
+                }
+                _ = interrupt.recv() => {
+                    info!("SIGINT: draining for at most {:?}", self.grace);
+                    false
+                }
+                _ = quit.recv() => {
+                    if !self.hand_over().await {
+                        continue;
+                    }
+                    true
+                }
+            };
+            self.drain_then_exit(upgrade);
+            return match upgrade {
+                true => ShutdownSignal::GracefulUpgrade,
+                false => ShutdownSignal::GracefulTerminate,
+            };
         }
-        let in_flight = self.in_flight.clone();
-        let deadline = Instant::now() + self.grace;
-        std::thread::spawn(move || {
-            // Let pingora close the listeners before counting.
-            std::thread::sleep(Duration::from_millis(50));
-            while in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let left = in_flight.load(Ordering::Acquire);
-            if left > 0 {
-                warn!("grace period over with {left} request(s) in flight; exiting");
-            } else {
-                info!("drained; exiting");
-            }
-            log::logger().flush();
-            std::process::exit(0);
-        });
-        ShutdownSignal::GracefulTerminate
     }
+}
+
+impl DrainOnSignal {
+    /// Whether the listeners can go to a new process now.
+    async fn hand_over(&self) -> bool {
+        let Some(sock) = &self.upgrade_sock else {
+            warn!("SIGQUIT ignored: set [server] upgrade_sock for upgrades without downtime; SIGTERM stops the proxy");
+            return false;
+        };
+        let waited_since = Instant::now();
+        while !is_socket(sock) {
+            if waited_since.elapsed() >= NEW_PROCESS_WAIT {
+                warn!(
+                    "SIGQUIT: no new process waits on {} (start one with `session-proxy run --upgrade`, then send SIGQUIT); still serving",
+                    sock.display()
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        info!(
+            "SIGQUIT: handing the listeners to the new process over {}; draining for at most {:?} once it has them",
+            sock.display(),
+            self.grace
+        );
+        true
+    }
+
+    /// Exits once no request is in flight, or `grace` has passed, counted
+    /// from when pingora stops accepting: at once on SIGTERM or SIGINT,
+    /// and after an upgrade's hand-over once both processes have accepted
+    /// for a while, so that no connection waits in a queue nobody reads.
+    fn drain_then_exit(&self, after_hand_over: bool) {
+        let phases = match after_hand_over {
+            true => self.phases.lock().ok().and_then(|mut phases| phases.take()),
+            false => None,
+        };
+        let in_flight = self.in_flight.clone();
+        let grace = self.grace;
+        std::thread::spawn(move || {
+            if let Some(mut phases) = phases {
+                loop {
+                    match phases.blocking_recv() {
+                        Ok(ExecutionPhase::ShutdownStarted) => break,
+                        Err(broadcast::error::RecvError::Closed) => break,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    }
+                }
+            }
+            drain(&in_flight, grace);
+        });
+    }
+}
+
+/// Waits until no request is in flight, or `grace` has passed, and exits.
+fn drain(in_flight: &AtomicUsize, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    // Let pingora close the listeners, and the clients that keep sending
+    // take their last call, before counting.
+    std::thread::sleep(LAST_CALL.min(grace).max(Duration::from_millis(50)));
+    while in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = in_flight.load(Ordering::Acquire);
+    if left > 0 {
+        warn!("grace period over with {left} request(s) in flight; exiting");
+    } else {
+        info!("drained; exiting");
+    }
+    log::logger().flush();
+    std::process::exit(0);
+}
+
+/// pingora opens the upgrade socket to everyone: its directory must keep
+/// other users out (SECURITY.md, "Local users").
+fn warn_if_others_can_reach(sock: &Path) {
+    let directory = crate::config::directory_of(sock);
+    let Ok(metadata) = std::fs::metadata(directory) else {
+        return;
+    };
+    if metadata.permissions().mode() & 0o011 != 0 {
+        warn!(
+            "the directory of [server] upgrade_sock, {}, can be opened by other users (mode {:o}): during an upgrade, one of them could hand the new process listeners of their own; make it 0700",
+            directory.display(),
+            metadata.permissions().mode() & 0o7777
+        );
+    }
+}
+
+fn is_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.file_type().is_socket())
 }
 
 /// SIGHUP reads the listeners' certificate and key again (and nothing

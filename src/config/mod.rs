@@ -39,6 +39,13 @@ pub const DEFAULT_PATH: &str = "config/session-proxy.toml";
 /// file's `session.secret_keys`, so secrets can stay out of the file.
 pub const SECRET_KEYS_ENV: &str = "SESSION_PROXY_SECRET_KEYS";
 
+/// The directory a file path names its file in (`.` for a bare name).
+pub fn directory_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 /// The validated configuration. Times are whole seconds, as in the file.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -68,6 +75,9 @@ pub struct ServerConfig {
     pub keepalive_timeout: u64,
     /// Seconds a client may take to accept each write of a response.
     pub send_timeout: u64,
+    /// Where a new process started with `run --upgrade` waits for the
+    /// listening sockets of this one (`None`: no upgrades).
+    pub upgrade_sock: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

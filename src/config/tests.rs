@@ -52,6 +52,7 @@ fn absent_sections_take_the_spec_defaults() {
     assert_eq!(server.grace_period, 10);
     assert_eq!((server.header_timeout, server.keepalive_timeout), (10, 60));
     assert_eq!(server.send_timeout, 60);
+    assert!(server.upgrade_sock.is_none());
 
     let upstream = &config.upstream;
     assert_eq!(upstream.addresses, vec![addr("127.0.0.1:8000")]);
@@ -445,6 +446,50 @@ fn tls_with_both_files_is_on() {
         wrong.starts_with("test.toml:3:11: server.tls_key: ") && wrong.contains("no private key"),
         "{wrong}"
     );
+}
+
+#[test]
+fn upgrade_sock_is_a_socket_path_in_a_directory_that_exists() {
+    let dir = std::env::temp_dir().join(format!(
+        "session-proxy-config-upgrade-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("upgrade.sock");
+    let config = config(&format!(
+        "[server]\nupgrade_sock = {:?}",
+        sock.display().to_string()
+    ))
+    .expect("valid");
+    assert_eq!(config.server.upgrade_sock.as_deref(), Some(sock.as_path()));
+
+    let missing = dir.join("nowhere/upgrade.sock");
+    let message = error(&format!(
+        "[server]\nupgrade_sock = {:?}",
+        missing.display().to_string()
+    ));
+    assert!(
+        message.contains("server.upgrade_sock: the directory")
+            && message.contains("does not exist"),
+        "{message}"
+    );
+
+    // The new process deletes what is there before it binds.
+    let file = dir.join("precious.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let message = error(&format!(
+        "[server]\nupgrade_sock = {:?}",
+        file.display().to_string()
+    ));
+    assert!(message.contains("exists and is not a socket"), "{message}");
+
+    let long = format!("/tmp/{}.sock", "a".repeat(103));
+    let message = error(&format!("[server]\nupgrade_sock = {long:?}"));
+    assert!(
+        message.contains("at most 107 bytes, found 113"),
+        "{message}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 // [upstream]

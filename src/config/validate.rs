@@ -2,6 +2,7 @@
 //! or an error naming the key, what was expected and what was found.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use ipnet::IpNet;
@@ -132,7 +133,41 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
         header_timeout: seconds(src, "server.header_timeout", server.header_timeout, 1)?,
         keepalive_timeout: seconds(src, "server.keepalive_timeout", server.keepalive_timeout, 1)?,
         send_timeout: seconds(src, "server.send_timeout", server.send_timeout, 1)?,
+        upgrade_sock: upgrade_sock(src, &server.upgrade_sock)?,
     })
+}
+
+/// The path of the upgrade socket: one a Unix socket can be bound at, and
+/// not a file of anything else, which the new process would delete.
+fn upgrade_sock(src: &Source, path: &str) -> Result<Option<PathBuf>> {
+    const KEY: &str = "server.upgrade_sock";
+    if path.is_empty() {
+        return Ok(None);
+    }
+    // sun_path holds 108 bytes with the closing NUL.
+    if path.len() > 107 {
+        return Err(src.error(
+            KEY,
+            format!("a Unix socket path is at most 107 bytes, found {} bytes; choose a shorter path such as \"/run/session-proxy/upgrade.sock\"", path.len()),
+        ));
+    }
+    let path = PathBuf::from(path);
+    let directory = super::directory_of(&path);
+    if !directory.is_dir() {
+        return Err(src.error(
+            KEY,
+            format!("the directory {} does not exist; create it (owned by the proxy's user, mode 0700) or choose another path", directory.display()),
+        ));
+    }
+    if let Ok(metadata) = std::fs::symlink_metadata(&path) {
+        if !metadata.file_type().is_socket() {
+            return Err(src.error(
+                KEY,
+                format!("{} exists and is not a socket; an upgrade would delete it: choose another path", path.display()),
+            ));
+        }
+    }
+    Ok(Some(path))
 }
 
 fn trusted_proxy(src: &Source, index: usize, proxy: &str) -> Result<IpNet> {

@@ -629,7 +629,13 @@ impl ProxyHttp for SessionProxy {
         // such a body ends only with the connection (and then closes it);
         // an intermediary in front that believed the header would read
         // the body's bytes, the app's, as its next response.
-        if ends_with_connection(&session.req_header().method, response) {
+        // And a proxy that is shutting down (SIGTERM, or an upgrade's
+        // hand-over) closes the connection after this response: said in
+        // the response, the client opens a new one for its next request
+        // instead of sending it into the close, where it would fail.
+        if ends_with_connection(&session.req_header().method, response)
+            || session.is_process_shutting_down()
+        {
             session.set_keepalive(None);
         }
         Ok(())
