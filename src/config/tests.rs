@@ -325,6 +325,42 @@ fn admin_listen_on_a_listen_address_is_refused() {
         .expect("another port");
 }
 
+/// Only one of two such sockets can be bound: the other's service would
+/// retry for 30 s and then serve nothing, or the admin app would answer
+/// on the public port.
+#[test]
+fn a_wildcard_listen_address_that_overlaps_another_is_refused() {
+    for (text, message_start) in [
+        (
+            "[server]\nlisten = [\"0.0.0.0:9000\", \"127.0.0.1:9000\"]",
+            "test.toml:2:27: server.listen[1]: 127.0.0.1:9000 overlaps 0.0.0.0:9000",
+        ),
+        (
+            "[server]\nlisten = [\"127.0.0.1:9000\", \"[::]:9000\"]",
+            "test.toml:2:29: server.listen[1]: [::]:9000 overlaps 127.0.0.1:9000",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:9000\"\nadmin_listen = \"0.0.0.0:9000\"",
+            "test.toml:3:16: server.admin_listen: 0.0.0.0:9000 overlaps 127.0.0.1:9000 of server.listen",
+        ),
+        (
+            "[server]\nlisten = \"[::]:9000\"\nadmin_listen = \"127.0.0.1:9000\"",
+            "test.toml:3:16: server.admin_listen: 127.0.0.1:9000 overlaps [::]:9000 of server.listen",
+        ),
+    ] {
+        let message = error(text);
+        assert!(message.starts_with(message_start), "{message}");
+    }
+    for text in [
+        "[server]\nlisten = [\"0.0.0.0:9000\", \"[::1]:9000\", \"127.0.0.1:9001\"]",
+        "[server]\nlisten = [\"127.0.0.1:9000\", \"127.0.0.1:9000\"]",
+        "[server]\nlisten = \"0.0.0.0:9000\"\nadmin_listen = \"127.0.0.1:9001\"",
+        "[server]\nlisten = \"0.0.0.0:0\"\nadmin_listen = \"127.0.0.1:0\"",
+    ] {
+        config(text).expect("no two of these take one port");
+    }
+}
+
 #[test]
 fn a_wait_longer_than_a_year_is_refused() {
     for key in [

@@ -69,13 +69,26 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
             "expected at least one \"host:port\", found an empty array",
         ));
     }
-    let mut listen = Vec::new();
+    let mut listen: Vec<SocketAddr> = Vec::new();
     for (key, address) in &listen_keys {
         // Like nginx, a name bound to several addresses listens on all of them.
         for resolved in resolve(src, key, address)? {
-            if !listen.contains(&resolved) {
-                listen.push(resolved);
+            if listen.contains(&resolved) {
+                continue;
             }
+            // Only one of the two sockets could be bound: pingora retries
+            // the other for 30 s, then its listeners are gone.
+            if let Some(other) = listen.iter().find(|other| overlap(**other, resolved)) {
+                return Err(src.error(
+                    key,
+                    format!(
+                        "{resolved} overlaps {other}, also in server.listen (a wildcard address, \
+                         0.0.0.0 or [::], takes its port on every address): only one could be \
+                         listened on; list one of the two"
+                    ),
+                ));
+            }
+            listen.push(resolved);
         }
     }
 
@@ -92,6 +105,18 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
             "server.admin_listen",
             format!("{admin} is also in server.listen; the admin port must be a port of its own"),
         ));
+    }
+    // Or one of the two would not be bound at all, whichever lost.
+    if let Some(admin) = admin_listen {
+        if let Some(other) = listen.iter().find(|other| overlap(**other, admin)) {
+            return Err(src.error(
+                "server.admin_listen",
+                format!(
+                    "{admin} overlaps {other} of server.listen (a wildcard address, 0.0.0.0 or [::], \
+                     takes its port on every address); the admin port must be a port of its own"
+                ),
+            ));
+        }
     }
 
     let threads = match server.threads {
@@ -168,6 +193,19 @@ fn upgrade_sock(src: &Source, path: &str) -> Result<Option<PathBuf>> {
         }
     }
     Ok(Some(path))
+}
+
+/// Whether `a` and `b` are different addresses that cannot both be
+/// listened on: the same port, one of them a wildcard that covers the
+/// other (`[::]` covers IPv4 too: pingora leaves it dual-stack, the
+/// kernel's default), or one IPv4 address written twice (`[::ffff:a.b.c.d]`).
+/// Port 0 is a fresh port each time.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wildcard: SocketAddr, other: SocketAddr| {
+        wildcard.ip().is_unspecified() && (wildcard.is_ipv6() || other.is_ipv4())
+    };
+    let same_ip = a.ip().to_canonical() == b.ip().to_canonical();
+    a != b && a.port() == b.port() && a.port() != 0 && (same_ip || covers(a, b) || covers(b, a))
 }
 
 fn trusted_proxy(src: &Source, index: usize, proxy: &str) -> Result<IpNet> {
