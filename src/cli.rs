@@ -32,7 +32,7 @@ pub enum Command {
     Check,
     /// Print a fresh 32-byte random secret, base64url.
     Keygen,
-    /// Inspect or change the stored sessions.
+    /// Inspect or change the stored sessions (disk, postgres or redis store).
     Sessions {
         #[command(subcommand)]
         action: SessionsCommand,

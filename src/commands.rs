@@ -6,7 +6,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
 use crate::cli::SessionsCommand;
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::session::cookie::Handle;
 use crate::store::{self, Expiry, Store};
 
@@ -49,6 +49,18 @@ pub fn check(config: &Config) -> ExitCode {
 }
 
 pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
+    // This process would open a memory store of its own, empty: `list`
+    // would show nothing and `kill` say "no session" of a session that
+    // the running proxy goes on serving.
+    if config.store.kind == StoreKind::Memory {
+        eprintln!(
+            "session-proxy: {}: store.kind = \"memory\" keeps the sessions inside the running proxy, \
+             where `sessions` cannot reach them; use the disk, postgres or redis store to list or kill \
+             sessions from the command line",
+            config.file.display()
+        );
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

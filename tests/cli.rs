@@ -223,6 +223,32 @@ fn sessions_lists_shows_kills_and_purges_stored_sessions() {
     assert!(stored_files(&config.sessions_dir()).is_empty());
 }
 
+/// The memory store lives in the proxy process: a `sessions` command
+/// would open an empty one of its own, list nothing and answer "no
+/// session" for a session the running proxy still serves.
+#[test]
+fn sessions_on_the_memory_store_say_they_cannot_reach_it() {
+    let config = ProxyConfig::new(free_port()).store("kind = \"memory\"");
+    let path = config.write();
+    let path = path.to_str().unwrap();
+    let handle = "0".repeat(64);
+    for args in [
+        vec!["sessions", "list", "-c", path],
+        vec!["sessions", "show", &handle, "-c", path],
+        vec!["sessions", "kill", &handle, "-c", path],
+        vec!["sessions", "purge-expired", "-c", path],
+    ] {
+        let output = run_cli(&args, &[]);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        assert!(stdout(&output).is_empty(), "{args:?}: {}", stdout(&output));
+        let message = stderr(&output);
+        assert!(
+            message.contains("store.kind = \"memory\"") && !message.contains("no session"),
+            "{args:?}: {message}"
+        );
+    }
+}
+
 #[test]
 fn check_exits_1_when_a_shared_store_does_not_answer() {
     let closed = free_port();
