@@ -1254,6 +1254,26 @@ async fn redis_every_write_sets_the_ttl_and_touch_refreshes_it() {
     assert_eq!(store.load(&handle).await.unwrap().unwrap().atime, t + 10);
 }
 
+/// `[session] timeout = 9223372036854775807` (never, in effect) passes
+/// `check`; Redis refuses an expiry that far, so the TTL is cut to one it
+/// takes instead of every write failing with a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_an_idle_timeout_beyond_what_redis_takes_still_stores() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = RedisStore::connect(&prefix.urls, &prefix.prefix, PATIENT, i64::MAX as u64)
+        .await
+        .expect("connect to Redis");
+    let handle = handle(11);
+    let key = format!("{}{}", prefix.prefix, handle);
+    let t = now();
+    let stored = record(json!({"a": 1}), t, t);
+    put(&store, &handle, &stored).await;
+    assert!(store.touch(&handle, t + 1).await.unwrap());
+    assert!(ttl_of(&key).await > 60 * 365 * 86_400);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_touch_handles_a_record_written_in_another_layout() {
     let Some(prefix) = RedisPrefix::new().await else {

@@ -48,6 +48,12 @@ const MAX_ATTEMPTS: u32 = 64;
 /// Keys asked for by one SCAN step.
 const SCAN_COUNT: usize = 500;
 
+/// The longest TTL given a key, about 68 years: Redis refuses a `SET EX`
+/// or `EXPIRE` whose expiry in milliseconds would pass an i64 ("invalid
+/// expire time"), so an idle timeout of that order (a config's way of
+/// saying "never") would fail every write.
+const MAX_TTL_SECONDS: u64 = i32::MAX as u64;
+
 /// Writes `ARGV[2]` (or deletes when it is empty) only if the key still
 /// holds `ARGV[1]` (empty: absent); `ARGV[3]` is the TTL in seconds, 0 for
 /// none. Answers 1 when written, else what the key holds now (0: absent),
@@ -237,7 +243,8 @@ impl RedisStore {
     /// Connects to `urls`: one `redis://host:port[/db]` URL for a standalone
     /// server, several (comma-separated) for the nodes of a Redis Cluster.
     /// Records live under `key_prefix + handle` for `idle_ttl` seconds
-    /// after their last write (0: no TTL). Every command gives up after
+    /// after their last write (0: no TTL; at most about 68 years, which
+    /// longer ones are cut to). Every command gives up after
     /// `timeout`; a lost connection is re-established by the next commands.
     pub async fn connect(
         urls: &str,
@@ -281,7 +288,7 @@ impl RedisStore {
             connections: PerThread::default(),
             key_prefix: key_prefix.to_owned(),
             timeout,
-            idle_ttl,
+            idle_ttl: idle_ttl.min(MAX_TTL_SECONDS),
             scripts: Arc::new(Scripts {
                 compare_and_set: Script::new(COMPARE_AND_SET),
                 set_if_version: Script::new(SET_IF_VERSION),
