@@ -754,6 +754,25 @@ fn cookie_domain_must_not_hold_separators() {
     assert_eq!(config.session.cookie.domain.as_deref(), Some("example.com"));
 }
 
+/// Written raw into Set-Cookie, such a path matches no request (browsers
+/// send paths percent-encoded) and such a domain makes browsers drop the
+/// cookie: sessions would silently never come back.
+#[test]
+fn cookie_path_and_domain_must_be_written_as_browsers_send_them() {
+    for (text, start) in [
+        ("cookie_path = \"/ä\"", "test.toml:2:15: session.cookie_path: expected the path as browsers send it, percent-encoded"),
+        ("cookie_path = \"/a b\"", "test.toml:2:15: session.cookie_path: expected the path as browsers send it"),
+        ("cookie_domain = \"exämple.com\"", "test.toml:2:17: session.cookie_domain: expected an ASCII domain, an internationalized name in its xn-- form"),
+    ] {
+        let message = error(&format!("[session]\n{text}"));
+        assert!(message.starts_with(start), "{message}");
+    }
+    let config =
+        config("[session]\ncookie_path = \"/%C3%A4\"\ncookie_domain = \"xn--exmple-cua.com\"")
+            .expect("valid");
+    assert_eq!(config.session.cookie.path, "/%C3%A4");
+}
+
 #[test]
 fn samesite_error_names_file_line_column_and_choices() {
     let message = error("[session]\nsecure = true\nsamesite = \"bogus\"");

@@ -531,6 +531,17 @@ fn cookie(session: &file::Session, src: &Source) -> Result<CookieConfig> {
             format!("expected a path starting with \"/\", without \";\" or control characters, found {path:?}"),
         ));
     }
+    // Browsers match the cookie's path against the request's path as
+    // sent, percent-encoded: "/ä b" matches nothing, and the cookie never
+    // comes back.
+    if !path.is_ascii() || path.contains(' ') {
+        return Err(src.error(
+            "session.cookie_path",
+            format!(
+                "expected the path as browsers send it, percent-encoded (\"/%C3%A4%20b\" for \"/ä b\"), found {path:?}"
+            ),
+        ));
+    }
 
     let domain = &session.cookie_domain;
     if domain.contains(';') || domain.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -538,6 +549,16 @@ fn cookie(session: &file::Session, src: &Source) -> Result<CookieConfig> {
             "session.cookie_domain",
             format!(
                 "expected a domain such as \"example.com\" (or \"\" for none), found {domain:?}"
+            ),
+        ));
+    }
+    // Browsers drop a cookie whose Domain is not ASCII (RFC 6265: a
+    // host name, IDNs in their A-label form).
+    if !domain.is_ascii() {
+        return Err(src.error(
+            "session.cookie_domain",
+            format!(
+                "expected an ASCII domain, an internationalized name in its xn-- form (\"xn--exmple-cua.com\" for \"exämple.com\"), found {domain:?}"
             ),
         ));
     }
