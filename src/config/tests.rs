@@ -903,6 +903,23 @@ fn initializer_floats_must_be_finite() {
     );
 }
 
+/// A prefix is matched against the path as sent, percent-encoded: one
+/// written raw would never match, and the paths would get the session
+/// work without a word.
+#[test]
+fn bypass_prefixes_are_written_percent_encoded() {
+    for prefix in ["/stätic/", "/my files/"] {
+        let message = error(&format!("[session]\nbypass = [\"/static/\", {prefix:?}]"));
+        assert!(
+            message.starts_with(
+                "test.toml:2:23: session.bypass[1]: expected the prefix as clients send paths, percent-encoded"
+            ),
+            "{message}"
+        );
+    }
+    config("[session]\nbypass = [\"/st%C3%A4tic/\", \"/my%20files/\"]").expect("valid");
+}
+
 #[test]
 fn bypass_prefixes_start_with_a_slash() {
     let message = error("[session]\nbypass = [\"/static/\", \"assets/\"]");

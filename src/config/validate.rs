@@ -410,6 +410,16 @@ fn session(session: file::Session, src: &Source, env_keys: Option<&str>) -> Resu
                 format!("expected a path prefix starting with \"/\", found {prefix:?}"),
             ));
         }
+        // Matched against the path as the client sent it: percent-encoded,
+        // so a raw "/ä/" or "/a b/" would never match a request.
+        if !prefix.is_ascii() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(src.error(
+                &format!("session.bypass[{index}]"),
+                format!(
+                    "expected the prefix as clients send paths, percent-encoded (\"/%C3%A4/\" for \"/ä/\"), found {prefix:?}"
+                ),
+            ));
+        }
     }
 
     let timeout = at_least(src, "session.timeout", session.timeout, 1)?;
