@@ -59,9 +59,19 @@ impl<'a> Source<'a> {
         let entry = offset.and_then(|offset| self.spans().entry_at(offset));
         let problem = match entry {
             Some(entry) => describe(error.message(), entry),
+            None if error.message().starts_with("number too large") => {
+                "a number past TOML's integers (at most 9223372036854775807); use a smaller one"
+                    .to_owned()
+            }
             None => format!("{}; fix the TOML syntax", one_line(error.message())),
         };
-        self.message(offset, entry.map(|entry| entry.path.as_str()), &problem)
+        // A file that does not parse has no span map: the key is then read
+        // off the line, so that "number too large" still names it.
+        let written = match entry {
+            Some(entry) => Some(entry.path.clone()),
+            None => offset.and_then(|offset| key_on_line(self.text, offset)),
+        };
+        self.message(offset, written.as_deref(), &problem)
     }
 
     fn spans(&self) -> &SpanMap {
@@ -80,6 +90,34 @@ impl<'a> Source<'a> {
         message += &format!(": {problem}");
         ConfigError { message }
     }
+}
+
+/// `section.key` for a `key = value` line holding `offset`, the section
+/// being the last `[header]` above it; `None` for any other line. Only
+/// bare keys: a line this is asked about did not parse.
+fn key_on_line(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let bare = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    if !bare(key) {
+        return None;
+    }
+    let section = text[..line_start].lines().rev().find_map(|line| {
+        let header = line.trim().strip_prefix('[')?.split(']').next()?.trim();
+        Some(header.to_owned()).filter(|header| bare(header))
+    });
+    Some(match section {
+        Some(section) => format!("{section}.{key}"),
+        None => key.to_owned(),
+    })
 }
 
 /// 1-based line and column (in characters) of a byte offset.

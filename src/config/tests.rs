@@ -235,6 +235,22 @@ fn wrong_type_inside_an_array_names_the_element() {
     );
 }
 
+/// TOML integers stop at i64; past that the file does not parse at all,
+/// and the key is read off the line.
+#[test]
+fn a_number_too_large_for_toml_names_its_key() {
+    let message = error("[server]\nlisten = \"127.0.0.1:8080\"\nthreads = 99999999999999999999\n");
+    assert!(
+        message.starts_with("test.toml:3:11: server.threads: a number past TOML's integers"),
+        "{message}"
+    );
+    let message = error("[store]\nmax_entries=99999999999999999999 # huge\n");
+    assert!(
+        message.starts_with("test.toml:2:13: store.max_entries: "),
+        "{message}"
+    );
+}
+
 #[test]
 fn syntax_error_has_line_and_column() {
     let message = error("[server]\nthreads = = 2\n");
