@@ -32,6 +32,7 @@ use crate::tls::ListenerCertificate;
 /// `upgrade`, it takes its listeners from the running proxy instead of
 /// binding them.
 pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
+    open_files_for(config.server.threads)?;
     let store_runtime = store_runtime()?;
     store_runtime.block_on(async { can_listen(&config, upgrade) })?;
     let store = store_runtime
@@ -155,6 +156,47 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     });
     // pingora returns only after its own backstop grace period.
     drop(store_runtime);
+    Ok(())
+}
+
+/// Files pingora opens per thread at start (a runtime per thread and
+/// service, each with its epoll and wake-up descriptors), with room.
+const FILES_PER_THREAD: u64 = 8;
+/// Files for everything else: the store, the listeners, the logs.
+const FILES_BESIDES_THREADS: u64 = 64;
+
+/// Raises the soft limit on open files to the hard one, as Go and nginx's
+/// `worker_rlimit_nofile` do, and refuses a thread count the limit cannot
+/// take: pingora panics when a thread's runtime cannot open its files.
+/// Under systemd the soft limit is 1024, which `threads = 0` on a machine
+/// of 128 CPUs passes.
+fn open_files_for(threads: usize) -> Result<(), String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given and keeps no pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Ok(());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given and keeps no pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let needed = FILES_BESIDES_THREADS + FILES_PER_THREAD * threads as u64;
+    if limit.rlim_cur != libc::RLIM_INFINITY && limit.rlim_cur < needed {
+        return Err(format!(
+            "server.threads = {threads} needs about {needed} open files to start, and this process \
+             may open {}; lower server.threads or raise the limit (LimitNOFILE= in systemd, ulimit -n)",
+            limit.rlim_cur
+        ));
+    }
     Ok(())
 }
 

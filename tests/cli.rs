@@ -111,6 +111,76 @@ fn run_exits_1_when_its_port_or_admin_port_is_taken() {
     }
 }
 
+/// `run -c PATH` with `threads` and the shell's `ulimit` (e.g. `-Sn 200`)
+/// on open files, its stderr piped.
+fn spawn_with_open_files_limit(
+    config: &ProxyConfig,
+    threads: u32,
+    ulimit: &str,
+) -> std::process::Child {
+    let path = config.write();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("threads = 2", &format!("threads = {threads}")),
+    )
+    .unwrap();
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit {ulimit} && exec \"$0\" run -c \"$1\""))
+        .arg(env!("CARGO_BIN_EXE_session-proxy"))
+        .arg(&path)
+        .env_remove("SESSION_PROXY_SECRET_KEYS")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn hard_open_files_limit() -> u64 {
+    let output = std::process::Command::new("sh")
+        .args(["-c", "ulimit -Hn"])
+        .output()
+        .unwrap();
+    stdout(&output).trim().parse().unwrap_or(u64::MAX)
+}
+
+/// pingora opens about 8 files per thread at start and panicked (exit
+/// 101) below that; systemd's soft limit of 1024 is passed by one thread
+/// per CPU on a large machine. The soft limit is raised to the hard one.
+#[test]
+fn run_raises_a_soft_open_files_limit_its_threads_pass() {
+    if hard_open_files_limit() < 2048 {
+        eprintln!("SKIPPED: the hard limit on open files is too low to raise to");
+        return;
+    }
+    let config = ProxyConfig::new(free_port());
+    let child = spawn_with_open_files_limit(&config, 40, "-Sn 200");
+    let mut proxy = Process {
+        child,
+        port: config.port,
+    };
+    wait_listening(config.port, &mut proxy.child);
+    wait_listening(config.admin_port, &mut proxy.child);
+}
+
+/// A hard limit it cannot raise is a message naming `server.threads` and
+/// exit 1, not a panic.
+#[test]
+fn run_exits_1_naming_threads_when_the_open_files_limit_is_too_low() {
+    let config = ProxyConfig::new(free_port());
+    let child = spawn_with_open_files_limit(&config, 40, "-n 200");
+    let output = child.wait_with_output().unwrap();
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert!(
+        message.contains("server.threads = 40 needs about") && message.contains("ulimit -n"),
+        "{message}"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", config.port)).is_err());
+}
+
 #[test]
 fn the_secret_can_come_from_the_environment() {
     let mut config = ProxyConfig::new(free_port());
