@@ -238,10 +238,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// so that tests need not change the process environment.
 pub fn load_with_env(path: &Path, env_keys: Option<&str>) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
-        message: format!(
-            "{}: cannot read the config file: {error}; create it (the repository's {DEFAULT_PATH} is a commented example) or pass -c FILE",
-            path.display()
-        ),
+        message: match error.kind() {
+            // The file is there: creating it is not the fix.
+            std::io::ErrorKind::InvalidData => format!(
+                "{}: the config file is not UTF-8 text; save it as UTF-8 (TOML is UTF-8)",
+                path.display()
+            ),
+            _ => format!(
+                "{}: cannot read the config file: {error}; create it (the repository's {DEFAULT_PATH} is a commented example) or pass -c FILE",
+                path.display()
+            ),
+        },
     })?;
     parse(&text, path, env_keys)
 }

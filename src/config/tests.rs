@@ -130,6 +130,22 @@ fn shipped_config_has_no_secret_of_its_own() {
 }
 
 #[test]
+fn a_file_that_is_not_utf8_is_named_as_such() {
+    let path =
+        std::env::temp_dir().join(format!("session-proxy-latin1-{}.toml", std::process::id()));
+    std::fs::write(&path, b"[session]\ncookie_name = \"caf\xe9\"\n").expect("temp file");
+    let message = load_with_env(&path, Some(KEY))
+        .expect_err("not UTF-8")
+        .message;
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        message.contains("is not UTF-8 text; save it as UTF-8"),
+        "{message}"
+    );
+    assert!(!message.contains("create it"), "{message}");
+}
+
+#[test]
 fn missing_file_names_the_path_and_the_fix() {
     let message = load_with_env(Path::new("/nonexistent/x.toml"), Some(KEY))
         .expect_err("no file")
