@@ -127,9 +127,13 @@ impl Log for Redacting {
 fn belongs_at_debug(record: &Record, line: &str) -> bool {
     let target = record.target();
     if record.level() == Level::Warn {
-        // A TLS client that left without taking the close_notify.
-        return target.starts_with("pingora_core::protocols::tls")
-            && line.starts_with("TLS shutdown failed");
+        // A TLS client that left without taking the close_notify; one whose
+        // ClientHello named the server by IP address (wrk, some health
+        // checkers and Java clients do it on every connection) or carried
+        // a malformed name: rustls parses SNI only on the server side.
+        return (target.starts_with("pingora_core::protocols::tls")
+            && line.starts_with("TLS shutdown failed"))
+            || (target.starts_with("rustls::msgs::handshake") && line.starts_with("Illegal SNI "));
     }
     if record.level() != Level::Error {
         return false;
@@ -268,6 +272,22 @@ mod tests {
         };
         let tls = "pingora_core::protocols::tls::rustls::server";
         assert!(record(Level::Warn, tls, "TLS shutdown failed, Broken pipe"));
+        let hello = "rustls::msgs::handshake";
+        assert!(record(
+            Level::Warn,
+            hello,
+            "Illegal SNI extension: ignoring IP address presented as hostname (3132372e302e302e31)"
+        ));
+        assert!(record(
+            Level::Warn,
+            hello,
+            "Illegal SNI hostname received \"a b\""
+        ));
+        assert!(!record(
+            Level::Warn,
+            hello,
+            "meaningless CertificateRequest message"
+        ));
         assert!(!record(
             Level::Warn,
             "session_proxy::proxy",
