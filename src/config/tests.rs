@@ -596,6 +596,21 @@ fn upstream_address_must_resolve() {
     assert!(message.contains("found \"no port\""), "{message}");
 }
 
+/// A port 0 upstream passed `check`, and every request was a 502.
+#[test]
+fn upstream_address_needs_a_port_to_connect_to() {
+    let text = "[upstream]\naddresses = [\"127.0.0.1:8000\", \"127.0.0.1:0\"]";
+    let message = parse(text, Path::new("test.toml"), Some(KEY))
+        .expect_err("port 0")
+        .message;
+    assert!(
+        message.starts_with(
+            "test.toml:2:32: upstream.addresses[1]: expected the app's port, found \"127.0.0.1:0\""
+        ),
+        "{message}"
+    );
+}
+
 #[test]
 fn upstream_hosts_are_kept_as_written_for_tls() {
     let text = "[upstream]\naddresses = [\"localhost:8000\", \"[::1]:8001\", \"127.0.0.1:8002\"]";

@@ -260,7 +260,15 @@ fn upstream(upstream: file::Upstream, src: &Source) -> Result<UpstreamConfig> {
         .map(|(index, address)| {
             let key = format!("upstream.addresses[{index}]");
             // `resolve` never returns an empty list.
-            Ok(resolve(src, &key, address)?[0])
+            let resolved = resolve(src, &key, address)?[0];
+            // Nothing listens on port 0: every request would be a 502.
+            if resolved.port() == 0 {
+                return Err(src.error(
+                    &key,
+                    format!("expected the app's port, found {address:?}: port 0 is no port to connect to"),
+                ));
+            }
+            Ok(resolved)
         })
         .collect::<Result<_>>()?;
 
