@@ -1022,6 +1022,19 @@ fn header_names_must_not_be_reserved() {
     assert!(error("[headers]\nupdate = \"Transfer-Encoding\"").contains("headers.update"));
 }
 
+/// `exp = iat + token_ttl` past i64 cannot be read by JWT libraries that
+/// hold claims in an i64: the app would refuse every token.
+#[test]
+fn token_ttl_is_at_most_a_year() {
+    let message = error("[headers]\ntoken_ttl = 9223372036854775807");
+    assert!(
+        message
+            .starts_with("test.toml:2:13: headers.token_ttl: expected at most 31536000 (a year)"),
+        "{message}"
+    );
+    config("[headers]\ntoken_ttl = 31536000").expect("a year is allowed");
+}
+
 #[test]
 fn token_ttl_is_at_least_five_seconds() {
     let message = error("[headers]\ntoken_ttl = 4");

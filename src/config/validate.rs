@@ -702,7 +702,10 @@ fn headers(headers: file::Headers, src: &Source) -> Result<HeaderConfig> {
         session: headers.session.to_ascii_lowercase(),
         update: headers.update.to_ascii_lowercase(),
         action: headers.action.to_ascii_lowercase(),
-        token_ttl: at_least(src, "headers.token_ttl", headers.token_ttl, MIN_TOKEN_TTL)?,
+        // At most a year: past i64, `exp` is a number many JWT libraries
+        // (Java's, .NET's, Go's int64 claims) cannot read, and every token
+        // would be refused.
+        token_ttl: seconds(src, "headers.token_ttl", headers.token_ttl, MIN_TOKEN_TTL)?,
     })
 }
 
@@ -827,7 +830,8 @@ fn at_least<T: PartialOrd + std::fmt::Display>(
 /// a deadline from now, and one past what the clock can hold would panic.
 const MAX_WAIT_SECONDS: u64 = 365 * 24 * 3600;
 
-/// A timeout or grace period of the server, upstream or store, in seconds.
+/// A timeout or grace period of the server, upstream or store, or the
+/// token's lifetime, in seconds.
 fn seconds(src: &Source, key: &str, value: u64, min: u64) -> Result<u64> {
     let value = at_least(src, key, value, min)?;
     if value > MAX_WAIT_SECONDS {
