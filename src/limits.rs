@@ -23,6 +23,20 @@
 //!
 //! pingora's own limits stay in force: a request head of at most 1 MiB and
 //! 256 header lines, or `400`. [`MAX_HEAD_BYTES`] is ours, and smaller.
+//!
+//! HTTP/2 (TLS listeners, `[server] http2`) multiplexes requests on one
+//! connection, so the phases are not the connection's: its bytes are
+//! read by the h2 codec, whichever stream they belong to. There
+//! [`ClockedStream`] follows the frames instead: a header block (HEADERS
+//! and CONTINUATION frames up to END_HEADERS, or a frame's 9-byte header,
+//! or the connection preface) begun and not finished within
+//! `header_timeout` closes the connection (no `408`: the connection
+//! speaks frames). Idle is pingora's: a connection with no stream open is
+//! closed after `keepalive_timeout` ([`h2_server_options`]); before its
+//! first byte, the stream's own idle clock. Each stream's response writes
+//! have `send_timeout` (pingora's write timeout, which covers waiting for
+//! the client's flow-control window), and every write of the connection
+//! as on HTTP/1.1. The size bounds are the h2 codec's ([`h2_options`]).
 
 use std::future::Future;
 use std::io;
@@ -32,8 +46,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerOptions, ServerApp};
 use pingora::http::RequestHeader;
+use pingora::protocols::http::v2::server::{default_h2_options, H2Options};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::TlsRef;
@@ -48,6 +63,39 @@ use tokio::time::{Instant, Sleep};
 /// The most a request head may hold, counting the request line and, per
 /// header, its name, its value and 4 bytes of `: ` and CRLF. Over it: 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Streams an HTTP/2 client may have open at once on one connection: each
+/// is a request in flight, with an upstream connection of its own. RFC
+/// 9113 recommends no fewer than 100; nginx allows 128.
+pub const H2_MAX_STREAMS: u32 = 100;
+
+/// What one HTTP/2 stream may hold of its response, written by the proxy
+/// and not yet taken by the client (h2's default is 400 KiB): at most
+/// [`H2_MAX_STREAMS`] times this per connection.
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
+/// The h2 codec's bounds for a client connection: [`H2_MAX_STREAMS`]; a
+/// decoded header list of at most [`MAX_HEAD_BYTES`] (RFC 7541 counts 32
+/// bytes per field where we count 4, so it is the tighter bound; over it,
+/// h2 answers `431` itself); the default flow-control windows (64 KiB a
+/// stream and a connection: what a client's request bodies may hold in
+/// the proxy); h2's defences against rapid resets and CONTINUATION floods.
+pub fn h2_options() -> H2Options {
+    let mut options = default_h2_options();
+    options
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_send_buffer_size(H2_SEND_BUFFER);
+    options
+}
+
+/// pingora's server options for HTTP/2: a connection with no stream open
+/// is closed after `keepalive_timeout`, as an idle HTTP/1.1 one is.
+pub fn h2_server_options(timeouts: ClientTimeouts) -> HttpServerOptions {
+    let mut options = HttpServerOptions::default();
+    options.h2_idle_timeout = Some(timeouts.keepalive);
+    options
+}
 
 /// The `[server]` timeouts that apply to every client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +200,8 @@ enum Phase {
 pub struct ClockedStream {
     inner: Stream,
     timeouts: ClientTimeouts,
+    /// On an HTTP/2 connection, where its frames are.
+    h2: Option<H2Frames>,
     /// Set from the proxy's phases through a shared reference.
     phase: Mutex<Phase>,
     /// Wakes a read that waits past the deadline.
@@ -168,9 +218,11 @@ const TIMEOUT_ANSWER: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: te
 
 impl ClockedStream {
     fn new(inner: Stream, timeouts: ClientTimeouts) -> ClockedStream {
+        let h2 = (inner.selected_alpn_proto() == Some(ALPN::H2)).then(H2Frames::new);
         ClockedStream {
             inner,
             timeouts,
+            h2,
             phase: Mutex::new(Phase::Idle(Instant::now())),
             timer: None,
             send_blocked: None,
@@ -248,6 +300,13 @@ impl ClockedStream {
         if !in_head {
             return Poll::Ready(Ok(())); // end of stream: pingora closes
         }
+        if self.h2.is_some() {
+            // A 408 in HTTP/1.1 would be garbage to an h2 client.
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "HTTP/2 header block not complete within header_timeout",
+            )));
+        }
         let inner = Pin::new(&mut self.inner);
         if let Poll::Ready(Ok(n)) = inner.poll_write(cx, TIMEOUT_ANSWER) {
             if n == TIMEOUT_ANSWER.len() {
@@ -268,6 +327,9 @@ impl AsyncRead for ClockedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.h2.is_some() {
+            return this.poll_read_frames(cx, buf);
+        }
         let Some((deadline, in_head)) = this.deadline() else {
             // The timer stays armed while the request is served (should it
             // fire meanwhile, it wakes the connection's task once, for
@@ -291,16 +353,145 @@ impl AsyncRead for ClockedStream {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {}
         }
-        let timer = this
+        this.wait_until(deadline, in_head, cx)
+    }
+}
+
+impl ClockedStream {
+    /// A read that found nothing: pending until `deadline`, then expired.
+    fn wait_until(
+        &mut self,
+        deadline: Instant,
+        in_head: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if timer.deadline() != deadline {
             timer.as_mut().reset(deadline);
         }
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => this.expire(in_head, cx),
+            Poll::Ready(()) => self.expire(in_head, cx),
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// A read of an HTTP/2 connection: the head clock runs while a header
+    /// block is under way, whichever stream it opens, and stops when it
+    /// ends; the connection is idle (pingora's clock) otherwise.
+    fn poll_read_frames(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let clock = self.deadline();
+        if let Some((deadline, in_head)) = clock {
+            if Instant::now() >= deadline {
+                return self.expire(in_head, cx);
+            }
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if let Some(frames) = self.h2.as_mut() {
+                    frames.read(&buf.filled()[before..]);
+                    let in_head = frames.in_head();
+                    match self.phase() {
+                        Phase::Head(_) if in_head => {}
+                        _ if in_head => self.set_phase(Phase::Head(Instant::now())),
+                        Phase::Serving => {}
+                        _ => self.set_phase(Phase::Serving),
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match clock {
+                Some((deadline, in_head)) => self.wait_until(deadline, in_head, cx),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// Where the client's side of an HTTP/2 connection is in its frames
+/// (RFC 9113 4.1), as far as the head clock needs: whether a header
+/// block, or the 9-byte header of any frame, or the preface, has begun
+/// and not ended. Bodies (DATA frames) are not heads: pingora bounds
+/// them, and the upstream's `read_timeout` a request waiting for one.
+#[derive(Debug)]
+struct H2Frames {
+    /// Bytes of the 24-byte connection preface still to come.
+    preface_left: usize,
+    /// The frame header being read, and how much of it has come.
+    header: [u8; 9],
+    header_len: usize,
+    /// Bytes of the current frame's payload still to come.
+    payload_left: usize,
+    /// Whether that payload is a header block fragment.
+    payload_is_head: bool,
+    /// A HEADERS or PUSH_PROMISE frame came without END_HEADERS: its
+    /// CONTINUATION frames are still to come.
+    block_open: bool,
+}
+
+impl H2Frames {
+    const PREFACE: usize = 24;
+
+    fn new() -> H2Frames {
+        H2Frames {
+            preface_left: H2Frames::PREFACE,
+            header: [0; 9],
+            header_len: 0,
+            payload_left: 0,
+            payload_is_head: false,
+            block_open: false,
+        }
+    }
+
+    fn read(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let taken = if self.preface_left > 0 {
+                let n = self.preface_left.min(bytes.len());
+                self.preface_left -= n;
+                n
+            } else if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                n
+            } else {
+                let n = (9 - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+                self.header_len += n;
+                if self.header_len == 9 {
+                    self.frame_begins();
+                }
+                n
+            };
+            bytes = &bytes[taken..];
+        }
+    }
+
+    fn frame_begins(&mut self) {
+        const HEADERS: u8 = 0x1;
+        const PUSH_PROMISE: u8 = 0x5;
+        const CONTINUATION: u8 = 0x9;
+        const END_HEADERS: u8 = 0x4;
+        let [l0, l1, l2, kind, flags, ..] = self.header;
+        self.header_len = 0;
+        self.payload_left = u32::from_be_bytes([0, l0, l1, l2]) as usize;
+        self.payload_is_head = matches!(kind, HEADERS | PUSH_PROMISE | CONTINUATION);
+        if self.payload_is_head {
+            self.block_open = flags & END_HEADERS == 0;
+        }
+    }
+
+    fn in_head(&self) -> bool {
+        (self.preface_left > 0 && self.preface_left < H2Frames::PREFACE)
+            || self.header_len > 0
+            || (self.payload_left > 0 && self.payload_is_head)
+            || self.block_open
     }
 }
 
@@ -420,5 +611,55 @@ impl std::fmt::Debug for ClockedStream {
             .field("inner", &self.inner)
             .field("phase", &self.phase())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::H2Frames;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let length = (payload.len() as u32).to_be_bytes();
+        let mut frame = vec![length[1], length[2], length[3], kind, flags, 0, 0, 0, 1];
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    #[test]
+    fn a_header_block_is_a_head_until_its_end_headers() {
+        let mut frames = H2Frames::new();
+        assert!(!frames.in_head(), "nothing came yet");
+        frames.read(&PREFACE[..10]);
+        assert!(frames.in_head(), "part of the preface");
+        frames.read(&PREFACE[10..]);
+        frames.read(&frame(0x4, 0, &[0; 6])); // SETTINGS
+        assert!(!frames.in_head());
+
+        let headers = frame(0x1, 0, b"abcdef"); // HEADERS, no END_HEADERS
+        frames.read(&headers[..4]);
+        assert!(frames.in_head(), "part of a frame header");
+        frames.read(&headers[4..11]);
+        assert!(frames.in_head(), "part of a header block");
+        frames.read(&headers[11..]);
+        assert!(frames.in_head(), "CONTINUATION still to come");
+        frames.read(&frame(0x9, 0x4, b"gh")); // CONTINUATION, END_HEADERS
+        assert!(!frames.in_head());
+    }
+
+    #[test]
+    fn a_body_is_no_head() {
+        let mut frames = H2Frames::new();
+        frames.read(PREFACE);
+        frames.read(&frame(0x1, 0x4, b"abc")); // HEADERS, END_HEADERS
+        assert!(!frames.in_head());
+        let data = frame(0x0, 0x1, &[7; 100]); // DATA
+        frames.read(&data[..50]);
+        assert!(!frames.in_head(), "half a DATA frame");
+        frames.read(&data[50..]);
+        let all_at_once = [frame(0x1, 0x4, b"x"), frame(0x0, 0x1, b"y")].concat();
+        frames.read(&all_at_once);
+        assert!(!frames.in_head());
     }
 }
