@@ -216,6 +216,26 @@ fn remove_pairs(request: &mut RequestHeader, name: &[u8], rest_len: usize) {
     let _ = request.insert_header("Cookie", rest);
 }
 
+/// Joins several `Cookie` headers into one, their values separated by
+/// `; ` (RFC 9113 8.2.3: an HTTP/2 client may send each cookie in a field
+/// of its own, and an HTTP/1.1 server reads one `Cookie` header). One
+/// header, or none, is left as it is.
+pub fn join_cookies(request: &mut RequestHeader) {
+    let mut all = request.headers.get_all(COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in request.headers.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Valid header values joined with "; ": it cannot be refused.
+    let _ = request.insert_header("Cookie", joined);
+}
+
 /// The `name=value` pairs of one `Cookie` header value, trimmed, empty ones skipped.
 fn pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
     header
@@ -384,6 +404,19 @@ mod tests {
             values(&request.headers, &COOKIE),
             vec![&b"a=1; b=2; c=3"[..]]
         );
+    }
+
+    #[test]
+    fn cookie_headers_are_joined_into_one() {
+        let mut request = request(&[("Cookie", "a=1"), ("Cookie", "b=2; c=3")]);
+        join_cookies(&mut request);
+        assert_eq!(
+            values(&request.headers, &COOKIE),
+            vec![&b"a=1; b=2; c=3"[..]]
+        );
+        let mut one = super::tests::request(&[("Cookie", "a=1")]);
+        join_cookies(&mut one);
+        assert_eq!(values(&one.headers, &COOKIE), vec![&b"a=1"[..]]);
     }
 
     #[test]

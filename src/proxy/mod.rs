@@ -67,6 +67,9 @@ struct Settings {
     tls: bool,
     /// `[upstream] reuse_after_body`.
     reuse_after_body: bool,
+    /// `[server] send_timeout`, for HTTP/2 streams, whose connection is
+    /// not the request's to clock.
+    send_timeout: Duration,
     bypass: Vec<String>,
     ignore_expiry: bool,
     expired_status: u16,
@@ -136,6 +139,7 @@ impl SessionProxy {
             trusted_proxies: config.server.trusted_proxies.clone(),
             tls: config.server.tls.is_some(),
             reuse_after_body: config.upstream.reuse_after_body,
+            send_timeout: Duration::from_secs(config.server.send_timeout),
             bypass: session.bypass.clone(),
             ignore_expiry: session.ignore_expiry,
             expired_status: session.expired_status,
@@ -373,6 +377,20 @@ fn may_leave_its_prefix(path: &str) -> bool {
         })
 }
 
+/// Whether an HTTP/2 request's `:path` may go to the app as the target of
+/// an HTTP/1.1 request line: it starts with `/` (or is `*`, for
+/// `OPTIONS`), as RFC 9113 8.3.1 requires. h2 and pingora refuse an empty
+/// one, control characters and absolute forms, but pass `x` or `?q`,
+/// which an app would resolve no one knows where, and the bypass prefixes
+/// would not see.
+fn is_origin_form(request: &RequestHeader) -> bool {
+    match request.raw_path() {
+        [b'/', ..] => true,
+        b"*" => request.method == http::Method::OPTIONS,
+        _ => false,
+    }
+}
+
 /// How long a shared store's lease outlives a proxy that crashed holding it.
 const LEASE_TTL: Duration = Duration::from_secs(5);
 
@@ -431,6 +449,13 @@ impl ProxyHttp for SessionProxy {
             if let ServerSession::H1(h1) = &mut *session.downstream_session {
                 h1.set_ignore_info_resp(true);
             }
+        } else if session.req_header().version == http::Version::HTTP_2 {
+            // Each stream's writes, the wait for its flow-control window
+            // included; HTTP/1.1's are set by `head_received`.
+            session.set_write_timeout(Some(self.settings.send_timeout));
+            if !is_origin_form(session.req_header()) {
+                return Err(Error::new(ErrorType::HTTPStatus(400)));
+            }
         }
         if limits::head_bytes(session.req_header()) > limits::MAX_HEAD_BYTES {
             return Err(Error::new(ErrorType::HTTPStatus(431)));
@@ -451,6 +476,11 @@ impl ProxyHttp for SessionProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let request = session.req_header_mut();
         self.settings.headers.strip_from(request);
+        // RFC 9113 8.2.3: an h2 client may split `Cookie` into one field per
+        // cookie; an HTTP/1.1 app gets them joined into one.
+        if request.version == http::Version::HTTP_2 {
+            headers::join_cookies(request);
+        }
         if self.is_bypassed(request.uri.path()) {
             self.metrics.requests_bypass.inc();
             headers::remove_cookie(request, &self.settings.cookie.name);
