@@ -130,10 +130,13 @@ fn belongs_at_debug(record: &Record, line: &str) -> bool {
         // A TLS client that left without taking the close_notify; one whose
         // ClientHello named the server by IP address (wrk, some health
         // checkers and Java clients do it on every connection) or carried
-        // a malformed name: rustls parses SNI only on the server side.
+        // a malformed name: rustls parses SNI only on the server side; an
+        // h2 client whose malformed requests used up its connection.
         return (target.starts_with("pingora_core::protocols::tls")
             && line.starts_with("TLS shutdown failed"))
-            || (target.starts_with("rustls::msgs::handshake") && line.starts_with("Illegal SNI "));
+            || (target.starts_with("rustls::msgs::handshake") && line.starts_with("Illegal SNI "))
+            || (target.starts_with("pingora_core::protocols::http::v2::server")
+                && line.starts_with("tearing down downstream h2 connection"));
     }
     if record.level() != Level::Error {
         return false;
@@ -149,6 +152,10 @@ fn belongs_at_debug(record: &Record, line: &str) -> bool {
     }
     if target.starts_with("pingora_core::server::transfer_fd") {
         return line.starts_with("No incoming socket transfer");
+    }
+    // A client that chose h2 in ALPN and then sent no valid preface.
+    if target == "pingora_core::apps" {
+        return line.starts_with("H2 handshake error");
     }
     target.starts_with("pingora_core::apps::http_app")
         && (line.starts_with("HTTP server fails to read from downstream")
@@ -329,6 +336,16 @@ mod tests {
             Level::Error,
             transfer,
             "Giving up reading socket from: /run/x.sock, error: EAGAIN"
+        ));
+        assert!(record(
+            Level::Error,
+            "pingora_core::apps",
+            "H2 handshake error HandshakeError context: while h2 handshaking with client"
+        ));
+        assert!(record(
+            Level::Warn,
+            "pingora_core::protocols::http::v2::server",
+            "tearing down downstream h2 connection after 32 malformed requests"
         ));
     }
 }
