@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::limits::{ClientTimeouts, Clocked, LAST_CALL};
+use crate::limits::{self, ClientTimeouts, Clocked, LAST_CALL};
 use crate::metrics::Metrics;
 use crate::proxy::SessionProxy;
 use crate::store::{self, Expiry, Store};
@@ -92,9 +92,15 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         keepalive: Duration::from_secs(config.server.keepalive_timeout),
         send: Duration::from_secs(config.server.send_timeout),
     };
+    let mut proxy_app = pingora::proxy::http_proxy(&pingora_conf, proxy);
+    // HTTP/2 only where ALPN can choose it: TLS listeners (no h2c).
+    if config.server.tls.is_some() && config.server.http2 {
+        proxy_app.server_options = Some(limits::h2_server_options(timeouts));
+        proxy_app.h2_options = Some(limits::h2_options());
+    }
     let mut proxy_service = pingora::services::listening::Service::new(
         "session-proxy".to_string(),
-        Clocked::new(pingora::proxy::http_proxy(&pingora_conf, proxy), timeouts),
+        Clocked::new(proxy_app, timeouts),
     );
     let certificate = match &config.server.tls {
         Some(files) => Some(ListenerCertificate::load(files)?),
@@ -115,7 +121,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
             Some(certificate) => proxy_service.add_tls_with_settings(
                 &address.to_string(),
                 None,
-                certificate.listener_settings()?,
+                certificate.listener_settings(config.server.http2)?,
             ),
             None => proxy_service.add_tcp(&address.to_string()),
         }

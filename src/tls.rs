@@ -60,13 +60,14 @@ impl ListenerCertificate {
     }
 
     /// pingora's settings for a listener with this certificate: TLS 1.2
-    /// and 1.3, HTTP/1.1 in ALPN. HTTP/2 is not offered: the session work,
-    /// the client clocks and their tests are HTTP/1.1's (README).
-    pub fn listener_settings(self: &Arc<Self>) -> Result<TlsSettings, String> {
+    /// and 1.3; in ALPN `h2` and `http/1.1` with `http2` (`[server]
+    /// http2`), else `http/1.1` alone. A client that offers no ALPN, or
+    /// not `h2`, speaks HTTP/1.1.
+    pub fn listener_settings(self: &Arc<Self>, http2: bool) -> Result<TlsSettings, String> {
         // The paths stay empty: pingora reads no file once a resolver is set.
         let mut settings = TlsSettings::intermediate("", "").map_err(|e| e.to_string())?;
         settings.set_cert_resolver(self.clone());
-        settings.set_alpn(ALPN::H1);
+        settings.set_alpn(if http2 { ALPN::H2H1 } else { ALPN::H1 });
         Ok(settings)
     }
 }

@@ -8,82 +8,15 @@ mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use support::test_ca::TestCa;
 use support::*;
-
-/// A CA of the test's own, and the PEM files of certificates it signed.
-struct TestCa {
-    dir: TempDir,
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl TestCa {
-    fn new() -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "session-proxy test CA");
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let dir = TempDir::new("tls");
-        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
-        TestCa { dir, cert, key }
-    }
-
-    fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// A server certificate for `names` (DNS names or IP addresses), as
-    /// `(cert.pem, key.pem)` paths.
-    fn issue(&self, tag: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        self.issue_until(tag, names, (4096, 1, 1))
-    }
-
-    /// The same, valid until the start of `(year, month, day)`, UTC.
-    fn issue_until(
-        &self,
-        tag: &str,
-        names: &[&str],
-        (year, month, day): (i32, u8, u8),
-    ) -> (PathBuf, PathBuf) {
-        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.not_after = rcgen::date_time_ymd(year, month, day);
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        let cert_path = self.dir.path().join(format!("{tag}.pem"));
-        let key_path = self.dir.path().join(format!("{tag}.key"));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path, key_path)
-    }
-
-    /// A client that trusts this CA only, offering `alpn`.
-    fn client(&self, alpn: &[&[u8]]) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(self.cert.der().to_vec()))
-            .unwrap();
-        let mut config =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(config)
-    }
-}
 
 fn path_text(path: &Path) -> String {
     format!("{:?}", path.display().to_string())
@@ -167,10 +100,10 @@ fn an_https_listener_serves_sessions() {
 }
 
 #[test]
-fn the_https_listener_offers_http_1_1_only() {
+fn with_http2_off_the_https_listener_offers_http_1_1_only() {
     let ca = TestCa::new();
     let upstream = start_upstream();
-    let config = https_proxy(&ca, upstream.port);
+    let config = https_proxy(&ca, upstream.port).server("http2 = false");
     let _proxy = config.start();
 
     let stream = connect(ca.client(&[b"h2", b"http/1.1"]), config.port);

@@ -31,6 +31,7 @@ pub(super) struct Server {
     pub keepalive_timeout: u64,
     pub send_timeout: u64,
     pub upgrade_sock: String,
+    pub http2: bool,
 }
 
 impl Default for Server {
@@ -47,6 +48,7 @@ impl Default for Server {
             keepalive_timeout: 60,
             send_timeout: 60,
             upgrade_sock: String::new(),
+            http2: true,
         }
     }
 }

@@ -78,6 +78,9 @@ pub struct ServerConfig {
     /// Where a new process started with `run --upgrade` waits for the
     /// listening sockets of this one (`None`: no upgrades).
     pub upgrade_sock: Option<PathBuf>,
+    /// Whether the TLS listeners offer HTTP/2 (`h2`) in ALPN besides
+    /// HTTP/1.1. Plain listeners speak HTTP/1.1 only, whatever it says.
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -53,6 +53,7 @@ fn absent_sections_take_the_spec_defaults() {
     assert_eq!((server.header_timeout, server.keepalive_timeout), (10, 60));
     assert_eq!(server.send_timeout, 60);
     assert!(server.upgrade_sock.is_none());
+    assert!(server.http2);
 
     let upstream = &config.upstream;
     assert_eq!(upstream.addresses, vec![addr("127.0.0.1:8000")]);

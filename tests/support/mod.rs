@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod redis_server;
+pub mod test_ca;
 #[allow(unused_imports)] // used by some of the test crates that include this module
 pub use redis_server::redis_server_installed;
 
