@@ -1,0 +1,1018 @@
+//! HTTP/2 to clients on the TLS listeners (`[server] http2`), end to end.
+//! The app still gets HTTP/1.1: every session behaviour must hold over h2,
+//! and every h2 request must reach the app as exactly one well-framed
+//! HTTP/1.1 request, or not at all.
+//!
+//! Two clients: the `h2` crate (over tokio-rustls), a real client for
+//! well-formed requests; and a raw one that writes frames byte by byte,
+//! for what no h2 library would send (connection headers, upper-case
+//! names, CR in a value).
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
+use support::test_ca::TestCa;
+use support::*;
+
+/// An HTTPS proxy with a certificate for 127.0.0.1, in front of `upstream_port`.
+fn https_proxy(ca: &TestCa, upstream_port: u16) -> ProxyConfig {
+    let (cert, key) = ca.issue("proxy", &["localhost", "127.0.0.1"]);
+    ProxyConfig::new(upstream_port)
+        .server(&format!("tls_cert = {:?}", cert.display().to_string()))
+        .server(&format!("tls_key = {:?}", key.display().to_string()))
+        .session("secure = true")
+}
+
+// ---- the h2 crate's client ----
+
+type H2 = h2::client::SendRequest<Bytes>;
+
+/// An h2 connection to the proxy; the connection's task runs beside.
+async fn h2_connect(ca: &TestCa, port: u16) -> (H2, tokio::task::JoinHandle<()>) {
+    h2_connect_with(ca, port, h2::client::Builder::new()).await
+}
+
+async fn h2_connect_with(
+    ca: &TestCa,
+    port: u16,
+    builder: h2::client::Builder,
+) -> (H2, tokio::task::JoinHandle<()>) {
+    let connector = tokio_rustls::TlsConnector::from(ca.client(&[b"h2", b"http/1.1"]));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, connection) = builder.handshake(tls).await.expect("h2 handshake");
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (send, task)
+}
+
+/// One request on `h2`; the response read whole.
+async fn h2_request(
+    h2: &H2,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Response, h2::Error> {
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("https://127.0.0.1{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut h2 = h2.clone().ready().await?;
+    let (answer, mut send_body) = h2.send_request(request.body(()).unwrap(), body.is_empty())?;
+    if !body.is_empty() {
+        send_body.send_data(Bytes::copy_from_slice(body), true)?;
+    }
+    let answer = answer.await?;
+    let status = answer.status().as_u16();
+    let headers = answer
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+        .collect();
+    let mut stream = answer.into_body();
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.data().await {
+        let chunk = chunk?;
+        let _ = stream.flow_control().release_capacity(chunk.len());
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+async fn h2_get(h2: &H2, path: &str, headers: &[(&str, &str)]) -> Response {
+    h2_request(h2, "GET", path, headers, b"")
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} over h2: {e}"))
+}
+
+// ---- a raw client: frames as the test writes them ----
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+/// What became of a stream of the raw client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Status(u16),
+    Reset(u32),
+    GoAway(u32),
+    Closed,
+}
+
+struct RawH2 {
+    stream: StreamOwned<ClientConnection, TcpStream>,
+    /// The server's SETTINGS, as (identifier, value).
+    settings: Vec<(u16, u32)>,
+}
+
+impl RawH2 {
+    fn connect(ca: &TestCa, port: u16) -> RawH2 {
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let connection = ClientConnection::new(ca.client(&[b"h2"]), name).unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut stream = StreamOwned::new(connection, tcp);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock).unwrap();
+        }
+        assert_eq!(stream.conn.alpn_protocol(), Some(&b"h2"[..]));
+        let mut raw = RawH2 {
+            stream,
+            settings: Vec::new(),
+        };
+        raw.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        raw.frame(SETTINGS, 0, 0, &[]);
+        raw
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+        let _ = self.stream.flush();
+    }
+
+    fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let length = (payload.len() as u32).to_be_bytes();
+        let mut frame = vec![length[1], length[2], length[3], kind, flags];
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        self.write(&frame);
+    }
+
+    /// A request head of `fields` (pseudo-headers first, as given), as
+    /// literals without indexing, split over CONTINUATION frames of 16 KiB.
+    fn headers(&mut self, stream: u32, fields: &[(&[u8], &[u8])], end_stream: bool) {
+        let mut block = Vec::new();
+        for (name, value) in fields {
+            block.push(0x00);
+            hpack_string(&mut block, name);
+            hpack_string(&mut block, value);
+        }
+        let mut chunks = block.chunks(16_384).peekable();
+        let mut kind = HEADERS;
+        let mut flags = if end_stream { END_STREAM } else { 0 };
+        while let Some(chunk) = chunks.next() {
+            if chunks.peek().is_none() {
+                flags |= END_HEADERS;
+            }
+            self.frame(kind, flags, stream, chunk);
+            kind = CONTINUATION;
+            flags = 0;
+        }
+    }
+
+    /// A GET of `path` on stream 1 with `extra` fields, ended.
+    fn get(&mut self, path: &str, extra: &[(&[u8], &[u8])]) -> Outcome {
+        let mut fields: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":authority", b"127.0.0.1"),
+            (b":path", path.as_bytes()),
+        ];
+        fields.extend_from_slice(extra);
+        self.headers(1, &fields, true);
+        self.outcome(1)
+    }
+
+    fn next_frame(&mut self) -> Option<(u8, u8, u32, Vec<u8>)> {
+        let mut head = [0u8; 9];
+        self.stream.read_exact(&mut head).ok()?;
+        let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; length];
+        self.stream.read_exact(&mut payload).ok()?;
+        if head[3] == SETTINGS && head[4] & 0x1 == 0 {
+            for setting in payload.chunks(6) {
+                let id = u16::from_be_bytes([setting[0], setting[1]]);
+                let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+                self.settings.push((id, value));
+            }
+        }
+        Some((head[3], head[4], stream, payload))
+    }
+
+    /// Reads frames until stream `id` is answered or reset, or the
+    /// connection ends.
+    fn outcome(&mut self, id: u32) -> Outcome {
+        while let Some((kind, flags, stream, payload)) = self.next_frame() {
+            match kind {
+                HEADERS if stream == id => {
+                    let padded = flags & 0x8 != 0;
+                    let block = &payload[usize::from(padded)..];
+                    return Outcome::Status(hpack_status(block));
+                }
+                RST_STREAM if stream == id => {
+                    return Outcome::Reset(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+                }
+                GOAWAY => {
+                    return Outcome::GoAway(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+                }
+                _ => {}
+            }
+        }
+        Outcome::Closed
+    }
+
+    /// Whether the proxy closes the connection within `within`.
+    fn closed_within(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        self.stream
+            .sock
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+}
+
+const PROTOCOL_ERROR: u32 = 0x1;
+
+fn hpack_int(out: &mut Vec<u8>, mut value: usize, prefix_bits: u32, first: u8) {
+    let max = (1usize << prefix_bits) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128 + 128) as u8);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+fn hpack_string(out: &mut Vec<u8>, text: &[u8]) {
+    hpack_int(out, text.len(), 7, 0);
+    out.extend_from_slice(text);
+}
+
+/// The `:status` of a response's header block, as h2's encoder writes it:
+/// an index into the static table, or a literal with the name `:status`
+/// (static index 8) and a Huffman-coded value.
+fn hpack_status(block: &[u8]) -> u16 {
+    match block[0] {
+        0x88 => 200,
+        0x89 => 204,
+        0x8a => 206,
+        0x8b => 304,
+        0x8c => 400,
+        0x8d => 404,
+        0x8e => 500,
+        0x48 | 0x08 | 0x18 => {
+            let length = usize::from(block[1] & 0x7f);
+            let value = &block[2..2 + length];
+            let digits = match block[1] & 0x80 {
+                0 => String::from_utf8(value.to_vec()).unwrap(),
+                _ => huffman_digits(value),
+            };
+            digits.parse().unwrap()
+        }
+        other => panic!("unexpected :status encoding {other:#x}"),
+    }
+}
+
+/// Three digits in HPACK's Huffman code (RFC 7541 appendix B): `0`-`2`
+/// are 5 bits (0-2), `3`-`9` 6 bits (0x19-0x1f).
+fn huffman_digits(bytes: &[u8]) -> String {
+    let bit = |i: usize| (bytes[i / 8] >> (7 - i % 8)) & 1;
+    let mut at = 0;
+    let mut digits = String::new();
+    while digits.len() < 3 {
+        let five = (0..5).fold(0u8, |v, i| v << 1 | bit(at + i));
+        at += 5;
+        let digit = match five {
+            0..=2 => five,
+            _ => {
+                let six = five << 1 | bit(at);
+                at += 1;
+                six - 0x19 + 3
+            }
+        };
+        digits.push(char::from(b'0' + digit));
+    }
+    digits
+}
+
+// ---- an upstream that keeps the bytes of each connection ----
+
+/// Answers each request `200 ok`, keeping every byte each connection sent.
+struct Recorder {
+    port: u16,
+    conns: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Recorder {
+    fn start() -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let shared = conns.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let index = {
+                    let mut conns = shared.lock().unwrap();
+                    conns.push(Vec::new());
+                    conns.len() - 1
+                };
+                let shared = shared.clone();
+                std::thread::spawn(move || record(stream, index, shared));
+            }
+        });
+        Recorder { port, conns }
+    }
+
+    /// The bytes of each connection, as text.
+    fn connections(&self) -> Vec<String> {
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .map(|raw| String::from_utf8_lossy(raw).into_owned())
+            .collect()
+    }
+
+    fn all(&self) -> String {
+        self.connections().concat()
+    }
+}
+
+fn record(mut stream: TcpStream, index: usize, conns: Arc<Mutex<Vec<Vec<u8>>>>) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        conns.lock().unwrap()[index].extend_from_slice(&buf[..n]);
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(used) = complete_request(&pending) {
+            let close = String::from_utf8_lossy(&pending[..used])
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close");
+            pending.drain(..used);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            if close {
+                return;
+            }
+        }
+    }
+}
+
+/// The length of the first request in `raw`, once it has all come.
+fn complete_request(raw: &[u8]) -> Option<usize> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let body = &raw[end..];
+    if head.contains("\r\ntransfer-encoding: chunked") {
+        let last = body.windows(5).position(|w| w == b"0\r\n\r\n")?;
+        return Some(end + last + 5);
+    }
+    let length = head
+        .split("\r\n")
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .map_or(0, |n| n.trim().parse::<usize>().unwrap());
+    (body.len() >= length).then_some(end + length)
+}
+
+/// The header lines of the first request in `raw`, as `name: value`.
+fn head_lines(raw: &str) -> Vec<String> {
+    let head = raw.split("\r\n\r\n").next().unwrap();
+    head.split("\r\n").skip(1).map(str::to_string).collect()
+}
+
+fn named<'a>(lines: &'a [String], name: &str) -> Vec<&'a str> {
+    lines
+        .iter()
+        .filter_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+        .collect()
+}
+
+// ---- ALPN ----
+
+#[test]
+fn the_https_listener_offers_h2_and_http_1_1() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port);
+    let _proxy = config.start();
+
+    let h2 = RawH2::connect(&ca, config.port);
+    assert_eq!(h2.stream.conn.alpn_protocol(), Some(&b"h2"[..]));
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut h1 = ClientConnection::new(ca.client(&[b"http/1.1"]), name).unwrap();
+    let mut tcp = TcpStream::connect(("127.0.0.1", config.port)).unwrap();
+    while h1.is_handshaking() {
+        h1.complete_io(&mut tcp).unwrap();
+    }
+    assert_eq!(h1.alpn_protocol(), Some(&b"http/1.1"[..]));
+}
+
+#[test]
+fn prior_knowledge_h2c_on_a_plain_listener_is_refused() {
+    let recorder = Recorder::start();
+    let config = ProxyConfig::new(recorder.port);
+    let _proxy = config.start();
+
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend_from_slice(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]);
+    let answer = raw_exchange(config.port, &preface, Duration::from_secs(5));
+    // An HTTP/1.1 refusal: never a SETTINGS frame.
+    assert_eq!(raw_status(&answer), Some(400), "{answer:?}");
+    assert!(recorder.all().is_empty(), "{}", recorder.all());
+}
+
+// ---- the session work over h2 ----
+
+#[tokio::test]
+async fn sessions_work_over_h2() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+
+    let first = h2_get(&h2, "/count", &[]).await;
+    assert_eq!((first.status, first.text().as_str()), (200, "1"));
+    let cookie = first.set_cookie("session_id").expect("a session cookie");
+    assert!(first.header("set-cookie").unwrap().contains("; Secure"));
+    assert!(first.header("x-session-update").is_none());
+
+    let jar = format!("session_id={cookie}");
+    let second = h2_get(&h2, "/count", &[("cookie", &jar)]).await;
+    assert_eq!(second.text(), "2");
+    let seen = h2_get(&h2, "/x", &[("cookie", &jar)]).await;
+    assert_eq!(seen.session()["data"]["count"], 2);
+    assert_eq!(
+        seen.upstream_header("x-forwarded-proto").as_deref(),
+        Some("https")
+    );
+    assert_eq!(
+        seen.upstream_header("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(seen.upstream_header("host").as_deref(), Some("127.0.0.1"));
+    assert!(seen.upstream_header("cookie").is_none(), "{seen:?}");
+}
+
+#[tokio::test]
+async fn split_cookie_fields_reach_the_app_as_one_header_without_the_session_cookie() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port).session(r#"bypass = ["/static/"]"#);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+    let cookie = h2_get(&h2, "/count", &[])
+        .await
+        .set_cookie("session_id")
+        .unwrap();
+    let jar = format!("session_id={cookie}");
+
+    // The session cookie in the middle field of three.
+    let fields = [("cookie", "a=1"), ("cookie", &jar), ("cookie", "b=2; c=3")];
+    let counted = h2_get(&h2, "/count", &fields).await;
+    assert_eq!(counted.text(), "2", "the session cookie was not found");
+    let seen = h2_get(&h2, "/x", &fields).await;
+    let cookies: Vec<String> = seen
+        .upstream_headers()
+        .into_iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    assert_eq!(seen.session()["data"]["count"], 2);
+
+    // Without the session cookie, and on a bypassed path.
+    for path in ["/x", "/static/x"] {
+        let seen = h2_get(&h2, path, &[("cookie", "a=1"), ("cookie", "b=2")]).await;
+        let cookies: Vec<String> = seen
+            .upstream_headers()
+            .into_iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(cookies, ["a=1; b=2"], "{path}");
+    }
+    let bypassed = h2_get(&h2, "/static/x", &[("cookie", "a=1"), ("cookie", &jar)]).await;
+    assert_eq!(
+        bypassed.upstream_header("cookie").as_deref(),
+        Some("a=1"),
+        "the session cookie reached a bypassed path"
+    );
+    assert!(bypassed.session().is_null());
+}
+
+#[tokio::test]
+async fn instructions_are_applied_and_stripped_over_h2() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+
+    let first = h2_get(&h2, "/x", &[("x-test-update", r#"{"user":"ann"}"#)]).await;
+    let cookie = first.set_cookie("session_id").unwrap();
+    assert!(first.header("x-session-update").is_none());
+    let jar = format!("session_id={cookie}");
+
+    let regenerated = h2_get(
+        &h2,
+        "/x",
+        &[("cookie", &jar), ("x-test-action", "regenerate")],
+    )
+    .await;
+    assert!(regenerated.header("x-session-action").is_none());
+    let renewed = regenerated.set_cookie("session_id").unwrap();
+    assert!(!renewed.is_empty() && renewed != cookie);
+    let jar = format!("session_id={renewed}");
+    let seen = h2_get(&h2, "/x", &[("cookie", &jar)]).await;
+    assert_eq!(seen.session()["data"]["user"], "ann");
+
+    let killed = h2_get(&h2, "/x", &[("cookie", &jar), ("x-test-action", "kill")]).await;
+    assert_eq!(killed.set_cookie("session_id").as_deref(), Some(""));
+    let after = h2_get(&h2, "/x", &[("cookie", &jar)]).await;
+    assert_eq!(after.session()["new"], true);
+
+    let invalid = h2_get(&h2, "/x", &[("x-test-update", "[1]")]).await;
+    assert_eq!(invalid.status, 502);
+}
+
+#[tokio::test]
+async fn an_expired_session_gets_the_expired_answer_over_h2() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port)
+        .session("ignore_expiry = false")
+        .session("expired_status = 403");
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+    let cookie = h2_get(&h2, "/count", &[])
+        .await
+        .set_cookie("session_id")
+        .unwrap();
+    // A session gone from the store has expired.
+    for path in stored_files(&config.sessions_dir()) {
+        std::fs::remove_file(path).unwrap();
+    }
+    let expired = h2_get(
+        &h2,
+        "/count",
+        &[("cookie", &format!("session_id={cookie}"))],
+    )
+    .await;
+    assert_eq!(
+        (expired.status, expired.text().as_str()),
+        (403, "Session expired")
+    );
+    assert_eq!(expired.set_cookie("session_id").as_deref(), Some(""));
+    assert_eq!(expired.header("cache-control"), Some("no-store"));
+}
+
+#[tokio::test]
+async fn spoofed_session_headers_are_stripped_over_h2() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port).session(r#"bypass = ["/static/"]"#);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+    let spoofs = [
+        ("x-session", "forged"),
+        ("x_session", "forged"),
+        ("x-session-update", "{}"),
+        ("x_session_action", "kill"),
+        ("x_forwarded_for", "6.6.6.6"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "http"),
+    ];
+    for path in ["/x", "/static/x"] {
+        let seen = h2_get(&h2, path, &spoofs).await;
+        let headers = seen.upstream_headers();
+        let names: Vec<String> = headers
+            .iter()
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect();
+        for spoof in [
+            "x_session",
+            "x-session-update",
+            "x_session_action",
+            "x_forwarded_for",
+        ] {
+            assert!(!names.contains(&spoof.to_string()), "{path}: {spoof}");
+        }
+        let tokens: Vec<&String> = headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("x-session"))
+            .map(|(_, v)| v)
+            .collect();
+        match path {
+            "/x" => assert!(tokens.len() == 1 && tokens[0] != "forged", "{tokens:?}"),
+            _ => assert!(tokens.is_empty(), "{tokens:?}"),
+        }
+        assert_eq!(
+            seen.upstream_header("x-forwarded-for").as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(
+            seen.upstream_header("x-forwarded-proto").as_deref(),
+            Some("https")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_path_that_could_leave_its_bypass_prefix_gets_the_session_over_h2() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port).session(r#"bypass = ["/static/"]"#);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+
+    assert!(h2_get(&h2, "/static/app.css", &[])
+        .await
+        .session()
+        .is_null());
+    for path in [
+        "/static/../admin",
+        "/static/%2e%2e/admin",
+        "/static/..;/admin",
+    ] {
+        let seen = h2_get(&h2, path, &[]).await;
+        assert_eq!(seen.json()["path"], path, "the path was changed");
+        assert!(!seen.session().is_null(), "{path} was bypassed");
+    }
+}
+
+// ---- the h2 -> HTTP/1.1 downgrade ----
+
+#[tokio::test]
+async fn a_body_reaches_the_app_with_one_framing_and_connection_close() {
+    let ca = TestCa::new();
+    let recorder = Recorder::start();
+    let config = https_proxy(&ca, recorder.port);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+
+    let sized = h2_request(&h2, "POST", "/a", &[("content-length", "5")], b"hello")
+        .await
+        .unwrap();
+    assert_eq!(sized.status, 200);
+    let unsized_ = h2_request(&h2, "POST", "/b", &[], b"world").await.unwrap();
+    assert_eq!(unsized_.status, 200);
+    let head = h2_request(&h2, "HEAD", "/c", &[], b"").await.unwrap();
+    assert_eq!(head.status, 200);
+
+    let conns = recorder.connections();
+    assert_eq!(conns.len(), 3, "{conns:?}");
+    let sized = &conns[0];
+    assert!(sized.starts_with("POST /a HTTP/1.1\r\n"), "{sized}");
+    let lines = head_lines(sized);
+    assert_eq!(named(&lines, "content-length"), ["5"], "{sized}");
+    assert!(named(&lines, "transfer-encoding").is_empty(), "{sized}");
+    assert_eq!(named(&lines, "connection"), ["close"], "{sized}");
+    assert!(sized.ends_with("\r\n\r\nhello"), "{sized}");
+
+    let unsized_ = &conns[1];
+    let lines = head_lines(unsized_);
+    assert_eq!(
+        named(&lines, "transfer-encoding"),
+        ["chunked"],
+        "{unsized_}"
+    );
+    assert!(named(&lines, "content-length").is_empty(), "{unsized_}");
+    assert_eq!(named(&lines, "connection"), ["close"], "{unsized_}");
+    assert!(
+        unsized_.ends_with("\r\n\r\n5\r\nworld\r\n0\r\n\r\n"),
+        "{unsized_}"
+    );
+
+    let head = &conns[2];
+    assert!(head.starts_with("HEAD /c HTTP/1.1\r\n"), "{head}");
+    assert_eq!(named(&head_lines(head), "connection"), ["close"], "{head}");
+}
+
+#[tokio::test]
+async fn a_content_length_the_data_frames_disagree_with_never_frames_a_request() {
+    let ca = TestCa::new();
+    let recorder = Recorder::start();
+    // Pooled connections after a body: a short body must still not be
+    // followed by anything on that connection.
+    let config = https_proxy(&ca, recorder.port).upstream("reuse_after_body = true");
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+
+    let short = h2_request(&h2, "POST", "/short", &[("content-length", "10")], b"12345").await;
+    let long = h2_request(
+        &h2,
+        "POST",
+        "/long",
+        &[("content-length", "3")],
+        b"1234567890",
+    )
+    .await;
+    for (what, outcome) in [("short", short), ("long", long)] {
+        let reason = outcome.err().and_then(|e| e.reason());
+        assert_eq!(reason, Some(h2::Reason::PROTOCOL_ERROR), "{what} body");
+    }
+    let next = h2_get(&h2, "/next", &[]).await;
+    assert_eq!(next.status, 200);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conns = recorder.connections();
+    for path in ["/short", "/long"] {
+        let Some(conn) = conns.iter().find(|c| c.contains(path)) else {
+            continue; // refused before the app was called: fine too
+        };
+        // The head alone: not a byte of a body that disagrees with its
+        // length, and the connection not reused for /next.
+        assert!(conn.ends_with("\r\n\r\n"), "{conn:?}");
+        assert!(!conn.contains("/next"), "reused after {path}: {conn:?}");
+    }
+}
+
+#[test]
+fn connection_specific_headers_are_refused_and_never_reach_the_app() {
+    let ca = TestCa::new();
+    let recorder = Recorder::start();
+    let config = https_proxy(&ca, recorder.port);
+    let _proxy = config.start();
+
+    let fields: [(&[u8], &[u8]); 6] = [
+        (b"transfer-encoding", b"chunked"),
+        (b"connection", b"keep-alive"),
+        (b"keep-alive", b"timeout=5"),
+        (b"upgrade", b"websocket"),
+        (b"proxy-connection", b"keep-alive"),
+        (b"te", b"gzip"),
+    ];
+    for field in fields {
+        let mut h2 = RawH2::connect(&ca, config.port);
+        let outcome = h2.get("/x", &[field]);
+        assert_eq!(outcome, Outcome::Reset(PROTOCOL_ERROR), "{field:?}");
+    }
+    assert!(recorder.all().is_empty(), "{}", recorder.all());
+}
+
+#[test]
+fn malformed_names_and_values_are_refused_and_never_reach_the_app() {
+    let ca = TestCa::new();
+    let recorder = Recorder::start();
+    let config = https_proxy(&ca, recorder.port);
+    let _proxy = config.start();
+
+    let fields: [(&[u8], &[u8]); 5] = [
+        (b"X-Upper", b"1"),
+        (b"x-cr", b"a\rb"),
+        (b"x-lf", b"a\r\nx-injected: 1"),
+        (b"x-nul", b"a\0b"),
+        (b"x sp", b"1"),
+    ];
+    for field in fields {
+        let mut h2 = RawH2::connect(&ca, config.port);
+        let outcome = h2.get("/x", &[field]);
+        assert!(
+            matches!(
+                outcome,
+                Outcome::GoAway(_) | Outcome::Reset(_) | Outcome::Closed
+            ),
+            "{field:?}: {outcome:?}"
+        );
+    }
+    assert!(recorder.all().is_empty(), "{}", recorder.all());
+}
+
+#[test]
+fn the_app_gets_the_authority_as_host_and_a_disagreeing_host_is_refused() {
+    let ca = TestCa::new();
+    let recorder = Recorder::start();
+    let config = https_proxy(&ca, recorder.port);
+    let _proxy = config.start();
+
+    let mut h2 = RawH2::connect(&ca, config.port);
+    assert_eq!(
+        h2.get("/x", &[(b"host", b"evil.example")]),
+        Outcome::Status(400)
+    );
+    assert!(recorder.all().is_empty(), "{}", recorder.all());
+
+    let mut h2 = RawH2::connect(&ca, config.port);
+    assert_eq!(
+        h2.get("/agree", &[(b"host", b"127.0.0.1")]),
+        Outcome::Status(200)
+    );
+    let mut h2 = RawH2::connect(&ca, config.port);
+    let host_only: [(&[u8], &[u8]); 5] = [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":path", b"/host-only"),
+        (b"host", b"app.example"),
+        (b"x-a", b"1"),
+    ];
+    h2.headers(1, &host_only, true);
+    assert_eq!(h2.outcome(1), Outcome::Status(200));
+
+    let all = recorder.all();
+    let agree = &all[all.find("GET /agree").unwrap()..];
+    assert_eq!(named(&head_lines(agree), "host"), ["127.0.0.1"], "{all}");
+    let host_only = &all[all.find("GET /host-only").unwrap()..];
+    assert_eq!(
+        named(&head_lines(host_only), "host"),
+        ["app.example"],
+        "{all}"
+    );
+}
+
+#[test]
+fn a_path_not_starting_with_a_slash_is_refused() {
+    let ca = TestCa::new();
+    let recorder = Recorder::start();
+    let config = https_proxy(&ca, recorder.port).session(r#"bypass = ["/static/"]"#);
+    let _proxy = config.start();
+
+    for path in ["x", "static/x", "?a=1", "*", "http://127.0.0.1/x"] {
+        let mut h2 = RawH2::connect(&ca, config.port);
+        let outcome = h2.get(path, &[]);
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Status(400) | Outcome::Reset(PROTOCOL_ERROR)
+            ),
+            "{path}: {outcome:?}"
+        );
+    }
+    assert!(recorder.all().is_empty(), "{}", recorder.all());
+}
+
+// ---- limits ----
+
+#[test]
+fn the_h2_limits_are_announced_and_a_huge_header_list_is_431() {
+    let ca = TestCa::new();
+    let recorder = Recorder::start();
+    let config = https_proxy(&ca, recorder.port);
+    let _proxy = config.start();
+
+    let mut h2 = RawH2::connect(&ca, config.port);
+    let big = vec![b'a'; 70 * 1024];
+    let outcome = h2.get("/x", &[(b"x-big", &big)]);
+    assert_eq!(outcome, Outcome::Status(431));
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    const MAX_HEADER_LIST_SIZE: u16 = 0x6;
+    assert!(
+        h2.settings.contains(&(MAX_CONCURRENT_STREAMS, 100)),
+        "{:?}",
+        h2.settings
+    );
+    assert!(
+        h2.settings.contains(&(MAX_HEADER_LIST_SIZE, 65536)),
+        "{:?}",
+        h2.settings
+    );
+
+    assert!(recorder.all().is_empty());
+
+    // Just under the h2 bound: served (h2 counts 32 bytes a field where
+    // we count 4, so ours is never the tighter).
+    let mut h2 = RawH2::connect(&ca, config.port);
+    let fields: Vec<(Vec<u8>, Vec<u8>)> = (0..4)
+        .map(|i| (format!("x-pad-{i}").into_bytes(), vec![b'b'; 16_250]))
+        .collect();
+    let refs: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (&n[..], &v[..])).collect();
+    assert_eq!(h2.get("/x", &refs), Outcome::Status(200));
+}
+
+#[test]
+fn a_client_gets_at_most_100_streams_at_once() {
+    let ca = TestCa::new();
+    let recorder = Recorder::start();
+    let config = https_proxy(&ca, recorder.port);
+    let _proxy = config.start();
+
+    let mut h2 = RawH2::connect(&ca, config.port);
+    // Requests whose bodies never come: each stream stays open.
+    for n in 0..101u32 {
+        let fields: [(&[u8], &[u8]); 5] = [
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":authority", b"127.0.0.1"),
+            (b":path", b"/held"),
+            (b"content-length", b"1"),
+        ];
+        h2.headers(2 * n + 1, &fields, false);
+    }
+    const REFUSED_STREAM: u32 = 0x7;
+    assert_eq!(h2.outcome(201), Outcome::Reset(REFUSED_STREAM));
+}
+
+#[test]
+fn an_h2_header_block_left_unfinished_is_cut_off_after_header_timeout() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port).server("header_timeout = 1");
+    let _proxy = config.start();
+
+    let mut h2 = RawH2::connect(&ca, config.port);
+    // HEADERS without END_HEADERS: the CONTINUATION never comes.
+    let mut block = vec![0x00];
+    hpack_string(&mut block, b":method");
+    hpack_string(&mut block, b"GET");
+    h2.frame(HEADERS, END_STREAM, 1, &block);
+    let started = Instant::now();
+    assert!(h2.closed_within(Duration::from_secs(5)));
+    assert!(started.elapsed() >= Duration::from_millis(800));
+}
+
+#[tokio::test]
+async fn an_h2_connection_outlives_header_timeout_between_its_requests() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port)
+        .server("header_timeout = 1")
+        .server("keepalive_timeout = 10");
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+
+    assert_eq!(h2_get(&h2, "/x", &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let again = h2_request(&h2, "GET", "/x", &[], b"").await;
+    assert_eq!(again.expect("the connection was cut").status, 200);
+    // A response slower than header_timeout, too.
+    let slow = h2_request(&h2, "GET", "/x", &[("x-test-sleep-ms", "2000")], b"").await;
+    assert_eq!(slow.expect("cut while served").status, 200);
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_after_keepalive_timeout() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port).server("keepalive_timeout = 1");
+    let _proxy = config.start();
+    let (h2, task) = h2_connect(&ca, config.port).await;
+    assert_eq!(h2_get(&h2, "/x", &[]).await.status, 200);
+    let closed = tokio::time::timeout(Duration::from_secs(5), task).await;
+    assert!(closed.is_ok(), "the idle connection is still open");
+}
+
+#[tokio::test]
+async fn a_stream_whose_window_stays_shut_is_reset_after_send_timeout() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port).server("send_timeout = 1");
+    let _proxy = config.start();
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(0);
+    let (h2, _task) = h2_connect_with(&ca, config.port, builder).await;
+
+    let request = http::Request::builder()
+        .uri("https://127.0.0.1/x")
+        .header("x-test-body-bytes", "100000")
+        .body(())
+        .unwrap();
+    let mut sender = h2.clone().ready().await.unwrap();
+    let (answer, _) = sender.send_request(request, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    // No window granted: nothing comes, and the proxy gives up.
+    let ended = tokio::time::timeout(Duration::from_secs(8), body.data()).await;
+    match ended {
+        Ok(Some(Err(_))) | Ok(None) => {}
+        Ok(Some(Ok(data))) => panic!("{} bytes came without a window", data.len()),
+        Err(_) => panic!("the stream is still open after 8 s"),
+    }
+}
