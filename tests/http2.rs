@@ -864,7 +864,7 @@ fn a_path_not_starting_with_a_slash_is_refused() {
     let config = https_proxy(&ca, recorder.port).session(r#"bypass = ["/static/"]"#);
     let _proxy = config.start();
 
-    for path in ["x", "static/x", "?a=1", "*", "http://127.0.0.1/x"] {
+    for path in ["x", "static/x", "*", "http://127.0.0.1/x", "?a=1"] {
         let mut h2 = RawH2::connect(&ca, config.port);
         let outcome = h2.get(path, &[]);
         assert!(
@@ -873,6 +873,23 @@ fn a_path_not_starting_with_a_slash_is_refused() {
                 Outcome::Status(400) | Outcome::Reset(PROTOCOL_ERROR)
             ),
             "{path}: {outcome:?}"
+        );
+        // With `host` in place of `:authority` (no URI authority to check it).
+        let mut h2 = RawH2::connect(&ca, config.port);
+        let host_only: [(&[u8], &[u8]); 4] = [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":path", path.as_bytes()),
+            (b"host", b"127.0.0.1"),
+        ];
+        h2.headers(1, &host_only, true);
+        let outcome = h2.outcome(1);
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Status(400) | Outcome::Reset(PROTOCOL_ERROR)
+            ),
+            "{path} with host: {outcome:?}"
         );
     }
     assert!(recorder.all().is_empty(), "{}", recorder.all());
