@@ -1033,3 +1033,26 @@ async fn a_stream_whose_window_stays_shut_is_reset_after_send_timeout() {
         Err(_) => panic!("the stream is still open after 8 s"),
     }
 }
+
+#[tokio::test]
+async fn a_request_whose_body_never_comes_ends_with_the_apps_read_timeout() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port).upstream("read_timeout = 2");
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("https://127.0.0.1/x")
+        .header("content-length", "10")
+        .body(())
+        .unwrap();
+    let mut sender = h2.clone().ready().await.unwrap();
+    // The stream stays open, and not a byte of its body comes.
+    let (answer, _body) = sender.send_request(request, false).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("no answer 10 s after the app's read_timeout of 2 s");
+    assert_eq!(answer.unwrap().status(), 504);
+}
