@@ -11,13 +11,13 @@
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
+use support::recorder::*;
 use support::test_ca::TestCa;
 use support::*;
 
@@ -327,87 +327,6 @@ fn huffman_digits(bytes: &[u8]) -> String {
     digits
 }
 
-// ---- an upstream that keeps the bytes of each connection ----
-
-/// Answers each request `200 ok`, keeping every byte each connection sent.
-struct Recorder {
-    port: u16,
-    conns: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl Recorder {
-    fn start() -> Recorder {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let conns = Arc::new(Mutex::new(Vec::new()));
-        let shared = conns.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let index = {
-                    let mut conns = shared.lock().unwrap();
-                    conns.push(Vec::new());
-                    conns.len() - 1
-                };
-                let shared = shared.clone();
-                std::thread::spawn(move || record(stream, index, shared));
-            }
-        });
-        Recorder { port, conns }
-    }
-
-    /// The bytes of each connection, as text.
-    fn connections(&self) -> Vec<String> {
-        let conns = self.conns.lock().unwrap();
-        conns
-            .iter()
-            .map(|raw| String::from_utf8_lossy(raw).into_owned())
-            .collect()
-    }
-
-    fn all(&self) -> String {
-        self.connections().concat()
-    }
-}
-
-fn record(mut stream: TcpStream, index: usize, conns: Arc<Mutex<Vec<Vec<u8>>>>) {
-    let mut pending: Vec<u8> = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        conns.lock().unwrap()[index].extend_from_slice(&buf[..n]);
-        pending.extend_from_slice(&buf[..n]);
-        while let Some(used) = complete_request(&pending) {
-            let close = String::from_utf8_lossy(&pending[..used])
-                .to_ascii_lowercase()
-                .contains("\r\nconnection: close");
-            pending.drain(..used);
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-            if close {
-                return;
-            }
-        }
-    }
-}
-
-/// The length of the first request in `raw`, once it has all come.
-fn complete_request(raw: &[u8]) -> Option<usize> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-    let body = &raw[end..];
-    if head.contains("\r\ntransfer-encoding: chunked") {
-        let last = body.windows(5).position(|w| w == b"0\r\n\r\n")?;
-        return Some(end + last + 5);
-    }
-    let length = head
-        .split("\r\n")
-        .find_map(|line| line.strip_prefix("content-length: "))
-        .map_or(0, |n| n.trim().parse::<usize>().unwrap());
-    (body.len() >= length).then_some(end + length)
-}
-
 /// The header lines of the first request in `raw`, as `name: value`.
 fn head_lines(raw: &str) -> Vec<String> {
     let head = raw.split("\r\n\r\n").next().unwrap();
@@ -455,7 +374,7 @@ fn prior_knowledge_h2c_on_a_plain_listener_is_refused() {
     let answer = raw_exchange(config.port, &preface, Duration::from_secs(5));
     // An HTTP/1.1 refusal: never a SETTINGS frame.
     assert_eq!(raw_status(&answer), Some(400), "{answer:?}");
-    assert!(recorder.all().is_empty(), "{}", recorder.all());
+    assert!(recorder.text().is_empty(), "{}", recorder.text());
 }
 
 // ---- the session work over h2 ----
@@ -697,7 +616,7 @@ async fn a_body_reaches_the_app_with_one_framing_and_connection_close() {
     let head = h2_request(&h2, "HEAD", "/c", &[], b"").await.unwrap();
     assert_eq!(head.status, 200);
 
-    let conns = recorder.connections();
+    let conns = recorder.connection_texts();
     assert_eq!(conns.len(), 3, "{conns:?}");
     let sized = &conns[0];
     assert!(sized.starts_with("POST /a HTTP/1.1\r\n"), "{sized}");
@@ -753,7 +672,7 @@ async fn a_content_length_the_data_frames_disagree_with_never_frames_a_request()
     assert_eq!(next.status, 200);
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let conns = recorder.connections();
+    let conns = recorder.connection_texts();
     for path in ["/short", "/long"] {
         let Some(conn) = conns.iter().find(|c| c.contains(path)) else {
             continue; // refused before the app was called: fine too
@@ -785,7 +704,7 @@ fn connection_specific_headers_are_refused_and_never_reach_the_app() {
         let outcome = h2.get("/x", &[field]);
         assert_eq!(outcome, Outcome::Reset(PROTOCOL_ERROR), "{field:?}");
     }
-    assert!(recorder.all().is_empty(), "{}", recorder.all());
+    assert!(recorder.text().is_empty(), "{}", recorder.text());
 }
 
 #[test]
@@ -813,7 +732,7 @@ fn malformed_names_and_values_are_refused_and_never_reach_the_app() {
             "{field:?}: {outcome:?}"
         );
     }
-    assert!(recorder.all().is_empty(), "{}", recorder.all());
+    assert!(recorder.text().is_empty(), "{}", recorder.text());
 }
 
 #[test]
@@ -828,7 +747,7 @@ fn the_app_gets_the_authority_as_host_and_a_disagreeing_host_is_refused() {
         h2.get("/x", &[(b"host", b"evil.example")]),
         Outcome::Status(400)
     );
-    assert!(recorder.all().is_empty(), "{}", recorder.all());
+    assert!(recorder.text().is_empty(), "{}", recorder.text());
 
     let mut h2 = RawH2::connect(&ca, config.port);
     assert_eq!(
@@ -846,7 +765,7 @@ fn the_app_gets_the_authority_as_host_and_a_disagreeing_host_is_refused() {
     h2.headers(1, &host_only, true);
     assert_eq!(h2.outcome(1), Outcome::Status(200));
 
-    let all = recorder.all();
+    let all = recorder.text();
     let agree = &all[all.find("GET /agree").unwrap()..];
     assert_eq!(named(&head_lines(agree), "host"), ["127.0.0.1"], "{all}");
     let host_only = &all[all.find("GET /host-only").unwrap()..];
@@ -892,7 +811,7 @@ fn a_path_not_starting_with_a_slash_is_refused() {
             "{path} with host: {outcome:?}"
         );
     }
-    assert!(recorder.all().is_empty(), "{}", recorder.all());
+    assert!(recorder.text().is_empty(), "{}", recorder.text());
 }
 
 // ---- limits ----
@@ -921,7 +840,7 @@ fn the_h2_limits_are_announced_and_a_huge_header_list_is_431() {
         h2.settings
     );
 
-    assert!(recorder.all().is_empty());
+    assert!(recorder.text().is_empty());
 
     // Just under the h2 bound: served (h2 counts 32 bytes a field where
     // we count 4, so ours is never the tighter).

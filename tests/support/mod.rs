@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod recorder;
 mod redis_server;
 pub mod test_ca;
 #[allow(unused_imports)] // used by some of the test crates that include this module
