@@ -121,9 +121,10 @@ fn with_upgrade_sock(config: ProxyConfig) -> ProxyConfig {
     config.server(&line)
 }
 
-/// `session-proxy run --upgrade` on the config, its log in `log`.
-fn start_upgrading(config: &ProxyConfig, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+/// `session-proxy run --upgrade` on the config, its log in `log`; killed
+/// when dropped, so that a failing test leaves no proxy behind.
+fn start_upgrading(config: &ProxyConfig, log: &Path) -> Process {
+    let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
         .args(["run", "--upgrade", "-c"])
         .arg(config.path())
         .env("RUST_LOG", "info")
@@ -131,7 +132,11 @@ fn start_upgrading(config: &ProxyConfig, log: &Path) -> Child {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Process {
+        child,
+        port: config.port,
+    }
 }
 
 fn signal(child: &Child, signal: &str) {
@@ -203,7 +208,7 @@ fn an_upgrade_hands_the_listeners_over_without_losing_a_request_or_a_session() {
         "the old process exits 0 once drained"
     );
     assert!(
-        new.try_wait().unwrap().is_none(),
+        new.child.try_wait().unwrap().is_none(),
         "the new process serves on"
     );
     assert_eq!(slow.join().unwrap(), 200, "the request in flight finished");
@@ -233,9 +238,9 @@ fn an_upgrade_hands_the_listeners_over_without_losing_a_request_or_a_session() {
         old_text.contains("SIGQUIT: handing the listeners"),
         "old process log:\n{old_text}"
     );
-    signal(&new, "TERM");
+    signal(&new.child, "TERM");
     assert_eq!(
-        wait_exit(&mut new, Duration::from_secs(10)).and_then(|status| status.code()),
+        wait_exit(&mut new.child, Duration::from_secs(10)).and_then(|status| status.code()),
         Some(0)
     );
 }
