@@ -90,32 +90,49 @@ pub fn listener_problem(files: &TlsFiles) -> Option<(&'static str, String)> {
     certified_key(files).err()
 }
 
-/// The certificate chain of `files.cert` with the key of `files.key`,
-/// which must go with its first certificate; else the key of the file at
-/// fault, and why.
+/// The listeners' certificate and key, or the config key of the file at
+/// fault and why.
 fn certified_key(files: &TlsFiles) -> Result<CertifiedKey, (&'static str, String)> {
-    const CERT: &str = "server.tls_cert";
-    const KEY: &str = "server.tls_key";
+    certified_key_of(&files.cert, &files.key).map_err(|(part, problem)| {
+        let key = match part {
+            Part::Cert => "server.tls_cert",
+            Part::Key => "server.tls_key",
+        };
+        (key, problem)
+    })
+}
+
+/// Which of a certificate's two files is at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Cert,
+    Key,
+}
+
+/// The certificate chain of `cert` with the key of `key`, which must go
+/// with its first certificate; else the file at fault, and why. Used for
+/// the listeners and for the PostgreSQL store's client certificate.
+pub fn certified_key_of(cert: &Path, key: &Path) -> Result<CertifiedKey, (Part, String)> {
     pingora::tls::install_default_crypto_provider();
     let provider = CryptoProvider::get_default()
-        .ok_or((CERT, "no TLS crypto provider installed".to_string()))?;
-    let certificates = certificates(&files.cert).map_err(|problem| (CERT, problem))?;
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        .ok_or((Part::Cert, "no TLS crypto provider installed".to_string()))?;
+    let certificates = certificates(cert).map_err(|problem| (Part::Cert, problem))?;
+    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
         (
-            KEY,
+            Part::Key,
             format!(
                 "{}: no private key read: {e}; expected a PEM file with one PKCS#8, PKCS#1 or SEC1 key",
-                files.key.display()
+                key.display()
             ),
         )
     })?;
-    CertifiedKey::from_der(certificates, key, provider).map_err(|e| {
+    CertifiedKey::from_der(certificates, private_key, provider).map_err(|e| {
         (
-            KEY,
+            Part::Key,
             format!(
                 "{} with {}: not a key for this certificate: {e}",
-                files.key.display(),
-                files.cert.display()
+                key.display(),
+                cert.display()
             ),
         )
     })
