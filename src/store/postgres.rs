@@ -894,7 +894,12 @@ fn corrupt(handle: &Handle, detail: String) -> StoreError {
 /// never the statement's parameters.
 fn unavailable(error: &tokio_postgres::Error) -> StoreError {
     let message = match error.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        Some(db) => format!(
+            "{} ({}){}",
+            db.message(),
+            db.code().code(),
+            certificate_hint(db)
+        ),
         None => {
             let mut message = error.to_string();
             let mut cause = std::error::Error::source(error);
@@ -906,6 +911,26 @@ fn unavailable(error: &tokio_postgres::Error) -> StoreError {
         }
     };
     StoreError::Unavailable(format!("postgres: {message}"))
+}
+
+/// What to do when the server refuses a login for want of the right
+/// client certificate (pg_hba.conf's `cert` method); else nothing.
+fn certificate_hint(db: &tokio_postgres::error::DbError) -> &'static str {
+    if db.code() != &SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        return "";
+    }
+    if db.message().contains("requires a valid client certificate") {
+        "; the server takes a client certificate: name it and its key in the store URL's \
+         sslcert and sslkey (README, \"TLS\")"
+    } else if db
+        .message()
+        .starts_with("certificate authentication failed")
+    {
+        "; the certificate's CN must be the URL's user name (or be mapped to it in the \
+         server's pg_ident.conf)"
+    } else {
+        ""
+    }
 }
 
 /// The stored data is not JSON, or its atime not a number.

@@ -1,9 +1,11 @@
-//! TLS to PostgreSQL, as libpq's `sslmode` and `sslrootcert` in the store
-//! URL ask (README, "TLS"), on the process's one rustls (ring).
+//! TLS to PostgreSQL, as libpq's `sslmode`, `sslrootcert`, `sslcert` and
+//! `sslkey` in the store URL ask (README, "TLS"), on the process's one
+//! rustls (ring).
 //!
 //! tokio-postgres reads `sslmode` `disable`, `prefer` and `require` only,
-//! and no `sslrootcert`: both are taken off the URL here, tokio-postgres is
-//! told `require` (or `disable`), and the connector made here verifies.
+//! and refuses the other three: all four are taken off the URL here,
+//! tokio-postgres is told `require` (or `disable`), and the connector made
+//! here verifies the server and presents the client's certificate.
 //!
 //! ```
 //! use session_proxy::store::postgres_tls::{PostgresTls, SslMode};
@@ -14,7 +16,8 @@
 //! assert_eq!(tls.mode, SslMode::VerifyFull);
 //! ```
 
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -23,6 +26,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::sign::SingleCertAndKey;
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, Error, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -48,6 +52,16 @@ pub struct PostgresTls {
     pub mode: SslMode,
     /// `sslrootcert`: a PEM file of CAs; `None` for the system's CAs.
     pub root_cert: Option<PathBuf>,
+    /// `sslcert` and `sslkey`: the certificate the client presents when
+    /// the server asks for one (`cert` authentication in pg_hba.conf).
+    pub client_cert: Option<ClientCert>,
+}
+
+/// The client's certificate chain and its private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl PostgresTls {
@@ -59,7 +73,7 @@ impl PostgresTls {
         let Some((base, query)) = split_query(url) else {
             return Ok((url.to_owned(), key_value_settings(url)));
         };
-        let (mut sslmode, mut root_cert) = (None, None);
+        let (mut sslmode, mut root_cert, mut cert, mut private_key) = (None, None, None, None);
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -67,6 +81,8 @@ impl PostgresTls {
             match &*percent_decode_str(key).decode_utf8_lossy() {
                 "sslmode" => sslmode = Some(value()),
                 "sslrootcert" => root_cert = Some(value()).filter(|path| !path.is_empty()),
+                "sslcert" => cert = Some(value()).filter(|path| !path.is_empty()),
+                "sslkey" => private_key = Some(value()).filter(|path| !path.is_empty()),
                 _ => kept.push(pair),
             }
         }
@@ -98,7 +114,32 @@ impl PostgresTls {
             );
         }
         let root_cert = root_cert.filter(|_| !system).map(PathBuf::from);
-        Ok((rest, PostgresTls { mode, root_cert }))
+        let client_cert = match (cert, private_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(ClientCert {
+                cert: cert.into(),
+                key: key.into(),
+            }),
+            (Some(_), None) => return Err(client_cert_half("sslcert", "sslkey")),
+            (None, Some(_)) => return Err(client_cert_half("sslkey", "sslcert")),
+        };
+        // libpq would send it under `prefer`'s TLS; here `prefer` is plain,
+        // and a certificate never sent would only show as a refused login.
+        if client_cert.is_some() && mode == SslMode::Plain {
+            return Err(format!(
+                "sslcert: a client certificate is sent over TLS only, and sslmode={} speaks none here; \
+                 set sslmode=verify-full (with sslrootcert, the server's CA)",
+                sslmode.as_deref().unwrap_or("prefer")
+            ));
+        }
+        Ok((
+            rest,
+            PostgresTls {
+                mode,
+                root_cert,
+                client_cert,
+            },
+        ))
     }
 
     /// What tokio-postgres is told: the verification is the connector's.
@@ -110,7 +151,8 @@ impl PostgresTls {
     }
 
     /// The connector, with the CAs read (none for `Plain` and
-    /// `Unverified`). Errors name `sslrootcert` and the problem.
+    /// `Unverified`) and the client's certificate and key. Errors name
+    /// `sslrootcert`, `sslcert` or `sslkey`, the file, and the problem.
     pub fn connector(&self) -> Result<MakeRustlsConnect, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match self.mode {
@@ -139,16 +181,66 @@ impl PostgresTls {
                 }
             }
         };
-        let mut config = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match &self.client_cert {
+            None => builder.with_no_client_auth(),
+            Some(client) => {
+                let identity = client.certified_key()?;
+                builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(identity)))
+            }
+        };
         // As libpq 17 sends; PostgreSQL 17 asks it of sslnegotiation=direct.
         config.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok(MakeRustlsConnect::new(config))
     }
+}
+
+impl ClientCert {
+    /// The chain and its key, read and paired now; the key file must be
+    /// private, as libpq requires.
+    fn certified_key(&self) -> Result<rustls::sign::CertifiedKey, String> {
+        private_key_file(&self.key).map_err(|problem| format!("sslkey: {problem}"))?;
+        crate::tls::certified_key_of(&self.cert, &self.key).map_err(|(part, problem)| match part {
+            crate::tls::Part::Cert => format!("sslcert: {problem}"),
+            crate::tls::Part::Key => format!("sslkey: {problem}"),
+        })
+    }
+}
+
+fn client_cert_half(set: &str, missing: &str) -> String {
+    format!(
+        "{set} is set and {missing} is not; a client certificate takes both, \
+         sslcert (the certificate chain, PEM) and sslkey (its private key, PEM)"
+    )
+}
+
+/// libpq's rule for the key file: no access for group or others when the
+/// current user owns it (u=rw, 0600, or less), at most group read when
+/// root owns it (u=rw,g=r, 0640, or less).
+fn private_key_file(path: &Path) -> Result<(), String> {
+    let metadata = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !metadata.is_file() {
+        return Err(format!("{}: not a file", path.display()));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let mode = metadata.mode() & 0o7777;
+    let ours_and_shared = metadata.uid() == euid && mode & 0o077 != 0;
+    let roots_and_shared = metadata.uid() == 0 && mode & 0o037 != 0;
+    if ours_and_shared || roots_and_shared {
+        return Err(format!(
+            "{}: private key file has group or world access (mode {mode:04o}); file must have \
+             permissions u=rw (0600) or less if owned by the current user, or u=rw,g=r (0640) \
+             or less if owned by root: chmod 600 {}",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// A `postgres://` URL before its query, and the query; split where
@@ -176,6 +268,7 @@ fn key_value_settings(url: &str) -> PostgresTls {
             SslMode::Plain
         },
         root_cert: None,
+        client_cert: None,
     }
 }
 
@@ -307,6 +400,51 @@ mod tests {
         assert!(error.starts_with("sslmode: expected"), "{error}");
         assert!(error.contains("\"verify_full\""), "{error}");
         assert!(!error.contains("secret"), "{error}");
+    }
+
+    #[test]
+    fn sslcert_and_sslkey_leave_the_url_together() {
+        let (rest, tls) = PostgresTls::from_url(
+            "postgres://u@h/db?sslmode=verify-full&sslcert=%2Fc%20x.pem&application_name=a&sslkey=/k.pem",
+        )
+        .unwrap();
+        assert_eq!(rest, "postgres://u@h/db?application_name=a");
+        assert_eq!(
+            tls.client_cert,
+            Some(ClientCert {
+                cert: "/c x.pem".into(),
+                key: "/k.pem".into()
+            })
+        );
+    }
+
+    #[test]
+    fn one_of_sslcert_and_sslkey_alone_is_named() {
+        let error =
+            settings("postgres://u:secret@h/db?sslmode=require&sslcert=/c.pem").unwrap_err();
+        assert!(
+            error.starts_with("sslcert is set and sslkey is not"),
+            "{error}"
+        );
+        assert!(!error.contains("secret"), "{error}");
+        let error = settings("postgres://h/db?sslmode=require&sslkey=/k.pem").unwrap_err();
+        assert!(
+            error.starts_with("sslkey is set and sslcert is not"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_takes_a_mode_that_speaks_tls() {
+        for mode in ["", "&sslmode=prefer", "&sslmode=disable"] {
+            let url = format!("postgres://h/db?sslcert=/c.pem&sslkey=/k.pem{mode}");
+            let error = settings(&url).unwrap_err();
+            assert!(error.contains("sslmode=verify-full"), "{url}: {error}");
+        }
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let url = format!("postgres://h/db?sslcert=/c.pem&sslkey=/k.pem&sslmode={mode}");
+            assert!(settings(&url).is_ok(), "{url}");
+        }
     }
 
     #[test]

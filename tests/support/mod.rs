@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod private_postgres;
 pub mod recorder;
 mod redis_server;
 pub mod test_ca;
