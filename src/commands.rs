@@ -67,7 +67,10 @@ pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("session-proxy: cannot start a runtime: {e}");
+            eprintln!(
+                "session-proxy: {}: cannot start a runtime: {e}",
+                config.file.display()
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -77,8 +80,10 @@ pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // As `check`: the config whose store it is (the store's own
+        // errors name its directory or server).
         Err(e) => {
-            eprintln!("session-proxy: {e}");
+            eprintln!("session-proxy: {}: {e}", config.file.display());
             ExitCode::FAILURE
         }
     }

@@ -293,6 +293,62 @@ fn sessions_lists_shows_kills_and_purges_stored_sessions() {
     assert!(stored_files(&config.sessions_dir()).is_empty());
 }
 
+/// An error of `sessions` names the config whose store it is, and the
+/// disk store's name the directory, so that the fix is clear.
+#[test]
+fn sessions_errors_name_the_config_file_and_the_directory_at_fault() {
+    let mut config = ProxyConfig::new(free_port());
+    let dir = config.sessions_dir();
+    let handle = "b".repeat(64);
+    // A record that is a directory: it can be neither read nor deleted.
+    std::fs::create_dir_all(dir.join(format!("{handle}.json"))).unwrap();
+    let path = config.write();
+    let path = path.to_str().unwrap();
+    for (args, problem) in [
+        (
+            ["sessions", "show", &handle],
+            "cannot read session bbbbbbbb in",
+        ),
+        (
+            ["sessions", "kill", &handle],
+            "cannot delete session bbbbbbbb in",
+        ),
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["-c", path]);
+        let output = run_cli(&args, &[]);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let message = stderr(&output);
+        assert!(
+            message.starts_with(&format!("session-proxy: {path}: ")),
+            "{args:?}: {message}"
+        );
+        assert!(
+            message.contains(&format!("{problem} {}", dir.display())),
+            "{args:?}: {message}"
+        );
+    }
+
+    let not_a_directory = config.dir.path().join("not-a-directory");
+    std::fs::write(&not_a_directory, "").unwrap();
+    config.store = vec![format!("path = {:?}", not_a_directory.to_str().unwrap())];
+    let path = config.write();
+    let path = path.to_str().unwrap();
+    for command in ["list", "purge-expired"] {
+        let output = run_cli(&["sessions", command, "-c", path], &[]);
+        assert_eq!(output.status.code(), Some(1), "{command}");
+        let message = stderr(&output);
+        assert!(
+            message.starts_with(&format!("session-proxy: {path}: ")),
+            "{command}: {message}"
+        );
+        assert!(
+            message.contains(not_a_directory.to_str().unwrap()),
+            "{command}: {message}"
+        );
+    }
+}
+
 /// The memory store lives in the proxy process: a `sessions` command
 /// would open an empty one of its own, list nothing and answer "no
 /// session" for a session the running proxy still serves.

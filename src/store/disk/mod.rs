@@ -132,8 +132,9 @@ impl DiskStore {
                 Ok(None) => return Ok(None),
                 Err(error) => {
                     return Err(StoreError::Unavailable(format!(
-                        "cannot read session {}: {error}",
-                        handle.short()
+                        "cannot read session {} in {}: {error}",
+                        handle.short(),
+                        self.dir.display()
                     )))
                 }
             }
@@ -405,7 +406,8 @@ fn read_record(path: &Path, short: &str, limit: usize) -> Result<Option<Record>,
         io::ErrorKind::NotFound => Ok(None),
         _ if is_not_a_record_file(&error) => Err(corrupt(error.to_string())),
         _ => Err(StoreError::Unavailable(format!(
-            "cannot read session {short}: {error}"
+            "cannot read session {short} in {}: {error}",
+            crate::config::directory_of(path).display()
         ))),
     };
     let bytes = match read_small_file(path, limit) {
@@ -870,8 +872,12 @@ fn sweep_record(
     if !expired {
         return Ok(false);
     }
-    remove_record(dir, path, fsync)
-        .map_err(|error| StoreError::Unavailable(format!("cannot delete session {short}: {error}")))
+    remove_record(dir, path, fsync).map_err(|error| {
+        StoreError::Unavailable(format!(
+            "cannot delete session {short} in {}: {error}",
+            dir.display()
+        ))
+    })
 }
 
 /// How long ago the file at `path` was last written.
