@@ -62,7 +62,7 @@ pub struct Config {
 pub struct ServerConfig {
     /// Resolved at load time; at least one.
     pub listen: Vec<SocketAddr>,
-    /// 0 in the file is replaced by the number of CPUs.
+    /// 0 in the file is replaced by the number of CPUs; at most 1024.
     pub threads: usize,
     pub admin_listen: Option<SocketAddr>,
     pub trusted_proxies: Vec<IpNet>,

@@ -439,6 +439,20 @@ fn threads_zero_means_one_per_cpu() {
     );
 }
 
+/// Each thread is an event loop for any number of connections: past the
+/// CPUs they add nothing but memory and files.
+#[test]
+fn threads_are_at_most_1024() {
+    let message = error("[server]\nthreads = 1025");
+    assert!(
+        message.starts_with("test.toml:2:11: server.threads: expected at most 1024, found 1025"),
+        "{message}"
+    );
+    assert!(message.contains("use 0 for one per CPU"), "{message}");
+    let config = config("[server]\nthreads = 1024").expect("valid");
+    assert_eq!(config.server.threads, 1024);
+}
+
 #[test]
 fn trusted_proxies_take_cidrs_and_bare_ips() {
     let config = config("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.1\", \"::1\"]")

@@ -20,6 +20,13 @@ const MIN_SECRET_BYTES: usize = 32;
 const MIN_TOKEN_TTL: u64 = 5;
 /// `{}`, the smallest session data as compact JSON.
 const MIN_DATA_BYTES: usize = 2;
+/// The most proxy threads: each is an event loop that serves any number of
+/// connections, so threads past the CPUs add no throughput, only memory,
+/// files (about 8 each) and contention. The largest machines have under
+/// 1024 CPUs (two 192-core EPYCs: 768 threads). A fixed bound, not a
+/// multiple of this machine's CPUs, so that a config `check`ed on one
+/// machine means the same on another.
+const MAX_THREADS: usize = 1024;
 
 /// Headers the proxy or HTTP itself gives a meaning; a session header named
 /// like one of them would be stripped, merged or forwarded by mistake.
@@ -119,8 +126,19 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
         }
     }
 
+    let cpus = std::thread::available_parallelism().map_or(1, |cpus| cpus.get());
     let threads = match server.threads {
-        0 => std::thread::available_parallelism().map_or(1, |cpus| cpus.get()),
+        0 => cpus.min(MAX_THREADS),
+        threads if threads > MAX_THREADS => {
+            return Err(src.error(
+                "server.threads",
+                format!(
+                    "expected at most {MAX_THREADS}, found {threads}; each thread serves any number of \
+                     connections, so more threads than CPUs (this machine has {cpus}) add none: \
+                     use 0 for one per CPU"
+                ),
+            ))
+        }
         threads => threads,
     };
 
