@@ -128,7 +128,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     }
     server.add_service(proxy_service).add_dependency(&bootstrap);
 
-    if let Some(address) = config.server.admin_listen {
+    if !config.server.admin_listen.is_empty() {
         let admin = Admin::new(store, metrics);
         let mut admin_service = pingora::services::listening::Service::new(
             "session-proxy admin".to_string(),
@@ -137,13 +137,18 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
                 timeouts,
             ),
         );
-        admin_service.add_tcp(&address.to_string());
+        for address in &config.server.admin_listen {
+            admin_service.add_tcp(&address.to_string());
+        }
         server.add_service(admin_service).add_dependency(&bootstrap);
     }
 
     info!(
-        "session-proxy listening on {:?}, upstream {:?}, {:?} store",
-        config.server.listen, config.upstream.addresses, config.store.kind
+        "session-proxy listening on {:?}, admin on {:?}, upstream {:?}, {:?} store",
+        config.server.listen,
+        config.server.admin_listen,
+        config.upstream.addresses,
+        config.store.kind
     );
     if let (true, Some(sock)) = (upgrade, &config.server.upgrade_sock) {
         info!(

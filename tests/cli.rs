@@ -293,6 +293,22 @@ fn sessions_lists_shows_kills_and_purges_stored_sessions() {
     assert!(stored_files(&config.sessions_dir()).is_empty());
 }
 
+/// The line that says the proxy started names every address it listens
+/// on, the admin listener's too.
+#[test]
+fn the_start_line_names_the_listen_and_admin_addresses() {
+    let config = ProxyConfig::new(free_port());
+    let log = config.dir.path().join("proxy.log");
+    let proxy = config.start_logging("info", &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let expected = format!(
+        "listening on [127.0.0.1:{}], admin on [127.0.0.1:{}]",
+        config.port, config.admin_port
+    );
+    assert!(text.contains(&expected), "{text}");
+    drop(proxy);
+}
+
 /// An error of `sessions` names the config whose store it is, and the
 /// disk store's name the directory, so that the fix is clear.
 #[test]

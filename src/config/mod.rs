@@ -64,7 +64,8 @@ pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     /// 0 in the file is replaced by the number of CPUs; at most 1024.
     pub threads: usize,
-    pub admin_listen: Option<SocketAddr>,
+    /// Resolved at load time, every address of its name; empty = off.
+    pub admin_listen: Vec<SocketAddr>,
     pub trusted_proxies: Vec<IpNet>,
     /// Both paths, or none.
     pub tls: Option<TlsFiles>,

@@ -46,7 +46,7 @@ fn absent_sections_take_the_spec_defaults() {
     let server = &config.server;
     assert_eq!(server.listen, vec![addr("127.0.0.1:8080")]);
     assert!(server.threads >= 1);
-    assert!(server.admin_listen.is_none());
+    assert!(server.admin_listen.is_empty());
     assert!(server.trusted_proxies.is_empty());
     assert!(server.tls.is_none());
     assert_eq!(server.grace_period, 10);
@@ -334,12 +334,69 @@ fn listen_of_another_type_says_what_is_expected() {
 #[test]
 fn admin_listen_empty_is_off_and_set_is_resolved() {
     let config = config("[server]\nadmin_listen = \"127.0.0.1:9100\"").expect("valid");
-    assert_eq!(config.server.admin_listen, Some(addr("127.0.0.1:9100")));
+    assert_eq!(config.server.admin_listen, vec![addr("127.0.0.1:9100")]);
     let message = error("[server]\nadmin_listen = \"9100\"");
     assert!(
         message.contains("server.admin_listen: expected \"host:port\""),
         "{message}"
     );
+}
+
+/// As `listen`, a name with several addresses listens on all of them,
+/// and the proxy names them all; not on the first alone.
+#[test]
+fn admin_listen_listens_on_every_address_of_its_name() {
+    let src = source::Source::new(Path::new("test.toml"), "");
+    let (v4, v6) = (addr("127.0.0.1:9100"), addr("[::1]:9100"));
+    let resolved = vec![v4, v6, v4];
+    let admin = validate::admin_addresses(&src, "localhost:9100", resolved, &[]).unwrap();
+    assert_eq!(admin, vec![v4, v6]);
+    // Through the resolver: whatever localhost is here, all of it.
+    let mut localhost: Vec<SocketAddr> = Vec::new();
+    for address in std::net::ToSocketAddrs::to_socket_addrs("localhost:9100").unwrap() {
+        if !localhost.contains(&address) {
+            localhost.push(address);
+        }
+    }
+    let config = config("[server]\nadmin_listen = \"localhost:9100\"").expect("valid");
+    assert_eq!(config.server.admin_listen, localhost);
+}
+
+#[test]
+fn admin_listen_addresses_that_overlap_each_other_are_refused() {
+    let src = source::Source::new(Path::new("test.toml"), "");
+    let resolved = vec![addr("0.0.0.0:9100"), addr("127.0.0.1:9100")];
+    let message = validate::admin_addresses(&src, "both:9100", resolved, &[])
+        .unwrap_err()
+        .message;
+    assert!(
+        message.contains("server.admin_listen: \"both:9100\" resolves to 0.0.0.0:9100 and 127.0.0.1:9100, which overlap"),
+        "{message}"
+    );
+}
+
+/// Port 0 binds a port the kernel picks anew at each start: no client,
+/// load balancer or health check could be told it.
+#[test]
+fn a_listener_on_port_0_is_refused() {
+    for (text, start) in [
+        (
+            "[server]\nlisten = \"0.0.0.0:0\"",
+            "test.toml:2:10: server.listen: expected a port clients can be given, found \"0.0.0.0:0\"",
+        ),
+        (
+            "[server]\nlisten = [\"127.0.0.1:8080\", \"127.0.0.1:0\"]",
+            "test.toml:2:29: server.listen[1]: expected a port clients can be given",
+        ),
+        (
+            "[server]\nadmin_listen = \"127.0.0.1:0\"",
+            "test.toml:2:16: server.admin_listen: expected a port clients can be given, found \"127.0.0.1:0\"",
+        ),
+    ] {
+        let message = error(text);
+        assert!(message.starts_with(start), "{message}");
+        assert!(message.contains("e.g. \""), "{message}");
+    }
 }
 
 #[test]
@@ -388,7 +445,6 @@ fn a_wildcard_listen_address_that_overlaps_another_is_refused() {
         "[server]\nlisten = [\"0.0.0.0:9000\", \"[::1]:9000\", \"127.0.0.1:9001\"]",
         "[server]\nlisten = [\"127.0.0.1:9000\", \"127.0.0.1:9000\"]",
         "[server]\nlisten = \"0.0.0.0:9000\"\nadmin_listen = \"127.0.0.1:9001\"",
-        "[server]\nlisten = \"0.0.0.0:0\"\nadmin_listen = \"127.0.0.1:0\"",
     ] {
         config(text).expect("no two of these take one port");
     }

@@ -80,6 +80,7 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
     for (key, address) in &listen_keys {
         // Like nginx, a name bound to several addresses listens on all of them.
         for resolved in resolve(src, key, address)? {
+            listening_port(src, key, address, resolved, "127.0.0.1:8080")?;
             if listen.contains(&resolved) {
                 continue;
             }
@@ -100,31 +101,12 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
     }
 
     let admin_listen = match server.admin_listen.as_str() {
-        "" => None,
-        address => resolve(src, "server.admin_listen", address)?
-            .into_iter()
-            .next(),
-    };
-    // One socket would serve both: requests split between the proxy and
-    // the admin app, /metrics on the public port.
-    if let Some(admin) = admin_listen.filter(|admin| listen.contains(admin)) {
-        return Err(src.error(
-            "server.admin_listen",
-            format!("{admin} is also in server.listen; the admin port must be a port of its own"),
-        ));
-    }
-    // Or one of the two would not be bound at all, whichever lost.
-    if let Some(admin) = admin_listen {
-        if let Some(other) = listen.iter().find(|other| overlap(**other, admin)) {
-            return Err(src.error(
-                "server.admin_listen",
-                format!(
-                    "{admin} overlaps {other} of server.listen (a wildcard address, 0.0.0.0 or [::], \
-                     takes its port on every address); the admin port must be a port of its own"
-                ),
-            ));
+        "" => Vec::new(),
+        address => {
+            let resolved = resolve(src, "server.admin_listen", address)?;
+            admin_addresses(src, address, resolved, &listen)?
         }
-    }
+    };
 
     let cpus = std::thread::available_parallelism().map_or(1, |cpus| cpus.get());
     let threads = match server.threads {
@@ -214,17 +196,88 @@ fn upgrade_sock(src: &Source, path: &str) -> Result<Option<PathBuf>> {
     Ok(Some(path))
 }
 
+/// The admin listener's addresses: as for `listen`, every address its
+/// name resolves to, none of them one of `listen`'s or overlapping one.
+pub(super) fn admin_addresses(
+    src: &Source,
+    address: &str,
+    resolved: Vec<SocketAddr>,
+    listen: &[SocketAddr],
+) -> Result<Vec<SocketAddr>> {
+    const ADMIN: &str = "server.admin_listen";
+    let mut admin_listen: Vec<SocketAddr> = Vec::new();
+    for admin in resolved {
+        listening_port(src, ADMIN, address, admin, "127.0.0.1:9090")?;
+        if admin_listen.contains(&admin) {
+            continue;
+        }
+        // One socket would serve both: requests split between the
+        // proxy and the admin app, /metrics on the public port.
+        if listen.contains(&admin) {
+            return Err(src.error(
+                ADMIN,
+                format!(
+                    "{admin} is also in server.listen; the admin port must be a port of its own"
+                ),
+            ));
+        }
+        // Or one of the two would not be bound at all, whichever lost.
+        if let Some(other) = listen.iter().find(|other| overlap(**other, admin)) {
+            return Err(src.error(
+                ADMIN,
+                format!(
+                    "{admin} overlaps {other} of server.listen (a wildcard address, 0.0.0.0 or [::], \
+                     takes its port on every address); the admin port must be a port of its own"
+                ),
+            ));
+        }
+        if let Some(other) = admin_listen.iter().find(|other| overlap(**other, admin)) {
+            return Err(src.error(
+                ADMIN,
+                format!(
+                    "{address:?} resolves to {other} and {admin}, which overlap (a wildcard \
+                     address takes its port on every address): only one could be listened on; \
+                     give one IP address"
+                ),
+            ));
+        }
+        admin_listen.push(admin);
+    }
+    Ok(admin_listen)
+}
+
+/// Refuses port 0 for a listener: the kernel would pick a port anew at
+/// each start, one no client, load balancer, health check or Prometheus
+/// scrape knows, and that the log would name as `:0`.
+fn listening_port(
+    src: &Source,
+    key: &str,
+    address: &str,
+    resolved: SocketAddr,
+    example: &str,
+) -> Result<()> {
+    if resolved.port() != 0 {
+        return Ok(());
+    }
+    Err(src.error(
+        key,
+        format!(
+            "expected a port clients can be given, found {address:?}: port 0 takes a port the \
+             kernel picks anew at each start, which nobody could reach; choose one, e.g. {example:?}"
+        ),
+    ))
+}
+
 /// Whether `a` and `b` are different addresses that cannot both be
 /// listened on: the same port, one of them a wildcard that covers the
 /// other (`[::]` covers IPv4 too: pingora leaves it dual-stack, the
 /// kernel's default), or one IPv4 address written twice (`[::ffff:a.b.c.d]`).
-/// Port 0 is a fresh port each time.
 fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
     let covers = |wildcard: SocketAddr, other: SocketAddr| {
         wildcard.ip().is_unspecified() && (wildcard.is_ipv6() || other.is_ipv4())
     };
     let same_ip = a.ip().to_canonical() == b.ip().to_canonical();
-    a != b && a.port() == b.port() && a.port() != 0 && (same_ip || covers(a, b) || covers(b, a))
+    a != b && a.port() == b.port() && (same_ip || covers(a, b) || covers(b, a))
 }
 
 fn trusted_proxy(src: &Source, index: usize, proxy: &str) -> Result<IpNet> {
