@@ -121,6 +121,18 @@ fn with_its_client_certificate_the_proxy_stores_and_reads_sessions() {
     drop(proxy);
 }
 
+/// Keys of other kinds than the ECDSA P-256 above log in too.
+#[test]
+fn an_ed25519_client_key_logs_in_too() {
+    let Some(cluster) = PrivatePostgres::shared(CLUSTER_PORT) else {
+        return;
+    };
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let client = PrivatePostgres::client_cert_with(&cluster.ca, "app-ed25519", APP_USER, key);
+    let config = config(19440, &tls(&cluster.ca, Some(&client)));
+    assert_eq!(cli(&["check"], &config), (Some(0), String::new()));
+}
+
 #[test]
 fn without_an_accepted_client_certificate_the_store_is_unreachable() {
     let Some(cluster) = PrivatePostgres::shared(CLUSTER_PORT) else {
@@ -310,7 +322,11 @@ fn client_certificate_problems_are_config_errors_naming_the_setting_and_file() {
     let config = config(19430, &pair(&cert, &key));
     let (code, stderr) = cli(&["check"], &config);
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("sslmode=verify-full"), "{stderr}");
+    assert!(
+        stderr.contains("store.url: sslcert: a client certificate is sent over TLS only")
+            && stderr.contains("set sslmode=verify-full"),
+        "{stderr}"
+    );
 
     // A good pair passes the config; nothing listens on the port.
     let good = config.store(&format!(

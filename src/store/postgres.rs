@@ -181,7 +181,8 @@ impl From<tokio_postgres::Error> for Failure {
 
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/db`, with libpq's
-    /// `sslmode` and `sslrootcert`; or libpq's `key=value` form, where
+    /// `sslmode`, `sslrootcert`, `sslcert` and `sslkey`; or libpq's
+    /// `key=value` form, where
     /// `sslmode` is `disable`, `prefer` or `require` only), creates `table`
     /// if it is missing, and keeps up to `pool_size` connections per thread
     /// that uses it (and as many again for leases, shared). Every

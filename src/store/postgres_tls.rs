@@ -126,10 +126,14 @@ impl PostgresTls {
         // libpq would send it under `prefer`'s TLS; here `prefer` is plain,
         // and a certificate never sent would only show as a refused login.
         if client_cert.is_some() && mode == SslMode::Plain {
+            let asked = match &sslmode {
+                Some(sslmode) => format!("sslmode={sslmode}"),
+                None => "no sslmode".to_owned(),
+            };
             return Err(format!(
-                "sslcert: a client certificate is sent over TLS only, and sslmode={} speaks none here; \
-                 set sslmode=verify-full (with sslrootcert, the server's CA)",
-                sslmode.as_deref().unwrap_or("prefer")
+                "sslcert: a client certificate is sent over TLS only, and with {asked} this proxy \
+                 speaks none (README, \"TLS\"); set sslmode=verify-full (with sslrootcert, the \
+                 server's CA)"
             ));
         }
         Ok((

@@ -123,13 +123,23 @@ impl PrivatePostgres {
     }
 
     /// A client certificate for `user`, signed by `ca`, as PEM files
-    /// `(cert, key)`; the key file is the user's alone (0600).
+    /// `(cert, key)`; the key file (ECDSA P-256, PKCS#8) is the user's
+    /// alone (0600).
     pub fn client_cert(ca: &TestCa, tag: &str, user: &str) -> (PathBuf, PathBuf) {
+        Self::client_cert_with(ca, tag, user, rcgen::KeyPair::generate().unwrap())
+    }
+
+    /// The same, with the key `key`.
+    pub fn client_cert_with(
+        ca: &TestCa,
+        tag: &str,
+        user: &str,
+        key: rcgen::KeyPair,
+    ) -> (PathBuf, PathBuf) {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, user);
-        let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
         let cert_path = ca.dir.path().join(format!("{tag}.crt"));
         let key_path = ca.dir.path().join(format!("{tag}.key"));
