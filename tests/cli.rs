@@ -359,7 +359,10 @@ fn sessions_errors_name_the_config_file_and_the_directory_at_fault() {
             "{command}: {message}"
         );
         assert!(
-            message.contains(not_a_directory.to_str().unwrap()),
+            message.contains(&format!(
+                "the session store path {} is not a directory",
+                not_a_directory.display()
+            )),
             "{command}: {message}"
         );
     }

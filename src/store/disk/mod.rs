@@ -76,19 +76,24 @@ impl DiskStore {
     /// Unix: records are session data) if it is missing.
     pub fn open(dir: impl AsRef<Path>, fsync: bool) -> Result<DiskStore, StoreError> {
         let dir = dir.as_ref().to_path_buf();
-        create_dir(&dir).map_err(|error| {
+        let not_a_directory = || {
             StoreError::Unavailable(format!(
-                "cannot create the session directory {}: {error}; \
-                 create it or set [store] path to a writable directory",
-                dir.display()
-            ))
-        })?;
-        if !dir.is_dir() {
-            return Err(StoreError::Unavailable(format!(
                 "the session store path {} is not a directory; \
                  set [store] path to a directory",
                 dir.display()
-            )));
+            ))
+        };
+        create_dir(&dir).map_err(|error| match error.kind() {
+            // A file of that name: "File exists" would not say the problem.
+            io::ErrorKind::AlreadyExists => not_a_directory(),
+            _ => StoreError::Unavailable(format!(
+                "cannot create the session directory {}: {error}; \
+                 create it or set [store] path to a writable directory",
+                dir.display()
+            )),
+        })?;
+        if !dir.is_dir() {
+            return Err(not_a_directory());
         }
         Ok(DiskStore {
             dir,
