@@ -128,7 +128,7 @@ fn an_ed25519_client_key_logs_in_too() {
         return;
     };
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let client = PrivatePostgres::client_cert_with(&cluster.ca, "app-ed25519", APP_USER, key);
+    let client = PrivatePostgres::client_cert_with(&cluster.ca, "app-ed25519", APP_USER, key, None);
     let config = config(19440, &tls(&cluster.ca, Some(&client)));
     assert_eq!(cli(&["check"], &config), (Some(0), String::new()));
 }
@@ -183,6 +183,42 @@ fn without_an_accepted_client_certificate_the_store_is_unreachable() {
         stderr.contains("connection requires a valid client certificate"),
         "{stderr}"
     );
+}
+
+/// A certificate revoked while the proxy runs: the store is unreachable
+/// from then on, as any store that stops answering (503s, /healthz 503).
+#[test]
+fn a_client_certificate_revoked_later_makes_the_store_unreachable() {
+    let Some(cluster) = PrivatePostgres::shared(CLUSTER_PORT) else {
+        return;
+    };
+    // A user of its own: the revocation closes its connections only.
+    let user = "revoked_later";
+    cluster.add_user(user);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let client = PrivatePostgres::client_cert_with(&cluster.ca, user, user, key, Some(4242));
+    let config = config(19450, &tls(&cluster.ca, Some(&client)));
+    let config = config.store(&format!(
+        "url = \"postgres://{user}@localhost:{CLUSTER_PORT}/{user}?{}\"",
+        tls(&cluster.ca, Some(&client))
+    ));
+    let _upstream = start_upstream_with(&["--port", "19452"]);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    assert_eq!(get(config.admin_port, "/healthz", &[]).status, 200);
+
+    cluster.revoke(&[4242], user);
+    let response = browser.get("/count", &[]);
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (503, "session store unavailable")
+    );
+    assert_eq!(get(config.admin_port, "/healthz", &[]).status, 503);
+    let (code, stderr) = cli(&["check"], &config);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("CertificateRevoked"), "{stderr}");
+    drop(proxy);
 }
 
 /// `session-proxy run`, which must exit by itself within 20 s (killed

@@ -126,17 +126,20 @@ impl PrivatePostgres {
     /// `(cert, key)`; the key file (ECDSA P-256, PKCS#8) is the user's
     /// alone (0600).
     pub fn client_cert(ca: &TestCa, tag: &str, user: &str) -> (PathBuf, PathBuf) {
-        Self::client_cert_with(ca, tag, user, rcgen::KeyPair::generate().unwrap())
+        Self::client_cert_with(ca, tag, user, rcgen::KeyPair::generate().unwrap(), None)
     }
 
-    /// The same, with the key `key`.
+    /// The same, with the key `key`, and the serial number `serial` if
+    /// given (else a random one).
     pub fn client_cert_with(
         ca: &TestCa,
         tag: &str,
         user: &str,
         key: rcgen::KeyPair,
+        serial: Option<u64>,
     ) -> (PathBuf, PathBuf) {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, user);
@@ -147,6 +150,56 @@ impl PrivatePostgres {
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
         std::fs::set_permissions(&key_path, PermissionsExt::from_mode(0o600)).unwrap();
         (cert_path, key_path)
+    }
+
+    /// Makes a login role `user` with a database of the same name.
+    pub fn add_user(&self, user: &str) {
+        self.query("postgres", &format!("CREATE ROLE {user} LOGIN"));
+        self.query("postgres", &format!("CREATE DATABASE {user} OWNER {user}"));
+    }
+
+    /// Revokes the certificates of `serials` (signed by the cluster's CA):
+    /// a CRL for new connections, and `user`'s open connections closed.
+    pub fn revoke(&self, serials: &[u64], user: &str) {
+        let mut params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(4000, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        for &serial in serials {
+            params.revoked_certs.push(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from(serial),
+                revocation_time: rcgen::date_time_ymd(2020, 1, 1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let crl = params.signed_by(&self.ca.cert, &self.ca.key).unwrap();
+        let path = self.dir.path().join("crl.pem");
+        std::fs::write(&path, crl.pem().unwrap()).unwrap();
+        self.own(&path);
+        self.query(
+            "postgres",
+            &format!("ALTER SYSTEM SET ssl_crl_file = '{}'", path.display()),
+        );
+        self.query("postgres", "SELECT pg_reload_conf()");
+        // The reload is the postmaster's, after this returns: until new
+        // connections see the CRL, close the user's as they come.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let applied = self.query("postgres", "SHOW ssl_crl_file");
+            self.query(
+                "postgres",
+                &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{user}'"),
+            );
+            if applied == [path.display().to_string()] || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Runs `sql` in `database` as the superuser, over the Unix socket;
