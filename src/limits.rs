@@ -74,18 +74,33 @@ pub const H2_MAX_STREAMS: u32 = 100;
 /// [`H2_MAX_STREAMS`] times this per connection.
 const H2_SEND_BUFFER: usize = 64 * 1024;
 
+/// Streams a client may open and reset before the proxy has taken them,
+/// held at once, before its connection is closed (`ENHANCE_YOUR_CALM`):
+/// the rapid reset attack (CVE-2023-44487) opens and resets streams
+/// faster than a server can serve them. h2's default, set here so that a
+/// new h2 cannot change it unseen.
+const H2_MAX_PENDING_RESETS: usize = 20;
+
+/// Streams the h2 codec may reset for a client's protocol errors before
+/// it closes the connection (`ENHANCE_YOUR_CALM`); h2's default.
+const H2_MAX_ERROR_RESETS: usize = 1024;
+
 /// The h2 codec's bounds for a client connection: [`H2_MAX_STREAMS`]; a
 /// decoded header list of at most [`MAX_HEAD_BYTES`] (RFC 7541 counts 32
 /// bytes per field where we count 4, so it is the tighter bound; over it,
-/// h2 answers `431` itself); the default flow-control windows (64 KiB a
-/// stream and a connection: what a client's request bodies may hold in
-/// the proxy); h2's defences against rapid resets and CONTINUATION floods.
+/// h2 answers `431` itself, and a header block of more CONTINUATION
+/// frames than that size takes closes the connection); the default
+/// flow-control windows (64 KiB a stream and a connection: what a
+/// client's request bodies may hold in the proxy); and its bounds on
+/// streams reset in bulk.
 pub fn h2_options() -> H2Options {
     let mut options = default_h2_options();
     options
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .max_send_buffer_size(H2_SEND_BUFFER);
+        .max_send_buffer_size(H2_SEND_BUFFER)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(Some(H2_MAX_ERROR_RESETS));
     options
 }
 

@@ -129,6 +129,8 @@ struct RawH2 {
     stream: StreamOwned<ClientConnection, TcpStream>,
     /// The server's SETTINGS, as (identifier, value).
     settings: Vec<(u16, u32)>,
+    /// Bytes read by `drain` and not yet split into frames.
+    inbox: Vec<u8>,
 }
 
 impl RawH2 {
@@ -145,6 +147,7 @@ impl RawH2 {
         let mut raw = RawH2 {
             stream,
             settings: Vec::new(),
+            inbox: Vec::new(),
         };
         raw.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         raw.frame(SETTINGS, 0, 0, &[]);
@@ -157,22 +160,13 @@ impl RawH2 {
     }
 
     fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-        let length = (payload.len() as u32).to_be_bytes();
-        let mut frame = vec![length[1], length[2], length[3], kind, flags];
-        frame.extend_from_slice(&stream.to_be_bytes());
-        frame.extend_from_slice(payload);
-        self.write(&frame);
+        self.write(&frame_bytes(kind, flags, stream, payload));
     }
 
     /// A request head of `fields` (pseudo-headers first, as given), as
     /// literals without indexing, split over CONTINUATION frames of 16 KiB.
     fn headers(&mut self, stream: u32, fields: &[(&[u8], &[u8])], end_stream: bool) {
-        let mut block = Vec::new();
-        for (name, value) in fields {
-            block.push(0x00);
-            hpack_string(&mut block, name);
-            hpack_string(&mut block, value);
-        }
+        let block = header_block(fields);
         let mut chunks = block.chunks(16_384).peekable();
         let mut kind = HEADERS;
         let mut flags = if end_stream { END_STREAM } else { 0 };
@@ -258,7 +252,74 @@ impl RawH2 {
     }
 }
 
+/// The frames the proxy sends within `within`, and whether it closed the
+/// connection meanwhile (reading as they come, so that a client that
+/// floods never blocks a proxy that writes).
+impl RawH2 {
+    fn drain(&mut self, within: Duration) -> (Vec<(u8, u32, Vec<u8>)>, bool) {
+        let deadline = Instant::now() + within;
+        self.stream
+            .sock
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut buf = [0u8; 16_384];
+        let mut closed = false;
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => closed = true,
+                Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => closed = true,
+            }
+            if closed || Instant::now() >= deadline {
+                break;
+            }
+        }
+        let mut frames = Vec::new();
+        while self.inbox.len() >= 9 {
+            let length = u32::from_be_bytes([0, self.inbox[0], self.inbox[1], self.inbox[2]]);
+            let end = 9 + length as usize;
+            if self.inbox.len() < end {
+                break;
+            }
+            let stream = u32::from_be_bytes(self.inbox[5..9].try_into().unwrap()) & 0x7fff_ffff;
+            frames.push((self.inbox[3], stream, self.inbox[9..end].to_vec()));
+            self.inbox.drain(..end);
+        }
+        (frames, closed)
+    }
+}
+
+/// The error code of the GOAWAY among `frames`, if there is one.
+fn goaway_code(frames: &[(u8, u32, Vec<u8>)]) -> Option<u32> {
+    frames
+        .iter()
+        .find(|(kind, _, _)| *kind == GOAWAY)
+        .map(|(_, _, payload)| u32::from_be_bytes(payload[4..8].try_into().unwrap()))
+}
+
+fn frame_bytes(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = (payload.len() as u32).to_be_bytes();
+    let mut frame = vec![length[1], length[2], length[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// `fields` as HPACK literals without indexing.
+fn header_block(fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0x00);
+        hpack_string(&mut block, name);
+        hpack_string(&mut block, value);
+    }
+    block
+}
+
 const PROTOCOL_ERROR: u32 = 0x1;
+const CANCEL: u32 = 0x8;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 fn hpack_int(out: &mut Vec<u8>, mut value: usize, prefix_bits: u32, first: u8) {
     let max = (1usize << prefix_bits) - 1;
@@ -981,4 +1042,189 @@ async fn a_request_whose_body_never_comes_ends_with_the_apps_read_timeout() {
         .await
         .expect("no answer 10 s after the app's read_timeout of 2 s");
     assert_eq!(answer.unwrap().status(), 504);
+}
+
+// ---- abuse: what the h2 codec and pingora must bound ----
+//
+// Each test listens on fixed ports of its own, from 19300-19399.
+
+/// An HTTPS proxy on `first` (its admin listener on `first + 1`) in front
+/// of a recording app on `first + 2`.
+fn on_fixed_ports(ca: &TestCa, first: u16) -> (ProxyConfig, Recorder) {
+    let recorder = Recorder::on_port(first + 2);
+    let mut config = https_proxy(ca, recorder.port);
+    config.port = first;
+    config.admin_port = first + 1;
+    (config, recorder)
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// GET `path` on a new connection.
+fn served_on_a_new_connection(ca: &TestCa, port: u16, path: &str) -> Outcome {
+    RawH2::connect(ca, port).get(path, &[])
+}
+
+#[test]
+fn a_rapid_reset_flood_ends_its_connection_and_reaches_the_app_a_bounded_number_of_times() {
+    let ca = TestCa::new();
+    let (config, recorder) = on_fixed_ports(&ca, 19310);
+    let _proxy = config.start();
+
+    let mut h2 = RawH2::connect(&ca, config.port);
+    let block = header_block(&[
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", b"127.0.0.1"),
+        (b":path", b"/flood"),
+    ]);
+    // Streams opened and reset at once (CVE-2023-44487), 100 to a write,
+    // up to 10,000, for as long as the proxy takes them.
+    let mut goaway = None;
+    let mut closed = false;
+    let mut opened = 0u32;
+    while opened < 10_000 && goaway.is_none() && !closed {
+        let mut batch = Vec::new();
+        for _ in 0..100 {
+            let id = 2 * opened + 1;
+            batch.extend(frame_bytes(HEADERS, END_STREAM | END_HEADERS, id, &block));
+            batch.extend(frame_bytes(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+            opened += 1;
+        }
+        h2.write(&batch);
+        let (frames, gone) = h2.drain(Duration::from_millis(1));
+        goaway = goaway_code(&frames);
+        closed = gone;
+    }
+    let since = Instant::now();
+    while goaway.is_none() && !closed && since.elapsed() < Duration::from_secs(10) {
+        let (frames, gone) = h2.drain(Duration::from_millis(200));
+        goaway = goaway_code(&frames);
+        closed = gone;
+    }
+    assert_eq!(
+        goaway,
+        Some(ENHANCE_YOUR_CALM),
+        "{opened} streams opened and reset, the connection still open: {closed}"
+    );
+    assert!(opened < 10_000, "all 10,000 streams were taken");
+
+    // A reset stream may reach the app when pingora took it first: never
+    // more than a connection's streams at once.
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = recorder.requests().len();
+    assert!(seen <= 100, "the app saw {seen} of {opened} reset requests");
+    assert_eq!(
+        served_on_a_new_connection(&ca, config.port, "/after"),
+        Outcome::Status(200)
+    );
+}
+
+#[test]
+fn a_continuation_flood_of_header_fields_ends_its_connection_with_bounded_memory() {
+    let ca = TestCa::new();
+    let (config, _recorder) = on_fixed_ports(&ca, 19320);
+    let config = config.server("header_timeout = 3");
+    let proxy = config.start();
+    assert_eq!(
+        served_on_a_new_connection(&ca, config.port, "/warm-up"),
+        Outcome::Status(200)
+    );
+    let before = rss_kib(proxy.child.id());
+
+    let mut h2 = RawH2::connect(&ca, config.port);
+    h2.stream
+        .sock
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = header_block(&[
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", b"127.0.0.1"),
+        (b":path", b"/flood"),
+    ]);
+    h2.frame(HEADERS, END_STREAM, 1, &head);
+    // CONTINUATION frames of 16 KiB of whole header fields, without
+    // END_HEADERS, 1 MiB to a write, up to 64 MiB (CVE-2024-27316).
+    let field: Vec<(&[u8], &[u8])> = vec![(b"x-flood", &[b'f'; 1000]); 16];
+    let continuation = frame_bytes(CONTINUATION, 0, 1, &header_block(&field));
+    let megabyte = continuation.repeat(64);
+    let (mut sent, mut goaway, mut closed) = (0, None, false);
+    let started = Instant::now();
+    while sent < 64 && goaway.is_none() && !closed && started.elapsed() < Duration::from_secs(15) {
+        h2.write(&megabyte);
+        sent += 1;
+        let (frames, gone) = h2.drain(Duration::from_millis(1));
+        goaway = goaway_code(&frames);
+        closed = gone;
+    }
+    while goaway.is_none() && !closed && started.elapsed() < Duration::from_secs(15) {
+        let (frames, gone) = h2.drain(Duration::from_millis(200));
+        goaway = goaway_code(&frames);
+        closed = gone;
+    }
+    assert!(
+        goaway.is_some() || closed,
+        "the connection still open after {sent} MiB of CONTINUATION"
+    );
+    assert!(sent < 64, "all 64 MiB were taken (GOAWAY {goaway:?})");
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = rss_kib(proxy.child.id()).saturating_sub(before);
+    assert!(
+        grown < 8 * 1024,
+        "the proxy grew by {grown} KiB over {sent} MiB of CONTINUATION"
+    );
+    assert_eq!(
+        served_on_a_new_connection(&ca, config.port, "/after"),
+        Outcome::Status(200)
+    );
+}
+
+#[test]
+fn a_flood_of_empty_continuation_frames_ends_its_connection() {
+    let ca = TestCa::new();
+    let (config, _recorder) = on_fixed_ports(&ca, 19330);
+    let config = config.server("header_timeout = 3");
+    let _proxy = config.start();
+
+    let mut h2 = RawH2::connect(&ca, config.port);
+    h2.stream
+        .sock
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = header_block(&[(b":method", b"GET")]);
+    h2.frame(HEADERS, END_STREAM, 1, &head);
+    // Frames that add nothing to the header list, so no size bound sees
+    // them: 10,000 to a write, for 15 s at most.
+    let empty = frame_bytes(CONTINUATION, 0, 1, &[]).repeat(10_000);
+    let (mut writes, mut goaway, mut closed) = (0, None, false);
+    let started = Instant::now();
+    while goaway.is_none() && !closed && started.elapsed() < Duration::from_secs(15) {
+        h2.write(&empty);
+        writes += 1;
+        let (frames, gone) = h2.drain(Duration::from_millis(1));
+        goaway = goaway_code(&frames);
+        closed = gone;
+    }
+    assert!(
+        goaway.is_some() || closed,
+        "the connection still open after {writes}0,000 empty CONTINUATION frames"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cut off only after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        served_on_a_new_connection(&ca, config.port, "/after"),
+        Outcome::Status(200)
+    );
 }

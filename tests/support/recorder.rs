@@ -62,8 +62,16 @@ impl Recorder {
         ignore_bodies: bool,
         script: impl Fn(usize, &Seen) -> Vec<u8> + Send + Sync + 'static,
     ) -> Recorder {
-        let script: Script = Arc::new(script);
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Recorder::listen(0, ignore_bodies, Arc::new(script))
+    }
+
+    /// Answers every request `200 ok`, on `port` (0: any free one).
+    pub fn on_port(port: u16) -> Recorder {
+        Recorder::listen(port, false, Arc::new(|_, _| ok_response()))
+    }
+
+    fn listen(port: u16, ignore_bodies: bool, script: Script) -> Recorder {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let conns = Arc::new(Mutex::new(Vec::new()));
         let shared = conns.clone();
