@@ -13,9 +13,9 @@
 //! - reading a head (from its first byte): cut off after `header_timeout`,
 //!   with a `408`;
 //! - serving (from the end of the head to the end of the response): not
-//!   timed here; the body and the upstream have their own timeouts, and
+//!   timed here; each read of the request body has `body_timeout` and
 //!   each write of the response to the client `send_timeout` (pingora's,
-//!   set per request by [`head_received`]).
+//!   set per request by [`head_received`]), the upstream its own.
 //!
 //! The proxy moves the phases along: [`head_received`] from
 //! `early_request_filter`, [`await_next_request`] when pingora keeps the
@@ -36,7 +36,13 @@
 //! first byte, the stream's own idle clock. Each stream's response writes
 //! have `send_timeout` (pingora's write timeout, which covers waiting for
 //! the client's flow-control window), and every write of the connection
-//! as on HTTP/1.1. The size bounds are the h2 codec's ([`h2_options`]).
+//! as on HTTP/1.1. pingora times no read of an HTTP/2 body, so
+//! [`ClockedStream`] follows each stream's body in the frames too: one
+//! that brings nothing for `body_timeout` while the client may send has
+//! its stream reset (`h2_bodies`). The size bounds are the h2 codec's
+//! ([`h2_options`]).
+
+mod h2_bodies;
 
 use std::future::Future;
 use std::io;
@@ -59,6 +65,8 @@ use pingora::protocols::{
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+use h2_bodies::{ClientFrame, H2Bodies};
 
 /// The most a request head may hold, counting the request line and, per
 /// header, its name, its value and 4 bytes of `: ` and CRLF. Over it: 431.
@@ -124,6 +132,9 @@ pub struct ClientTimeouts {
     /// stops reading would otherwise hold its connection, and the
     /// upstream's that the proxy stops reading, for ever.
     pub send: Duration,
+    /// For a request body to bring its next byte, while the client may
+    /// send one (nginx's `client_body_timeout`).
+    pub body: Duration,
 }
 
 /// A pingora app whose client connections are [`ClockedStream`]s.
@@ -177,8 +188,11 @@ pub fn head_received(session: &mut ServerSession) {
         return;
     };
     stream.set_phase(Phase::Serving);
-    let send = stream.timeouts.send;
+    let ClientTimeouts { send, body, .. } = stream.timeouts;
     session.set_write_timeout(Some(send));
+    // pingora's timeout on each read of an HTTP/1.1 body (60 s unset);
+    // HTTP/2 bodies are timed by the connection ([`ClockedStream`]).
+    session.set_read_timeout(Some(body));
 }
 
 /// The connection will wait for another request: start the idle clock.
@@ -217,6 +231,8 @@ pub struct ClockedStream {
     timeouts: ClientTimeouts,
     /// On an HTTP/2 connection, where its frames are.
     h2: Option<H2Frames>,
+    /// On an HTTP/2 connection, the clocks of its request bodies.
+    bodies: Option<H2Bodies>,
     /// Set from the proxy's phases through a shared reference.
     phase: Mutex<Phase>,
     /// Wakes a read that waits past the deadline.
@@ -228,16 +244,26 @@ pub struct ClockedStream {
     send_timer: Option<Pin<Box<Sleep>>>,
 }
 
+/// `limit` after `since`; a limit too large to add is no limit in practice.
+fn later(since: Instant, limit: Duration) -> Instant {
+    since
+        .checked_add(limit)
+        .or_else(|| since.checked_add(Duration::from_secs(86_400 * 365)))
+        .unwrap_or(since)
+}
+
 /// What a client too slow with its head gets before the connection closes.
 const TIMEOUT_ANSWER: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 24\r\nConnection: close\r\n\r\nrequest header too slow\n";
 
 impl ClockedStream {
     fn new(inner: Stream, timeouts: ClientTimeouts) -> ClockedStream {
         let h2 = (inner.selected_alpn_proto() == Some(ALPN::H2)).then(H2Frames::new);
+        let bodies = h2.as_ref().map(|_| H2Bodies::new(timeouts.body));
         ClockedStream {
             inner,
             timeouts,
             h2,
+            bodies,
             phase: Mutex::new(Phase::Idle(Instant::now())),
             timer: None,
             send_blocked: None,
@@ -263,11 +289,7 @@ impl ClockedStream {
         }
         let now = Instant::now();
         let since = *self.send_blocked.get_or_insert(now);
-        // A limit too large to add is no limit in practice.
-        let deadline = since
-            .checked_add(self.timeouts.send)
-            .or_else(|| since.checked_add(Duration::from_secs(86_400 * 365)))
-            .unwrap_or(since);
+        let deadline = later(since, self.timeouts.send);
         let timer = self
             .send_timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -294,13 +316,6 @@ impl ClockedStream {
 
     /// When the current phase ends, and whether a head was under way.
     fn deadline(&self) -> Option<(Instant, bool)> {
-        let later = |since: Instant, limit: Duration| {
-            // A limit too large to add is no limit in practice.
-            since
-                .checked_add(limit)
-                .or_else(|| since.checked_add(Duration::from_secs(86_400 * 365)))
-                .unwrap_or(since)
-        };
         match self.phase() {
             Phase::Idle(since) => Some((later(since, self.timeouts.keepalive), false)),
             Phase::Head(since) => Some((later(since, self.timeouts.header), true)),
@@ -394,38 +409,137 @@ impl ClockedStream {
 
     /// A read of an HTTP/2 connection: the head clock runs while a header
     /// block is under way, whichever stream it opens, and stops when it
-    /// ends; the connection is idle (pingora's clock) otherwise.
+    /// ends; the connection is idle (pingora's clock) otherwise. Each
+    /// request body has its own clock (`h2_bodies`): one silent for
+    /// `body_timeout` is reset, and h2 reads the client's RST_STREAM for it
+    /// here.
     fn poll_read_frames(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let clock = self.deadline();
-        if let Some((deadline, in_head)) = clock {
-            if Instant::now() >= deadline {
-                return self.expire(in_head, cx);
-            }
-        }
-        let before = buf.filled().len();
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if let Some(frames) = self.h2.as_mut() {
-                    frames.read(&buf.filled()[before..]);
-                    let in_head = frames.in_head();
-                    match self.phase() {
-                        Phase::Head(_) if in_head => {}
-                        _ if in_head => self.set_phase(Phase::Head(Instant::now())),
-                        Phase::Serving => {}
-                        _ => self.set_phase(Phase::Serving),
-                    }
+        loop {
+            let now = Instant::now();
+            let clock = self.deadline();
+            if let Some((deadline, in_head)) = clock {
+                if now >= deadline {
+                    return self.expire(in_head, cx);
                 }
-                Poll::Ready(Ok(()))
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => match clock {
-                Some((deadline, in_head)) => self.wait_until(deadline, in_head, cx),
-                None => Poll::Pending,
-            },
+            let body_clock = match self.reset_stalled_bodies(now, cx) {
+                Ok(body_clock) => body_clock,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            if let Some(bodies) = self.bodies.as_mut() {
+                if bodies.read_own_frames(buf) {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let before = buf.filled().len();
+            match Pin::new(&mut self.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) => {
+                    self.read_frames(before, buf);
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+            let wake = match (clock.map(|(deadline, _)| deadline), body_clock) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => match a.or(b) {
+                    Some(wake) => wake,
+                    None => return Poll::Pending,
+                },
+            };
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(wake)));
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // A clock ran out: the next turn ends what it timed.
+        }
+    }
+
+    /// Follows the client's frames just read, for the head and body clocks.
+    fn read_frames(&mut self, before: usize, buf: &ReadBuf<'_>) {
+        let Some(frames) = self.h2.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let bodies = &mut self.bodies;
+        frames.read_with(&buf.filled()[before..], |frame| {
+            if let Some(bodies) = bodies.as_mut() {
+                bodies.client_frame(frame, now);
+            }
+        });
+        let in_head = frames.in_head();
+        match self.phase() {
+            Phase::Head(_) if in_head => {}
+            _ if in_head => self.set_phase(Phase::Head(now)),
+            Phase::Serving => {}
+            _ => self.set_phase(Phase::Serving),
+        }
+    }
+
+    /// Resets the streams whose bodies have been silent for
+    /// `body_timeout`, and tries to tell the client at once; when the
+    /// next body falls silent (`None` while a head is under way: the head
+    /// clock runs then, and no frame of ours can go in). A client silent
+    /// inside a DATA frame stalls every stream of the connection: it is
+    /// closed.
+    fn reset_stalled_bodies(
+        &mut self,
+        now: Instant,
+        cx: &mut Context<'_>,
+    ) -> io::Result<Option<Instant>> {
+        let (Some(frames), Some(bodies)) = (self.h2.as_ref(), self.bodies.as_mut()) else {
+            return Ok(None);
+        };
+        if frames.in_head() {
+            return Ok(None);
+        }
+        let Some(deadline) = bodies.deadline() else {
+            return Ok(None);
+        };
+        if deadline > now {
+            return Ok(Some(deadline));
+        }
+        if !frames.between_frames() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "HTTP/2 DATA frame not finished within body_timeout",
+            ));
+        }
+        bodies.reset_stalled(now);
+        // Said at once if h2 is between frames; else when it next writes.
+        if bodies
+            .poll_write_own_frames(Pin::new(&mut self.inner), cx)
+            .is_ready()
+        {
+            let _ = Pin::new(&mut self.inner).poll_flush(cx);
+        }
+        Ok(bodies.deadline())
+    }
+
+    /// Writes our frames for the client (`h2_bodies`) before h2's next
+    /// bytes, where h2's frames are at a boundary.
+    fn poll_own_frames(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.bodies.as_mut() {
+            Some(bodies) if bodies.has_own_frames_for_client() => {
+                bodies.poll_write_own_frames(Pin::new(&mut self.inner), cx)
+            }
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    /// Follows what h2 wrote, for the body clocks.
+    fn wrote(&mut self, written: &[u8]) {
+        if let Some(bodies) = self.bodies.as_mut() {
+            bodies.sent(written, Instant::now());
         }
     }
 }
@@ -433,8 +547,8 @@ impl ClockedStream {
 /// Where the client's side of an HTTP/2 connection is in its frames
 /// (RFC 9113 4.1), as far as the head clock needs: whether a header
 /// block, or the 9-byte header of any frame, or the preface, has begun
-/// and not ended. Bodies (DATA frames) are not heads: pingora bounds
-/// them, and the upstream's `read_timeout` a request waiting for one.
+/// and not ended; and each frame's head, and the parts of DATA payloads,
+/// for the body clocks. Bodies (DATA frames) are not heads.
 #[derive(Debug)]
 struct H2Frames {
     /// Bytes of the 24-byte connection preface still to come.
@@ -446,6 +560,8 @@ struct H2Frames {
     payload_left: usize,
     /// Whether that payload is a header block fragment.
     payload_is_head: bool,
+    /// The stream of that payload, if it is DATA.
+    payload_of_data: Option<u32>,
     /// A HEADERS or PUSH_PROMISE frame came without END_HEADERS: its
     /// CONTINUATION frames are still to come.
     block_open: bool,
@@ -461,11 +577,17 @@ impl H2Frames {
             header_len: 0,
             payload_left: 0,
             payload_is_head: false,
+            payload_of_data: None,
             block_open: false,
         }
     }
 
-    fn read(&mut self, mut bytes: &[u8]) {
+    #[cfg(test)]
+    fn read(&mut self, bytes: &[u8]) {
+        self.read_with(bytes, |_| {});
+    }
+
+    fn read_with(&mut self, mut bytes: &[u8], mut on_frame: impl FnMut(ClientFrame)) {
         while !bytes.is_empty() {
             let taken = if self.preface_left > 0 {
                 let n = self.preface_left.min(bytes.len());
@@ -474,13 +596,16 @@ impl H2Frames {
             } else if self.payload_left > 0 {
                 let n = self.payload_left.min(bytes.len());
                 self.payload_left -= n;
+                if let Some(stream) = self.payload_of_data {
+                    on_frame(ClientFrame::DataBytes { stream });
+                }
                 n
             } else {
                 let n = (9 - self.header_len).min(bytes.len());
                 self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
                 self.header_len += n;
                 if self.header_len == 9 {
-                    self.frame_begins();
+                    on_frame(self.frame_begins());
                 }
                 n
             };
@@ -488,18 +613,34 @@ impl H2Frames {
         }
     }
 
-    fn frame_begins(&mut self) {
+    fn frame_begins(&mut self) -> ClientFrame {
+        const DATA: u8 = 0x0;
         const HEADERS: u8 = 0x1;
         const PUSH_PROMISE: u8 = 0x5;
         const CONTINUATION: u8 = 0x9;
         const END_HEADERS: u8 = 0x4;
-        let [l0, l1, l2, kind, flags, ..] = self.header;
+        let [l0, l1, l2, kind, flags, s0, s1, s2, s3] = self.header;
+        let length = u32::from_be_bytes([0, l0, l1, l2]);
+        let stream = u32::from_be_bytes([s0, s1, s2, s3]) & 0x7fff_ffff;
         self.header_len = 0;
-        self.payload_left = u32::from_be_bytes([0, l0, l1, l2]) as usize;
+        self.payload_left = length as usize;
         self.payload_is_head = matches!(kind, HEADERS | PUSH_PROMISE | CONTINUATION);
+        self.payload_of_data = (kind == DATA).then_some(stream);
         if self.payload_is_head {
             self.block_open = flags & END_HEADERS == 0;
         }
+        ClientFrame::Head {
+            kind,
+            flags,
+            stream,
+            length,
+        }
+    }
+
+    /// Whether the client has sent whole frames, and no header block is
+    /// open: a frame of ours may go in.
+    fn between_frames(&self) -> bool {
+        self.preface_left == 0 && self.header_len == 0 && self.payload_left == 0 && !self.block_open
     }
 
     fn in_head(&self) -> bool {
@@ -517,12 +658,26 @@ impl AsyncWrite for ClockedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        match this.poll_own_frames(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return this.bounded(cx, Poll::Ready(Err(e))),
+            Poll::Pending => return this.bounded(cx, Poll::Pending),
+        }
         let outcome = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = outcome {
+            this.wrote(&buf[..n]);
+        }
         this.bounded(cx, outcome)
     }
 
+    /// Our frames for the client go first: h2 flushes after its frames.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        match this.poll_own_frames(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return this.bounded(cx, Poll::Ready(Err(e))),
+            Poll::Pending => return this.bounded(cx, Poll::Pending),
+        }
         let outcome = Pin::new(&mut this.inner).poll_flush(cx);
         this.bounded(cx, outcome)
     }
@@ -539,7 +694,22 @@ impl AsyncWrite for ClockedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        match this.poll_own_frames(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return this.bounded(cx, Poll::Ready(Err(e))),
+            Poll::Pending => return this.bounded(cx, Poll::Pending),
+        }
         let outcome = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(mut n)) = outcome {
+            for buf in bufs {
+                let part = &buf[..n.min(buf.len())];
+                this.wrote(part);
+                n -= part.len();
+                if n == 0 {
+                    break;
+                }
+            }
+        }
         this.bounded(cx, outcome)
     }
 

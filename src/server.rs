@@ -91,6 +91,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         header: Duration::from_secs(config.server.header_timeout),
         keepalive: Duration::from_secs(config.server.keepalive_timeout),
         send: Duration::from_secs(config.server.send_timeout),
+        body: Duration::from_secs(config.server.body_timeout),
     };
     let mut proxy_app = pingora::proxy::http_proxy(&pingora_conf, proxy);
     // HTTP/2 only where ALPN can choose it: TLS listeners (no h2c).

@@ -7,7 +7,8 @@
 //! - cookies: at most 4 session-cookie candidates are verified per request;
 //! - update header: `max_data_bytes * 2 + 1024` bytes (502, the upstream's fault);
 //! - `server.header_timeout`: from a head's first byte to its end (408, closed);
-//! - `server.keepalive_timeout`: an idle connection is closed.
+//! - `server.keepalive_timeout`: an idle connection is closed;
+//! - `server.body_timeout`: a request body that stops coming (408, closed).
 
 mod support;
 
@@ -382,6 +383,38 @@ fn a_slow_request_body_is_not_cut_by_the_header_timeout() {
     stream.read_to_end(&mut answer).unwrap();
     assert_eq!(raw_status(&answer), Some(200));
     assert!(String::from_utf8_lossy(&answer).contains(r#""body": "slowly""#));
+}
+
+#[test]
+fn a_request_body_that_stops_coming_gets_408_after_body_timeout() {
+    // Fixed ports of 19300-19399, as tests/http2.rs's.
+    let recorder = support::recorder::Recorder::on_port(19362);
+    let mut config = ProxyConfig::new(recorder.port)
+        .server("body_timeout = 2")
+        .upstream("read_timeout = 60");
+    (config.port, config.admin_port) = (19360, 19361);
+    let _proxy = config.start();
+
+    let mut stream = TcpStream::connect(("127.0.0.1", config.port)).unwrap();
+    stream
+        .write_all(b"POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .unwrap();
+    let started = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    assert_eq!(raw_status(&answer), Some(408), "{answer:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert!(started.elapsed() < Duration::from_secs(15), "never closed");
+    // The app got the head and half a body: never a whole request.
+    assert!(recorder.requests().is_empty());
+    assert!(
+        recorder.text().ends_with("\r\n\r\nhello"),
+        "{}",
+        recorder.text()
+    );
 }
 
 /// A client connection kept alive across requests.

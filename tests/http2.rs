@@ -1044,6 +1044,165 @@ async fn a_request_whose_body_never_comes_ends_with_the_apps_read_timeout() {
     assert_eq!(answer.unwrap().status(), 504);
 }
 
+// ---- a request body that stops coming ----
+//
+// Fixed ports of 19300-19399, as the abuse tests below.
+
+/// A POST of `path` whose body (`content-length: 10`) stops after 5 bytes;
+/// the stream stays open.
+async fn stalled_post(h2: &H2, path: &str) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://127.0.0.1{path}"))
+        .header("content-length", "10")
+        .body(())
+        .unwrap();
+    let mut sender = h2.clone().ready().await.unwrap();
+    let (answer, mut body) = sender.send_request(request, false).unwrap();
+    body.send_data(Bytes::from_static(b"hello"), false).unwrap();
+    (answer, body)
+}
+
+/// The reason the proxy resets the stream of `body` with, or `None` if it
+/// has not within `within`.
+async fn reset_within(body: &mut h2::SendStream<Bytes>, within: Duration) -> Option<h2::Reason> {
+    let reset = std::future::poll_fn(|cx| body.poll_reset(cx));
+    match tokio::time::timeout(within, reset).await {
+        Ok(Ok(reason)) => Some(reason),
+        Ok(Err(e)) => e.reason(),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_resets_its_stream_after_body_timeout_and_others_go_on() {
+    let ca = TestCa::new();
+    let (config, recorder) = on_fixed_ports(&ca, 19300);
+    // read_timeout far beyond body_timeout: the app's clock must not be
+    // what ends the stream. Pooled after a body: the half body must not
+    // be followed by another request on its connection.
+    let config = config
+        .server("body_timeout = 2")
+        .upstream("read_timeout = 60")
+        .upstream("reuse_after_body = true");
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+
+    let started = Instant::now();
+    let (answer, mut body) = stalled_post(&h2, "/stalled").await;
+    // Another stream on the connection is served meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h2_get(&h2, "/meanwhile", &[]).await.status, 200);
+    assert!(
+        reset_within(&mut body, Duration::ZERO).await.is_none(),
+        "reset too early"
+    );
+
+    let reason = reset_within(&mut body, Duration::from_secs(10)).await;
+    assert_eq!(
+        reason,
+        Some(h2::Reason::CANCEL),
+        "after {:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert!(answer.await.is_err(), "the stalled request got an answer");
+
+    // The connection serves on, and the app saw no complete request for
+    // the stalled one, nor anything after its half body.
+    assert_eq!(h2_get(&h2, "/after", &[]).await.status, 200);
+    let targets: Vec<String> = recorder.requests().into_iter().map(|r| r.target).collect();
+    assert!(!targets.contains(&"/stalled".to_string()), "{targets:?}");
+    let conns = recorder.connection_texts();
+    let stalled = conns
+        .iter()
+        .find(|c| c.starts_with("POST /stalled "))
+        .expect("the stalled request reached the app");
+    assert!(stalled.ends_with("\r\n\r\nhello"), "{stalled:?}");
+}
+
+#[tokio::test]
+async fn a_stalled_body_after_the_apps_answer_resets_its_stream_after_body_timeout() {
+    let ca = TestCa::new();
+    // An app that answers at once, without reading the body: nothing
+    // upstream waits any more, so only the body's own clock ends it.
+    let recorder = Recorder::body_ignoring_on_port(19342);
+    let mut config = https_proxy(&ca, recorder.port).server("body_timeout = 2");
+    (config.port, config.admin_port) = (19340, 19341);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+
+    let (answer, mut body) = stalled_post(&h2, "/answered").await;
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer).await;
+    assert_eq!(answer.expect("no answer").expect("answer").status(), 200);
+    let reason = reset_within(&mut body, Duration::from_secs(10)).await;
+    assert_eq!(reason, Some(h2::Reason::CANCEL), "the stream is still open");
+    assert_eq!(h2_get(&h2, "/after", &[]).await.status, 200);
+}
+
+/// An app on `port` that lets its first connection wait `pause` before it
+/// reads a word, then reads the request and its `content-length` body
+/// whole and answers `200`; what it read, by the channel.
+fn slow_reading_app(port: u16, pause: Duration) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (read, got) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        std::thread::sleep(pause);
+        let mut all = Vec::new();
+        let mut buf = [0u8; 65_536];
+        loop {
+            let n = conn.read(&mut buf).unwrap_or(0);
+            all.extend_from_slice(&buf[..n]);
+            let Some(end) = all.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if n == 0 {
+                    break;
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&all[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |value| value.trim().parse().unwrap());
+            if n == 0 || all.len() >= end + 4 + length {
+                break;
+            }
+        }
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        let _ = read.send(all);
+    });
+    got
+}
+
+#[tokio::test]
+async fn a_body_the_app_is_slow_to_take_is_not_cut_off_by_body_timeout() {
+    let ca = TestCa::new();
+    // The app reads nothing for 4 s: the body fills its socket, then the
+    // proxy's flow-control windows, and the client may not send.
+    let read = slow_reading_app(19352, Duration::from_secs(4));
+    let mut config = https_proxy(&ca, 19352).server("body_timeout = 1");
+    (config.port, config.admin_port) = (19350, 19351);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+
+    let body = vec![b'b'; 16 << 20];
+    let length = body.len().to_string();
+    let headers = [("content-length", length.as_str())];
+    let answer = h2_request(&h2, "POST", "/upload", &headers, &body);
+    let answer = tokio::time::timeout(Duration::from_secs(60), answer).await;
+    let answer = answer
+        .expect("no answer in 60 s")
+        .expect("the stream was reset");
+    assert_eq!(answer.status, 200);
+    let read = read.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        read.ends_with(&body[..1000]) && read.len() > body.len(),
+        "{}",
+        read.len()
+    );
+}
+
 // ---- abuse: what the h2 codec and pingora must bound ----
 //
 // Each test listens on fixed ports of its own, from 19300-19399.

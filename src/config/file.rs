@@ -30,6 +30,7 @@ pub(super) struct Server {
     pub header_timeout: u64,
     pub keepalive_timeout: u64,
     pub send_timeout: u64,
+    pub body_timeout: u64,
     pub upgrade_sock: String,
     pub http2: bool,
 }
@@ -47,6 +48,7 @@ impl Default for Server {
             header_timeout: 10,
             keepalive_timeout: 60,
             send_timeout: 60,
+            body_timeout: 60,
             upgrade_sock: String::new(),
             http2: true,
         }

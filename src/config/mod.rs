@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub keepalive_timeout: u64,
     /// Seconds a client may take to accept each write of a response.
     pub send_timeout: u64,
+    /// Seconds a request body may go without a byte while the client may
+    /// send (nginx's `client_body_timeout`).
+    pub body_timeout: u64,
     /// Where a new process started with `run --upgrade` waits for the
     /// listening sockets of this one (`None`: no upgrades).
     pub upgrade_sock: Option<PathBuf>,

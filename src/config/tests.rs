@@ -51,7 +51,7 @@ fn absent_sections_take_the_spec_defaults() {
     assert!(server.tls.is_none());
     assert_eq!(server.grace_period, 10);
     assert_eq!((server.header_timeout, server.keepalive_timeout), (10, 60));
-    assert_eq!(server.send_timeout, 60);
+    assert_eq!((server.send_timeout, server.body_timeout), (60, 60));
     assert!(server.upgrade_sock.is_none());
     assert!(server.http2);
 
@@ -233,7 +233,12 @@ fn expired_status_must_be_a_status_with_content() {
 
 #[test]
 fn client_timeouts_are_at_least_one_second() {
-    for key in ["header_timeout", "keepalive_timeout", "send_timeout"] {
+    for key in [
+        "header_timeout",
+        "keepalive_timeout",
+        "send_timeout",
+        "body_timeout",
+    ] {
         let message = error(&format!("[server]\n{key} = 0\n"));
         assert!(
             message.contains(&format!("server.{key}: expected at least 1, found 0")),
@@ -457,6 +462,7 @@ fn a_wait_longer_than_a_year_is_refused() {
         "[server]\nheader_timeout",
         "[server]\nkeepalive_timeout",
         "[server]\nsend_timeout",
+        "[server]\nbody_timeout",
         "[store]\ntimeout",
     ] {
         let message = error(&format!("{key} = 9223372036854775807"));

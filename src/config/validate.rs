@@ -158,6 +158,7 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
         header_timeout: seconds(src, "server.header_timeout", server.header_timeout, 1)?,
         keepalive_timeout: seconds(src, "server.keepalive_timeout", server.keepalive_timeout, 1)?,
         send_timeout: seconds(src, "server.send_timeout", server.send_timeout, 1)?,
+        body_timeout: seconds(src, "server.body_timeout", server.body_timeout, 1)?,
         upgrade_sock: upgrade_sock(src, &server.upgrade_sock)?,
         http2: server.http2,
     })

@@ -55,6 +55,7 @@ impl Failure {
             Failure::UpstreamUnreachable => "upstream unreachable",
             Failure::UpstreamTimeout => "upstream timed out",
             Failure::Status(400) => "bad request",
+            Failure::Status(408) => "request body too slow",
             Failure::Status(431) => "request header too large",
             Failure::Status(_) | Failure::ClientGone => "request failed",
             Failure::Internal => "internal error",
@@ -70,12 +71,12 @@ impl Failure {
                 ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
             ) => Failure::UpstreamTimeout,
             (ErrorSource::Upstream, _) => Failure::UpstreamUnreachable,
+            // pingora's timeout on each read of an HTTP/1.1 body:
+            // `body_timeout` (a head too slow never gets this far).
+            (ErrorSource::Downstream, ErrorType::ReadTimedout) => Failure::Status(408),
             (
                 ErrorSource::Downstream,
-                ErrorType::ReadError
-                | ErrorType::WriteError
-                | ErrorType::ConnectionClosed
-                | ErrorType::ReadTimedout,
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
             ) => Failure::ClientGone,
             (ErrorSource::Downstream, _) => Failure::Status(400),
             _ => Failure::Internal,

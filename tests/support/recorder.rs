@@ -70,6 +70,11 @@ impl Recorder {
         Recorder::listen(port, false, Arc::new(|_, _| ok_response()))
     }
 
+    /// As [`Recorder::body_ignoring`], answering `200 ok`, on `port`.
+    pub fn body_ignoring_on_port(port: u16) -> Recorder {
+        Recorder::listen(port, true, Arc::new(|_, _| ok_response()))
+    }
+
     fn listen(port: u16, ignore_bodies: bool, script: Script) -> Recorder {
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let port = listener.local_addr().unwrap().port();
