@@ -1093,10 +1093,12 @@ async fn a_stalled_request_body_resets_its_stream_after_body_timeout_and_others_
     // Another stream on the connection is served meanwhile.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(h2_get(&h2, "/meanwhile", &[]).await.status, 200);
-    assert!(
-        reset_within(&mut body, Duration::ZERO).await.is_none(),
-        "reset too early"
-    );
+    // (On a machine too loaded to get here well within body_timeout, the
+    // reset may rightly have come already.)
+    if started.elapsed() < Duration::from_millis(1500) {
+        let early = reset_within(&mut body, Duration::ZERO).await;
+        assert!(early.is_none(), "reset before body_timeout");
+    }
 
     let reason = reset_within(&mut body, Duration::from_secs(10)).await;
     assert_eq!(
@@ -1178,10 +1180,10 @@ fn slow_reading_app(port: u16, pause: Duration) -> std::sync::mpsc::Receiver<Vec
 #[tokio::test]
 async fn a_body_the_app_is_slow_to_take_is_not_cut_off_by_body_timeout() {
     let ca = TestCa::new();
-    // The app reads nothing for 4 s: the body fills its socket, then the
+    // The app reads nothing for 6 s: the body fills its socket, then the
     // proxy's flow-control windows, and the client may not send.
-    let read = slow_reading_app(19352, Duration::from_secs(4));
-    let mut config = https_proxy(&ca, 19352).server("body_timeout = 1");
+    let read = slow_reading_app(19352, Duration::from_secs(6));
+    let mut config = https_proxy(&ca, 19352).server("body_timeout = 2");
     (config.port, config.admin_port) = (19350, 19351);
     let _proxy = config.start();
     let (h2, _task) = h2_connect(&ca, config.port).await;
