@@ -597,7 +597,8 @@ impl H2Frames {
                 let n = self.payload_left.min(bytes.len());
                 self.payload_left -= n;
                 if let Some(stream) = self.payload_of_data {
-                    on_frame(ClientFrame::DataBytes { stream });
+                    let last = self.payload_left == 0;
+                    on_frame(ClientFrame::DataBytes { stream, last });
                 }
                 n
             } else {

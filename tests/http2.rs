@@ -1142,6 +1142,34 @@ async fn a_stalled_body_after_the_apps_answer_resets_its_stream_after_body_timeo
     assert_eq!(h2_get(&h2, "/after", &[]).await.status, 200);
 }
 
+#[test]
+fn a_client_silent_inside_a_data_frame_has_its_connection_closed_after_body_timeout() {
+    let ca = TestCa::new();
+    let (config, recorder) = on_fixed_ports(&ca, 19370);
+    let config = config
+        .server("body_timeout = 2")
+        .upstream("read_timeout = 60");
+    let _proxy = config.start();
+
+    let mut h2 = RawH2::connect(&ca, config.port);
+    let fields: [(&[u8], &[u8]); 5] = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":authority", b"127.0.0.1"),
+        (b":path", b"/half-frame"),
+        (b"content-length", b"10"),
+    ];
+    h2.headers(1, &fields, false);
+    // A DATA frame of 10 bytes, 4 of them sent: nothing else of the
+    // connection's can come until it ends, and no frame can go in.
+    let data = frame_bytes(0x0, END_STREAM, 1, b"0123456789");
+    h2.write(&data[..9 + 4]);
+    let started = Instant::now();
+    assert!(h2.closed_within(Duration::from_secs(12)), "still open");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert!(recorder.requests().is_empty(), "{}", recorder.text());
+}
+
 /// An app on `port` that lets its first connection wait `pause` before it
 /// reads a word, then reads the request and its `content-length` body
 /// whole and answers `200`; what it read, by the channel.

@@ -58,6 +58,8 @@ pub enum ClientFrame {
     },
     DataBytes {
         stream: u32,
+        /// The frame's payload ends with these bytes.
+        last: bool,
     },
 }
 
@@ -69,6 +71,11 @@ struct Body {
     begun: bool,
     /// The client's flow-control window on this stream.
     window: i64,
+    /// A DATA frame of it is under way: the client may send the rest of
+    /// it whatever the windows say (they counted it whole).
+    in_frame: bool,
+    /// That frame ends the body.
+    ends_body: bool,
     /// Since when the client has sent nothing while it could; `None` while
     /// it cannot (its head still coming, or a window shut).
     since: Option<Instant>,
@@ -114,11 +121,17 @@ impl H2Bodies {
     /// A frame (or part of a DATA payload) the client sent.
     pub fn client_frame(&mut self, frame: ClientFrame, now: Instant) {
         match frame {
-            ClientFrame::DataBytes { stream } => {
-                if let Some(body) = self.body(stream) {
-                    if body.since.is_some() {
-                        body.since = Some(now);
+            ClientFrame::DataBytes { stream, last } => {
+                let Some(body) = self.body(stream) else {
+                    return;
+                };
+                body.since = Some(now);
+                if last {
+                    body.in_frame = false;
+                    if body.ends_body {
+                        self.forget(stream);
                     }
+                    self.recheck(now);
                 }
             }
             ClientFrame::Head {
@@ -128,11 +141,14 @@ impl H2Bodies {
                 length,
             } => {
                 self.connection_window -= i64::from(length);
-                if flags & END_STREAM != 0 {
+                let ends_body = flags & END_STREAM != 0;
+                if ends_body && length == 0 {
                     self.forget(stream);
                 } else if let Some(body) = self.body(stream) {
                     body.window -= i64::from(length);
                     body.since = Some(now);
+                    body.in_frame = length > 0;
+                    body.ends_body = ends_body;
                 }
                 self.recheck(now);
             }
@@ -152,6 +168,8 @@ impl H2Bodies {
                         stream,
                         begun: false,
                         window: self.initial_window,
+                        in_frame: false,
+                        ends_body: false,
                         since: None,
                     });
                 }
@@ -249,7 +267,7 @@ impl H2Bodies {
     fn recheck(&mut self, now: Instant) {
         let connection_open = self.connection_window > 0;
         for body in &mut self.bodies {
-            let may_send = body.begun && connection_open && body.window > 0;
+            let may_send = body.begun && (body.in_frame || connection_open && body.window > 0);
             match (may_send, body.since) {
                 (false, _) => body.since = None,
                 (true, None) => body.since = Some(now),
@@ -415,7 +433,23 @@ mod tests {
         frame
     }
 
+    fn data_bytes(stream: u32, last: bool) -> ClientFrame {
+        ClientFrame::DataBytes { stream, last }
+    }
+
     const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn the_last_data_frame_ends_the_clock_only_once_it_has_all_come() {
+        let start = Instant::now();
+        let mut bodies = H2Bodies::new(SECOND);
+        bodies.client_frame(head(HEADERS, END_HEADERS, 1, 10), start);
+        bodies.client_frame(head(DATA, END_STREAM, 1, 10), start);
+        bodies.client_frame(data_bytes(1, false), start);
+        assert_eq!(bodies.deadline(), Some(start + SECOND), "half a frame");
+        bodies.client_frame(data_bytes(1, true), start);
+        assert_eq!(bodies.deadline(), None);
+    }
 
     #[test]
     fn a_body_is_timed_from_its_head_and_from_each_data_frame() {
@@ -441,6 +475,12 @@ mod tests {
         let mut bodies = H2Bodies::new(SECOND);
         bodies.client_frame(head(HEADERS, END_HEADERS, 1, 10), start);
         bodies.client_frame(head(DATA, 0, 1, 65_535), start);
+        assert_eq!(
+            bodies.deadline(),
+            Some(start + SECOND),
+            "the frame is under way"
+        );
+        bodies.client_frame(data_bytes(1, true), start);
         assert_eq!(bodies.deadline(), None, "the client may not send");
         let later = start + Duration::from_secs(5);
         bodies.sent(&frame(WINDOW_UPDATE, 0, 1, &100u32.to_be_bytes()), later);
