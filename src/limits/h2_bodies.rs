@@ -15,6 +15,15 @@
 //! fails, the request ends and its upstream connection, which got part of
 //! a body, is closed; and the client is sent one, between h2's frames, so
 //! that it knows. The other streams go on.
+//!
+//! Our frames go in only where the peer's parser expects a frame: between
+//! the client's frames and outside a header block (else the head clock
+//! runs, and ends the connection), and between h2's frames. A stream h2
+//! has meanwhile closed takes no harm: h2 ignores an RST_STREAM for a
+//! stream it knows as closed (RFC 9113 5.1), and so does the client for
+//! one it has already seen reset. A client silent inside a DATA frame
+//! leaves no such place, and stalls every stream of the connection: the
+//! connection is closed then.
 
 use std::io;
 use std::pin::Pin;
