@@ -1121,6 +1121,14 @@ async fn a_stalled_request_body_resets_its_stream_after_body_timeout_and_others_
         .find(|c| c.starts_with("POST /stalled "))
         .expect("the stalled request reached the app");
     assert!(stalled.ends_with("\r\n\r\nhello"), "{stalled:?}");
+    // And the proxy closed that connection, rather than keep it waiting.
+    let closed = eventually(Duration::from_secs(5), || {
+        recorder.closed_connection_texts().contains(stalled)
+    });
+    assert!(
+        closed,
+        "the app's connection with the half body is still open"
+    );
 }
 
 #[tokio::test]

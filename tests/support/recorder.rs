@@ -26,9 +26,9 @@ impl Seen {
     }
 }
 
-/// Per connection of the recorder: its raw bytes and the requests split
-/// off them.
-pub type Connections = Arc<Mutex<Vec<(Vec<u8>, Vec<Seen>)>>>;
+/// Per connection of the recorder: its raw bytes, the requests split off
+/// them, and whether the proxy closed it.
+pub type Connections = Arc<Mutex<Vec<(Vec<u8>, Vec<Seen>, bool)>>>;
 
 /// What the upstream answers to the `n`th request of a connection.
 pub type Script = Arc<dyn Fn(usize, &Seen) -> Vec<u8> + Send + Sync>;
@@ -84,7 +84,7 @@ impl Recorder {
             for stream in listener.incoming().flatten() {
                 let index = {
                     let mut conns = shared.lock().unwrap();
-                    conns.push((Vec::new(), Vec::new()));
+                    conns.push((Vec::new(), Vec::new(), false));
                     conns.len() - 1
                 };
                 let (shared, script) = (shared.clone(), script.clone());
@@ -97,13 +97,13 @@ impl Recorder {
     /// Every request the app saw, in order, over all connections.
     pub fn requests(&self) -> Vec<Seen> {
         let conns = self.conns.lock().unwrap();
-        conns.iter().flat_map(|(_, seen)| seen.clone()).collect()
+        conns.iter().flat_map(|(_, seen, _)| seen.clone()).collect()
     }
 
     /// Everything the app received, all connections joined.
     pub fn raw(&self) -> Vec<u8> {
         let conns = self.conns.lock().unwrap();
-        conns.iter().flat_map(|(raw, _)| raw.clone()).collect()
+        conns.iter().flat_map(|(raw, _, _)| raw.clone()).collect()
     }
 
     /// Everything the app received, as text.
@@ -116,7 +116,17 @@ impl Recorder {
         let conns = self.conns.lock().unwrap();
         conns
             .iter()
-            .map(|(raw, _)| String::from_utf8_lossy(raw).into_owned())
+            .map(|(raw, _, _)| String::from_utf8_lossy(raw).into_owned())
+            .collect()
+    }
+
+    /// What each connection the proxy has closed brought, as text.
+    pub fn closed_connection_texts(&self) -> Vec<String> {
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .filter(|(_, _, closed)| *closed)
+            .map(|(raw, _, _)| String::from_utf8_lossy(raw).into_owned())
             .collect()
     }
 
@@ -142,7 +152,10 @@ fn serve(
     let mut buf = [0u8; 65536];
     loop {
         let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                conns.lock().unwrap()[index].2 = true;
+                return;
+            }
             Ok(n) => n,
         };
         conns.lock().unwrap()[index].0.extend_from_slice(&buf[..n]);
