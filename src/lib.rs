@@ -8,6 +8,7 @@
 //! ([`session::token`]), and applies the upstream's merge patch or action
 //! ([`session::patch`]) before the response head leaves.
 
+pub mod access_log;
 pub mod admin;
 pub mod allocator;
 pub mod cli;

@@ -66,6 +66,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::access_log::{AccessLog, Entry, Request};
 use h2_bodies::{ClientFrame, H2Bodies};
 
 /// The most a request head may hold, counting the request line and, per
@@ -141,6 +142,7 @@ pub struct ClientTimeouts {
 pub struct Clocked<A> {
     app: Arc<A>,
     timeouts: ClientTimeouts,
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl<A> Clocked<A> {
@@ -148,7 +150,16 @@ impl<A> Clocked<A> {
         Clocked {
             app: Arc::new(app),
             timeouts,
+            access_log: None,
         }
+    }
+
+    /// Logs the heads refused before the app sees them: the `408` of a
+    /// head too slow, and pingora's own answers (`400` for a head it
+    /// cannot parse, `405` for `CONNECT`).
+    pub fn with_access_log(mut self, log: Arc<AccessLog>) -> Clocked<A> {
+        self.access_log = Some(log);
+        self
     }
 }
 
@@ -159,7 +170,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Clocked<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let clocked: Stream = Box::new(ClockedStream::new(stream, self.timeouts));
+        let clocked: Stream = Box::new(ClockedStream::new(
+            stream,
+            self.timeouts,
+            self.access_log.clone(),
+        ));
         self.app.process_new(clocked, shutdown).await
     }
 
@@ -242,6 +257,11 @@ pub struct ClockedStream {
     send_blocked: Option<Instant>,
     /// Wakes a write, flush or shutdown that waits past `send_timeout`.
     send_timer: Option<Pin<Box<Sleep>>>,
+    /// With an access log: the first line of the head being read, for a
+    /// head refused before it is parsed, and whether that is logged.
+    access_log: Option<Arc<AccessLog>>,
+    head_line: Vec<u8>,
+    refusal_logged: bool,
 }
 
 /// `limit` after `since`; a limit too large to add is no limit in practice.
@@ -254,9 +274,17 @@ fn later(since: Instant, limit: Duration) -> Instant {
 
 /// What a client too slow with its head gets before the connection closes.
 const TIMEOUT_ANSWER: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 24\r\nConnection: close\r\n\r\nrequest header too slow\n";
+const TIMEOUT_BODY_BYTES: usize = 24;
+/// How much of a head's first line is kept for the access log; the log
+/// cuts it to its field length anyway.
+const HEAD_LINE_KEPT: usize = crate::access_log::MAX_FIELD_BYTES + 2;
 
 impl ClockedStream {
-    fn new(inner: Stream, timeouts: ClientTimeouts) -> ClockedStream {
+    fn new(
+        inner: Stream,
+        timeouts: ClientTimeouts,
+        access_log: Option<Arc<AccessLog>>,
+    ) -> ClockedStream {
         let h2 = (inner.selected_alpn_proto() == Some(ALPN::H2)).then(H2Frames::new);
         let bodies = h2.as_ref().map(|_| H2Bodies::new(timeouts.body));
         ClockedStream {
@@ -268,7 +296,61 @@ impl ClockedStream {
             timer: None,
             send_blocked: None,
             send_timer: None,
+            access_log,
+            head_line: Vec::new(),
+            refusal_logged: false,
         }
+    }
+
+    /// Keeps the first line of an HTTP/1 head as it comes in.
+    fn keep_head_line(&mut self, read: &[u8], head_begins: bool) {
+        if head_begins {
+            self.head_line.clear();
+            self.refusal_logged = false;
+        }
+        if self.head_line.last() == Some(&b'\n') {
+            return;
+        }
+        let room = HEAD_LINE_KEPT.saturating_sub(self.head_line.len());
+        let line = match read.iter().position(|&b| b == b'\n') {
+            Some(end) => &read[..=end],
+            None => read,
+        };
+        self.head_line
+            .extend_from_slice(&line[..line.len().min(room)]);
+    }
+
+    /// Logs a response written while a head is being read: one the
+    /// proxy never saw a request for (pingora's `400` or `405`, our `408`).
+    fn log_refusal(&mut self, written: &[u8], body_bytes: usize) {
+        let (Some(log), Phase::Head(since)) = (&self.access_log, self.phase()) else {
+            return;
+        };
+        let status = match written {
+            [b'H', b'T', b'T', b'P', b'/', b'1', b'.', _, b' ', code @ ..] => code
+                .get(..3)
+                .and_then(|code| std::str::from_utf8(code).ok()?.parse::<u16>().ok()),
+            _ => None,
+        };
+        let Some(status) = status.filter(|_| !self.refusal_logged && self.h2.is_none()) else {
+            return;
+        };
+        self.refusal_logged = true;
+        let client = self.inner.get_socket_digest().and_then(|digest| {
+            digest
+                .peer_addr()?
+                .as_inet()
+                .map(|addr| addr.ip().to_canonical())
+        });
+        log.record(&Entry {
+            client,
+            request: Request::Raw(&self.head_line),
+            status,
+            body_bytes,
+            elapsed: since.elapsed(),
+            session: None,
+            path: "-",
+        });
     }
 
     /// The outcome of a write, flush or shutdown of the client connection,
@@ -337,6 +419,9 @@ impl ClockedStream {
                 "HTTP/2 header block not complete within header_timeout",
             )));
         }
+        if self.access_log.is_some() {
+            self.log_refusal(TIMEOUT_ANSWER, TIMEOUT_BODY_BYTES);
+        }
         let inner = Pin::new(&mut self.inner);
         if let Poll::Ready(Ok(n)) = inner.poll_write(cx, TIMEOUT_ANSWER) {
             if n == TIMEOUT_ANSWER.len() {
@@ -375,8 +460,12 @@ impl AsyncRead for ClockedStream {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if !in_head && buf.filled().len() > before {
+                let head_begins = !in_head && buf.filled().len() > before;
+                if head_begins {
                     this.set_phase(Phase::Head(Instant::now()));
+                }
+                if this.access_log.is_some() {
+                    this.keep_head_line(&buf.filled()[before..], head_begins);
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -659,6 +748,9 @@ impl AsyncWrite for ClockedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.access_log.is_some() {
+            this.log_refusal(buf, 0);
+        }
         match this.poll_own_frames(cx) {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) => return this.bounded(cx, Poll::Ready(Err(e))),
@@ -695,6 +787,9 @@ impl AsyncWrite for ClockedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let (Some(_), Some(first)) = (&this.access_log, bufs.first()) {
+            this.log_refusal(first, 0);
+        }
         match this.poll_own_frames(cx) {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) => return this.bounded(cx, Poll::Ready(Err(e))),

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub forged_cookies: IntCounter,
     pub store_errors: IntCounter,
     pub invalid_updates: IntCounter,
+    /// Access log lines dropped because its writer could not keep up.
+    pub access_log_dropped: IntCounter,
     store_latency: HistogramVec,
     /// `store_latency` by op, resolved once: no label lookup per request.
     latency_by_op: [Histogram; 3],
@@ -84,6 +86,10 @@ impl Metrics {
                 "session_proxy_invalid_updates_total",
                 "Upstream responses refused for an invalid session update or action",
             ),
+            access_log_dropped: counter(
+                "session_proxy_access_log_dropped_total",
+                "Access log lines dropped because the log's writer could not keep up",
+            ),
             latency_by_op: ["load", "save", "delete"]
                 .map(|op| store_latency.with_label_values(&[op])),
             certificate_not_after: IntGauge::new(
@@ -102,6 +108,7 @@ impl Metrics {
             Box::new(metrics.forged_cookies.clone()),
             Box::new(metrics.store_errors.clone()),
             Box::new(metrics.invalid_updates.clone()),
+            Box::new(metrics.access_log_dropped.clone()),
             Box::new(metrics.store_latency.clone()),
         ] {
             let _ = metrics.registry.register(collector);

@@ -19,6 +19,7 @@ use tokio::net::TcpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
 
+use crate::access_log::AccessLog;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::limits::{self, ClientTimeouts, Clocked, LAST_CALL};
@@ -50,7 +51,18 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         metrics.clone(),
     ));
 
-    let proxy = SessionProxy::new(&config, store.clone(), metrics.clone())?;
+    let mut proxy = SessionProxy::new(&config, store.clone(), metrics.clone())?;
+    let access_log = match &config.server.access_log {
+        Some(destination) => Some(Arc::new(AccessLog::start(
+            destination,
+            metrics.access_log_dropped.clone(),
+        )?)),
+        None => None,
+    };
+    if let Some(log) = &access_log {
+        proxy = proxy.with_access_log(log.clone());
+    }
+    store_runtime.spawn(reopen_on_sigusr1(access_log.clone()));
     let in_flight = proxy.in_flight();
 
     let pingora_conf = ServerConf {
@@ -99,10 +111,12 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         proxy_app.server_options = Some(limits::h2_server_options(timeouts));
         proxy_app.h2_options = Some(limits::h2_options());
     }
-    let mut proxy_service = pingora::services::listening::Service::new(
-        "session-proxy".to_string(),
-        Clocked::new(proxy_app, timeouts),
-    );
+    let mut clocked_app = Clocked::new(proxy_app, timeouts);
+    if let Some(log) = &access_log {
+        clocked_app = clocked_app.with_access_log(log.clone());
+    }
+    let mut proxy_service =
+        pingora::services::listening::Service::new("session-proxy".to_string(), clocked_app);
     let certificate = match &config.server.tls {
         Some(files) => Some(ListenerCertificate::load(files)?),
         None => None,
@@ -159,6 +173,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     }
     let drain = DrainOnSignal {
         in_flight,
+        access_log,
         grace: Duration::from_secs(config.server.grace_period),
         upgrade_sock: config.server.upgrade_sock.clone(),
         phases: Mutex::new(Some(server.watch_execution_phase())),
@@ -265,6 +280,8 @@ fn store_runtime() -> Result<tokio::runtime::Runtime, String> {
 /// the port closed.
 struct DrainOnSignal {
     in_flight: Arc<AtomicUsize>,
+    /// Flushed before the process exits.
+    access_log: Option<Arc<AccessLog>>,
     grace: Duration,
     upgrade_sock: Option<PathBuf>,
     /// pingora's phases, to start draining only once it stops accepting.
@@ -348,6 +365,7 @@ impl DrainOnSignal {
             false => None,
         };
         let in_flight = self.in_flight.clone();
+        let access_log = self.access_log.clone();
         let grace = self.grace;
         std::thread::spawn(move || {
             if let Some(mut phases) = phases {
@@ -359,13 +377,14 @@ impl DrainOnSignal {
                     }
                 }
             }
-            drain(&in_flight, grace);
+            drain(&in_flight, grace, access_log.as_deref());
         });
     }
 }
 
-/// Waits until no request is in flight, or `grace` has passed, and exits.
-fn drain(in_flight: &AtomicUsize, grace: Duration) {
+/// Waits until no request is in flight, or `grace` has passed, and exits,
+/// with the access log's lines written out.
+fn drain(in_flight: &AtomicUsize, grace: Duration, access_log: Option<&AccessLog>) {
     let deadline = Instant::now() + grace;
     // Let pingora close the listeners, and the clients that keep sending
     // take their last call, before counting.
@@ -378,6 +397,10 @@ fn drain(in_flight: &AtomicUsize, grace: Duration) {
         warn!("grace period over with {left} request(s) in flight; exiting");
     } else {
         info!("drained; exiting");
+    }
+    // A request's line is queued before it stops counting as in flight.
+    if let Some(log) = access_log {
+        log.flush();
     }
     log::logger().flush();
     std::process::exit(0);
@@ -421,6 +444,23 @@ async fn reload_on_sighup(certificate: Option<Arc<ListenerCertificate>>, metrics
                 }
                 Err(problem) => warn!("SIGHUP: certificate kept, cannot reload: {problem}"),
             },
+        }
+    }
+}
+
+/// SIGUSR1 reopens the access log file, as nginx does: logrotate moves
+/// the file away, then signals (`postrotate`). Watched even without an
+/// access log: a stray SIGUSR1 must not kill the proxy, as its default
+/// would. (pingora uses SIGUSR1 only in daemon mode, which is off.)
+async fn reopen_on_sigusr1(access_log: Option<Arc<AccessLog>>) {
+    let Ok(mut signals) = signal(SignalKind::user_defined1()) else {
+        warn!("cannot watch SIGUSR1: a rotated access log will take a restart");
+        return;
+    };
+    while signals.recv().await.is_some() {
+        match &access_log {
+            None => info!("SIGUSR1: no access log, nothing to reopen"),
+            Some(log) => log.reopen(),
         }
     }
 }

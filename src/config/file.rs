@@ -33,6 +33,7 @@ pub(super) struct Server {
     pub body_timeout: u64,
     pub upgrade_sock: String,
     pub http2: bool,
+    pub access_log: String,
 }
 
 impl Default for Server {
@@ -51,6 +52,7 @@ impl Default for Server {
             body_timeout: 60,
             upgrade_sock: String::new(),
             http2: true,
+            access_log: String::new(),
         }
     }
 }

@@ -85,6 +85,8 @@ pub struct ServerConfig {
     /// Whether the TLS listeners offer HTTP/2 (`h2`) in ALPN besides
     /// HTTP/1.1. Plain listeners speak HTTP/1.1 only, whatever it says.
     pub http2: bool,
+    /// Where the access log goes; `None`: no access log.
+    pub access_log: Option<crate::access_log::Destination>,
 }
 
 #[derive(Debug, Clone)]

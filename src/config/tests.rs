@@ -637,6 +637,60 @@ fn upgrade_sock_is_a_socket_path_in_a_directory_that_exists() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn access_log_is_off_by_default_stdout_for_a_dash_else_a_file() {
+    let off = config("").expect("valid");
+    assert_eq!(off.server.access_log, None);
+    let stdout = config("[server]\naccess_log = \"-\"").expect("valid");
+    assert_eq!(
+        stdout.server.access_log,
+        Some(crate::access_log::Destination::Stdout)
+    );
+    let dir = std::env::temp_dir().join(format!(
+        "session-proxy-config-access-log-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("access.log");
+    let config = config(&format!(
+        "[server]\naccess_log = {:?}",
+        file.display().to_string()
+    ))
+    .expect("valid");
+    assert_eq!(
+        config.server.access_log,
+        Some(crate::access_log::Destination::File(file.clone()))
+    );
+    assert!(!file.exists(), "checking the config creates no file");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_access_log_that_cannot_be_appended_to_is_refused_naming_key_and_path() {
+    let dir = std::env::temp_dir().join(format!(
+        "session-proxy-config-access-log-bad-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("nowhere/access.log");
+    let message = error(&format!(
+        "[server]\naccess_log = {:?}",
+        missing.display().to_string()
+    ));
+    assert!(
+        message.starts_with("test.toml:2:14: server.access_log: cannot log to ")
+            && message.contains(&missing.display().to_string())
+            && message.contains("does not exist"),
+        "{message}"
+    );
+    let message = error(&format!(
+        "[server]\naccess_log = {:?}",
+        dir.display().to_string()
+    ));
+    assert!(message.contains("it is a directory"), "{message}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 // [upstream]
 
 #[test]

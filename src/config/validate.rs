@@ -1,9 +1,11 @@
 //! The rules: the file as written ([`super::file`]) becomes a [`Config`],
 //! or an error naming the key, what was expected and what was found.
 
+use std::fs::OpenOptions;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde_json::{Map, Value};
@@ -14,6 +16,7 @@ use super::{
     Config, ConfigError, CookieConfig, HeaderConfig, SameSite, ServerConfig, SessionConfig,
     StoreConfig, StoreKind, TlsFiles, UpstreamConfig, SECRET_KEYS_ENV,
 };
+use crate::access_log::Destination;
 use crate::store::postgres_tls::PostgresTls;
 
 const MIN_SECRET_BYTES: usize = 32;
@@ -161,7 +164,65 @@ fn server(server: file::Server, src: &Source) -> Result<ServerConfig> {
         body_timeout: seconds(src, "server.body_timeout", server.body_timeout, 1)?,
         upgrade_sock: upgrade_sock(src, &server.upgrade_sock)?,
         http2: server.http2,
+        access_log: access_log(src, &server.access_log)?,
     })
+}
+
+/// The access log: off, standard output, or a file that can be opened
+/// for append now. A file that does not exist yet is not created here
+/// (`check` leaves no trace): its directory must exist and be writable.
+fn access_log(src: &Source, path: &str) -> Result<Option<Destination>> {
+    const KEY: &str = "server.access_log";
+    match path {
+        "" => return Ok(None),
+        "-" => return Ok(Some(Destination::Stdout)),
+        _ => {}
+    }
+    let path = PathBuf::from(path);
+    let problem = match std::fs::symlink_metadata(&path) {
+        Ok(metadata) if metadata.is_dir() => Some("it is a directory".to_string()),
+        Ok(_) => OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .err()
+            .map(|e| format!("it cannot be opened for append: {e}")),
+        Err(_) => {
+            let directory = super::directory_of(&path);
+            match std::fs::metadata(directory) {
+                Ok(metadata) if metadata.is_dir() => writable(directory).err().map(|e| {
+                    format!(
+                        "its directory {} cannot be written to: {e}",
+                        directory.display()
+                    )
+                }),
+                _ => Some(format!(
+                    "its directory {} does not exist",
+                    directory.display()
+                )),
+            }
+        }
+    };
+    match problem {
+        None => Ok(Some(Destination::File(path))),
+        Some(problem) => Err(src.error(
+            KEY,
+            format!(
+                "cannot log to {}: {problem}; give a file the proxy's user can append to, \"-\" for standard output, or \"\" for no access log",
+                path.display()
+            ),
+        )),
+    }
+}
+
+/// Whether this process may create files in `directory`.
+fn writable(directory: &Path) -> std::io::Result<()> {
+    let name = std::ffi::CString::new(directory.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: access reads the NUL-terminated path it is given and keeps no pointer.
+    match unsafe { libc::access(name.as_ptr(), libc::W_OK | libc::X_OK) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 /// The path of the upgrade socket: one a Unix socket can be bound at, and

@@ -29,6 +29,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
+use crate::access_log::{self, AccessLog};
 use crate::config::{Config, CookieConfig};
 use crate::limits;
 use crate::locks::{HandleLock, HandleLocks};
@@ -53,6 +54,8 @@ pub struct SessionProxy {
     next_peer: AtomicUsize,
     locks: HandleLocks,
     in_flight: Arc<AtomicUsize>,
+    /// `None`: no access log, and nothing of it on the request path.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 /// The session settings of the config, in the shape the request path uses.
@@ -94,6 +97,10 @@ pub struct RequestCtx {
     /// turn, then, on a shared store, the lease that keeps other proxies out.
     lock: Option<HandleLock>,
     lease: Option<Box<dyn Lease>>,
+    /// When the request's head was in; only with an access log.
+    started: Option<Instant>,
+    /// `session`, `bypass`, or `-` until `request_filter` decides.
+    path: &'static str,
 }
 
 /// The session a request resolved to.
@@ -192,7 +199,46 @@ impl SessionProxy {
             next_peer: AtomicUsize::new(0),
             locks: HandleLocks::default(),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            access_log: None,
         })
+    }
+
+    /// Writes a line per finished request to `log`.
+    pub fn with_access_log(mut self, log: Arc<AccessLog>) -> SessionProxy {
+        self.access_log = Some(log);
+        self
+    }
+
+    /// The access log line of a finished request (`logging`).
+    fn log_access(&self, log: &AccessLog, session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+        let request = session.req_header();
+        // As the session policy reads it: X-Forwarded-For only from a
+        // trusted proxy.
+        let trusted = &self.settings.trusted_proxies;
+        let client = client_addr(session).map(|peer| {
+            let forwarded_for = match trusted.is_empty() {
+                true => Vec::new(),
+                false => headers::values(&request.headers, &headers::X_FORWARDED_FOR),
+            };
+            policy::client_ip(peer, &forwarded_for, trusted)
+        });
+        // nginx's 499: the client left before it had an answer.
+        let status = match (session.response_written(), e) {
+            (Some(head), _) => head.status.as_u16(),
+            (None, Some(e)) if failure_of(ctx, e) != Failure::ClientGone => {
+                failure_of(ctx, e).status()
+            }
+            (None, _) => 499,
+        };
+        log.record(&access_log::Entry {
+            client,
+            request: access_log::Request::Parsed(request),
+            status,
+            body_bytes: session.body_bytes_sent(),
+            elapsed: ctx.started.map(|at| at.elapsed()).unwrap_or_default(),
+            session: ctx.session.as_ref().map(|active| active.handle.short()),
+            path: ctx.path,
+        });
     }
 
     /// Requests being served now; shutdown waits for this to reach zero.
@@ -427,6 +473,8 @@ impl ProxyHttp for SessionProxy {
             failure: None,
             lock: None,
             lease: None,
+            started: self.access_log.as_ref().map(|_| Instant::now()),
+            path: "-",
         }
     }
 
@@ -482,10 +530,12 @@ impl ProxyHttp for SessionProxy {
             headers::join_cookies(request);
         }
         if self.is_bypassed(request.uri.path()) {
+            ctx.path = "bypass";
             self.metrics.requests_bypass.inc();
             headers::remove_cookie(request, &self.settings.cookie.name);
             return Ok(false);
         }
+        ctx.path = "session";
         self.metrics.requests_session.inc();
         match self.begin_session(session, ctx).await {
             Ok(answered) => Ok(answered),
@@ -673,8 +723,11 @@ impl ProxyHttp for SessionProxy {
 
     /// A request that stored nothing (it failed, or the proxy answered
     /// itself) still holds its turn here.
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         release_turn(ctx).await;
+        if let Some(log) = &self.access_log {
+            self.log_access(log, session, e, ctx);
+        }
     }
 
     /// A client that hangs up or sends a request we refuse is the client's

@@ -1,0 +1,385 @@
+//! End to end: the access log (`[server] access_log`), written by the real
+//! binary in front of the test upstream. One line per request, in nginx's
+//! "combined" format followed by `rt=`, `session=` and `path=`; what the
+//! client sent escaped; no secret; reopened on SIGUSR1; flushed at SIGTERM.
+//!
+//! The proxies listen on 19500-19599.
+
+mod support;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+/// Long enough for the writer's one-second flush, on a loaded machine.
+const FLUSH_WAIT: Duration = Duration::from_secs(10);
+
+/// A proxy config on ports of its own (`slot` 0-49), logging to `log`.
+fn config_logging_to(upstream_port: u16, slot: u16, log: &str) -> ProxyConfig {
+    let mut config = ProxyConfig::new(upstream_port)
+        .server(&format!("access_log = {log:?}"))
+        .session("bypass = [\"/static/\"]");
+    config.port = 19500 + 2 * slot;
+    config.admin_port = 19501 + 2 * slot;
+    config
+}
+
+/// A proxy on ports of its own (`slot`), logging to `access.log` in its
+/// directory; the config is kept, for its directory lives as long.
+fn start_logging_to_file(upstream_port: u16, slot: u16) -> (ProxyConfig, Process, String) {
+    let config = config_logging_to(upstream_port, slot, "");
+    start_with_file(config)
+}
+
+fn start_with_file(config: ProxyConfig) -> (ProxyConfig, Process, String) {
+    let log = config.dir.path().join("access.log").display().to_string();
+    let config = config.server(&format!("access_log = {log:?}"));
+    let proxy = config.start();
+    (config, proxy, log)
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8(bytes).expect("the access log is ASCII");
+    text.lines().map(str::to_string).collect()
+}
+
+/// Waits until the log holds a line containing `needle`, and returns it.
+fn line_with(path: &Path, needle: &str) -> Line {
+    let mut found = None;
+    let appeared = eventually(FLUSH_WAIT, || {
+        found = lines_of(path)
+            .into_iter()
+            .find(|line| line.contains(needle));
+        found.is_some()
+    });
+    assert!(
+        appeared,
+        "no line with {needle:?} in {}: {:?}",
+        path.display(),
+        lines_of(path)
+    );
+    Line::parse(&found.unwrap_or_default())
+}
+
+/// One access log line, split into its fields.
+#[derive(Debug)]
+struct Line {
+    client: String,
+    time: String,
+    request: String,
+    status: u16,
+    bytes: usize,
+    referer: String,
+    user_agent: String,
+    rt: String,
+    session: String,
+    path: String,
+}
+
+impl Line {
+    /// Parses `ADDR - - [TIME] "REQUEST" STATUS BYTES "REFERER" "UA" rt=S session=H path=P`;
+    /// panics on anything else, so a forged or split line fails the test.
+    fn parse(line: &str) -> Line {
+        fn bad(line: &str) -> ! {
+            panic!("not an access log line: {line:?}")
+        }
+        let fail = || bad(line);
+        let (client, rest) = line.split_once(" - - [").unwrap_or_else(fail);
+        let (time, rest) = rest.split_once("] \"").unwrap_or_else(fail);
+        let (request, rest) = rest.split_once("\" ").unwrap_or_else(fail);
+        let (status, rest) = rest.split_once(' ').unwrap_or_else(fail);
+        let (bytes, rest) = rest.split_once(" \"").unwrap_or_else(fail);
+        let (referer, rest) = rest.split_once("\" \"").unwrap_or_else(fail);
+        let (user_agent, rest) = rest.split_once("\" ").unwrap_or_else(fail);
+        let ours: Vec<&str> = rest.split(' ').collect();
+        let [rt, session, path] = ours[..] else {
+            bad(line)
+        };
+        let field = |text: &str, name: &str| {
+            text.strip_prefix(name)
+                .unwrap_or_else(|| bad(line))
+                .to_string()
+        };
+        // No field may hold a quote: each is escaped.
+        for quoted in [request, referer, user_agent] {
+            assert!(!quoted.contains('"'), "{line:?}");
+        }
+        Line {
+            client: client.to_string(),
+            time: time.to_string(),
+            request: request.to_string(),
+            status: status.parse().unwrap_or_else(|_| bad(line)),
+            bytes: bytes.parse().unwrap_or_else(|_| bad(line)),
+            referer: referer.to_string(),
+            user_agent: user_agent.to_string(),
+            rt: field(rt, "rt="),
+            session: field(session, "session="),
+            path: field(path, "path="),
+        }
+    }
+}
+
+#[test]
+fn a_session_request_is_logged_with_every_field() {
+    let upstream = start_upstream();
+    let (_config, proxy, log) = start_logging_to_file(upstream.port, 0);
+    let mut browser = Browser::new(proxy.port);
+    let response = browser.get(
+        "/count?from=test",
+        &[
+            ("User-Agent", "curl/8.0"),
+            ("Referer", "http://example.com/"),
+        ],
+    );
+    assert_eq!(response.status, 200);
+    let cookie = browser.cookie.clone().expect("a session cookie");
+
+    let line = line_with(Path::new(&log), "/count?from=test");
+    assert_eq!(line.client, "127.0.0.1");
+    assert!(
+        line.time.len() == 26 && line.time.ends_with(" +0000"),
+        "{line:?}"
+    );
+    assert_eq!(line.request, "GET /count?from=test HTTP/1.1");
+    assert_eq!(line.status, 200);
+    assert_eq!(line.bytes, response.body.len());
+    assert_eq!(line.referer, "http://example.com/");
+    assert_eq!(line.user_agent, "curl/8.0");
+    let (seconds, millis) = line.rt.split_once('.').expect("rt=S.MMM");
+    assert!(
+        seconds.parse::<u64>().is_ok() && millis.len() == 3 && millis.parse::<u32>().is_ok(),
+        "{line:?}"
+    );
+    assert_eq!(line.session, handle_of(&cookie)[..8]);
+    assert_eq!(line.path, "session");
+}
+
+#[test]
+fn a_bypassed_request_is_logged_without_a_session() {
+    let upstream = start_upstream();
+    let (_config, proxy, log) = start_logging_to_file(upstream.port, 1);
+    assert_eq!(get(proxy.port, "/static/app.css", &[]).status, 200);
+
+    let line = line_with(Path::new(&log), "/static/app.css");
+    assert_eq!(line.request, "GET /static/app.css HTTP/1.1");
+    assert_eq!((line.status, line.referer.as_str()), (200, "-"));
+    assert_eq!((line.session.as_str(), line.path.as_str()), ("-", "bypass"));
+}
+
+#[test]
+fn refused_requests_and_a_down_app_are_logged_with_the_status_sent() {
+    // Nothing listens on 19599: the app is down.
+    let config = config_logging_to(19599, 2, "").server("header_timeout = 1");
+    let (_config, proxy, log) = start_with_file(config);
+    let port = proxy.port;
+
+    assert_eq!(get(port, "/down", &[]).status, 502);
+    let line = line_with(Path::new(&log), "/down");
+    assert_eq!((line.status, line.path.as_str()), (502, "session"));
+    assert_eq!(line.bytes, "upstream unreachable".len());
+
+    // Over the 64 KiB bound on a head: 431, before any session work.
+    let big = "a".repeat(70 * 1024);
+    assert_eq!(get(port, "/too-big", &[("X-Big", &big)]).status, 431);
+    let line = line_with(Path::new(&log), "/too-big");
+    assert_eq!((line.status, line.path.as_str()), (431, "-"));
+
+    // A head pingora cannot parse: its own 400, before any hook of ours.
+    let answer = raw_exchange(
+        port,
+        b"GET /bad HTTP/1.1\r\nHost : x\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(raw_status(&answer), Some(400));
+    let line = line_with(Path::new(&log), "/bad");
+    assert_eq!(line.request, "GET /bad HTTP/1.1");
+    assert_eq!((line.status, line.session.as_str()), (400, "-"));
+
+    // A head too slow (header_timeout = 1): 408.
+    let answer = raw_exchange(
+        port,
+        b"GET /slow-head HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(raw_status(&answer), Some(408));
+    let line = line_with(Path::new(&log), "/slow-head");
+    assert_eq!(line.request, "GET /slow-head HTTP/1.1");
+    assert_eq!((line.status, line.bytes), (408, 24));
+}
+
+#[test]
+fn a_client_that_hangs_up_before_its_answer_is_logged_as_499() {
+    let upstream = start_upstream();
+    let (_config, proxy, log) = start_logging_to_file(upstream.port, 3);
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    use std::io::Write;
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Test-Sleep-Ms: 1500\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(stream);
+
+    let line = line_with(Path::new(&log), "/slow");
+    assert_eq!(line.status, 499, "{line:?}");
+}
+
+#[test]
+fn client_sent_fields_are_escaped_so_no_line_can_be_forged() {
+    let upstream = start_upstream();
+    let (_config, proxy, log) = start_logging_to_file(upstream.port, 4);
+    // A User-Agent that tries to close its field and forge the rest of a
+    // line, with a backslash and bytes past ASCII; a Referer with a tab.
+    let forged = b"evil\" 200 0 \"-\" \"x\\y \xc3\xa9\xff rt=0.000 session=deadbeef path=bypass";
+    let mut raw = b"GET /escape?q=\\\xc3\xa9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nReferer: a\tb\r\nUser-Agent: ".to_vec();
+    raw.extend_from_slice(forged);
+    raw.extend_from_slice(b"\r\n\r\n");
+    let answer = raw_exchange(proxy.port, &raw, Duration::from_secs(10));
+    assert_eq!(raw_status(&answer), Some(200));
+
+    let line = line_with(Path::new(&log), "/escape");
+    assert_eq!(line.request, r"GET /escape?q=\x5C\xC3\xA9 HTTP/1.1");
+    assert_eq!(line.referer, r"a\x09b");
+    assert_eq!(
+        line.user_agent,
+        r"evil\x22 200 0 \x22-\x22 \x22x\x5Cy \xC3\xA9\xFF rt=0.000 session=deadbeef path=bypass"
+    );
+    assert_eq!(line.path, "session");
+
+    // A quote in the target: pingora refuses it (400) before parsing it
+    // whole, and the line holds the request line as it came, escaped.
+    let raw = b"GET /refused?q=\"x\"\\\xff HTTP/1.1\r\nHost: x\r\n\r\n";
+    let answer = raw_exchange(proxy.port, raw, Duration::from_secs(10));
+    assert_eq!(raw_status(&answer), Some(400));
+    let line = line_with(Path::new(&log), "/refused");
+    assert_eq!(line.request, r"GET /refused?q=\x22x\x22\x5C\xFF HTTP/1.1");
+    assert_eq!(line.status, 400);
+    assert_eq!(lines_of(Path::new(&log)).len(), 2);
+}
+
+#[test]
+fn no_cookie_session_id_token_or_key_reaches_the_access_log() {
+    let upstream = start_upstream();
+    let (_config, proxy, log) = start_logging_to_file(upstream.port, 5);
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"user":"ann"}"#)]);
+    let response = browser.get("/", &[("X-Test-Action", "regenerate")]);
+    let token = response.upstream_header("x-session").expect("a token");
+    let first_cookie = browser.cookie.clone().expect("a cookie");
+    browser.get("/last", &[]);
+    let cookie = browser.cookie.clone().expect("a cookie");
+
+    let logged = line_with(Path::new(&log), "/last");
+    assert_eq!(logged.session, handle_of(&cookie)[..8]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    for secret in [
+        cookie.as_str(),
+        id_of(&cookie),
+        &handle_of(&cookie),
+        first_cookie.as_str(),
+        id_of(&first_cookie),
+        &handle_of(&first_cookie),
+        token.as_str(),
+        token.split('.').nth(1).expect("payload"),
+        token.split('.').nth(2).expect("signature"),
+        KEY,
+    ] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+}
+
+#[test]
+fn sigusr1_reopens_the_file_after_logrotate_moved_it() {
+    let upstream = start_upstream();
+    let (_config, proxy, log) = start_logging_to_file(upstream.port, 6);
+    let rotated = format!("{log}.1");
+
+    get(proxy.port, "/before", &[]);
+    line_with(Path::new(&log), "/before");
+    std::fs::rename(&log, &rotated).unwrap();
+    get(proxy.port, "/between", &[]);
+    signal(proxy.child.id(), "USR1");
+    assert!(
+        eventually(FLUSH_WAIT, || Path::new(&log).exists()),
+        "SIGUSR1 created no new file"
+    );
+    get(proxy.port, "/after", &[]);
+
+    line_with(Path::new(&log), "/after");
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(
+        old.contains("/before") && old.contains("/between") && !old.contains("/after"),
+        "{old}"
+    );
+    let new = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(new.lines().count(), 1, "{new}");
+}
+
+#[test]
+fn a_dash_writes_the_log_to_standard_output_and_flushes_it_at_sigterm() {
+    let upstream = start_upstream();
+    let config = config_logging_to(upstream.port, 7, "-");
+    let path = config.write();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .env_remove("SESSION_PROXY_SECRET_KEYS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(config.port, &mut child);
+    assert_eq!(get(config.port, "/to-stdout", &[]).status, 200);
+    signal(child.id(), "TERM");
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert_eq!(Line::parse(lines[0]).request, "GET /to-stdout HTTP/1.1");
+}
+
+#[test]
+fn every_line_before_sigterm_is_in_the_file_after_exit() {
+    let upstream = start_upstream();
+    let (_config, mut proxy, log) = start_logging_to_file(upstream.port, 8);
+    for n in 0..40 {
+        assert_eq!(get(proxy.port, &format!("/n/{n}"), &[]).status, 200);
+    }
+    // At once: within the writer's one-second flush.
+    signal(proxy.child.id(), "TERM");
+    assert!(proxy.child.wait().unwrap().success());
+    let lines = lines_of(Path::new(&log));
+    assert_eq!(lines.len(), 40, "{lines:?}");
+    for (n, line) in lines.iter().enumerate() {
+        assert_eq!(Line::parse(line).request, format!("GET /n/{n} HTTP/1.1"));
+    }
+}
+
+#[test]
+fn an_access_log_that_cannot_be_opened_is_exit_2_at_check_and_at_start() {
+    let config = config_logging_to(19599, 9, "");
+    let missing = config.dir.path().join("no-such-dir/access.log");
+    let missing = missing.display().to_string();
+    let config = config.server(&format!("access_log = {missing:?}"));
+    let path = config.write();
+    for command in ["check", "run"] {
+        let output = run_cli(&[command, "-c", path.to_str().unwrap()], &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("server.access_log") && stderr.contains(&missing),
+            "{command}: {stderr}"
+        );
+    }
+}
