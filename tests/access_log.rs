@@ -126,7 +126,7 @@ impl Line {
 #[test]
 fn a_session_request_is_logged_with_every_field() {
     let upstream = start_upstream();
-    let (_config, proxy, log) = start_logging_to_file(upstream.port, 0);
+    let (config, proxy, log) = start_logging_to_file(upstream.port, 0);
     let mut browser = Browser::new(proxy.port);
     let response = browser.get(
         "/count?from=test",
@@ -156,6 +156,12 @@ fn a_session_request_is_logged_with_every_field() {
     );
     assert_eq!(line.session, handle_of(&cookie)[..8]);
     assert_eq!(line.path, "session");
+
+    let metrics = get(config.admin_port, "/metrics", &[]).text();
+    assert!(
+        metrics.contains("session_proxy_access_log_dropped_total 0"),
+        "{metrics}"
+    );
 }
 
 #[test]
