@@ -177,13 +177,27 @@ impl AccessLog {
         let _ = self.lines.try_send(Message::Wake);
     }
 
-    /// Writes out every line queued so far; waits at most a few seconds.
-    /// Blocking: for shutdown, not for the request path.
+    /// Writes out every line queued so far; waits at most [`FLUSH_WAIT`]
+    /// (a writer stuck on a pipe nobody reads must not keep the process
+    /// from exiting). Blocking: for shutdown, not for the request path.
     pub fn flush(&self) {
+        let deadline = Instant::now() + FLUSH_WAIT;
         let (done, flushed) = mpsc::channel();
-        if self.lines.send(Message::Flush(done)).is_ok() {
-            let _ = flushed.recv_timeout(FLUSH_WAIT);
+        let mut request = Message::Flush(done);
+        loop {
+            match self.lines.try_send(request) {
+                Ok(()) => break,
+                Err(TrySendError::Full(again)) if Instant::now() < deadline => {
+                    request = again;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => {
+                    warn!("access log: lines still queued at exit are lost");
+                    return;
+                }
+            }
         }
+        let _ = flushed.recv_timeout(deadline.saturating_duration_since(Instant::now()));
     }
 }
 
@@ -297,12 +311,23 @@ impl Write for Sink {
 /// One line, newline included.
 fn format_line(entry: &Entry, now: SystemTime) -> Vec<u8> {
     let mut line = Vec::with_capacity(256);
+    let mut number = itoa::Buffer::new();
     match entry.client {
-        Some(ip) => line.extend_from_slice(ip.to_string().as_bytes()),
+        Some(IpAddr::V4(ip)) => {
+            for (n, octet) in ip.octets().into_iter().enumerate() {
+                if n > 0 {
+                    line.push(b'.');
+                }
+                line.extend_from_slice(number.format(octet).as_bytes());
+            }
+        }
+        Some(ip) => {
+            let _ = write!(line, "{ip}");
+        }
         None => line.push(b'-'),
     }
     line.extend_from_slice(b" - - [");
-    line.extend_from_slice(local_time(now).as_bytes());
+    time_local_into(&mut line, now);
     line.extend_from_slice(b"] \"");
     let headers = match entry.request {
         Request::Parsed(request) => {
@@ -321,21 +346,28 @@ fn format_line(entry: &Entry, now: SystemTime) -> Vec<u8> {
         }
     };
     line.extend_from_slice(b"\" ");
-    line.extend_from_slice(format!("{} {} \"", entry.status, entry.body_bytes).as_bytes());
+    line.extend_from_slice(number.format(entry.status).as_bytes());
+    line.push(b' ');
+    line.extend_from_slice(number.format(entry.body_bytes).as_bytes());
+    line.extend_from_slice(b" \"");
     header_into(&mut line, headers, http::header::REFERER);
     line.extend_from_slice(b"\" \"");
     header_into(&mut line, headers, http::header::USER_AGENT);
     let millis = entry.elapsed.as_millis();
-    line.extend_from_slice(
-        format!(
-            "\" rt={}.{:03} session={} path={}\n",
-            millis / 1000,
-            millis % 1000,
-            entry.session.unwrap_or("-"),
-            entry.path
-        )
-        .as_bytes(),
-    );
+    line.extend_from_slice(b"\" rt=");
+    line.extend_from_slice(number.format(millis / 1000).as_bytes());
+    let fraction = (millis % 1000) as u16;
+    line.extend_from_slice(&[
+        b'.',
+        b'0' + (fraction / 100) as u8,
+        b'0' + (fraction / 10 % 10) as u8,
+        b'0' + (fraction % 10) as u8,
+    ]);
+    line.extend_from_slice(b" session=");
+    line.extend_from_slice(entry.session.unwrap_or("-").as_bytes());
+    line.extend_from_slice(b" path=");
+    line.extend_from_slice(entry.path.as_bytes());
+    line.push(b'\n');
     line
 }
 
@@ -384,20 +416,27 @@ fn unix_seconds(time: SystemTime) -> u64 {
 }
 
 /// nginx's `$time_local`, in UTC: `28/Nov/2026:06:00:00 +0000`.
-fn local_time(time: SystemTime) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+fn time_local_into(line: &mut Vec<u8>, time: SystemTime) {
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
     ];
+    let two_digits = |line: &mut Vec<u8>, n: u64| {
+        line.extend_from_slice(&[b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8]);
+    };
     let seconds = unix_seconds(time);
     let (year, month, day) = civil_from_days((seconds / 86_400) as i64);
     let in_day = seconds % 86_400;
-    format!(
-        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
-        MONTHS[(month - 1) as usize],
-        in_day / 3600,
-        in_day / 60 % 60,
-        in_day % 60
-    )
+    two_digits(line, u64::from(day));
+    line.push(b'/');
+    line.extend_from_slice(MONTHS[(month - 1) as usize]);
+    line.push(b'/');
+    line.extend_from_slice(itoa::Buffer::new().format(year).as_bytes());
+    for part in [in_day / 3600, in_day / 60 % 60, in_day % 60] {
+        line.push(b':');
+        two_digits(line, part);
+    }
+    line.extend_from_slice(b" +0000");
 }
 
 /// Year, month (1-12) and day of a count of days since 1970-01-01
@@ -418,6 +457,12 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn local_time(time: SystemTime) -> String {
+        let mut line = Vec::new();
+        time_local_into(&mut line, time);
+        String::from_utf8(line).expect("ascii")
+    }
 
     #[test]
     fn the_time_reads_as_nginx_writes_it() {

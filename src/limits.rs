@@ -303,6 +303,7 @@ impl ClockedStream {
     }
 
     /// Keeps the first line of an HTTP/1 head as it comes in.
+    #[inline(never)]
     fn keep_head_line(&mut self, read: &[u8], head_begins: bool) {
         if head_begins {
             self.head_line.clear();
@@ -322,6 +323,7 @@ impl ClockedStream {
 
     /// Logs a response written while a head is being read: one the
     /// proxy never saw a request for (pingora's `400` or `405`, our `408`).
+    #[inline(never)]
     fn log_refusal(&mut self, written: &[u8], body_bytes: usize) {
         let (Some(log), Phase::Head(since)) = (&self.access_log, self.phase()) else {
             return;

@@ -99,8 +99,8 @@ pub struct RequestCtx {
     lease: Option<Box<dyn Lease>>,
     /// When the request's head was in; only with an access log.
     started: Option<Instant>,
-    /// `session`, `bypass`, or `-` until `request_filter` decides.
-    path: &'static str,
+    /// Set by `request_filter`, for the access log.
+    route: Route,
 }
 
 /// The session a request resolved to.
@@ -209,7 +209,9 @@ impl SessionProxy {
         self
     }
 
-    /// The access log line of a finished request (`logging`).
+    /// The access log line of a finished request (`logging`). Out of
+    /// line: the request path without an access log carries none of it.
+    #[inline(never)]
     fn log_access(&self, log: &AccessLog, session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
         let request = session.req_header();
         // As the session policy reads it: X-Forwarded-For only from a
@@ -237,7 +239,7 @@ impl SessionProxy {
             body_bytes: session.body_bytes_sent(),
             elapsed: ctx.started.map(|at| at.elapsed()).unwrap_or_default(),
             session: ctx.session.as_ref().map(|active| active.handle.short()),
-            path: ctx.path,
+            path: ctx.route.as_str(),
         });
     }
 
@@ -451,6 +453,25 @@ fn client_addr(session: &Session) -> Option<std::net::IpAddr> {
         .map(|addr| addr.ip().to_canonical())
 }
 
+/// Which way `request_filter` sent a request, as the access log names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Refused before (a `431`, an HTTP/2 `:path` not in origin form).
+    Undecided,
+    Session,
+    Bypass,
+}
+
+impl Route {
+    fn as_str(self) -> &'static str {
+        match self {
+            Route::Undecided => "-",
+            Route::Session => "session",
+            Route::Bypass => "bypass",
+        }
+    }
+}
+
 /// Counts a request as in flight for as long as it lives.
 struct InFlight(Arc<AtomicUsize>);
 
@@ -474,7 +495,7 @@ impl ProxyHttp for SessionProxy {
             lock: None,
             lease: None,
             started: self.access_log.as_ref().map(|_| Instant::now()),
-            path: "-",
+            route: Route::Undecided,
         }
     }
 
@@ -530,12 +551,12 @@ impl ProxyHttp for SessionProxy {
             headers::join_cookies(request);
         }
         if self.is_bypassed(request.uri.path()) {
-            ctx.path = "bypass";
+            ctx.route = Route::Bypass;
             self.metrics.requests_bypass.inc();
             headers::remove_cookie(request, &self.settings.cookie.name);
             return Ok(false);
         }
-        ctx.path = "session";
+        ctx.route = Route::Session;
         self.metrics.requests_session.inc();
         match self.begin_session(session, ctx).await {
             Ok(answered) => Ok(answered),
