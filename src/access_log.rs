@@ -122,24 +122,30 @@ impl AccessLog {
             ),
             Destination::Stdout => format!("server.access_log: standard output: {e}"),
         })?;
-        let (lines, queue) = mpsc::sync_channel(QUEUE_LINES);
-        let reopen = Arc::new(AtomicBool::new(false));
+        let (log, queue) = AccessLog::queued(QUEUE_LINES, dropped);
         let writer = Writer {
             out: BufWriter::with_capacity(BUFFER_BYTES, sink),
             destination: destination.clone(),
-            reopen: reopen.clone(),
+            reopen: log.reopen.clone(),
             last_error_warning: None,
         };
         std::thread::Builder::new()
             .name("access-log".to_string())
             .spawn(move || writer.run(queue))
             .map_err(|e| format!("cannot start the access log's writer: {e}"))?;
-        Ok(AccessLog {
-            lines,
-            reopen,
+        Ok(log)
+    }
+
+    /// The request path's end, and the writer's, of a queue of `lines`.
+    fn queued(lines: usize, dropped: IntCounter) -> (AccessLog, Receiver<Message>) {
+        let (sender, queue) = mpsc::sync_channel(lines);
+        let log = AccessLog {
+            lines: sender,
+            reopen: Arc::new(AtomicBool::new(false)),
             dropped,
             last_drop_warning: AtomicU64::new(0),
-        })
+        };
+        (log, queue)
     }
 
     /// Queues the line of a finished request; never waits.
@@ -491,6 +497,29 @@ mod tests {
         let mut exact = Vec::new();
         escape_into(&mut exact, &[b'a'; MAX_FIELD_BYTES]);
         assert_eq!(exact.len(), MAX_FIELD_BYTES);
+    }
+
+    #[test]
+    fn a_line_that_finds_the_queue_full_is_dropped_and_counted() {
+        let dropped = IntCounter::new("dropped", "test").expect("counter");
+        let (log, queue) = AccessLog::queued(2, dropped.clone());
+        let request = RequestHeader::build("GET", b"/", None).expect("request");
+        let entry = Entry {
+            client: None,
+            request: Request::Parsed(&request),
+            status: 200,
+            body_bytes: 0,
+            elapsed: Duration::ZERO,
+            session: None,
+            path: "bypass",
+        };
+        for _ in 0..5 {
+            log.record(&entry);
+        }
+        assert_eq!(dropped.get(), 3);
+        assert_eq!(queue.try_iter().count(), 2);
+        log.record(&entry);
+        assert_eq!(dropped.get(), 3, "room again once the writer took lines");
     }
 
     #[test]
