@@ -13,6 +13,8 @@
 #        REDIS_URL (redis://127.0.0.1:6379),
 #        A_SESSION, B_SESSION: extra [session] lines for one side
 #        (e.g. B_SESSION='touch_interval = 0'),
+#        A_SERVER, B_SERVER: extra [server] lines for one side
+#        (e.g. B_SERVER='access_log = "/tmp/access.log"'),
 #        PEER_B=lua: side B is the nginx + Lua session peer
 #        (../shared/peers/nginx-lua-session, benches/peers.sh) instead of
 #        BIN_B, which is then not used; one start, so one of its LuaJIT
@@ -115,7 +117,7 @@ wait_for_port() {
     echo "nothing listens on $1: see $DIR" >&2
     exit 1
 }
-start() { # SIDE UPSTREAM_PORT PROXY_PORT BIN STORE EXTRA_SESSION_LINES
+start() { # SIDE UPSTREAM_PORT PROXY_PORT BIN STORE EXTRA_SESSION_LINES EXTRA_SERVER_LINES
     local up="$DIR/up-$1" store=""
     mkdir -p "$up/tmp"
     sed "s/127.0.0.1:18280/127.0.0.1:$2/" "$ROOT/benches/wrk/nginx-upstream.conf" > "$up/nginx.conf"
@@ -143,8 +145,9 @@ key_prefix = \"bench-ab-$1-$$:\"" ;;
 $extra}"
     fi
     proxy_toml "$3" "$2" "$SECRET" "$5" "$store" |
-        awk -v extra="$extra" -v tls="$SERVER_TLS" '{ print }
+        awk -v extra="$extra" -v tls="$SERVER_TLS" -v server="$7" '{ print }
             /^\[server\]$/ && tls != "" { print tls }
+            /^\[server\]$/ && server != "" { print server }
             /^\[session\]$/ && extra != "" { print extra }' > "$DIR/$1.toml"
     RUST_LOG=warn taskset -c 1 setsid "$4" run -c "$DIR/$1.toml" > "$DIR/$1.log" 2>&1 &
     PIDS+=("$!")
@@ -167,8 +170,8 @@ for port in 18480 18481 18482 18490; do
         exit 1
     fi
 done
-start a 18480 18481 "$BIN_A" "$STORE_A" "${A_SESSION:-}"
-start b 18490 18482 "$BIN_B" "$STORE_B" "${B_SESSION:-}"
+start a 18480 18481 "$BIN_A" "$STORE_A" "${A_SESSION:-}" "${A_SERVER:-}"
+start b 18490 18482 "$BIN_B" "$STORE_B" "${B_SESSION:-}" "${B_SERVER:-}"
 
 prefill() { # SIDE PORT COUNT
     local file="$DIR/$1.cookies" wrk_pid
@@ -204,9 +207,9 @@ load() { # SIDE PORT PATH
     fi
 }
 
-B_IS="$BIN_B $PATH_B $STORE_B${B_SESSION:+ ($B_SESSION)}${SESSIONS_B:+, $SESSIONS_B sessions}"
+B_IS="$BIN_B $PATH_B $STORE_B${B_SESSION:+ ($B_SESSION)}${B_SERVER:+ ($B_SERVER)}${SESSIONS_B:+, $SESSIONS_B sessions}"
 [ "$PEER_B" = lua ] && B_IS="the nginx + Lua peer $PATH_B"
-echo "# $(date -u +%FT%TZ)${TLS:+ over TLS} A: $BIN_A $PATH_A $STORE_A${A_SESSION:+ ($A_SESSION)}${SESSIONS_A:+, $SESSIONS_A sessions}; B: $B_IS"
+echo "# $(date -u +%FT%TZ)${TLS:+ over TLS} A: $BIN_A $PATH_A $STORE_A${A_SESSION:+ ($A_SESSION)}${A_SERVER:+ ($A_SERVER)}${SESSIONS_A:+, $SESSIONS_A sessions}; B: $B_IS"
 printf 'round\tA_rps\tA_proxy_us\tA_total_us\tB_rps\tB_proxy_us\tB_total_us\tB/A_rps\tB/A_proxy\tB/A_total\n' > "$DIR/rounds.tsv"
 cat "$DIR/rounds.tsv"
 for round in $(seq "$ROUNDS"); do
