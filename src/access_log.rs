@@ -453,8 +453,8 @@ fn time_local_into(line: &mut Vec<u8>, time: SystemTime) {
 }
 
 /// Year, month (1-12) and day of a count of days since 1970-01-01
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+/// (Howard Hinnant's `civil_from_days`; `sessions list` prints dates with it too).
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

@@ -159,19 +159,10 @@ fn parse_handle(text: &str) -> Result<Handle, String> {
     })
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for Unix seconds (days-to-civil, proleptic Gregorian).
+/// `YYYY-MM-DDTHH:MM:SSZ` for Unix seconds (proleptic Gregorian).
 fn utc(seconds: u64) -> String {
-    let days = (seconds / 86_400) as i64;
+    let (year, month, day) = crate::access_log::civil_from_days((seconds / 86_400) as i64);
     let rem = seconds % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
