@@ -12,6 +12,8 @@ pub struct Metrics {
     pub requests_bypass: IntCounter,
     pub sessions_created: IntCounter,
     expired: IntCounterVec,
+    /// Expired records the background sweep deleted.
+    pub sessions_swept: IntCounter,
     pub forged_cookies: IntCounter,
     pub store_errors: IntCounter,
     pub invalid_updates: IntCounter,
@@ -74,6 +76,10 @@ impl Metrics {
                 "session_proxy_sessions_created_total",
                 "Sessions stored for the first time",
             ),
+            sessions_swept: counter(
+                "session_proxy_sessions_swept_total",
+                "Expired sessions deleted by the background sweep",
+            ),
             forged_cookies: counter(
                 "session_proxy_forged_cookies_total",
                 "Requests whose session cookie was malformed or wrongly signed",
@@ -105,6 +111,7 @@ impl Metrics {
             Box::new(requests) as Box<dyn prometheus::core::Collector>,
             Box::new(metrics.expired.clone()),
             Box::new(metrics.sessions_created.clone()),
+            Box::new(metrics.sessions_swept.clone()),
             Box::new(metrics.forged_cookies.clone()),
             Box::new(metrics.store_errors.clone()),
             Box::new(metrics.invalid_updates.clone()),

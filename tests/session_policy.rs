@@ -438,4 +438,18 @@ fn the_sweeper_deletes_expired_records() {
     )
     .len()
         == 1));
+    // Both aged records: `other`'s last request found its own expired and
+    // started a new session, the one file left.
+    let swept = "session_proxy_sessions_swept_total 2\n";
+    assert!(
+        eventually(Duration::from_secs(5), || get(
+            config.admin_port,
+            "/metrics",
+            &[]
+        )
+        .text()
+        .contains(swept)),
+        "missing {swept:?} in\n{}",
+        get(config.admin_port, "/metrics", &[]).text()
+    );
 }

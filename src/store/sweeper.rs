@@ -23,14 +23,15 @@ pub async fn sweep_forever(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        if !sweep_once(&store, expiry).await {
-            metrics.store_errors.inc();
+        match sweep_once(&store, expiry).await {
+            Some(deleted) => metrics.sessions_swept.inc_by(deleted),
+            None => metrics.store_errors.inc(),
         }
     }
 }
 
-/// One round; `false` if it failed.
-async fn sweep_once(store: &Arc<dyn Store>, expiry: Expiry) -> bool {
+/// One round: how many records it deleted, `None` if it failed.
+async fn sweep_once(store: &Arc<dyn Store>, expiry: Expiry) -> Option<u64> {
     let now = crate::session::now();
     // A task of its own, so that a panic in the store surfaces as a
     // `JoinError` here instead of unwinding through the sweeper.
@@ -41,17 +42,17 @@ async fn sweep_once(store: &Arc<dyn Store>, expiry: Expiry) -> bool {
     let failure = match round.await {
         Ok(Ok(0)) => {
             log::debug!("sweep: no expired sessions");
-            return true;
+            return Some(0);
         }
         Ok(Ok(count)) => {
             log::info!("sweep: deleted {count} expired sessions");
-            return true;
+            return Some(count);
         }
         Ok(Err(error)) => error.to_string(),
         Err(error) => error.to_string(),
     };
     log::warn!("sweep failed, will retry: {failure}");
-    false
+    None
 }
 
 #[cfg(test)]
@@ -112,6 +113,11 @@ mod tests {
         assert!(!sweeper.is_finished());
         assert_eq!(store.rounds.load(Ordering::SeqCst), 3);
         assert_eq!(metrics.store_errors.get(), 2, "the error and the panic");
+        assert_eq!(
+            metrics.sessions_swept.get(),
+            1,
+            "the third round's one record"
+        );
         sweeper.abort();
     }
 }
