@@ -111,7 +111,8 @@ impl Log for Redacting {
 /// `suppress_error_log` keeps quiet about a client gone later or a head
 /// refused. The client's
 /// doing, so DEBUG (nginx logs such at info). The proxy's own answers
-/// (502, 503, 504) carry another source and keep their ERROR lines. The
+/// (502, 503, 504) carry another source and keep their ERROR lines, but
+/// for a refused session update: the app's bug, a WARN with the handle. The
 /// admin listener's are pingora's HTTP app's, which names no source: all
 /// its failures to read a head or write an answer are the client's. So
 /// is a TLS handshake that failed or outlasted pingora's 60 s: plain HTTP

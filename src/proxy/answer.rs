@@ -45,6 +45,12 @@ impl Failure {
         matches!(self, Failure::ClientGone | Failure::Status(400..=499))
     }
 
+    /// The app's doing, and already logged at WARN with the session's
+    /// handle where it was found (SPEC [5]): an update or action refused.
+    pub fn is_apps_doing(self) -> bool {
+        self == Failure::InvalidUpdate
+    }
+
     fn message(self) -> &'static str {
         match self {
             Failure::StoreUnavailable => "session store unavailable",

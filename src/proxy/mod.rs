@@ -760,8 +760,11 @@ impl ProxyHttp for SessionProxy {
         // A busy session is its own requests crowding it with `lock =
         // true`, which any client can do as often as it likes; its other
         // causes (a lost lease, a regenerate outrun) have a WARN line of
-        // their own.
-        let quiet = failure.is_clients_doing() || failure == Failure::SessionBusy;
+        // their own, as a refused update has: pingora's ERROR line would
+        // repeat it without the handle, once per request of a buggy app.
+        let quiet = failure.is_clients_doing()
+            || failure.is_apps_doing()
+            || failure == Failure::SessionBusy;
         if quiet {
             debug!("client's request failed ({failure:?}): {e}");
         }
