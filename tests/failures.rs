@@ -243,7 +243,7 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let slow = std::thread::spawn(move || get(port, "/", &[("X-Test-Sleep-Ms", "1500")]).status);
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
-    unsafe_kill(proxy.child.id(), "TERM");
+    signal(proxy.child.id(), "TERM");
     assert_eq!(slow.join().unwrap(), 200, "the in-flight request finished");
     let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
@@ -260,7 +260,7 @@ fn sigterm_when_idle_exits_at_once() {
     let config = ProxyConfig::new(upstream.port).server("grace_period = 30");
     let mut proxy = config.start();
     let started = Instant::now();
-    unsafe_kill(proxy.child.id(), "TERM");
+    signal(proxy.child.id(), "TERM");
     let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
     assert!(
@@ -281,7 +281,7 @@ fn the_grace_period_bounds_the_wait() {
     });
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
-    unsafe_kill(proxy.child.id(), "TERM");
+    signal(proxy.child.id(), "TERM");
     let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
     assert!(
@@ -289,23 +289,4 @@ fn the_grace_period_bounds_the_wait() {
         "{:?}",
         started.elapsed()
     );
-}
-
-fn unsafe_kill(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the proxy did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

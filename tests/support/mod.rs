@@ -707,6 +707,18 @@ pub fn signal(pid: u32, name: &str) {
     assert!(status.success(), "kill -{name} {pid}");
 }
 
+/// Waits up to `within` for `child` to exit; panics if it does not.
+pub fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A small xorshift generator: random moments and choices that a printed
 /// seed reproduces.
 pub struct Rng(pub u64);
