@@ -746,12 +746,26 @@ fn open_private(path: &Path) -> io::Result<File> {
 }
 
 /// Deletes the record file and its spare; `false` if there was no record.
+///
+/// Once the record is gone the session is deleted: a spare that cannot be
+/// removed is logged and left to the sweep, not reported as a failed
+/// delete (the caller would answer 503 for a session it had ended).
 fn remove_record(dir: &Path, path: &Path, fsync: bool) -> io::Result<bool> {
     let mut record_was_there = false;
     for file in removal_order(dir, path) {
-        let was_there = remove_if_there(&file)?;
         if file == path {
-            record_was_there = was_there;
+            record_was_there = remove_if_there(&file)?;
+        } else if let Err(error) = remove_if_there(&file) {
+            let short = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(handle_of_file)
+                .map(|handle| handle.short().to_owned())
+                .unwrap_or_default();
+            log::warn!(
+                "session {short} deleted; its spare in {} is left to the sweep: {error}",
+                dir.display()
+            );
         }
     }
     if record_was_there && fsync {
@@ -1036,6 +1050,22 @@ mod tests {
 
         assert!(store.delete(&handle).await.unwrap());
         assert_eq!(names_in(&temp.0), Vec::<String>::new());
+    }
+
+    /// The record went, so the session is deleted: a spare that will not go
+    /// is no failed delete (a kill or regenerate answered 503 after it).
+    #[tokio::test]
+    async fn a_delete_that_removed_the_record_succeeds_though_its_spare_stays() {
+        let temp = TempDir::new();
+        let store = DiskStore::open(&temp.0, false).unwrap();
+        let handle = Handle::of_id("disk-unit-stuck-spare");
+        put_record(&store, &handle, &record(1)).await;
+        let spare = spare_of(&temp.0, &handle);
+        let _ = fs::remove_file(&spare);
+        fs::create_dir_all(spare.join("in-the-way")).unwrap();
+        assert!(store.delete(&handle).await.unwrap());
+        assert_eq!(store.load(&handle).await.unwrap(), None);
+        assert_eq!(names_in(&temp.0), vec![format!(".{handle}.tmp")]);
     }
 
     /// A decision that bumps the version and counts, in the data, the
