@@ -176,6 +176,35 @@ fn after_sigterm_new_connections_are_not_served() {
     );
 }
 
+#[test]
+fn a_config_error_is_exit_2_naming_file_line_column_key_and_expectation_for_every_command() {
+    // "A config error names the file, the line and column where it has them, the key, and what was expected; the process exits 2 and starts nothing."
+    let config = ProxyConfig::new(free_port()).session("timeout = \"long\"");
+    let path = config.write();
+    let path = path.to_str().unwrap();
+    let line = 1 + std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .position(|line| line.starts_with("timeout = "))
+        .unwrap();
+    let handle = "0".repeat(64);
+    for args in [
+        vec!["check", "-c", path],
+        vec!["sessions", "list", "-c", path],
+        vec!["sessions", "show", &handle, "-c", path],
+        vec!["sessions", "kill", &handle, "-c", path],
+        vec!["sessions", "purge-expired", "-c", path],
+    ] {
+        let output = run_cli(&args, &[]);
+        let message = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {message}");
+        assert!(
+            message.contains(&format!("{path}:{line}:11: session.timeout: expected ")),
+            "{args:?}: {message}"
+        );
+    }
+}
+
 // ---- SPEC [2] Config file ----
 
 #[test]
