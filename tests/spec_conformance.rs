@@ -342,21 +342,6 @@ fn max_data_bytes_bounds_the_merged_data_as_compact_json() {
     assert_eq!(serde_json::to_string(&data).unwrap().len(), 64);
 }
 
-#[test]
-fn a_forged_cookie_is_a_new_session_even_with_ignore_expiry_false() {
-    // "a cookie that is malformed or wrongly signed counts as no cookie (a new session, whatever `ignore_expiry` says)"
-    let upstream = start_upstream();
-    let config = ProxyConfig::new(upstream.port).session("ignore_expiry = false");
-    let proxy = config.start();
-    let forged = format!("session_id={}.{}", "A".repeat(43), "A".repeat(22));
-    for cookie in [forged.as_str(), "session_id=not-a-cookie"] {
-        let response = get(proxy.port, "/", &[("Cookie", cookie)]);
-        assert_eq!(response.status, 200, "{cookie}");
-        assert_eq!(response.session()["new"], true, "{cookie}");
-        assert!(response.set_cookie("session_id").is_none(), "{cookie}");
-    }
-}
-
 // ---- SPEC [3] The cookie and the session handle ----
 
 #[test]
@@ -518,6 +503,21 @@ fn a_bypassed_path_never_touches_the_store() {
     }
     assert_eq!(store_ops(config.admin_port), before, "[load, save, delete]");
     assert_eq!(record(&config, &cookie), aged, "a due touch was written");
+}
+
+#[test]
+fn a_forged_cookie_is_a_new_session_even_with_ignore_expiry_false() {
+    // "a cookie that is malformed or wrongly signed counts as no cookie (a new session, whatever `ignore_expiry` says)"
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("ignore_expiry = false");
+    let proxy = config.start();
+    let forged = format!("session_id={}.{}", "A".repeat(43), "A".repeat(22));
+    for cookie in [forged.as_str(), "session_id=not-a-cookie"] {
+        let response = get(proxy.port, "/", &[("Cookie", cookie)]);
+        assert_eq!(response.status, 200, "{cookie}");
+        assert_eq!(response.session()["new"], true, "{cookie}");
+        assert!(response.set_cookie("session_id").is_none(), "{cookie}");
+    }
 }
 
 #[test]
