@@ -94,25 +94,37 @@ impl SessionProxy {
                     _ => Change::Keep,
                 })
             };
-            latest = self
+            latest = match self
                 .timed(StoreOp::Delete, self.store.modify(handle, &decide))
                 .await
-                .map_err(|e| store_failure(handle, e))?;
+            {
+                Ok(latest) => latest,
+                Err(e) => {
+                    // The old id stays, and the client keeps its cookie.
+                    self.discard_copy(&id).await;
+                    return Err(store_failure(handle, e));
+                }
+            };
             if latest.is_none() {
                 return Ok(Some(self.regenerated(handle, &id)));
             }
         }
         // Written to faster than it can be copied: the session stays as it
-        // is under its old id, and the last copy goes (if it can; unnamed,
-        // it would only wait for the sweep).
-        let _ = self
-            .timed(StoreOp::Delete, self.store.delete(&id.handle()))
-            .await;
+        // is under its old id, and the last copy goes.
+        self.discard_copy(&id).await;
         warn!(
             "session {}: changed during every copy of its regenerate",
             handle.short()
         );
         Err(Failure::SessionBusy)
+    }
+
+    /// Deletes a regenerate's copy that no cookie will name, if it can:
+    /// left, it would only wait for the sweep.
+    async fn discard_copy(&self, id: &SessionId) {
+        let _ = self
+            .timed(StoreOp::Delete, self.store.delete(&id.handle()))
+            .await;
     }
 
     fn regenerated(&self, old: &Handle, id: &SessionId) -> CookieChange {
@@ -293,7 +305,7 @@ fn invalid(handle: &Handle, e: patch::InvalidUpdate) -> Failure {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
     use std::path::Path;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
 
     use async_trait::async_trait;
@@ -316,6 +328,8 @@ mod tests {
         inner: MemoryStore,
         old: Handle,
         updates: AtomicUsize,
+        /// Every change of `old` fails, as with a store gone away.
+        old_unavailable: AtomicBool,
     }
 
     #[async_trait]
@@ -329,6 +343,9 @@ mod tests {
             handle: &Handle,
             decide: Decide<'_>,
         ) -> Result<Option<Record>, StoreError> {
+            if *handle == self.old && self.old_unavailable.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("gone away".to_owned()));
+            }
             let stored = self.inner.modify(handle, decide).await;
             let landing = |left: usize| left.checked_sub(1);
             if *handle != self.old
@@ -391,6 +408,7 @@ mod tests {
             inner: MemoryStore::new(100),
             old: id.handle(),
             updates: AtomicUsize::new(updates),
+            old_unavailable: AtomicBool::new(false),
         });
         let now = crate::session::now();
         let stored = Record {
@@ -468,5 +486,22 @@ mod tests {
             object(json!({"user": "guest", "cart": 3}))
         );
         assert_eq!(record.ver, 1 + MAX_REGENERATE_COPIES as u64);
+    }
+
+    #[tokio::test]
+    async fn a_regenerate_whose_old_id_cannot_go_leaves_no_copy() {
+        let (store, proxy, active, instructions) = regenerating(0).await;
+        store.old_unavailable.store(true, Ordering::SeqCst);
+
+        let outcome = proxy.commit(&active, instructions).await;
+
+        assert_eq!(outcome, Err(Failure::StoreUnavailable));
+        let records = store.inner.list().await.unwrap();
+        assert_eq!(records.len(), 1, "no copy is left: {records:?}");
+        assert_eq!(records[0].0, active.handle);
+        assert_eq!(
+            records[0].1.data.to_map().unwrap(),
+            object(json!({"user": "guest"}))
+        );
     }
 }
