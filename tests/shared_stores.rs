@@ -7,57 +7,8 @@
 
 mod support;
 
-use std::net::TcpStream;
-
+use support::shared::{redis_run, sql, Shared};
 use support::*;
-
-#[derive(Clone, Copy, Debug)]
-enum Shared {
-    Postgres,
-    Redis,
-}
-
-impl Shared {
-    fn port(self) -> u16 {
-        match self {
-            Shared::Postgres => 5432,
-            Shared::Redis => 6379,
-        }
-    }
-
-    /// Store settings unique to this test, so tests do not see each other.
-    fn store_lines(self, tag: &str) -> Vec<String> {
-        let unique = format!("{tag}_{}_{}", std::process::id(), free_port());
-        match self {
-            Shared::Postgres => vec![
-                "kind = \"postgres\"".into(),
-                "url = \"postgres://postgres@127.0.0.1:5432/test\"".into(),
-                format!("table = \"sessions_{unique}\""),
-            ],
-            Shared::Redis => vec![
-                "kind = \"redis\"".into(),
-                "url = \"redis://127.0.0.1:6379\"".into(),
-                format!("key_prefix = \"test:{unique}:\""),
-            ],
-        }
-    }
-
-    fn available(self) -> bool {
-        if TcpStream::connect(("127.0.0.1", self.port())).is_ok() {
-            return true;
-        }
-        assert!(
-            std::env::var("SESSION_PROXY_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "{self:?} is required (SESSION_PROXY_REQUIRE_SERVICES=1) but not reachable on 127.0.0.1:{}",
-            self.port()
-        );
-        eprintln!(
-            "\n!!! SKIPPED: {self:?} is not reachable on 127.0.0.1:{}; this test did not run !!!\n",
-            self.port()
-        );
-        false
-    }
-}
 
 /// Two proxies in front of one upstream, sharing one store.
 struct Pair {
@@ -381,22 +332,6 @@ fn with_lock_requests_of_different_sessions_run_side_by_side(shared: Shared) {
     );
 }
 
-/// Runs `statements` on the test database (PostgreSQL 127.0.0.1:5432, `test`).
-fn sql(statements: &str) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let url = "postgres://postgres@127.0.0.1:5432/test";
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client.batch_execute(statements).await.unwrap();
-    });
-}
-
 /// A table name of this test's own, dropped with the guard.
 struct WebPyTable(String);
 
@@ -468,19 +403,6 @@ fn redis_prefix(pair: &Pair) -> String {
         .trim_start_matches("key_prefix = \"")
         .trim_end_matches('"')
         .to_string()
-}
-
-/// Runs one command on the test Redis, as another program would.
-fn redis_run<T: ::redis::FromRedisValue>(command: &::redis::Cmd) -> T {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = ::redis::Client::open("redis://127.0.0.1:6379").unwrap();
-        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-        command.query_async(&mut connection).await.unwrap()
-    })
 }
 
 #[test]

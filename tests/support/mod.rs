@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub mod private_postgres;
 pub mod recorder;
 mod redis_server;
+pub mod shared;
 pub mod test_ca;
 #[allow(unused_imports)] // used by some of the test crates that include this module
 pub use redis_server::redis_server_installed;
@@ -550,38 +551,68 @@ impl CountingUpstream {
 
 /// A TCP relay on loopback between the proxy and a service, which a test
 /// stops (every connection cut, nothing listening) and starts again on the
-/// same port: a store that goes away and comes back.
+/// same port: a store that goes away and comes back. It can also stall
+/// (connections stay open, nothing more is carried) and cut a connection in
+/// the middle of a reply from the service.
 pub struct Relay {
     pub port: u16,
     target: String,
     running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    faults: std::sync::Arc<RelayFaults>,
     connections: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
     acceptor: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The faults a [`Relay`] applies to the bytes it carries.
+#[derive(Default)]
+struct RelayFaults {
+    /// While set, a connection that carries anything is wedged for good.
+    stalled: std::sync::atomic::AtomicBool,
+    /// The service's reads still to pass before one is cut (0: none).
+    cut_countdown: std::sync::atomic::AtomicUsize,
+    /// Connections wedged so far, and those of them the client still
+    /// holds open.
+    wedged: std::sync::atomic::AtomicUsize,
+    wedged_open: std::sync::atomic::AtomicUsize,
+    /// Connections cut in the middle of a reply.
+    cut: std::sync::atomic::AtomicUsize,
+}
+
 impl Relay {
     pub fn start(target: &str) -> Relay {
+        // Another test process may take a port free_port handed out here
+        // before this one binds it: then another port.
+        let listener = (0..20)
+            .find_map(|_| TcpListener::bind(("127.0.0.1", free_port())).ok())
+            .expect("no port for the relay");
         let mut relay = Relay {
-            port: free_port(),
+            port: listener.local_addr().unwrap().port(),
             target: target.to_string(),
             running: Default::default(),
+            faults: Default::default(),
             connections: Default::default(),
             acceptor: None,
         };
-        relay.resume();
+        relay.serve(listener);
         relay
     }
 
     /// Listens again on the same port.
     pub fn resume(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port))
+            .unwrap_or_else(|e| panic!("relay port {}: {e}", self.port));
+        self.serve(listener);
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
         use std::sync::atomic::Ordering;
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).unwrap();
         listener.set_nonblocking(true).unwrap();
         self.running.store(true, Ordering::SeqCst);
-        let (running, connections, target) = (
+        let (running, connections, target, faults) = (
             self.running.clone(),
             self.connections.clone(),
             self.target.clone(),
+            self.faults.clone(),
         );
         self.acceptor = Some(std::thread::spawn(move || {
             while running.load(Ordering::SeqCst) {
@@ -593,14 +624,23 @@ impl Relay {
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
+                let wedged = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let mut tracked = connections.lock().unwrap();
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                for (from_service, from, to) in [
+                    (
+                        false,
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                    ),
+                    (
+                        true,
+                        server.try_clone().unwrap(),
+                        client.try_clone().unwrap(),
+                    ),
                 ] {
+                    let (faults, wedged) = (faults.clone(), wedged.clone());
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        relay_one_way(from, to, from_service, &faults, &wedged)
                     });
                 }
                 tracked.extend([client, server]);
@@ -619,6 +659,101 @@ impl Relay {
             let _ = connection.shutdown(std::net::Shutdown::Both);
         }
     }
+
+    /// From now on, a connection that carries anything (new ones too) goes
+    /// silent for good, both ends left open: a server that hangs, or one
+    /// behind a black hole.
+    pub fn stall(&self) {
+        self.faults
+            .stalled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections carry again, the ones wedged meanwhile excepted.
+    pub fn unstall(&self) {
+        self.faults
+            .stalled
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The `n`th read from the service from now on (1: the next) is passed
+    /// on only in part, and its connection then closed both ways: a reply
+    /// cut in the middle.
+    pub fn cut_reply(&self, n: usize) {
+        self.faults
+            .cut_countdown
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether an armed [`Relay::cut_reply`] is still to happen.
+    pub fn cut_pending(&self) -> bool {
+        self.faults
+            .cut_countdown
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+    }
+
+    /// Connections cut in the middle of a reply so far.
+    pub fn cuts(&self) -> usize {
+        self.faults.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections wedged so far (see [`Relay::stall`]).
+    pub fn wedged(&self) -> usize {
+        self.faults.wedged.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wedged connections their client has not closed.
+    pub fn wedged_open(&self) -> usize {
+        self.faults
+            .wedged_open
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Carries `from` to `to` until either closes, applying the relay's faults.
+fn relay_one_way(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    from_service: bool,
+    faults: &RelayFaults,
+    wedged: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        if faults.stalled.load(Ordering::SeqCst) && !wedged.swap(true, Ordering::SeqCst) {
+            faults.wedged.fetch_add(1, Ordering::SeqCst);
+            faults.wedged_open.fetch_add(1, Ordering::SeqCst);
+        }
+        if wedged.load(Ordering::SeqCst) {
+            continue;
+        }
+        let cut_here = from_service
+            && faults
+                .cut_countdown
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                == Ok(1);
+        if cut_here {
+            let _ = to.write_all(&buffer[..read / 2]);
+            faults.cut.fetch_add(1, Ordering::SeqCst);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if to.write_all(&buffer[..read]).is_err() {
+            break;
+        }
+    }
+    // The client closed (or was closed): a wedged connection is let go.
+    if !from_service && wedged.load(Ordering::SeqCst) {
+        faults.wedged_open.fetch_sub(1, Ordering::SeqCst);
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
 impl Drop for Relay {
