@@ -188,10 +188,91 @@ macro_rules! on_each_shared_store {
 }
 
 on_each_shared_store!(
+    a_store_that_hangs_is_a_503_within_twice_the_timeout_and_holds_no_connection,
     a_reply_cut_in_the_middle_is_a_503_and_no_acknowledged_change_is_lost,
     a_store_lost_while_the_app_works_stores_nothing_and_sets_no_cookie,
     a_record_that_cannot_be_decoded_is_a_new_session_logged_by_handle_prefix,
 );
+
+/// The store accepts connections but never answers (a server hung, or
+/// behind a black hole): every request that needs it, loads and writes,
+/// of one session or of several at once, and `/healthz`, get their 503
+/// within twice the store timeout; no client is left hanging, the proxy
+/// lets go of every connection it gave up on, and once the store answers
+/// again the session is there, without a restart.
+fn a_store_that_hangs_is_a_503_within_twice_the_timeout_and_holds_no_connection(shared: Shared) {
+    if !shared.available() {
+        return;
+    }
+    let relay = Relay::start(&format!("127.0.0.1:{}", shared.port()));
+    let setup = setup(shared, "stall", Some(&relay), &[]);
+    let port = setup.proxy.port;
+    let mut browser = Browser::new(port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
+
+    relay.stall();
+    // One after another first: each proxy thread's connection times out
+    // and is given up, so the requests below each open a new one.
+    for i in 0..4 {
+        let (response, took) = timed_get(port, "/count", &[("Cookie", &cookie)]);
+        assert_store_unavailable(&response, &format!("sequential request {i}"));
+        assert!(took < ANSWER_BOUND, "sequential request {i}: {took:?}");
+    }
+    // Then many at once, loads and writes, of one session and of new ones.
+    let mut requests: Vec<(&str, Vec<(&str, &str)>)> = Vec::new();
+    for _ in 0..3 {
+        requests.push(("/count", vec![("Cookie", &cookie)]));
+    }
+    for _ in 0..5 {
+        requests.push(("/", vec![("X-Test-Update", r#"{"new": 1}"#)]));
+    }
+    let answers: Vec<(Response, Duration)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = requests
+            .iter()
+            .map(|(path, headers)| scope.spawn(move || timed_get(port, path, headers)))
+            .collect();
+        let health = timed_get(setup.config.admin_port, "/healthz", &[]);
+        assert_eq!(health.0.status, 503, "/healthz of a hung store");
+        assert!(health.1 < ANSWER_BOUND, "/healthz took {:?}", health.1);
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for (i, (response, took)) in answers.iter().enumerate() {
+        let what = format!("request {i} ({}) while the store hangs", requests[i].0);
+        assert_store_unavailable(response, &what);
+        assert!(
+            *took < ANSWER_BOUND,
+            "{what}: answered after {took:?}; the proxy's log:\n{}",
+            setup.log()
+        );
+    }
+    assert!(relay.wedged() > 0, "the relay stalled nothing: no test");
+    // A connection that timed out is in doubt: the proxy must close it,
+    // not keep it (each hung request would leave one more behind).
+    let mut open = relay.wedged_open();
+    let closed = eventually(Duration::from_secs(4), || {
+        open = relay.wedged_open();
+        open == 0
+    });
+    assert!(
+        closed,
+        "{open} hung store connections still held open by the proxy"
+    );
+
+    relay.unstall();
+    let mut last = String::new();
+    let back = eventually(Duration::from_secs(8), || {
+        last = browser.get("/count", &[]).text();
+        last != "session store unavailable"
+    });
+    assert!(back, "no recovery after the store answered again: {last}");
+    assert_eq!(last, "2", "the session survived, nothing half-written");
+    assert_eq!(setup.admin("/healthz").status, 200);
+    assert_eq!(
+        browser.cookie.as_deref(),
+        Some(&cookie["session_id=".len()..])
+    );
+}
 
 /// The store's connection closed in the middle of a reply, at a different
 /// point of the request each time (the load's reply, the write's, a

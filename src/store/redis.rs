@@ -321,6 +321,29 @@ impl RedisStore {
         answer(operation, outcome)
     }
 
+    /// Runs `call` on the calling thread's connection, the wait for that
+    /// connection included, within the timeout, as [`RedisStore::bounded`]:
+    /// while the server hangs, the requests of a thread that gave its
+    /// connection up wait in turn for each other's attempts to open one,
+    /// and each waited out them all (5 s, with a timeout of 1 s).
+    async fn run<T, F, Fut>(&self, operation: &str, call: F) -> Result<T, StoreError>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: std::future::Future<Output = RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let Ok(connection) = tokio::time::timeout_at(deadline, self.connection()).await else {
+            return Err(StoreError::Unavailable(format!(
+                "redis {operation}: timed out waiting for a connection"
+            )));
+        };
+        let outcome = tokio::time::timeout_at(deadline, call(connection?)).await;
+        if outcome.is_err() {
+            self.connections.forget();
+        }
+        answer(operation, outcome)
+    }
+
     /// The calling thread's connection, opened on first use.
     async fn connection(&self) -> Result<Connection, StoreError> {
         self.connections
@@ -341,10 +364,11 @@ impl RedisStore {
     /// The value of `handle`'s key, if any; a value that is not UTF-8
     /// (another program's, under the prefix) is a corrupt record.
     async fn get(&self, handle: &Handle, key: &str) -> Result<Option<String>, StoreError> {
-        let mut connection = self.connection().await?;
-        let command = redis::cmd("GET").arg(key).to_owned();
+        let command = &redis::cmd("GET").arg(key).to_owned();
         let value: Option<Vec<u8>> = self
-            .bounded("get", command.query_async(&mut connection))
+            .run("get", |mut connection| async move {
+                command.query_async(&mut connection).await
+            })
             .await?;
         value.map(|bytes| utf8(handle, bytes)).transpose()
     }
@@ -384,9 +408,10 @@ impl RedisStore {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<Option<Option<String>>, StoreError> {
-        let mut connection = self.connection().await?;
         let answer = self
-            .bounded("write", invocation.invoke_async(&mut connection))
+            .run("write", |mut connection| async move {
+                invocation.invoke_async(&mut connection).await
+            })
             .await?;
         match answer {
             Value::Int(1) => Ok(None),
@@ -744,12 +769,14 @@ impl Store for RedisStore {
     }
 
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<bool, StoreError> {
-        let mut connection = self.connection().await?;
         let key = self.key(handle);
         let mut invocation = self.scripts.touch.key(&key);
         invocation.arg(atime).arg(self.idle_ttl);
-        let touch = invocation.invoke_async::<i64>(&mut connection);
-        match self.bounded("touch", touch).await? {
+        let invocation = &invocation;
+        let touch = |mut connection: Connection| async move {
+            invocation.invoke_async::<i64>(&mut connection).await
+        };
+        match self.run("touch", touch).await? {
             0 => return Ok(false),
             touched if touched > 0 => return Ok(true),
             _ => {}
@@ -759,10 +786,11 @@ impl Store for RedisStore {
     }
 
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
-        let mut connection = self.connection().await?;
-        let command = redis::cmd("DEL").arg(self.key(handle)).to_owned();
+        let command = &redis::cmd("DEL").arg(self.key(handle)).to_owned();
         let deleted: i64 = self
-            .bounded("delete", command.query_async(&mut connection))
+            .run("delete", |mut connection| async move {
+                command.query_async(&mut connection).await
+            })
             .await?;
         Ok(deleted > 0)
     }
@@ -813,11 +841,12 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut connection = self.connection().await?;
-        let command = redis::cmd("PING").to_owned();
-        self.bounded::<Value>("ping", command.query_async(&mut connection))
-            .await
-            .map(|_| ())
+        let command = &redis::cmd("PING").to_owned();
+        self.run::<Value, _, _>("ping", |mut connection| async move {
+            command.query_async(&mut connection).await
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn acquire_lease(
