@@ -13,6 +13,7 @@
 
 mod support;
 
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::shared::{redis_at, sql, Shared};
@@ -518,4 +519,136 @@ fn a_record_that_cannot_be_decoded_is_a_new_session_logged_by_handle_prefix(shar
         "{metrics}"
     );
     assert_eq!(lenient.admin("/healthz").status, 200);
+}
+
+/// A `redis-server` of this test's own on `port`, keeping nothing on disk.
+fn redis_server(port: u16, dir: &TempDir) -> Process {
+    let mut child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    wait_listening(port, &mut child);
+    Process { child, port }
+}
+
+/// Redis killed under a running proxy and started again, empty (it keeps
+/// nothing on disk): during the outage requests get the 503 and `/healthz`
+/// says 503; afterwards the proxy reconnects by itself, a session stored
+/// before is gone only because Redis lost it, and that is answered as a
+/// missing session (a new one; with `ignore_expiry = false` the expired
+/// answer), not as a failure; sessions made afterwards work.
+#[test]
+fn redis_restarted_empty_under_a_running_proxy() {
+    if !redis_server_installed("restart") {
+        return;
+    }
+    let dir = TempDir::new("redis-restart");
+    let redis_port = free_port();
+    let redis = redis_server(redis_port, &dir);
+    let upstream = start_upstream();
+    let configure = |session: &[&str]| {
+        let mut config = ProxyConfig::new(upstream.port)
+            .store("kind = \"redis\"")
+            .store(&format!("url = \"redis://127.0.0.1:{redis_port}\""))
+            .store("timeout = 1");
+        for line in session {
+            config = config.session(line);
+        }
+        config
+    };
+    let lenient = configure(&[]);
+    let strict = configure(&["ignore_expiry = false", "expired_status = 440"]);
+    let (_a, _b) = (lenient.start(), strict.start());
+    let mut browser = Browser::new(lenient.port);
+    let mut strict_browser = Browser::new(strict.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    assert_eq!(browser.get("/count", &[]).text(), "2");
+    assert_eq!(strict_browser.get("/count", &[]).text(), "1");
+    let old = browser.cookie.clone();
+
+    drop(redis);
+    let (response, took) = timed_get(
+        lenient.port,
+        "/count",
+        &[("Cookie", &format!("session_id={}", old.clone().unwrap()))],
+    );
+    assert_store_unavailable(&response, "while Redis is down");
+    assert!(took < ANSWER_BOUND, "{took:?}");
+    assert_eq!(get(lenient.admin_port, "/healthz", &[]).status, 503);
+
+    let _redis = redis_server(redis_port, &dir);
+    let back = eventually(Duration::from_secs(8), || {
+        get(lenient.admin_port, "/healthz", &[]).status == 200
+    });
+    assert!(back, "/healthz still 503 after Redis came back");
+
+    let response = browser.get("/count", &[]);
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (200, "1"),
+        "the lost session is a missing one: a new session"
+    );
+    assert_ne!(browser.cookie, old, "the new session has a new id");
+    assert_eq!(browser.get("/count", &[]).text(), "2", "and it is stored");
+    let metrics = get(lenient.admin_port, "/metrics", &[]).text();
+    assert!(
+        metrics.contains(r#"session_proxy_sessions_expired_total{reason="missing"} 1"#),
+        "{metrics}"
+    );
+
+    let response = strict_browser.get("/count", &[]);
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (440, "Session expired"),
+        "with ignore_expiry = false the lost session is expired"
+    );
+    assert_eq!(response.set_cookie("session_id").as_deref(), Some(""));
+    assert_eq!(
+        strict_browser.get("/count", &[]).text(),
+        "1",
+        "then starts anew"
+    );
+}
+
+/// Redis closes a client's connection once it has been idle for its
+/// `timeout` (often set on managed servers, to shed clients that vanished).
+/// A proxy thread's connection that sat idle that long is closed under it:
+/// its next request must not be the one that finds out, with a 503.
+#[test]
+fn redis_closing_an_idle_connection_costs_no_request_a_503() {
+    if !redis_server_installed("idle timeout") {
+        return;
+    }
+    let dir = TempDir::new("redis-idle");
+    let redis_port = free_port();
+    let mut redis = redis_server(redis_port, &dir);
+    let _: () = redis_at(
+        redis_port,
+        ::redis::cmd("CONFIG").arg("SET").arg("timeout").arg(1),
+    );
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port)
+        .store("kind = \"redis\"")
+        .store(&format!("url = \"redis://127.0.0.1:{redis_port}\""))
+        .store("timeout = 1");
+    let _proxy = config.start();
+    // Every proxy thread gets a session, and so a connection.
+    let mut browsers: Vec<Browser> = (0..4).map(|_| Browser::new(config.port)).collect();
+    for browser in &mut browsers {
+        assert_eq!(browser.get("/count", &[]).text(), "1");
+    }
+    // Redis checks idle clients about ten times a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    for (i, browser) in browsers.iter_mut().enumerate() {
+        let response = browser.get("/count", &[]);
+        assert_eq!(
+            (response.status, response.text().as_str()),
+            (200, "2"),
+            "session {i}, its connection closed by Redis while idle"
+        );
+    }
+    let _ = redis.child.kill();
 }

@@ -322,10 +322,20 @@ impl RedisStore {
     }
 
     /// Runs `call` on the calling thread's connection, the wait for that
-    /// connection included, within the timeout, as [`RedisStore::bounded`]:
-    /// while the server hangs, the requests of a thread that gave its
-    /// connection up wait in turn for each other's attempts to open one,
-    /// and each waited out them all (5 s, with a timeout of 1 s).
+    /// connection included, within the timeout: while the server hangs,
+    /// the requests of a thread that gave its connection up wait in turn
+    /// for each other's attempts to open one, and each waited out them
+    /// all (5 s, with a timeout of 1 s).
+    ///
+    /// A call that failed for the connection's sake is made once more,
+    /// within the same timeout, on the connection the crate opens in its
+    /// place: the crate learns that the server closed a connection (its
+    /// `timeout` for idle clients, a restart) only from the next command on
+    /// it, and hands a failed reconnection to the next command too, so each
+    /// proxy thread's first request afterwards got a 503 from a server that
+    /// answers. Only commands that are safe to repeat go through here:
+    /// reads, and writes that check what the key holds first (or set what
+    /// they set).
     async fn run<T, F, Fut>(&self, operation: &str, call: F) -> Result<T, StoreError>
     where
         F: Fn(Connection) -> Fut,
@@ -337,7 +347,13 @@ impl RedisStore {
                 "redis {operation}: timed out waiting for a connection"
             )));
         };
-        let outcome = tokio::time::timeout_at(deadline, call(connection?)).await;
+        let connection = connection?;
+        let outcome = match tokio::time::timeout_at(deadline, call(connection.clone())).await {
+            Ok(Err(error)) if error.is_unrecoverable_error() => {
+                tokio::time::timeout_at(deadline, call(connection)).await
+            }
+            outcome => outcome,
+        };
         if outcome.is_err() {
             self.connections.forget();
         }
