@@ -194,6 +194,7 @@ on_each_shared_store!(
     a_store_lost_while_the_app_works_stores_nothing_and_sets_no_cookie,
     a_record_that_cannot_be_decoded_is_a_new_session_logged_by_handle_prefix,
     connections_the_store_closed_while_idle_cost_no_request_a_503,
+    with_lock_connections_the_store_closed_while_idle_cost_no_request_a_503,
 );
 
 /// The store closes the proxy's connections while they are idle (Redis's
@@ -202,11 +203,20 @@ on_each_shared_store!(
 /// the proxy finds out on their next use, and no request pays for it with
 /// a 503: every proxy thread's next request is served.
 fn connections_the_store_closed_while_idle_cost_no_request_a_503(shared: Shared) {
+    closed_while_idle(shared, &[]);
+}
+
+/// The same with `lock = true`, whose leases take a command of their own.
+fn with_lock_connections_the_store_closed_while_idle_cost_no_request_a_503(shared: Shared) {
+    closed_while_idle(shared, &["lock = true"]);
+}
+
+fn closed_while_idle(shared: Shared, session: &[&str]) {
     if !shared.available() {
         return;
     }
     let mut relay = Relay::start(&format!("127.0.0.1:{}", shared.port()));
-    let setup = setup(shared, "closed", Some(&relay), &[]);
+    let setup = setup(shared, "closed", Some(&relay), session);
     // Sessions enough that every proxy thread has a connection.
     let mut browsers: Vec<Browser> = (0..4).map(|_| Browser::new(setup.proxy.port)).collect();
     for browser in &mut browsers {

@@ -334,8 +334,8 @@ impl RedisStore {
     /// it, and hands a failed reconnection to the next command too, so each
     /// proxy thread's first request afterwards got a 503 from a server that
     /// answers. Only commands that are safe to repeat go through here:
-    /// reads, and writes that check what the key holds first (or set what
-    /// they set).
+    /// reads, writes that check what the key holds first (or set what they
+    /// set), and the lease's `SET NX`.
     async fn run<T, F, Fut>(&self, operation: &str, call: F) -> Result<T, StoreError>
     where
         F: Fn(Connection) -> Fut,
@@ -596,17 +596,20 @@ impl RedisStore {
             .max(1);
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = Duration::from_millis(2);
+        let command = &redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .to_owned();
         loop {
-            let mut connection = self.connection().await?;
-            let command = redis::cmd("SET")
-                .arg(&key)
-                .arg(&token)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl_ms)
-                .to_owned();
+            // Safe to make again: a lease taken by a first try whose answer
+            // was lost only holds this loop up until it expires.
             let answer: Value = self
-                .bounded("lease", command.query_async(&mut connection))
+                .run("lease", |mut connection| async move {
+                    command.query_async(&mut connection).await
+                })
                 .await?;
             if matches!(answer, Value::Okay) {
                 break;
