@@ -170,6 +170,14 @@ fn assert_store_unavailable(response: &Response, what: &str) {
     assert_eq!(response.header("x-session-action"), None, "{what}");
 }
 
+/// The value of the sample `name` (with its labels, if any) in `metrics`.
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+}
+
 /// Each SPEC [5] answer must come within `ANSWER_BOUND`; returns it.
 fn timed_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (Response, Duration) {
     let started = Instant::now();
@@ -287,6 +295,14 @@ fn a_store_that_hangs_is_a_503_within_twice_the_timeout_and_holds_no_connection(
         );
     }
     assert!(relay.wedged() > 0, "the relay stalled nothing: no test");
+    let errors = metric(
+        &setup.admin("/metrics").text(),
+        "session_proxy_store_errors_total",
+    );
+    assert!(
+        errors >= 12.0,
+        "12 requests failed, {errors} store errors counted"
+    );
     // A connection that timed out is in doubt: the proxy must close it,
     // not keep it (each hung request would leave one more behind).
     let mut open = relay.wedged_open();
