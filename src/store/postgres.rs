@@ -102,6 +102,7 @@ struct Statements {
     page: String,
     delete_many: String,
     list: String,
+    ping: String,
 }
 
 impl Statements {
@@ -161,6 +162,10 @@ impl Statements {
             ),
             delete_many: format!("DELETE FROM {table} WHERE session_id = ANY($1::bpchar[])"),
             list: format!("SELECT session_id, data FROM {table}"),
+            // The table, not only the server: a table dropped (or its
+            // privileges revoked) under a running proxy fails every
+            // request, and `/healthz` must say so.
+            ping: format!("SELECT 1 FROM {table} LIMIT 0"),
         }
     }
 }
@@ -775,7 +780,7 @@ impl Store for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let (client, deadline) = self.checkout().await?;
         let outcome = timeout_at(deadline, async {
-            Ok(client.batch_execute("SELECT 1").await?)
+            Ok(client.batch_execute(&self.sql.ping).await?)
         })
         .await;
         finish(client, outcome)
