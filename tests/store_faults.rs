@@ -705,3 +705,59 @@ fn postgres_a_dropped_table_is_a_503_and_healthz_says_so() {
         "the session went with the table: a new one"
     );
 }
+
+/// Another program's keys under the prefix that are not strings (a hash
+/// here) are no records of this store: at a session's key, a record that
+/// cannot be decoded (a new session, not a 503 on every request of it);
+/// elsewhere, skipped by `sessions list` and the sweep, which they failed
+/// as a whole (`WRONGTYPE`).
+#[test]
+fn redis_keys_of_another_type_are_not_records() {
+    if !Shared::Redis.available() {
+        return;
+    }
+    let setup = setup(
+        Shared::Redis,
+        "wrongtype",
+        None,
+        &["absolute_timeout = 3600"],
+    );
+    let Namespace::Keys(prefix) = &setup.namespace else {
+        unreachable!("a Redis store has a key prefix");
+    };
+    let hash_at = |key: String| {
+        let _: i64 = redis_at(
+            6379,
+            ::redis::cmd("HSET").arg(key).arg("field").arg("value"),
+        );
+    };
+    let mut browser = Browser::new(setup.proxy.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    hash_at(format!("{prefix}another-program"));
+    let path = setup.config.path();
+    let path = path.to_str().unwrap();
+    for command in ["list", "purge-expired"] {
+        let output = run_cli(&["sessions", command, "-c", path], &[]);
+        assert!(output.status.success(), "sessions {command}: {output:?}");
+    }
+    let listed = run_cli(&["sessions", "list", "-c", path], &[]);
+    let handle = handle_of(browser.cookie.as_deref().unwrap());
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&handle));
+
+    let _: i64 = redis_at(6379, ::redis::cmd("DEL").arg(format!("{prefix}{handle}")));
+    hash_at(format!("{prefix}{handle}"));
+    let response = browser.get("/count", &[]);
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (200, "1"),
+        "a hash at the session's key: a new session"
+    );
+    assert!(
+        setup.log().contains(&format!(
+            "session {}: stored record unreadable",
+            &handle[..8]
+        )),
+        "{}",
+        setup.log()
+    );
+}

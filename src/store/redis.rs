@@ -381,12 +381,27 @@ impl RedisStore {
     /// (another program's, under the prefix) is a corrupt record.
     async fn get(&self, handle: &Handle, key: &str) -> Result<Option<String>, StoreError> {
         let command = &redis::cmd("GET").arg(key).to_owned();
-        let value: Option<Vec<u8>> = self
+        let value = self
             .run("get", |mut connection| async move {
-                command.query_async(&mut connection).await
+                match command
+                    .query_async::<Option<Vec<u8>>>(&mut connection)
+                    .await
+                {
+                    Err(error) if error.code() == Some("WRONGTYPE") => Ok(Err(())),
+                    other => other.map(Ok),
+                }
             })
             .await?;
-        value.map(|bytes| utf8(handle, bytes)).transpose()
+        match value {
+            Ok(value) => value.map(|bytes| utf8(handle, bytes)).transpose(),
+            // Not a string (another program's, under the prefix): as
+            // corrupt a record as one that does not parse, rather than a
+            // 503 on every request of the session.
+            Err(()) => Err(StoreError::Corrupt {
+                handle: handle.short().to_owned(),
+                detail: "the key holds another type than a string".into(),
+            }),
+        }
     }
 
     /// Writes `new` (`None`: deletes) if `key` still holds `expected`.
@@ -529,6 +544,9 @@ impl RedisStore {
         keys: &[String],
     ) -> Result<Vec<Option<String>>, StoreError> {
         let mut pipeline = redis::pipe();
+        // A key of another type answers WRONGTYPE, which otherwise fails
+        // the whole page: `sessions list` and every sweep.
+        pipeline.ignore_errors();
         for key in keys {
             pipeline.cmd("GET").arg(key);
         }
@@ -543,11 +561,15 @@ impl RedisStore {
                     .await?
             }
         };
+        // Values that are not text (not UTF-8, or keys of another type)
+        // are another program's under the prefix: skipped, as are records
+        // that do not parse.
         values
             .into_iter()
-            .map(|value| {
-                redis::from_redis_value(value)
-                    .map_err(|_| StoreError::Unavailable("redis: unreadable value".into()))
+            .map(|value| match value {
+                Value::Nil | Value::ServerError(_) => Ok(None),
+                Value::BulkString(bytes) => Ok(String::from_utf8(bytes).ok()),
+                _ => Err(StoreError::Unavailable("redis: unreadable value".into())),
             })
             .collect()
     }
