@@ -143,17 +143,6 @@ fn with_lock_a_response_body_read_slowly_does_not_hold_up_the_session(shared: Sh
     drop(download);
 }
 
-macro_rules! on_each_shared_store {
-    ($($case:ident),* $(,)?) => {
-        mod postgres {
-            $(#[test] fn $case() { super::$case(super::Shared::Postgres) })*
-        }
-        mod redis {
-            $(#[test] fn $case() { super::$case(super::Shared::Redis) })*
-        }
-    };
-}
-
 on_each_shared_store!(
     a_session_continues_through_the_other_proxy,
     a_kill_through_one_proxy_ends_the_session_for_both,

@@ -185,17 +185,6 @@ fn timed_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (Response, Dura
     (response, started.elapsed())
 }
 
-macro_rules! on_each_shared_store {
-    ($($case:ident),* $(,)?) => {
-        mod postgres {
-            $(#[test] fn $case() { super::$case(super::Shared::Postgres) })*
-        }
-        mod redis {
-            $(#[test] fn $case() { super::$case(super::Shared::Redis) })*
-        }
-    };
-}
-
 on_each_shared_store!(
     a_store_that_hangs_is_a_503_within_twice_the_timeout_and_holds_no_connection,
     a_reply_cut_in_the_middle_is_a_503_and_no_acknowledged_change_is_lost,

@@ -6,6 +6,20 @@ use std::net::TcpStream;
 
 use super::free_port;
 
+/// `on_each_shared_store!(case, …)`: a `#[test]` for each case on each
+/// store, `postgres::case` and `redis::case`, calling `case(Shared::…)`.
+#[macro_export]
+macro_rules! on_each_shared_store {
+    ($($case:ident),* $(,)?) => {
+        mod postgres {
+            $(#[test] fn $case() { super::$case(super::Shared::Postgres) })*
+        }
+        mod redis {
+            $(#[test] fn $case() { super::$case(super::Shared::Redis) })*
+        }
+    };
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum Shared {
     Postgres,
