@@ -11,7 +11,11 @@
 //! (`session_proxy_access_log_dropped_total`, and a WARN at most every
 //! [`WARN_EVERY`]). The writer buffers, flushes at least every second and
 //! when asked ([`AccessLog::flush`], at shutdown), and reopens the file
-//! on SIGUSR1 ([`AccessLog::reopen`]), for logrotate.
+//! on SIGUSR1 ([`AccessLog::reopen`]), for logrotate. While writes fail
+//! (a full disk), what its buffer holds waits there, to be written whole
+//! once they succeed again; a line that finds no room in it is dropped and
+//! counted as well, and so is what the buffer holds when SIGUSR1 leaves
+//! the old file.
 //!
 //! What the client sent (method, target, Referer, User-Agent) is escaped
 //! as nginx escapes it: `"`, `\` and every byte outside printable ASCII
@@ -132,6 +136,7 @@ impl AccessLog {
             out: BufWriter::with_capacity(BUFFER_BYTES, sink),
             destination: destination.clone(),
             reopen: log.reopen.clone(),
+            dropped: log.dropped.clone(),
             last_error_warning: None,
         };
         std::thread::Builder::new()
@@ -216,6 +221,8 @@ struct Writer {
     out: BufWriter<Sink>,
     destination: Destination,
     reopen: Arc<AtomicBool>,
+    /// Lines lost to failed writes count with those the queue dropped.
+    dropped: IntCounter,
     last_error_warning: Option<Instant>,
 }
 
@@ -228,7 +235,12 @@ impl Writer {
             loop {
                 match queue.try_recv() {
                     Ok(Message::Line(line)) => {
+                        // `BufWriter` keeps what it could not write and
+                        // takes no part of a line it has no room for.
                         let written = self.out.write_all(&line);
+                        if written.is_err() {
+                            self.dropped.inc();
+                        }
                         self.report(written);
                     }
                     Ok(Message::Flush(done)) => {
@@ -267,7 +279,10 @@ impl Writer {
             return;
         }
         self.last_error_warning = Some(Instant::now());
-        warn!("access log: cannot write, lines lost: {e}");
+        warn!(
+            "access log: cannot write ({e}): lines dropped until it can ({} so far, session_proxy_access_log_dropped_total)",
+            self.dropped.get()
+        );
     }
 
     fn reopen_file(&mut self) {
@@ -278,10 +293,19 @@ impl Writer {
         match open_file(path) {
             Ok(file) => {
                 info!("SIGUSR1: access log reopened: {}", path.display());
-                // What the old file's buffer holds goes to the old file.
+                // What the old file's buffer holds goes to the old file;
+                // what cannot be written there is lost, and counted.
                 let flushed = self.out.flush();
                 self.report(flushed);
-                self.out = BufWriter::with_capacity(BUFFER_BYTES, Sink::File(file));
+                let old = std::mem::replace(
+                    &mut self.out,
+                    BufWriter::with_capacity(BUFFER_BYTES, Sink::File(file)),
+                );
+                // Not dropped as it is: that would try the write once more.
+                let (_, unwritten) = old.into_parts();
+                let lost =
+                    unwritten.map_or(0, |bytes| bytes.iter().filter(|&&b| b == b'\n').count());
+                self.dropped.inc_by(lost as u64);
             }
             Err(e) => warn!(
                 "SIGUSR1: cannot reopen the access log {}, still writing to the old file: {e}",

@@ -390,3 +390,159 @@ fn an_access_log_that_cannot_be_opened_is_exit_2_at_check_and_at_start() {
         );
     }
 }
+
+/// `session_proxy_access_log_dropped_total`, as `/metrics` says it now.
+fn dropped_lines(admin_port: u16) -> u64 {
+    let metrics = get(admin_port, "/metrics", &[]).text();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("session_proxy_access_log_dropped_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no dropped count in {metrics}"))
+}
+
+/// Requests whose lines are 6,1xx bytes each (three fields of 2,000):
+/// the writer's 64 KiB buffer holds ten of them.
+const BIG_LINES_BUFFERED: u64 = 10;
+
+/// A bypassed request (`session=-`) with a line of 6,1xx bytes.
+fn big_line_request(port: u16, n: usize) -> u16 {
+    let field = "x".repeat(2000);
+    let target = format!("/static/big/{n:02}?{field}");
+    get(
+        port,
+        &target,
+        &[("User-Agent", &field), ("Referer", &field)],
+    )
+    .status
+}
+
+/// The proxy's WARNs about failed writes in its log at `stderr`.
+fn write_warnings(stderr: &Path) -> usize {
+    std::fs::read_to_string(stderr)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("access log: cannot write"))
+        .count()
+}
+
+#[test]
+fn a_log_that_cannot_be_written_drops_and_counts_lines_and_requests_go_on() {
+    let upstream = start_upstream();
+    // Every write to /dev/full fails with ENOSPC, as on a full disk.
+    let config = config_logging_to(upstream.port, 10, "/dev/full");
+    let stderr = config.dir.path().join("stderr.log");
+    let started = std::time::Instant::now();
+    let proxy = config.start_logging("warn", &stderr);
+    for n in 0..20 {
+        assert_eq!(big_line_request(proxy.port, n), 200, "request {n}");
+    }
+    // Ten wait in the buffer; each of the ten after them finds no room.
+    let mut dropped = 0;
+    eventually(FLUSH_WAIT, || {
+        dropped = dropped_lines(config.admin_port);
+        dropped >= 20 - BIG_LINES_BUFFERED
+    });
+    assert_eq!(dropped, 20 - BIG_LINES_BUFFERED);
+    assert!(eventually(FLUSH_WAIT, || write_warnings(&stderr) > 0));
+    // A WARN at most every 10 s, however many writes fail.
+    let allowed = 1 + started.elapsed().as_secs() as usize / 10;
+    assert!(
+        write_warnings(&stderr) <= allowed,
+        "{}",
+        std::fs::read_to_string(&stderr).unwrap_or_default()
+    );
+    assert_eq!(get(proxy.port, "/static/still-served", &[]).status, 200);
+}
+
+/// A tmpfs of 128 KiB on a directory, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// `None`, said on stderr, where mounting is not permitted (not root).
+    fn mount(dir: &Path) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=128k", "tmpfs"])
+            .arg(dir)
+            .output();
+        match output {
+            Ok(output) if output.status.success() => Some(SmallDisk(dir.to_path_buf())),
+            outcome => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs on {}: {outcome:?}",
+                    dir.display()
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount").arg(&self.0).status();
+        if !unmounted.is_ok_and(|status| status.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// Writes `path` until the filesystem has no room left.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut filler = std::fs::File::create(path).unwrap();
+    let block = [0u8; 4096];
+    loop {
+        match filler.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+fn after_a_full_disk_has_room_again_the_lines_it_held_and_new_ones_are_written_whole() {
+    let upstream = start_upstream();
+    let config = config_logging_to(upstream.port, 11, "");
+    let disk_dir = config.dir.path().join("disk");
+    // Declared before the proxy: dropped (unmounted) after it exits.
+    let Some(_disk) = SmallDisk::mount(&disk_dir) else {
+        return;
+    };
+    let log = disk_dir.join("access.log");
+    let filler = disk_dir.join("filler");
+    fill(&filler);
+    let config = config.server(&format!("access_log = {:?}", log.display().to_string()));
+    let proxy = config.start();
+    for n in 0..20 {
+        assert_eq!(big_line_request(proxy.port, n), 200, "request {n}");
+    }
+    let mut dropped = 0;
+    eventually(FLUSH_WAIT, || {
+        dropped = dropped_lines(config.admin_port);
+        dropped >= 20 - BIG_LINES_BUFFERED
+    });
+    assert_eq!(dropped, 20 - BIG_LINES_BUFFERED);
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(get(proxy.port, "/static/room-again", &[]).status, 200);
+    line_with(&log, "/static/room-again");
+    let lines = lines_of(&log);
+    let requests: Vec<String> = lines
+        .iter()
+        .map(|line| Line::parse(line).request)
+        .map(|request| request.split('?').next().unwrap_or_default().to_string())
+        .collect();
+    let mut expected: Vec<String> = (0..BIG_LINES_BUFFERED)
+        .map(|n| format!("GET /static/big/{n:02}"))
+        .collect();
+    expected.push("GET /static/room-again HTTP/1.1".to_string());
+    assert_eq!(requests, expected);
+    assert_eq!(dropped_lines(config.admin_port), 20 - BIG_LINES_BUFFERED);
+}
