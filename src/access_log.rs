@@ -33,6 +33,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -74,12 +75,24 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// Opens a log file as the access log does: append, created 0640.
+/// Without waiting: a FIFO no process reads is `ENXIO` at once, where a
+/// plain open would wait for a reader; what is opened then blocks as
+/// usual (the writer thread waits on a slow reader, not the requests).
 pub fn open_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o640)
-        .open(path)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor `file` owns; reads and sets its flags only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 enum Message {

@@ -546,3 +546,72 @@ fn after_a_full_disk_has_room_again_the_lines_it_held_and_new_ones_are_written_w
     assert_eq!(requests, expected);
     assert_eq!(dropped_lines(config.admin_port), 20 - BIG_LINES_BUFFERED);
 }
+
+#[test]
+fn a_fifo_no_process_reads_is_refused_at_once_and_one_with_a_reader_gets_the_lines() {
+    use std::io::BufRead;
+    let upstream = start_upstream();
+    let config = config_logging_to(upstream.port, 12, "");
+    let fifo = config.dir.path().join("access.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let fifo_name = fifo.display().to_string();
+    let config = config.server(&format!("access_log = {fifo_name:?}"));
+    let path = config.write();
+
+    // Opening a FIFO for writing would wait for a reader: `check` must
+    // not, so it runs with a deadline (and is killed past it).
+    for command in ["check", "run"] {
+        let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+            .args([command, "-c"])
+            .arg(&path)
+            .env_remove("SESSION_PROXY_SECRET_KEYS")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut process = Process { child, port: 0 };
+        let status = wait_exit(&mut process.child, Duration::from_secs(5));
+        let mut stderr = String::new();
+        let _ = process
+            .child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr);
+        assert_eq!(status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("server.access_log")
+                && stderr.contains(&fifo_name)
+                && stderr.contains("no process has open for reading"),
+            "{command}: {stderr}"
+        );
+    }
+
+    // A reader (read and write: it never sees an end of file between writers).
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let (found, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(reader).lines() {
+            let Ok(line) = line else { return };
+            if line.contains("/through-the-fifo") {
+                let _ = found.send(line);
+                return;
+            }
+        }
+    });
+    let proxy = config.start();
+    assert_eq!(get(proxy.port, "/static/through-the-fifo", &[]).status, 200);
+    let line = seen
+        .recv_timeout(FLUSH_WAIT)
+        .expect("the line through the FIFO");
+    assert_eq!(
+        Line::parse(&line).request,
+        "GET /static/through-the-fifo HTTP/1.1"
+    );
+}

@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -181,11 +181,21 @@ fn access_log(src: &Source, path: &str) -> Result<Option<Destination>> {
     let path = PathBuf::from(path);
     let problem = match std::fs::symlink_metadata(&path) {
         Ok(metadata) if metadata.is_dir() => Some("it is a directory".to_string()),
-        Ok(_) => OpenOptions::new()
+        // Without waiting: opened for writing, a FIFO waits for a reader.
+        Ok(_) => match OpenOptions::new()
             .append(true)
+            .custom_flags(libc::O_NONBLOCK)
             .open(&path)
-            .err()
-            .map(|e| format!("it cannot be opened for append: {e}")),
+        {
+            Ok(_) => None,
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENXIO)
+                    && std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_fifo()) =>
+            {
+                Some("it is a FIFO that no process has open for reading (the proxy would wait for one); start the reader first".to_string())
+            }
+            Err(e) => Some(format!("it cannot be opened for append: {e}")),
+        },
         Err(_) => {
             let directory = super::directory_of(&path);
             match std::fs::metadata(directory) {
