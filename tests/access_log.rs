@@ -562,25 +562,8 @@ fn a_fifo_no_process_reads_is_refused_at_once_and_one_with_a_reader_gets_the_lin
     // Opening a FIFO for writing would wait for a reader: `check` must
     // not, so it runs with a deadline (and is killed past it).
     for command in ["check", "run"] {
-        let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
-            .args([command, "-c"])
-            .arg(&path)
-            .env_remove("SESSION_PROXY_SECRET_KEYS")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut process = Process { child, port: 0 };
-        let status = wait_exit(&mut process.child, Duration::from_secs(5));
-        let mut stderr = String::new();
-        let _ = process
-            .child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr);
-        assert_eq!(status.code(), Some(2), "{command}: {stderr}");
+        let (code, stderr) = run_to_exit(command, &path, Duration::from_secs(5));
+        assert_eq!(code, Some(2), "{command}: {stderr}");
         assert!(
             stderr.contains("server.access_log")
                 && stderr.contains(&fifo_name)

@@ -17,8 +17,7 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::private_postgres::{PrivatePostgres, APP_USER};
 use support::test_ca::TestCa;
@@ -177,7 +176,8 @@ fn without_an_accepted_client_certificate_the_store_is_unreachable() {
         );
     }
     // `run` will not start on it either, as for any store that does not answer.
-    let (code, stderr) = run_until_exit(&config(19420, &tls(&cluster.ca, None)));
+    let config = config(19420, &tls(&cluster.ca, None));
+    let (code, stderr) = run_to_exit("run", &config.write(), Duration::from_secs(20));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("connection requires a valid client certificate"),
@@ -219,35 +219,6 @@ fn a_client_certificate_revoked_later_makes_the_store_unreachable() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("CertificateRevoked"), "{stderr}");
     drop(proxy);
-}
-
-/// `session-proxy run`, which must exit by itself within 20 s (killed
-/// otherwise, and the test fails): its exit code and stderr.
-fn run_until_exit(config: &ProxyConfig) -> (Option<i32>, String) {
-    let path = config.write();
-    let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
-        .args(["run", "-c", path.to_str().unwrap()])
-        .env_remove("SESSION_PROXY_SECRET_KEYS")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut process = Process { child, port: 0 };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while process.child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "run did not exit on an unreachable store"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(process.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    (
-        process.child.try_wait().unwrap().and_then(|s| s.code()),
-        stderr,
-    )
 }
 
 fn chmod(path: &Path, mode: u32) {

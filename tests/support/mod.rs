@@ -842,6 +842,32 @@ pub fn signal(pid: u32, name: &str) {
     assert!(status.success(), "kill -{name} {pid}");
 }
 
+/// Runs `session-proxy COMMAND -c CONFIG` (no secret from the
+/// environment, RUST_LOG=warn) until it exits, which it must within
+/// `within` (else it is killed and the test fails): its exit code and
+/// stderr. For the commands that must refuse to start.
+pub fn run_to_exit(command: &str, config: &Path, within: Duration) -> (Option<i32>, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+        .args([command, "-c"])
+        .arg(config)
+        .env_remove("SESSION_PROXY_SECRET_KEYS")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut process = Process { child, port: 0 };
+    let status = wait_exit(&mut process.child, within);
+    let mut stderr = String::new();
+    let _ = process
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr);
+    (status.code(), stderr)
+}
+
 /// Waits up to `within` for `child` to exit; panics if it does not.
 pub fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
