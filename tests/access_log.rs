@@ -426,6 +426,21 @@ fn write_warnings(stderr: &Path) -> usize {
         .count()
 }
 
+/// Twenty requests with big lines while the log cannot be written: all
+/// served; ten lines wait in the writer's buffer and each of the ten after
+/// them finds no room, dropped and counted.
+fn twenty_big_lines_on_a_full_disk(proxy: &Process, config: &ProxyConfig) {
+    for n in 0..20 {
+        assert_eq!(big_line_request(proxy.port, n), 200, "request {n}");
+    }
+    let mut dropped = 0;
+    eventually(FLUSH_WAIT, || {
+        dropped = dropped_lines(config.admin_port);
+        dropped >= 20 - BIG_LINES_BUFFERED
+    });
+    assert_eq!(dropped, 20 - BIG_LINES_BUFFERED);
+}
+
 #[test]
 fn a_log_that_cannot_be_written_drops_and_counts_lines_and_requests_go_on() {
     let upstream = start_upstream();
@@ -434,16 +449,7 @@ fn a_log_that_cannot_be_written_drops_and_counts_lines_and_requests_go_on() {
     let stderr = config.dir.path().join("stderr.log");
     let started = std::time::Instant::now();
     let proxy = config.start_logging("warn", &stderr);
-    for n in 0..20 {
-        assert_eq!(big_line_request(proxy.port, n), 200, "request {n}");
-    }
-    // Ten wait in the buffer; each of the ten after them finds no room.
-    let mut dropped = 0;
-    eventually(FLUSH_WAIT, || {
-        dropped = dropped_lines(config.admin_port);
-        dropped >= 20 - BIG_LINES_BUFFERED
-    });
-    assert_eq!(dropped, 20 - BIG_LINES_BUFFERED);
+    twenty_big_lines_on_a_full_disk(&proxy, &config);
     assert!(eventually(FLUSH_WAIT, || write_warnings(&stderr) > 0));
     // A WARN at most every 10 s, however many writes fail.
     let allowed = 1 + started.elapsed().as_secs() as usize / 10;
@@ -519,15 +525,7 @@ fn after_a_full_disk_has_room_again_the_lines_it_held_and_new_ones_are_written_w
     fill(&filler);
     let config = config.server(&format!("access_log = {:?}", log.display().to_string()));
     let proxy = config.start();
-    for n in 0..20 {
-        assert_eq!(big_line_request(proxy.port, n), 200, "request {n}");
-    }
-    let mut dropped = 0;
-    eventually(FLUSH_WAIT, || {
-        dropped = dropped_lines(config.admin_port);
-        dropped >= 20 - BIG_LINES_BUFFERED
-    });
-    assert_eq!(dropped, 20 - BIG_LINES_BUFFERED);
+    twenty_big_lines_on_a_full_disk(&proxy, &config);
     assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
 
     std::fs::remove_file(&filler).unwrap();
