@@ -766,7 +766,7 @@ impl ProxyHttp for SessionProxy {
             || failure.is_apps_doing()
             || failure == Failure::SessionBusy;
         if quiet {
-            debug!("client's request failed ({failure:?}): {e}");
+            debug!("request failed, not the proxy's doing ({failure:?}): {e}");
         }
         quiet
     }
