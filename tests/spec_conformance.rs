@@ -612,6 +612,70 @@ fn a_regenerate_alone_grows_ver_by_one_and_keeps_the_data() {
     assert_eq!(stored_files(&config.sessions_dir()).len(), 1);
 }
 
+// SPEC [4.5] is silent on the next three; README, "Choices where SPEC is
+// silent", says what the proxy does, and these hold it to that.
+
+#[test]
+fn a_kill_with_an_update_in_the_same_response_deletes_the_session_and_drops_the_update() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    assert_eq!(stored_files(&config.sessions_dir()).len(), 1);
+    let response = browser.get(
+        "/",
+        &[("X-Test-Action", "kill"), ("X-Test-Update", r#"{"b":2}"#)],
+    );
+    assert_eq!(response.status, 200);
+    assert_eq!(response.set_cookie("session_id").as_deref(), Some(""));
+    assert!(stored_files(&config.sessions_dir()).is_empty());
+    let claims = browser.get("/", &[]).session();
+    assert_eq!(claims["new"], true);
+    assert_eq!(claims["data"], serde_json::json!({}));
+}
+
+#[test]
+fn a_regenerate_of_a_session_never_stored_stores_it_under_a_new_id() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    let first = browser.get("/", &[("X-Test-Action", "regenerate")]);
+    assert_eq!(first.session()["new"], true);
+    let cookie = browser
+        .cookie
+        .clone()
+        .expect("a cookie for the stored session");
+    assert_eq!(stored_files(&config.sessions_dir()).len(), 1);
+    let claims = browser.get("/", &[]).session();
+    assert_eq!(claims["new"], false);
+    assert_eq!(claims["ver"], 1);
+    assert_eq!(claims["sid"], handle_of(&cookie));
+}
+
+#[test]
+fn instructions_on_an_error_response_are_stored_as_on_a_200() {
+    // As web.py, which saves the session in a `finally` around the handler.
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    for (status, update) in [(404, r#"{"a":1}"#), (500, r#"{"b":2}"#)] {
+        let code = status.to_string();
+        let response = browser.get("/", &[("X-Test-Status", &code), ("X-Test-Update", update)]);
+        assert_eq!(response.status, status);
+        assert!(browser.cookie.is_some(), "{status}: no cookie");
+    }
+    assert_eq!(
+        browser.get("/", &[]).session()["data"],
+        serde_json::json!({"a": 1, "b": 2})
+    );
+    browser.get("/", &[("X-Test-Status", "503"), ("X-Test-Action", "kill")]);
+    assert_eq!(browser.cookie, None);
+    assert!(stored_files(&config.sessions_dir()).is_empty());
+}
+
 #[test]
 fn every_change_is_stored_before_the_response_head_reaches_the_client() {
     // "Every change is stored before the response head goes to the client."
