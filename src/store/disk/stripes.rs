@@ -40,7 +40,7 @@ use std::sync::{Arc, PoisonError};
 
 use tokio::sync::{Mutex, MutexGuard};
 
-use super::Stamp;
+use super::files::Stamp;
 use crate::session::cookie::Handle;
 use crate::store::Record;
 
