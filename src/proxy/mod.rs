@@ -7,10 +7,15 @@
 //!   instructions, store the change, set the cookie — all before the
 //!   response head leaves;
 //! - `fail_to_proxy`: our own short `text/plain` answers.
+//!
+//! The session's resolution (SPEC [4.3]) is in `resolve`, the storing of
+//! the upstream's instructions (SPEC [4.5]) in `commit`, our own answers in
+//! `answer`, the header surgery in `headers`.
 
 mod answer;
 mod commit;
 pub mod headers;
+mod resolve;
 pub mod token_memo;
 
 use std::net::IpAddr;
@@ -37,12 +42,12 @@ use crate::metrics::{Metrics, StoreOp};
 use crate::session::cookie::{set_cookie, CookieSigner, Handle, SessionId};
 use crate::session::data::SessionData;
 use crate::session::patch::Instructions;
-use crate::session::policy::{self, Expired, Policy};
+use crate::session::policy::{self, Policy};
 use crate::session::token::TokenSigner;
 use crate::store::{Lease, Record, Store, StoreError};
 pub use answer::Failure;
 use commit::CookieChange;
-use headers::{Cookie, SessionHeaders};
+use headers::SessionHeaders;
 use token_memo::TokenMemo;
 
 /// Everything a request needs, prepared once at start.
@@ -269,130 +274,6 @@ impl SessionProxy {
             self.metrics.store_errors.inc();
         }
         result
-    }
-
-    /// A session not stored yet, with a fresh id and a copy of the initializer.
-    fn new_session(&self, client_ip: IpAddr) -> ActiveSession {
-        let id = SessionId::generate();
-        ActiveSession {
-            handle: id.handle(),
-            id,
-            stored: None,
-            client_ip,
-        }
-    }
-
-    /// The session of a correctly signed cookie, if it may be used.
-    async fn resume(
-        &self,
-        id: SessionId,
-        client_ip: IpAddr,
-        ctx: &mut RequestCtx,
-    ) -> Result<Result<ActiveSession, Expired>, Failure> {
-        let handle = id.handle();
-        if let Some(wait) = self.settings.lock_wait {
-            ctx.lock = Some(
-                self.locks
-                    .lock_within(&handle, wait)
-                    .await
-                    .ok_or(Failure::SessionBusy)?,
-            );
-            ctx.lease = match self.store.acquire_lease(&handle, wait, LEASE_TTL).await {
-                Ok(lease) => lease,
-                Err(StoreError::Busy(_)) => return Err(Failure::SessionBusy),
-                Err(e) => {
-                    warn!("session {}: lease failed: {e}", handle.short());
-                    self.metrics.store_errors.inc();
-                    return Err(Failure::StoreUnavailable);
-                }
-            };
-        }
-        let record = match self.timed(StoreOp::Load, self.store.load(&handle)).await {
-            Ok(record) => record,
-            Err(StoreError::Corrupt { detail, .. }) => {
-                warn!(
-                    "session {}: stored record unreadable, starting over: {detail}",
-                    handle.short()
-                );
-                None
-            }
-            Err(e) => {
-                warn!("session {}: load failed: {e}", handle.short());
-                return Err(Failure::StoreUnavailable);
-            }
-        };
-        if let Err(expired) =
-            self.settings
-                .policy
-                .judge(record.as_ref(), crate::session::now(), client_ip)
-        {
-            self.metrics.expired(expired.label());
-            debug!("session {}: expired ({})", handle.short(), expired.label());
-            return Ok(Err(expired));
-        }
-        Ok(Ok(ActiveSession {
-            id,
-            handle,
-            stored: record,
-            client_ip,
-        }))
-    }
-
-    /// Resolves the request's session (SPEC [4.3]) and hands it to the
-    /// upstream; `Ok(true)` when the proxy has answered itself.
-    async fn begin_session(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<bool, Failure> {
-        let settings = &self.settings;
-        let peer = client_addr(session).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-        let request = session.req_header_mut();
-        let verified = match headers::take_cookie(request, &settings.cookie.name, |value| {
-            settings.cookie_signer.verify(value)
-        }) {
-            Cookie::Absent => None,
-            Cookie::Refused => {
-                self.metrics.forged_cookies.inc();
-                None
-            }
-            Cookie::Accepted(id) => Some(id),
-        };
-        // X-Forwarded-For counts only from a trusted proxy: read it only then.
-        let forwarded_for = match settings.trusted_proxies.is_empty() {
-            true => Vec::new(),
-            false => headers::values(&request.headers, &headers::X_FORWARDED_FOR),
-        };
-        let client_ip = policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies);
-
-        let active = match verified {
-            None => self.new_session(client_ip),
-            Some(id) => match self.resume(id, client_ip, ctx).await? {
-                Ok(active) => active,
-                Err(expired) if settings.ignore_expiry && expired != Expired::Ip => {
-                    ctx.lease = None;
-                    ctx.lock = None;
-                    self.new_session(client_ip)
-                }
-                Err(_) => {
-                    answer::expired(session, settings).await;
-                    return Ok(true);
-                }
-            },
-        };
-        let now = crate::session::now();
-        let (ver, data) = match &active.stored {
-            Some(record) => (record.ver, &record.data),
-            None => (0, &settings.initializer),
-        };
-        ctx.token =
-            Some(
-                settings
-                    .tokens
-                    .token(&active.handle, active.stored.is_none(), ver, now, data),
-            );
-        ctx.session = Some(active);
-        Ok(false)
     }
 }
 

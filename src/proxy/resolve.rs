@@ -1,0 +1,143 @@
+//! Resolving a request's session (SPEC [4.3]): the cookie, the record and
+//! whether it may be used (expiry, client IP), with `lock = true` the
+//! session's turn, and the token the upstream gets.
+
+use std::net::IpAddr;
+
+use log::{debug, warn};
+use pingora::proxy::Session;
+
+use super::{
+    answer, client_addr, headers, ActiveSession, Failure, RequestCtx, SessionProxy, LEASE_TTL,
+};
+use crate::metrics::StoreOp;
+use crate::session::cookie::SessionId;
+use crate::session::policy::{self, Expired};
+use crate::store::StoreError;
+use headers::Cookie;
+
+impl SessionProxy {
+    /// A session not stored yet, with a fresh id and a copy of the initializer.
+    fn new_session(&self, client_ip: IpAddr) -> ActiveSession {
+        let id = SessionId::generate();
+        ActiveSession {
+            handle: id.handle(),
+            id,
+            stored: None,
+            client_ip,
+        }
+    }
+
+    /// The session of a correctly signed cookie, if it may be used.
+    async fn resume(
+        &self,
+        id: SessionId,
+        client_ip: IpAddr,
+        ctx: &mut RequestCtx,
+    ) -> Result<Result<ActiveSession, Expired>, Failure> {
+        let handle = id.handle();
+        if let Some(wait) = self.settings.lock_wait {
+            ctx.lock = Some(
+                self.locks
+                    .lock_within(&handle, wait)
+                    .await
+                    .ok_or(Failure::SessionBusy)?,
+            );
+            ctx.lease = match self.store.acquire_lease(&handle, wait, LEASE_TTL).await {
+                Ok(lease) => lease,
+                Err(StoreError::Busy(_)) => return Err(Failure::SessionBusy),
+                Err(e) => {
+                    warn!("session {}: lease failed: {e}", handle.short());
+                    self.metrics.store_errors.inc();
+                    return Err(Failure::StoreUnavailable);
+                }
+            };
+        }
+        let record = match self.timed(StoreOp::Load, self.store.load(&handle)).await {
+            Ok(record) => record,
+            Err(StoreError::Corrupt { detail, .. }) => {
+                warn!(
+                    "session {}: stored record unreadable, starting over: {detail}",
+                    handle.short()
+                );
+                None
+            }
+            Err(e) => {
+                warn!("session {}: load failed: {e}", handle.short());
+                return Err(Failure::StoreUnavailable);
+            }
+        };
+        if let Err(expired) =
+            self.settings
+                .policy
+                .judge(record.as_ref(), crate::session::now(), client_ip)
+        {
+            self.metrics.expired(expired.label());
+            debug!("session {}: expired ({})", handle.short(), expired.label());
+            return Ok(Err(expired));
+        }
+        Ok(Ok(ActiveSession {
+            id,
+            handle,
+            stored: record,
+            client_ip,
+        }))
+    }
+
+    /// Resolves the request's session (SPEC [4.3]) and hands it to the
+    /// upstream; `Ok(true)` when the proxy has answered itself.
+    pub(super) async fn begin_session(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool, Failure> {
+        let settings = &self.settings;
+        let peer = client_addr(session).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let request = session.req_header_mut();
+        let verified = match headers::take_cookie(request, &settings.cookie.name, |value| {
+            settings.cookie_signer.verify(value)
+        }) {
+            Cookie::Absent => None,
+            Cookie::Refused => {
+                self.metrics.forged_cookies.inc();
+                None
+            }
+            Cookie::Accepted(id) => Some(id),
+        };
+        // X-Forwarded-For counts only from a trusted proxy: read it only then.
+        let forwarded_for = match settings.trusted_proxies.is_empty() {
+            true => Vec::new(),
+            false => headers::values(&request.headers, &headers::X_FORWARDED_FOR),
+        };
+        let client_ip = policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies);
+
+        let active = match verified {
+            None => self.new_session(client_ip),
+            Some(id) => match self.resume(id, client_ip, ctx).await? {
+                Ok(active) => active,
+                Err(expired) if settings.ignore_expiry && expired != Expired::Ip => {
+                    ctx.lease = None;
+                    ctx.lock = None;
+                    self.new_session(client_ip)
+                }
+                Err(_) => {
+                    answer::expired(session, settings).await;
+                    return Ok(true);
+                }
+            },
+        };
+        let now = crate::session::now();
+        let (ver, data) = match &active.stored {
+            Some(record) => (record.ver, &record.data),
+            None => (0, &settings.initializer),
+        };
+        ctx.token =
+            Some(
+                settings
+                    .tokens
+                    .token(&active.handle, active.stored.is_none(), ver, now, data),
+            );
+        ctx.session = Some(active);
+        Ok(false)
+    }
+}
