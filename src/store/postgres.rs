@@ -14,7 +14,9 @@
 //! spaces; comparisons ignore the padding, and handles read back are
 //! trimmed), `data` the record as JSON, `atime` the record's access time as
 //! a UTC `timestamp`, so the sweep can find idle records without parsing
-//! JSON. A table made by hand with that DDL is used as it is.
+//! JSON. A table made by hand with that DDL is used as it is. A table
+//! dropped while the proxy runs is made again by the first operation that
+//! finds it gone.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), session_proxy::store::StoreError> {
@@ -83,6 +85,9 @@ pub struct PostgresStore {
     table: String,
     sql: Statements,
     timeout: Duration,
+    /// Held while the table is made again after it was found dropped: the
+    /// requests that found it so wait, and one of them logs it.
+    remaking: tokio::sync::Mutex<()>,
     /// The first key of the two-key advisory locks of this table's leases.
     lease_class: i32,
 }
@@ -172,15 +177,47 @@ impl Statements {
 
 /// Why an operation on a connection failed: the connection's state is
 /// unknown (it is dropped, not returned to the pool), or the store refused
-/// cleanly.
+/// cleanly. The last two are mended, and the operation made once more
+/// ([`PostgresStore::run`]); their statement failed, so nothing of the
+/// operation was written.
 enum Failure {
     Connection(StoreError),
     Clean(StoreError),
+    /// `undefined_table` (42P01): the table was dropped under the running
+    /// proxy. Every statement on a pooled connection names only the table.
+    NoTable(StoreError),
+    /// A statement prepared on the connection no longer fits the table,
+    /// made again in another layout ("cached plan must not change result
+    /// type", 0A000).
+    StalePlan(StoreError),
+}
+
+impl Failure {
+    fn into_error(self) -> StoreError {
+        match self {
+            Failure::Connection(error)
+            | Failure::Clean(error)
+            | Failure::NoTable(error)
+            | Failure::StalePlan(error) => error,
+        }
+    }
 }
 
 impl From<tokio_postgres::Error> for Failure {
     fn from(error: tokio_postgres::Error) -> Failure {
-        Failure::Connection(unavailable(&error))
+        let stale_plan = |db: &tokio_postgres::error::DbError| {
+            db.code() == &SqlState::FEATURE_NOT_SUPPORTED
+                && db
+                    .message()
+                    .starts_with("cached plan must not change result type")
+        };
+        match error.as_db_error() {
+            Some(db) if db.code() == &SqlState::UNDEFINED_TABLE => {
+                Failure::NoTable(unavailable(&error))
+            }
+            Some(db) if stale_plan(db) => Failure::StalePlan(unavailable(&error)),
+            _ => Failure::Connection(unavailable(&error)),
+        }
     }
 }
 
@@ -249,27 +286,32 @@ impl PostgresStore {
             table: table.to_owned(),
             sql: Statements::new(table),
             timeout,
+            remaking: tokio::sync::Mutex::new(()),
             lease_class: lease_class(table),
         };
-        store.create_table().await?;
+        store
+            .create_table(Instant::now() + timeout)
+            .await
+            .map_err(Failure::into_error)?;
         Ok(store)
     }
 
-    /// Creates the table unless it exists. Looked up first: CREATE ... IF
-    /// NOT EXISTS still needs the right to create in the schema, which a
-    /// role that may only use an existing table lacks.
-    async fn create_table(&self) -> Result<(), StoreError> {
-        let (client, deadline) = self.checkout().await?;
+    /// Creates the table unless it exists; whether it did. Looked up
+    /// first: CREATE ... IF NOT EXISTS still needs the right to create in
+    /// the schema, which a role that may only use an existing table lacks.
+    async fn create_table(&self, deadline: Instant) -> Result<bool, Failure> {
+        let client = self.checkout(deadline).await?;
         let create = async {
             let exists = client
                 .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table])
                 .await?;
             if exists.try_get::<_, bool>(0)? {
-                return Ok(());
+                return Ok(false);
             }
-            // Proxies starting together race on the catalog (which of
-            // these errors a loser gets depends on where they met); a
-            // loser, trying again, finds the table made.
+            // Proxies starting together (or mending a dropped table
+            // together) race on the catalog (which of these errors a loser
+            // gets depends on where they met); a loser, trying again, finds
+            // the table made.
             let raced = [
                 SqlState::UNIQUE_VIOLATION,
                 SqlState::DUPLICATE_OBJECT,
@@ -283,7 +325,7 @@ impl PostgresStore {
                     {
                         attempts += 1;
                     }
-                    other => return Ok(other?),
+                    other => return Ok(other.map(|()| attempts == 1)?),
                 }
             }
         };
@@ -291,14 +333,75 @@ impl PostgresStore {
         finish(client, outcome)
     }
 
-    /// A pooled connection and the deadline of the operation it is for.
-    async fn checkout(&self) -> Result<(Object, Instant), StoreError> {
+    /// Makes the table again, found dropped under the running proxy: the
+    /// sessions it held are gone (a load finds none, which is a missing
+    /// session), the ones written from now on are kept. Logged once, by
+    /// the request that made it.
+    async fn remake_table(&self, deadline: Instant) -> Result<(), Failure> {
+        let _remaking = timeout_at(deadline, self.remaking.lock())
+            .await
+            .map_err(|_elapsed| Failure::Connection(timed_out()))?;
+        let made = self.create_table(deadline).await.map_err(|failure| {
+            let detail = match failure.into_error() {
+                StoreError::Unavailable(message) => message,
+                other => other.to_string(),
+            };
+            Failure::Connection(StoreError::Unavailable(format!(
+                "postgres: table {} is missing and was not made again: {}",
+                self.table,
+                detail.trim_start_matches("postgres: ")
+            )))
+        })?;
+        if made {
+            log::warn!(
+                "postgres: table {} was missing (dropped while the proxy ran?): made it again; \
+                 the sessions it held are gone",
+                self.table
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `operation` (given its deadline, the store's timeout from now:
+    /// a checkout, its statements, [`finish`]) and, when it found the
+    /// table dropped or the statements prepared on its connection stale,
+    /// mends that and runs it once more (on another connection: that one
+    /// is in doubt), within the same deadline.
+    async fn run<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: Fn(Instant) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
         let deadline = Instant::now() + self.timeout;
-        let pool = self
-            .pools
-            .get_or_open(|| async { (self.new_pool)() })
-            .await?;
-        Ok((checkout(&pool, deadline).await?, deadline))
+        match operation(deadline).await {
+            Err(Failure::NoTable(_)) => self
+                .remake_table(deadline)
+                .await
+                .map_err(Failure::into_error)?,
+            Err(Failure::StalePlan(_)) => {
+                // Every connection of this thread's pool prepared its
+                // statements for the table as it was: they all prepare
+                // them again. (Other threads' pools mend on their own.)
+                log::debug!(
+                    "postgres: table {} changed its layout: preparing statements again",
+                    self.table
+                );
+                self.pool().await?.manager().statement_caches.clear();
+            }
+            other => return other.map_err(Failure::into_error),
+        }
+        operation(deadline).await.map_err(Failure::into_error)
+    }
+
+    /// This thread's pool, opened on first use.
+    async fn pool(&self) -> Result<Pool, StoreError> {
+        self.pools.get_or_open(|| async { (self.new_pool)() }).await
+    }
+
+    /// A pooled connection, taken before `deadline`.
+    async fn checkout(&self, deadline: Instant) -> Result<Object, Failure> {
+        let pool = self.pool().await.map_err(Failure::Clean)?;
+        checkout(&pool, deadline).await.map_err(Failure::Clean)
     }
 
     async fn load_on(
@@ -678,9 +781,12 @@ async fn unlock(
 #[async_trait]
 impl Store for PostgresStore {
     async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
-        let (client, deadline) = self.checkout().await?;
-        let outcome = timeout_at(deadline, self.load_on(&client, handle)).await;
-        finish(client, outcome)
+        self.run(|deadline| async move {
+            let client = self.checkout(deadline).await?;
+            let outcome = timeout_at(deadline, self.load_on(&client, handle)).await;
+            finish(client, outcome)
+        })
+        .await
     }
 
     async fn modify(
@@ -688,9 +794,12 @@ impl Store for PostgresStore {
         handle: &Handle,
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
-        let (client, deadline) = self.checkout().await?;
-        let outcome = timeout_at(deadline, self.modify_on(&client, handle, decide)).await;
-        finish(client, outcome)
+        self.run(|deadline| async move {
+            let client = self.checkout(deadline).await?;
+            let outcome = timeout_at(deadline, self.modify_on(&client, handle, decide)).await;
+            finish(client, outcome)
+        })
+        .await
     }
 
     /// One statement, one round trip, when nothing changed since `seen`
@@ -704,34 +813,47 @@ impl Store for PostgresStore {
         let Change::Put(record) = decide(Some(seen)).map_err(StoreError::Rejected)? else {
             return self.modify(handle, decide).await;
         };
-        let (client, deadline) = self.checkout().await?;
-        let update = self.update_if_version_on(&client, handle, seen.ver, &record);
-        let outcome = timeout_at(deadline, update).await;
-        if finish(client, outcome)? {
+        let written = &record;
+        let update = |deadline| async move {
+            let client = self.checkout(deadline).await?;
+            let update = self.update_if_version_on(&client, handle, seen.ver, written);
+            let outcome = timeout_at(deadline, update).await;
+            finish(client, outcome)
+        };
+        if self.run(update).await? {
             return Ok(Some(record));
         }
         self.modify(handle, decide).await
     }
 
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<bool, StoreError> {
-        let (client, deadline) = self.checkout().await?;
-        let outcome = timeout_at(deadline, self.touch_on(&client, handle, atime)).await;
-        match finish(client, outcome)? {
+        let touch = |deadline| async move {
+            let client = self.checkout(deadline).await?;
+            let outcome = timeout_at(deadline, self.touch_on(&client, handle, atime)).await;
+            finish(client, outcome)
+        };
+        match self.run(touch).await? {
             Some(touched) => Ok(touched),
             None => touch_by_modify(self, handle, atime).await,
         }
     }
 
     async fn delete(&self, handle: &Handle) -> Result<bool, StoreError> {
-        let (client, deadline) = self.checkout().await?;
-        let outcome = timeout_at(deadline, self.delete_on(&client, handle)).await;
-        finish(client, outcome)
+        self.run(|deadline| async move {
+            let client = self.checkout(deadline).await?;
+            let outcome = timeout_at(deadline, self.delete_on(&client, handle)).await;
+            finish(client, outcome)
+        })
+        .await
     }
 
     async fn list(&self) -> Result<Vec<(Handle, Record)>, StoreError> {
-        let (client, deadline) = self.checkout().await?;
-        let outcome = timeout_at(deadline, self.list_on(&client)).await;
-        finish(client, outcome)
+        self.run(|deadline| async move {
+            let client = self.checkout(deadline).await?;
+            let outcome = timeout_at(deadline, self.list_on(&client)).await;
+            finish(client, outcome)
+        })
+        .await
     }
 
     /// Idle records go by the `atime` column, in batches of
@@ -742,9 +864,14 @@ impl Store for PostgresStore {
         let idle_cutoff = now.saturating_sub(expiry.timeout);
         let mut deleted = 0;
         loop {
-            let (client, deadline) = self.checkout().await?;
-            let outcome = timeout_at(deadline, self.sweep_idle_batch(&client, idle_cutoff)).await;
-            let batch = finish(client, outcome)?;
+            let batch = self
+                .run(|deadline| async move {
+                    let client = self.checkout(deadline).await?;
+                    let batch = self.sweep_idle_batch(&client, idle_cutoff);
+                    let outcome = timeout_at(deadline, batch).await;
+                    finish(client, outcome)
+                })
+                .await?;
             deleted += batch;
             if batch < SWEEP_BATCH as u64 {
                 break;
@@ -754,10 +881,14 @@ impl Store for PostgresStore {
             let mut after = String::new();
             let mut foreign = 0;
             loop {
-                let (client, deadline) = self.checkout().await?;
-                let page = self.sweep_absolute_page(&client, &after, now, absolute);
-                let outcome = timeout_at(deadline, page).await;
-                let (last, batch, skipped) = finish(client, outcome)?;
+                let after_page = after.as_str();
+                let page = |deadline| async move {
+                    let client = self.checkout(deadline).await?;
+                    let page = self.sweep_absolute_page(&client, after_page, now, absolute);
+                    let outcome = timeout_at(deadline, page).await;
+                    finish(client, outcome)
+                };
+                let (last, batch, skipped) = self.run(page).await?;
                 deleted += batch;
                 foreign += skipped;
                 match last {
@@ -777,13 +908,17 @@ impl Store for PostgresStore {
         Ok(deleted)
     }
 
+    /// Mends a dropped table as every operation does: a proxy whose
+    /// `/healthz` said 503 until a request came would get none from a
+    /// load balancer that heeds it.
     async fn ping(&self) -> Result<(), StoreError> {
-        let (client, deadline) = self.checkout().await?;
-        let outcome = timeout_at(deadline, async {
-            Ok(client.batch_execute(&self.sql.ping).await?)
+        self.run(|deadline| async move {
+            let client = self.checkout(deadline).await?;
+            let ping = async { Ok(client.batch_execute(&self.sql.ping).await?) };
+            let outcome = timeout_at(deadline, ping).await;
+            finish(client, outcome)
         })
-        .await;
-        finish(client, outcome)
+        .await
     }
 
     async fn acquire_lease(
@@ -804,19 +939,24 @@ impl Store for PostgresStore {
 fn finish<T>(
     client: Object,
     outcome: Result<Result<T, Failure>, tokio::time::error::Elapsed>,
-) -> Result<T, StoreError> {
+) -> Result<T, Failure> {
     match outcome {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(Failure::Clean(error))) => Err(error),
-        Ok(Err(Failure::Connection(error))) => {
+        Ok(Err(Failure::Clean(error))) => Err(Failure::Clean(error)),
+        // A transaction may be open (and failed) on it.
+        Ok(Err(failure)) => {
             discard(client);
-            Err(error)
+            Err(failure)
         }
         Err(_elapsed) => {
             discard(client);
-            Err(StoreError::Unavailable("postgres: timed out".into()))
+            Err(Failure::Connection(timed_out()))
         }
     }
+}
+
+fn timed_out() -> StoreError {
+    StoreError::Unavailable("postgres: timed out".into())
 }
 
 async fn checkout(pool: &Pool, deadline: Instant) -> Result<Object, StoreError> {
