@@ -452,3 +452,292 @@ fn a_dropped_table_the_role_may_not_make_is_a_503_and_healthz_says_so() {
     );
     assert_eq!(setup.remade_lines(), 0, "{}", setup.log());
 }
+
+/// The advisory locks PostgreSQL holds for the leases (`lock = true`) on
+/// `table`: the class is the first 32 bits of SHA-256 of
+/// `session-proxy lease TABLE` (src/store/postgres.rs, `lease_class`).
+fn held_leases(table: &str) -> usize {
+    rows(&format!(
+        "SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND objsubid = 2 AND classid::bigint = ('x' || substr(encode(sha256(\
+         convert_to('session-proxy lease {table}', 'UTF8')), 'hex'), 1, 8))::bit(32)::bigint"
+    ))[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A request of `cookie`'s session whose app takes `sleep_ms` (holding the
+/// session's lease meanwhile), on a thread of its own; its answer and how
+/// long it took.
+fn slow_request(
+    port: u16,
+    cookie: &str,
+    sleep_ms: u64,
+) -> std::thread::JoinHandle<(Response, Duration)> {
+    let cookie = format!("session_id={cookie}");
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let sleep = sleep_ms.to_string();
+        let response = get(
+            port,
+            "/count",
+            &[("Cookie", &cookie), ("X-Test-Sleep-Ms", &sleep)],
+        );
+        (response, started.elapsed())
+    })
+}
+
+/// With `lock = true`, the store hangs (every connection through the relay
+/// goes silent, the one that holds the leases too) while a request holds
+/// its session's lease: every request gets its 503 within twice the store
+/// timeout (the holder once its app answered; a request of the same
+/// session queues behind it, as `lock = true` means), no client hangs, and
+/// the proxy lets go of every connection it gave up on. The lease
+/// connection among them: PostgreSQL frees a session-level lock only when
+/// its connection ends, so one kept open (wedged, its unlock unanswered)
+/// would keep the lease held for ever, in `pg_locks`, for this proxy and
+/// every other. Once the store answers again the same session is served,
+/// its lease taken and given back again.
+#[test]
+fn with_lock_a_store_that_hangs_while_a_lease_is_held_leaves_no_lease_behind() {
+    if !Shared::Postgres.available() {
+        return;
+    }
+    let relay = Relay::start("127.0.0.1:5432");
+    let setup = setup("lhang", Some(&relay), &[("session", "lock = true")]);
+    let port = setup.proxy.port;
+    let mut holder = Browser::new(port);
+    assert_eq!(holder.get("/count", &[]).text(), "1");
+    let mut others: Vec<Browser> = (0..3).map(|_| Browser::new(port)).collect();
+    for browser in &mut others {
+        assert_eq!(browser.get("/count", &[]).text(), "1");
+    }
+    assert_eq!(held_leases(&setup.table), 0, "leases given back");
+    let cookie = holder.cookie.clone().unwrap();
+    let holding = slow_request(port, &cookie, 2000);
+    assert!(
+        eventually(Duration::from_secs(3), || held_leases(&setup.table) == 1),
+        "the slow request's lease is not in pg_locks: no test"
+    );
+    // Its load done: the app is at work.
+    std::thread::sleep(Duration::from_millis(400));
+    relay.stall();
+    let queued = std::thread::spawn(move || {
+        let started = Instant::now();
+        let cookie = format!("session_id={cookie}");
+        (
+            get(port, "/count", &[("Cookie", &cookie)]),
+            started.elapsed(),
+        )
+    });
+    let answers: Vec<(Response, Duration)> = std::thread::scope(|scope| {
+        let mut threads: Vec<_> = others
+            .iter_mut()
+            .map(|browser| {
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    (browser.get("/count", &[]), started.elapsed())
+                })
+            })
+            .collect();
+        threads.push(scope.spawn(move || {
+            let started = Instant::now();
+            let update = [("X-Test-Update", r#"{"new": 1}"#)];
+            (get(port, "/", &update), started.elapsed())
+        }));
+        let health = get(setup.config.admin_port, "/healthz", &[]);
+        assert_eq!(health.status, 503, "/healthz of a hung store");
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for (i, (response, took)) in answers.iter().enumerate() {
+        let what = format!("request {i} while the store hangs");
+        assert_eq!(
+            (response.status, response.text().as_str()),
+            (503, "session store unavailable"),
+            "{what}"
+        );
+        assert!(
+            *took < ANSWER_BOUND,
+            "{what}: {took:?}; the proxy's log:\n{}",
+            setup.log()
+        );
+    }
+    let (response, took) = holding.join().unwrap();
+    assert_eq!(response.status, 503, "the holder: {}", response.text());
+    assert!(
+        took < Duration::from_millis(2000) + ANSWER_BOUND,
+        "the holder answered {took:?} after it was sent, its app taking 2 s"
+    );
+    let (response, took) = queued.join().unwrap();
+    assert_eq!(
+        response.status,
+        503,
+        "the holder's session, queued: {}",
+        response.text()
+    );
+    assert!(
+        took < Duration::from_millis(2000) + 2 * ANSWER_BOUND,
+        "the holder's session, queued: {took:?}"
+    );
+    assert!(relay.wedged() > 0, "the relay stalled nothing: no test");
+    let mut open = relay.wedged_open();
+    let closed = eventually(Duration::from_secs(4), || {
+        open = relay.wedged_open();
+        open == 0
+    });
+    assert!(
+        closed,
+        "{open} hung store connections still held open by the proxy; pg_locks holds {} \
+         of its leases",
+        held_leases(&setup.table)
+    );
+
+    relay.unstall();
+    let mut last = String::new();
+    let back = eventually(Duration::from_secs(8), || {
+        last = holder.get("/count", &[]).text();
+        last != "session store unavailable"
+    });
+    assert!(back, "no recovery after the store answered again: {last}");
+    assert_eq!(
+        last,
+        "2",
+        "the holder's session, served again; the proxy's log:\n{}",
+        setup.log()
+    );
+    assert_eq!(holder.get("/count", &[]).text(), "3", "its lease again");
+    for (i, browser) in others.iter_mut().enumerate() {
+        assert_eq!(browser.get("/count", &[]).text(), "2", "session {i}");
+    }
+    assert_eq!(setup.admin("/healthz").status, 200);
+    assert!(
+        eventually(Duration::from_secs(2), || held_leases(&setup.table) == 0),
+        "leases left in pg_locks: {}",
+        held_leases(&setup.table)
+    );
+}
+
+/// With `lock = true`, every connection to the store is cut (the one that
+/// holds the leases too) while a request holds its session's lease: that
+/// request, whose change would be stored without the lease, gets `503
+/// session busy` and stores nothing (README); PostgreSQL frees the lock
+/// with the connection; and the next requests open a lease connection anew
+/// by themselves, without a 503.
+#[test]
+fn with_lock_the_lease_connection_cut_while_a_lease_is_held_is_opened_anew() {
+    if !Shared::Postgres.available() {
+        return;
+    }
+    let mut relay = Relay::start("127.0.0.1:5432");
+    let setup = setup("lcut", Some(&relay), &[("session", "lock = true")]);
+    let port = setup.proxy.port;
+    let mut holder = Browser::new(port);
+    assert_eq!(holder.get("/count", &[]).text(), "1");
+    let mut other = Browser::new(port);
+    assert_eq!(other.get("/count", &[]).text(), "1");
+    for round in 0..3 {
+        let before: u64 = holder.get("/count", &[]).text().parse().unwrap();
+        let holding = slow_request(port, holder.cookie.as_deref().unwrap(), 1500);
+        assert!(
+            eventually(Duration::from_secs(3), || held_leases(&setup.table) == 1),
+            "round {round}: the slow request's lease is not in pg_locks: no test"
+        );
+        // Its load done: the app is at work.
+        std::thread::sleep(Duration::from_millis(400));
+        relay.stop();
+        relay.resume();
+        let (response, took) = holding.join().unwrap();
+        assert_eq!(
+            (response.status, response.text().as_str()),
+            (
+                503,
+                "session busy: an earlier request of this session has not finished"
+            ),
+            "round {round}: the lease lost while the app worked"
+        );
+        assert!(
+            took < Duration::from_millis(1500) + ANSWER_BOUND,
+            "{took:?}"
+        );
+        assert!(
+            eventually(Duration::from_secs(2), || held_leases(&setup.table) == 0),
+            "round {round}: the lock outlived its connection"
+        );
+        let response = holder.get("/count", &[]);
+        assert_eq!(
+            (response.status, response.text().as_str()),
+            (200, (before + 1).to_string().as_str()),
+            "round {round}: the holder's session after the cut (its change not stored); \
+             the proxy's log:\n{}",
+            setup.log()
+        );
+        let response = other.get("/count", &[]);
+        assert_eq!(response.status, 200, "round {round}: another session");
+    }
+    assert_eq!(held_leases(&setup.table), 0);
+}
+
+/// With `lock = true`, the store hangs while a request holds its lease,
+/// and no other request comes: the holder's write and then its unlock time
+/// out. The connection that holds the lock must close all the same (not
+/// wait in the proxy for its next lease to be replaced), so that the lock
+/// goes: another proxy, which reaches the store, serves the session
+/// while this one's path to the store still hangs.
+#[test]
+fn with_lock_a_lease_whose_unlock_timed_out_goes_with_its_connection() {
+    if !Shared::Postgres.available() {
+        return;
+    }
+    let relay = Relay::start("127.0.0.1:5432");
+    let setup = setup("lunlock", Some(&relay), &[("session", "lock = true")]);
+    let direct = {
+        let mut config = ProxyConfig::new(setup.upstream.port);
+        config.store = setup
+            .config
+            .store
+            .iter()
+            .map(|line| line.replace(&format!(":{}/", relay.port), ":5432/"))
+            .collect();
+        config = config.session("lock = true");
+        let proxy = config.start_logging("warn", &config.dir.path().join("proxy.log"));
+        (proxy, config)
+    };
+    let mut holder = Browser::new(setup.proxy.port);
+    assert_eq!(holder.get("/count", &[]).text(), "1");
+    let cookie = holder.cookie.clone().unwrap();
+    let holding = slow_request(setup.proxy.port, &cookie, 1500);
+    assert!(
+        eventually(Duration::from_secs(3), || held_leases(&setup.table) == 1),
+        "the slow request's lease is not in pg_locks: no test"
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    relay.stall();
+    let (response, took) = holding.join().unwrap();
+    assert_eq!(response.status, 503, "the holder: {}", response.text());
+    assert!(
+        took < Duration::from_millis(1500) + ANSWER_BOUND,
+        "{took:?}"
+    );
+    let freed = eventually(Duration::from_secs(4), || {
+        relay.wedged_open() == 0 && held_leases(&setup.table) == 0
+    });
+    assert!(
+        freed,
+        "{} hung connections held open, {} leases in pg_locks; the proxy's log:\n{}",
+        relay.wedged_open(),
+        held_leases(&setup.table),
+        setup.log()
+    );
+    let mut elsewhere = Browser::new(direct.0.port);
+    elsewhere.cookie = Some(cookie);
+    let started = Instant::now();
+    let response = elsewhere.get("/count", &[]);
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (200, "2"),
+        "the session through another proxy"
+    );
+    assert!(started.elapsed() < ANSWER_BOUND, "{:?}", started.elapsed());
+}

@@ -40,7 +40,7 @@
 use std::fmt::Write;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -78,7 +78,7 @@ pub struct PostgresStore {
     /// doubt. Every lease of this process is an advisory lock held on it:
     /// a lease costs no connection of its own, so requests of any number
     /// of sessions hold leases side by side.
-    leases: tokio::sync::Mutex<Option<Arc<LeaseConnection>>>,
+    leases: Arc<LeaseSlot>,
     /// A session-level advisory lock is re-entrant within its connection:
     /// holders of one handle's lease in this process take turns here first.
     lease_turns: HandleLocks,
@@ -280,7 +280,7 @@ impl PostgresStore {
             pools: PerThread::default(),
             lease_config,
             lease_tls,
-            leases: tokio::sync::Mutex::new(None),
+            leases: Arc::new(tokio::sync::Mutex::new(None)),
             lease_turns: HandleLocks::default(),
             new_pool: Box::new(move || build(pool_size)),
             table: table.to_owned(),
@@ -625,11 +625,8 @@ impl PostgresStore {
                 }
                 Ok(false) => {}
                 Err(error) => {
-                    // The lock may have been taken all the same: the
-                    // connection goes once its other leases are released,
-                    // not kept open by the slot until the next lease.
-                    connection.poisoned.store(true, Ordering::Relaxed);
-                    self.forget_lease_connection(&connection).await;
+                    // The lock may have been taken all the same.
+                    connection.poison();
                     return Err(error);
                 }
             }
@@ -639,17 +636,6 @@ impl PostgresStore {
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(50));
-        }
-    }
-
-    /// Lets go of `connection` as the one for new leases, if it still is.
-    async fn forget_lease_connection(&self, connection: &Arc<LeaseConnection>) {
-        let mut slot = self.leases.lock().await;
-        if slot
-            .as_ref()
-            .is_some_and(|held| Arc::ptr_eq(held, connection))
-        {
-            *slot = None;
         }
     }
 
@@ -666,7 +652,10 @@ impl PostgresStore {
         }
         let open = async {
             let (client, connection) = self.lease_config.connect(self.lease_tls.clone()).await?;
-            tokio::spawn(connection);
+            // Given up (timed out) from here on, the connection is closed.
+            let task = ConnectionTask(tokio::spawn(async move {
+                let _ = connection.await;
+            }));
             // The keep-alives make the server drop the locks of a host that
             // vanished without a FIN.
             client
@@ -684,6 +673,8 @@ impl PostgresStore {
                 try_lock,
                 unlock,
                 poisoned: AtomicBool::new(false),
+                slot: Arc::downgrade(&self.leases),
+                _task: task,
             })
         };
         let connection = match tokio::time::timeout(self.timeout, open).await {
@@ -704,8 +695,12 @@ impl PostgresStore {
     }
 }
 
+/// Where a process keeps the connection for its new leases.
+type LeaseSlot = tokio::sync::Mutex<Option<Arc<LeaseConnection>>>;
+
 /// The connection that holds a process's leases, with its statements.
-/// Dropping its last holder closes it, and the server frees its locks.
+/// Dropping its last holder (the slot, the leases on it) closes it, and
+/// the server frees its locks.
 struct LeaseConnection {
     client: tokio_postgres::Client,
     try_lock: tokio_postgres::Statement,
@@ -714,11 +709,54 @@ struct LeaseConnection {
     /// so new leases go to a new connection, and this one closes (freeing
     /// whatever it holds) once the leases still on it are released.
     poisoned: AtomicBool,
+    /// The slot it was opened for, which it leaves when poisoned.
+    slot: Weak<LeaseSlot>,
+    _task: ConnectionTask,
 }
 
 impl LeaseConnection {
     fn usable(&self) -> bool {
         !self.client.is_closed() && !self.poisoned.load(Ordering::Relaxed)
+    }
+
+    /// Takes no new leases from now on, and leaves the slot at once, not
+    /// when the next lease opens a connection in its place: with a lock
+    /// perhaps still held on it (an unlock that timed out), the lease
+    /// stays taken, for every proxy, as long as the connection is open.
+    fn poison(self: &Arc<Self>) {
+        self.poisoned.store(true, Ordering::Relaxed);
+        let Some(slot) = self.slot.upgrade() else {
+            return;
+        };
+        let connection = Arc::downgrade(self);
+        let leave = move |held: &mut Option<Arc<LeaseConnection>>| {
+            if held
+                .as_ref()
+                .is_some_and(|held| std::ptr::eq(Arc::as_ptr(held), connection.as_ptr()))
+            {
+                *held = None;
+            }
+        };
+        let left = slot.try_lock().map(|mut held| leave(&mut held)).is_ok();
+        // Else the slot is being looked at, or filled anew, by another
+        // caller: it is left in the background, not waited for here.
+        if !left {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { leave(&mut *slot.lock().await) });
+            }
+        }
+    }
+}
+
+/// The task that drives a connection, ended when dropped. Left alone, a
+/// connection given up with a reply outstanding (a server that hangs)
+/// waits for that reply for ever: its socket stays open, and with it the
+/// server's session and every advisory lock the session holds.
+struct ConnectionTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ConnectionTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -756,7 +794,7 @@ impl Drop for PostgresLease {
                 });
             }
             // Outside a runtime: the connection goes, and the lock with it.
-            Err(_) => connection.poisoned.store(true, Ordering::Relaxed),
+            Err(_) => connection.poison(),
         }
     }
 }
@@ -774,7 +812,7 @@ async fn unlock(
         Err(_elapsed) => StoreError::Unavailable("postgres: timed out".into()),
     };
     // Still held, perhaps: let the connection go, and the lock with it.
-    connection.poisoned.store(true, Ordering::Relaxed);
+    connection.poison();
     Err(failure)
 }
 
