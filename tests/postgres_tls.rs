@@ -8,7 +8,7 @@
 //! where they fail. The config errors need no server.
 //!
 //! Every port a test listens on is a fixed one of 19200-19299, each test
-//! its own.
+//! its own; but the cut test's, which come from `support::free_port`.
 
 mod support;
 
@@ -325,4 +325,97 @@ fn bad_tls_settings_are_config_errors_naming_them() {
         assert!(stderr.contains("store.url: "), "{tls}: {stderr}");
         assert!(stderr.contains(problem), "{tls}: {stderr}");
     }
+}
+
+/// Over TLS (`verify-full`), the store's connections are cut in the middle
+/// of a reply, so in the middle of a TLS record (half of what the server
+/// sent, then the connection closed without `close_notify`), at a
+/// different point each time: the TLS handshake of a new connection, a
+/// load's reply, a write's, a lease's (`lock = true`). The client gets a
+/// 200 or the 503 within twice the store timeout, never a 500, a hang, or a
+/// new session in place of its own; a change whose 200 went out is never
+/// lost; the proxy does not panic, and it reconnects by itself.
+#[test]
+fn a_reply_cut_in_the_middle_of_a_tls_record_is_a_503_and_the_proxy_reconnects() {
+    if !postgres_available() {
+        return;
+    }
+    let table = Table::new("cut");
+    let relay = Relay::start("127.0.0.1:5432");
+    let upstream = start_upstream();
+    let application = format!("pgtls_cut_{}", std::process::id());
+    let config = ProxyConfig::new(upstream.port)
+        .store("kind = \"postgres\"")
+        .store(&format!(
+            "url = \"postgres://postgres@localhost:{}/test?sslmode=verify-full&\
+             sslrootcert={SNAKEOIL}&application_name={application}\"",
+            relay.port
+        ))
+        .store(&format!("table = \"{}\"", table.0))
+        .store("timeout = 1")
+        .session("timeout = 600")
+        .session("lock = true");
+    let log_path = config.dir.path().join("proxy.log");
+    let proxy = config.start_logging("warn", &log_path);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let bound = std::time::Duration::from_millis(2 * 1000 + 1500);
+    let mut browser = Browser::new(proxy.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    let encrypted = query(&format!(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = '{application}'"
+    ))
+    .unwrap();
+    assert!(
+        !encrypted.is_empty() && encrypted.iter().all(|ssl| ssl == "t"),
+        "the store's connections are not all TLS: {encrypted:?}"
+    );
+    let cookie = browser.cookie.clone().unwrap();
+    let mut acknowledged = 1u64;
+    let mut failed = 0;
+    for read in [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 1, 2, 3] {
+        relay.cut_reply(read);
+        let started = std::time::Instant::now();
+        let response = browser.get("/count", &[]);
+        let took = started.elapsed();
+        relay.cut_reply(0);
+        let what = format!("reply {read} cut");
+        assert!(took < bound, "{what}: answered after {took:?}");
+        assert_eq!(
+            browser.cookie.as_deref(),
+            Some(cookie.as_str()),
+            "{what}: the session was replaced ({} {})",
+            response.status,
+            response.text()
+        );
+        let count = match response.status {
+            200 => response.text().parse::<u64>().unwrap(),
+            _ => {
+                assert_eq!(response.status, 503, "{what}: {}", response.text());
+                assert_eq!(response.headers_named("set-cookie"), Vec::<&str>::new());
+                failed += 1;
+                // The next 200 must still build on every acknowledged one.
+                let mut next = (0, String::new());
+                let recovered = eventually(std::time::Duration::from_secs(5), || {
+                    let response = browser.get("/count", &[]);
+                    next = (response.status, response.text());
+                    response.status == 200
+                });
+                assert!(recovered, "{what}: no recovery: {next:?}\n{}", log());
+                next.1.parse().unwrap()
+            }
+        };
+        assert!(count > acknowledged, "{what}: {count} after {acknowledged}");
+        acknowledged = count;
+    }
+    eprintln!("{} cuts, {failed} 503s", relay.cuts());
+    assert!(relay.cuts() >= 8, "only {} replies were cut", relay.cuts());
+    assert!(failed > 0, "no request failed: no test");
+    let log = log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(get(config.admin_port, "/healthz", &[]).status, 200);
+    assert_eq!(
+        browser.get("/count", &[]).text(),
+        (acknowledged + 1).to_string()
+    );
 }
