@@ -235,6 +235,21 @@ impl PostgresStore {
         pool_size: usize,
         timeout: Duration,
     ) -> Result<PostgresStore, StoreError> {
+        let store = PostgresStore::new(url, table, pool_size, timeout)?;
+        store
+            .create_table(Instant::now() + timeout)
+            .await
+            .map_err(Failure::into_error)?;
+        Ok(store)
+    }
+
+    /// The store on `url`, before any connection.
+    fn new(
+        url: &str,
+        table: &str,
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<PostgresStore, StoreError> {
         if !is_plain_identifier(table) {
             return Err(StoreError::Unavailable(format!(
                 "postgres: table name {table:?} is not a plain SQL identifier"
@@ -276,7 +291,7 @@ impl PostgresStore {
                 .build()
                 .map_err(|error| StoreError::Unavailable(format!("postgres: pool: {error}")))
         };
-        let store = PostgresStore {
+        Ok(PostgresStore {
             pools: PerThread::default(),
             lease_config,
             lease_tls,
@@ -288,12 +303,7 @@ impl PostgresStore {
             timeout,
             remaking: tokio::sync::Mutex::new(()),
             lease_class: lease_class(table),
-        };
-        store
-            .create_table(Instant::now() + timeout)
-            .await
-            .map_err(Failure::into_error)?;
-        Ok(store)
+        })
     }
 
     /// Creates the table unless it exists; whether it did. Looked up
@@ -1185,6 +1195,49 @@ mod tests {
         assert!(!is_plain_identifier("2sessions"));
         assert!(!is_plain_identifier("a.b.c"));
         assert!(!is_plain_identifier(""));
+    }
+
+    /// A server that lets the lease connection in, then never answers
+    /// (its `SET`): opening it times out, and the connection is closed,
+    /// not left waiting for that answer for ever with its socket open.
+    #[tokio::test]
+    async fn a_lease_connection_given_up_while_opening_is_closed() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut length = [0u8; 4];
+            socket.read_exact(&mut length).unwrap();
+            let mut startup = vec![0u8; u32::from_be_bytes(length) as usize - 4];
+            socket.read_exact(&mut startup).unwrap();
+            // AuthenticationOk, ReadyForQuery (idle).
+            socket
+                .write_all(b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05I")
+                .unwrap();
+            // Whatever comes next goes unanswered, until the client closes.
+            let mut buffer = [0u8; 1024];
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let closed = loop {
+                match socket.read(&mut buffer) {
+                    Ok(0) => break true,
+                    Ok(_) => continue,
+                    Err(_) => break false,
+                }
+            };
+            closed_tx.send(closed).unwrap();
+        });
+        let url = format!("postgres://someone@127.0.0.1:{port}/db");
+        let store = PostgresStore::new(&url, "sessions", 1, Duration::from_millis(300)).unwrap();
+        let opened = store.lease_connection().await;
+        assert!(opened.is_err(), "the server never answered");
+        let closed = tokio::task::spawn_blocking(move || closed_rx.recv().unwrap())
+            .await
+            .unwrap();
+        assert!(closed, "the connection given up is still open after 5 s");
     }
 
     #[test]
