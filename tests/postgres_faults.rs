@@ -547,8 +547,10 @@ fn with_lock_a_store_that_hangs_while_a_lease_is_held_leaves_no_lease_behind() {
             let update = [("X-Test-Update", r#"{"new": 1}"#)];
             (get(port, "/", &update), started.elapsed())
         }));
+        let started = Instant::now();
         let health = get(setup.config.admin_port, "/healthz", &[]);
         assert_eq!(health.status, 503, "/healthz of a hung store");
+        assert!(started.elapsed() < ANSWER_BOUND, "{:?}", started.elapsed());
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
     for (i, (response, took)) in answers.iter().enumerate() {
