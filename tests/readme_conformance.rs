@@ -1,0 +1,532 @@
+//! README.md ("Where this proxy deviates from or adds to SPEC") and
+//! SECURITY.md, claim by claim: the promises of the project's own that no
+//! other test file checks end to end, or checks in a way that could not
+//! fail if they were broken. Each test quotes the sentence it checks.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use support::*;
+
+/// `ID.TAG` for `id`, the tag being the first 16 bytes of HMAC-SHA256(key, ID).
+fn signed(key: &str, id: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(id.as_bytes());
+    let tag = mac.finalize().into_bytes();
+    format!("{id}.{}", URL_SAFE_NO_PAD.encode(&tag[..16]))
+}
+
+/// The value of the metric line that starts with `series` (name and labels).
+fn metric(admin_port: u16, series: &str) -> f64 {
+    let text = get(admin_port, "/metrics", &[]).text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn store_ops(admin_port: u16) -> [f64; 3] {
+    ["load", "save", "delete"].map(|op| {
+        metric(
+            admin_port,
+            &format!("session_proxy_store_latency_seconds_count{{op=\"{op}\"}}"),
+        )
+    })
+}
+
+fn record(config: &ProxyConfig, cookie: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(record_path(&config.sessions_dir(), cookie)).unwrap())
+        .unwrap()
+}
+
+/// Sets a stored record's access time back by `seconds`.
+fn age_record(config: &ProxyConfig, cookie: &str, seconds: u64) {
+    let path = record_path(&config.sessions_dir(), cookie);
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    record["atime"] = (record["atime"].as_u64().unwrap() - seconds).into();
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+}
+
+/// The base64url character `offset` places after `c` in the alphabet: an
+/// alias of `c` when only padding bits change.
+fn shifted(c: char, offset: usize) -> char {
+    const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let at = ALPHABET.find(c).unwrap();
+    ALPHABET.as_bytes()[at + offset] as char
+}
+
+// ---- SECURITY.md, "Clients" ----
+
+#[test]
+fn a_cookie_that_is_not_canonical_base64url_is_no_cookie_and_never_reaches_the_store() {
+    // SECURITY.md: "A value that is not exactly 66 bytes, not canonical base64url, or whose
+    // tag does not verify under one of the keys counts as no cookie and never reaches the store."
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let genuine = browser.cookie.clone().unwrap();
+    let (id, tag) = genuine.split_once('.').unwrap();
+
+    // The tag's last character carries 4 bits of padding, the id's 2: the
+    // aliases decode to the same bytes as the canonical text.
+    let last = tag.chars().last().unwrap();
+    let tag_alias = format!("{id}.{}{}", &tag[..21], shifted(last, 1));
+    // An id whose last character has a padding bit set, signed by the
+    // proxy's own key: only its spelling is wrong.
+    let id_last = id.chars().last().unwrap();
+    let odd_id = format!("{}{}", &id[..42], shifted(id_last, 1));
+    let id_alias = signed(KEY, &odd_id);
+    assert_eq!(URL_SAFE_NO_PAD.decode(tag).unwrap().len(), 16);
+    assert!(URL_SAFE_NO_PAD.decode(&tag_alias[44..]).is_err());
+
+    let before = store_ops(config.admin_port);
+    for (what, cookie) in [("tag alias", &tag_alias), ("id alias", &id_alias)] {
+        assert_eq!(cookie.len(), 66, "{what}");
+        let response = get(
+            proxy.port,
+            "/",
+            &[("Cookie", &format!("session_id={cookie}"))],
+        );
+        assert_eq!(response.status, 200, "{what}");
+        assert_eq!(response.session()["new"], true, "{what}: {cookie}");
+        assert_eq!(response.session()["data"], serde_json::json!({}), "{what}");
+    }
+    assert_eq!(store_ops(config.admin_port), before, "[load, save, delete]");
+    // The genuine cookie still works.
+    assert_eq!(browser.get("/", &[]).session()["data"]["a"], 1);
+}
+
+// ---- README, "Additions" ----
+
+#[test]
+fn the_keys_of_the_environment_replace_those_of_the_config_file() {
+    // README: "The environment variable `SESSION_PROXY_SECRET_KEYS` (comma-separated)
+    // replaces the keys of the config file."
+    let upstream = start_upstream();
+    let mut config = ProxyConfig::new(upstream.port);
+    config.session[0] = format!("secret_keys = [{OLD_KEY:?}]");
+    let other = "env-second-key-0123456789abcdefghijklmnopqrs";
+    config
+        .env
+        .push(("SESSION_PROXY_SECRET_KEYS".into(), format!("{KEY},{other}")));
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    assert_eq!(
+        cookie,
+        signed(KEY, id_of(&cookie)),
+        "signed with the environment's first key"
+    );
+    let with = |value: String| {
+        get(
+            proxy.port,
+            "/",
+            &[("Cookie", &format!("session_id={value}"))],
+        )
+        .session()
+    };
+    assert_eq!(
+        with(signed(other, id_of(&cookie)))["data"]["a"],
+        1,
+        "the environment's second key verifies"
+    );
+    let by_file_key = with(signed(OLD_KEY, id_of(&cookie)));
+    assert_eq!(
+        by_file_key["new"], true,
+        "the config file's key no longer verifies"
+    );
+}
+
+// ---- README, "Choices where SPEC is silent" ----
+
+#[test]
+fn an_empty_update_header_is_no_update() {
+    // README: "An empty `X-Session-Update` header is no update."
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let before = record(&config, &cookie);
+    let response = browser.get("/", &[("X-Test-Update", "")]);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert!(response.header("x-session-update").is_none());
+    assert_eq!(record(&config, &cookie), before, "the record unchanged");
+    // A new session with an empty update is not stored.
+    let fresh = get(proxy.port, "/", &[("X-Test-Update", "")]);
+    assert_eq!(fresh.status, 200);
+    assert_eq!(fresh.set_cookie("session_id"), None);
+    assert_eq!(stored_files(&config.sessions_dir()).len(), 1);
+}
+
+#[test]
+fn an_update_for_a_session_killed_meanwhile_starts_a_new_one_and_a_touch_sets_no_cookie() {
+    // README: "An update for a session that was deleted meanwhile (e.g. killed by a concurrent
+    // request) starts a new session, with a new id, instead of bringing the killed one back. A
+    // response with nothing to store for such a session sets no cookie, so it cannot send the
+    // old id back over the one a concurrent `regenerate` or `kill` set."
+    let upstream = start_upstream();
+    // The access time written on every request, and the cookie re-sent
+    // whenever it is: a touch of the killed session would send the old id.
+    let config = ProxyConfig::new(upstream.port)
+        .session("touch_interval = 0")
+        .session("cookie_max_age = 3600")
+        .session(r#"initializer = {init = true}"#);
+    let proxy = config.start();
+    for slow_headers in [
+        vec![("X-Test-Update", r#"{"b":2}"#)],
+        vec![],
+        vec![("X-Test-Update", "{}")],
+    ] {
+        let mut browser = Browser::new(proxy.port);
+        browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+        let old = browser.cookie.clone().unwrap();
+        let port = proxy.port;
+        let cookie_header = format!("session_id={old}");
+        let slow = {
+            let cookie_header = cookie_header.clone();
+            let headers: Vec<(String, String)> = slow_headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect();
+            std::thread::spawn(move || {
+                let mut all: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                all.push(("Cookie", &cookie_header));
+                all.push(("X-Test-Sleep-Ms", "2500"));
+                get(port, "/", &all)
+            })
+        };
+        // The slow request has loaded the session once the upstream has it.
+        std::thread::sleep(Duration::from_millis(800));
+        let killed = get(
+            proxy.port,
+            "/",
+            &[("Cookie", &cookie_header), ("X-Test-Action", "kill")],
+        );
+        assert_eq!(killed.set_cookie("session_id").as_deref(), Some(""));
+        let slow = slow.join().unwrap();
+        assert_eq!(slow.status, 200, "{slow_headers:?}");
+        assert_eq!(slow.session()["data"]["a"], 1, "it loaded the session");
+        let set = slow.set_cookie("session_id");
+        if slow_headers.first().map(|(_, v)| *v) == Some(r#"{"b":2}"#) {
+            let new = set.expect("the update sets a cookie");
+            assert_ne!(new, old, "a new id");
+            let claims =
+                get(proxy.port, "/", &[("Cookie", &format!("session_id={new}"))]).session();
+            assert_eq!(
+                claims["data"],
+                serde_json::json!({"init": true, "b": 2}),
+                "a new session: the initializer and the update, not the killed data"
+            );
+        } else {
+            assert_eq!(set, None, "{slow_headers:?}: nothing to store, no cookie");
+        }
+        assert!(!record_path(&config.sessions_dir(), &old).exists());
+        let again = get(proxy.port, "/", &[("Cookie", &cookie_header)]).session();
+        assert_eq!(again["new"], true, "the killed session stays dead");
+    }
+}
+
+#[test]
+fn a_kill_of_a_session_never_stored_still_clears_the_cookie() {
+    // README: "`X-Session-Action: kill` on a session that was never stored still clears the cookie."
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("cookie_max_age = 3600");
+    let proxy = config.start();
+    let response = get(proxy.port, "/", &[("X-Test-Action", "kill")]);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.set_cookie("session_id").as_deref(), Some(""));
+    let header = response.header("set-cookie").unwrap();
+    assert!(header.contains("Max-Age=0"), "{header}");
+    assert!(stored_files(&config.sessions_dir()).is_empty());
+}
+
+#[test]
+fn the_action_is_read_without_regard_to_case() {
+    // README: "`X-Session-Action` is read without regard to case (`Kill` is `kill`)."
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let first = browser.cookie.clone().unwrap();
+    let regenerated = browser.get("/", &[("X-Test-Action", "REGENERATE")]);
+    assert_eq!(regenerated.status, 200, "{}", regenerated.text());
+    let second = browser.cookie.clone().unwrap();
+    assert_ne!(first, second, "a new id");
+    assert!(!record_path(&config.sessions_dir(), &first).exists());
+    assert_eq!(browser.get("/", &[]).session()["data"]["a"], 1);
+
+    let killed = browser.get("/", &[("X-Test-Action", "Kill")]);
+    assert_eq!(killed.status, 200, "{}", killed.text());
+    assert_eq!(killed.set_cookie("session_id").as_deref(), Some(""));
+    assert!(stored_files(&config.sessions_dir()).is_empty());
+}
+
+#[test]
+fn the_proxys_own_answers_carry_cache_control_no_store() {
+    // README: "The proxy's own answers, the expired answer included, carry
+    // `Cache-Control: no-store`: they are about one client's session, and a shared cache must
+    // not serve a `200` "session expired" for the URL to everyone."
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).upstream("read_timeout = 1");
+    let proxy = config.start();
+    let mut answers = vec![
+        (
+            "invalid update",
+            get(proxy.port, "/", &[("X-Test-Update", "[1]")]),
+        ),
+        (
+            "upstream reset",
+            get(proxy.port, "/", &[("X-Test-Fault", "reset")]),
+        ),
+        (
+            "upstream hung",
+            get(proxy.port, "/", &[("X-Test-Fault", "hang")]),
+        ),
+        (
+            "head too large",
+            get(proxy.port, "/", &[("X-Big", &"b".repeat(100_000))]),
+        ),
+    ];
+    // A store that fails its write: the session's spare is in the way.
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let spare = config
+        .sessions_dir()
+        .join(format!(".{}.tmp", handle_of(&cookie)));
+    let _ = std::fs::remove_file(&spare);
+    std::fs::create_dir_all(spare.join("in-the-way")).unwrap();
+    answers.push((
+        "store failed",
+        browser.get("/", &[("X-Test-Update", r#"{"a":2}"#)]),
+    ));
+    let expected = [502, 502, 504, 431, 503];
+    for ((what, response), status) in answers.iter().zip(expected) {
+        assert_eq!(response.status, status, "{what}: {}", response.text());
+        assert_eq!(
+            response.header("cache-control"),
+            Some("no-store"),
+            "{what}: {:?}",
+            response.headers
+        );
+    }
+}
+
+#[test]
+fn an_update_nested_deeper_than_128_levels_is_a_502_and_changes_nothing() {
+    // SECURITY.md, Limits: "| Nesting of an update | 128 levels (serde_json) | `session::patch` | `502` |"
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let before = record(&config, &cookie);
+    let nested = |depth: usize| format!("{{\"x\":{}1{}}}", "[".repeat(depth), "]".repeat(depth));
+    let deep = browser.get("/", &[("X-Test-Update", &nested(200))]);
+    assert_eq!(deep.status, 502, "{}", deep.text());
+    assert_eq!(record(&config, &cookie), before);
+    // Within the bound, the same shape is stored.
+    let shallow = browser.get("/", &[("X-Test-Update", &nested(100))]);
+    assert_eq!(shallow.status, 200, "{}", shallow.text());
+    assert_eq!(record(&config, &cookie)["ver"], 2);
+}
+
+// ---- SECURITY.md, "Log readers": the access log ----
+
+#[test]
+fn the_access_log_is_not_world_readable_cuts_fields_at_2_kib_and_holds_no_secret() {
+    // SECURITY.md: "It names a session by the first 8 hex digits of its handle and never holds
+    // the session id, a cookie or any other request header, the token, the upstream's
+    // instructions or the session data. Client-sent fields are escaped as nginx does (...)
+    // and cut at 2 KiB (...) The file is created mode 0640."
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let log = config.dir.path().join("access.log");
+    let config = config.server(&format!("access_log = {:?}", log.display().to_string()));
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    let data_marker = "datamarker7f3a9c";
+    let first = browser.get(
+        "/first",
+        &[("X-Test-Update", &format!(r#"{{"secret":"{data_marker}"}}"#))],
+    );
+    let token = first.upstream_header("x-session").unwrap();
+    let first_cookie = browser.cookie.clone().unwrap();
+    let long_agent = "u".repeat(5000);
+    let header_marker = "headermarker51be0d";
+    browser.get(
+        "/last",
+        &[
+            ("User-Agent", &long_agent),
+            ("Authorization", &format!("Bearer {header_marker}")),
+            ("X-Test-Action", "regenerate"),
+        ],
+    );
+    let cookie = browser.cookie.clone().unwrap();
+    let mut text = String::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("/last")
+        }),
+        "no line for /last: {text:?}"
+    );
+    let mode = std::fs::metadata(&log).unwrap().permissions();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777;
+    assert_eq!(mode & 0o007, 0, "others may not read it: {mode:o}");
+    assert_eq!(mode & 0o600, 0o600, "{mode:o}");
+    assert_eq!(mode & 0o133, 0, "at most 0640: {mode:o}");
+
+    let last = text.lines().find(|l| l.contains("/last")).unwrap();
+    let agent = last
+        .split("\" \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap();
+    assert!(agent.starts_with("uuuu"), "{last}");
+    assert!(agent.len() <= 2048 + 3, "{} bytes", agent.len());
+    assert!(agent.len() >= 2048, "{} bytes", agent.len());
+    for secret in [
+        data_marker,
+        header_marker,
+        "secret",
+        "regenerate",
+        token.as_str(),
+        token.split('.').nth(1).unwrap(),
+        cookie.as_str(),
+        id_of(&cookie),
+        &handle_of(&cookie),
+        first_cookie.as_str(),
+        id_of(&first_cookie),
+        &handle_of(&first_cookie),
+    ] {
+        assert!(!text.contains(secret), "{secret:?} in {text}");
+    }
+}
+
+// ---- SECURITY.md, "Rotating keys" ----
+
+#[test]
+fn after_a_rotation_every_cookie_the_proxy_sets_is_signed_with_the_new_key() {
+    // SECURITY.md: "Put the new key first in the proxy, the old one after it [...] New sessions,
+    // and every cookie the proxy sets from now on, are signed with NEW; cookies signed with OLD
+    // still verify." and "a cookie is re-signed only when the proxy sets it again: when its
+    // session is regenerated, and with `cookie_max_age > 0` whenever the access time is written"
+    let upstream = start_upstream();
+    let mut config = ProxyConfig::new(upstream.port).session("cookie_max_age = 3600");
+    config.session[0] = format!("secret_keys = [{OLD_KEY:?}]");
+    let proxy = config.start();
+    let mut touched = Browser::new(proxy.port);
+    touched.get("/", &[("X-Test-Update", r#"{"who":"touched"}"#)]);
+    let mut regenerated = Browser::new(proxy.port);
+    regenerated.get("/", &[("X-Test-Update", r#"{"who":"regenerated"}"#)]);
+    let old_touched = touched.cookie.clone().unwrap();
+    assert_eq!(old_touched, signed(OLD_KEY, id_of(&old_touched)));
+    drop(proxy);
+
+    config.session[0] = format!("secret_keys = [{KEY:?}, {OLD_KEY:?}]");
+    let proxy = config.start();
+    touched.port = proxy.port;
+    regenerated.port = proxy.port;
+    // Not yet touched: the cookie is not set again, the old one verifies.
+    let response = touched.get("/", &[]);
+    assert_eq!(response.session()["data"]["who"], "touched");
+    assert_eq!(response.set_cookie("session_id"), None);
+    // The access time is written: the same id, signed with the new key.
+    age_record(&config, &old_touched, 120);
+    let response = touched.get("/", &[]);
+    let resent = response.set_cookie("session_id").expect("re-sent");
+    assert_eq!(resent, signed(KEY, id_of(&old_touched)));
+
+    let response = regenerated.get("/", &[("X-Test-Action", "regenerate")]);
+    let new = response.set_cookie("session_id").expect("a new cookie");
+    assert_eq!(new, signed(KEY, id_of(&new)));
+    assert_eq!(
+        regenerated.get("/", &[]).session()["data"]["who"],
+        "regenerated"
+    );
+}
+
+// ---- README, "Additions": shutdown ----
+
+/// Reads one response with a `Content-Length` body off a kept-alive connection.
+fn read_one(stream: &mut TcpStream) -> Response {
+    let mut raw = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + length {
+                return parse_response(&raw[..end + 4 + length], false).unwrap();
+            }
+        }
+        let read = stream.read(&mut buffer).unwrap();
+        assert!(read > 0, "closed after {:?}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buffer[..read]);
+    }
+}
+
+#[test]
+fn after_sigterm_the_next_request_on_a_kept_alive_connection_is_served_with_connection_close() {
+    // README: "On SIGTERM/SIGINT (and after an upgrade's hand-over), for 0.5 s after the proxy
+    // stops accepting, the next request on an open kept-alive connection is still served, with
+    // `Connection: close`: pingora alone reset the requests already on their way."
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let mut proxy = config.start();
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = b"GET /kept HTTP/1.1\r\nHost: x\r\n\r\n";
+    stream.write_all(request).unwrap();
+    let first = read_one(&mut stream);
+    assert_eq!(first.status, 200);
+    assert_ne!(first.header("connection"), Some("close"));
+
+    signal(proxy.child.id(), "TERM");
+    // Until the proxy stops accepting, the request would be served as
+    // before; the window begins then.
+    assert!(
+        eventually(Duration::from_secs(10), || TcpStream::connect((
+            "127.0.0.1",
+            proxy.port
+        ))
+        .is_err()),
+        "the proxy still accepts"
+    );
+    // Well inside the 0.5 s, and well after pingora alone would have
+    // closed the connection.
+    std::thread::sleep(Duration::from_millis(200));
+    stream.write_all(request).unwrap();
+    let second = read_one(&mut stream);
+    assert_eq!(second.status, 200);
+    assert_eq!(second.header("connection"), Some("close"));
+    let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+}
