@@ -530,3 +530,210 @@ fn after_sigterm_the_next_request_on_a_kept_alive_connection_is_served_with_conn
     let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
     assert!(status.success(), "{status}");
 }
+
+// ---- README, "Additions": metrics ----
+
+#[test]
+fn metrics_count_bypassed_requests_refused_updates_and_swept_sessions_apart() {
+    // README: "Metrics beyond SPEC [7]: `session_proxy_requests_total` has a `path` label
+    // (`session` or `bypass`), `session_proxy_invalid_updates_total` counts refused upstream
+    // instructions, `session_proxy_sessions_swept_total` counts the expired sessions the
+    // background sweep deleted (`sessions_expired_total` counts only signed cookies that met an
+    // expired or missing session)"
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port)
+        .session("bypass = [\"/static/\"]")
+        .session("timeout = 100")
+        .store("sweep_interval = 1");
+    let proxy = config.start();
+    let admin = config.admin_port;
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    for _ in 0..3 {
+        assert_eq!(browser.get("/static/x.css", &[]).status, 200);
+    }
+    assert_eq!(
+        metric(admin, "session_proxy_requests_total{path=\"bypass\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric(admin, "session_proxy_requests_total{path=\"session\"}"),
+        1.0
+    );
+
+    assert_eq!(metric(admin, "session_proxy_invalid_updates_total"), 0.0);
+    for bad in [
+        vec![("X-Test-Update", "[1]")],
+        vec![("X-Test-Action", "explode")],
+        vec![
+            ("X-Test-Update", r#"{"a":2}"#),
+            ("X-Test-Update", r#"{"a":3}"#),
+        ],
+    ] {
+        assert_eq!(browser.get("/", &bad).status, 502, "{bad:?}");
+    }
+    browser.get("/", &[("X-Test-Update", r#"{"a":4}"#)]);
+    assert_eq!(metric(admin, "session_proxy_invalid_updates_total"), 3.0);
+
+    // The sweep deletes the session gone idle; no request met it.
+    let cookie = browser.cookie.clone().unwrap();
+    age_record(&config, &cookie, 101);
+    assert!(
+        eventually(Duration::from_secs(10), || metric(
+            admin,
+            "session_proxy_sessions_swept_total"
+        ) == 1.0),
+        "not swept"
+    );
+    assert!(!record_path(&config.sessions_dir(), &cookie).exists());
+    for reason in ["idle", "absolute", "ip", "missing"] {
+        let series = format!("session_proxy_sessions_expired_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric(admin, &series), 0.0, "{series}");
+    }
+}
+
+// ---- README: configurations refused ----
+
+#[test]
+fn forwarding_header_names_and_statuses_without_content_are_refused_exit_2() {
+    // README: "`X-Forwarded-For` and `X-Forwarded-Proto` to the app ("The upstream
+    // contract"); they may not be chosen as names of the session headers." and
+    // "`expired_status` may not be 204, 205 or 304: [...] (the config is refused, exit 2)."
+    let cases = [
+        (
+            "headers",
+            "session = \"X-Forwarded-For\"",
+            "headers.session",
+        ),
+        (
+            "headers",
+            "update = \"x_forwarded_proto\"",
+            "headers.update",
+        ),
+        ("headers", "action = \"X-FORWARDED-FOR\"", "headers.action"),
+        ("session", "expired_status = 204", "session.expired_status"),
+        ("session", "expired_status = 205", "session.expired_status"),
+        ("session", "expired_status = 304", "session.expired_status"),
+    ];
+    for (section, line, key) in cases {
+        let mut config = ProxyConfig::new(free_port());
+        match section {
+            "headers" => config.headers.push(line.into()),
+            _ => config = config.session(line),
+        }
+        let path = config.write();
+        let output = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{line}: {stderr}");
+        assert!(stderr.contains(key), "{line}: {stderr}");
+    }
+}
+
+// ---- README, "Additions": body_timeout ----
+
+#[test]
+fn a_request_body_that_stops_coming_closes_the_apps_connection_too() {
+    // README: "`[server] body_timeout` (60 s for a request body to bring its next byte, as
+    // nginx's `client_body_timeout`: then `408` and the connection closed on HTTP/1.1 [...];
+    // the app's connection, which got part of the body, is closed"
+    let recorder = support::recorder::Recorder::start();
+    let config = ProxyConfig::new(recorder.port)
+        .server("body_timeout = 1")
+        .upstream("read_timeout = 60");
+    let proxy = config.start();
+    let answer = raw_exchange(
+        proxy.port,
+        b"POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello",
+        Duration::from_secs(15),
+    );
+    assert_eq!(raw_status(&answer), Some(408), "{answer:?}");
+    // The app's connection with half a body is closed, never pooled for
+    // another client's request to complete it.
+    let closed = eventually(Duration::from_secs(10), || {
+        recorder
+            .closed_connection_texts()
+            .iter()
+            .any(|text| text.ends_with("\r\n\r\nhello"))
+    });
+    assert!(
+        closed,
+        "the app's connection stays open: {:?}",
+        recorder.connection_texts()
+    );
+    let after = get(proxy.port, "/after", &[]);
+    assert_eq!(after.status, 200);
+    assert!(recorder
+        .closed_connection_texts()
+        .iter()
+        .all(|text| !text.contains("GET /after")));
+}
+
+// ---- README, "Choices where SPEC is silent": the disk store ----
+
+#[test]
+fn an_update_racing_a_delete_by_another_process_leaves_no_file_of_the_session() {
+    // README: "The `disk` directory belongs to one proxy process. Other processes may delete
+    // records (`session-proxy sessions kill` and `sweep` do), and the proxy notices: a write
+    // racing such a delete neither brings the session back nor leaves a file of it behind"
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let path = config.path();
+    for slow_headers in [vec![("X-Test-Update", r#"{"b":2}"#)], vec![]] {
+        let mut browser = Browser::new(proxy.port);
+        // Written by this process: its next write does not read it again.
+        browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+        browser.get("/", &[("X-Test-Update", r#"{"a":2}"#)]);
+        let old = browser.cookie.clone().unwrap();
+        let handle = handle_of(&old);
+        if slow_headers.is_empty() {
+            // A touch is due: the slow request writes the access time.
+            age_record(&config, &old, 120);
+        }
+        let port = proxy.port;
+        let slow = {
+            let cookie = format!("session_id={old}");
+            let headers: Vec<(String, String)> = slow_headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect();
+            std::thread::spawn(move || {
+                let mut all: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                all.push(("Cookie", &cookie));
+                all.push(("X-Test-Sleep-Ms", "2000"));
+                get(port, "/", &all)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(700));
+        let killed = run_cli(
+            &["sessions", "kill", &handle, "-c", path.to_str().unwrap()],
+            &[],
+        );
+        assert!(
+            killed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&killed.stderr)
+        );
+        let slow = slow.join().unwrap();
+        assert_eq!(slow.status, 200, "{slow_headers:?}: {}", slow.text());
+        assert_eq!(slow.session()["data"]["a"], 2, "it loaded the session");
+        let left: Vec<String> = std::fs::read_dir(config.sessions_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(&handle))
+            .collect();
+        assert!(left.is_empty(), "{slow_headers:?}: left behind: {left:?}");
+        assert_eq!(
+            get(port, "/", &[("Cookie", &format!("session_id={old}"))]).session()["new"],
+            true,
+            "{slow_headers:?}: the session came back"
+        );
+        if let Some(new) = slow.set_cookie("session_id") {
+            assert_ne!(new, old, "{slow_headers:?}");
+        }
+    }
+}
