@@ -737,3 +737,77 @@ fn an_update_racing_a_delete_by_another_process_leaves_no_file_of_the_session() 
         }
     }
 }
+
+// ---- SECURITY.md, "Limits": the session cookie candidates ----
+
+#[test]
+fn session_cookie_copies_past_the_fourth_are_ignored_and_removed() {
+    // SECURITY.md, Limits: "| Session cookie candidates verified per request | 4 |
+    // `proxy::headers` | later copies ignored (and removed) |"
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("bypass = [\"/static/\"]");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let genuine = browser.cookie.clone().unwrap();
+    let mut pairs = vec!["theme=dark".to_string()];
+    pairs.extend((0..4).map(|i| format!("session_id={:0>43}.{:0>22}", i, i)));
+    pairs.push(format!("session_id={genuine}"));
+    pairs.push("lang=en".into());
+    pairs.push(format!("session_id={genuine}"));
+    let header = pairs.join("; ");
+    for path in ["/", "/static/x"] {
+        let response = get(proxy.port, path, &[("Cookie", &header)]);
+        assert_eq!(response.status, 200, "{path}");
+        if path == "/" {
+            assert_eq!(
+                response.session()["new"],
+                true,
+                "a fifth copy is not verified"
+            );
+        }
+        assert_eq!(
+            response.upstream_header("cookie").as_deref(),
+            Some("theme=dark; lang=en"),
+            "{path}: every copy of the session cookie is removed"
+        );
+        assert!(!response.text().contains(id_of(&genuine)), "{path}");
+    }
+}
+
+// ---- SECURITY.md, "The store": the disk store's files ----
+
+#[test]
+fn a_disk_sessions_record_and_spare_are_owner_only_and_go_with_it() {
+    // SECURITY.md: "The spare (`.HANDLE.tmp`, owner-only like the record) holds the session's
+    // version before last until the next write overwrites it; it is deleted with the session"
+    use std::os::unix::fs::PermissionsExt;
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    for n in 1..=3 {
+        browser.get("/", &[("X-Test-Update", &format!(r#"{{"n":{n}}}"#))]);
+    }
+    let cookie = browser.cookie.clone().unwrap();
+    let handle = handle_of(&cookie);
+    let record = record_path(&config.sessions_dir(), &cookie);
+    let spare = config.sessions_dir().join(format!(".{handle}.tmp"));
+    for file in [&record, &spare] {
+        let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
+    let before_last: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spare).unwrap()).unwrap();
+    assert_eq!(before_last["data"]["n"], 2, "the version before last");
+    assert!(!String::from_utf8_lossy(&std::fs::read(&spare).unwrap()).contains(id_of(&cookie)));
+
+    let killed = browser.get("/", &[("X-Test-Action", "kill")]);
+    assert_eq!(killed.status, 200);
+    let left: Vec<String> = std::fs::read_dir(config.sessions_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
