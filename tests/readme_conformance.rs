@@ -811,3 +811,70 @@ fn a_disk_sessions_record_and_spare_are_owner_only_and_go_with_it() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+// ---- README, "Choices where SPEC is silent": what a failed regenerate leaves ----
+
+/// `chattr +i` on a file while it lives, `-i` when dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    /// `None` where the file system or the user cannot (not root, tmpfs).
+    fn set(path: &std::path::Path) -> Option<Immutable> {
+        let done = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|status| status.success())
+            .unwrap_or(false);
+        done.then(|| Immutable(path.to_owned()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_regenerate_whose_delete_of_the_old_id_fails_leaves_no_copy_behind() {
+    // README: "A failing delete of the old id during `regenerate` (503) also removes the copy
+    // under the new one, so nothing is left that no cookie names."
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let record = record_path(&config.sessions_dir(), &cookie);
+    let names = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(config.sessions_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = names();
+    // The old record can be read and not deleted; files around it can be
+    // made. Without a way to do that here, say so and stop.
+    let Some(guard) = Immutable::set(&record) else {
+        eprintln!("SKIPPED: chattr +i does not work here (root on ext4/xfs/btrfs needed)");
+        return;
+    };
+    let response = browser.get("/", &[("X-Test-Action", "regenerate")]);
+    let after = names();
+    drop(guard);
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (503, "session store unavailable")
+    );
+    assert!(response.headers_named("set-cookie").is_empty());
+    assert_eq!(after, before, "the copy under the new id is gone");
+    assert_eq!(browser.get("/", &[]).session()["data"]["a"], 1);
+}
