@@ -878,3 +878,59 @@ fn a_regenerate_whose_delete_of_the_old_id_fails_leaves_no_copy_behind() {
     assert_eq!(after, before, "the copy under the new id is gone");
     assert_eq!(browser.get("/", &[]).session()["data"]["a"], 1);
 }
+
+// ---- README, "Choices where SPEC is silent": the disk store's note ----
+
+#[test]
+fn a_record_deleted_or_rewritten_by_another_process_is_seen_by_the_next_load() {
+    // README: "A load of a record this process wrote last does not read it either, when its
+    // data is at most 1 KiB: the note keeps it, and the load compares the file's inode, length
+    // and modification time with what the write left, so a deleted or rewritten file is seen."
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let path = config.path();
+
+    // Deleted by `sessions kill`: the note does not bring it back.
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    assert_eq!(browser.get("/", &[]).session()["data"]["a"], 1);
+    let killed = run_cli(
+        &[
+            "sessions",
+            "kill",
+            &handle_of(&cookie),
+            "-c",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        killed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    let response = browser.get("/", &[]);
+    assert_eq!(
+        response.session()["new"],
+        true,
+        "the killed session is served"
+    );
+    assert!(!record_path(&config.sessions_dir(), &cookie).exists());
+
+    // Rewritten in place, to the same length: the new content is served.
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let record = record_path(&config.sessions_dir(), &cookie);
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(text.contains(r#""a":1"#), "{text}");
+    std::thread::sleep(Duration::from_millis(50));
+    std::fs::write(&record, text.replace(r#""a":1"#, r#""a":7"#)).unwrap();
+    assert_eq!(
+        browser.get("/", &[]).session()["data"]["a"],
+        7,
+        "the rewritten record is read"
+    );
+}
