@@ -148,6 +148,20 @@ fn the_keys_of_the_environment_replace_those_of_the_config_file() {
         by_file_key["new"], true,
         "the config file's key no longer verifies"
     );
+    drop(proxy);
+
+    // README, "The secret": "set but holding no key (empty, or only commas and spaces), it is
+    // ignored and the file's keys count."
+    config.env = vec![("SESSION_PROXY_SECRET_KEYS".into(), " , ".into())];
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    assert_eq!(
+        cookie,
+        signed(OLD_KEY, id_of(&cookie)),
+        "the file's key signs"
+    );
 }
 
 // ---- README, "Choices where SPEC is silent" ----
