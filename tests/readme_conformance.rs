@@ -948,3 +948,163 @@ fn a_record_deleted_or_rewritten_by_another_process_is_seen_by_the_next_load() {
         "the rewritten record is read"
     );
 }
+
+// ---- SECURITY.md, "Limits": HTTP/2 ----
+
+/// A raw HTTP/2 client over TLS: frames as given, frames as received.
+struct RawH2 {
+    stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    inbox: Vec<u8>,
+}
+
+const H2_HEADERS: u8 = 0x1;
+const H2_SETTINGS: u8 = 0x4;
+const H2_GOAWAY: u8 = 0x7;
+const H2_END_STREAM: u8 = 0x1;
+const H2_END_HEADERS: u8 = 0x4;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+impl RawH2 {
+    fn connect(ca: &support::test_ca::TestCa, port: u16) -> RawH2 {
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let connection = rustls::ClientConnection::new(ca.client(&[b"h2"]), name).unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut stream = rustls::StreamOwned::new(connection, tcp);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock).unwrap();
+        }
+        assert_eq!(stream.conn.alpn_protocol(), Some(&b"h2"[..]));
+        let mut raw = RawH2 {
+            stream,
+            inbox: Vec::new(),
+        };
+        raw.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        raw.write(&h2_frame(H2_SETTINGS, 0, 0, &[]));
+        raw
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+        let _ = self.stream.flush();
+    }
+
+    /// The frames (kind, stream, payload) received within `within`, and
+    /// whether the connection ended.
+    fn drain(&mut self, within: Duration) -> (Vec<(u8, u32, Vec<u8>)>, bool) {
+        let deadline = std::time::Instant::now() + within;
+        self.stream
+            .sock
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut buffer = [0u8; 16_384];
+        let mut closed = false;
+        while !closed && std::time::Instant::now() < deadline {
+            match self.stream.read(&mut buffer) {
+                Ok(0) => closed = true,
+                Ok(n) => self.inbox.extend_from_slice(&buffer[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => closed = true,
+            }
+        }
+        let mut frames = Vec::new();
+        while self.inbox.len() >= 9 {
+            let length = u32::from_be_bytes([0, self.inbox[0], self.inbox[1], self.inbox[2]]);
+            let end = 9 + length as usize;
+            if self.inbox.len() < end {
+                break;
+            }
+            let stream = u32::from_be_bytes(self.inbox[5..9].try_into().unwrap()) & 0x7fff_ffff;
+            frames.push((self.inbox[3], stream, self.inbox[9..end].to_vec()));
+            self.inbox.drain(..end);
+        }
+        (frames, closed)
+    }
+}
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = (payload.len() as u32).to_be_bytes();
+    let mut frame = vec![length[1], length[2], length[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// `fields` as HPACK literals without indexing (names and values under 127 bytes).
+fn h2_header_block(fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0x00);
+        for text in [name, value] {
+            block.push(text.len() as u8);
+            block.extend_from_slice(text);
+        }
+    }
+    block
+}
+
+#[test]
+fn an_h2_connection_whose_streams_h2_resets_for_protocol_errors_is_closed_after_1024() {
+    // SECURITY.md, Limits: "| HTTP/2: streams h2 resets for the client's protocol errors |
+    // 1024 a connection | h2, `limits::h2_options` | the connection closed
+    // (`ENHANCE_YOUR_CALM`) |"
+    let ca = support::test_ca::TestCa::new();
+    let upstream = support::recorder::Recorder::start();
+    let (cert, key) = ca.issue("proxy", &["localhost", "127.0.0.1"]);
+    let config = ProxyConfig::new(upstream.port)
+        .server(&format!("tls_cert = {:?}", cert.display().to_string()))
+        .server(&format!("tls_key = {:?}", key.display().to_string()));
+    let _proxy = config.start();
+
+    // A request with a connection-specific field: h2 resets its stream
+    // (PROTOCOL_ERROR, RFC 9113 8.2.2) without the proxy seeing it.
+    let malformed = h2_header_block(&[
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", b"127.0.0.1"),
+        (b":path", b"/malformed"),
+        (b"connection", b"keep-alive"),
+    ]);
+    let mut h2 = RawH2::connect(&ca, config.port);
+    let mut sent = 0u32;
+    let mut goaway_after = None;
+    while sent < 1100 && goaway_after.is_none() {
+        let mut batch = Vec::new();
+        for _ in 0..50 {
+            let id = 2 * sent + 1;
+            batch.extend(h2_frame(
+                H2_HEADERS,
+                H2_END_STREAM | H2_END_HEADERS,
+                id,
+                &malformed,
+            ));
+            sent += 1;
+        }
+        h2.write(&batch);
+        let (frames, closed) = h2.drain(Duration::from_millis(50));
+        if let Some((_, _, payload)) = frames.iter().find(|(kind, _, _)| *kind == H2_GOAWAY) {
+            let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+            assert_eq!(code, ENHANCE_YOUR_CALM, "after {sent} streams");
+            goaway_after = Some(sent);
+        } else {
+            assert!(!closed, "closed without GOAWAY after {sent} streams");
+        }
+    }
+    let mut rest = Duration::ZERO;
+    while goaway_after.is_none() && rest < Duration::from_secs(10) {
+        let (frames, _) = h2.drain(Duration::from_millis(200));
+        rest += Duration::from_millis(200);
+        if frames.iter().any(|(kind, _, _)| *kind == H2_GOAWAY) {
+            goaway_after = Some(sent);
+        }
+    }
+    let after = goaway_after.expect("no GOAWAY after 1100 malformed streams");
+    assert!(
+        (1001..=1100).contains(&after),
+        "GOAWAY after {after} malformed streams"
+    );
+    assert!(upstream.requests().is_empty(), "{}", upstream.text());
+}
