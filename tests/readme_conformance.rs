@@ -1108,3 +1108,45 @@ fn an_h2_connection_whose_streams_h2_resets_for_protocol_errors_is_closed_after_
     );
     assert!(upstream.requests().is_empty(), "{}", upstream.text());
 }
+
+// ---- README, "Choices where SPEC is silent": an undecodable record on disk ----
+
+#[test]
+fn a_disk_record_that_cannot_be_decoded_is_logged_by_handle_prefix_and_treated_as_missing() {
+    // README: "A stored record that cannot be decoded is logged and treated as missing."
+    // SECURITY.md: "A record that does not parse is treated as a missing session (logged, the
+    // client starts over)."
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let log = config.dir.path().join("proxy.log");
+    let proxy = config.start_logging("warn", &log);
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let old = browser.cookie.clone().unwrap();
+    let handle = handle_of(&old);
+    std::fs::write(
+        record_path(&config.sessions_dir(), &old),
+        b"{\"data\": {\"secret-content\": tru",
+    )
+    .unwrap();
+    let response = browser.get("/", &[("X-Test-Update", r#"{"b":2}"#)]);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.session()["new"], true, "a missing session");
+    let new = browser.cookie.clone().unwrap();
+    assert_ne!(new, old, "a new session, with a new id");
+    assert_eq!(
+        browser.get("/", &[]).session()["data"],
+        serde_json::json!({"b": 2})
+    );
+    let mut text = String::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains(&handle[..8])
+        }),
+        "no line names the session: {text}"
+    );
+    for secret in [handle.as_str(), id_of(&old), "secret-content"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+}
