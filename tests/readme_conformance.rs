@@ -201,61 +201,68 @@ fn an_update_for_a_session_killed_meanwhile_starts_a_new_one_and_a_touch_sets_no
         .session("cookie_max_age = 3600")
         .session(r#"initializer = {init = true}"#);
     let proxy = config.start();
-    for slow_headers in [
+    let cases = [
         vec![("X-Test-Update", r#"{"b":2}"#)],
         vec![],
         vec![("X-Test-Update", "{}")],
-    ] {
-        let mut browser = Browser::new(proxy.port);
-        browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
-        let old = browser.cookie.clone().unwrap();
-        let port = proxy.port;
-        let cookie_header = format!("session_id={old}");
-        let slow = {
-            let cookie_header = cookie_header.clone();
-            let headers: Vec<(String, String)> = slow_headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect();
-            std::thread::spawn(move || {
-                let mut all: Vec<(&str, &str)> = headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_str()))
-                    .collect();
-                all.push(("Cookie", &cookie_header));
-                all.push(("X-Test-Sleep-Ms", "2500"));
-                get(port, "/", &all)
-            })
-        };
-        // The slow request has loaded the session once the upstream has it.
-        std::thread::sleep(Duration::from_millis(800));
-        let killed = get(
-            proxy.port,
-            "/",
-            &[("Cookie", &cookie_header), ("X-Test-Action", "kill")],
-        );
-        assert_eq!(killed.set_cookie("session_id").as_deref(), Some(""));
-        let slow = slow.join().unwrap();
-        assert_eq!(slow.status, 200, "{slow_headers:?}");
-        assert_eq!(slow.session()["data"]["a"], 1, "it loaded the session");
-        let set = slow.set_cookie("session_id");
-        if slow_headers.first().map(|(_, v)| *v) == Some(r#"{"b":2}"#) {
-            let new = set.expect("the update sets a cookie");
-            assert_ne!(new, old, "a new id");
-            let claims =
-                get(proxy.port, "/", &[("Cookie", &format!("session_id={new}"))]).session();
-            assert_eq!(
-                claims["data"],
-                serde_json::json!({"init": true, "b": 2}),
-                "a new session: the initializer and the update, not the killed data"
-            );
-        } else {
-            assert_eq!(set, None, "{slow_headers:?}: nothing to store, no cookie");
+    ];
+    // The cases side by side, each with a session of its own.
+    std::thread::scope(|scope| {
+        for slow_headers in cases {
+            let (proxy, config) = (&proxy, &config);
+            scope.spawn(move || {
+                let mut browser = Browser::new(proxy.port);
+                browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+                let old = browser.cookie.clone().unwrap();
+                let port = proxy.port;
+                let cookie_header = format!("session_id={old}");
+                let slow = {
+                    let cookie_header = cookie_header.clone();
+                    let headers: Vec<(String, String)> = slow_headers
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect();
+                    std::thread::spawn(move || {
+                        let mut all: Vec<(&str, &str)> = headers
+                            .iter()
+                            .map(|(n, v)| (n.as_str(), v.as_str()))
+                            .collect();
+                        all.push(("Cookie", &cookie_header));
+                        all.push(("X-Test-Sleep-Ms", "2500"));
+                        get(port, "/", &all)
+                    })
+                };
+                // The slow request has loaded the session once the upstream has it.
+                std::thread::sleep(Duration::from_millis(800));
+                let killed = get(
+                    proxy.port,
+                    "/",
+                    &[("Cookie", &cookie_header), ("X-Test-Action", "kill")],
+                );
+                assert_eq!(killed.set_cookie("session_id").as_deref(), Some(""));
+                let slow = slow.join().unwrap();
+                assert_eq!(slow.status, 200, "{slow_headers:?}");
+                assert_eq!(slow.session()["data"]["a"], 1, "it loaded the session");
+                let set = slow.set_cookie("session_id");
+                if slow_headers.first().map(|(_, v)| *v) == Some(r#"{"b":2}"#) {
+                    let new = set.expect("the update sets a cookie");
+                    assert_ne!(new, old, "a new id");
+                    let claims =
+                        get(proxy.port, "/", &[("Cookie", &format!("session_id={new}"))]).session();
+                    assert_eq!(
+                        claims["data"],
+                        serde_json::json!({"init": true, "b": 2}),
+                        "a new session: the initializer and the update, not the killed data"
+                    );
+                } else {
+                    assert_eq!(set, None, "{slow_headers:?}: nothing to store, no cookie");
+                }
+                assert!(!record_path(&config.sessions_dir(), &old).exists());
+                let again = get(proxy.port, "/", &[("Cookie", &cookie_header)]).session();
+                assert_eq!(again["new"], true, "the killed session stays dead");
+            });
         }
-        assert!(!record_path(&config.sessions_dir(), &old).exists());
-        let again = get(proxy.port, "/", &[("Cookie", &cookie_header)]).session();
-        assert_eq!(again["new"], true, "the killed session stays dead");
-    }
+    });
 }
 
 #[test]
@@ -693,63 +700,70 @@ fn an_update_racing_a_delete_by_another_process_leaves_no_file_of_the_session() 
     let config = ProxyConfig::new(upstream.port);
     let proxy = config.start();
     let path = config.path();
-    for slow_headers in [vec![("X-Test-Update", r#"{"b":2}"#)], vec![]] {
-        let mut browser = Browser::new(proxy.port);
-        // Written by this process: its next write does not read it again.
-        browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
-        browser.get("/", &[("X-Test-Update", r#"{"a":2}"#)]);
-        let old = browser.cookie.clone().unwrap();
-        let handle = handle_of(&old);
-        if slow_headers.is_empty() {
-            // A touch is due: the slow request writes the access time.
-            age_record(&config, &old, 120);
-        }
-        let port = proxy.port;
-        let slow = {
-            let cookie = format!("session_id={old}");
-            let headers: Vec<(String, String)> = slow_headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect();
-            std::thread::spawn(move || {
-                let mut all: Vec<(&str, &str)> = headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_str()))
+    let cases = [vec![("X-Test-Update", r#"{"b":2}"#)], vec![]];
+    // The cases side by side, each with a session of its own.
+    std::thread::scope(|scope| {
+        for slow_headers in cases {
+            let (proxy, config, path) = (&proxy, &config, &path);
+            scope.spawn(move || {
+                let mut browser = Browser::new(proxy.port);
+                // Written by this process: its next write does not read it again.
+                browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+                browser.get("/", &[("X-Test-Update", r#"{"a":2}"#)]);
+                let old = browser.cookie.clone().unwrap();
+                let handle = handle_of(&old);
+                if slow_headers.is_empty() {
+                    // A touch is due: the slow request writes the access time.
+                    age_record(config, &old, 120);
+                }
+                let port = proxy.port;
+                let slow = {
+                    let cookie = format!("session_id={old}");
+                    let headers: Vec<(String, String)> = slow_headers
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect();
+                    std::thread::spawn(move || {
+                        let mut all: Vec<(&str, &str)> = headers
+                            .iter()
+                            .map(|(n, v)| (n.as_str(), v.as_str()))
+                            .collect();
+                        all.push(("Cookie", &cookie));
+                        all.push(("X-Test-Sleep-Ms", "2000"));
+                        get(port, "/", &all)
+                    })
+                };
+                std::thread::sleep(Duration::from_millis(700));
+                let killed = run_cli(
+                    &["sessions", "kill", &handle, "-c", path.to_str().unwrap()],
+                    &[],
+                );
+                assert!(
+                    killed.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&killed.stderr)
+                );
+                let slow = slow.join().unwrap();
+                assert_eq!(slow.status, 200, "{slow_headers:?}: {}", slow.text());
+                assert_eq!(slow.session()["data"]["a"], 2, "it loaded the session");
+                let left: Vec<String> = std::fs::read_dir(config.sessions_dir())
+                    .unwrap()
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| name.contains(&handle))
                     .collect();
-                all.push(("Cookie", &cookie));
-                all.push(("X-Test-Sleep-Ms", "2000"));
-                get(port, "/", &all)
-            })
-        };
-        std::thread::sleep(Duration::from_millis(700));
-        let killed = run_cli(
-            &["sessions", "kill", &handle, "-c", path.to_str().unwrap()],
-            &[],
-        );
-        assert!(
-            killed.status.success(),
-            "{}",
-            String::from_utf8_lossy(&killed.stderr)
-        );
-        let slow = slow.join().unwrap();
-        assert_eq!(slow.status, 200, "{slow_headers:?}: {}", slow.text());
-        assert_eq!(slow.session()["data"]["a"], 2, "it loaded the session");
-        let left: Vec<String> = std::fs::read_dir(config.sessions_dir())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|name| name.contains(&handle))
-            .collect();
-        assert!(left.is_empty(), "{slow_headers:?}: left behind: {left:?}");
-        assert_eq!(
-            get(port, "/", &[("Cookie", &format!("session_id={old}"))]).session()["new"],
-            true,
-            "{slow_headers:?}: the session came back"
-        );
-        if let Some(new) = slow.set_cookie("session_id") {
-            assert_ne!(new, old, "{slow_headers:?}");
+                assert!(left.is_empty(), "{slow_headers:?}: left behind: {left:?}");
+                assert_eq!(
+                    get(port, "/", &[("Cookie", &format!("session_id={old}"))]).session()["new"],
+                    true,
+                    "{slow_headers:?}: the session came back"
+                );
+                if let Some(new) = slow.set_cookie("session_id") {
+                    assert_ne!(new, old, "{slow_headers:?}");
+                }
+            });
         }
-    }
+    });
 }
 
 // ---- SECURITY.md, "Limits": the session cookie candidates ----
