@@ -7,13 +7,12 @@
 #[path = "support/store_cases.rs"]
 #[macro_use]
 mod store_cases;
+#[path = "support/redis_cluster.rs"]
+mod redis_cluster;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -25,7 +24,7 @@ use session_proxy::store::{Change, Expiry, Handle, Record, Serialized, Store, St
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
-use redis_server::redis_server_installed;
+use redis_cluster::{redis_cli, Cluster};
 
 const POSTGRES_ADDR: &str = "127.0.0.1:5432";
 const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -1681,114 +1680,7 @@ async fn redis_lease_serializes_blind_read_modify_writes() {
 // ---------------------------------------------------------------------------
 // Redis Cluster, started by the test
 
-/// Three cluster-enabled `redis-server`s on free loopback ports, joined
-/// into one cluster; killed (and their directory removed) on drop, whatever
-/// the test's outcome.
-struct Cluster {
-    children: Vec<Child>,
-    ports: Vec<u16>,
-    dir: PathBuf,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Cluster {
-    /// `None` (with a loud skip) when `redis-server` is not installed.
-    fn start() -> Option<Cluster> {
-        if !redis_server_installed("Redis Cluster") {
-            return None;
-        }
-        let dir = std::env::temp_dir().join(unique("session-proxy-cluster"));
-        std::fs::create_dir_all(&dir).expect("cluster directory");
-        let mut cluster = Cluster {
-            children: Vec::new(),
-            ports: free_cluster_ports(3),
-            dir,
-        };
-        for &port in &cluster.ports {
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes"])
-                .arg("--cluster-config-file")
-                .arg(cluster.dir.join(format!("nodes-{port}.conf")))
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .current_dir(&cluster.dir)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("start redis-server");
-            cluster.children.push(child);
-        }
-        for &port in &cluster.ports {
-            wait_until(|| redis_cli(port, &["ping"]).contains("PONG"));
-        }
-        let nodes: Vec<String> = cluster
-            .ports
-            .iter()
-            .map(|port| format!("127.0.0.1:{port}"))
-            .collect();
-        let created = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli --cluster create");
-        assert!(
-            created.status.success(),
-            "{}",
-            String::from_utf8_lossy(&created.stdout)
-        );
-        for &port in &cluster.ports {
-            wait_until(|| redis_cli(port, &["cluster", "info"]).contains("cluster_state:ok"));
-        }
-        Some(cluster)
-    }
-
-    fn urls(&self) -> String {
-        self.ports
-            .iter()
-            .map(|port| format!("redis://127.0.0.1:{port}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
-
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn wait_until(ready: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready() {
-        assert!(Instant::now() < deadline, "cluster not ready in 20 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Ports free now, each with its cluster bus port (+10000) free too.
-fn free_cluster_ports(n: usize) -> Vec<u16> {
-    let mut ports = BTreeSet::new();
-    while ports.len() < n {
-        let port = 20_000 + (rand::random::<u16>() % 20_000);
-        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if free(port) && free(port + 10_000) {
-            ports.insert(port);
-        }
-    }
-    ports.into_iter().collect()
-}
+// The cluster: tests/support/redis_cluster.rs.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_round_trip_increments_sweep_and_lease() {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod private_postgres;
 pub mod recorder;
+pub mod redis_cluster;
 mod redis_server;
 pub mod shared;
 pub mod test_ca;

@@ -1,0 +1,366 @@
+//! A private Redis Cluster for a test: three cluster-enabled
+//! `redis-server`s (masters, no replicas) on free loopback ports, joined
+//! into one cluster, killed (and their directory removed) on drop whatever
+//! the test's outcome. Shared by `store_shared` (the store against it) and
+//! `redis_cluster_faults` (the proxy under faults of its nodes), which
+//! kill, restart, hang and reshard its nodes.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::redis_server::redis_server_installed;
+
+/// How long a node may be unreachable before the others mark it failed;
+/// short, so that a test sees the cluster react to a dead node (the
+/// default is 15 s).
+pub const NODE_TIMEOUT_MS: u64 = 1000;
+
+pub struct Cluster {
+    /// Each node's process; `None` while a test has it killed.
+    children: Vec<Option<Child>>,
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+    /// Nodes a test stopped (SIGSTOP), continued on drop.
+    stopped: Vec<u32>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for pid in self.stopped.drain(..) {
+            let _ = Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
+        for child in self.children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Cluster {
+    /// `None` (with a loud skip) when `redis-server` is not installed.
+    pub fn start() -> Option<Cluster> {
+        if !redis_server_installed("Redis Cluster") {
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "session-proxy-cluster_{:016x}",
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).expect("cluster directory");
+        let ports = free_cluster_ports(3);
+        let mut cluster = Cluster {
+            children: Vec::new(),
+            ports: ports.clone(),
+            dir,
+            stopped: Vec::new(),
+        };
+        for &port in &ports {
+            let child = cluster.spawn(port);
+            cluster.children.push(Some(child));
+        }
+        for &port in &ports {
+            wait_until(|| redis_cli(port, &["ping"]).contains("PONG"));
+        }
+        let nodes: Vec<String> = ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for &port in &ports {
+            wait_until(|| cluster.node_sees_all_ok(port));
+        }
+        Some(cluster)
+    }
+
+    /// Starts the node of `port`, with its own `nodes.conf` (its identity
+    /// and slots, kept across a restart) and its own RDB file (written
+    /// only by an explicit `SAVE`, read back on a restart). With
+    /// `cluster-require-full-coverage no`, as a deployment that wants the
+    /// sessions on the other masters served while one is down must have.
+    fn spawn(&self, port: u16) -> Child {
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .arg("--cluster-config-file")
+            .arg(self.dir.join(format!("nodes-{port}.conf")))
+            .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+            .args(["--cluster-require-full-coverage", "no"])
+            .args(["--dbfilename", &format!("dump-{port}.rdb")])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server")
+    }
+
+    /// Whether the node of `port` answers and sees every node of the
+    /// cluster connected and the cluster's state ok.
+    fn node_sees_all_ok(&self, port: u16) -> bool {
+        let info = redis_cli(port, &["cluster", "info"]);
+        let nodes = redis_cli(port, &["cluster", "nodes"]);
+        info.contains("cluster_state:ok")
+            && nodes
+                .lines()
+                .filter(|line| line.contains("connected"))
+                .count()
+                == self.ports.len()
+            && !nodes.contains("fail")
+    }
+
+    /// The URLs of the nodes, comma-separated, as `[store] url` takes them.
+    pub fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn index(&self, port: u16) -> usize {
+        self.ports
+            .iter()
+            .position(|&p| p == port)
+            .expect("a node of the cluster")
+    }
+
+    /// Saves the node's data (to be read back by [`Cluster::restart`]),
+    /// then kills it (SIGKILL: a crash).
+    pub fn kill(&mut self, port: u16) {
+        assert!(redis_cli(port, &["save"]).contains("OK"), "SAVE on {port}");
+        let index = self.index(port);
+        if let Some(mut child) = self.children[index].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a killed node again on its port with its `nodes.conf` and
+    /// saved data, and waits until every node sees the cluster whole.
+    pub fn restart(&mut self, port: u16) {
+        let index = self.index(port);
+        assert!(self.children[index].is_none(), "node {port} is running");
+        let child = self.spawn(port);
+        self.children[index] = Some(child);
+        wait_until(|| redis_cli(port, &["ping"]).contains("PONG"));
+        for &port in &self.ports {
+            wait_until(|| self.node_sees_all_ok(port));
+        }
+    }
+
+    fn pid(&self, port: u16) -> u32 {
+        self.children[self.index(port)]
+            .as_ref()
+            .expect("a running node")
+            .id()
+    }
+
+    /// Hangs the node (SIGSTOP): it accepts connections (the kernel does)
+    /// and answers nothing, until [`Cluster::resume`] (or the drop).
+    pub fn hang(&mut self, port: u16) {
+        let pid = self.pid(port);
+        signal(pid, "STOP");
+        self.stopped.push(pid);
+    }
+
+    /// Continues a hung node, and waits until every node sees the cluster
+    /// whole again.
+    pub fn resume(&mut self, port: u16) {
+        let pid = self.pid(port);
+        signal(pid, "CONT");
+        self.stopped.retain(|&stopped| stopped != pid);
+        for &port in &self.ports {
+            wait_until(|| self.node_sees_all_ok(port));
+        }
+    }
+
+    /// The hash slot of `key` (asked of a node, not computed here).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let port = self.live_port();
+        redis_cli(port, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT {key} on {port}"))
+    }
+
+    /// The port of the master that serves `key` now, from CLUSTER SLOTS.
+    pub fn owner_of(&self, key: &str) -> u16 {
+        let slot = self.slot_of(key);
+        self.owner_of_slot(slot)
+    }
+
+    /// The port of the master that serves `slot`, from CLUSTER SLOTS.
+    pub fn owner_of_slot(&self, slot: u16) -> u16 {
+        let port = self.live_port();
+        let command = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
+        let ranges: Vec<redis::Value> = query(port, &command);
+        for range in ranges {
+            let redis::Value::Array(fields) = range else {
+                continue;
+            };
+            let number = |value: &redis::Value| match value {
+                redis::Value::Int(n) => *n,
+                other => panic!("CLUSTER SLOTS: {other:?}"),
+            };
+            let (start, end) = (number(&fields[0]), number(&fields[1]));
+            if (start..=end).contains(&i64::from(slot)) {
+                let redis::Value::Array(master) = &fields[2] else {
+                    panic!("CLUSTER SLOTS: {fields:?}");
+                };
+                return u16::try_from(number(&master[1])).expect("a port");
+            }
+        }
+        panic!("slot {slot} has no master")
+    }
+
+    /// A node that is running and not hung, to ask about the cluster.
+    fn live_port(&self) -> u16 {
+        self.ports
+            .iter()
+            .zip(&self.children)
+            .find(|(_, child)| {
+                child
+                    .as_ref()
+                    .is_some_and(|child| !self.stopped.contains(&child.id()))
+            })
+            .map(|(&port, _)| port)
+            .expect("a live node")
+    }
+
+    /// The node id of the node of `port`.
+    pub fn node_id(&self, port: u16) -> String {
+        redis_cli(port, &["cluster", "myid"]).trim().to_owned()
+    }
+
+    /// Marks `slot` as moving from the node of `from` to the node of `to`
+    /// (`IMPORTING` on `to`, `MIGRATING` on `from`): from now on `from`
+    /// answers `ASK` for its keys of the slot that it no longer holds.
+    pub fn begin_slot_move(&self, slot: u16, from: u16, to: u16) {
+        let slot = slot.to_string();
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let ok = |port: u16, args: &[&str]| {
+            let answer = redis_cli(port, args);
+            assert!(answer.contains("OK"), "{args:?} on {port}: {answer}");
+        };
+        ok(to, &["cluster", "setslot", &slot, "importing", &from_id]);
+        ok(from, &["cluster", "setslot", &slot, "migrating", &to_id]);
+    }
+
+    /// Moves `key` (of a slot being moved) from `from` to `to` (MIGRATE).
+    pub fn migrate_key(&self, key: &str, from: u16, to: u16) {
+        let answer = redis_cli(
+            from,
+            &["migrate", "127.0.0.1", &to.to_string(), key, "0", "5000"],
+        );
+        assert!(
+            answer.contains("OK") || answer.contains("NOKEY"),
+            "MIGRATE {key}: {answer}"
+        );
+    }
+
+    /// Ends the move of `slot` to the node of `to`: every node is told it
+    /// serves the slot now (so `from` answers `MOVED`).
+    pub fn end_slot_move(&self, slot: u16, to: u16) {
+        let slot = slot.to_string();
+        let to_id = self.node_id(to);
+        for &port in &self.ports {
+            let answer = redis_cli(port, &["cluster", "setslot", &slot, "node", &to_id]);
+            assert!(answer.contains("OK"), "SETSLOT NODE on {port}: {answer}");
+        }
+    }
+
+    /// The keys the node of `port` holds in `slot`.
+    pub fn keys_in_slot(&self, port: u16, slot: u16) -> Vec<String> {
+        redis_cli(
+            port,
+            &["cluster", "getkeysinslot", &slot.to_string(), "1000"],
+        )
+        .lines()
+        .map(str::to_owned)
+        .filter(|key| !key.is_empty())
+        .collect()
+    }
+}
+
+/// `redis-cli -p PORT ARGS…`: what it printed (nothing when it failed).
+/// Gives up after 5 s, so a hung node does not hang the test.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    Command::new("timeout")
+        .args(["5", "redis-cli", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+fn wait_until(ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(Instant::now() < deadline, "cluster not ready in 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs one command on the node of `port`.
+fn query<T: redis::FromRedisValue>(port: u16, command: &redis::Cmd) -> T {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("node {port}: {e}"));
+        command
+            .query_async(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("node {port}: {e}"))
+    })
+}
+
+/// Ports free now, each with its cluster bus port (+10000) free too; below
+/// the kernel's ephemeral range, and below the ports `free_port` hands
+/// out, so that no outgoing connection takes the port of a node a test has
+/// killed before it starts again.
+fn free_cluster_ports(n: usize) -> Vec<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // free_port's span (8192), the bus offset, and 2500 ports to draw from.
+    let low = ephemeral_low.saturating_sub(8192 + 10_000 + 2500).max(1024);
+    let mut ports = BTreeSet::new();
+    while ports.len() < n {
+        let port = low + (rand::random::<u16>() % 2500);
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            ports.insert(port);
+        }
+    }
+    ports.into_iter().collect()
+}
