@@ -23,7 +23,7 @@
 //! the script answers the newer value and the decision is made again.
 //! Round trips: `load` 1, `touch` 1, `delete` 1, `modify` 2 (1 when
 //! nothing changes; +1 per conflict; the first use of a script on a server
-//! adds 2, to load it), `modify_seen` 1 (the write checks the version the
+//! adds 1, to send it whole), `modify_seen` 1 (the write checks the version the
 //! caller loaded; else as `modify`, less its read).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +35,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Script, Value};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
@@ -138,11 +138,60 @@ pub struct RedisStore {
 }
 
 struct Scripts {
-    compare_and_set: Script,
-    set_if_version: Script,
-    touch: Script,
-    lease_refresh: Script,
-    lease_release: Script,
+    compare_and_set: Lua,
+    set_if_version: Lua,
+    touch: Lua,
+    lease_refresh: Lua,
+    lease_release: Lua,
+}
+
+/// One of the store's Lua scripts, called by its SHA-1 (`EVALSHA`).
+struct Lua {
+    source: &'static str,
+    hash: String,
+}
+
+impl Lua {
+    fn new(source: &'static str) -> Lua {
+        Lua {
+            source,
+            hash: Script::new(source).get_hash().to_owned(),
+        }
+    }
+
+    /// A call of the script on `key`, `args` adding its `ARGV`.
+    fn call(&self, key: &str, args: impl Fn(&mut Cmd)) -> LuaCall {
+        let mut by_hash = redis::cmd("EVALSHA");
+        by_hash.arg(&self.hash).arg(1).arg(key);
+        args(&mut by_hash);
+        let mut by_source = redis::cmd("EVAL");
+        by_source.arg(self.source).arg(1).arg(key);
+        args(&mut by_source);
+        LuaCall { by_hash, by_source }
+    }
+}
+
+/// A prepared call of a [`Lua`] script.
+struct LuaCall {
+    by_hash: Cmd,
+    by_source: Cmd,
+}
+
+impl LuaCall {
+    /// Runs the script by its hash or, on a server that does not have it
+    /// (its first use there, a restart, a node a slot moved to), by its
+    /// source, which also keeps it there: one round trip more, on the key's
+    /// own node. Not the crate's `SCRIPT LOAD` then `EVALSHA`: on a cluster
+    /// `SCRIPT LOAD` goes to every node, so one node down or hung failed
+    /// the writes of sessions on the nodes that answer.
+    async fn invoke<T: FromRedisValue>(&self, connection: &mut Connection) -> RedisResult<T> {
+        match self.by_hash.query_async(connection).await {
+            Err(error) if error.code() == Some("NOSCRIPT") => {
+                self.by_source.query_async(connection).await
+            }
+            outcome => outcome,
+        }
+    }
 }
 
 /// How to open a connection.
@@ -274,8 +323,16 @@ impl RedisStore {
                 Dialer::Standalone(client, config)
             }
             nodes => {
+                // A node gets a quarter of the timeout to accept a
+                // connection: the crate opens a connection to every node
+                // (and waits for them all) when a thread's connection is
+                // opened, and again to those missing when it refreshes the
+                // slot map after a MOVED, holding every other request of
+                // the connection meanwhile. With the whole timeout there, a
+                // hung node cost the sessions of the nodes that answer
+                // their 503 too, and a proxy started then did not start.
                 let client = ClusterClient::builder(nodes.iter().copied())
-                    .connection_timeout(timeout)
+                    .connection_timeout(timeout / 4)
                     .response_timeout(timeout)
                     .retries(2)
                     .build()
@@ -290,11 +347,11 @@ impl RedisStore {
             timeout,
             idle_ttl: idle_ttl.min(MAX_TTL_SECONDS),
             scripts: Arc::new(Scripts {
-                compare_and_set: Script::new(COMPARE_AND_SET),
-                set_if_version: Script::new(SET_IF_VERSION),
-                touch: Script::new(TOUCH),
-                lease_refresh: Script::new(LEASE_REFRESH),
-                lease_release: Script::new(LEASE_RELEASE),
+                compare_and_set: Lua::new(COMPARE_AND_SET),
+                set_if_version: Lua::new(SET_IF_VERSION),
+                touch: Lua::new(TOUCH),
+                lease_refresh: Lua::new(LEASE_REFRESH),
+                lease_release: Lua::new(LEASE_RELEASE),
             }),
         };
         store.ping().await?;
@@ -412,12 +469,13 @@ impl RedisStore {
         expected: Option<&str>,
         new: Option<&str>,
     ) -> Result<Option<Option<String>>, StoreError> {
-        let mut invocation = self.scripts.compare_and_set.key(key);
-        invocation
-            .arg(expected.unwrap_or(""))
-            .arg(new.unwrap_or(""))
-            .arg(self.idle_ttl);
-        self.write(&invocation).await
+        let call = self.scripts.compare_and_set.call(key, |command| {
+            command
+                .arg(expected.unwrap_or(""))
+                .arg(new.unwrap_or(""))
+                .arg(self.idle_ttl);
+        });
+        self.write(&call).await
     }
 
     /// Writes `new` if `key` holds a record at version `ver`.
@@ -428,20 +486,18 @@ impl RedisStore {
         ver: u64,
         new: &str,
     ) -> Result<Option<Option<String>>, StoreError> {
-        let mut invocation = self.scripts.set_if_version.key(key);
-        invocation.arg(ver).arg(new).arg(self.idle_ttl);
-        self.write(&invocation).await
+        let call = self.scripts.set_if_version.call(key, |command| {
+            command.arg(ver).arg(new).arg(self.idle_ttl);
+        });
+        self.write(&call).await
     }
 
     /// Runs a write script: `Ok(None)` when it wrote, else
     /// `Ok(Some(what the key holds now))` (`Some(None)`: absent).
-    async fn write(
-        &self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<Option<Option<String>>, StoreError> {
+    async fn write(&self, call: &LuaCall) -> Result<Option<Option<String>>, StoreError> {
         let answer = self
             .run("write", |mut connection| async move {
-                invocation.invoke_async(&mut connection).await
+                call.invoke(&mut connection).await
             })
             .await?;
         match answer {
@@ -681,9 +737,10 @@ async fn refresh_lease(
     loop {
         tokio::time::sleep(ttl / 3).await;
         let mut connection = connection.clone();
-        let mut invocation = scripts.lease_refresh.key(&key);
-        invocation.arg(&token).arg(ttl_ms);
-        let refresh = invocation.invoke_async::<i64>(&mut connection);
+        let call = scripts.lease_refresh.call(&key, |command| {
+            command.arg(&token).arg(ttl_ms);
+        });
+        let refresh = call.invoke::<i64>(&mut connection);
         match bounded(timeout, "lease refresh", refresh).await {
             Ok(1) => {}
             Ok(_) => {
@@ -762,9 +819,10 @@ async fn release_lease(
     token: String,
     timeout: Duration,
 ) -> Result<(), StoreError> {
-    let mut invocation = scripts.lease_release.key(&key);
-    invocation.arg(&token);
-    let release = invocation.invoke_async::<i64>(&mut connection);
+    let call = scripts.lease_release.call(&key, |command| {
+        command.arg(&token);
+    });
+    let release = call.invoke::<i64>(&mut connection);
     bounded(timeout, "lease release", release).await.map(|_| ())
 }
 
@@ -811,12 +869,11 @@ impl Store for RedisStore {
 
     async fn touch(&self, handle: &Handle, atime: u64) -> Result<bool, StoreError> {
         let key = self.key(handle);
-        let mut invocation = self.scripts.touch.key(&key);
-        invocation.arg(atime).arg(self.idle_ttl);
-        let invocation = &invocation;
-        let touch = |mut connection: Connection| async move {
-            invocation.invoke_async::<i64>(&mut connection).await
-        };
+        let call = &self.scripts.touch.call(&key, |command| {
+            command.arg(atime).arg(self.idle_ttl);
+        });
+        let touch =
+            |mut connection: Connection| async move { call.invoke::<i64>(&mut connection).await };
         match self.run("touch", touch).await? {
             0 => return Ok(false),
             touched if touched > 0 => return Ok(true),
