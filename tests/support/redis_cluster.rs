@@ -242,6 +242,20 @@ impl Cluster {
             .expect("a live node")
     }
 
+    /// Whether a node that runs has the node of `port` flagged failed
+    /// (`fail`, agreed by the masters; not just `fail?`).
+    pub fn is_marked_failed(&self, port: u16) -> bool {
+        let address = format!("127.0.0.1:{port}@");
+        redis_cli(self.live_port(), &["cluster", "nodes"])
+            .lines()
+            .filter(|line| line.contains(&address))
+            .any(|line| {
+                line.split_whitespace()
+                    .nth(2)
+                    .is_some_and(|flags| flags.split(',').any(|flag| flag == "fail"))
+            })
+    }
+
     /// The node id of the node of `port`.
     pub fn node_id(&self, port: u16) -> String {
         redis_cli(port, &["cluster", "myid"]).trim().to_owned()
