@@ -160,21 +160,21 @@ impl Lua {
     }
 
     /// A call of the script on `key`, `args` adding its `ARGV`.
-    fn call(&self, key: &str, args: impl Fn(&mut Cmd)) -> LuaCall {
+    fn call(&self, key: &str, args: impl FnOnce(&mut Cmd)) -> LuaCall {
         let mut by_hash = redis::cmd("EVALSHA");
         by_hash.arg(&self.hash).arg(1).arg(key);
         args(&mut by_hash);
-        let mut by_source = redis::cmd("EVAL");
-        by_source.arg(self.source).arg(1).arg(key);
-        args(&mut by_source);
-        LuaCall { by_hash, by_source }
+        LuaCall {
+            source: self.source,
+            by_hash,
+        }
     }
 }
 
 /// A prepared call of a [`Lua`] script.
 struct LuaCall {
+    source: &'static str,
     by_hash: Cmd,
-    by_source: Cmd,
 }
 
 impl LuaCall {
@@ -187,10 +187,22 @@ impl LuaCall {
     async fn invoke<T: FromRedisValue>(&self, connection: &mut Connection) -> RedisResult<T> {
         match self.by_hash.query_async(connection).await {
             Err(error) if error.code() == Some("NOSCRIPT") => {
-                self.by_source.query_async(connection).await
+                self.by_source().query_async(connection).await
             }
             outcome => outcome,
         }
+    }
+
+    /// `EVAL source` with the keys and arguments of the `EVALSHA hash`.
+    fn by_source(&self) -> Cmd {
+        let mut command = redis::cmd("EVAL");
+        command.arg(self.source);
+        for arg in self.by_hash.args_iter().skip(2) {
+            if let redis::Arg::Simple(bytes) = arg {
+                command.arg(bytes);
+            }
+        }
+        command
     }
 }
 
