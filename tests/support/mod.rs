@@ -16,7 +16,7 @@ mod redis_server;
 pub mod shared;
 pub mod test_ca;
 #[allow(unused_imports)] // used by some of the test crates that include this module
-pub use redis_server::redis_server_installed;
+pub use redis_server::{installed, redis_server_installed};
 
 pub const KEY: &str = "test-key-0123456789abcdefghijklmnopqrstuvwxyz";
 pub const OLD_KEY: &str = "old-test-key-0123456789abcdefghijklmnopqrstuv";
