@@ -282,7 +282,8 @@ impl SessionProxy {
 /// prefix is not: `/static/../admin` would reach `/admin` without the
 /// session, and so would the spellings servers resolve after routing:
 /// `%2e`, `%2f` and `%5c` (Tomcat, IIS, and double-decoding servers, hence
-/// `%25`), `\` for `/` (IIS), `..;` (Tomcat's path parameters). Such a path
+/// `%25`), IIS's `%u` escapes and overlong UTF-8 for `.`, `/` and `\`
+/// (`%c0%ae`), `\` for `/` (IIS), `..;` (Tomcat's path parameters). Such a path
 /// gets the session work, which no request is harmed by.
 fn is_under(bypass: &[String], path: &str) -> bool {
     bypass
@@ -294,12 +295,15 @@ fn is_under(bypass: &[String], path: &str) -> bool {
 fn may_leave_its_prefix(path: &str) -> bool {
     let encoded = |code: &[u8]| {
         path.as_bytes()
-            .windows(3)
+            .windows(code.len())
             .any(|window| window.eq_ignore_ascii_case(code))
     };
-    ["%2e", "%2f", "%5c", "%25"]
-        .iter()
-        .any(|code| encoded(code.as_bytes()))
+    // IIS's `%u002e`, and overlong UTF-8 (`%c0%ae` is `.` to a lax
+    // decoder): never in a valid path, so never worth a bypass.
+    const LEAVING: [&str; 9] = [
+        "%2e", "%2f", "%5c", "%25", "%u", "%c0", "%c1", "%e0%80", "%f0%80",
+    ];
+    LEAVING.iter().any(|code| encoded(code.as_bytes()))
         || path.split(['/', '\\']).any(|segment| {
             let segment = segment.split(';').next().unwrap_or_default();
             segment == "." || segment == ".."
@@ -752,6 +756,8 @@ mod tests {
             "/static/a/b.js",
             "/static/..x/y",
             "/static/x..",
+            "/static/%C3%A4.css",
+            "/static/%e0%a4%85.js",
         ] {
             assert!(is_under(&bypass, path), "{path}");
         }
@@ -767,6 +773,13 @@ mod tests {
             "/static/%252e%252e/admin",
             "/static/..\\admin",
             "/static/..;/admin",
+            "/static/%u002e%u002e/admin",
+            "/static/%U002E./admin",
+            "/static/%c0%ae%c0%ae/admin",
+            "/static/..%c0%afadmin",
+            "/static/..%C1%9Cadmin",
+            "/static/%e0%80%ae./admin",
+            "/static/%f0%80%80%ae./admin",
         ] {
             assert!(!is_under(&bypass, path), "{path}");
         }
