@@ -63,42 +63,6 @@ fn spawn_edited(
     process
 }
 
-/// The value of the metric line that starts with `series` (name and labels).
-fn metric(admin_port: u16, series: &str) -> f64 {
-    let text = get(admin_port, "/metrics", &[]).text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn store_ops(admin_port: u16) -> [f64; 3] {
-    ["load", "save", "delete"].map(|op| {
-        metric(
-            admin_port,
-            &format!("session_proxy_store_latency_seconds_count{{op=\"{op}\"}}"),
-        )
-    })
-}
-
-fn record(config: &ProxyConfig, cookie: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(record_path(&config.sessions_dir(), cookie)).unwrap())
-        .unwrap()
-}
-
-/// Sets a stored record's times back by `seconds`.
-fn age_record(config: &ProxyConfig, cookie: &str, seconds: u64) {
-    let path = record_path(&config.sessions_dir(), cookie);
-    let mut record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    for field in ["atime", "created"] {
-        record[field] = (record[field].as_u64().unwrap() - seconds).into();
-    }
-    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
-}
-
 /// Sends a request whose answer has a 500 MB body and reads only its head.
 fn read_head_only(port: u16, headers: &[(&str, &str)]) -> (String, TcpStream) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -441,7 +405,7 @@ fn with_cookie_max_age_the_cookie_is_not_re_sent_until_the_access_time_is_writte
     // A change writes the access time too.
     let changed = browser.get("/", &[("X-Test-Update", r#"{"a":2}"#)]);
     assert_eq!(changed.set_cookie("session_id"), Some(cookie.clone()));
-    age_record(&config, &cookie, 61);
+    age_record(&config, &cookie, 61, &["atime", "created"]);
     let touched = browser.get("/", &[]);
     assert_eq!(touched.set_cookie("session_id"), Some(cookie));
     assert!(touched
@@ -488,8 +452,8 @@ fn a_bypassed_path_never_touches_the_store() {
     let mut browser = Browser::new(proxy.port);
     browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
     let cookie = browser.cookie.clone().unwrap();
-    age_record(&config, &cookie, 61);
-    let aged = record(&config, &cookie);
+    age_record(&config, &cookie, 61, &["atime", "created"]);
+    let aged = stored_record(&config, &cookie);
     let before = store_ops(config.admin_port);
     for headers in [
         vec![],
@@ -502,7 +466,11 @@ fn a_bypassed_path_never_touches_the_store() {
         assert!(response.headers_named("set-cookie").is_empty());
     }
     assert_eq!(store_ops(config.admin_port), before, "[load, save, delete]");
-    assert_eq!(record(&config, &cookie), aged, "a due touch was written");
+    assert_eq!(
+        stored_record(&config, &cookie),
+        aged,
+        "a due touch was written"
+    );
 }
 
 #[test]
@@ -567,7 +535,7 @@ fn past_the_absolute_timeout_a_session_silently_becomes_a_new_one_by_default() {
     browser.get("/", &[("X-Test-Update", r#"{"fresh": false}"#)]);
     let cookie = browser.cookie.clone().unwrap();
     let path = record_path(&config.sessions_dir(), &cookie);
-    let mut stored = record(&config, &cookie);
+    let mut stored = stored_record(&config, &cookie);
     stored["created"] = (stored["created"].as_u64().unwrap() - 51).into();
     std::fs::write(&path, serde_json::to_vec(&stored).unwrap()).unwrap();
     let claims = browser.get("/", &[]).session();
@@ -689,7 +657,7 @@ fn every_change_is_stored_before_the_response_head_reaches_the_client() {
         .set_cookie("session_id")
         .unwrap();
     assert_eq!(
-        record(&config, &cookie)["data"],
+        stored_record(&config, &cookie)["data"],
         serde_json::json!({"a": 1})
     );
     drop(connection);
@@ -700,7 +668,7 @@ fn every_change_is_stored_before_the_response_head_reaches_the_client() {
         &[("Cookie", &session), ("X-Test-Update", r#"{"a":2}"#)],
     );
     assert_eq!(
-        record(&config, &cookie)["data"],
+        stored_record(&config, &cookie)["data"],
         serde_json::json!({"a": 2})
     );
     drop(connection);
@@ -727,7 +695,7 @@ fn a_store_write_that_fails_is_a_503_and_leaves_the_session_unchanged() {
     let mut browser = Browser::new(proxy.port);
     browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
     let cookie = browser.cookie.clone().unwrap();
-    age_record(&config, &cookie, 61);
+    age_record(&config, &cookie, 61, &["atime", "created"]);
     let before = std::fs::read(record_path(&config.sessions_dir(), &cookie)).unwrap();
     // The load works; the write's temporary file (README: `.HANDLE.tmp`)
     // cannot be created.
@@ -801,7 +769,7 @@ fn a_disk_record_holds_data_created_atime_ip_and_ver() {
         .set_cookie("session_id")
         .unwrap();
     let after = now();
-    let stored = record(&config, &cookie);
+    let stored = stored_record(&config, &cookie);
     let mut keys: Vec<&String> = stored.as_object().unwrap().keys().collect();
     keys.sort();
     assert_eq!(keys, ["atime", "created", "data", "ip", "ver"]);
@@ -836,7 +804,12 @@ fn disk_expiry_reads_atime_from_the_record_not_the_file_time() {
         .unwrap()
         .set_modified(UNIX_EPOCH + Duration::from_secs(1_000_000))
         .unwrap();
-    age_record(&config, stale.cookie.as_ref().unwrap(), 101);
+    age_record(
+        &config,
+        stale.cookie.as_ref().unwrap(),
+        101,
+        &["atime", "created"],
+    );
     assert!(
         eventually(Duration::from_secs(5), || !stale_path.exists()),
         "the sweeper never deleted the record past its idle timeout"

@@ -1030,3 +1030,41 @@ pub fn send_until_a_response_stalls(
     }
     false
 }
+
+/// The value of the metric line that starts with `series` (name and labels).
+pub fn metric(admin_port: u16, series: &str) -> f64 {
+    let text = get(admin_port, "/metrics", &[]).text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// How many loads, saves and deletes the store has timed so far.
+pub fn store_ops(admin_port: u16) -> [f64; 3] {
+    ["load", "save", "delete"].map(|op| {
+        metric(
+            admin_port,
+            &format!("session_proxy_store_latency_seconds_count{{op=\"{op}\"}}"),
+        )
+    })
+}
+
+/// The disk record of the session of `cookie`, as JSON.
+pub fn stored_record(config: &ProxyConfig, cookie: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(record_path(&config.sessions_dir(), cookie)).unwrap())
+        .unwrap()
+}
+
+/// Sets the disk record's times named in `fields` (`atime`, `created`)
+/// back by `seconds`.
+pub fn age_record(config: &ProxyConfig, cookie: &str, seconds: u64, fields: &[&str]) {
+    let path = record_path(&config.sessions_dir(), cookie);
+    let mut record = stored_record(config, cookie);
+    for &field in fields {
+        record[field] = (record[field].as_u64().unwrap() - seconds).into();
+    }
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+}
