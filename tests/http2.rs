@@ -1425,3 +1425,63 @@ fn a_flood_of_empty_continuation_frames_ends_its_connection() {
         Outcome::Status(200)
     );
 }
+
+#[test]
+fn an_h2_connection_whose_streams_h2_resets_for_protocol_errors_is_closed_after_1024() {
+    // SECURITY.md, Limits: "| HTTP/2: streams h2 resets for the client's protocol errors |
+    // 1024 a connection | h2, `limits::h2_options` | the connection closed
+    // (`ENHANCE_YOUR_CALM`) |"
+    let ca = TestCa::new();
+    let upstream = Recorder::start();
+    let config = https_proxy(&ca, upstream.port);
+    let _proxy = config.start();
+
+    // A request with a connection-specific field: h2 resets its stream
+    // (PROTOCOL_ERROR, RFC 9113 8.2.2) without the proxy seeing it.
+    let malformed = header_block(&[
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", b"127.0.0.1"),
+        (b":path", b"/malformed"),
+        (b"connection", b"keep-alive"),
+    ]);
+    let mut h2 = RawH2::connect(&ca, config.port);
+    let mut sent = 0u32;
+    let mut goaway_after = None;
+    while sent < 1100 && goaway_after.is_none() {
+        let mut batch = Vec::new();
+        for _ in 0..50 {
+            let id = 2 * sent + 1;
+            batch.extend(frame_bytes(
+                HEADERS,
+                END_STREAM | END_HEADERS,
+                id,
+                &malformed,
+            ));
+            sent += 1;
+        }
+        h2.write(&batch);
+        let (frames, closed) = h2.drain(Duration::from_millis(50));
+        match goaway_code(&frames) {
+            Some(code) => {
+                assert_eq!(code, ENHANCE_YOUR_CALM, "after {sent} streams");
+                goaway_after = Some(sent);
+            }
+            None => assert!(!closed, "closed without GOAWAY after {sent} streams"),
+        }
+    }
+    let mut rest = Duration::ZERO;
+    while goaway_after.is_none() && rest < Duration::from_secs(10) {
+        let (frames, _) = h2.drain(Duration::from_millis(200));
+        rest += Duration::from_millis(200);
+        if goaway_code(&frames).is_some() {
+            goaway_after = Some(sent);
+        }
+    }
+    let after = goaway_after.expect("no GOAWAY after 1100 malformed streams");
+    assert!(
+        (1001..=1100).contains(&after),
+        "GOAWAY after {after} malformed streams"
+    );
+    assert!(upstream.requests().is_empty(), "{}", upstream.text());
+}
