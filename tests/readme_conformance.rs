@@ -23,6 +23,29 @@ fn signed(key: &str, id: &str) -> String {
     format!("{id}.{}", URL_SAFE_NO_PAD.encode(&tag[..16]))
 }
 
+/// A request with `headers` and `cookie` that the test upstream answers
+/// after `sleep_ms`, on a thread of its own.
+fn slow_request(
+    port: u16,
+    headers: &[(&str, &str)],
+    cookie: &str,
+    sleep_ms: u64,
+) -> std::thread::JoinHandle<Response> {
+    let mut owned: Vec<(String, String)> = headers
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+    owned.push(("Cookie".into(), cookie.into()));
+    owned.push(("X-Test-Sleep-Ms".into(), sleep_ms.to_string()));
+    std::thread::spawn(move || {
+        let all: Vec<(&str, &str)> = owned
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        get(port, "/", &all)
+    })
+}
+
 /// The base64url character `offset` places after `c` in the alphabet: an
 /// alias of `c` when only padding bits change.
 fn shifted(c: char, offset: usize) -> char {
@@ -186,22 +209,7 @@ fn an_update_for_a_session_killed_meanwhile_starts_a_new_one_and_a_touch_sets_no
                 let old = browser.cookie.clone().unwrap();
                 let port = proxy.port;
                 let cookie_header = format!("session_id={old}");
-                let slow = {
-                    let cookie_header = cookie_header.clone();
-                    let headers: Vec<(String, String)> = slow_headers
-                        .iter()
-                        .map(|(n, v)| (n.to_string(), v.to_string()))
-                        .collect();
-                    std::thread::spawn(move || {
-                        let mut all: Vec<(&str, &str)> = headers
-                            .iter()
-                            .map(|(n, v)| (n.as_str(), v.as_str()))
-                            .collect();
-                        all.push(("Cookie", &cookie_header));
-                        all.push(("X-Test-Sleep-Ms", "2500"));
-                        get(port, "/", &all)
-                    })
-                };
+                let slow = slow_request(port, &slow_headers, &cookie_header, 2500);
                 // The slow request has loaded the session once the upstream has it.
                 std::thread::sleep(Duration::from_millis(800));
                 let killed = get(
@@ -687,22 +695,7 @@ fn an_update_racing_a_delete_by_another_process_leaves_no_file_of_the_session() 
                     age_record(config, &old, 120, &["atime"]);
                 }
                 let port = proxy.port;
-                let slow = {
-                    let cookie = format!("session_id={old}");
-                    let headers: Vec<(String, String)> = slow_headers
-                        .iter()
-                        .map(|(n, v)| (n.to_string(), v.to_string()))
-                        .collect();
-                    std::thread::spawn(move || {
-                        let mut all: Vec<(&str, &str)> = headers
-                            .iter()
-                            .map(|(n, v)| (n.as_str(), v.as_str()))
-                            .collect();
-                        all.push(("Cookie", &cookie));
-                        all.push(("X-Test-Sleep-Ms", "2000"));
-                        get(port, "/", &all)
-                    })
-                };
+                let slow = slow_request(port, &slow_headers, &format!("session_id={old}"), 2000);
                 std::thread::sleep(Duration::from_millis(700));
                 let killed = run_cli(
                     &["sessions", "kill", &handle, "-c", path.to_str().unwrap()],
