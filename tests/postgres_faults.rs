@@ -11,7 +11,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::shared::{sql, Shared};
+use support::shared::{rows, sql, Shared};
 use support::*;
 
 /// README: "with the server hung every request has its answer within twice
@@ -89,34 +89,6 @@ impl Drop for Setup {
         let _ = self.proxy.child.wait();
         sql(&format!("DROP TABLE IF EXISTS {}", self.table));
     }
-}
-
-/// The rows `query` returns on the test database, each column as text
-/// (NULL: `None`).
-fn rows(query: &str) -> Vec<Vec<Option<String>>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let url = "postgres://postgres@127.0.0.1:5432/test";
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let messages = client.simple_query(query).await.unwrap();
-        messages
-            .iter()
-            .filter_map(|message| match message {
-                tokio_postgres::SimpleQueryMessage::Row(row) => Some(
-                    (0..row.len())
-                        .map(|i| row.get(i).map(str::to_owned))
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .collect()
-    })
 }
 
 /// `table`'s columns as (name, type, nullable, default), and whether

@@ -68,20 +68,46 @@ impl Shared {
     }
 }
 
-/// Runs `statements` on the test database (PostgreSQL 127.0.0.1:5432, `test`).
-pub fn sql(statements: &str) {
+/// A connection to the test database (PostgreSQL 127.0.0.1:5432, `test`),
+/// with the runtime that drives it.
+fn test_database() -> (tokio::runtime::Runtime, tokio_postgres::Client) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(async {
+    let client = runtime.block_on(async {
         let url = "postgres://postgres@127.0.0.1:5432/test";
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(connection);
-        client.batch_execute(statements).await.unwrap();
+        client
     });
+    (runtime, client)
+}
+
+/// Runs `statements` on the test database.
+pub fn sql(statements: &str) {
+    let (runtime, client) = test_database();
+    runtime.block_on(client.batch_execute(statements)).unwrap();
+}
+
+/// The rows `query` returns on the test database, each column as text
+/// (NULL: `None`).
+pub fn rows(query: &str) -> Vec<Vec<Option<String>>> {
+    let (runtime, client) = test_database();
+    let messages = runtime.block_on(client.simple_query(query)).unwrap();
+    messages
+        .iter()
+        .filter_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Runs one command on the test Redis, as another program would.
