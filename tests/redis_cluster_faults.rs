@@ -99,21 +99,6 @@ impl Setup {
     }
 }
 
-/// The proxy's own 503 for a store that failed (SPEC [5]): its text, and
-/// no cookie set or cleared.
-fn assert_store_unavailable(response: &Response, what: &str) {
-    assert_eq!(
-        (response.status, response.text().as_str()),
-        (503, "session store unavailable"),
-        "{what}"
-    );
-    assert_eq!(
-        response.headers_named("set-cookie"),
-        Vec::<&str>::new(),
-        "{what}"
-    );
-}
-
 /// One `/count` of `browser`, timed.
 fn timed_count(browser: &mut Browser) -> (Response, Duration) {
     let started = Instant::now();

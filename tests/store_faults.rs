@@ -153,23 +153,6 @@ impl Drop for Namespace {
     }
 }
 
-/// A proxy's own 503 for a store that failed: the text SPEC [5] gives, and
-/// no cookie set for a session that was not stored.
-fn assert_store_unavailable(response: &Response, what: &str) {
-    assert_eq!(
-        (response.status, response.text().as_str()),
-        (503, "session store unavailable"),
-        "{what}"
-    );
-    assert_eq!(
-        response.headers_named("set-cookie"),
-        Vec::<&str>::new(),
-        "{what}"
-    );
-    assert_eq!(response.header("x-session-update"), None, "{what}");
-    assert_eq!(response.header("x-session-action"), None, "{what}");
-}
-
 /// The value of the sample `name` (with its labels, if any) in `metrics`.
 fn metric(metrics: &str, name: &str) -> f64 {
     metrics
@@ -332,58 +315,13 @@ fn a_reply_cut_in_the_middle_is_a_503_and_no_acknowledged_change_is_lost(shared:
     let setup = setup(shared, "cut", Some(&relay), &[]);
     let mut browser = Browser::new(setup.proxy.port);
     assert_eq!(browser.get("/count", &[]).text(), "1");
-    let cookie = browser.cookie.clone().unwrap();
-    let mut acknowledged = 1u64;
-    let mut failed = 0;
-    let mut stored_but_failed = 0;
     // Redis reads twice a request (the load, the write), PostgreSQL more.
-    for read in [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4] {
-        relay.cut_reply(read);
-        let started = Instant::now();
-        let response = browser.get("/count", &[]);
-        let took = started.elapsed();
-        relay.cut_reply(0);
-        let what = format!("reply {read} cut");
-        assert!(took < ANSWER_BOUND, "{what}: answered after {took:?}");
-        assert_eq!(
-            browser.cookie.as_deref(),
-            Some(cookie.as_str()),
-            "{what}: the session was replaced ({} {})",
-            response.status,
-            response.text()
-        );
-        match response.status {
-            200 => {
-                let count: u64 = response.text().parse().unwrap();
-                assert!(
-                    count > acknowledged,
-                    "{what}: count {count} after {acknowledged} was acknowledged"
-                );
-                acknowledged = count;
-            }
-            _ => {
-                assert_store_unavailable(&response, &what);
-                failed += 1;
-                // The next 200 must still build on every acknowledged one.
-                let mut next = None;
-                let recovered = eventually(Duration::from_secs(5), || {
-                    let response = browser.get("/count", &[]);
-                    next = Some((response.status, response.text()));
-                    response.status == 200
-                });
-                let (status, text) = next.unwrap();
-                assert!(recovered, "{what}: no recovery: {status} {text}");
-                let count: u64 = text.parse().unwrap();
-                assert!(count > acknowledged, "{what}: {count} after {acknowledged}");
-                // The write landed but its reply was lost: the client saw
-                // a 503 for a change that is stored (see the report).
-                if count > acknowledged + 1 {
-                    stored_but_failed += 1;
-                }
-                acknowledged = count;
-            }
-        }
-    }
+    let reads = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4];
+    let CutReplies {
+        failed,
+        stored_but_failed,
+        ..
+    } = count_through_cut_replies(&mut browser, &relay, &reads, ANSWER_BOUND, 1);
     eprintln!(
         "{shared:?}: {} cuts, {failed} 503s, {stored_but_failed} of them stored anyway",
         relay.cuts()

@@ -1068,3 +1068,95 @@ pub fn age_record(config: &ProxyConfig, cookie: &str, seconds: u64, fields: &[&s
     }
     std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
 }
+
+/// The proxy's own 503 for a store that failed: the text SPEC [5] gives,
+/// no cookie set or cleared for the session it could not store, and none
+/// of the app's session headers.
+pub fn assert_store_unavailable(response: &Response, what: &str) {
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (503, "session store unavailable"),
+        "{what}"
+    );
+    assert_eq!(
+        response.headers_named("set-cookie"),
+        Vec::<&str>::new(),
+        "{what}"
+    );
+    assert_eq!(response.header("x-session-update"), None, "{what}");
+    assert_eq!(response.header("x-session-action"), None, "{what}");
+}
+
+/// What [`count_through_cut_replies`] saw.
+pub struct CutReplies {
+    /// The count of the last change acknowledged with a 200.
+    pub acknowledged: u64,
+    /// Requests answered with the 503.
+    pub failed: usize,
+    /// 503s whose change was stored all the same: the store's reply was
+    /// lost after the write.
+    pub stored_but_failed: usize,
+}
+
+/// `browser`'s `/count` (the test upstream's counter) once for each entry
+/// of `reads`, with that reply of the store's cut by `relay`: each answer
+/// comes within `bound` and is a 200 or the proxy's own 503, the session is
+/// never replaced, and after a 503 the next 200 still counts on from every
+/// acknowledged change. `acknowledged`: the count the browser saw last.
+pub fn count_through_cut_replies(
+    browser: &mut Browser,
+    relay: &Relay,
+    reads: &[usize],
+    bound: Duration,
+    acknowledged: u64,
+) -> CutReplies {
+    let cookie = browser.cookie.clone();
+    let mut seen = CutReplies {
+        acknowledged,
+        failed: 0,
+        stored_but_failed: 0,
+    };
+    for &read in reads {
+        relay.cut_reply(read);
+        let started = Instant::now();
+        let response = browser.get("/count", &[]);
+        let took = started.elapsed();
+        relay.cut_reply(0);
+        let what = format!("reply {read} cut");
+        assert!(took < bound, "{what}: answered after {took:?}");
+        assert_eq!(
+            browser.cookie,
+            cookie,
+            "{what}: the session was replaced ({} {})",
+            response.status,
+            response.text()
+        );
+        let count: u64 = match response.status {
+            200 => response.text().parse().unwrap(),
+            _ => {
+                assert_store_unavailable(&response, &what);
+                seen.failed += 1;
+                let mut next = None;
+                let recovered = eventually(Duration::from_secs(5), || {
+                    let response = browser.get("/count", &[]);
+                    next = Some((response.status, response.text()));
+                    response.status == 200
+                });
+                let (status, text) = next.unwrap();
+                assert!(recovered, "{what}: no recovery: {status} {text}");
+                let count = text.parse().unwrap();
+                if count > seen.acknowledged + 1 {
+                    seen.stored_but_failed += 1;
+                }
+                count
+            }
+        };
+        assert!(
+            count > seen.acknowledged,
+            "{what}: count {count} after {} was acknowledged",
+            seen.acknowledged
+        );
+        seen.acknowledged = count;
+    }
+    seen
+}
