@@ -402,7 +402,10 @@ impl RedisStore {
     /// `timeout` for idle clients, a restart) only from the next command on
     /// it, and hands a failed reconnection to the next command too, so each
     /// proxy thread's first request afterwards got a 503 from a server that
-    /// answers. Only commands that are safe to repeat go through here:
+    /// answers. So is a call a cluster refused without running it (`MOVED`,
+    /// `ASK`, `TRYAGAIN`, `CLUSTERDOWN`) once the crate's own redirections
+    /// ran out, as they can while a slot moves: the crate has refreshed its
+    /// slot map by then. Only commands that are safe to repeat go through here:
     /// reads, writes that check what the key holds first (or set what they
     /// set), and the lease's `SET NX`.
     async fn run<T, F, Fut>(&self, operation: &str, call: F) -> Result<T, StoreError>
@@ -418,7 +421,7 @@ impl RedisStore {
         };
         let connection = connection?;
         let outcome = match tokio::time::timeout_at(deadline, call(connection.clone())).await {
-            Ok(Err(error)) if error.is_unrecoverable_error() => {
+            Ok(Err(error)) if error.is_unrecoverable_error() || error.is_cluster_error() => {
                 tokio::time::timeout_at(deadline, call(connection)).await
             }
             outcome => outcome,
