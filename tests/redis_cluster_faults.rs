@@ -301,9 +301,11 @@ fn a_master_hung_fails_only_its_sessions_within_twice_the_timeout() {
 
 /// The slot of a live session's key moved from one master to another
 /// while the proxy runs (SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT
-/// NODE, as `redis-cli --cluster reshard` does), with the session in use
-/// all along: the proxy follows the ASK and MOVED redirections; every
-/// request is served, and no change is lost.
+/// NODE, as `redis-cli --cluster reshard` does, but telling the old
+/// master before the new one), with the session in use all along: the
+/// proxy follows the ASK and MOVED redirections, and waits out the time
+/// the two masters send it back and forth; every request is served, and
+/// no change is lost.
 #[test]
 fn a_slot_moved_under_a_running_proxy_loses_no_change() {
     let Some(setup) = setup(&[]) else {
@@ -344,7 +346,9 @@ fn a_slot_moved_under_a_running_proxy_loses_no_change() {
             setup.cluster.migrate_key(&key, from, to);
         }
         pause();
-        setup.cluster.end_slot_move(slot, to);
+        setup
+            .cluster
+            .end_slot_move(slot, from, to, Duration::from_millis(150));
         pause();
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         client.join().unwrap()

@@ -45,6 +45,10 @@ use super::{Change, Decide, Expiry, Handle, Record, SessionData, Store, StoreErr
 /// How often `modify` decides again after losing a race before it gives up.
 const MAX_ATTEMPTS: u32 = 64;
 
+/// The first pause before a call a cluster refused is made again (see
+/// `run`): about a gossip round between two nodes on one network.
+const CLUSTER_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
 /// Keys asked for by one SCAN step.
 const SCAN_COUNT: usize = 500;
 
@@ -402,12 +406,18 @@ impl RedisStore {
     /// `timeout` for idle clients, a restart) only from the next command on
     /// it, and hands a failed reconnection to the next command too, so each
     /// proxy thread's first request afterwards got a 503 from a server that
-    /// answers. So is a call a cluster refused without running it (`MOVED`,
-    /// `ASK`, `TRYAGAIN`, `CLUSTERDOWN`) once the crate's own redirections
-    /// ran out, as they can while a slot moves: the crate has refreshed its
-    /// slot map by then. Only commands that are safe to repeat go through here:
-    /// reads, writes that check what the key holds first (or set what they
-    /// set), and the lease's `SET NX`.
+    /// answers.
+    ///
+    /// A call a cluster refused without running it (`MOVED`, `ASK`,
+    /// `TRYAGAIN`, `CLUSTERDOWN`) once the crate's own redirections ran out
+    /// is made again, after a pause that doubles each time, until the
+    /// timeout: while a slot moves, its two masters can send a client back
+    /// and forth (`MOVED` from each to the other) until both are told who
+    /// owns it, and gossip takes its time to tell the rest.
+    ///
+    /// Only commands that are safe to repeat go through here: reads, writes
+    /// that check what the key holds first (or set what they set), and the
+    /// lease's `SET NX`.
     async fn run<T, F, Fut>(&self, operation: &str, call: F) -> Result<T, StoreError>
     where
         F: Fn(Connection) -> Fut,
@@ -420,12 +430,19 @@ impl RedisStore {
             )));
         };
         let connection = connection?;
-        let outcome = match tokio::time::timeout_at(deadline, call(connection.clone())).await {
-            Ok(Err(error)) if error.is_unrecoverable_error() || error.is_cluster_error() => {
-                tokio::time::timeout_at(deadline, call(connection)).await
-            }
-            outcome => outcome,
-        };
+        let attempt = || tokio::time::timeout_at(deadline, call(connection.clone()));
+        let mut outcome = attempt().await;
+        if matches!(&outcome, Ok(Err(error)) if error.is_unrecoverable_error()) {
+            outcome = attempt().await;
+        }
+        let mut pause = CLUSTER_RETRY_PAUSE;
+        while matches!(&outcome, Ok(Err(error)) if error.is_cluster_error())
+            && tokio::time::Instant::now() + pause < deadline
+        {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(self.timeout / 4);
+            outcome = attempt().await;
+        }
         if outcome.is_err() {
             self.connections.forget();
         }

@@ -287,14 +287,28 @@ impl Cluster {
         );
     }
 
-    /// Ends the move of `slot` to the node of `to`: every node is told it
-    /// serves the slot now (so `from` answers `MOVED`).
-    pub fn end_slot_move(&self, slot: u16, to: u16) {
+    /// Ends the move of `slot` from the node of `from` to the node of `to`:
+    /// every node is told `to` serves the slot now. `from` is told first
+    /// and `to` only `lag` later, the order Redis's documentation warns
+    /// against: in between, each sends a client to the other with `MOVED`
+    /// (`to`, still importing, takes the slot's commands only after
+    /// `ASKING`), the window an operator moving slots by hand can open.
+    pub fn end_slot_move(&self, slot: u16, from: u16, to: u16, lag: Duration) {
         let slot = slot.to_string();
         let to_id = self.node_id(to);
-        for &port in &self.ports {
+        let tell = |port: u16| {
             let answer = redis_cli(port, &["cluster", "setslot", &slot, "node", &to_id]);
             assert!(answer.contains("OK"), "SETSLOT NODE on {port}: {answer}");
+        };
+        tell(from);
+        std::thread::sleep(lag);
+        tell(to);
+        for &port in self
+            .ports
+            .iter()
+            .filter(|&&port| port != from && port != to)
+        {
+            tell(port);
         }
     }
 
