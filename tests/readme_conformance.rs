@@ -185,24 +185,42 @@ fn an_update_for_a_session_killed_meanwhile_starts_a_new_one_and_a_touch_sets_no
     // README: "An update for a session that was deleted meanwhile (e.g. killed by a concurrent
     // request) starts a new session, with a new id, instead of bringing the killed one back. A
     // response with nothing to store for such a session sets no cookie, so it cannot send the
-    // old id back over the one a concurrent `regenerate` or `kill` set."
+    // old id back over the one a concurrent `regenerate` or `kill` set. With
+    // `save_uninitialized = true`, an empty update (`{}`) is an update too: it starts a new
+    // session, as it would for a request that came without a cookie."
     let upstream = start_upstream();
     // The access time written on every request, and the cookie re-sent
     // whenever it is: a touch of the killed session would send the old id.
-    let config = ProxyConfig::new(upstream.port)
-        .session("touch_interval = 0")
-        .session("cookie_max_age = 3600")
-        .session(r#"initializer = {init = true}"#);
-    let proxy = config.start();
+    let configured = || {
+        ProxyConfig::new(upstream.port)
+            .session("touch_interval = 0")
+            .session("cookie_max_age = 3600")
+            .session(r#"initializer = {init = true}"#)
+    };
+    let config = configured();
+    let saving = configured().session("save_uninitialized = true");
+    let (proxy, saving_proxy) = (config.start(), saving.start());
+    let initialized = serde_json::json!({"init": true});
     let cases = [
-        vec![("X-Test-Update", r#"{"b":2}"#)],
-        vec![],
-        vec![("X-Test-Update", "{}")],
+        (
+            &proxy,
+            &config,
+            vec![("X-Test-Update", r#"{"b":2}"#)],
+            Some(serde_json::json!({"init": true, "b": 2})),
+        ),
+        (&proxy, &config, vec![], None),
+        (&proxy, &config, vec![("X-Test-Update", "{}")], None),
+        (&saving_proxy, &saving, vec![], None),
+        (
+            &saving_proxy,
+            &saving,
+            vec![("X-Test-Update", "{}")],
+            Some(initialized),
+        ),
     ];
     // The cases side by side, each with a session of its own.
     std::thread::scope(|scope| {
-        for slow_headers in cases {
-            let (proxy, config) = (&proxy, &config);
+        for (proxy, config, slow_headers, new_data) in cases {
             scope.spawn(move || {
                 let mut browser = Browser::new(proxy.port);
                 browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
@@ -222,18 +240,20 @@ fn an_update_for_a_session_killed_meanwhile_starts_a_new_one_and_a_touch_sets_no
                 assert_eq!(slow.status, 200, "{slow_headers:?}");
                 assert_eq!(slow.session()["data"]["a"], 1, "it loaded the session");
                 let set = slow.set_cookie("session_id");
-                if slow_headers.first().map(|(_, v)| *v) == Some(r#"{"b":2}"#) {
-                    let new = set.expect("the update sets a cookie");
-                    assert_ne!(new, old, "a new id");
-                    let claims =
-                        get(proxy.port, "/", &[("Cookie", &format!("session_id={new}"))]).session();
-                    assert_eq!(
-                        claims["data"],
-                        serde_json::json!({"init": true, "b": 2}),
-                        "a new session: the initializer and the update, not the killed data"
-                    );
-                } else {
-                    assert_eq!(set, None, "{slow_headers:?}: nothing to store, no cookie");
+                match new_data {
+                    Some(data) => {
+                        let new = set.expect("the update sets a cookie");
+                        assert_ne!(new, old, "a new id");
+                        let claims =
+                            get(proxy.port, "/", &[("Cookie", &format!("session_id={new}"))])
+                                .session();
+                        assert_eq!(claims["new"], false, "{slow_headers:?}: stored");
+                        assert_eq!(
+                            claims["data"], data,
+                            "a new session: the initializer and the update, not the killed data"
+                        );
+                    }
+                    None => assert_eq!(set, None, "{slow_headers:?}: nothing to store, no cookie"),
                 }
                 assert!(!record_path(&config.sessions_dir(), &old).exists());
                 let again = get(proxy.port, "/", &[("Cookie", &cookie_header)]).session();
