@@ -34,7 +34,7 @@ impl ServeHttp for Admin {
         limits::head_received(session);
         let path = session.req_header().uri.path().to_owned();
         let (status, content_type, body) = match path.as_str() {
-            "/healthz" => match tokio::time::timeout(PING_TIMEOUT, self.store.ping()).await {
+            "/healthz" => match tokio::time::timeout(PING_TIMEOUT, self.store.health()).await {
                 Ok(Ok(())) => (StatusCode::OK, "text/plain", b"ok".to_vec()),
                 _ => (
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -9,7 +9,8 @@
 //! store unavailable`, the session unchanged; README: with the server hung
 //! every request has its answer within twice the store timeout. On a
 //! cluster that holds per master: the sessions whose keys the other masters
-//! serve are served as if nothing happened.
+//! serve are served as if nothing happened, while `/healthz` says 503
+//! (README: the proxy cannot serve every session).
 //!
 //! Needs `redis-server` and `redis-cli`; without them each test is skipped
 //! loudly, unless `SESSION_PROXY_REQUIRE_SERVICES=1`.
@@ -152,6 +153,19 @@ fn round_with_a_node_down(
         &answers,
         &format!("{what}, one by one"),
     );
+    // Not healthy while a master is out, though most sessions are served.
+    let started = Instant::now();
+    let health = get(setup.config.admin_port, "/healthz", &[]);
+    assert_eq!(
+        (health.status, health.text()),
+        (503, "session store unavailable".to_owned()),
+        "{what}: /healthz"
+    );
+    assert!(
+        started.elapsed() < ANSWER_BOUND,
+        "{what}: /healthz took {:?}",
+        started.elapsed()
+    );
 }
 
 fn check_round(
@@ -208,7 +222,15 @@ fn all_served_again(setup: &Setup, sessions: &mut [(Browser, u16)], counts: &mut
         assert_eq!(browser.cookie, cookie, "session {i}: replaced");
         counts[i] += 1;
     }
-    assert_eq!(get(setup.config.admin_port, "/healthz", &[]).status, 200);
+    // Healthy again once the admin's connections reach the master too.
+    let healthy = eventually(Duration::from_secs(5), || {
+        get(setup.config.admin_port, "/healthz", &[]).status == 200
+    });
+    assert!(
+        healthy,
+        "/healthz not 200 again; the proxy's log:\n{}",
+        setup.log()
+    );
 }
 
 /// One master of the three killed under a running proxy (no replicas):

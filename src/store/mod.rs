@@ -152,8 +152,16 @@ pub trait Store: Send + Sync {
     /// Deletes the records expired at `now`; returns how many.
     async fn delete_expired(&self, now: u64, expiry: Expiry) -> Result<u64, StoreError>;
 
-    /// Succeeds when the backend answers (for `check` and `/healthz`).
+    /// Succeeds when the backend answers (for `check` and at start).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Succeeds when the backend can serve every session (`/healthz`): the
+    /// same as `ping`, but for a Redis Cluster, whose masters fail one by
+    /// one (a proxy starts and serves the others' sessions with one down,
+    /// but is not healthy).
+    async fn health(&self) -> Result<(), StoreError> {
+        self.ping().await
+    }
 
     /// Waits at most `wait` for an exclusive lease on `handle`, held for
     /// `ttl` at least and kept while its holder lives. `None`: the store is

@@ -979,6 +979,35 @@ impl Store for RedisStore {
         .map(|_| ())
     }
 
+    /// On a cluster: every slot has a master, and every master that holds
+    /// slots answers a PING on this thread's connection to it. The crate's
+    /// own PING goes to the masters it is connected to, so it kept
+    /// answering while a third of the sessions got the 503.
+    async fn health(&self) -> Result<(), StoreError> {
+        let Connection::Cluster(mut connection) = self.connection().await? else {
+            return self.ping().await;
+        };
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let nodes = redis::cmd("CLUSTER").arg("NODES").to_owned();
+        let random = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+        let call = tokio::time::timeout_at(deadline, connection.route_command(nodes, random));
+        let text: String = redis::from_redis_value(answer("cluster nodes", call.await)?)
+            .map_err(|_| StoreError::Unavailable("redis: unreadable CLUSTER NODES".into()))?;
+        let masters = masters_serving_slots(&text).map_err(StoreError::Unavailable)?;
+        for (host, port) in masters {
+            let ping = redis::cmd("PING").to_owned();
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port,
+            });
+            // Not `run`: a master that does not answer is no reason for
+            // this thread to open its connections to the others again.
+            let call = tokio::time::timeout_at(deadline, connection.route_command(ping, route));
+            answer(&format!("cluster master {host}:{port}"), call.await)?;
+        }
+        Ok(())
+    }
+
     async fn acquire_lease(
         &self,
         handle: &Handle,
@@ -1090,6 +1119,53 @@ fn cluster_masters(nodes: &str) -> Vec<Node> {
         .collect()
 }
 
+/// The masters holding slots in a `CLUSTER NODES` answer, as (host, port);
+/// why the cluster cannot serve every session if some slot has none.
+fn masters_serving_slots(nodes: &str) -> Result<Vec<(String, u16)>, String> {
+    const SLOTS: u32 = 16384;
+    let mut masters = Vec::new();
+    let mut assigned = 0;
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(address), Some(flags)) = (fields.get(1), fields.get(2)) else {
+            continue;
+        };
+        if !flags.split(',').any(|flag| flag == "master") {
+            continue;
+        }
+        // After `id address flags master ping pong epoch link`: slot
+        // ranges, and `[slot->-id]` or `[slot-<-id]` while one moves.
+        let slots: u32 = fields
+            .iter()
+            .skip(8)
+            .filter(|range| !range.starts_with('['))
+            .filter_map(|range| match range.split_once('-') {
+                Some((first, last)) => {
+                    (last.parse::<u32>().ok()? + 1).checked_sub(first.parse().ok()?)
+                }
+                None => range.parse::<u32>().ok().map(|_| 1),
+            })
+            .sum();
+        if slots == 0 {
+            continue;
+        }
+        assigned += slots;
+        let address = address.split(['@', ',']).next().unwrap_or_default();
+        let (host, port) = address
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?)))
+            .ok_or_else(|| format!("redis cluster: a master without an address ({address:?})"))?;
+        masters.push((host, port));
+    }
+    if assigned < SLOTS {
+        return Err(format!(
+            "redis cluster: {} of {SLOTS} slots have no master",
+            SLOTS - assigned
+        ));
+    }
+    Ok(masters)
+}
+
 #[async_trait]
 impl super::Lease for RedisLease {
     async fn release(self: Box<Self>) -> Result<(), StoreError> {
@@ -1122,6 +1198,32 @@ mod tests {
     #[test]
     fn glob_characters_in_the_prefix_are_escaped() {
         assert_eq!(glob_escape("s*[1]?:"), r"s\*\[1\]\?:");
+    }
+
+    #[test]
+    fn health_wants_every_slot_served_and_pings_the_masters_that_serve_them() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460 [5461->-b2]
+b2 127.0.0.1:7001@17001,host.example master,fail - 0 0 2 disconnected 5461-10922
+c3 127.0.0.1:7002@17002 slave a1 0 0 1 connected
+d4 127.0.0.1:7003@17003 master - 0 0 3 connected 10923-16382 16383
+e5 127.0.0.1:7004@17004 master - 0 0 4 connected
+";
+        assert_eq!(
+            masters_serving_slots(nodes),
+            Ok(vec![
+                ("127.0.0.1".into(), 7000),
+                ("127.0.0.1".into(), 7001),
+                ("127.0.0.1".into(), 7003)
+            ])
+        );
+        let uncovered = nodes.replace(" 16383\n", "\n").replace("0-5460", "1-5460");
+        assert_eq!(
+            masters_serving_slots(&uncovered),
+            Err("redis cluster: 2 of 16384 slots have no master".into())
+        );
+        // Nothing on the way panics on a range that runs backwards.
+        assert!(masters_serving_slots("x 1.2.3.4:1@2 master - 0 0 1 connected 9-3\n").is_err());
     }
 
     #[test]

@@ -95,6 +95,10 @@ impl<S: Store> Store for Serialized<S> {
         self.inner.ping().await
     }
 
+    async fn health(&self) -> Result<(), StoreError> {
+        self.inner.health().await
+    }
+
     async fn acquire_lease(
         &self,
         handle: &Handle,
