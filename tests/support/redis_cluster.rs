@@ -1,5 +1,5 @@
 //! A private Redis Cluster for a test: three cluster-enabled
-//! `redis-server`s (masters, no replicas) on free loopback ports, joined
+//! `redis-server`s (masters; with a replica each if asked) on free loopback ports, joined
 //! into one cluster, killed (and their directory removed) on drop whatever
 //! the test's outcome. Shared by `store_shared` (the store against it) and
 //! `redis_cluster_faults` (the proxy under faults of its nodes), which
@@ -19,9 +19,13 @@ use super::redis_server::redis_server_installed;
 pub const NODE_TIMEOUT_MS: u64 = 1000;
 
 pub struct Cluster {
-    /// Each node's process; `None` while a test has it killed.
+    /// Each node's process, masters first; `None` while a test has it
+    /// killed.
     children: Vec<Option<Child>>,
+    /// The masters' ports.
     pub ports: Vec<u16>,
+    /// The replicas' ports (after the masters' in `children`).
+    pub replicas: Vec<u16>,
     dir: PathBuf,
     /// Nodes a test stopped (SIGSTOP), continued on drop.
     stopped: Vec<u32>,
@@ -43,8 +47,18 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// `None` (with a loud skip) when `redis-server` is not installed.
+    /// Three masters, no replicas. `None` (with a loud skip) when
+    /// `redis-server` is not installed.
     pub fn start() -> Option<Cluster> {
+        Cluster::start_with(0)
+    }
+
+    /// Three masters, each with a replica that takes over when it fails.
+    pub fn start_with_replicas() -> Option<Cluster> {
+        Cluster::start_with(1)
+    }
+
+    fn start_with(replicas_per_master: usize) -> Option<Cluster> {
         if !redis_server_installed("Redis Cluster") {
             return None;
         }
@@ -53,10 +67,13 @@ impl Cluster {
             rand::random::<u64>()
         ));
         std::fs::create_dir_all(&dir).expect("cluster directory");
-        let ports = free_cluster_ports(3);
+        let ports = free_cluster_ports(3 * (1 + replicas_per_master));
         let mut cluster = Cluster {
             children: Vec::new(),
-            ports: ports.clone(),
+            // `--cluster create` makes masters of the first three (one
+            // host): the others replicate them.
+            replicas: ports[3..].to_vec(),
+            ports: ports[..3].to_vec(),
             dir,
             stopped: Vec::new(),
         };
@@ -74,7 +91,8 @@ impl Cluster {
         let created = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas_per_master.to_string()])
+            .arg("--cluster-yes")
             .output()
             .expect("redis-cli --cluster create");
         assert!(
@@ -85,7 +103,56 @@ impl Cluster {
         for &port in &ports {
             wait_until(|| cluster.node_sees_all_ok(port));
         }
+        for &port in &cluster.replicas {
+            wait_until(|| {
+                redis_cli(port, &["info", "replication"]).contains("master_link_status:up")
+            });
+        }
+        let masters: BTreeSet<u16> = cluster
+            .ports
+            .iter()
+            .map(|&port| cluster.owner_of_slot(cluster.first_slot_of(port)))
+            .collect();
+        assert_eq!(
+            masters,
+            cluster.ports.iter().copied().collect(),
+            "the first three are the masters"
+        );
         Some(cluster)
+    }
+
+    /// Waits until every replica of the master of `port` has acknowledged
+    /// all it was sent: replication is asynchronous, and a failover loses
+    /// what its replica had not received. (`WAIT` from another client does
+    /// not do it: it waits for that client's own writes.)
+    pub fn wait_replicated(&self, port: u16) {
+        wait_until(|| {
+            let info = redis_cli(port, &["info", "replication"]);
+            let field = |line: &str, name: &str| -> Option<u64> {
+                line.split(',')
+                    .find_map(|pair| pair.strip_prefix(name)?.trim().parse().ok())
+            };
+            let sent = info
+                .lines()
+                .find_map(|line| field(line, "master_repl_offset:"));
+            let acked: Vec<u64> = info
+                .lines()
+                .filter(|line| line.starts_with("slave"))
+                .filter_map(|line| field(line.split_once(':')?.1, "offset="))
+                .collect();
+            sent.is_some_and(|sent| !acked.is_empty() && acked.iter().all(|&acked| acked >= sent))
+        });
+    }
+
+    /// The first slot the master of `port` serves, from its CLUSTER NODES line.
+    pub fn first_slot_of(&self, port: u16) -> u16 {
+        let address = format!("127.0.0.1:{port}@");
+        redis_cli(port, &["cluster", "nodes"])
+            .lines()
+            .find(|line| line.contains(&address))
+            .and_then(|line| line.split_whitespace().nth(8))
+            .and_then(|range| range.split('-').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("node {port} serves no slot"))
     }
 
     /// Starts the node of `port`, with its own `nodes.conf` (its identity
@@ -103,6 +170,8 @@ impl Cluster {
             .args(["--cluster-require-full-coverage", "no"])
             .args(["--dbfilename", &format!("dump-{port}.rdb")])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            // A replica's first sync at once, not after the default 5 s.
+            .args(["--repl-diskless-sync-delay", "0"])
             .current_dir(&self.dir)
             .stdout(Stdio::null())
             .spawn()
@@ -119,7 +188,7 @@ impl Cluster {
                 .lines()
                 .filter(|line| line.contains("connected"))
                 .count()
-                == self.ports.len()
+                == self.ports.len() + self.replicas.len()
             && !nodes.contains("fail")
     }
 
@@ -135,6 +204,7 @@ impl Cluster {
     fn index(&self, port: u16) -> usize {
         self.ports
             .iter()
+            .chain(&self.replicas)
             .position(|&p| p == port)
             .expect("a node of the cluster")
     }
