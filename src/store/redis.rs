@@ -440,7 +440,7 @@ impl RedisStore {
             && tokio::time::Instant::now() + pause < deadline
         {
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(self.timeout / 4);
+            pause = (pause * 2).min(CLUSTER_RETRY_PAUSE * 16);
             outcome = attempt().await;
         }
         if outcome.is_err() {
@@ -987,23 +987,25 @@ impl Store for RedisStore {
         let Connection::Cluster(mut connection) = self.connection().await? else {
             return self.ping().await;
         };
-        let deadline = tokio::time::Instant::now() + self.timeout;
         let nodes = redis::cmd("CLUSTER").arg("NODES").to_owned();
         let random = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-        let call = tokio::time::timeout_at(deadline, connection.route_command(nodes, random));
-        let text: String = redis::from_redis_value(answer("cluster nodes", call.await)?)
+        let answer = self
+            .bounded("cluster nodes", connection.route_command(nodes, random))
+            .await?;
+        let text: String = redis::from_redis_value(answer)
             .map_err(|_| StoreError::Unavailable("redis: unreadable CLUSTER NODES".into()))?;
-        let masters = masters_serving_slots(&text).map_err(StoreError::Unavailable)?;
-        for (host, port) in masters {
+        for (host, port) in masters_serving_slots(&text).map_err(StoreError::Unavailable)? {
             let ping = redis::cmd("PING").to_owned();
             let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                 host: host.clone(),
                 port,
             });
-            // Not `run`: a master that does not answer is no reason for
-            // this thread to open its connections to the others again.
-            let call = tokio::time::timeout_at(deadline, connection.route_command(ping, route));
-            answer(&format!("cluster master {host}:{port}"), call.await)?;
+            // Not `run`: a master that refuses is no reason for this
+            // thread to open its connections to the others again (the
+            // crate mends that one); one that times out is, as anywhere.
+            let operation = format!("cluster master {host}:{port}");
+            self.bounded(&operation, connection.route_command(ping, route))
+                .await?;
         }
         Ok(())
     }
@@ -1093,49 +1095,30 @@ fn glob_escape(text: &str) -> String {
     escaped
 }
 
-/// The reachable masters in a `CLUSTER NODES` answer
-/// (`id host:port@cport[,hostname] flags …` per line).
-fn cluster_masters(nodes: &str) -> Vec<Node> {
-    nodes
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let address = fields.nth(1)?;
-            let flags = fields.next()?;
-            let usable = flags.split(',').any(|flag| flag == "master")
-                && !flags
-                    .split(',')
-                    .any(|flag| matches!(flag, "fail" | "fail?" | "handshake" | "noaddr"));
-            if !usable {
-                return None;
-            }
-            let address = address.split(['@', ',']).next()?;
-            let (host, port) = address.rsplit_once(':')?;
-            Some(Node::ClusterMaster {
-                host: host.to_owned(),
-                port: port.parse().ok()?,
-            })
-        })
-        .collect()
+/// A master's line of a `CLUSTER NODES` answer: `id host:port@cport[,hostname]
+/// flags master ping pong epoch link slots…`.
+struct MasterLine {
+    host: String,
+    port: u16,
+    /// Flagged failing, or not yet or no longer reachable.
+    failing: bool,
+    /// How many slots it serves.
+    slots: u32,
 }
 
-/// The masters holding slots in a `CLUSTER NODES` answer, as (host, port);
-/// why the cluster cannot serve every session if some slot has none.
-fn masters_serving_slots(nodes: &str) -> Result<Vec<(String, u16)>, String> {
-    const SLOTS: u32 = 16384;
-    let mut masters = Vec::new();
-    let mut assigned = 0;
-    for line in nodes.lines() {
+/// The masters in a `CLUSTER NODES` answer (lines that do not parse are
+/// skipped).
+fn master_lines(nodes: &str) -> impl Iterator<Item = MasterLine> + '_ {
+    nodes.lines().filter_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(address), Some(flags)) = (fields.get(1), fields.get(2)) else {
-            continue;
-        };
-        if !flags.split(',').any(|flag| flag == "master") {
-            continue;
+        let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+        if !flags.contains(&"master") {
+            return None;
         }
-        // After `id address flags master ping pong epoch link`: slot
-        // ranges, and `[slot->-id]` or `[slot-<-id]` while one moves.
-        let slots: u32 = fields
+        let address = fields[1].split(['@', ',']).next()?;
+        let (host, port) = address.rsplit_once(':')?;
+        // Slot ranges, and `[slot->-id]` or `[slot-<-id]` while one moves.
+        let slots = fields
             .iter()
             .skip(8)
             .filter(|range| !range.starts_with('['))
@@ -1146,24 +1129,41 @@ fn masters_serving_slots(nodes: &str) -> Result<Vec<(String, u16)>, String> {
                 None => range.parse::<u32>().ok().map(|_| 1),
             })
             .sum();
-        if slots == 0 {
-            continue;
-        }
-        assigned += slots;
-        let address = address.split(['@', ',']).next().unwrap_or_default();
-        let (host, port) = address
-            .rsplit_once(':')
-            .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?)))
-            .ok_or_else(|| format!("redis cluster: a master without an address ({address:?})"))?;
-        masters.push((host, port));
-    }
+        Some(MasterLine {
+            host: host.to_owned(),
+            port: port.parse().ok()?,
+            failing: flags
+                .iter()
+                .any(|flag| matches!(*flag, "fail" | "fail?" | "handshake" | "noaddr")),
+            slots,
+        })
+    })
+}
+
+/// The reachable masters in a `CLUSTER NODES` answer.
+fn cluster_masters(nodes: &str) -> Vec<Node> {
+    master_lines(nodes)
+        .filter(|master| !master.failing)
+        .map(|master| Node::ClusterMaster {
+            host: master.host,
+            port: master.port,
+        })
+        .collect()
+}
+
+/// The masters holding slots in a `CLUSTER NODES` answer, as (host, port);
+/// why the cluster cannot serve every session if some slot has none.
+fn masters_serving_slots(nodes: &str) -> Result<Vec<(String, u16)>, String> {
+    const SLOTS: u32 = 16384;
+    let masters: Vec<MasterLine> = master_lines(nodes).filter(|m| m.slots > 0).collect();
+    let assigned: u32 = masters.iter().map(|master| master.slots).sum();
     if assigned < SLOTS {
         return Err(format!(
             "redis cluster: {} of {SLOTS} slots have no master",
             SLOTS - assigned
         ));
     }
-    Ok(masters)
+    Ok(masters.into_iter().map(|m| (m.host, m.port)).collect())
 }
 
 #[async_trait]
