@@ -296,6 +296,34 @@ fn a_master_failed_over_to_its_replica_is_followed_without_a_restart() {
     assert!(!setup.log().contains("panicked"), "{}", setup.log());
 }
 
+/// A cluster whose masters announce host names: the crate connects to
+/// each by its name, which `CLUSTER NODES` does not give (it names the IP).
+/// `/healthz` is 200, and 503 with a master killed; `sessions list` (the
+/// sweep's walk, SCAN on each master) lists every master's sessions. Both
+/// failed on such a cluster while masters were found by `CLUSTER NODES`.
+#[test]
+fn a_cluster_announcing_host_names_is_listed_and_health_checked() {
+    let Some(mut setup) = setup_on(Cluster::start_announcing_host_names(), &[]) else {
+        return;
+    };
+    let sessions = setup.sessions_on_every_node(1);
+    assert_eq!(get(setup.config.admin_port, "/healthz", &[]).status, 200);
+    let path = setup.config.path();
+    let list = run_cli(&["sessions", "list", "-c", path.to_str().unwrap()], &[]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let listed = String::from_utf8_lossy(&list.stdout);
+    for (browser, owner) in &sessions {
+        let handle = handle_of(browser.cookie.as_deref().unwrap());
+        assert!(listed.contains(&handle), "the session on {owner}: {listed}");
+    }
+    setup.cluster.kill(setup.cluster.ports[0]);
+    assert_eq!(get(setup.config.admin_port, "/healthz", &[]).status, 503);
+}
+
 /// One master hung (SIGSTOP: connections accepted, nothing answered):
 /// the sessions on it get the 503 within twice the timeout, the others
 /// are served, the proxy's connections to the live masters included; once

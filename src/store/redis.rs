@@ -26,6 +26,7 @@
 //! adds 1, to send it whole), `modify_seen` 1 (the write checks the version the
 //! caller loaded; else as `modify`, less its read).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -580,19 +581,44 @@ impl RedisStore {
         Err(StoreError::Unavailable("redis: contention".into()))
     }
 
-    /// Every master of the cluster, or the one server.
+    /// Every master of the cluster that is not failing, or the one server.
     async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
         let Connection::Cluster(mut connection) = self.connection().await? else {
             return Ok(vec![Node::Standalone]);
         };
-        let command = redis::cmd("CLUSTER").arg("NODES").to_owned();
-        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-        let answer = self
-            .bounded("cluster nodes", connection.route_command(command, routing))
+        let masters = self.cluster_masters(&mut connection).await?;
+        Ok(masters
+            .into_iter()
+            .filter(|master| !master.failing)
+            .map(|master| Node::ClusterMaster {
+                host: master.host,
+                port: master.port,
+            })
+            .collect())
+    }
+
+    /// The masters of the cluster, addressed as the crate addresses them:
+    /// by `CLUSTER SLOTS`'s endpoint, which is a host name with
+    /// `cluster-preferred-endpoint-type hostname` where `CLUSTER NODES`
+    /// names the IP (so every SCAN and `/healthz` failed on such a cluster:
+    /// the crate has no connection by that name). `CLUSTER NODES` says
+    /// which of them are failing.
+    async fn cluster_masters(
+        &self,
+        connection: &mut ClusterConnection,
+    ) -> Result<Vec<ClusterMaster>, StoreError> {
+        let random = || RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+        let slots = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
+        let slots = self
+            .bounded("cluster slots", connection.route_command(slots, random()))
             .await?;
-        let text: String = redis::from_redis_value(answer)
+        let nodes = redis::cmd("CLUSTER").arg("NODES").to_owned();
+        let nodes = self
+            .bounded("cluster nodes", connection.route_command(nodes, random()))
+            .await?;
+        let nodes: String = redis::from_redis_value(nodes)
             .map_err(|_| StoreError::Unavailable("redis: unreadable CLUSTER NODES".into()))?;
-        Ok(cluster_masters(&text))
+        Ok(masters_of(&slots, &failing_ids(&nodes)))
     }
 
     /// One SCAN step on `node`: the next cursor ("0": done) and this
@@ -987,23 +1013,24 @@ impl Store for RedisStore {
         let Connection::Cluster(mut connection) = self.connection().await? else {
             return self.ping().await;
         };
-        let nodes = redis::cmd("CLUSTER").arg("NODES").to_owned();
-        let random = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-        let answer = self
-            .bounded("cluster nodes", connection.route_command(nodes, random))
-            .await?;
-        let text: String = redis::from_redis_value(answer)
-            .map_err(|_| StoreError::Unavailable("redis: unreadable CLUSTER NODES".into()))?;
-        for (host, port) in masters_serving_slots(&text).map_err(StoreError::Unavailable)? {
+        let masters = self.cluster_masters(&mut connection).await?;
+        let served: u32 = masters.iter().map(|master| master.slots).sum();
+        if served < CLUSTER_SLOTS {
+            let missing = CLUSTER_SLOTS - served;
+            return Err(StoreError::Unavailable(format!(
+                "redis cluster: {missing} of {CLUSTER_SLOTS} slots have no master"
+            )));
+        }
+        for master in masters {
             let ping = redis::cmd("PING").to_owned();
             let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                host: host.clone(),
-                port,
+                host: master.host.clone(),
+                port: master.port,
             });
             // Not `run`: a master that refuses is no reason for this
             // thread to open its connections to the others again (the
             // crate mends that one); one that times out is, as anywhere.
-            let operation = format!("cluster master {host}:{port}");
+            let operation = format!("cluster master {}:{}", master.host, master.port);
             self.bounded(&operation, connection.route_command(ping, route))
                 .await?;
         }
@@ -1095,75 +1122,89 @@ fn glob_escape(text: &str) -> String {
     escaped
 }
 
-/// A master's line of a `CLUSTER NODES` answer: `id host:port@cport[,hostname]
-/// flags master ping pong epoch link slots…`.
-struct MasterLine {
+/// The slots of a Redis Cluster.
+const CLUSTER_SLOTS: u32 = 16384;
+
+/// A master of a cluster, by the endpoint the crate connects to.
+struct ClusterMaster {
     host: String,
     port: u16,
-    /// Flagged failing, or not yet or no longer reachable.
-    failing: bool,
     /// How many slots it serves.
     slots: u32,
+    /// Flagged failing, or not yet or no longer reachable.
+    failing: bool,
 }
 
-/// The masters in a `CLUSTER NODES` answer (lines that do not parse are
-/// skipped).
-fn master_lines(nodes: &str) -> impl Iterator<Item = MasterLine> + '_ {
-    nodes.lines().filter_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let flags: Vec<&str> = fields.get(2)?.split(',').collect();
-        if !flags.contains(&"master") {
-            return None;
-        }
-        let address = fields[1].split(['@', ',']).next()?;
-        let (host, port) = address.rsplit_once(':')?;
-        // Slot ranges, and `[slot->-id]` or `[slot-<-id]` while one moves.
-        let slots = fields
-            .iter()
-            .skip(8)
-            .filter(|range| !range.starts_with('['))
-            .filter_map(|range| match range.split_once('-') {
-                Some((first, last)) => {
-                    (last.parse::<u32>().ok()? + 1).checked_sub(first.parse().ok()?)
-                }
-                None => range.parse::<u32>().ok().map(|_| 1),
-            })
-            .sum();
-        Some(MasterLine {
-            host: host.to_owned(),
-            port: port.parse().ok()?,
-            failing: flags
-                .iter()
-                .any(|flag| matches!(*flag, "fail" | "fail?" | "handshake" | "noaddr")),
-            slots,
-        })
-    })
-}
-
-/// The reachable masters in a `CLUSTER NODES` answer.
-fn cluster_masters(nodes: &str) -> Vec<Node> {
-    master_lines(nodes)
-        .filter(|master| !master.failing)
-        .map(|master| Node::ClusterMaster {
-            host: master.host,
-            port: master.port,
+/// The ids of the nodes a `CLUSTER NODES` answer (`id host:port@cport
+/// flags …` a line) flags failing, or not yet or no longer reachable.
+fn failing_ids(nodes: &str) -> HashSet<&str> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let id = fields.next()?;
+            let flags = fields.nth(1)?;
+            flags
+                .split(',')
+                .any(|flag| matches!(flag, "fail" | "fail?" | "handshake" | "noaddr"))
+                .then_some(id)
         })
         .collect()
 }
 
-/// The masters holding slots in a `CLUSTER NODES` answer, as (host, port);
-/// why the cluster cannot serve every session if some slot has none.
-fn masters_serving_slots(nodes: &str) -> Result<Vec<(String, u16)>, String> {
-    const SLOTS: u32 = 16384;
-    let masters: Vec<MasterLine> = master_lines(nodes).filter(|m| m.slots > 0).collect();
-    let assigned: u32 = masters.iter().map(|master| master.slots).sum();
-    if assigned < SLOTS {
-        return Err(format!(
-            "redis cluster: {} of {SLOTS} slots have no master",
-            SLOTS - assigned
-        ));
+/// The masters in a `CLUSTER SLOTS` answer (`[first, last, [endpoint,
+/// port, id, …], replicas…]` a range), with the slots each serves. A master
+/// of unknown endpoint (`""`, `"?"`) is left out, its slots unserved.
+fn masters_of(slots: &Value, failing: &HashSet<&str>) -> Vec<ClusterMaster> {
+    let Value::Array(ranges) = slots else {
+        return Vec::new();
+    };
+    let mut masters: Vec<ClusterMaster> = Vec::new();
+    for range in ranges {
+        let Value::Array(range) = range else { continue };
+        let [Value::Int(first), Value::Int(last), Value::Array(master), ..] = range.as_slice()
+        else {
+            continue;
+        };
+        let (Some(host), Some(Value::Int(port)), id) = (
+            master.first().and_then(text),
+            master.get(1),
+            master.get(2).and_then(text),
+        ) else {
+            continue;
+        };
+        let count = last
+            .checked_sub(*first)
+            .and_then(|span| span.checked_add(1));
+        let (Ok(port), Some(Ok(count))) = (u16::try_from(*port), count.map(u32::try_from)) else {
+            continue;
+        };
+        if host.is_empty() || host == "?" {
+            continue;
+        }
+        match masters
+            .iter_mut()
+            .find(|m| m.host == host && m.port == port)
+        {
+            Some(known) => known.slots += count,
+            None => masters.push(ClusterMaster {
+                failing: id.is_some_and(|id| failing.contains(id.as_str())),
+                host,
+                port,
+                slots: count,
+            }),
+        }
     }
-    Ok(masters.into_iter().map(|m| (m.host, m.port)).collect())
+    masters
+}
+
+/// A string of a server's answer, bulk or simple.
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
 }
 
 #[async_trait]
@@ -1200,50 +1241,49 @@ mod tests {
         assert_eq!(glob_escape("s*[1]?:"), r"s\*\[1\]\?:");
     }
 
-    #[test]
-    fn health_wants_every_slot_served_and_pings_the_masters_that_serve_them() {
-        let nodes = "\
-a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460 [5461->-b2]
-b2 127.0.0.1:7001@17001,host.example master,fail - 0 0 2 disconnected 5461-10922
-c3 127.0.0.1:7002@17002 slave a1 0 0 1 connected
-d4 127.0.0.1:7003@17003 master - 0 0 3 connected 10923-16382 16383
-e5 127.0.0.1:7004@17004 master - 0 0 4 connected
-";
-        assert_eq!(
-            masters_serving_slots(nodes),
-            Ok(vec![
-                ("127.0.0.1".into(), 7000),
-                ("127.0.0.1".into(), 7001),
-                ("127.0.0.1".into(), 7003)
-            ])
-        );
-        let uncovered = nodes.replace(" 16383\n", "\n").replace("0-5460", "1-5460");
-        assert_eq!(
-            masters_serving_slots(&uncovered),
-            Err("redis cluster: 2 of 16384 slots have no master".into())
-        );
-        // Nothing on the way panics on a range that runs backwards.
-        assert!(masters_serving_slots("x 1.2.3.4:1@2 master - 0 0 1 connected 9-3\n").is_err());
+    /// A `CLUSTER SLOTS` range: `first..=last` served by `endpoint:port` (id `id`).
+    fn range(first: i64, last: i64, endpoint: &str, port: i64, id: &str) -> Value {
+        let bulk = |text: &str| Value::BulkString(text.as_bytes().to_vec());
+        let master = Value::Array(vec![bulk(endpoint), Value::Int(port), bulk(id)]);
+        let replica = Value::Array(vec![bulk("10.0.0.9"), Value::Int(7009), bulk("r9")]);
+        Value::Array(vec![Value::Int(first), Value::Int(last), master, replica])
     }
 
     #[test]
-    fn cluster_masters_are_read_from_cluster_nodes() {
+    fn cluster_masters_are_named_by_their_cluster_slots_endpoint_and_flagged_from_cluster_nodes() {
+        let slots = Value::Array(vec![
+            range(0, 5460, "127.0.0.1", 7000, "a1"),
+            range(5461, 10922, "redis-1.example", 7001, "b2"),
+            range(10923, 16382, "127.0.0.1", 7003, "d4"),
+            range(16383, 16383, "127.0.0.1", 7003, "d4"),
+        ]);
         let nodes = "\
 a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
-b2 127.0.0.1:7001@17001,host.example master - 0 0 2 connected 5461-10922
+b2 127.0.0.1:7001@17001,redis-1.example master,fail? - 0 0 2 connected 5461-10922
 c3 127.0.0.1:7002@17002 slave a1 0 0 1 connected
-d4 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected
+d4 127.0.0.1:7003@17003 master - 0 0 3 connected 10923-16383
 ";
-        let masters: Vec<(String, u16)> = cluster_masters(nodes)
+        let masters: Vec<(String, u16, u32, bool)> = masters_of(&slots, &failing_ids(nodes))
             .into_iter()
-            .filter_map(|node| match node {
-                Node::ClusterMaster { host, port } => Some((host, port)),
-                Node::Standalone => None,
-            })
+            .map(|m| (m.host, m.port, m.slots, m.failing))
             .collect();
         assert_eq!(
             masters,
-            vec![("127.0.0.1".into(), 7000), ("127.0.0.1".into(), 7001)]
+            vec![
+                ("127.0.0.1".into(), 7000, 5461, false),
+                ("redis-1.example".into(), 7001, 5462, true),
+                ("127.0.0.1".into(), 7003, 5461, false),
+            ]
         );
+        // An unknown endpoint, and answers of another shape, give no master;
+        // nothing on the way panics on a range that runs backwards.
+        let odd = Value::Array(vec![
+            range(0, 10, "?", 7000, "a1"),
+            range(20, 10, "127.0.0.1", 7000, "a1"),
+            Value::Int(3),
+            Value::Array(vec![Value::Int(0)]),
+        ]);
+        assert!(masters_of(&odd, &HashSet::new()).is_empty());
+        assert!(masters_of(&Value::Nil, &HashSet::new()).is_empty());
     }
 }

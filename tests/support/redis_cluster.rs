@@ -29,6 +29,8 @@ pub struct Cluster {
     dir: PathBuf,
     /// Nodes a test stopped (SIGSTOP), continued on drop.
     stopped: Vec<u32>,
+    /// The host name the nodes announce, as the endpoint clients use.
+    host_name: Option<&'static str>,
 }
 
 impl Drop for Cluster {
@@ -50,15 +52,23 @@ impl Cluster {
     /// Three masters, no replicas. `None` (with a loud skip) when
     /// `redis-server` is not installed.
     pub fn start() -> Option<Cluster> {
-        Cluster::start_with(0)
+        Cluster::start_with(0, None)
     }
 
     /// Three masters, each with a replica that takes over when it fails.
     pub fn start_with_replicas() -> Option<Cluster> {
-        Cluster::start_with(1)
+        Cluster::start_with(1, None)
     }
 
-    fn start_with(replicas_per_master: usize) -> Option<Cluster> {
+    /// Three masters that tell clients to connect to them by a host name
+    /// (`localhost`; `cluster-preferred-endpoint-type hostname`, as TLS
+    /// deployments do so that certificates can name hosts). `CLUSTER
+    /// NODES` still names each by its IP.
+    pub fn start_announcing_host_names() -> Option<Cluster> {
+        Cluster::start_with(0, Some("localhost"))
+    }
+
+    fn start_with(replicas_per_master: usize, host_name: Option<&'static str>) -> Option<Cluster> {
         if !redis_server_installed("Redis Cluster") {
             return None;
         }
@@ -76,6 +86,7 @@ impl Cluster {
             ports: ports[..3].to_vec(),
             dir,
             stopped: Vec::new(),
+            host_name,
         };
         for &port in &ports {
             let child = cluster.spawn(port);
@@ -161,7 +172,13 @@ impl Cluster {
     /// `cluster-require-full-coverage no`, as a deployment that wants the
     /// sessions on the other masters served while one is down must have.
     fn spawn(&self, port: u16) -> Child {
-        Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(name) = self.host_name {
+            command
+                .args(["--cluster-announce-hostname", name])
+                .args(["--cluster-preferred-endpoint-type", "hostname"]);
+        }
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes"])
             .arg("--cluster-config-file")
