@@ -19,7 +19,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::redis_cluster::{Cluster, NODE_TIMEOUT_MS};
+use support::redis_cluster::{Cluster, TlsFiles, NODE_TIMEOUT_MS};
+use support::test_ca::TestCa;
 use support::*;
 
 /// The store timeout of these tests (`[store] timeout = 1`).
@@ -54,6 +55,12 @@ fn setup_on(cluster: Option<Cluster>, session: &[&str]) -> Option<Setup> {
         .session("timeout = 600");
     for line in session {
         config = config.session(line);
+    }
+    // A cluster over TLS: its CA is the proxy's (README, TLS).
+    if let Some(ca) = cluster.ca_file() {
+        config
+            .env
+            .push(("SSL_CERT_FILE".into(), ca.display().to_string()));
     }
     let proxy = config.start_logging("info", &config.dir.path().join("proxy.log"));
     Some(Setup {
@@ -296,20 +303,35 @@ fn a_master_failed_over_to_its_replica_is_followed_without_a_restart() {
     assert!(!setup.log().contains("panicked"), "{}", setup.log());
 }
 
-/// A cluster whose masters announce host names: the crate connects to
-/// each by its name, which `CLUSTER NODES` does not give (it names the IP).
-/// `/healthz` is 200, and 503 with a master killed; `sessions list` (the
-/// sweep's walk, SCAN on each master) lists every master's sessions. Both
+/// A cluster over TLS whose masters announce host names, as TLS
+/// deployments do so that certificates can name hosts: the proxy reaches
+/// each master by its name (`rediss://`, the certificate checked against
+/// the name), which `CLUSTER NODES` does not give (it names the IP).
+/// Sessions are served, and survive a master's restart; `/healthz` is 200,
+/// and 503 while a master is down; `sessions list` (the sweep's walk, SCAN
+/// on each master) lists every master's sessions. `/healthz` and the walk
 /// failed on such a cluster while masters were found by `CLUSTER NODES`.
 #[test]
-fn a_cluster_announcing_host_names_is_listed_and_health_checked() {
-    let Some(mut setup) = setup_on(Cluster::start_announcing_host_names(), &[]) else {
+fn a_cluster_over_tls_by_host_name_is_served_listed_and_health_checked() {
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue("redis-cluster", &["localhost", "127.0.0.1"]);
+    let files = TlsFiles {
+        ca: ca.ca_file(),
+        cert,
+        key,
+    };
+    let Some(mut setup) = setup_on(Cluster::start_over_tls_by_host_name(files), &[]) else {
         return;
     };
-    let sessions = setup.sessions_on_every_node(1);
+    let mut sessions = setup.sessions_on_every_node(1);
+    let mut counts = vec![1u64; sessions.len()];
     assert_eq!(get(setup.config.admin_port, "/healthz", &[]).status, 200);
     let path = setup.config.path();
-    let list = run_cli(&["sessions", "list", "-c", path.to_str().unwrap()], &[]);
+    let ca = setup.cluster.ca_file().unwrap().display().to_string();
+    let list = run_cli(
+        &["sessions", "list", "-c", path.to_str().unwrap()],
+        &[("SSL_CERT_FILE", &ca)],
+    );
     assert!(
         list.status.success(),
         "{}",
@@ -320,8 +342,11 @@ fn a_cluster_announcing_host_names_is_listed_and_health_checked() {
         let handle = handle_of(browser.cookie.as_deref().unwrap());
         assert!(listed.contains(&handle), "the session on {owner}: {listed}");
     }
-    setup.cluster.kill(setup.cluster.ports[0]);
+    let victim = setup.cluster.ports[0];
+    setup.cluster.kill(victim);
     assert_eq!(get(setup.config.admin_port, "/healthz", &[]).status, 503);
+    setup.cluster.restart(victim);
+    all_served_again(&setup, &mut sessions, &mut counts);
 }
 
 /// One master hung (SIGSTOP: connections accepted, nothing answered):

@@ -31,6 +31,18 @@ pub struct Cluster {
     stopped: Vec<u32>,
     /// The host name the nodes announce, as the endpoint clients use.
     host_name: Option<&'static str>,
+    /// With TLS: the CA's file, and the nodes' certificate and key.
+    tls: Option<TlsFiles>,
+}
+
+/// PEM files for a cluster over TLS: the CA that signed the certificate,
+/// and the certificate (for `localhost` and `127.0.0.1`) and key the nodes
+/// use.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Drop for Cluster {
@@ -52,23 +64,28 @@ impl Cluster {
     /// Three masters, no replicas. `None` (with a loud skip) when
     /// `redis-server` is not installed.
     pub fn start() -> Option<Cluster> {
-        Cluster::start_with(0, None)
+        Cluster::start_with(0, None, None)
     }
 
     /// Three masters, each with a replica that takes over when it fails.
     pub fn start_with_replicas() -> Option<Cluster> {
-        Cluster::start_with(1, None)
+        Cluster::start_with(1, None, None)
     }
 
-    /// Three masters that tell clients to connect to them by a host name
-    /// (`localhost`; `cluster-preferred-endpoint-type hostname`, as TLS
-    /// deployments do so that certificates can name hosts). `CLUSTER
-    /// NODES` still names each by its IP.
-    pub fn start_announcing_host_names() -> Option<Cluster> {
-        Cluster::start_with(0, Some("localhost"))
+    /// Three masters speaking only TLS (to clients and to each other), with
+    /// a certificate of a test CA, that tell clients to connect to them by
+    /// a host name (`localhost`; `cluster-preferred-endpoint-type
+    /// hostname`, as TLS deployments do so that certificates can name
+    /// hosts). `CLUSTER NODES` still names each by its IP.
+    pub fn start_over_tls_by_host_name(files: TlsFiles) -> Option<Cluster> {
+        Cluster::start_with(0, Some("localhost"), Some(files))
     }
 
-    fn start_with(replicas_per_master: usize, host_name: Option<&'static str>) -> Option<Cluster> {
+    fn start_with(
+        replicas_per_master: usize,
+        host_name: Option<&'static str>,
+        tls: Option<TlsFiles>,
+    ) -> Option<Cluster> {
         if !redis_server_installed("Redis Cluster") {
             return None;
         }
@@ -87,19 +104,21 @@ impl Cluster {
             dir,
             stopped: Vec::new(),
             host_name,
+            tls,
         };
         for &port in &ports {
             let child = cluster.spawn(port);
             cluster.children.push(Some(child));
         }
         for &port in &ports {
-            wait_until(|| redis_cli(port, &["ping"]).contains("PONG"));
+            wait_until(|| cluster.cli(port, &["ping"]).contains("PONG"));
         }
         let nodes: Vec<String> = ports
             .iter()
             .map(|port| format!("127.0.0.1:{port}"))
             .collect();
         let created = Command::new("redis-cli")
+            .args(cluster.tls_args())
             .args(["--cluster", "create"])
             .args(&nodes)
             .args(["--cluster-replicas", &replicas_per_master.to_string()])
@@ -116,7 +135,9 @@ impl Cluster {
         }
         for &port in &cluster.replicas {
             wait_until(|| {
-                redis_cli(port, &["info", "replication"]).contains("master_link_status:up")
+                cluster
+                    .cli(port, &["info", "replication"])
+                    .contains("master_link_status:up")
             });
         }
         let masters: BTreeSet<u16> = cluster
@@ -138,7 +159,7 @@ impl Cluster {
     /// not do it: it waits for that client's own writes.)
     pub fn wait_replicated(&self, port: u16) {
         wait_until(|| {
-            let info = redis_cli(port, &["info", "replication"]);
+            let info = self.cli(port, &["info", "replication"]);
             let field = |line: &str, name: &str| -> Option<u64> {
                 line.split(',')
                     .find_map(|pair| pair.strip_prefix(name)?.trim().parse().ok())
@@ -158,7 +179,7 @@ impl Cluster {
     /// The first slot the master of `port` serves, from its CLUSTER NODES line.
     pub fn first_slot_of(&self, port: u16) -> u16 {
         let address = format!("127.0.0.1:{port}@");
-        redis_cli(port, &["cluster", "nodes"])
+        self.cli(port, &["cluster", "nodes"])
             .lines()
             .find(|line| line.contains(&address))
             .and_then(|line| line.split_whitespace().nth(8))
@@ -173,13 +194,26 @@ impl Cluster {
     /// sessions on the other masters served while one is down must have.
     fn spawn(&self, port: u16) -> Child {
         let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &port.to_string()]),
+            Some(files) => command
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&files.cert)
+                .arg("--tls-key-file")
+                .arg(&files.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&files.ca)
+                .args(["--tls-auth-clients", "no"])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"]),
+        };
         if let Some(name) = self.host_name {
             command
                 .args(["--cluster-announce-hostname", name])
                 .args(["--cluster-preferred-endpoint-type", "hostname"]);
         }
         command
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes"])
             .arg("--cluster-config-file")
             .arg(self.dir.join(format!("nodes-{port}.conf")))
@@ -198,8 +232,8 @@ impl Cluster {
     /// Whether the node of `port` answers and sees every node of the
     /// cluster connected and the cluster's state ok.
     fn node_sees_all_ok(&self, port: u16) -> bool {
-        let info = redis_cli(port, &["cluster", "info"]);
-        let nodes = redis_cli(port, &["cluster", "nodes"]);
+        let info = self.cli(port, &["cluster", "info"]);
+        let nodes = self.cli(port, &["cluster", "nodes"]);
         info.contains("cluster_state:ok")
             && nodes
                 .lines()
@@ -211,11 +245,42 @@ impl Cluster {
 
     /// The URLs of the nodes, comma-separated, as `[store] url` takes them.
     pub fn urls(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let host = self.host_name.unwrap_or("127.0.0.1");
         self.ports
             .iter()
-            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .map(|port| format!("{scheme}://{host}:{port}"))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// With TLS, the CA that signed the nodes' certificate.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(|files| files.ca.clone())
+    }
+
+    /// `redis-cli`'s options to reach the nodes.
+    fn tls_args(&self) -> Vec<String> {
+        match &self.tls {
+            None => Vec::new(),
+            Some(files) => vec![
+                "--tls".into(),
+                "--cacert".into(),
+                files.ca.display().to_string(),
+            ],
+        }
+    }
+
+    /// `redis-cli -p PORT ARGS…` on a node of this cluster.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let tls = self.tls_args();
+        let mut all: Vec<&str> = tls.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        redis_cli(port, &all)
     }
 
     fn index(&self, port: u16) -> usize {
@@ -229,7 +294,7 @@ impl Cluster {
     /// Saves the node's data (to be read back by [`Cluster::restart`]),
     /// then kills it (SIGKILL: a crash).
     pub fn kill(&mut self, port: u16) {
-        assert!(redis_cli(port, &["save"]).contains("OK"), "SAVE on {port}");
+        assert!(self.cli(port, &["save"]).contains("OK"), "SAVE on {port}");
         let index = self.index(port);
         if let Some(mut child) = self.children[index].take() {
             let _ = child.kill();
@@ -244,7 +309,7 @@ impl Cluster {
         assert!(self.children[index].is_none(), "node {port} is running");
         let child = self.spawn(port);
         self.children[index] = Some(child);
-        wait_until(|| redis_cli(port, &["ping"]).contains("PONG"));
+        wait_until(|| self.cli(port, &["ping"]).contains("PONG"));
         for &port in &self.ports {
             wait_until(|| self.node_sees_all_ok(port));
         }
@@ -279,40 +344,37 @@ impl Cluster {
     /// The hash slot of `key` (asked of a node, not computed here).
     pub fn slot_of(&self, key: &str) -> u16 {
         let port = self.live_port();
-        redis_cli(port, &["cluster", "keyslot", key])
+        self.cli(port, &["cluster", "keyslot", key])
             .trim()
             .parse()
             .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT {key} on {port}"))
     }
 
-    /// The port of the master that serves `key` now, from CLUSTER SLOTS.
+    /// The port of the master that serves `key` now.
     pub fn owner_of(&self, key: &str) -> u16 {
         let slot = self.slot_of(key);
         self.owner_of_slot(slot)
     }
 
-    /// The port of the master that serves `slot`, from CLUSTER SLOTS.
+    /// The port of the master that serves `slot`, from CLUSTER NODES.
     pub fn owner_of_slot(&self, slot: u16) -> u16 {
-        let port = self.live_port();
-        let command = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
-        let ranges: Vec<redis::Value> = query(port, &command);
-        for range in ranges {
-            let redis::Value::Array(fields) = range else {
-                continue;
-            };
-            let number = |value: &redis::Value| match value {
-                redis::Value::Int(n) => *n,
-                other => panic!("CLUSTER SLOTS: {other:?}"),
-            };
-            let (start, end) = (number(&fields[0]), number(&fields[1]));
-            if (start..=end).contains(&i64::from(slot)) {
-                let redis::Value::Array(master) = &fields[2] else {
-                    panic!("CLUSTER SLOTS: {fields:?}");
-                };
-                return u16::try_from(number(&master[1])).expect("a port");
-            }
-        }
-        panic!("slot {slot} has no master")
+        let nodes = self.cli(self.live_port(), &["cluster", "nodes"]);
+        nodes
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // Slot ranges after the eighth field; `[…]` while one moves.
+                let serves = fields.iter().skip(8).any(|range| {
+                    let (first, last) = range.split_once('-').unwrap_or((range, range));
+                    matches!(
+                        (first.parse::<u16>(), last.parse::<u16>()),
+                        (Ok(first), Ok(last)) if (first..=last).contains(&slot)
+                    )
+                });
+                let address = fields.get(1)?.split('@').next()?;
+                serves.then(|| address.rsplit_once(':')?.1.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("slot {slot} has no master: {nodes}"))
     }
 
     /// A node that is running and not hung, to ask about the cluster.
@@ -333,7 +395,7 @@ impl Cluster {
     /// (`fail`, agreed by the masters; not just `fail?`).
     pub fn is_marked_failed(&self, port: u16) -> bool {
         let address = format!("127.0.0.1:{port}@");
-        redis_cli(self.live_port(), &["cluster", "nodes"])
+        self.cli(self.live_port(), &["cluster", "nodes"])
             .lines()
             .filter(|line| line.contains(&address))
             .any(|line| {
@@ -345,7 +407,7 @@ impl Cluster {
 
     /// The node id of the node of `port`.
     pub fn node_id(&self, port: u16) -> String {
-        redis_cli(port, &["cluster", "myid"]).trim().to_owned()
+        self.cli(port, &["cluster", "myid"]).trim().to_owned()
     }
 
     /// Marks `slot` as moving from the node of `from` to the node of `to`
@@ -355,7 +417,7 @@ impl Cluster {
         let slot = slot.to_string();
         let (from_id, to_id) = (self.node_id(from), self.node_id(to));
         let ok = |port: u16, args: &[&str]| {
-            let answer = redis_cli(port, args);
+            let answer = self.cli(port, args);
             assert!(answer.contains("OK"), "{args:?} on {port}: {answer}");
         };
         ok(to, &["cluster", "setslot", &slot, "importing", &from_id]);
@@ -364,7 +426,7 @@ impl Cluster {
 
     /// Moves `key` (of a slot being moved) from `from` to `to` (MIGRATE).
     pub fn migrate_key(&self, key: &str, from: u16, to: u16) {
-        let answer = redis_cli(
+        let answer = self.cli(
             from,
             &["migrate", "127.0.0.1", &to.to_string(), key, "0", "5000"],
         );
@@ -384,7 +446,7 @@ impl Cluster {
         let slot = slot.to_string();
         let to_id = self.node_id(to);
         let tell = |port: u16| {
-            let answer = redis_cli(port, &["cluster", "setslot", &slot, "node", &to_id]);
+            let answer = self.cli(port, &["cluster", "setslot", &slot, "node", &to_id]);
             assert!(answer.contains("OK"), "SETSLOT NODE on {port}: {answer}");
         };
         tell(from);
@@ -401,7 +463,7 @@ impl Cluster {
 
     /// The keys the node of `port` holds in `slot`.
     pub fn keys_in_slot(&self, port: u16, slot: u16) -> Vec<String> {
-        redis_cli(
+        self.cli(
             port,
             &["cluster", "getkeysinslot", &slot.to_string(), "1000"],
         )
@@ -437,25 +499,6 @@ fn wait_until(ready: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "cluster not ready in 20 s");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Runs one command on the node of `port`.
-fn query<T: redis::FromRedisValue>(port: u16, command: &redis::Cmd) -> T {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
-        let mut connection = client
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap_or_else(|e| panic!("node {port}: {e}"));
-        command
-            .query_async(&mut connection)
-            .await
-            .unwrap_or_else(|e| panic!("node {port}: {e}"))
-    })
 }
 
 /// Ports free now, each with its cluster bus port (+10000) free too; below
