@@ -46,7 +46,7 @@
 # where proxy and upstream spend all of it, so its req/s is 1 / (their CPU
 # per request). A store's own server (Redis) is counted in neither.
 # One build against itself gave B/A within 1.2 % in every
-# round (BENCHMARKS.md, round 10).
+# round (benches/HISTORY.md, round 10).
 #
 # Ports: upstreams 18480 (A) and 18490 (B), proxies 18481 (A) and 18482 (B).
 set -euo pipefail

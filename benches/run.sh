@@ -55,7 +55,7 @@
 #                         one wrk thread per connection, so the pauses are
 #                         independent; fixed: one thread for all, whose event
 #                         loop fires every pause due in the same millisecond
-#                         together, bursts that p99 then measures (round 11)
+#                         together, bursts that p99 then measures (benches/HISTORY.md, round 11)
 #      SCALE_SESSIONS (1000000)
 #      LUA_RESTART (1)    1 = the Lua peer starts afresh before each round in which
 #                         it runs, warmed in that round's order: its LuaJIT traces

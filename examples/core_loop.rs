@@ -3,7 +3,7 @@
 //! request, send it upstream on a pooled connection, stream the response
 //! back), without pingora-proxy's `HttpProxy`. It tells how much of
 //! pingora's cost per request is the proxy layer and how much is the core
-//! under it (issue 5, BENCHMARKS.md round 9). Requests without a body only;
+//! under it (issue 5, benches/HISTORY.md round 9). Requests without a body only;
 //! no retries, no error pages, no upgrades.
 //!
 //! ```sh

@@ -7,7 +7,7 @@
 //! page, even for an alignment of 8: on the bypassed path that was 18 of
 //! the 74 allocations per request. Without it, the allocator's instructions
 //! per request fell by about 40 % and the request's by 2–4 % on every path
-//! (callgrind, BENCHMARKS.md round 8).
+//! (callgrind, benches/HISTORY.md round 8).
 //!
 //! On 64-bit targets every mimalloc block of 16 bytes or more is 16-byte
 //! aligned (size classes come in multiples of two words; mimalloc asserts

@@ -9,7 +9,7 @@
 -- strings made wrk itself stall: each request's header is a new string,
 -- and every garbage collection LuaJIT then ran marked the whole table in
 -- one step, tens of ms in which wrk sent nothing and counted the replies
--- it had not read as slow (BENCHMARKS.md round 8: p99 108 ms against
+-- it had not read as slow (benches/HISTORY.md round 8: p99 108 ms against
 -- 4 ms, the same 1 000 sessions read from the same proxy).
 local name = os.getenv("COOKIE_NAME") or "session_id"
 local path = os.getenv("COOKIES") or error("scale.lua: set COOKIES")

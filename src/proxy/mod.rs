@@ -481,7 +481,8 @@ impl ProxyHttp for SessionProxy {
         // drain it then parses as a request of its own, one without the
         // session work. With `Connection: close` the app stops after its
         // answer and pingora does not pool the connection. A body costs a
-        // new connection each (2.5 times fewer POSTs a second, BENCHMARKS.md):
+        // new connection each (2.5 times fewer POSTs a second, benches/HISTORY.md
+        // round 16):
         // `reuse_after_body` is for apps whose server drains every body.
         let body_unsafe = !self.settings.reuse_after_body && !session.is_body_empty();
         if upstream_request.method == http::Method::HEAD || body_unsafe {

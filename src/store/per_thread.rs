@@ -4,7 +4,7 @@
 //! opened it. Shared by every proxy thread, each command would hop from the
 //! request's thread to the driver's and back: two thread wake-ups per round
 //! trip, which cost more CPU than the rest of the request (BENCHMARKS.md,
-//! "Shared stores"). Opened by the thread that uses it, the driver runs on
+//! "Where the time goes"). Opened by the thread that uses it, the driver runs on
 //! that thread's runtime, next to the requests it serves.
 //!
 //! Correctness never depends on which thread's value a caller gets: a

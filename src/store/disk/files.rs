@@ -171,9 +171,10 @@ pub(super) fn max_record_bytes(max_data_bytes: usize) -> usize {
 /// The spare, `.HANDLE.tmp`, is the file the previous write swapped out:
 /// the record's version before last, overwritten in place by the next
 /// write. Reusing it spares the file system an inode created and one
-/// deleted per write, half the cost of a write (BENCHMARKS.md). It is
-/// deleted with its record; a torn spare (a crash while writing it) is
-/// never read. The caller holds the handle's stripe: one writer per spare.
+/// deleted per write, half the cost of a write (benches/HISTORY.md,
+/// round 2). It is deleted with its record; a torn spare (a crash while
+/// writing it) is never read. The caller holds the handle's stripe: one
+/// writer per spare.
 /// The record file's stamp; `None` when `place` is [`Place::OverRecord`]
 /// and the record was gone.
 pub(super) fn write_record(
@@ -305,8 +306,9 @@ pub(super) enum Placed {
 /// A swap (`renameat2(RENAME_EXCHANGE)`) rather than a rename over the old
 /// file: ext4 starts writing back a file renamed over another at the rename
 /// (`auto_da_alloc`), a device round trip on every session write, about 8×
-/// the cost of the rest of the write (BENCHMARKS.md). Where there is nothing
-/// to swap with (a new session) or the file system cannot swap, a rename.
+/// the cost of the rest of the write (benches/HISTORY.md, round 2). Where
+/// there is nothing to swap with (a new session) or the file system cannot
+/// swap, a rename.
 /// The swap also tells, at no cost, whether the record is still there;
 /// where the file system cannot swap, that check and the rename are two
 /// steps, and a delete by another process between them is undone.

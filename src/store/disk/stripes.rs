@@ -23,10 +23,11 @@
 //! The note also keeps the record itself when it is small, with the
 //! [`Stamp`] its file had once written, so that a load need only look the
 //! file up (one `statx`) instead of opening, reading and decoding it: 3
-//! of a request's 8 file system calls (BENCHMARKS.md). A file deleted
-//! since (`sessions kill`), or rewritten by hand, reads as it is. A kept
-//! record holds at most [`KEPT_RECORD_MAX`] bytes of session data, so the
-//! notes hold at most about 20 MiB however many sessions there are.
+//! of a request's 8 file system calls (benches/HISTORY.md, round 7). A
+//! file deleted since (`sessions kill`), or rewritten by hand, reads as it
+//! is. A kept record holds at most [`KEPT_RECORD_MAX`] bytes of session
+//! data, so the notes hold at most about 20 MiB however many sessions
+//! there are.
 //!
 //! **File turns.** Where the file operations run on the blocking pool
 //! (`fsync`), a request dropped while its write runs there (its client
