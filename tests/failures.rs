@@ -205,6 +205,49 @@ fn a_store_that_fails_is_a_503_and_healthz_says_so() {
     assert_eq!(get(admin, "/healthz", &[]).status, 200);
 }
 
+/// A full disk under the `disk` store: a change that needs room is the 503
+/// and stores nothing, the session stored before is still served as it
+/// was, and once there is room again the same change is stored, without a
+/// restart.
+#[test]
+fn a_full_disk_is_a_503_that_loses_no_stored_session() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("max_data_bytes = 16384");
+    let Some(disk) = small_fs::SmallFileSystem::mount(&config.sessions_dir(), "64k") else {
+        return;
+    };
+    let proxy = config.start();
+    let admin = config.admin_port;
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a": 1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let before = records(&config);
+    disk.fill("filler");
+
+    // More than the record's page holds, so the write needs room.
+    let big = format!(r#"{{"big": "{}"}}"#, "x".repeat(6000));
+    let grown = browser.get("/", &[("X-Test-Update", &big)]);
+    assert_eq!(grown.status, 503, "a change that needs room");
+    assert_eq!(grown.text(), "session store unavailable");
+    assert!(grown.headers_named("set-cookie").is_empty());
+    let fresh = get(proxy.port, "/", &[("X-Test-Update", r#"{"n": 1}"#)]);
+    assert_eq!(fresh.status, 503, "a new session cannot be stored either");
+    assert!(fresh.headers_named("set-cookie").is_empty());
+    assert_eq!(get(admin, "/healthz", &[]).status, 503);
+    assert_eq!(records(&config), before, "nothing written, nothing torn");
+    let read = browser.get("/", &[]);
+    assert_eq!(read.status, 200, "a read needs no room");
+    assert_eq!(read.session()["data"], serde_json::json!({"a": 1}));
+    assert_eq!(browser.cookie.as_deref(), Some(cookie.as_str()));
+
+    std::fs::remove_file(disk.path().join("filler")).unwrap();
+    assert_eq!(get(admin, "/healthz", &[]).status, 200);
+    assert_eq!(browser.get("/", &[("X-Test-Update", &big)]).status, 200);
+    let data = browser.get("/", &[]).session()["data"].clone();
+    assert_eq!(data["a"], 1);
+    assert_eq!(data["big"].as_str().map(str::len), Some(6000));
+}
+
 #[test]
 fn requests_go_round_robin_over_the_upstream_addresses() {
     let upstreams = [CountingUpstream::start(), CountingUpstream::start()];

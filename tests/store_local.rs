@@ -4,6 +4,8 @@
 #[path = "support/store_cases.rs"]
 #[macro_use]
 mod store_cases;
+#[path = "support/small_fs.rs"]
+mod small_fs;
 
 use std::fs;
 use std::os::unix::ffi::OsStringExt;
@@ -17,6 +19,7 @@ use session_proxy::config::StoreKind;
 use session_proxy::store::disk::DiskStore;
 use session_proxy::store::memory::MemoryStore;
 use session_proxy::store::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
+use small_fs::SmallFileSystem;
 
 store_cases!(memory, async {
     Arc::new(MemoryStore::new(1000)) as Arc<dyn Store>
@@ -351,55 +354,18 @@ mod disk_store {
     /// session: the health check must say so.
     #[tokio::test]
     async fn a_full_disk_fails_the_health_check() {
-        let Some(small) = SmallFileSystem::mount() else {
+        let dir = TempDir::new();
+        let Some(small) = SmallFileSystem::mount(&dir.0, "64k") else {
             return;
         };
-        let store = DiskStore::open(&small.0, false).unwrap();
+        let store = DiskStore::open(small.path(), false).unwrap();
         store.ping().await.unwrap();
-        let mut filler = fs::File::create(small.0.join("filler")).unwrap();
-        while std::io::Write::write_all(&mut filler, &[0; 1024]).is_ok() {}
+        small.fill("filler");
         let checked = store.ping().await;
         assert!(
             matches!(&checked, Err(StoreError::Unavailable(message)) if message.contains("No space left")),
             "{checked:?}"
         );
-    }
-
-    /// A 64 KiB tmpfs, unmounted on drop; `None`, loudly, where this
-    /// process may not mount one (not root), unless the services are
-    /// required (CI, which runs as root).
-    struct SmallFileSystem(PathBuf);
-
-    impl SmallFileSystem {
-        fn mount() -> Option<SmallFileSystem> {
-            let dir = TempDir::new();
-            let mounted = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-                .arg(&dir.0)
-                .status()
-                .is_ok_and(|status| status.success());
-            if !mounted {
-                assert!(
-                    std::env::var("SESSION_PROXY_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                    "cannot mount a small tmpfs, and SESSION_PROXY_REQUIRE_SERVICES=1"
-                );
-                eprintln!("SKIPPED: cannot mount a small tmpfs here (not root?)");
-                return None;
-            }
-            let path = dir.0.clone();
-            std::mem::forget(dir);
-            Some(SmallFileSystem(path))
-        }
-    }
-
-    impl Drop for SmallFileSystem {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-            let _ = fs::remove_dir_all(&self.0);
-        }
     }
 
     /// One spare per stored session (the version before last, which the

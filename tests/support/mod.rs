@@ -14,6 +14,7 @@ pub mod recorder;
 pub mod redis_cluster;
 mod redis_server;
 pub mod shared;
+pub mod small_fs;
 pub mod test_ca;
 #[allow(unused_imports)] // used by some of the test crates that include this module
 pub use redis_server::{installed, redis_server_installed};
