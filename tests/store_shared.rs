@@ -78,12 +78,58 @@ fn block_on_fresh<F: std::future::Future<Output = ()> + Send + 'static>(work: F)
     .join();
 }
 
+/// A fresh place on a shared server (a table, a key prefix) to make stores
+/// on: what a test written once for both servers may ask of it.
+trait Server: Sized {
+    type Store: Store + 'static;
+
+    /// `None` when the server is absent: a loud skip, or a failure under
+    /// `SESSION_PROXY_REQUIRE_SERVICES=1`.
+    async fn new() -> Option<Self>;
+
+    /// The server's address, for a relay in front of it.
+    fn addr(&self) -> &'static str;
+
+    /// A store on it, as a proxy has.
+    async fn store(&self) -> Self::Store;
+
+    /// A store on it that reaches the server through 127.0.0.1:`port` (a
+    /// relay) and gives up after `timeout`.
+    async fn store_via(&self, port: u16, timeout: Duration) -> Self::Store;
+}
+
+/// `on_both_servers!(#[tokio::test(…)] postgres_NAME, redis_NAME, |server| { … })`:
+/// one test body, run as `postgres_NAME` on a fresh [`PgTable`] and as
+/// `redis_NAME` on a fresh [`RedisPrefix`], each skipped when its server is
+/// absent. The body sees `server` only as a [`Server`].
+macro_rules! on_both_servers {
+    (@on $fixture:ty, |$server:ident| $body:block) => {
+        async fn case<S: Server>($server: S) $body
+        if let Some(server) = <$fixture as Server>::new().await {
+            case(server).await;
+        }
+    };
+    ($(#[$attr:meta])* $postgres:ident, $redis:ident, |$server:ident| $body:block) => {
+        $(#[$attr])*
+        async fn $postgres() {
+            on_both_servers!(@on PgTable, |$server| $body);
+        }
+
+        $(#[$attr])*
+        async fn $redis() {
+            on_both_servers!(@on RedisPrefix, |$server| $body);
+        }
+    };
+}
+
 /// A fresh table name, dropped with the guard.
 struct PgTable {
     name: String,
 }
 
-impl PgTable {
+impl Server for PgTable {
+    type Store = PostgresStore;
+
     async fn new() -> Option<PgTable> {
         service_up("PostgreSQL", POSTGRES_ADDR)
             .await
@@ -92,10 +138,21 @@ impl PgTable {
             })
     }
 
+    fn addr(&self) -> &'static str {
+        POSTGRES_ADDR
+    }
+
     async fn store(&self) -> PostgresStore {
         PostgresStore::connect(POSTGRES_URL, &self.name, 4, PATIENT)
             .await
             .expect("connect to PostgreSQL")
+    }
+
+    async fn store_via(&self, port: u16, timeout: Duration) -> PostgresStore {
+        let url = format!("postgres://postgres@127.0.0.1:{port}/test");
+        PostgresStore::connect(&url, &self.name, 2, timeout)
+            .await
+            .expect("connect to PostgreSQL through the relay")
     }
 }
 
@@ -123,7 +180,9 @@ struct RedisPrefix {
     urls: String,
 }
 
-impl RedisPrefix {
+impl Server for RedisPrefix {
+    type Store = RedisStore;
+
     async fn new() -> Option<RedisPrefix> {
         service_up("Redis", REDIS_ADDR).await.then(|| RedisPrefix {
             prefix: format!("{}:", unique("test_session")),
@@ -131,10 +190,21 @@ impl RedisPrefix {
         })
     }
 
+    fn addr(&self) -> &'static str {
+        REDIS_ADDR
+    }
+
     async fn store(&self) -> RedisStore {
         RedisStore::connect(&self.urls, &self.prefix, PATIENT, IDLE_TTL)
             .await
             .expect("connect to Redis")
+    }
+
+    async fn store_via(&self, port: u16, timeout: Duration) -> RedisStore {
+        let url = format!("redis://127.0.0.1:{port}");
+        RedisStore::connect(&url, &self.prefix, timeout, IDLE_TTL)
+            .await
+            .expect("connect to Redis through the relay")
     }
 }
 
@@ -560,6 +630,235 @@ where
     }
 }
 
+/// Forwards 127.0.0.1:`port` to `target`. `wedge` silences every
+/// connection open at that moment for good, both ends held open (a peer
+/// gone behind a black hole, a firewall or NAT that dropped the flow), while
+/// connections made afterwards are forwarded as before: the server itself
+/// answers.
+struct WedgingRelay {
+    port: u16,
+    wedged: tokio::sync::watch::Sender<u64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl WedgingRelay {
+    async fn start(target: &str) -> WedgingRelay {
+        let target: SocketAddr = target.parse().expect("target address");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let wedged = tokio::sync::watch::channel(0u64).0;
+        let epochs = wedged.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut epoch = epochs.subscribe();
+                let born = *epoch.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let wedged = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        _ = epoch.wait_for(|epoch| *epoch > born) => true,
+                    };
+                    if wedged {
+                        // Silent for good, both ends still open.
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+        WedgingRelay {
+            port,
+            wedged,
+            accept,
+        }
+    }
+
+    fn wedge(&self) {
+        self.wedged.send_modify(|epoch| *epoch += 1);
+    }
+}
+
+impl Drop for WedgingRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Both servers: each test written once (`on_both_servers!`).
+
+on_both_servers!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    postgres_round_trip,
+    redis_round_trip,
+    |server| {
+        round_trip(&server.store().await).await;
+    }
+);
+
+on_both_servers!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    postgres_increments_from_two_instances_all_count,
+    redis_increments_from_two_instances_all_count,
+    |server| {
+        let (first, second) = (server.store().await, server.store().await);
+        increments_from_two_instances_all_count(Arc::new(first), Arc::new(second), 50).await;
+    }
+);
+
+on_both_servers!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    postgres_writes_of_different_keys_all_survive,
+    redis_writes_of_different_keys_all_survive,
+    |server| {
+        let (first, second) = (server.store().await, server.store().await);
+        writes_of_different_keys_all_survive(Arc::new(first), Arc::new(second)).await;
+    }
+);
+
+/// A record whose data holds numbers `jsonb` writes out in its own way.
+fn record_with_unusual_numbers(t: u64) -> Record {
+    record(
+        json!({"big": 1e16, "negative_zero": -0.0, "huge": 1e300}),
+        t,
+        t,
+    )
+}
+
+on_both_servers!(
+    /// SPEC [4.4]: a touch writes the access time and leaves the data (and
+    /// `ver`) as they are. The data is kept as the JSON text it was written
+    /// as (`fuzz_regressions`: a float must come back the float it was).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    postgres_a_touch_leaves_the_data_as_written,
+    redis_a_touch_leaves_the_data_as_written,
+    |server| {
+        let store = server.store().await;
+        let handle = handle(22);
+        let t = now() - 1000;
+        let stored = record_with_unusual_numbers(t);
+        let text = stored.data.as_str();
+        assert!(
+            text.contains(":1e+16") && text.contains(":1e+300") && text.contains(":-0.0"),
+            "{text}"
+        );
+        put(&store, &handle, &stored).await;
+        assert!(store.touch(&handle, t + 500).await.unwrap());
+        let touched = store.load(&handle).await.unwrap().expect("stored");
+        assert_eq!((touched.atime, touched.ver), (t + 500, stored.ver));
+        assert_eq!(touched.data.as_str(), stored.data.as_str());
+    }
+);
+
+on_both_servers!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    postgres_fails_within_the_timeout_while_cut_off_and_recovers_by_itself,
+    redis_fails_within_the_timeout_while_cut_off_and_recovers_by_itself,
+    |server| {
+        let mut relay = Relay::start(server.addr()).await;
+        let store = server.store_via(relay.port, TIMEOUT).await;
+        let handle = handle(7);
+        let write_and_read = || async {
+            increment(&store, &handle).await?;
+            store.load(&handle).await.map(|_| ())
+        };
+        for fault in [Fault::Stopped, Fault::Frozen] {
+            survives(&mut relay, fault, write_and_read).await;
+            survives(&mut relay, fault, || store.ping()).await;
+        }
+    }
+);
+
+/// Once the connection in use hangs, the store fails within its timeout
+/// (as `survives` checks) and then gets through to the server again on a
+/// new connection, without the old one coming back.
+async fn a_hung_connection_is_replaced(store: &dyn Store, relay: &WedgingRelay, handle: &Handle) {
+    increment(store, handle)
+        .await
+        .expect("works through the relay");
+    relay.wedge();
+    let started = Instant::now();
+    let outcome = store.load(handle).await;
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < TIMEOUT + Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.load(handle).await {
+            Ok(Some(record)) => {
+                assert_eq!(count_of(&record), 1);
+                break;
+            }
+            other if Instant::now() < deadline => {
+                eprintln!("not yet recovered: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!(
+                "the server answers new connections, but the store still fails \
+                 10 s after its connection hung: {other:?}"
+            ),
+        }
+    }
+}
+
+on_both_servers!(
+    // One thread, so that the store has one connection (per thread) to lose.
+    #[tokio::test(flavor = "current_thread")]
+    postgres_replaces_a_connection_that_hangs,
+    redis_replaces_a_connection_that_hangs,
+    |server| {
+        let relay = WedgingRelay::start(server.addr()).await;
+        let store = server.store_via(relay.port, TIMEOUT).await;
+        a_hung_connection_is_replaced(&store, &relay, &handle(31)).await;
+    }
+);
+
+on_both_servers!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    postgres_lease_serializes_blind_read_modify_writes,
+    redis_lease_serializes_blind_read_modify_writes,
+    |server| {
+        let stores = [
+            Arc::new(server.store().await),
+            Arc::new(server.store().await),
+        ];
+        let handle = handle(9);
+        let mut tasks = JoinSet::new();
+        for i in 0..20 {
+            let (store, handle) = (Arc::clone(&stores[i % 2]), handle.clone());
+            tasks.spawn(async move {
+                // Through `Store`, as the proxy takes it. The TTL is for
+                // Redis: a PostgreSQL lock lasts as long as its connection.
+                let lease = store
+                    .acquire_lease(&handle, Duration::from_secs(10), Duration::from_secs(2))
+                    .await?
+                    .expect("a store that leases");
+                blind_increment(store.as_ref(), &handle).await?;
+                lease.release().await
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.expect("task").expect("leased increment");
+        }
+        let stored = stores[0].load(&handle).await.unwrap().expect("stored");
+        assert_eq!(count_of(&stored), 20);
+    }
+);
+
+/// A read, a pause and a write that ignores what is stored by then: what
+/// `lock = true` protects (an app's own read-modify-write across requests).
+async fn blind_increment(store: &dyn Store, handle: &Handle) -> Result<(), StoreError> {
+    let read = store.load(handle).await?;
+    let count = read.as_ref().map_or(0, count_of);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let next = read.unwrap_or_else(|| record(json!({}), now(), now()));
+    put(store, handle, &with(next, "count", json!(count + 1))).await;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // PostgreSQL
 
@@ -730,14 +1029,6 @@ async fn postgres_creates_the_web_py_table_when_missing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_round_trip() {
-    let Some(table) = PgTable::new().await else {
-        return;
-    };
-    round_trip(&table.store().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_touch_keeps_the_atime_column_current() {
     let Some(table) = PgTable::new().await else {
         return;
@@ -760,24 +1051,6 @@ async fn postgres_touch_keeps_the_atime_column_current() {
         .unwrap()
         .get(0);
     assert_eq!(atime, (t + 500) as i64);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_increments_from_two_instances_all_count() {
-    let Some(table) = PgTable::new().await else {
-        return;
-    };
-    let (first, second) = (table.store().await, table.store().await);
-    increments_from_two_instances_all_count(Arc::new(first), Arc::new(second), 50).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_writes_of_different_keys_all_survive() {
-    let Some(table) = PgTable::new().await else {
-        return;
-    };
-    let (first, second) = (table.store().await, table.store().await);
-    writes_of_different_keys_all_survive(Arc::new(first), Arc::new(second)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -908,50 +1181,6 @@ async fn postgres_a_record_holding_a_nul_character_stays_writable() {
     assert_eq!(stored.data, seen.data);
 }
 
-/// A record whose data holds numbers `jsonb` writes out in its own way.
-fn record_with_unusual_numbers(t: u64) -> Record {
-    record(
-        json!({"big": 1e16, "negative_zero": -0.0, "huge": 1e300}),
-        t,
-        t,
-    )
-}
-
-/// SPEC [4.4]: a touch writes the access time and leaves the data (and
-/// `ver`) as they are. The data is kept as the JSON text it was written
-/// as (`fuzz_regressions`: a float must come back the float it was).
-async fn a_touch_leaves_the_data_as_written(store: &dyn Store) {
-    let handle = handle(22);
-    let t = now() - 1000;
-    let stored = record_with_unusual_numbers(t);
-    let text = stored.data.as_str();
-    assert!(
-        text.contains(":1e+16") && text.contains(":1e+300") && text.contains(":-0.0"),
-        "{text}"
-    );
-    put(store, &handle, &stored).await;
-    assert!(store.touch(&handle, t + 500).await.unwrap());
-    let touched = store.load(&handle).await.unwrap().expect("stored");
-    assert_eq!((touched.atime, touched.ver), (t + 500, stored.ver));
-    assert_eq!(touched.data.as_str(), stored.data.as_str());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_touch_leaves_the_data_as_written() {
-    let Some(table) = PgTable::new().await else {
-        return;
-    };
-    a_touch_leaves_the_data_as_written(&table.store().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_a_touch_leaves_the_data_as_written() {
-    let Some(prefix) = RedisPrefix::new().await else {
-        return;
-    };
-    a_touch_leaves_the_data_as_written(&prefix.store().await).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sweeps_expired_records_in_batches() {
     let Some(table) = PgTable::new().await else {
@@ -996,27 +1225,6 @@ async fn postgres_sweeps_expired_records_in_batches() {
     assert_eq!(store.delete_expired(t, with_absolute).await.unwrap(), 1);
     assert_eq!(store.load(&old).await.unwrap(), None);
     assert_eq!(store.list().await.unwrap().len(), 10);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_fails_within_the_timeout_while_cut_off_and_recovers_by_itself() {
-    let Some(table) = PgTable::new().await else {
-        return;
-    };
-    let mut relay = Relay::start(POSTGRES_ADDR).await;
-    let url = format!("postgres://postgres@127.0.0.1:{}/test", relay.port);
-    let store = PostgresStore::connect(&url, &table.name, 2, TIMEOUT)
-        .await
-        .unwrap();
-    let handle = handle(7);
-    let write_and_read = || async {
-        increment(&store, &handle).await?;
-        store.load(&handle).await.map(|_| ())
-    };
-    for fault in [Fault::Stopped, Fault::Frozen] {
-        survives(&mut relay, fault, write_and_read).await;
-        survives(&mut relay, fault, || store.ping()).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1072,43 +1280,6 @@ fn handle_b() -> Handle {
     handle(99)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_lease_serializes_blind_read_modify_writes() {
-    let Some(table) = PgTable::new().await else {
-        return;
-    };
-    let stores: [Arc<PostgresStore>; 2] =
-        [Arc::new(table.store().await), Arc::new(table.store().await)];
-    let handle = handle(9);
-    let mut tasks = JoinSet::new();
-    for i in 0..20 {
-        let (store, handle) = (Arc::clone(&stores[i % 2]), handle.clone());
-        tasks.spawn(async move {
-            let lease = store
-                .acquire_lease(&handle, Duration::from_secs(10), Duration::from_secs(5))
-                .await?;
-            blind_increment(store.as_ref(), &handle).await?;
-            lease.release().await
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.expect("task").expect("leased increment");
-    }
-    let stored = stores[0].load(&handle).await.unwrap().expect("stored");
-    assert_eq!(count_of(&stored), 20);
-}
-
-/// A read, a pause and a write that ignores what is stored by then: what
-/// `lock = true` protects (an app's own read-modify-write across requests).
-async fn blind_increment(store: &dyn Store, handle: &Handle) -> Result<(), StoreError> {
-    let read = store.load(handle).await?;
-    let count = read.as_ref().map_or(0, count_of);
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let next = read.unwrap_or_else(|| record(json!({}), now(), now()));
-    put(store, handle, &with(next, "count", json!(count + 1))).await;
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------
 // Redis
 
@@ -1121,14 +1292,6 @@ async fn ttl_of(key: &str) -> i64 {
         .query_async(&mut connection)
         .await
         .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_round_trip() {
-    let Some(prefix) = RedisPrefix::new().await else {
-        return;
-    };
-    round_trip(&prefix.store().await).await;
 }
 
 /// `modify_seen` checks the version in the write itself: a record whose
@@ -1301,24 +1464,6 @@ async fn redis_touch_handles_a_record_written_in_another_layout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_increments_from_two_instances_all_count() {
-    let Some(prefix) = RedisPrefix::new().await else {
-        return;
-    };
-    let (first, second) = (prefix.store().await, prefix.store().await);
-    increments_from_two_instances_all_count(Arc::new(first), Arc::new(second), 50).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_writes_of_different_keys_all_survive() {
-    let Some(prefix) = RedisPrefix::new().await else {
-        return;
-    };
-    let (first, second) = (prefix.store().await, prefix.store().await);
-    writes_of_different_keys_all_survive(Arc::new(first), Arc::new(second)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_value_that_is_not_a_record_is_corrupt_and_not_listed() {
     let Some(prefix) = RedisPrefix::new().await else {
         return;
@@ -1413,143 +1558,6 @@ async fn redis_sweep_deletes_records_past_the_absolute_timeout() {
     assert!(store.load(&young).await.unwrap().is_some());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_fails_within_the_timeout_while_cut_off_and_recovers_by_itself() {
-    let Some(prefix) = RedisPrefix::new().await else {
-        return;
-    };
-    let mut relay = Relay::start(REDIS_ADDR).await;
-    let url = format!("redis://127.0.0.1:{}", relay.port);
-    let store = RedisStore::connect(&url, &prefix.prefix, TIMEOUT, IDLE_TTL)
-        .await
-        .unwrap();
-    let handle = handle(15);
-    let write_and_read = || async {
-        increment(&store, &handle).await?;
-        store.load(&handle).await.map(|_| ())
-    };
-    for fault in [Fault::Stopped, Fault::Frozen] {
-        survives(&mut relay, fault, write_and_read).await;
-        survives(&mut relay, fault, || store.ping()).await;
-    }
-}
-
-/// Forwards 127.0.0.1:`port` to `target`. `wedge` silences every
-/// connection open at that moment for good, both ends held open (a peer
-/// gone behind a black hole, a firewall or NAT that dropped the flow), while
-/// connections made afterwards are forwarded as before: the server itself
-/// answers.
-struct WedgingRelay {
-    port: u16,
-    wedged: tokio::sync::watch::Sender<u64>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl WedgingRelay {
-    async fn start(target: &str) -> WedgingRelay {
-        let target: SocketAddr = target.parse().expect("target address");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        let port = listener.local_addr().expect("relay address").port();
-        let wedged = tokio::sync::watch::channel(0u64).0;
-        let epochs = wedged.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let mut epoch = epochs.subscribe();
-                let born = *epoch.borrow_and_update();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    let wedged = tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
-                        _ = epoch.wait_for(|epoch| *epoch > born) => true,
-                    };
-                    if wedged {
-                        // Silent for good, both ends still open.
-                        std::future::pending::<()>().await;
-                    }
-                });
-            }
-        });
-        WedgingRelay {
-            port,
-            wedged,
-            accept,
-        }
-    }
-
-    fn wedge(&self) {
-        self.wedged.send_modify(|epoch| *epoch += 1);
-    }
-}
-
-impl Drop for WedgingRelay {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
-/// Once the connection in use hangs, the store fails within its timeout
-/// (as `survives` checks) and then gets through to the server again on a
-/// new connection, without the old one coming back.
-async fn a_hung_connection_is_replaced(store: &dyn Store, relay: &WedgingRelay, handle: &Handle) {
-    increment(store, handle)
-        .await
-        .expect("works through the relay");
-    relay.wedge();
-    let started = Instant::now();
-    let outcome = store.load(handle).await;
-    assert!(
-        matches!(outcome, Err(StoreError::Unavailable(_))),
-        "{outcome:?}"
-    );
-    assert!(started.elapsed() < TIMEOUT + Duration::from_secs(1));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match store.load(handle).await {
-            Ok(Some(record)) => {
-                assert_eq!(count_of(&record), 1);
-                break;
-            }
-            other if Instant::now() < deadline => {
-                eprintln!("not yet recovered: {other:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => panic!(
-                "the server answers new connections, but the store still fails \
-                 10 s after its connection hung: {other:?}"
-            ),
-        }
-    }
-}
-
-// One thread, so that the store has one connection (per thread) to lose.
-#[tokio::test(flavor = "current_thread")]
-async fn redis_replaces_a_connection_that_hangs() {
-    let Some(prefix) = RedisPrefix::new().await else {
-        return;
-    };
-    let relay = WedgingRelay::start(REDIS_ADDR).await;
-    let url = format!("redis://127.0.0.1:{}", relay.port);
-    let store = RedisStore::connect(&url, &prefix.prefix, TIMEOUT, IDLE_TTL)
-        .await
-        .unwrap();
-    a_hung_connection_is_replaced(&store, &relay, &handle(31)).await;
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn postgres_replaces_a_connection_that_hangs() {
-    let Some(table) = PgTable::new().await else {
-        return;
-    };
-    let relay = WedgingRelay::start(POSTGRES_ADDR).await;
-    let url = format!("postgres://postgres@127.0.0.1:{}/test", relay.port);
-    let store = PostgresStore::connect(&url, &table.name, 2, TIMEOUT)
-        .await
-        .unwrap();
-    a_hung_connection_is_replaced(&store, &relay, &handle(32)).await;
-}
-
 /// Writers of one session take turns in the process (`Serialized`, as
 /// `store::open` wraps Redis and PostgreSQL) before they reach the server.
 /// With the server hung, a wait for a turn gives up within the timeout
@@ -1560,10 +1568,7 @@ async fn redis_writers_of_one_session_all_fail_within_two_timeouts_while_it_hang
         return;
     };
     let mut relay = Relay::start(REDIS_ADDR).await;
-    let url = format!("redis://127.0.0.1:{}", relay.port);
-    let redis = RedisStore::connect(&url, &prefix.prefix, TIMEOUT, IDLE_TTL)
-        .await
-        .unwrap();
+    let redis = prefix.store_via(relay.port, TIMEOUT).await;
     let store = Arc::new(Serialized::new(redis, TIMEOUT));
     let handle = handle(21);
     increment(&*store, &handle).await.unwrap();
@@ -1647,34 +1652,6 @@ async fn redis_lease_is_exclusive_refreshed_while_held_and_expires_after_a_crash
         vec![],
         "lease keys are not sessions"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_lease_serializes_blind_read_modify_writes() {
-    let Some(prefix) = RedisPrefix::new().await else {
-        return;
-    };
-    let stores: [Arc<RedisStore>; 2] = [
-        Arc::new(prefix.store().await),
-        Arc::new(prefix.store().await),
-    ];
-    let handle = handle(17);
-    let mut tasks = JoinSet::new();
-    for i in 0..20 {
-        let (store, handle) = (Arc::clone(&stores[i % 2]), handle.clone());
-        tasks.spawn(async move {
-            let lease = store
-                .acquire_lease(&handle, Duration::from_secs(10), Duration::from_secs(2))
-                .await?;
-            blind_increment(store.as_ref(), &handle).await?;
-            lease.release().await
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.expect("task").expect("leased increment");
-    }
-    let stored = stores[0].load(&handle).await.unwrap().expect("stored");
-    assert_eq!(count_of(&stored), 20);
 }
 
 // ---------------------------------------------------------------------------
