@@ -41,7 +41,7 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum SessionsCommand {
-    /// One line per session: handle, created, last access, data size.
+    /// One line per session: handle, created, last access, data size, ver.
     List,
     /// The record of one session, as JSON.
     Show { handle: String },

@@ -14,7 +14,7 @@ use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{
     CertificateDer, ClientHello, CryptoProvider, PrivateKeyDer, ResolvesServerCert, RootCertStore,
 };
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 
 use crate::config::TlsFiles;
 
@@ -121,8 +121,9 @@ pub fn certified_key_of(cert: &Path, key: &Path) -> Result<CertifiedKey, (Part, 
         (
             Part::Key,
             format!(
-                "{}: no private key read: {e}; expected a PEM file with one PKCS#8, PKCS#1 or SEC1 key",
-                key.display()
+                "{}: no private key read: {}; expected a PEM file with one PKCS#8, PKCS#1 or SEC1 key",
+                key.display(),
+                pem_problem(&e)
             ),
         )
     })?;
@@ -188,13 +189,33 @@ pub fn system_roots() -> Result<RootCertStore, String> {
 /// a plain-HTTP proxy must not depend on them.
 pub const NO_CA_FILE: &str = "/dev/null";
 
+/// A PEM file's problem in words. The crate's own message shows a section's
+/// label as a list of byte values ("missing section end marker: [67, 69, …]").
+fn pem_problem(error: &pem::Error) -> String {
+    let text = |bytes: &[u8]| {
+        let mut text = String::from_utf8_lossy(bytes).trim().to_string();
+        text.truncate(80);
+        text
+    };
+    match error {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "the file ends before the line \"-----END {}-----\" (cut short?)",
+            text(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => {
+            format!("malformed PEM section start {:?}", text(line))
+        }
+        other => other.to_string(),
+    }
+}
+
 /// Every certificate of a PEM file; at least one.
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let unreadable = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let unreadable = |e: pem::Error| format!("{}: {}", path.display(), pem_problem(&e));
     let certificates = CertificateDer::pem_file_iter(path)
-        .map_err(|e| unreadable(&e))?
+        .map_err(unreadable)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| unreadable(&e))?;
+        .map_err(unreadable)?;
     if certificates.is_empty() {
         return Err(format!(
             "{}: no certificate found; expected PEM (\"-----BEGIN CERTIFICATE-----\")",

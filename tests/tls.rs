@@ -142,10 +142,21 @@ fn bad_tls_files_are_config_errors() {
     let (_other_cert, other_key) = ca.issue("other", &["127.0.0.1"]);
     let not_pem = ca.dir.path().join("not.pem");
     std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    // Copied in part, as a file cut short in transit is.
+    let cut = |path: &std::path::Path, name: &str| {
+        let whole = std::fs::read(path).unwrap();
+        let cut = ca.dir.path().join(name);
+        std::fs::write(&cut, &whole[..100]).unwrap();
+        cut
+    };
+    let (cut_cert, cut_key) = (cut(&cert, "cut.crt"), cut(&key, "cut.key"));
+    let cut_short = "ends before the line \"-----END";
 
     let cases = [
         (&not_pem, &key, "no certificate found", "server.tls_cert"),
+        (&cut_cert, &key, cut_short, "server.tls_cert"),
         (&cert, &not_pem, "no private key", "server.tls_key"),
+        (&cert, &cut_key, cut_short, "server.tls_key"),
         (
             &cert,
             &other_key,
