@@ -25,10 +25,13 @@ pub fn run(config: Config, upgrade: bool) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // Named as `check` names it: with several proxies on one host, which
+    // config could not start.
+    let file = config.file.clone();
     match crate::server::run(config, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("session-proxy: {e}");
+            eprintln!("session-proxy: {}: {e}", file.display());
             ExitCode::FAILURE
         }
     }

@@ -196,11 +196,20 @@ fn the_secret_can_come_from_the_environment() {
 }
 
 #[test]
-fn check_exits_1_when_the_store_is_unreachable() {
+fn check_and_run_exit_1_naming_the_config_when_the_store_is_unreachable() {
     let mut config = ProxyConfig::new(free_port());
     config.store = vec!["path = \"/dev/null/sessions\"".into()];
-    let output = run_cli(&["check", "-c", config.write().to_str().unwrap()], &[]);
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let path = config.write();
+    let path = path.to_str().unwrap();
+    for command in ["check", "run"] {
+        let output = run_cli(&[command, "-c", path], &[]);
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{command}: {message}");
+        assert!(
+            message.starts_with(&format!("session-proxy: {path}: session store unavailable")),
+            "{command}: {message}"
+        );
+    }
 }
 
 #[test]
