@@ -192,10 +192,14 @@ pub const NO_CA_FILE: &str = "/dev/null";
 /// A PEM file's problem in words. The crate's own message shows a section's
 /// label as a list of byte values ("missing section end marker: [67, 69, …]").
 fn pem_problem(error: &pem::Error) -> String {
-    let text = |bytes: &[u8]| {
-        let mut text = String::from_utf8_lossy(bytes).trim().to_string();
-        text.truncate(80);
-        text
+    // At most 80 characters of what the file holds: by characters, since
+    // the file may hold anything and a byte count can split one.
+    let text = |bytes: &[u8]| -> String {
+        String::from_utf8_lossy(bytes)
+            .trim()
+            .chars()
+            .take(80)
+            .collect()
     };
     match error {
         pem::Error::MissingSectionEnd { end_marker } => format!(
@@ -223,4 +227,30 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         ));
     }
     Ok(certificates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_problems_read_as_words_and_any_bytes_are_cut_safely() {
+        let cut = pem::Error::MissingSectionEnd {
+            end_marker: b"CERTIFICATE".to_vec(),
+        };
+        assert_eq!(
+            pem_problem(&cut),
+            "the file ends before the line \"-----END CERTIFICATE-----\" (cut short?)"
+        );
+        // Not UTF-8, and a multi-byte character across the 80th byte.
+        let mut line = b"-----BEGIN ".to_vec();
+        line.extend("é".repeat(100).as_bytes());
+        line.extend([0xff, 0xfe]);
+        let problem = pem_problem(&pem::Error::IllegalSectionStart { line });
+        assert!(
+            problem.starts_with("malformed PEM section start \"-----BEGIN éé"),
+            "{problem}"
+        );
+        assert_eq!(problem.chars().filter(|&c| c == 'é').count(), 80 - 11);
+    }
 }
