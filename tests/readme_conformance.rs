@@ -987,3 +987,37 @@ fn a_disk_record_that_cannot_be_decoded_is_logged_by_handle_prefix_and_treated_a
         assert!(!text.contains(secret), "{secret} in {text}");
     }
 }
+
+/// "`ver` grows by one per response that changes the session's data or id":
+/// a `regenerate` with an update in the same response is one change.
+#[test]
+fn a_regenerate_with_an_update_in_one_response_raises_ver_by_one() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a": 1}"#)]);
+    let first = browser.cookie.clone().unwrap();
+    assert_eq!(browser.get("/", &[]).session()["ver"], 1);
+
+    browser.get("/", &[("X-Test-Action", "regenerate")]);
+    assert_ne!(browser.cookie.as_deref(), Some(first.as_str()));
+    assert_eq!(
+        browser.get("/", &[]).session()["ver"],
+        2,
+        "regenerate alone"
+    );
+
+    let second = browser.cookie.clone().unwrap();
+    browser.get(
+        "/",
+        &[
+            ("X-Test-Action", "regenerate"),
+            ("X-Test-Update", r#"{"b": 2}"#),
+        ],
+    );
+    assert_ne!(browser.cookie.as_deref(), Some(second.as_str()));
+    let session = browser.get("/", &[]).session();
+    assert_eq!(session["ver"], 3, "regenerate and update: one change");
+    assert_eq!(session["data"], serde_json::json!({"a": 1, "b": 2}));
+}
