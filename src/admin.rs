@@ -1,10 +1,13 @@
 //! The admin listener: `GET /healthz` and `GET /metrics` (SPEC [7]).
+//! `HEAD` answers the same head without the body; any other method is a
+//! 405 naming the two: neither path changes anything, and a 200 to a
+//! `DELETE /metrics` would suggest it had.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
@@ -32,8 +35,15 @@ impl ServeHttp for Admin {
     /// `server`): a slow head is cut off, an idle connection closed.
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         limits::head_received(session);
-        let path = session.req_header().uri.path().to_owned();
+        let request = session.req_header();
+        let path = request.uri.path().to_owned();
+        let readable = request.method == Method::GET || request.method == Method::HEAD;
         let (status, content_type, body) = match path.as_str() {
+            "/healthz" | "/metrics" if !readable => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                format!("method not allowed: {path} answers GET and HEAD").into_bytes(),
+            ),
             "/healthz" => match tokio::time::timeout(PING_TIMEOUT, self.store.health()).await {
                 Ok(Ok(())) => (StatusCode::OK, "text/plain", b"ok".to_vec()),
                 _ => (
@@ -55,8 +65,11 @@ impl ServeHttp for Admin {
         };
         // The answer is a few KB, written at once: the idle clock can start.
         limits::await_next_request(session);
-        Response::builder()
-            .status(status)
+        let mut response = Response::builder().status(status);
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            response = response.header(http::header::ALLOW, "GET, HEAD");
+        }
+        response
             .header(http::header::CONTENT_TYPE, content_type)
             .header(http::header::CONTENT_LENGTH, body.len())
             .body(body)

@@ -10,6 +10,11 @@ pub struct Metrics {
     registry: Registry,
     pub requests_session: IntCounter,
     pub requests_bypass: IntCounter,
+    /// Answers by status class, `1xx` to `5xx`: the rate of errors to
+    /// alert on, the proxy's own 502, 503 and 504 among them.
+    responses_by_class: [IntCounter; 5],
+    /// Requests being served now; shutdown waits for this to reach zero.
+    pub requests_in_flight: IntGauge,
     pub sessions_created: IntCounter,
     expired: IntCounterVec,
     /// Expired records the background sweep deleted.
@@ -45,6 +50,14 @@ impl Metrics {
             &["path"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let responses = IntCounterVec::new(
+            prometheus::Opts::new(
+                "session_proxy_responses_total",
+                "Requests answered, by status class (499, the client left first, is a 4xx)",
+            ),
+            &["class"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let expired = IntCounterVec::new(
             prometheus::Opts::new(
                 "session_proxy_sessions_expired_total",
@@ -72,6 +85,13 @@ impl Metrics {
         let metrics = Metrics {
             requests_session: requests.with_label_values(&["session"]),
             requests_bypass: requests.with_label_values(&["bypass"]),
+            responses_by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|class| responses.with_label_values(&[class])),
+            requests_in_flight: IntGauge::new(
+                "session_proxy_requests_in_flight",
+                "Requests being served now, from their head read to their log line",
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
             sessions_created: counter(
                 "session_proxy_sessions_created_total",
                 "Sessions stored for the first time",
@@ -109,6 +129,8 @@ impl Metrics {
         };
         for collector in [
             Box::new(requests) as Box<dyn prometheus::core::Collector>,
+            Box::new(responses),
+            Box::new(metrics.requests_in_flight.clone()),
             Box::new(metrics.expired.clone()),
             Box::new(metrics.sessions_created.clone()),
             Box::new(metrics.sessions_swept.clone()),
@@ -124,6 +146,14 @@ impl Metrics {
             metrics.expired.with_label_values(&[reason]);
         }
         metrics
+    }
+
+    /// Counts an answer of `status` in its class; none outside 100..=599.
+    pub fn responded(&self, status: u16) {
+        let class = usize::from(status / 100).wrapping_sub(1);
+        if let Some(counter) = self.responses_by_class.get(class) {
+            counter.inc();
+        }
     }
 
     pub fn expired(&self, reason: &str) {

@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use async_trait::async_trait;
 use log::{info, warn};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use prometheus::IntGauge;
 use tokio::net::TcpSocket;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
@@ -279,7 +279,7 @@ fn store_runtime() -> Result<tokio::runtime::Runtime, String> {
 /// new process waiting, SIGQUIT changes nothing: stopping would leave
 /// the port closed.
 struct DrainOnSignal {
-    in_flight: Arc<AtomicUsize>,
+    in_flight: IntGauge,
     /// Flushed before the process exits.
     access_log: Option<Arc<AccessLog>>,
     grace: Duration,
@@ -384,15 +384,15 @@ impl DrainOnSignal {
 
 /// Waits until no request is in flight, or `grace` has passed, and exits,
 /// with the access log's lines written out.
-fn drain(in_flight: &AtomicUsize, grace: Duration, access_log: Option<&AccessLog>) {
+fn drain(in_flight: &IntGauge, grace: Duration, access_log: Option<&AccessLog>) {
     let deadline = Instant::now() + grace;
     // Let pingora close the listeners, and the clients that keep sending
     // take their last call, before counting.
     std::thread::sleep(LAST_CALL.min(grace).max(Duration::from_millis(50)));
-    while in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+    while in_flight.get() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let left = in_flight.load(Ordering::Acquire);
+    let left = in_flight.get();
     if left > 0 {
         warn!("grace period over with {left} request(s) in flight; exiting");
     } else {

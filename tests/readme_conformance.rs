@@ -611,6 +611,96 @@ fn metrics_count_bypassed_requests_refused_updates_and_swept_sessions_apart() {
     }
 }
 
+#[test]
+fn the_admin_answers_get_and_head_and_names_them_to_other_methods() {
+    // README: "`HEAD /healthz` and `HEAD /metrics` answer as `GET` without the body; other
+    // methods on them are `405` with `Allow: GET, HEAD`"
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let _proxy = config.start();
+    let admin = config.admin_port;
+    let ok = get(admin, "/healthz", &[]);
+    assert_eq!((ok.status, ok.text().as_str()), (200, "ok"));
+
+    let head = raw_exchange(
+        admin,
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    let answer = parse_response(&head, true).unwrap();
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&head));
+    assert!(head.ends_with(b"\r\n\r\n"), "HEAD sent a body: {head:?}");
+    assert_eq!(request(admin, "HEAD", "/metrics", &[]).status, 200);
+
+    for (method, path) in [
+        ("POST", "/healthz"),
+        ("DELETE", "/metrics"),
+        ("PUT", "/healthz"),
+    ] {
+        let refused = request(admin, method, path, &[]);
+        assert_eq!(refused.status, 405, "{method} {path}: {}", refused.text());
+        assert_eq!(
+            refused.header("allow"),
+            Some("GET, HEAD"),
+            "{method} {path}"
+        );
+        assert!(
+            refused.text().contains("GET and HEAD"),
+            "{}",
+            refused.text()
+        );
+    }
+    assert_eq!(request(admin, "POST", "/nowhere", &[]).status, 404);
+}
+
+#[test]
+fn metrics_count_answers_by_status_class_and_requests_in_flight() {
+    // README: "`session_proxy_responses_total` counts the answers by `class` (`1xx` to `5xx`
+    // ...), the proxy's own 502, 503 and 504 among them"
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let admin = config.admin_port;
+    let counts = || {
+        ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+            metric(
+                admin,
+                &format!("session_proxy_responses_total{{class=\"{class}\"}}"),
+            )
+        })
+    };
+    assert_eq!(counts(), [0.0; 5], "every class exported from the start");
+    for (status, headers) in [
+        (200, vec![]),
+        (200, vec![("X-Test-Update", r#"{"a":1}"#)]),
+        (302, vec![("X-Test-Status", "302")]),
+        (404, vec![("X-Test-Status", "404")]),
+        (500, vec![("X-Test-Status", "500")]),
+        (502, vec![("X-Test-Update", "[1]")]),
+    ] {
+        assert_eq!(get(proxy.port, "/", &headers).status, status, "{headers:?}");
+    }
+    assert_eq!(counts(), [0.0, 2.0, 1.0, 1.0, 2.0]);
+
+    // README: "`session_proxy_requests_in_flight` is the requests being served now"
+    let in_flight = || metric(admin, "session_proxy_requests_in_flight");
+    assert_eq!(in_flight(), 0.0);
+    let slow = [2500, 2500].map(|ms| slow_request(proxy.port, &[], "", ms));
+    assert!(
+        eventually(Duration::from_secs(2), || in_flight() == 2.0),
+        "two requests at the app: {}",
+        in_flight()
+    );
+    for request in slow {
+        assert_eq!(request.join().unwrap().status, 200);
+    }
+    assert!(
+        eventually(Duration::from_secs(2), || in_flight() == 0.0),
+        "{}",
+        in_flight()
+    );
+}
+
 // ---- README: configurations refused ----
 
 #[test]

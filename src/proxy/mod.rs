@@ -33,6 +33,7 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
+use prometheus::IntGauge;
 
 use crate::access_log::{self, AccessLog};
 use crate::config::{Config, CookieConfig};
@@ -58,7 +59,7 @@ pub struct SessionProxy {
     peers: Vec<HttpPeer>,
     next_peer: AtomicUsize,
     locks: HandleLocks,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: IntGauge,
     /// `None`: no access log, and nothing of it on the request path.
     access_log: Option<Arc<AccessLog>>,
 }
@@ -199,11 +200,11 @@ impl SessionProxy {
         Ok(SessionProxy {
             settings,
             store,
+            in_flight: metrics.requests_in_flight.clone(),
             metrics,
             peers,
             next_peer: AtomicUsize::new(0),
             locks: HandleLocks::default(),
-            in_flight: Arc::new(AtomicUsize::new(0)),
             access_log: None,
         })
     }
@@ -217,7 +218,7 @@ impl SessionProxy {
     /// The access log line of a finished request (`logging`). Out of
     /// line: the request path without an access log carries none of it.
     #[inline(never)]
-    fn log_access(&self, log: &AccessLog, session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+    fn log_access(&self, log: &AccessLog, session: &Session, status: u16, ctx: &RequestCtx) {
         let request = session.req_header();
         // As the session policy reads it: X-Forwarded-For only from a
         // trusted proxy.
@@ -229,14 +230,6 @@ impl SessionProxy {
             };
             policy::client_ip(peer, &forwarded_for, trusted)
         });
-        // nginx's 499: the client left before it had an answer.
-        let status = match (session.response_written(), e) {
-            (Some(head), _) => head.status.as_u16(),
-            (None, Some(e)) if failure_of(ctx, e) != Failure::ClientGone => {
-                failure_of(ctx, e).status()
-            }
-            (None, _) => 499,
-        };
         log.record(&access_log::Entry {
             client,
             request: access_log::Request::Parsed(request),
@@ -249,7 +242,7 @@ impl SessionProxy {
     }
 
     /// Requests being served now; shutdown waits for this to reach zero.
-    pub fn in_flight(&self) -> Arc<AtomicUsize> {
+    pub fn in_flight(&self) -> IntGauge {
         self.in_flight.clone()
     }
 
@@ -358,11 +351,11 @@ impl Route {
 }
 
 /// Counts a request as in flight for as long as it lives.
-struct InFlight(Arc<AtomicUsize>);
+struct InFlight(IntGauge);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.dec();
     }
 }
 
@@ -371,7 +364,7 @@ impl ProxyHttp for SessionProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.inc();
         RequestCtx {
             _in_flight: InFlight(self.in_flight.clone()),
             session: None,
@@ -632,8 +625,10 @@ impl ProxyHttp for SessionProxy {
     /// itself) still holds its turn here.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         release_turn(ctx).await;
+        let status = status_answered(session, e, ctx);
+        self.metrics.responded(status);
         if let Some(log) = &self.access_log {
-            self.log_access(log, session, e, ctx);
+            self.log_access(log, session, status, ctx);
         }
     }
 
@@ -688,6 +683,16 @@ async fn release_turn(ctx: &mut RequestCtx) {
         }
     }
     ctx.lock = None;
+}
+
+/// The status the client got: nginx's 499 when it left before it had an
+/// answer.
+fn status_answered(session: &Session, e: Option<&Error>, ctx: &RequestCtx) -> u16 {
+    match (session.response_written(), e) {
+        (Some(head), _) => head.status.as_u16(),
+        (None, Some(e)) if failure_of(ctx, e) != Failure::ClientGone => failure_of(ctx, e).status(),
+        (None, _) => 499,
+    }
 }
 
 /// Why a request failed: what the proxy decided, else what pingora reports.
