@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -165,17 +166,26 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         config.upstream.addresses,
         config.store.kind
     );
+    // A new process holds no listeners until the running one hands them
+    // over: a SIGQUIT sent to it meanwhile is a mistake, named in the log.
+    let listening = Arc::new(AtomicBool::new(!upgrade));
     if let (true, Some(sock)) = (upgrade, &config.server.upgrade_sock) {
         info!(
             "waiting about 6 s on {} for the listeners of the running proxy: send it SIGQUIT",
             sock.display()
         );
+        store_runtime.spawn(name_sigquit_while_waiting(
+            sock.clone(),
+            listening.clone(),
+            server.watch_execution_phase(),
+        ));
     }
     let drain = DrainOnSignal {
         in_flight,
         access_log,
         grace: Duration::from_secs(config.server.grace_period),
         upgrade_sock: config.server.upgrade_sock.clone(),
+        listening,
         phases: Mutex::new(Some(server.watch_execution_phase())),
     };
     server.run(RunArgs {
@@ -284,6 +294,9 @@ struct DrainOnSignal {
     access_log: Option<Arc<AccessLog>>,
     grace: Duration,
     upgrade_sock: Option<PathBuf>,
+    /// False while a new process (`run --upgrade`) waits for its listeners:
+    /// it has none to hand over.
+    listening: Arc<AtomicBool>,
     /// pingora's phases, to start draining only once it stops accepting.
     phases: Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
 }
@@ -336,6 +349,10 @@ impl DrainOnSignal {
             warn!("SIGQUIT ignored: set [server] upgrade_sock for upgrades without downtime; SIGTERM stops the proxy");
             return false;
         };
+        // Named in the log by `name_sigquit_while_waiting`.
+        if !self.listening.load(Ordering::Acquire) {
+            return false;
+        }
         let waited_since = Instant::now();
         while !is_socket(sock) {
             if waited_since.elapsed() >= NEW_PROCESS_WAIT {
@@ -379,6 +396,36 @@ impl DrainOnSignal {
             }
             drain(&in_flight, grace, access_log.as_deref());
         });
+    }
+}
+
+/// Until this new process has its listeners (pingora's bootstrap done),
+/// answers each SIGQUIT with a warning: the upgrade recipe sends it to the
+/// running proxy, and sent here it would otherwise make this process hand
+/// its own upgrade socket the listeners it does not have yet.
+async fn name_sigquit_while_waiting(
+    sock: PathBuf,
+    listening: Arc<AtomicBool>,
+    mut phases: broadcast::Receiver<ExecutionPhase>,
+) {
+    let Ok(mut quit) = signal(SignalKind::quit()) else {
+        listening.store(true, Ordering::Release);
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = quit.recv() => warn!(
+                "SIGQUIT ignored: this is the new process, still waiting on {} for the listeners; send SIGQUIT to the running proxy",
+                sock.display()
+            ),
+            phase = phases.recv() => match phase {
+                Ok(ExecutionPhase::BootstrapComplete) | Err(broadcast::error::RecvError::Closed) => {
+                    listening.store(true, Ordering::Release);
+                    return;
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            },
+        }
     }
 }
 

@@ -290,3 +290,61 @@ fn run_upgrade_without_upgrade_sock_is_a_usage_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("[server] upgrade_sock"), "{stderr}");
 }
+
+/// The recipe's easy mistake: SIGQUIT sent to the new process, which is
+/// still waiting for the listeners. It says so and goes on waiting, and
+/// the SIGQUIT then sent to the running proxy completes the upgrade.
+#[test]
+fn sigquit_to_the_new_process_while_it_waits_is_named_and_changes_nothing() {
+    let upstream = start_upstream();
+    let config = with_upgrade_sock(ProxyConfig::new(upstream.port));
+    let old_log = config.dir.path().join("old.log");
+    let mut old = config.start_logging("info", &old_log);
+    assert_eq!(get(config.port, "/", &[]).status, 200);
+
+    let new_log = config.dir.path().join("new.log");
+    let mut new = start_upgrading(&config, &new_log);
+    assert!(
+        eventually(Duration::from_secs(20), || upgrade_sock(&config).exists()),
+        "the new process waits on the upgrade socket"
+    );
+    signal(&new.child, "QUIT");
+    let named = eventually(Duration::from_secs(3), || {
+        std::fs::read_to_string(&new_log)
+            .unwrap()
+            .contains("SIGQUIT ignored: this is the new process")
+    });
+    let new_text = std::fs::read_to_string(&new_log).unwrap();
+    assert!(named, "new process log:\n{new_text}");
+    assert!(
+        new.child.try_wait().unwrap().is_none(),
+        "the new process waits on"
+    );
+
+    signal(&old.child, "QUIT");
+    assert_eq!(
+        wait_exit(&mut old.child, Duration::from_secs(30)).and_then(|status| status.code()),
+        Some(0),
+        "the old process hands over and exits 0"
+    );
+    assert_eq!(
+        get(config.port, "/", &[]).status,
+        200,
+        "served by the new one"
+    );
+    assert!(
+        new.child.try_wait().unwrap().is_none(),
+        "the new process serves on"
+    );
+    // Now that it has them, SIGQUIT is the next upgrade's, as usual.
+    signal(&new.child, "QUIT");
+    let looked = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&new_log)
+            .unwrap()
+            .contains("SIGQUIT: no new process waits on")
+    });
+    let new_text = std::fs::read_to_string(&new_log).unwrap();
+    assert!(looked, "new process log:\n{new_text}");
+    assert!(!new_text.contains("ERROR"), "new process log:\n{new_text}");
+    assert!(new.child.try_wait().unwrap().is_none(), "still serving");
+}
