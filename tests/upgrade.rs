@@ -147,6 +147,15 @@ fn signal(child: &Child, signal: &str) {
     assert!(status.success());
 }
 
+/// Asserts that the log at `log` shows `text` within 10 s.
+fn assert_logs_soon(log: &Path, text: &str) {
+    let shown = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(log).unwrap().contains(text)
+    });
+    let all = std::fs::read_to_string(log).unwrap();
+    assert!(shown, "no {text:?} in {}:\n{all}", log.display());
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
@@ -309,13 +318,7 @@ fn sigquit_to_the_new_process_while_it_waits_is_named_and_changes_nothing() {
         "the new process waits on the upgrade socket"
     );
     signal(&new.child, "QUIT");
-    let named = eventually(Duration::from_secs(3), || {
-        std::fs::read_to_string(&new_log)
-            .unwrap()
-            .contains("SIGQUIT ignored: this is the new process")
-    });
-    let new_text = std::fs::read_to_string(&new_log).unwrap();
-    assert!(named, "new process log:\n{new_text}");
+    assert_logs_soon(&new_log, "SIGQUIT ignored: this is the new process");
     assert!(
         new.child.try_wait().unwrap().is_none(),
         "the new process waits on"
@@ -338,13 +341,8 @@ fn sigquit_to_the_new_process_while_it_waits_is_named_and_changes_nothing() {
     );
     // Now that it has them, SIGQUIT is the next upgrade's, as usual.
     signal(&new.child, "QUIT");
-    let looked = eventually(Duration::from_secs(10), || {
-        std::fs::read_to_string(&new_log)
-            .unwrap()
-            .contains("SIGQUIT: no new process waits on")
-    });
+    assert_logs_soon(&new_log, "SIGQUIT: no new process waits on");
     let new_text = std::fs::read_to_string(&new_log).unwrap();
-    assert!(looked, "new process log:\n{new_text}");
     assert!(!new_text.contains("ERROR"), "new process log:\n{new_text}");
     assert!(new.child.try_wait().unwrap().is_none(), "still serving");
 }
