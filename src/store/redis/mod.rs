@@ -25,23 +25,35 @@
 //! nothing changes; +1 per conflict; the first use of a script on a server
 //! adds 1, to send it whole), `modify_seen` 1 (the write checks the version the
 //! caller loaded; else as `modify`, less its read).
+//!
+//! Beside this file: `scripts` (the Lua scripts those writes run),
+//! `connection` (one server or a cluster, behind one type), `lease` (the
+//! cross-instance lease of `lock = true`) and `cluster` (which masters
+//! serve the slots, for `/healthz`, `sessions` and the sweep).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+mod cluster;
+mod connection;
+mod lease;
+mod scripts;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Script, Value};
+use redis::{Cmd, RedisResult, Value};
 use serde::Serialize;
-use tokio::task::JoinHandle;
 
 use super::per_thread::PerThread;
 use super::{Change, Decide, Expiry, Handle, Record, SessionData, Store, StoreError};
+use cluster::{failing_ids, masters_of, ClusterMaster, CLUSTER_SLOTS};
+use connection::{Connection, Dialer, Node};
+use scripts::{LuaCall, Scripts};
+
+pub use lease::RedisLease;
 
 /// How often `modify` decides again after losing a race before it gives up.
 const MAX_ATTEMPTS: u32 = 64;
@@ -59,77 +71,6 @@ const SCAN_COUNT: usize = 500;
 /// saying "never") would fail every write.
 const MAX_TTL_SECONDS: u64 = i32::MAX as u64;
 
-/// Writes `ARGV[2]` (or deletes when it is empty) only if the key still
-/// holds `ARGV[1]` (empty: absent); `ARGV[3]` is the TTL in seconds, 0 for
-/// none. Answers 1 when written, else what the key holds now (0: absent),
-/// so the caller can decide again without reading.
-const COMPARE_AND_SET: &str = r"
-local current = redis.call('GET', KEYS[1])
-if (current or '') ~= ARGV[1] then return current or 0 end
-if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1])
-elseif tonumber(ARGV[3]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[2])
-end
-return 1
-";
-
-/// Writes `ARGV[2]` with a TTL of `ARGV[3]` seconds (0: none) only if the
-/// key holds a record of this store's layout (see [`Stored`]) at version
-/// `ARGV[1]`. Answers 1 when written, else what the key holds (0: absent).
-const SET_IF_VERSION: &str = r#"
-local current = redis.call('GET', KEYS[1])
-if not current then return 0 end
-local ver = string.match(current, '^{"atime":%d+,"created":%d+,"ip":"[^"]*","ver":(%d+),')
-if ver ~= ARGV[1] then return current end
-if tonumber(ARGV[3]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[2])
-end
-return 1
-"#;
-
-/// Moves the record's atime forward to `ARGV[1]` and refreshes the TTL
-/// (`ARGV[2]`) in one step, without decoding the data: this store writes
-/// `atime` first (see [`Stored`]). Answers 1 done, 0 absent, -1 a record in
-/// another layout (the caller falls back to `modify`).
-const TOUCH: &str = r#"
-local current = redis.call('GET', KEYS[1])
-if not current then return 0 end
-local atime = string.match(current, '^{"atime":(%d+),')
-if not atime then return -1 end
-if tonumber(atime) < tonumber(ARGV[1]) then
-  current = '{"atime":' .. ARGV[1] .. ',' .. string.sub(current, #atime + 11)
-  if tonumber(ARGV[2]) > 0 then
-    redis.call('SET', KEYS[1], current, 'EX', ARGV[2])
-  else
-    redis.call('SET', KEYS[1], current, 'KEEPTTL')
-  end
-elseif tonumber(ARGV[2]) > 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-return 1
-"#;
-
-/// Extends a lease (`ARGV[2]` ms) if it still holds our token `ARGV[1]`.
-const LEASE_REFRESH: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-";
-
-/// Deletes a lease if it still holds our token `ARGV[1]`.
-const LEASE_RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-";
-
 /// A session store on Redis or a Redis Cluster. Cheap to share: each
 /// thread that uses it gets its own connection ([`PerThread`]), which
 /// multiplexes that thread's requests and reconnects by itself.
@@ -142,159 +83,7 @@ pub struct RedisStore {
     scripts: Arc<Scripts>,
 }
 
-struct Scripts {
-    compare_and_set: Lua,
-    set_if_version: Lua,
-    touch: Lua,
-    lease_refresh: Lua,
-    lease_release: Lua,
-}
-
-/// One of the store's Lua scripts, called by its SHA-1 (`EVALSHA`).
-struct Lua {
-    source: &'static str,
-    hash: String,
-}
-
-impl Lua {
-    fn new(source: &'static str) -> Lua {
-        Lua {
-            source,
-            hash: Script::new(source).get_hash().to_owned(),
-        }
-    }
-
-    /// A call of the script on `key`, `args` adding its `ARGV`.
-    fn call(&self, key: &str, args: impl FnOnce(&mut Cmd)) -> LuaCall {
-        let mut by_hash = redis::cmd("EVALSHA");
-        by_hash.arg(&self.hash).arg(1).arg(key);
-        args(&mut by_hash);
-        LuaCall {
-            source: self.source,
-            by_hash,
-        }
-    }
-}
-
-/// A prepared call of a [`Lua`] script.
-struct LuaCall {
-    source: &'static str,
-    by_hash: Cmd,
-}
-
-impl LuaCall {
-    /// Runs the script by its hash or, on a server that does not have it
-    /// (its first use there, a restart, a node a slot moved to), by its
-    /// source, which also keeps it there: one round trip more, on the key's
-    /// own node. Not the crate's `SCRIPT LOAD` then `EVALSHA`: on a cluster
-    /// `SCRIPT LOAD` goes to every node, so one node down or hung failed
-    /// the writes of sessions on the nodes that answer.
-    async fn invoke<T: FromRedisValue>(&self, connection: &mut Connection) -> RedisResult<T> {
-        match self.by_hash.query_async(connection).await {
-            Err(error) if error.code() == Some("NOSCRIPT") => {
-                self.by_source().query_async(connection).await
-            }
-            outcome => outcome,
-        }
-    }
-
-    /// `EVAL source` with the keys and arguments of the `EVALSHA hash`.
-    fn by_source(&self) -> Cmd {
-        let mut command = redis::cmd("EVAL");
-        command.arg(self.source);
-        for arg in self.by_hash.args_iter().skip(2) {
-            if let redis::Arg::Simple(bytes) = arg {
-                command.arg(bytes);
-            }
-        }
-        command
-    }
-}
-
-/// How to open a connection.
-enum Dialer {
-    Standalone(redis::Client, ConnectionManagerConfig),
-    Cluster(ClusterClient),
-}
-
-impl Dialer {
-    async fn open(&self, timeout: Duration) -> Result<Connection, StoreError> {
-        match self {
-            Dialer::Standalone(client, config) => {
-                let manager = ConnectionManager::new_with_config(client.clone(), config.clone());
-                Ok(Connection::Standalone(
-                    bounded(timeout, "connect", manager).await?,
-                ))
-            }
-            Dialer::Cluster(client) => {
-                let connection = client.get_async_connection();
-                Ok(Connection::Cluster(
-                    bounded(timeout, "connect", connection).await?,
-                ))
-            }
-        }
-    }
-}
-
-#[derive(Clone)]
-enum Connection {
-    Standalone(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Connection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Connection::Standalone(connection) => connection.req_packed_command(cmd),
-            Connection::Cluster(connection) => connection.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Connection::Standalone(connection) => {
-                connection.req_packed_commands(pipeline, offset, count)
-            }
-            Connection::Cluster(connection) => {
-                connection.req_packed_commands(pipeline, offset, count)
-            }
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Connection::Standalone(connection) => connection.get_db(),
-            Connection::Cluster(connection) => connection.get_db(),
-        }
-    }
-}
-
-/// Where a SCAN runs: the one server, or one master of the cluster.
-enum Node {
-    Standalone,
-    ClusterMaster { host: String, port: u16 },
-}
-
-impl Node {
-    fn routing(&self) -> Option<RoutingInfo> {
-        match self {
-            Node::Standalone => None,
-            Node::ClusterMaster { host, port } => {
-                Some(RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                    host: host.clone(),
-                    port: *port,
-                }))
-            }
-        }
-    }
-}
-
-/// The stored layout: a [`Record`] with `atime` first, so [`TOUCH`] finds
+/// The stored layout: a [`Record`] with `atime` first, so the `TOUCH` script finds
 /// it without decoding the rest. Reading accepts any field order.
 #[derive(Serialize)]
 struct Stored<'a> {
@@ -363,13 +152,7 @@ impl RedisStore {
             key_prefix: key_prefix.to_owned(),
             timeout,
             idle_ttl: idle_ttl.min(MAX_TTL_SECONDS),
-            scripts: Arc::new(Scripts {
-                compare_and_set: Lua::new(COMPARE_AND_SET),
-                set_if_version: Lua::new(SET_IF_VERSION),
-                touch: Lua::new(TOUCH),
-                lease_refresh: Lua::new(LEASE_REFRESH),
-                lease_release: Lua::new(LEASE_RELEASE),
-            }),
+            scripts: Arc::new(Scripts::new()),
         };
         store.ping().await?;
         Ok(store)
@@ -714,174 +497,6 @@ impl RedisStore {
         }
         Ok(())
     }
-
-    /// Takes the cross-instance lease of `handle`, waiting at most `wait`
-    /// for another holder: `SET prefix+lock:handle TOKEN NX PX lease_ttl`
-    /// with a random token, refreshed every third of `lease_ttl` while
-    /// held. A crashed holder's lease expires within `lease_ttl`.
-    pub async fn acquire_lease(
-        &self,
-        handle: &Handle,
-        wait: Duration,
-        lease_ttl: Duration,
-    ) -> Result<RedisLease, StoreError> {
-        let key = format!("{}lock:{}", self.key_prefix, handle);
-        let token = format!("{:032x}", rand::random::<u128>());
-        let ttl_ms = u64::try_from(lease_ttl.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut pause = Duration::from_millis(2);
-        let command = &redis::cmd("SET")
-            .arg(&key)
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl_ms)
-            .to_owned();
-        loop {
-            // Safe to make again: a lease taken by a first try whose answer
-            // was lost only holds this loop up until it expires.
-            let answer: Value = self
-                .run("lease", |mut connection| async move {
-                    command.query_async(&mut connection).await
-                })
-                .await?;
-            if matches!(answer, Value::Okay) {
-                break;
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(StoreError::Busy("redis: lease wait timed out".into()));
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
-        let connection = self.connection().await?;
-        let lost = Arc::new(AtomicBool::new(false));
-        let refresher = tokio::spawn(refresh_lease(
-            connection.clone(),
-            Arc::clone(&self.scripts),
-            key.clone(),
-            token.clone(),
-            lease_ttl,
-            self.timeout,
-            Arc::clone(&lost),
-        ));
-        Ok(RedisLease {
-            connection,
-            scripts: Arc::clone(&self.scripts),
-            key,
-            token,
-            timeout: self.timeout,
-            lost,
-            refresher: Some(refresher),
-        })
-    }
-}
-
-/// Extends the lease every third of its TTL for as long as it is held;
-/// stops, marking it lost, when the key no longer holds our token.
-async fn refresh_lease(
-    connection: Connection,
-    scripts: Arc<Scripts>,
-    key: String,
-    token: String,
-    ttl: Duration,
-    timeout: Duration,
-    lost: Arc<AtomicBool>,
-) {
-    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-    loop {
-        tokio::time::sleep(ttl / 3).await;
-        let mut connection = connection.clone();
-        let call = scripts.lease_refresh.call(&key, |command| {
-            command.arg(&token).arg(ttl_ms);
-        });
-        let refresh = call.invoke::<i64>(&mut connection);
-        match bounded(timeout, "lease refresh", refresh).await {
-            Ok(1) => {}
-            Ok(_) => {
-                lost.store(true, Ordering::Relaxed);
-                return;
-            }
-            // Try again at the next tick; the lease outlives one failure.
-            Err(error) => log::warn!("{error}"),
-        }
-    }
-}
-
-/// A held lease (see [`RedisStore::acquire_lease`]). Dropping it releases
-/// it in the background; [`RedisLease::release`] waits for that.
-pub struct RedisLease {
-    connection: Connection,
-    scripts: Arc<Scripts>,
-    key: String,
-    token: String,
-    timeout: Duration,
-    lost: Arc<AtomicBool>,
-    refresher: Option<JoinHandle<()>>,
-}
-
-impl RedisLease {
-    /// False once the lease was found taken over (it expired while its
-    /// refreshes failed).
-    pub fn is_held(&self) -> bool {
-        !self.lost.load(Ordering::Relaxed)
-    }
-
-    /// Deletes the lease if it is still ours.
-    pub async fn release(mut self) -> Result<(), StoreError> {
-        if let Some(refresher) = self.refresher.take() {
-            refresher.abort();
-        }
-        release_lease(
-            self.connection.clone(),
-            Arc::clone(&self.scripts),
-            self.key.clone(),
-            self.token.clone(),
-            self.timeout,
-        )
-        .await
-    }
-}
-
-impl Drop for RedisLease {
-    fn drop(&mut self) {
-        let Some(refresher) = self.refresher.take() else {
-            return;
-        };
-        refresher.abort();
-        // Outside a runtime the lease simply expires.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let release = release_lease(
-                self.connection.clone(),
-                Arc::clone(&self.scripts),
-                std::mem::take(&mut self.key),
-                std::mem::take(&mut self.token),
-                self.timeout,
-            );
-            runtime.spawn(async move {
-                if let Err(error) = release.await {
-                    log::warn!("{error}");
-                }
-            });
-        }
-    }
-}
-
-async fn release_lease(
-    mut connection: Connection,
-    scripts: Arc<Scripts>,
-    key: String,
-    token: String,
-    timeout: Duration,
-) -> Result<(), StoreError> {
-    let call = scripts.lease_release.call(&key, |command| {
-        command.arg(&token);
-    });
-    let release = call.invoke::<i64>(&mut connection);
-    bounded(timeout, "lease release", release).await.map(|_| ())
 }
 
 #[async_trait]
@@ -1122,102 +737,6 @@ fn glob_escape(text: &str) -> String {
     escaped
 }
 
-/// The slots of a Redis Cluster.
-const CLUSTER_SLOTS: u32 = 16384;
-
-/// A master of a cluster, by the endpoint the crate connects to.
-struct ClusterMaster {
-    host: String,
-    port: u16,
-    /// How many slots it serves.
-    slots: u32,
-    /// Flagged failing, or not yet or no longer reachable.
-    failing: bool,
-}
-
-/// The ids of the nodes a `CLUSTER NODES` answer (`id host:port@cport
-/// flags …` a line) flags failing, or not yet or no longer reachable.
-fn failing_ids(nodes: &str) -> HashSet<&str> {
-    nodes
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let id = fields.next()?;
-            let flags = fields.nth(1)?;
-            flags
-                .split(',')
-                .any(|flag| matches!(flag, "fail" | "fail?" | "handshake" | "noaddr"))
-                .then_some(id)
-        })
-        .collect()
-}
-
-/// The masters in a `CLUSTER SLOTS` answer (`[first, last, [endpoint,
-/// port, id, …], replicas…]` a range), with the slots each serves. A master
-/// of unknown endpoint (`""`, `"?"`) is left out, its slots unserved.
-fn masters_of(slots: &Value, failing: &HashSet<&str>) -> Vec<ClusterMaster> {
-    let Value::Array(ranges) = slots else {
-        return Vec::new();
-    };
-    let mut masters: Vec<ClusterMaster> = Vec::new();
-    for range in ranges {
-        let Value::Array(range) = range else { continue };
-        let [Value::Int(first), Value::Int(last), Value::Array(master), ..] = range.as_slice()
-        else {
-            continue;
-        };
-        let (Some(host), Some(Value::Int(port)), id) = (
-            master.first().and_then(text),
-            master.get(1),
-            master.get(2).and_then(text),
-        ) else {
-            continue;
-        };
-        let count = last
-            .checked_sub(*first)
-            .and_then(|span| span.checked_add(1));
-        let (Ok(port), Some(Ok(count))) = (u16::try_from(*port), count.map(u32::try_from)) else {
-            continue;
-        };
-        if host.is_empty() || host == "?" {
-            continue;
-        }
-        match masters
-            .iter_mut()
-            .find(|m| m.host == host && m.port == port)
-        {
-            Some(known) => known.slots += count,
-            None => masters.push(ClusterMaster {
-                failing: id.is_some_and(|id| failing.contains(id.as_str())),
-                host,
-                port,
-                slots: count,
-            }),
-        }
-    }
-    masters
-}
-
-/// A string of a server's answer, bulk or simple.
-fn text(value: &Value) -> Option<String> {
-    match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-        Value::SimpleString(text) => Some(text.clone()),
-        _ => None,
-    }
-}
-
-#[async_trait]
-impl super::Lease for RedisLease {
-    async fn release(self: Box<Self>) -> Result<(), StoreError> {
-        RedisLease::release(*self).await
-    }
-
-    fn is_held(&self) -> bool {
-        RedisLease::is_held(self)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1239,51 +758,5 @@ mod tests {
     #[test]
     fn glob_characters_in_the_prefix_are_escaped() {
         assert_eq!(glob_escape("s*[1]?:"), r"s\*\[1\]\?:");
-    }
-
-    /// A `CLUSTER SLOTS` range: `first..=last` served by `endpoint:port` (id `id`).
-    fn range(first: i64, last: i64, endpoint: &str, port: i64, id: &str) -> Value {
-        let bulk = |text: &str| Value::BulkString(text.as_bytes().to_vec());
-        let master = Value::Array(vec![bulk(endpoint), Value::Int(port), bulk(id)]);
-        let replica = Value::Array(vec![bulk("10.0.0.9"), Value::Int(7009), bulk("r9")]);
-        Value::Array(vec![Value::Int(first), Value::Int(last), master, replica])
-    }
-
-    #[test]
-    fn cluster_masters_are_named_by_their_cluster_slots_endpoint_and_flagged_from_cluster_nodes() {
-        let slots = Value::Array(vec![
-            range(0, 5460, "127.0.0.1", 7000, "a1"),
-            range(5461, 10922, "redis-1.example", 7001, "b2"),
-            range(10923, 16382, "127.0.0.1", 7003, "d4"),
-            range(16383, 16383, "127.0.0.1", 7003, "d4"),
-        ]);
-        let nodes = "\
-a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
-b2 127.0.0.1:7001@17001,redis-1.example master,fail? - 0 0 2 connected 5461-10922
-c3 127.0.0.1:7002@17002 slave a1 0 0 1 connected
-d4 127.0.0.1:7003@17003 master - 0 0 3 connected 10923-16383
-";
-        let masters: Vec<(String, u16, u32, bool)> = masters_of(&slots, &failing_ids(nodes))
-            .into_iter()
-            .map(|m| (m.host, m.port, m.slots, m.failing))
-            .collect();
-        assert_eq!(
-            masters,
-            vec![
-                ("127.0.0.1".into(), 7000, 5461, false),
-                ("redis-1.example".into(), 7001, 5462, true),
-                ("127.0.0.1".into(), 7003, 5461, false),
-            ]
-        );
-        // An unknown endpoint, and answers of another shape, give no master;
-        // nothing on the way panics on a range that runs backwards.
-        let odd = Value::Array(vec![
-            range(0, 10, "?", 7000, "a1"),
-            range(20, 10, "127.0.0.1", 7000, "a1"),
-            Value::Int(3),
-            Value::Array(vec![Value::Int(0)]),
-        ]);
-        assert!(masters_of(&odd, &HashSet::new()).is_empty());
-        assert!(masters_of(&Value::Nil, &HashSet::new()).is_empty());
     }
 }
