@@ -10,7 +10,6 @@ pub mod disk;
 pub mod memory;
 mod per_thread;
 pub mod postgres;
-pub mod postgres_tls;
 pub mod redis;
 pub mod serialized;
 mod sweeper;
@@ -25,6 +24,8 @@ use crate::config::{Config, StoreKind};
 
 pub use crate::session::cookie::Handle;
 pub use crate::session::data::SessionData;
+/// The path `postgres::tls` had as a file of its own, which config validation uses.
+pub use postgres::tls as postgres_tls;
 pub use serialized::Serialized;
 pub use sweeper::sweep_forever;
 

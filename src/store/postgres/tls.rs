@@ -8,7 +8,7 @@
 //! here verifies the server and presents the client's certificate.
 //!
 //! ```
-//! use session_proxy::store::postgres_tls::{PostgresTls, SslMode};
+//! use session_proxy::store::postgres::tls::{PostgresTls, SslMode};
 //!
 //! let (url, tls) =
 //!     PostgresTls::from_url("postgres://app@db.internal/app?sslmode=verify-full").unwrap();

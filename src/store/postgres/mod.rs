@@ -37,6 +37,8 @@
 //! `UPDATE` of the record only if still at the version the caller loaded
 //! (else as `modify`).
 
+pub mod tls;
+
 use std::fmt::Write;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,9 +55,9 @@ use tokio_postgres::Row;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::per_thread::PerThread;
-use super::postgres_tls::{PostgresTls, SslMode};
 use super::{touch_by_modify, Change, Decide, Expiry, Handle, Record, Store, StoreError};
 use crate::locks::{HandleLock, HandleLocks};
+use tls::{PostgresTls, SslMode};
 
 /// Rows deleted by one sweep statement: small enough that no statement
 /// holds many row locks or runs for long.
