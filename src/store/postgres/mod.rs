@@ -37,17 +37,19 @@
 //! `UPDATE` of the record only if still at the version the caller loaded
 //! (else as `modify`).
 
+mod errors;
+mod lease;
+mod statements;
 pub mod tls;
 
-use std::fmt::Write;
+pub use lease::PostgresLease;
+
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
-use sha2::{Digest, Sha256};
 use tokio::time::{timeout_at, Instant};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -56,7 +58,10 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::per_thread::PerThread;
 use super::{touch_by_modify, Change, Decide, Expiry, Handle, Record, Store, StoreError};
-use crate::locks::{HandleLock, HandleLocks};
+use crate::locks::HandleLocks;
+use errors::{corrupt, is_bad_data, is_beyond_jsonb, timed_out, unavailable, Failure};
+use lease::{lease_class, LeaseSlot};
+use statements::{is_plain_identifier, Statements};
 use tls::{PostgresTls, SslMode};
 
 /// Rows deleted by one sweep statement: small enough that no statement
@@ -92,135 +97,6 @@ pub struct PostgresStore {
     remaking: tokio::sync::Mutex<()>,
     /// The first key of the two-key advisory locks of this table's leases.
     lease_class: i32,
-}
-
-/// The statements, with the table name in place. Each is prepared once per
-/// connection (the pool's statement cache).
-struct Statements {
-    create: String,
-    load: String,
-    lock: String,
-    insert: String,
-    update: String,
-    update_if_version: String,
-    delete: String,
-    touch: String,
-    sweep_idle: String,
-    page: String,
-    delete_many: String,
-    list: String,
-    ping: String,
-}
-
-impl Statements {
-    fn new(table: &str) -> Statements {
-        // `timestamp` has no time zone: every atime is written and compared
-        // as UTC, whatever the server's TimeZone setting.
-        const ATIME: &str = "to_timestamp($2::bigint) AT TIME ZONE 'UTC'";
-        // The end of a record as this store writes it, and its atime.
-        const TOUCHED: &str = r#""atime":[0-9]+(,"ip":"[^"\\]*","ver":[0-9]+\}$)"#;
-        const TOUCHED_ATIME: &str = r#""atime":([0-9]+),"ip":"[^"\\]*","ver":[0-9]+\}$"#;
-        Statements {
-            create: format!(
-                "CREATE TABLE IF NOT EXISTS {table} (\
-                 session_id char(128) UNIQUE NOT NULL, \
-                 atime timestamp NOT NULL default current_timestamp, \
-                 data text)"
-            ),
-            load: format!("SELECT data FROM {table} WHERE session_id = $1"),
-            lock: format!("SELECT data FROM {table} WHERE session_id = $1 FOR UPDATE"),
-            insert: format!(
-                "INSERT INTO {table} (session_id, atime, data) VALUES ($1, {ATIME}, $3) \
-                 ON CONFLICT (session_id) DO NOTHING"
-            ),
-            update: format!("UPDATE {table} SET atime = {ATIME}, data = $3 WHERE session_id = $1"),
-            update_if_version: format!(
-                "UPDATE {table} SET atime = {ATIME}, data = $3 \
-                 WHERE session_id = $1 AND data::jsonb ->> 'ver' = $4::text"
-            ),
-            delete: format!("DELETE FROM {table} WHERE session_id = $1"),
-            // A touch in one statement: the record's atime inside the JSON
-            // and the column move together, and never backwards. The JSON
-            // is edited as text, where this store writes `atime`: right
-            // before the closing `"ip"` and `"ver"` (a record's field
-            // order). Not through `jsonb`, which would write the data out
-            // again in its own way (1e16 as 10000000000000000, -0.0 as 0):
-            // a touch changes the access time only. A record in another
-            // layout is not matched; the caller touches it by `modify`.
-            touch: format!(
-                "UPDATE {table} SET \
-                 data = regexp_replace(data, '{TOUCHED}', \
-                 '\"atime\":' || GREATEST(substring(data FROM '{TOUCHED_ATIME}')::bigint, \
-                 $2::bigint) || '\\1'), \
-                 atime = GREATEST(atime, {ATIME}) \
-                 WHERE session_id = $1 AND data ~ '{TOUCHED}'"
-            ),
-            // Locks only the rows it deletes, skips rows another
-            // transaction holds, and re-checks `atime` on rows updated since
-            // its snapshot (FOR UPDATE), so a session touched meanwhile lives.
-            sweep_idle: format!(
-                "DELETE FROM {table} WHERE ctid = ANY(ARRAY(\
-                 SELECT ctid FROM {table} WHERE atime < to_timestamp($1::bigint) AT TIME ZONE 'UTC' \
-                 LIMIT $2 FOR UPDATE SKIP LOCKED))"
-            ),
-            page: format!(
-                "SELECT session_id, data FROM {table} WHERE session_id > $1 \
-                 ORDER BY session_id LIMIT $2"
-            ),
-            delete_many: format!("DELETE FROM {table} WHERE session_id = ANY($1::bpchar[])"),
-            list: format!("SELECT session_id, data FROM {table}"),
-            // The table, not only the server: a table dropped (or its
-            // privileges revoked) under a running proxy fails every
-            // request, and `/healthz` must say so.
-            ping: format!("SELECT 1 FROM {table} LIMIT 0"),
-        }
-    }
-}
-
-/// Why an operation on a connection failed: the connection's state is
-/// unknown (it is dropped, not returned to the pool), or the store refused
-/// cleanly. The last two are mended, and the operation made once more
-/// ([`PostgresStore::run`]); their statement failed, so nothing of the
-/// operation was written.
-enum Failure {
-    Connection(StoreError),
-    Clean(StoreError),
-    /// `undefined_table` (42P01): the table was dropped under the running
-    /// proxy. Every statement on a pooled connection names only the table.
-    NoTable(StoreError),
-    /// A statement prepared on the connection no longer fits the table,
-    /// made again in another layout ("cached plan must not change result
-    /// type", 0A000).
-    StalePlan(StoreError),
-}
-
-impl Failure {
-    fn into_error(self) -> StoreError {
-        match self {
-            Failure::Connection(error)
-            | Failure::Clean(error)
-            | Failure::NoTable(error)
-            | Failure::StalePlan(error) => error,
-        }
-    }
-}
-
-impl From<tokio_postgres::Error> for Failure {
-    fn from(error: tokio_postgres::Error) -> Failure {
-        let stale_plan = |db: &tokio_postgres::error::DbError| {
-            db.code() == &SqlState::FEATURE_NOT_SUPPORTED
-                && db
-                    .message()
-                    .starts_with("cached plan must not change result type")
-        };
-        match error.as_db_error() {
-            Some(db) if db.code() == &SqlState::UNDEFINED_TABLE => {
-                Failure::NoTable(unavailable(&error))
-            }
-            Some(db) if stale_plan(db) => Failure::StalePlan(unavailable(&error)),
-            _ => Failure::Connection(unavailable(&error)),
-        }
-    }
 }
 
 impl PostgresStore {
@@ -593,239 +469,6 @@ impl PostgresStore {
         };
         Ok((last, deleted, skipped))
     }
-
-    /// Takes the cross-instance lease of `handle`, waiting at most `wait`
-    /// for another holder: a session-level advisory lock, taken with
-    /// `pg_try_advisory_lock` (polled, as the Redis lease is) on the one
-    /// connection that holds this process's leases. The server releases it
-    /// when that connection drops, so a crashed proxy's leases go with it
-    /// (its TCP keep-alives are set to notice a vanished host within ~10 s).
-    /// `_lease_ttl` is there for the common lease API: a lock tied to a
-    /// connection needs no expiry.
-    pub async fn acquire_lease(
-        &self,
-        handle: &Handle,
-        wait: Duration,
-        _lease_ttl: Duration,
-    ) -> Result<PostgresLease, StoreError> {
-        let deadline = Instant::now() + wait;
-        let busy = || StoreError::Busy("postgres: lease wait timed out".into());
-        let turn = timeout_at(deadline, self.lease_turns.lock(handle))
-            .await
-            .map_err(|_elapsed| busy())?;
-        let key = self.lease_key(handle);
-        let mut pause = Duration::from_millis(2);
-        loop {
-            let connection = self.lease_connection().await?;
-            let params: [&(dyn ToSql + Sync); 2] = [&key.0, &key.1];
-            let attempt = connection.client.query_one(&connection.try_lock, &params);
-            let locked = match tokio::time::timeout(self.timeout, attempt).await {
-                Ok(Ok(row)) => row
-                    .try_get::<_, bool>(0)
-                    .map_err(|error| unavailable(&error)),
-                Ok(Err(error)) => Err(unavailable(&error)),
-                Err(_elapsed) => Err(StoreError::Unavailable("postgres: timed out".into())),
-            };
-            match locked {
-                Ok(true) => {
-                    return Ok(PostgresLease {
-                        connection: Some(connection),
-                        key,
-                        timeout: self.timeout,
-                        _turn: turn,
-                    })
-                }
-                Ok(false) => {}
-                Err(error) => {
-                    // The lock may have been taken all the same.
-                    connection.poison();
-                    return Err(error);
-                }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(busy());
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
-    }
-
-    /// The connection that holds this process's leases, opened if there is
-    /// none usable.
-    async fn lease_connection(&self) -> Result<Arc<LeaseConnection>, StoreError> {
-        // Bounded, as `Serialized` bounds a turn: with the server gone, the
-        // k-th of k callers must not wait out k attempts to open it.
-        let mut slot = tokio::time::timeout(self.timeout, self.leases.lock())
-            .await
-            .map_err(|_elapsed| StoreError::Unavailable("postgres: timed out".into()))?;
-        if let Some(connection) = slot.as_ref().filter(|connection| connection.usable()) {
-            return Ok(Arc::clone(connection));
-        }
-        let open = async {
-            let (client, connection) = self.lease_config.connect(self.lease_tls.clone()).await?;
-            // Given up (timed out) from here on, the connection is closed.
-            let task = ConnectionTask(tokio::spawn(async move {
-                let _ = connection.await;
-            }));
-            // The keep-alives make the server drop the locks of a host that
-            // vanished without a FIN.
-            client
-                .batch_execute(
-                    "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; \
-                     SET tcp_keepalives_count = 3",
-                )
-                .await?;
-            let try_lock = client
-                .prepare("SELECT pg_try_advisory_lock($1, $2)")
-                .await?;
-            let unlock = client.prepare("SELECT pg_advisory_unlock($1, $2)").await?;
-            Ok::<_, tokio_postgres::Error>(LeaseConnection {
-                client,
-                try_lock,
-                unlock,
-                poisoned: AtomicBool::new(false),
-                slot: Arc::downgrade(&self.leases),
-                _task: task,
-            })
-        };
-        let connection = match tokio::time::timeout(self.timeout, open).await {
-            Ok(Ok(connection)) => Arc::new(connection),
-            Ok(Err(error)) => return Err(unavailable(&error)),
-            Err(_elapsed) => return Err(StoreError::Unavailable("postgres: timed out".into())),
-        };
-        *slot = Some(Arc::clone(&connection));
-        Ok(connection)
-    }
-
-    /// The advisory lock keys of `handle`'s lease: this table's class and
-    /// 32 bits of the handle. A collision only makes two sessions share a
-    /// lease now and then.
-    fn lease_key(&self, handle: &Handle) -> (i32, i32) {
-        let objid = u32::from_str_radix(&handle.as_str()[..8], 16).unwrap_or(0);
-        (self.lease_class, i32::from_ne_bytes(objid.to_ne_bytes()))
-    }
-}
-
-/// Where a process keeps the connection for its new leases.
-type LeaseSlot = tokio::sync::Mutex<Option<Arc<LeaseConnection>>>;
-
-/// The connection that holds a process's leases, with its statements.
-/// Dropping its last holder (the slot, the leases on it) closes it, and
-/// the server frees its locks.
-struct LeaseConnection {
-    client: tokio_postgres::Client,
-    try_lock: tokio_postgres::Statement,
-    unlock: tokio_postgres::Statement,
-    /// A lock or unlock on it failed: whether the lock is held is unknown,
-    /// so new leases go to a new connection, and this one closes (freeing
-    /// whatever it holds) once the leases still on it are released.
-    poisoned: AtomicBool,
-    /// The slot it was opened for, which it leaves when poisoned.
-    slot: Weak<LeaseSlot>,
-    _task: ConnectionTask,
-}
-
-impl LeaseConnection {
-    fn usable(&self) -> bool {
-        !self.client.is_closed() && !self.poisoned.load(Ordering::Relaxed)
-    }
-
-    /// Takes no new leases from now on, and leaves the slot at once, not
-    /// when the next lease opens a connection in its place: with a lock
-    /// perhaps still held on it (an unlock that timed out), the lease
-    /// stays taken, for every proxy, as long as the connection is open.
-    fn poison(self: &Arc<Self>) {
-        self.poisoned.store(true, Ordering::Relaxed);
-        let Some(slot) = self.slot.upgrade() else {
-            return;
-        };
-        let connection = Arc::downgrade(self);
-        let leave = move |held: &mut Option<Arc<LeaseConnection>>| {
-            if held
-                .as_ref()
-                .is_some_and(|held| std::ptr::eq(Arc::as_ptr(held), connection.as_ptr()))
-            {
-                *held = None;
-            }
-        };
-        let left = slot.try_lock().map(|mut held| leave(&mut held)).is_ok();
-        // Else the slot is being looked at, or filled anew, by another
-        // caller: it is left in the background, not waited for here.
-        if !left {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { leave(&mut *slot.lock().await) });
-            }
-        }
-    }
-}
-
-/// The task that drives a connection, ended when dropped. Left alone, a
-/// connection given up with a reply outstanding (a server that hangs)
-/// waits for that reply for ever: its socket stays open, and with it the
-/// server's session and every advisory lock the session holds.
-struct ConnectionTask(tokio::task::JoinHandle<()>);
-
-impl Drop for ConnectionTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// A held lease (see [`PostgresStore::acquire_lease`]). Dropping it without
-/// [`PostgresLease::release`] releases it in the background.
-pub struct PostgresLease {
-    connection: Option<Arc<LeaseConnection>>,
-    key: (i32, i32),
-    timeout: Duration,
-    _turn: HandleLock,
-}
-
-impl PostgresLease {
-    /// Frees the lock.
-    pub async fn release(mut self) -> Result<(), StoreError> {
-        match self.connection.take() {
-            Some(connection) => unlock(connection, self.key, self.timeout).await,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for PostgresLease {
-    fn drop(&mut self) {
-        let Some(connection) = self.connection.take() else {
-            return;
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let (key, timeout) = (self.key, self.timeout);
-                runtime.spawn(async move {
-                    if let Err(error) = unlock(connection, key, timeout).await {
-                        log::warn!("{error}");
-                    }
-                });
-            }
-            // Outside a runtime: the connection goes, and the lock with it.
-            Err(_) => connection.poison(),
-        }
-    }
-}
-
-async fn unlock(
-    connection: Arc<LeaseConnection>,
-    key: (i32, i32),
-    timeout: Duration,
-) -> Result<(), StoreError> {
-    let params: [&(dyn ToSql + Sync); 2] = [&key.0, &key.1];
-    let unlock = connection.client.query_one(&connection.unlock, &params);
-    let failure = match tokio::time::timeout(timeout, unlock).await {
-        Ok(Ok(_)) => return Ok(()),
-        Ok(Err(error)) => unavailable(&error),
-        Err(_elapsed) => StoreError::Unavailable("postgres: timed out".into()),
-    };
-    // Still held, perhaps: let the connection go, and the lock with it.
-    connection.poison();
-    Err(failure)
 }
 
 #[async_trait]
@@ -1005,10 +648,6 @@ fn finish<T>(
     }
 }
 
-fn timed_out() -> StoreError {
-    StoreError::Unavailable("postgres: timed out".into())
-}
-
 async fn checkout(pool: &Pool, deadline: Instant) -> Result<Object, StoreError> {
     match timeout_at(deadline, pool.get()).await {
         Ok(Ok(client)) => Ok(client),
@@ -1078,169 +717,14 @@ fn record_of(session_id: Option<String>, data: Option<String>) -> Result<(Handle
     Ok((handle, record))
 }
 
-fn corrupt(handle: &Handle, detail: String) -> StoreError {
-    StoreError::Corrupt {
-        handle: handle.short().to_owned(),
-        detail,
-    }
-}
-
-/// A short message: the server's primary message or the I/O or TLS failure
-/// with its causes ("error performing TLS handshake" alone says not why),
-/// never the statement's parameters.
-fn unavailable(error: &tokio_postgres::Error) -> StoreError {
-    let message = match error.as_db_error() {
-        Some(db) => format!(
-            "{} ({}){}",
-            db.message(),
-            db.code().code(),
-            certificate_hint(db)
-        ),
-        None => {
-            let mut message = error.to_string();
-            let mut cause = std::error::Error::source(error);
-            while let Some(inner) = cause {
-                let _ = write!(message, ": {inner}");
-                cause = inner.source();
-            }
-            message
-        }
-    };
-    StoreError::Unavailable(format!("postgres: {message}"))
-}
-
-/// What to do when the server refuses a login for want of the right
-/// client certificate (pg_hba.conf's `cert` method); else nothing.
-fn certificate_hint(db: &tokio_postgres::error::DbError) -> &'static str {
-    if db.code() != &SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
-        return "";
-    }
-    if db.message().contains("requires a valid client certificate") {
-        "; the server takes a client certificate: name it and its key in the store URL's \
-         sslcert and sslkey (README, \"TLS\")"
-    } else if db
-        .message()
-        .starts_with("certificate authentication failed")
-    {
-        "; the certificate's CN must be the URL's user name (or be mapped to it in the \
-         server's pg_ident.conf)"
-    } else {
-        ""
-    }
-}
-
-/// The stored data is not JSON, or its atime not a number.
-fn is_bad_data(error: &tokio_postgres::Error) -> bool {
-    error.code() == Some(&SqlState::INVALID_TEXT_REPRESENTATION)
-        || error.code() == Some(&SqlState::INVALID_PARAMETER_VALUE)
-}
-
-/// The stored data is JSON that `jsonb` cannot hold: a string with
-/// `\u0000` in it, which `text` and JSON allow. Only the one-statement
-/// write casts to `jsonb`; the locking `modify` reads the text.
-fn is_beyond_jsonb(error: &tokio_postgres::Error) -> bool {
-    error.code() == Some(&SqlState::UNTRANSLATABLE_CHARACTER)
-}
-
 /// Unix seconds as PostgreSQL's bigint; times past 2^63 s do not occur.
 fn unix_i64(seconds: u64) -> i64 {
     i64::try_from(seconds).unwrap_or(i64::MAX)
 }
 
-/// `name` or `schema.name`, each an unquoted SQL identifier, so it can be
-/// put into statements as it is (and means what web.py's name means).
-fn is_plain_identifier(table: &str) -> bool {
-    let part = |name: &str| {
-        let mut chars = name.chars();
-        chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && name.len() <= 63
-    };
-    match table.split_once('.') {
-        Some((schema, name)) => part(schema) && part(name),
-        None => part(table),
-    }
-}
-
-/// The first advisory-lock key of `table`'s leases, so two tables (or
-/// another application's locks on other classes) never share a lease.
-fn lease_class(table: &str) -> i32 {
-    let digest = Sha256::digest(format!("session-proxy lease {table}").as_bytes());
-    i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
-}
-
-#[async_trait]
-impl super::Lease for PostgresLease {
-    async fn release(self: Box<Self>) -> Result<(), StoreError> {
-        PostgresLease::release(*self).await
-    }
-
-    /// The server frees the lock with its connection.
-    fn is_held(&self) -> bool {
-        self.connection
-            .as_ref()
-            .is_some_and(|connection| !connection.client.is_closed())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn table_names_are_plain_identifiers() {
-        assert!(is_plain_identifier("sessions"));
-        assert!(is_plain_identifier("app.web_sessions2"));
-        assert!(!is_plain_identifier("sessions; drop table x"));
-        assert!(!is_plain_identifier("2sessions"));
-        assert!(!is_plain_identifier("a.b.c"));
-        assert!(!is_plain_identifier(""));
-    }
-
-    /// A server that lets the lease connection in, then never answers
-    /// (its `SET`): opening it times out, and the connection is closed,
-    /// not left waiting for that answer for ever with its socket open.
-    #[tokio::test]
-    async fn a_lease_connection_given_up_while_opening_is_closed() {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (closed_tx, closed_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let (mut socket, _) = listener.accept().unwrap();
-            let mut length = [0u8; 4];
-            socket.read_exact(&mut length).unwrap();
-            let mut startup = vec![0u8; u32::from_be_bytes(length) as usize - 4];
-            socket.read_exact(&mut startup).unwrap();
-            // AuthenticationOk, ReadyForQuery (idle).
-            socket
-                .write_all(b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05I")
-                .unwrap();
-            // Whatever comes next goes unanswered, until the client closes.
-            let mut buffer = [0u8; 1024];
-            socket
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            let closed = loop {
-                match socket.read(&mut buffer) {
-                    Ok(0) => break true,
-                    Ok(_) => continue,
-                    Err(_) => break false,
-                }
-            };
-            closed_tx.send(closed).unwrap();
-        });
-        let url = format!("postgres://someone@127.0.0.1:{port}/db");
-        let store = PostgresStore::new(&url, "sessions", 1, Duration::from_millis(300)).unwrap();
-        let opened = store.lease_connection().await;
-        assert!(opened.is_err(), "the server never answered");
-        let closed = tokio::task::spawn_blocking(move || closed_rx.recv().unwrap())
-            .await
-            .unwrap();
-        assert!(closed, "the connection given up is still open after 5 s");
-    }
 
     #[test]
     fn a_corrupt_record_error_quotes_no_data() {
