@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::{timeout_at, Instant};
 use tokio_postgres::types::ToSql;
 
-use super::errors::unavailable;
+use super::errors::{timed_out, unavailable};
 use super::PostgresStore;
 use crate::locks::HandleLock;
 use crate::store::{Handle, Lease, StoreError};
@@ -47,7 +47,7 @@ impl PostgresStore {
                     .try_get::<_, bool>(0)
                     .map_err(|error| unavailable(&error)),
                 Ok(Err(error)) => Err(unavailable(&error)),
-                Err(_elapsed) => Err(StoreError::Unavailable("postgres: timed out".into())),
+                Err(_elapsed) => Err(timed_out()),
             };
             match locked {
                 Ok(true) => {
@@ -81,7 +81,7 @@ impl PostgresStore {
         // k-th of k callers must not wait out k attempts to open it.
         let mut slot = tokio::time::timeout(self.timeout, self.leases.lock())
             .await
-            .map_err(|_elapsed| StoreError::Unavailable("postgres: timed out".into()))?;
+            .map_err(|_elapsed| timed_out())?;
         if let Some(connection) = slot.as_ref().filter(|connection| connection.usable()) {
             return Ok(Arc::clone(connection));
         }
@@ -115,7 +115,7 @@ impl PostgresStore {
         let connection = match tokio::time::timeout(self.timeout, open).await {
             Ok(Ok(connection)) => Arc::new(connection),
             Ok(Err(error)) => return Err(unavailable(&error)),
-            Err(_elapsed) => return Err(StoreError::Unavailable("postgres: timed out".into())),
+            Err(_elapsed) => return Err(timed_out()),
         };
         *slot = Some(Arc::clone(&connection));
         Ok(connection)
@@ -244,7 +244,7 @@ async fn unlock(
     let failure = match tokio::time::timeout(timeout, unlock).await {
         Ok(Ok(_)) => return Ok(()),
         Ok(Err(error)) => unavailable(&error),
-        Err(_elapsed) => StoreError::Unavailable("postgres: timed out".into()),
+        Err(_elapsed) => timed_out(),
     };
     // Still held, perhaps: let the connection go, and the lock with it.
     connection.poison();

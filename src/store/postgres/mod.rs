@@ -653,7 +653,7 @@ async fn checkout(pool: &Pool, deadline: Instant) -> Result<Object, StoreError> 
         Ok(Ok(client)) => Ok(client),
         Ok(Err(deadpool_postgres::PoolError::Backend(error))) => Err(unavailable(&error)),
         Ok(Err(error)) => Err(StoreError::Unavailable(format!("postgres: {error}"))),
-        Err(_elapsed) => Err(StoreError::Unavailable("postgres: timed out".into())),
+        Err(_elapsed) => Err(timed_out()),
     }
 }
 
