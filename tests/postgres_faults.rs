@@ -427,7 +427,7 @@ fn a_dropped_table_the_role_may_not_make_is_a_503_and_healthz_says_so() {
 
 /// The advisory locks PostgreSQL holds for the leases (`lock = true`) on
 /// `table`: the class is the first 32 bits of SHA-256 of
-/// `session-proxy lease TABLE` (src/store/postgres.rs, `lease_class`).
+/// `session-proxy lease TABLE` (src/store/postgres/lease.rs, `lease_class`).
 fn held_leases(table: &str) -> usize {
     rows(&format!(
         "SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND granted \

@@ -17,7 +17,7 @@ use super::{
     StoreConfig, StoreKind, TlsFiles, UpstreamConfig, SECRET_KEYS_ENV,
 };
 use crate::access_log::Destination;
-use crate::store::postgres_tls::PostgresTls;
+use crate::store::postgres::tls::PostgresTls;
 
 const MIN_SECRET_BYTES: usize = 32;
 const MIN_TOKEN_TTL: u64 = 5;

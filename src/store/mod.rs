@@ -25,7 +25,6 @@ use crate::config::{Config, StoreKind};
 pub use crate::session::cookie::Handle;
 pub use crate::session::data::SessionData;
 /// The path `postgres::tls` had as a file of its own, which config validation uses.
-pub use postgres::tls as postgres_tls;
 pub use serialized::Serialized;
 pub use sweeper::sweep_forever;
 
