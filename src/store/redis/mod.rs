@@ -680,8 +680,9 @@ fn answer<T>(
     match outcome {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => {
-            let mut message = error.to_string();
-            message.truncate(160);
+            // By characters: the server's text is not ours, and a cut
+            // inside a multi-byte character would panic.
+            let message: String = error.to_string().chars().take(160).collect();
             Err(StoreError::Unavailable(format!(
                 "redis {operation}: {message}"
             )))
@@ -753,6 +754,25 @@ mod tests {
         let value = encode(&record).unwrap();
         assert!(value.starts_with(r#"{"atime":20,"#), "{value}");
         assert_eq!(decode(&Handle::of_id("x"), &value).unwrap(), record);
+    }
+
+    #[test]
+    fn a_long_error_of_the_server_is_cut_by_characters() {
+        // Two-byte characters at either parity: whatever the crate puts
+        // before the text, one of them straddles byte 160, where a cut
+        // by bytes panicked.
+        for lead in ["", "x"] {
+            let text = format!("{lead}{}", "é".repeat(200));
+            let error = redis::RedisError::from((redis::ErrorKind::Client, "refused", text));
+            let Err(StoreError::Unavailable(message)) = answer::<()>("get", Ok(Err(error))) else {
+                panic!("not Unavailable");
+            };
+            assert!(message.starts_with("redis get: "), "{message}");
+            assert!(
+                message.chars().count() <= "redis get: ".len() + 160,
+                "{message}"
+            );
+        }
     }
 
     #[test]
