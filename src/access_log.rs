@@ -9,7 +9,7 @@
 //! hands it to a writer thread over a bounded channel. When the channel
 //! is full the line is dropped and counted
 //! (`session_proxy_access_log_dropped_total`, and a WARN at most every
-//! [`WARN_EVERY`]). The writer buffers, flushes at least every second and
+//! `WARN_EVERY`). The writer buffers, flushes at least every second and
 //! when asked ([`AccessLog::flush`], at shutdown), and reopens the file
 //! on SIGUSR1 ([`AccessLog::reopen`]), for logrotate. While writes fail
 //! (a full disk), what its buffer holds waits there, to be written whole
@@ -205,7 +205,7 @@ impl AccessLog {
         self.reopen.store(true, Ordering::Release);
     }
 
-    /// Writes out every line queued so far; waits at most [`FLUSH_WAIT`]
+    /// Writes out every line queued so far; waits at most `FLUSH_WAIT`
     /// (a writer stuck on a pipe nobody reads must not keep the process
     /// from exiting). Blocking: for shutdown, not for the request path.
     pub fn flush(&self) {
@@ -280,7 +280,7 @@ impl Writer {
         }
     }
 
-    /// A failed write (a full disk) is a WARN, at most every [`WARN_EVERY`].
+    /// A failed write (a full disk) is a WARN, at most every `WARN_EVERY`.
     fn report(&mut self, outcome: io::Result<()>) {
         let Err(e) = outcome else {
             return;

@@ -1,4 +1,4 @@
-//! The admin listener: `GET /healthz` and `GET /metrics` (SPEC [7]).
+//! The admin listener: `GET /healthz` and `GET /metrics` (SPEC \[7\]).
 //! `HEAD` answers the same head without the body; any other method is a
 //! 405 naming the two: neither path changes anything, and a 200 to a
 //! `DELETE /metrics` would suggest it had.

@@ -1,4 +1,4 @@
-//! The Prometheus metrics of SPEC [7], served by the admin listener.
+//! The Prometheus metrics of SPEC \[7\], served by the admin listener.
 
 use prometheus::{
     Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,

@@ -1,5 +1,5 @@
 //! The proxy's own answers: short `text/plain` messages that name the
-//! problem and never carry session data, ids or handles (SPEC [5]).
+//! problem and never carry session data, ids or handles (SPEC \[5\]).
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, SET_COOKIE};
@@ -46,7 +46,7 @@ impl Failure {
     }
 
     /// The app's doing, and already logged at WARN with the session's
-    /// handle where it was found (SPEC [5]): an update or action refused.
+    /// handle where it was found (SPEC \[5\]): an update or action refused.
     pub fn is_apps_doing(self) -> bool {
         self == Failure::InvalidUpdate
     }

@@ -1,4 +1,4 @@
-//! Applying the upstream's instructions to the store (SPEC [4.5]), before
+//! Applying the upstream's instructions to the store (SPEC \[4.5\]), before
 //! the response head leaves. Every change goes through `Store::modify`,
 //! so it lands on the latest stored version.
 
@@ -50,7 +50,7 @@ impl SessionProxy {
     /// A new id for the latest version of the session, then the patch.
     ///
     /// The old id goes only at the version copied: a write another request
-    /// made meanwhile (its 200 already sent) is copied again, as SPEC [4.5]
+    /// made meanwhile (its 200 already sent) is copied again, as SPEC \[4.5\]
     /// asks of concurrent changes, rather than deleted with the old id.
     async fn regenerate(
         &self,

@@ -144,7 +144,7 @@ pub enum Cookie<T> {
 
 /// Removes the cookie `name` from the request's `Cookie` headers (several
 /// headers are one list; an empty header is dropped) and offers its values
-/// to `accept`, in order, at most [`MAX_CANDIDATES`] of them, until one is
+/// to `accept`, in order, at most `MAX_CANDIDATES` of them, until one is
 /// accepted. Leaves the headers untouched when the cookie is absent.
 ///
 /// The values are offered where they lie in the header, and the headers

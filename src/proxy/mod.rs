@@ -8,8 +8,8 @@
 //!   response head leaves;
 //! - `fail_to_proxy`: our own short `text/plain` answers.
 //!
-//! The session's resolution (SPEC [4.3]) is in `resolve`, the storing of
-//! the upstream's instructions (SPEC [4.5]) in `commit`, our own answers in
+//! The session's resolution (SPEC \[4.3\]) is in `resolve`, the storing of
+//! the upstream's instructions (SPEC \[4.5\]) in `commit`, our own answers in
 //! `answer`, the header surgery in `headers`.
 
 mod answer;

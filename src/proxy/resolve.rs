@@ -1,4 +1,4 @@
-//! Resolving a request's session (SPEC [4.3]): the cookie, the record and
+//! Resolving a request's session (SPEC \[4.3\]): the cookie, the record and
 //! whether it may be used (expiry, client IP), with `lock = true` the
 //! session's turn, and the token the upstream gets.
 
@@ -84,7 +84,7 @@ impl SessionProxy {
         }))
     }
 
-    /// Resolves the request's session (SPEC [4.3]) and hands it to the
+    /// Resolves the request's session (SPEC \[4.3\]) and hands it to the
     /// upstream; `Ok(true)` when the proxy has answered itself.
     pub(super) async fn begin_session(
         &self,

@@ -2,7 +2,7 @@
 //! second.
 //!
 //! A token is a pure function of the handle, `ver`, the second and the
-//! data (SPEC [4]; `iat` and `exp` count whole seconds). A client that sends
+//! data (SPEC \[4\]; `iat` and `exp` count whole seconds). A client that sends
 //! a burst of requests (a page and the requests its scripts make, a polling
 //! app, a load test) would otherwise have the same bytes made for each:
 //! the claims' JSON, base64, the HMAC and the header value's check, about

@@ -1,4 +1,4 @@
-//! The session id, its signed cookie value and its handle (SPEC [3]).
+//! The session id, its signed cookie value and its handle (SPEC \[3\]).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;

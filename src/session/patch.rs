@@ -1,4 +1,4 @@
-//! What the upstream asks for in its response (SPEC [4.5]): a JSON merge
+//! What the upstream asks for in its response (SPEC \[4.5\]): a JSON merge
 //! patch (RFC 7396) in the `update` header and an action in the `action`
 //! header. Parsing is strict: anything ambiguous is an invalid update, and
 //! an invalid update leaves the session unchanged.

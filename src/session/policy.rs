@@ -1,4 +1,4 @@
-//! Whether a stored session may still be used (SPEC [4.3]), and which IP
+//! Whether a stored session may still be used (SPEC \[4.3\]), and which IP
 //! a request comes from.
 
 use std::net::IpAddr;

@@ -1,4 +1,4 @@
-//! The token sent upstream: a standard HS256 JWT (SPEC [4]), so any JWT
+//! The token sent upstream: a standard HS256 JWT (SPEC \[4\]), so any JWT
 //! library verifies it with the shared secret.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

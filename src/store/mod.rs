@@ -28,7 +28,7 @@ pub use crate::session::data::SessionData;
 pub use serialized::Serialized;
 pub use sweeper::sweep_forever;
 
-/// A stored session, as SPEC [6] lays it out. Its text fields are shared,
+/// A stored session, as SPEC \[6\] lays it out. Its text fields are shared,
 /// not copied, by a clone: the memory store hands out one per load.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {

@@ -1,4 +1,4 @@
-//! The background task that deletes expired records (SPEC [6]).
+//! The background task that deletes expired records (SPEC \[6\]).
 
 use std::sync::Arc;
 use std::time::Duration;

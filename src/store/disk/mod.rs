@@ -4,7 +4,7 @@
 //! write goes to the record's spare file in the same directory
 //! (`.HANDLE.tmp`), which then takes the record's place atomically (swapped
 //! with the old file, which becomes the next spare, or renamed when there
-//! is none: see [`files::write_record`] and [`files::put_in_place`]), so a
+//! is none: see `files::write_record` and `files::put_in_place`), so a
 //! crash never leaves a torn record; with `fsync` the file and then the
 //! directory are synced before the write is reported done. The `files`
 //! module does the file system's part; this one decides on which thread,

@@ -1,6 +1,6 @@
 //! The `postgres` store: web.py's DBStore table, shared by several proxies.
 //!
-//! The table is web.py's, column for column (SPEC [6]):
+//! The table is web.py's, column for column (SPEC \[6\]):
 //!
 //! ```sql
 //! create table sessions (
@@ -73,7 +73,7 @@ const SWEEP_BATCH: i64 = 1000;
 const MAX_INSERT_RACES: usize = 8;
 
 /// A session store on a PostgreSQL table. Cheap to share: each thread
-/// that uses it gets a pool of its own ([`PerThread`]).
+/// that uses it gets a pool of its own (`PerThread`).
 pub struct PostgresStore {
     pools: PerThread<Pool>,
     /// Makes a thread's pool (no connection is opened until it is used).
@@ -425,7 +425,7 @@ impl PostgresStore {
             .collect())
     }
 
-    /// Deletes up to [`SWEEP_BATCH`] rows idle since before `cutoff`.
+    /// Deletes up to `SWEEP_BATCH` rows idle since before `cutoff`.
     async fn sweep_idle_batch(&self, client: &ClientWrapper, cutoff: u64) -> Result<u64, Failure> {
         let sweep = client.prepare_cached(&self.sql.sweep_idle).await?;
         Ok(client
@@ -550,7 +550,7 @@ impl Store for PostgresStore {
     }
 
     /// Idle records go by the `atime` column, in batches of
-    /// [`SWEEP_BATCH`], each its own statement and transaction. With an
+    /// `SWEEP_BATCH`, each its own statement and transaction. With an
     /// absolute timeout, the records are then read page by page (by
     /// handle) to find their `created`; that pass reads the whole table.
     async fn delete_expired(&self, now: u64, expiry: Expiry) -> Result<u64, StoreError> {

@@ -3,7 +3,7 @@
 //!
 //! `key_prefix + handle` holds the record as JSON, with a TTL of the idle
 //! timeout set on every write and refreshed by every touch, so Redis
-//! expires idle sessions itself (SPEC [6]). With several comma-separated
+//! expires idle sessions itself (SPEC \[6\]). With several comma-separated
 //! URLs the store talks to a Redis Cluster; every command names one key, so
 //! it works there unchanged.
 //!
@@ -72,7 +72,7 @@ const SCAN_COUNT: usize = 500;
 const MAX_TTL_SECONDS: u64 = i32::MAX as u64;
 
 /// A session store on Redis or a Redis Cluster. Cheap to share: each
-/// thread that uses it gets its own connection ([`PerThread`]), which
+/// thread that uses it gets its own connection (`PerThread`), which
 /// multiplexes that thread's requests and reconnects by itself.
 pub struct RedisStore {
     dialer: Dialer,
