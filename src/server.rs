@@ -17,7 +17,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use prometheus::IntGauge;
 use tokio::net::TcpSocket;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::broadcast;
 
 use crate::access_log::AccessLog;
@@ -40,6 +40,16 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     let store = store_runtime
         .block_on(store::open(&config))
         .map_err(|e| e.to_string())?;
+    // Every signal the proxy answers is watched from here on, before
+    // pingora binds the listeners: a signal nobody watches yet has its
+    // default action, and SIGTERM, SIGHUP or SIGUSR1 sent the moment a
+    // client could connect killed the process (pingora asks for the stop
+    // signals only once its listeners run). Until here, while the store
+    // is reached, a signal still stops the process at once.
+    let signals = {
+        let _runtime = store_runtime.enter();
+        Signals::watch()
+    };
     let expiry = Expiry {
         timeout: config.session.timeout,
         absolute: config.session.absolute_timeout,
@@ -63,7 +73,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     if let Some(log) = &access_log {
         proxy = proxy.with_access_log(log.clone());
     }
-    store_runtime.spawn(reopen_on_sigusr1(access_log.clone()));
+    store_runtime.spawn(reopen_on_sigusr1(signals.usr1, access_log.clone()));
     let in_flight = proxy.in_flight();
 
     let pingora_conf = ServerConf {
@@ -128,7 +138,11 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
     if certificate.is_some() && !config.session.cookie.secure {
         warn!("HTTPS listeners with session.secure = false: browsers will send the session cookie over plain HTTP too; set secure = true");
     }
-    store_runtime.spawn(reload_on_sighup(certificate.clone(), metrics.clone()));
+    store_runtime.spawn(reload_on_sighup(
+        signals.hangup,
+        certificate.clone(),
+        metrics.clone(),
+    ));
     if let Some(sock) = &config.server.upgrade_sock {
         warn_if_others_can_reach(sock);
     }
@@ -181,6 +195,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         ));
     }
     let drain = DrainOnSignal {
+        signals: Mutex::new(signals.stop),
         in_flight,
         access_log,
         grace: Duration::from_secs(config.server.grace_period),
@@ -279,6 +294,58 @@ fn store_runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the store runtime: {e}"))
 }
 
+/// The signals the proxy answers, each watched from the moment it is
+/// made (tokio installs the handler then); `None` where that failed, said
+/// once in the log.
+struct Signals {
+    stop: Option<StopSignals>,
+    hangup: Option<Signal>,
+    usr1: Option<Signal>,
+}
+
+/// SIGTERM, SIGINT and SIGQUIT, answered by `DrainOnSignal`.
+struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+    quit: Signal,
+}
+
+impl Signals {
+    /// Must run inside a tokio runtime that outlives the watch.
+    fn watch() -> Signals {
+        let stop = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) {
+            (Ok(terminate), Ok(interrupt), Ok(quit)) => Some(StopSignals {
+                terminate,
+                interrupt,
+                quit,
+            }),
+            _ => {
+                warn!("cannot watch SIGTERM/SIGINT/SIGQUIT; stop the proxy with SIGKILL");
+                None
+            }
+        };
+        Signals {
+            stop,
+            hangup: watch_or_say(
+                SignalKind::hangup(),
+                "cannot watch SIGHUP: a renewed certificate will take a restart",
+            ),
+            usr1: watch_or_say(
+                SignalKind::user_defined1(),
+                "cannot watch SIGUSR1: a rotated access log will take a restart",
+            ),
+        }
+    }
+}
+
+fn watch_or_say(kind: SignalKind, failure: &str) -> Option<Signal> {
+    signal(kind).map_err(|_| warn!("{failure}")).ok()
+}
+
 /// On SIGTERM or SIGINT: pingora stops accepting, and we exit as soon as
 /// no request is in flight, or when `grace` has passed. pingora alone
 /// would always sleep its whole grace period, even when idle.
@@ -289,6 +356,8 @@ fn store_runtime() -> Result<tokio::runtime::Runtime, String> {
 /// new process waiting, SIGQUIT changes nothing: stopping would leave
 /// the port closed.
 struct DrainOnSignal {
+    /// Taken by the one call of `recv`.
+    signals: Mutex<Option<StopSignals>>,
     in_flight: IntGauge,
     /// Flushed before the process exits.
     access_log: Option<Arc<AccessLog>>,
@@ -308,12 +377,17 @@ const NEW_PROCESS_WAIT: Duration = Duration::from_secs(5);
 #[async_trait]
 impl ShutdownSignalWatch for DrainOnSignal {
     async fn recv(&self) -> ShutdownSignal {
-        let (Ok(mut terminate), Ok(mut interrupt), Ok(mut quit)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::quit()),
-        ) else {
-            warn!("cannot watch SIGTERM/SIGINT/SIGQUIT; stop the proxy with SIGKILL");
+        let taken = self
+            .signals
+            .lock()
+            .ok()
+            .and_then(|mut signals| signals.take());
+        let Some(StopSignals {
+            mut terminate,
+            mut interrupt,
+            mut quit,
+        }) = taken
+        else {
             return std::future::pending().await;
         };
         loop {
@@ -476,9 +550,12 @@ fn is_socket(path: &Path) -> bool {
 /// SIGHUP reads the listeners' certificate and key again (and nothing
 /// else of the config). Without TLS it does nothing: a stray hangup must
 /// not kill the proxy, as SIGHUP's default would.
-async fn reload_on_sighup(certificate: Option<Arc<ListenerCertificate>>, metrics: Arc<Metrics>) {
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        warn!("cannot watch SIGHUP: a renewed certificate will take a restart");
+async fn reload_on_sighup(
+    hangups: Option<Signal>,
+    certificate: Option<Arc<ListenerCertificate>>,
+    metrics: Arc<Metrics>,
+) {
+    let Some(mut hangups) = hangups else {
         return;
     };
     while hangups.recv().await.is_some() {
@@ -499,9 +576,8 @@ async fn reload_on_sighup(certificate: Option<Arc<ListenerCertificate>>, metrics
 /// the file away, then signals (`postrotate`). Watched even without an
 /// access log: a stray SIGUSR1 must not kill the proxy, as its default
 /// would. (pingora uses SIGUSR1 only in daemon mode, which is off.)
-async fn reopen_on_sigusr1(access_log: Option<Arc<AccessLog>>) {
-    let Ok(mut signals) = signal(SignalKind::user_defined1()) else {
-        warn!("cannot watch SIGUSR1: a rotated access log will take a restart");
+async fn reopen_on_sigusr1(signals: Option<Signal>, access_log: Option<Arc<AccessLog>>) {
+    let Some(mut signals) = signals else {
         return;
     };
     while signals.recv().await.is_some() {

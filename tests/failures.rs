@@ -297,6 +297,50 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     );
 }
 
+/// Each signal the proxy answers, sent the moment it accepts a connection,
+/// finds it watching. SIGHUP and SIGUSR1 used to be watched by tasks that
+/// might not have run yet, and SIGTERM only once pingora's main loop ran:
+/// a signal in between had its default action and killed a proxy clients
+/// could already reach (seen: SIGHUP, 7 of 30 starts of the debug build;
+/// SIGTERM, once in CI).
+#[test]
+fn signals_sent_the_moment_the_proxy_listens_find_it_watching() {
+    const STARTS: usize = 8;
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    for (name, number) in [
+        ("HUP", libc::SIGHUP),
+        ("USR1", libc::SIGUSR1),
+        ("TERM", libc::SIGTERM),
+    ] {
+        for start in 0..STARTS {
+            let mut proxy = config.launch("warn", std::process::Stdio::null());
+            let pid = proxy.child.id() as libc::pid_t;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            // No pause between attempts: the signal goes out within
+            // microseconds of the listener's first accept.
+            while std::net::TcpStream::connect(("127.0.0.1", proxy.port)).is_err() {
+                assert!(Instant::now() < deadline, "nothing listening");
+                assert!(proxy.child.try_wait().unwrap().is_none(), "exited early");
+            }
+            // SAFETY: kill(2) on the pid of a child this test started and
+            // has not reaped.
+            assert_eq!(unsafe { libc::kill(pid, number) }, 0);
+            if name != "TERM" {
+                std::thread::sleep(Duration::from_millis(200));
+                assert_eq!(
+                    proxy.child.try_wait().unwrap(),
+                    None,
+                    "SIG{name} on start {start} killed the proxy"
+                );
+                signal(proxy.child.id(), "TERM");
+            }
+            let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
+            assert_eq!(status.code(), Some(0), "SIG{name} on start {start}");
+        }
+    }
+}
+
 #[test]
 fn sigterm_when_idle_exits_at_once() {
     let upstream = start_upstream();

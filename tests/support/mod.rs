@@ -234,6 +234,15 @@ impl ProxyConfig {
     /// Writes the config, starts the proxy with `RUST_LOG=level` and its
     /// stderr to `stderr`, and waits until it listens.
     pub fn spawn(&self, level: &str, stderr: impl Into<Stdio>) -> Process {
+        let mut process = self.launch(level, stderr);
+        // Two services of their own, started in no set order.
+        wait_listening(self.port, &mut process.child);
+        wait_listening(self.admin_port, &mut process.child);
+        process
+    }
+
+    /// Writes the config and starts the proxy on it, without waiting.
+    pub fn launch(&self, level: &str, stderr: impl Into<Stdio>) -> Process {
         let path = self.write();
         let child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
             .args(["run", "-c"])
@@ -245,14 +254,10 @@ impl ProxyConfig {
             .stderr(stderr)
             .spawn()
             .unwrap();
-        let mut process = Process {
+        Process {
             child,
             port: self.port,
-        };
-        // Two services of their own, started in no set order.
-        wait_listening(self.port, &mut process.child);
-        wait_listening(self.admin_port, &mut process.child);
-        process
+        }
     }
 }
 
