@@ -67,19 +67,32 @@ impl SessionProxy {
             None => None,
         };
         let id = SessionId::generate();
-        for _ in 0..MAX_REGENERATE_COPIES {
+        for copy in 0..MAX_REGENERATE_COPIES {
             let mut record = latest
                 .clone()
                 .unwrap_or_else(|| self.fresh_record(active, now));
-            if let Some(patch) = patch {
-                record.data = patch::apply(&record.data, patch, self.settings.max_data_bytes)
-                    .map_err(|e| invalid(handle, e))?;
-            }
+            let merged = match patch {
+                Some(patch) => patch::apply(&record.data, patch, self.settings.max_data_bytes)
+                    .map(|data| record.data = data)
+                    .map_err(|e| invalid(handle, e)),
+                None => Ok(()),
+            };
             // Saturating: a record read back from a shared store may hold
             // anything, and nothing on the request path may panic.
             record.ver = record.ver.saturating_add(1);
             record.atime = now;
-            self.put(&id.handle(), record).await?;
+            let written = match merged {
+                Ok(()) => self.put(&id.handle(), record).await,
+                Err(failure) => Err(failure),
+            };
+            if let Err(failure) = written {
+                // An earlier round's copy, which no cookie will name: the
+                // patch it holds may be the one refused now.
+                if copy > 0 {
+                    self.discard_copy(&id).await;
+                }
+                return Err(failure);
+            }
             // A new session, or one killed since it was loaded: a fresh record.
             if latest.is_none() {
                 self.metrics.sessions_created.inc();
@@ -486,6 +499,26 @@ mod tests {
             object(json!({"user": "guest", "cart": 3}))
         );
         assert_eq!(record.ver, 1 + MAX_REGENERATE_COPIES as u64);
+    }
+
+    #[tokio::test]
+    async fn a_regenerate_whose_update_no_longer_fits_after_a_change_leaves_no_copy() {
+        let (store, proxy, active, mut instructions) = regenerating(1).await;
+        // Fits the data as loaded ({"user": ...} is exactly 4096 bytes);
+        // the `"cart":3` landing during the first copy takes it over.
+        let user = "x".repeat(4096 - r#"{"user":""}"#.len());
+        instructions.patch = Some(object(json!({ "user": user })));
+
+        let outcome = proxy.commit(&active, instructions).await;
+
+        assert_eq!(outcome, Err(Failure::InvalidUpdate));
+        let records = store.inner.list().await.unwrap();
+        assert_eq!(records.len(), 1, "no copy is left: {records:?}");
+        assert_eq!(records[0].0, active.handle);
+        assert_eq!(
+            records[0].1.data.to_map().unwrap(),
+            object(json!({"user": "guest", "cart": 3}))
+        );
     }
 
     #[tokio::test]
