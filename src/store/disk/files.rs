@@ -122,7 +122,12 @@ fn read_whole_file(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
         ));
     }
     let mut bytes = Vec::new();
-    file.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+    // Saturating: `max_data_bytes` as large as TOML allows makes `limit`
+    // `usize::MAX`, where `+ 1` overflowed: a panic in a debug build, and in
+    // a release one a bound of 0, which read any record that comes here as
+    // empty, so corrupt.
+    file.take((limit as u64).saturating_add(1))
+        .read_to_end(&mut bytes)?;
     if bytes.len() > limit {
         return Err(too_large(limit));
     }

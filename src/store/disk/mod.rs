@@ -761,6 +761,24 @@ mod tests {
         }
     }
 
+    /// `max_data_bytes = 9223372036854775807` (TOML's largest, a way of
+    /// saying "no limit") makes the file limit `usize::MAX`; a record cut
+    /// short is read again the long way, whose bound overflowed there.
+    #[tokio::test]
+    async fn a_record_cut_short_is_corrupt_under_the_largest_data_limit() {
+        let temp = TempDir::new();
+        let store = DiskStore::open(&temp.0, false)
+            .unwrap()
+            .with_max_data_bytes(i64::MAX as usize);
+        let handle = Handle::of_id("disk-unit-no-limit");
+        fs::write(store.file_of(&handle), br#"{"data":{"n":1},"created":"#).unwrap();
+        let loaded = store.load(&handle).await;
+        assert!(
+            matches!(loaded, Err(StoreError::Corrupt { .. })),
+            "{loaded:?}"
+        );
+    }
+
     #[test]
     fn a_corrupt_record_error_does_not_quote_the_file() {
         let temp = TempDir::new();
