@@ -1530,6 +1530,56 @@ async fn redis_a_value_that_is_not_utf8_is_corrupt() {
     );
 }
 
+/// Another program's key under the prefix whose name is not UTF-8 is no
+/// record of this store: `sessions list` and the sweep (which scans with an
+/// absolute timeout) go past it. Read as text, it failed their whole SCAN
+/// page, so every listing and every sweep round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_key_name_that_is_not_utf8_is_skipped_by_list_and_sweep() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await;
+    let t = now();
+    let (kept, old) = (handle(24), handle(25));
+    put(&store, &kept, &record(json!({}), t, t)).await;
+    put(&store, &old, &record(json!({}), t - 90_000, t)).await;
+    let mut stranger = prefix.prefix.as_bytes().to_vec();
+    stranger.extend_from_slice(b"\xff\xfe");
+    let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&stranger[..])
+        .arg("another program's")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let listed = store.list().await;
+    let with_absolute = Expiry {
+        timeout: 3600,
+        absolute: Some(86_400),
+    };
+    let swept = store.delete_expired(t, with_absolute).await;
+    // The prefix's clean-up reads key names as text: this one goes here.
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(&stranger[..])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "the stranger was there all along");
+    let mut listed: Vec<String> = listed
+        .expect("list goes past the stranger")
+        .into_iter()
+        .map(|(handle, _)| handle.to_string())
+        .collect();
+    listed.sort();
+    let mut expected = vec![kept.to_string(), old.to_string()];
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(swept.expect("the sweep goes past the stranger"), 1);
+    assert_eq!(store.load(&old).await.unwrap(), None);
+    assert!(store.load(&kept).await.unwrap().is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_sweep_deletes_records_past_the_absolute_timeout() {
     let Some(prefix) = RedisPrefix::new().await else {

@@ -416,8 +416,16 @@ impl RedisStore {
             .arg(SCAN_COUNT)
             .to_owned();
         let answer = self.run_on(node, command).await?;
-        redis::from_redis_value(answer)
-            .map_err(|_| StoreError::Unavailable("redis: unreadable SCAN answer".into()))
+        let (cursor, keys): (String, Vec<Vec<u8>>) = redis::from_redis_value(answer)
+            .map_err(|_| StoreError::Unavailable("redis: unreadable SCAN answer".into()))?;
+        // A key whose name is not UTF-8 is another program's (a handle is
+        // hex): read as text, it failed the whole page, so `sessions list`
+        // and every sweep.
+        let keys = keys
+            .into_iter()
+            .filter_map(|key| String::from_utf8(key).ok())
+            .collect();
+        Ok((cursor, keys))
     }
 
     async fn run_on(&self, node: &Node, command: Cmd) -> Result<Value, StoreError> {
