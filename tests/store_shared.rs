@@ -1053,6 +1053,38 @@ async fn postgres_touch_keeps_the_atime_column_current() {
     assert_eq!(atime, (t + 500) as i64);
 }
 
+/// A record whose atime is past PostgreSQL's bigint (u64 allows it; the
+/// store never writes one, a hand or another tool may) loads, and is
+/// touched like any other: the touch read the atime as a bigint and
+/// failed, a 503 on every request of the session with `touch_interval = 0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_touch_of_a_record_whose_atime_is_past_bigint() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let store = table.store().await;
+    let handle = handle(6);
+    let data = format!(
+        r#"{{"data":{{}},"created":1,"atime":{},"ip":"192.0.2.7","ver":1}}"#,
+        u64::MAX
+    );
+    let client = sql_client().await.unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {} (session_id, data) VALUES ($1, $2)",
+                table.name
+            ),
+            &[&handle.as_str(), &data],
+        )
+        .await
+        .unwrap();
+    let touched = store.touch(&handle, now()).await;
+    assert!(matches!(touched, Ok(true)), "{touched:?}");
+    let loaded = store.load(&handle).await.unwrap().expect("still stored");
+    assert_eq!(loaded.atime, u64::MAX, "an atime never moves backwards");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_row_that_is_not_a_record_is_corrupt() {
     let Some(table) = PgTable::new().await else {

@@ -52,12 +52,14 @@ impl Statements {
             // before the closing `"ip"` and `"ver"` (a record's field
             // order). Not through `jsonb`, which would write the data out
             // again in its own way (1e16 as 10000000000000000, -0.0 as 0):
-            // a touch changes the access time only. A record in another
+            // a touch changes the access time only. The stored atime is
+            // read as a numeric: a u64 past bigint (written by hand) failed
+            // every touch of the session. A record in another
             // layout is not matched; the caller touches it by `modify`.
             touch: format!(
                 "UPDATE {table} SET \
                  data = regexp_replace(data, '{TOUCHED}', \
-                 '\"atime\":' || GREATEST(substring(data FROM '{TOUCHED_ATIME}')::bigint, \
+                 '\"atime\":' || GREATEST(substring(data FROM '{TOUCHED_ATIME}')::numeric, \
                  $2::bigint) || '\\1'), \
                  atime = GREATEST(atime, {ATIME}) \
                  WHERE session_id = $1 AND data ~ '{TOUCHED}'"
