@@ -1259,6 +1259,21 @@ fn store_sweep_interval_and_max_entries_are_at_least_one() {
         .contains("store.max_entries: expected at least 1, found 0"));
 }
 
+/// A pool sets aside a slot per connection when it is made: a pool_size of
+/// TOML's order panicked (or aborted) the opening of the store.
+#[test]
+fn store_pool_size_is_at_most_what_postgresql_allows() {
+    for huge in ["262144", "9223372036854775807"] {
+        let message = error(&format!("[store]\npool_size = {huge}"));
+        assert!(
+            message.starts_with("test.toml:2:13: store.pool_size: expected at most 262143"),
+            "{message}"
+        );
+    }
+    let store = config("[store]\npool_size = 262143").expect("valid").store;
+    assert_eq!(store.pool_size, 262_143);
+}
+
 #[test]
 fn store_path_must_not_be_empty() {
     let message = error("[store]\npath = \"\"");

@@ -911,9 +911,30 @@ fn store(store: file::Store, src: &Source) -> Result<StoreConfig> {
         sweep_interval: at_least(src, "store.sweep_interval", store.sweep_interval, 1)?,
         max_entries: at_least(src, "store.max_entries", store.max_entries, 1)?,
         fsync: store.fsync,
-        pool_size: store.pool_size,
+        pool_size: pool_size(src, store.pool_size)?,
         timeout: seconds(src, "store.timeout", store.timeout, 1)?,
     })
+}
+
+/// PostgreSQL's own ceiling on `max_connections` (2^18 - 1): no server
+/// takes more connections than this.
+const MAX_POOL_SIZE: usize = 262_143;
+
+/// `pool_size`: 0 (four per thread) or at most what a server could take.
+/// The pools set aside a slot per connection when they are made: a size
+/// of TOML's order panicked the store's opening (`check`, `run` and
+/// `sessions` alike) instead of exiting 2.
+fn pool_size(src: &Source, pool_size: usize) -> Result<usize> {
+    if pool_size > MAX_POOL_SIZE {
+        return Err(src.error(
+            "store.pool_size",
+            format!(
+                "expected at most {MAX_POOL_SIZE} (PostgreSQL's ceiling on max_connections), \
+                 found {pool_size}; use 0 for four per proxy thread"
+            ),
+        ));
+    }
+    Ok(pool_size)
 }
 
 /// A Redis Cluster lists several nodes, comma-separated; each needs a scheme.
