@@ -1218,6 +1218,45 @@ fn store_url_scheme_must_match_the_kind_and_is_not_echoed() {
     assert!(!message.contains("hunter2"), "{message}");
 }
 
+/// A URL of the right scheme that the store cannot read: a config error
+/// (exit 2, with the line), where `check` exited 1 ("postgres: invalid
+/// url"), as for a server that does not answer. Still without the URL.
+#[test]
+fn a_store_url_the_store_cannot_read_is_a_config_error() {
+    for (url, says) in [
+        (
+            "postgres://app:hunter2@db:99999/app",
+            "invalid value for option `port`",
+        ),
+        (
+            "postgres://app:hunter2@db/app?pool_max=10",
+            "unknown option `pool_max`",
+        ),
+    ] {
+        let message = error(&format!("[store]\nkind = \"postgres\"\nurl = {url:?}"));
+        assert!(
+            message.starts_with("test.toml:3:7: store.url: invalid connection string: ")
+                && message.contains(says),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+    for url in [
+        "redis://:hunter2@127.0.0.1:6379/not-a-number",
+        "redis://127.0.0.1:99999",
+        "redis://a:6379, redis://:hunter2@b:99999",
+    ] {
+        let message = error(&format!("[store]\nkind = \"redis\"\nurl = {url:?}"));
+        assert!(
+            message.starts_with("test.toml:3:7: store.url: the Redis client cannot read it"),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+    let valid = "[store]\nkind = \"postgres\"\nurl = \"postgres://app@db:5432/app?application_name=x&sslmode=disable\"";
+    config(valid).expect("a URL tokio-postgres reads");
+}
+
 #[test]
 fn redis_over_tls_is_accepted() {
     let kind = |text: &str| config(text).expect("valid").store.kind;
@@ -1249,6 +1288,31 @@ fn store_table_is_a_plain_sql_name() {
             "{message}"
         );
     }
+}
+
+/// The store refuses a name part past PostgreSQL's 63 characters (which
+/// the server would cut short): refused here, it is a config error (exit
+/// 2, with the line), not a store that seems unreachable (exit 1).
+#[test]
+fn store_table_name_parts_are_at_most_63_characters() {
+    let long = "t".repeat(64);
+    for bad in [
+        long.clone(),
+        format!("app.{long}"),
+        format!("{long}.sessions"),
+    ] {
+        let message = error(&format!("[store]\ntable = {bad:?}"));
+        assert!(
+            message.starts_with("test.toml:2:9: store.table: expected a SQL name"),
+            "{message}"
+        );
+    }
+    let longest = format!("{}.{}", "s".repeat(63), "t".repeat(63));
+    let table = config(&format!("[store]\ntable = {longest:?}"))
+        .expect("63 characters either side")
+        .store
+        .table;
+    assert_eq!(table, longest);
 }
 
 #[test]

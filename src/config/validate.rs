@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use ipnet::IpNet;
 use serde_json::{Map, Value};
@@ -17,7 +18,9 @@ use super::{
     StoreConfig, StoreKind, TlsFiles, UpstreamConfig, SECRET_KEYS_ENV,
 };
 use crate::access_log::Destination;
+use crate::store::postgres::is_plain_identifier;
 use crate::store::postgres::tls::PostgresTls;
+use crate::store::redis::RedisStore;
 
 const MIN_SECRET_BYTES: usize = 32;
 const MIN_TOKEN_TTL: u64 = 5;
@@ -876,20 +879,45 @@ fn store(store: file::Store, src: &Source) -> Result<StoreConfig> {
             check_url(src, &store.url, kind, &["postgres://", "postgresql://"])?;
             // sslmode and sslrootcert, and the CAs read now: a bad one would
             // only show as an unreachable store.
-            let (_, tls) = PostgresTls::from_url(&store.url)
+            let (rest, tls) = PostgresTls::from_url(&store.url)
                 .map_err(|problem| src.error("store.url", problem))?;
             tls.connector()
                 .map_err(|problem| src.error("store.url", problem))?;
+            // Read as the store reads it: a URL it refused made `check`
+            // exit 1, as if the server were down. tokio-postgres's messages
+            // name the option, never its value.
+            if let Err(error) = tokio_postgres::Config::from_str(&rest) {
+                let cause = std::error::Error::source(&error)
+                    .map(|cause| format!(": {cause}"))
+                    .unwrap_or_default();
+                return Err(src.error(
+                    "store.url",
+                    format!(
+                        "{error}{cause}; expected postgres://user[:password]@host[:port]/database[?option=value&…]"
+                    ),
+                ));
+            }
         }
-        StoreKind::Redis => check_url(src, &store.url, kind, &["redis://", "rediss://"])?,
+        StoreKind::Redis => {
+            check_url(src, &store.url, kind, &["redis://", "rediss://"])?;
+            // As the store reads it (see above).
+            if RedisStore::check_urls(&store.url).is_err() {
+                return Err(src.error(
+                    "store.url",
+                    "the Redis client cannot read it; expected redis://[user:password@]host:port[/database number] (rediss:// for TLS), comma-separated for a Cluster's nodes",
+                ));
+            }
+        }
         StoreKind::Disk | StoreKind::Memory => {}
     }
 
-    if !is_sql_table(&store.table) {
+    // The store's own check: a name this let through and the store then
+    // refused made `check` exit 1, as if the server were down.
+    if !is_plain_identifier(&store.table) {
         return Err(src.error(
             "store.table",
             format!(
-                "expected a SQL name such as \"sessions\" or \"schema.sessions\" (letters, digits and _, not starting with a digit), found {:?}",
+                "expected a SQL name such as \"sessions\" or \"schema.sessions\" (letters, digits and _, not starting with a digit, at most 63 of them either side of the dot), found {:?}",
                 store.table
             ),
         ));
@@ -1014,18 +1042,4 @@ fn is_token(text: &str) -> bool {
         && text
             .bytes()
             .all(|byte| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte))
-}
-
-/// `table` or `schema.table`, each a plain identifier: it is put into SQL as is.
-fn is_sql_table(name: &str) -> bool {
-    let is_identifier = |part: &str| {
-        part.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    };
-    match name.split_once('.') {
-        Some((schema, table)) => is_identifier(schema) && is_identifier(table),
-        None => is_identifier(name),
-    }
 }

@@ -61,7 +61,8 @@ use super::{touch_by_modify, Change, Decide, Expiry, Handle, Record, Store, Stor
 use crate::locks::HandleLocks;
 use errors::{corrupt, is_bad_data, is_beyond_jsonb, timed_out, unavailable, Failure};
 use lease::{lease_class, LeaseSlot};
-use statements::{is_plain_identifier, Statements};
+pub(crate) use statements::is_plain_identifier;
+use statements::Statements;
 use tls::{PostgresTls, SslMode};
 
 /// Rows deleted by one sweep statement: small enough that no statement

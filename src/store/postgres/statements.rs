@@ -88,7 +88,8 @@ impl Statements {
 
 /// `name` or `schema.name`, each an unquoted SQL identifier, so it can be
 /// put into statements as it is (and means what web.py's name means).
-pub(super) fn is_plain_identifier(table: &str) -> bool {
+/// Config validation checks `store.table` with it too.
+pub(crate) fn is_plain_identifier(table: &str) -> bool {
     let part = |name: &str| {
         let mut chars = name.chars();
         chars
