@@ -1,5 +1,6 @@
 //! What each command of the command line does, once the config is loaded.
 
+use std::io::{self, Write};
 use std::process::ExitCode;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -101,20 +102,24 @@ async fn sessions_with(
         SessionsCommand::List => {
             let mut sessions = store.list().await.map_err(|e| e.to_string())?;
             sessions.sort_by_key(|(_, record)| std::cmp::Reverse(record.atime));
-            println!(
-                "{:<64}  {:<20}  {:<20}  {:>6}  ver",
-                "handle", "created", "last access", "bytes"
-            );
-            for (handle, record) in sessions {
-                println!(
-                    "{handle}  {}  {}  {:>6}  {}",
-                    utc(record.created),
-                    utc(record.atime),
-                    record.data.encoded_len(),
-                    record.ver
-                );
-            }
-            Ok(())
+            print_out(|out| {
+                writeln!(
+                    out,
+                    "{:<64}  {:<20}  {:<20}  {:>6}  ver",
+                    "handle", "created", "last access", "bytes"
+                )?;
+                for (handle, record) in sessions {
+                    writeln!(
+                        out,
+                        "{handle}  {}  {}  {:>6}  {}",
+                        utc(record.created),
+                        utc(record.atime),
+                        record.data.encoded_len(),
+                        record.ver
+                    )?;
+                }
+                Ok(())
+            })
         }
         SessionsCommand::Show { handle } => {
             let handle = parse_handle(&handle)?;
@@ -123,19 +128,13 @@ async fn sessions_with(
             // Through a Value, so the data is indented too (it is kept as
             // compact text, which would print as one line).
             let record = serde_json::to_value(&record).map_err(|e| e.to_string())?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?
-            );
-            Ok(())
+            let text = serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?;
+            print_out(|out| writeln!(out, "{text}"))
         }
         SessionsCommand::Kill { handle } => {
             let handle = parse_handle(&handle)?;
             match store.delete(&handle).await.map_err(|e| e.to_string())? {
-                true => {
-                    println!("killed {handle}");
-                    Ok(())
-                }
+                true => print_out(|out| writeln!(out, "killed {handle}")),
                 false => Err(format!("no session {handle}")),
             }
         }
@@ -148,9 +147,21 @@ async fn sessions_with(
                 .delete_expired(crate::session::now(), expiry)
                 .await
                 .map_err(|e| e.to_string())?;
-            println!("deleted {deleted} expired session(s)");
-            Ok(())
+            print_out(|out| writeln!(out, "deleted {deleted} expired session(s)"))
         }
+    }
+}
+
+/// Writes a command's output to standard output. A reader that went away
+/// early (`sessions list | head`) ends the output and is no failure, as
+/// for other command-line tools: `println!` panicked on the broken pipe.
+fn print_out(write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<(), String> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    match write(&mut out).and_then(|()| out.flush()) {
+        Err(error) if error.kind() != io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write the output: {error}"))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -377,6 +377,47 @@ fn sessions_errors_name_the_config_file_and_the_directory_at_fault() {
     }
 }
 
+/// `sessions list | head`: the reader goes away with most of the listing
+/// unread. The rest is no error to report, as for other command-line
+/// tools; `println!` panicked on the broken pipe (exit 101, a panic
+/// message on stderr).
+#[test]
+fn sessions_list_into_a_pipe_closed_early_ends_quietly() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+
+    let config = ProxyConfig::new(free_port());
+    let path = config.write();
+    let sessions = config.sessions_dir();
+    std::fs::create_dir_all(&sessions).unwrap();
+    // Some 600 KB of listing: far more than a pipe holds (64 KiB).
+    let now = session_proxy::session::now();
+    for n in 0..4000u32 {
+        let record =
+            format!(r#"{{"data":{{}},"created":{now},"atime":{now},"ip":"127.0.0.1","ver":1}}"#);
+        std::fs::write(sessions.join(format!("{n:064x}.json")), record).unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+        .args(["sessions", "list", "-c", path.to_str().unwrap()])
+        .env_remove("SESSION_PROXY_SECRET_KEYS")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first line, then the pipe closes (`head -1`).
+    let mut first = [0u8; 100];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    assert!(first.starts_with(b"handle "), "{first:?}");
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success() && stderr(&output).is_empty(),
+        "{:?}: {}",
+        output.status,
+        stderr(&output)
+    );
+}
+
 /// The memory store lives in the proxy process: a `sessions` command
 /// would open an empty one of its own, list nothing and answer "no
 /// session" for a session the running proxy still serves.
