@@ -218,6 +218,28 @@ fn a_response_head_over_one_mib_is_502_and_changes_nothing() {
     assert_eq!(setup.files(), before);
 }
 
+/// The token is for the app: an app that echoes its request's headers into
+/// its response does not hand it to the client, on a session path or a
+/// bypassed one, in any case of the name.
+#[test]
+fn a_token_the_app_echoes_never_reaches_the_client() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("bypass = [\"/static/\"]");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    for path in ["/", "/static/x"] {
+        for spelling in ["X-Session", "x-session", "X-SESSION"] {
+            let echoed = format!("{spelling}: eyJhbGciOiJIUzI1NiJ9.echoed.sig");
+            let response = browser.get(path, &[("X-Test-Header", echoed.as_str())]);
+            assert_eq!(response.status, 200, "{path}");
+            assert_eq!(response.header("x-session"), None, "{path} {spelling}");
+        }
+    }
+    // Other headers the app adds still reach the client.
+    let response = browser.get("/", &[("X-Test-Header", "X-Session-Id-Like: kept")]);
+    assert_eq!(response.header("x-session-id-like"), Some("kept"));
+}
+
 #[test]
 fn informational_responses_carry_no_instructions_to_the_client_or_the_store() {
     let setup = with_session();

@@ -520,6 +520,10 @@ impl ProxyHttp for SessionProxy {
         if headers::remove_set_cookie(response, &self.settings.cookie.name) {
             debug!("the upstream set the session cookie: removed");
         }
+        // An app that echoes its request's headers (a debug page, an echo
+        // service) would hand the client its token: a signed copy of the
+        // session data that the app trusts. Never sent on.
+        response.remove_header(&names.session);
         // Instructions count only in the final response of a session path
         // (a `101` ends an upgrade's exchange: it is final too); none ever
         // reach the client.
