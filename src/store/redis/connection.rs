@@ -19,6 +19,50 @@ pub(super) enum Dialer {
 }
 
 impl Dialer {
+    /// How to reach `urls`: one URL for a standalone server, several
+    /// (comma-separated) for the nodes of a cluster; read, not connected.
+    pub(super) fn for_urls(urls: &str, timeout: Duration) -> Result<Dialer, StoreError> {
+        let urls: Vec<&str> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
+        match urls.as_slice() {
+            [] => Err(StoreError::Unavailable("redis: no url".into())),
+            [url] => {
+                let client = redis::Client::open(*url)
+                    .map_err(|_| StoreError::Unavailable("redis: invalid url".into()))?;
+                // No response timeout of the crate's own: `bounded` already
+                // times every command, reconnection included, and a second
+                // tokio timer per command costs a timer-wheel entry (and at
+                // times a wake-up of the thread) for nothing.
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(None)
+                    .set_number_of_retries(2)
+                    .set_max_delay(timeout);
+                Ok(Dialer::Standalone(client, config))
+            }
+            nodes => {
+                // A node gets a quarter of the timeout to accept a
+                // connection: the crate opens a connection to every node
+                // (and waits for them all) when a thread's connection is
+                // opened, and again to those missing when it refreshes the
+                // slot map after a MOVED, holding every other request of
+                // the connection meanwhile. With the whole timeout there, a
+                // hung node cost the sessions of the nodes that answer
+                // their 503 too, and a proxy started then did not start.
+                let client = ClusterClient::builder(nodes.iter().copied())
+                    .connection_timeout(timeout / 4)
+                    .response_timeout(timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(|_| StoreError::Unavailable("redis: invalid cluster url".into()))?;
+                Ok(Dialer::Cluster(client))
+            }
+        }
+    }
+
     pub(super) async fn open(&self, timeout: Duration) -> Result<Connection, StoreError> {
         match self {
             Dialer::Standalone(client, config) => {

@@ -40,8 +40,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManagerConfig;
-use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, RedisResult, Value};
@@ -108,7 +106,7 @@ impl RedisStore {
         idle_ttl: u64,
     ) -> Result<RedisStore, StoreError> {
         let store = RedisStore {
-            dialer: dialer(urls, timeout)?,
+            dialer: Dialer::for_urls(urls, timeout)?,
             connections: PerThread::default(),
             key_prefix: key_prefix.to_owned(),
             timeout,
@@ -123,7 +121,7 @@ impl RedisStore {
     /// config validation asks, so that a URL it would refuse is a config
     /// error (exit 2), not a store that seems unreachable (exit 1).
     pub fn check_urls(urls: &str) -> Result<(), StoreError> {
-        dialer(urls, Duration::from_secs(1)).map(|_| ())
+        Dialer::for_urls(urls, Duration::from_secs(1)).map(|_| ())
     }
 
     /// Awaits a call on the calling thread's connection for at most the
@@ -636,50 +634,6 @@ impl Store for RedisStore {
     ) -> Result<Option<Box<dyn super::Lease>>, StoreError> {
         let lease = RedisStore::acquire_lease(self, handle, wait, ttl).await?;
         Ok(Some(Box::new(lease)))
-    }
-}
-
-/// How to reach `urls`: one URL for a standalone server, several
-/// (comma-separated) for the nodes of a cluster; read, not connected.
-fn dialer(urls: &str, timeout: Duration) -> Result<Dialer, StoreError> {
-    let urls: Vec<&str> = urls
-        .split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .collect();
-    match urls.as_slice() {
-        [] => Err(StoreError::Unavailable("redis: no url".into())),
-        [url] => {
-            let client = redis::Client::open(*url)
-                .map_err(|_| StoreError::Unavailable("redis: invalid url".into()))?;
-            // No response timeout of the crate's own: `bounded` already
-            // times every command, reconnection included, and a second
-            // tokio timer per command costs a timer-wheel entry (and at
-            // times a wake-up of the thread) for nothing.
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(None)
-                .set_number_of_retries(2)
-                .set_max_delay(timeout);
-            Ok(Dialer::Standalone(client, config))
-        }
-        nodes => {
-            // A node gets a quarter of the timeout to accept a
-            // connection: the crate opens a connection to every node
-            // (and waits for them all) when a thread's connection is
-            // opened, and again to those missing when it refreshes the
-            // slot map after a MOVED, holding every other request of
-            // the connection meanwhile. With the whole timeout there, a
-            // hung node cost the sessions of the nodes that answer
-            // their 503 too, and a proxy started then did not start.
-            let client = ClusterClient::builder(nodes.iter().copied())
-                .connection_timeout(timeout / 4)
-                .response_timeout(timeout)
-                .retries(2)
-                .build()
-                .map_err(|_| StoreError::Unavailable("redis: invalid cluster url".into()))?;
-            Ok(Dialer::Cluster(client))
-        }
     }
 }
 
