@@ -126,9 +126,14 @@ async fn sessions_with(
             let record = store.load(&handle).await.map_err(|e| e.to_string())?;
             let record = record.ok_or_else(|| format!("no session {handle}"))?;
             // Through a Value, so the data is indented too (it is kept as
-            // compact text, which would print as one line).
-            let record = serde_json::to_value(&record).map_err(|e| e.to_string())?;
-            let text = serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?;
+            // compact text, which would print as one line). Data a Value
+            // cannot hold (a number past f64's range, such as `1e400`, which
+            // the stores keep as text) is printed as it is stored, on one line.
+            let text = match serde_json::to_value(&record) {
+                Ok(value) => serde_json::to_string_pretty(&value),
+                Err(_) => serde_json::to_string(&record),
+            }
+            .map_err(|e| e.to_string())?;
             print_out(|out| writeln!(out, "{text}"))
         }
         SessionsCommand::Kill { handle } => {

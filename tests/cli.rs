@@ -302,6 +302,42 @@ fn sessions_lists_shows_kills_and_purges_stored_sessions() {
     assert!(stored_files(&config.sessions_dir()).is_empty());
 }
 
+/// A record whose data holds a number past f64's range (edited by hand, or
+/// written by another tool) is still shown, as it is stored: the proxy
+/// passes such data through as text, and `show` used to refuse it.
+#[test]
+fn sessions_show_prints_data_a_json_value_cannot_hold_as_stored() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let handle = Browser::new(proxy.port)
+        .get("/", &[("X-Test-Update", r#"{"big": 1}"#)])
+        .session()["sid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(proxy);
+    let files = stored_files(&config.sessions_dir());
+    let [file] = &files[..] else {
+        panic!("one record expected");
+    };
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(text.contains(r#""big":1"#), "{text}");
+    std::fs::write(file, text.replace(r#""big":1"#, r#""big":1e400"#)).unwrap();
+
+    let path = config.path();
+    let show = run_cli(
+        &["sessions", "show", &handle, "-c", path.to_str().unwrap()],
+        &[],
+    );
+    assert!(show.status.success(), "{}", stderr(&show));
+    assert!(
+        stdout(&show).contains(r#""big":1e400"#),
+        "{}",
+        stdout(&show)
+    );
+}
+
 /// The line that says the proxy started names every address it listens
 /// on, the admin listener's too.
 #[test]
