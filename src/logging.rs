@@ -12,6 +12,10 @@
 //!   the shortest header is longer, and a hex handle is 64 (of which the
 //!   first 8, the log name of a session, are kept).
 //!
+//! And every line stays one line: pingora quotes the client's path and
+//! `Host` in its lines, and what would end a line or steer a terminal
+//! there (control characters, U+2028) is escaped, `\u{85}`.
+//!
 //! Only lines that pass the `RUST_LOG` filter are formatted, so at the
 //! default level the request path pays nothing.
 //!
@@ -85,7 +89,7 @@ impl Log for Redacting {
         if level != record.level() && !self.inner.enabled(&metadata) {
             return;
         }
-        match redact(&line) {
+        match one_line(redact(&line)) {
             Cow::Borrowed(_) if level == record.level() => self.inner.log(record),
             clean => self.inner.log(
                 &Record::builder()
@@ -179,6 +183,35 @@ pub fn redact(line: &str) -> Cow<'_, str> {
     }
 }
 
+/// `line` with every character that could end it, steer a terminal or
+/// reorder its text escaped as `\u{85}`: control characters (C0, DEL and
+/// C1: U+0085 is a line break to Unicode-aware readers, U+009B a CSI to
+/// terminals), the line and paragraph separators, and the bidirectional
+/// overrides. pingora's lines quote the client's path and `Host` as
+/// UTF-8, in which all of these can be sent; a line of ours must stay one
+/// line, read as written.
+pub fn one_line(line: Cow<'_, str>) -> Cow<'_, str> {
+    if !line.chars().any(breaks_a_line) {
+        return line;
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in line.chars() {
+        match breaks_a_line(c) {
+            true => out.extend(c.escape_unicode()),
+            false => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn breaks_a_line(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
 /// `None` when no run is long enough to redact.
 fn redact_runs(line: &str) -> Option<String> {
     let bytes = line.as_bytes();
@@ -258,6 +291,17 @@ mod tests {
             redact("key=a secret with spaces & symbols!;"),
             "key=[secret];"
         );
+    }
+
+    #[test]
+    fn a_line_stays_one_line_whatever_it_quotes() {
+        let quoted = "GET /a\r\nb\u{85}c\u{9b}31md\u{1b}[2Je\u{2028}f\u{202e}g\u{7f}, Host: h\tx";
+        assert_eq!(
+            one_line(Cow::Borrowed(quoted)),
+            "GET /a\\u{d}\\u{a}b\\u{85}c\\u{9b}31md\\u{1b}[2Je\\u{2028}f\\u{202e}g\\u{7f}, Host: h\\u{9}x"
+        );
+        let line = "Fail to proxy: Upstream ConnectRefused, GET /caf\u{e9}/\u{1F600}, Host: x";
+        assert!(matches!(one_line(Cow::Borrowed(line)), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! happens: new sessions, updates, regenerate, kill, forged and expired
 //! cookies, invalid updates, store and upstream failures, malformed,
 //! oversized and unfinished requests (pingora logs some with their raw bytes).
+//! And no client can break one of its lines in two.
 
 mod support;
 
@@ -162,4 +163,49 @@ fn a_trace_log_of_a_full_run_holds_no_id_cookie_token_or_key() {
         leaks.len(),
         leaks.join("\n")
     );
+}
+
+/// pingora's lines about a request it could not proxy quote the client's
+/// path and `Host`, which may hold any UTF-8 past ASCII: a line break
+/// there (U+0085, U+2028) or a terminal's CSI (U+009B) must not reach the
+/// log as sent, or a client could forge log lines, or steer the terminal
+/// of whoever reads them. They are escaped, and the line stays one line.
+#[test]
+fn a_client_cannot_break_a_log_line_with_what_its_path_or_host_holds() {
+    // Nothing listens there: pingora logs the failure, quoting the request.
+    let config = ProxyConfig::new(free_port());
+    let log = config.dir.path().join("proxy.log");
+    let proxy = config.start_logging("info", &log);
+    let raw = "GET /x\u{85}FORGED-BY-PATH\u{2028}LINE\u{9b}2J HTTP/1.1\r\n\
+               Host: h\u{85}FORGED-BY-HOST\u{202e}\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(proxy.port, raw.as_bytes(), Duration::from_secs(5));
+    assert_eq!(
+        raw_status(&answer),
+        Some(502),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let read = || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    assert!(
+        eventually(Duration::from_secs(5), || read().contains("FORGED-BY-HOST")),
+        "pingora logged no line quoting the request:\n{}",
+        read()
+    );
+    drop(proxy);
+    let text = read();
+    for raw in ['\u{85}', '\u{2028}', '\u{9b}', '\u{202e}'] {
+        assert!(!text.contains(raw), "{raw:?} reached the log:\n{text}");
+    }
+    for line in text.lines().filter(|line| line.contains("FORGED")) {
+        assert!(
+            line.starts_with('['),
+            "a line begun by the client: {line:?}"
+        );
+        assert!(
+            line.contains(r"/x\u{85}FORGED-BY-PATH\u{2028}LINE\u{9b}2J")
+                && line.contains(r"h\u{85}FORGED-BY-HOST\u{202e}"),
+            "{line:?}"
+        );
+    }
 }
