@@ -233,6 +233,43 @@ fn a_client_that_hangs_up_before_its_answer_is_logged_as_499() {
     assert_eq!(line.status, 499, "{line:?}");
 }
 
+/// An interim response (`103 Early Hints`) is no answer: a client that
+/// hangs up after it, before the final one, is a 499, in the log as in
+/// `session_proxy_responses_total`.
+#[test]
+fn a_client_that_hangs_up_after_an_interim_response_is_logged_as_499() {
+    use base64::Engine;
+    use std::io::Write;
+    let upstream = start_upstream();
+    let (config, proxy, log) = start_logging_to_file(upstream.port, 13);
+    let hints = b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\n";
+    let head = format!(
+        "GET /early-hints HTTP/1.1\r\nHost: x\r\nX-Test-Fault: raw-hang\r\nX-Test-Raw: {}\r\n\r\n",
+        base64::engine::general_purpose::STANDARD.encode(hints)
+    );
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    stream.set_read_timeout(Some(FLUSH_WAIT)).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut received = Vec::new();
+    let mut byte = [0u8; 1];
+    while !received.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed before the 103");
+        received.push(byte[0]);
+    }
+    assert!(received.starts_with(b"HTTP/1.1 103"), "{received:?}");
+    drop(stream);
+
+    let line = line_with(Path::new(&log), "/early-hints");
+    assert_eq!(line.status, 499, "{line:?}");
+    let class = |class: &str| {
+        metric(
+            config.admin_port,
+            &format!("session_proxy_responses_total{{class=\"{class}\"}}"),
+        )
+    };
+    assert_eq!((class("1xx"), class("4xx")), (0.0, 1.0));
+}
+
 #[test]
 fn client_sent_fields_are_escaped_so_no_line_can_be_forged() {
     let upstream = start_upstream();

@@ -94,10 +94,11 @@ impl Failure {
 async fn respond(session: &mut Session, status: u16, body: Bytes, clear_cookie: Option<String>) {
     // A response under way (its head sent) cannot be replaced, and a
     // message written now would land in its body: the connection just ends.
-    if let Some(written) = session.response_written() {
-        if !written.status.is_informational() || written.status == 101 {
-            return;
-        }
+    if session
+        .response_written()
+        .is_some_and(|written| !super::is_interim(written.status))
+    {
+        return;
     }
     let Ok(mut head) = ResponseHeader::build(status, Some(4)) else {
         return;

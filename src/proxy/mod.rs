@@ -527,10 +527,8 @@ impl ProxyHttp for SessionProxy {
         // Instructions count only in the final response of a session path
         // (a `101` ends an upgrade's exchange: it is final too); none ever
         // reach the client.
-        let is_interim = response.status.is_informational()
-            && response.status != http::StatusCode::SWITCHING_PROTOCOLS;
         let active = match ctx.session.as_ref() {
-            Some(active) if !is_interim => active,
+            Some(active) if !is_interim(response.status) => active,
             _ => {
                 response.remove_header(&names.update);
                 response.remove_header(&names.action);
@@ -689,10 +687,19 @@ async fn release_turn(ctx: &mut RequestCtx) {
     ctx.lock = None;
 }
 
+/// Whether a response head is an interim one (`100 Continue`, `103 Early
+/// Hints`), which a final one follows. A `101` ends its exchange: final.
+fn is_interim(status: http::StatusCode) -> bool {
+    status.is_informational() && status != http::StatusCode::SWITCHING_PROTOCOLS
+}
+
 /// The status the client got: nginx's 499 when it left before it had an
-/// answer.
+/// answer. An interim head written before is no answer.
 fn status_answered(session: &Session, e: Option<&Error>, ctx: &RequestCtx) -> u16 {
-    match (session.response_written(), e) {
+    let answered = session
+        .response_written()
+        .filter(|head| !is_interim(head.status));
+    match (answered, e) {
         (Some(head), _) => head.status.as_u16(),
         (None, Some(e)) if failure_of(ctx, e) != Failure::ClientGone => failure_of(ctx, e).status(),
         (None, _) => 499,
