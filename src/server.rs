@@ -428,7 +428,7 @@ impl DrainOnSignal {
             return false;
         }
         let waited_since = Instant::now();
-        while !is_socket(sock) {
+        while !someone_listens_on(sock) {
             if waited_since.elapsed() >= NEW_PROCESS_WAIT {
                 warn!(
                     "SIGQUIT: no new process waits on {} (start one with `session-proxy run --upgrade`, then send SIGQUIT); still serving",
@@ -543,6 +543,42 @@ fn warn_if_others_can_reach(sock: &Path) {
     }
 }
 
+/// Whether a process listens on the Unix socket at `path`: a new process
+/// waiting for the listeners. A socket file alone is not one: a new
+/// process killed while it waited leaves its file behind, and pingora,
+/// finding no one there, would stop accepting all the same, with no one
+/// to take over. Read from `/proc/net/unix` (a connection to try it would
+/// be taken for the hand-over); without it, the file has to do.
+fn someone_listens_on(path: &Path) -> bool {
+    match std::fs::read_to_string("/proc/net/unix") {
+        Ok(table) => {
+            let absolute = std::env::current_dir().map(|cwd| cwd.join(path)).ok();
+            listening_unix_paths(&table).any(|listening| {
+                Path::new(listening) == path || Some(Path::new(listening)) == absolute.as_deref()
+            })
+        }
+        Err(_) => is_socket(path),
+    }
+}
+
+/// The paths of the listening sockets in `/proc/net/unix`'s table (`Num
+/// RefCount Protocol Flags Type St Inode Path`; `__SO_ACCEPTCON` in `Flags`).
+fn listening_unix_paths(table: &str) -> impl Iterator<Item = &str> {
+    const ACCEPTING: u32 = 0x0001_0000;
+    table.lines().skip(1).filter_map(|line| {
+        let mut fields = [""; 7];
+        let mut rest = line;
+        for field in &mut fields {
+            rest = rest.trim_start();
+            (*field, rest) = rest.split_at(rest.find(' ').unwrap_or(rest.len()));
+        }
+        // The path is the rest of the line after one space, spaces and all.
+        let path = rest.strip_prefix(' ').unwrap_or_default();
+        let flags = u32::from_str_radix(fields[3], 16).ok()?;
+        (flags & ACCEPTING != 0 && !path.is_empty()).then_some(path)
+    })
+}
+
 fn is_socket(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.file_type().is_socket())
 }
@@ -618,4 +654,29 @@ pub fn check_store(config: &Config) -> Result<(), String> {
         let store: Arc<dyn Store> = store::open(config).await.map_err(|e| e.to_string())?;
         store.ping().await.map_err(|e| e.to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_listening_sockets_with_a_path_are_read_from_proc_net_unix() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path
+0000000079d90bfd: 00000002 00000000 00010000 0001 01  4794 /run/session-proxy/upgrade.sock
+000000008f81adb6: 00000002 00000000 00000000 0001 01 10478 /run/stale.sock
+00000000ecbd1cb3: 00000003 00000000 00000000 0001 03  1146
+000000001322f49f: 00000002 00000000 00010000 0001 01 41146 /tmp/a dir/up grade.sock
+00000000aa22f49f: 00000002 00000000 00010000 0001 01 41147 @abstract
+";
+        let listening: Vec<&str> = listening_unix_paths(table).collect();
+        assert_eq!(
+            listening,
+            [
+                "/run/session-proxy/upgrade.sock",
+                "/tmp/a dir/up grade.sock",
+                "@abstract"
+            ]
+        );
+    }
 }

@@ -275,6 +275,36 @@ fn sigquit_without_a_new_process_waiting_leaves_the_proxy_serving() {
     );
 }
 
+/// A socket file with no process behind it (a new process killed while it
+/// waited leaves one) is no new process: SIGQUIT leaves the proxy serving,
+/// where pingora would hand the listeners to no one and stop accepting.
+#[test]
+fn sigquit_with_only_a_stale_upgrade_sock_leaves_the_proxy_serving() {
+    let upstream = start_upstream();
+    let config = with_upgrade_sock(ProxyConfig::new(upstream.port));
+    drop(std::os::unix::net::UnixListener::bind(upgrade_sock(&config)).unwrap());
+    let log = config.dir.path().join("proxy.log");
+    let mut proxy = config.start_logging("info", &log);
+    signal(&proxy.child, "QUIT");
+    // pingora tries a socket for 5 s, and stops accepting 5 s after.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(12) {
+        let answer = try_request(config.port, "GET", "/", &[], b"");
+        assert!(
+            answer.as_ref().is_ok_and(|response| response.status == 200),
+            "{:?} after SIGQUIT: {answer:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(proxy.child.try_wait().unwrap().is_none(), "still running");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("SIGQUIT: no new process waits on"),
+        "log:\n{text}"
+    );
+}
+
 #[test]
 fn sigquit_without_upgrade_sock_is_ignored() {
     let upstream = start_upstream();
