@@ -188,7 +188,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
             "waiting about 6 s on {} for the listeners of the running proxy: send it SIGQUIT",
             sock.display()
         );
-        store_runtime.spawn(name_sigquit_while_waiting(
+        store_runtime.spawn(answer_signals_while_waiting(
             sock.clone(),
             listening.clone(),
             server.watch_execution_phase(),
@@ -423,7 +423,7 @@ impl DrainOnSignal {
             warn!("SIGQUIT ignored: set [server] upgrade_sock for upgrades without downtime; SIGTERM stops the proxy");
             return false;
         };
-        // Named in the log by `name_sigquit_while_waiting`.
+        // Named in the log by `answer_signals_while_waiting`.
         if !self.listening.load(Ordering::Acquire) {
             return false;
         }
@@ -477,12 +477,21 @@ impl DrainOnSignal {
 /// answers each SIGQUIT with a warning: the upgrade recipe sends it to the
 /// running proxy, and sent here it would otherwise make this process hand
 /// its own upgrade socket the listeners it does not have yet.
-async fn name_sigquit_while_waiting(
+///
+/// And SIGTERM or SIGINT ends the wait at once. pingora reads them only
+/// once the listeners have come: a new process told to stop while it
+/// waited took them over and then stopped, as the old one did, and
+/// nothing was left listening.
+async fn answer_signals_while_waiting(
     sock: PathBuf,
     listening: Arc<AtomicBool>,
     mut phases: broadcast::Receiver<ExecutionPhase>,
 ) {
-    let Ok(mut quit) = signal(SignalKind::quit()) else {
+    let (Ok(mut quit), Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::quit()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         listening.store(true, Ordering::Release);
         return;
     };
@@ -492,6 +501,8 @@ async fn name_sigquit_while_waiting(
                 "SIGQUIT ignored: this is the new process, still waiting on {} for the listeners; send SIGQUIT to the running proxy",
                 sock.display()
             ),
+            _ = terminate.recv() => stop_waiting(&sock, "SIGTERM"),
+            _ = interrupt.recv() => stop_waiting(&sock, "SIGINT"),
             phase = phases.recv() => match phase {
                 Ok(ExecutionPhase::BootstrapComplete) | Err(broadcast::error::RecvError::Closed) => {
                     listening.store(true, Ordering::Release);
@@ -501,6 +512,19 @@ async fn name_sigquit_while_waiting(
             },
         }
     }
+}
+
+/// Exits a new process that holds no listeners yet, its upgrade socket
+/// removed first, so that a SIGQUIT to the running proxy finds no one to
+/// hand them to and leaves it serving.
+fn stop_waiting(sock: &Path, signal: &str) -> ! {
+    let _ = std::fs::remove_file(sock);
+    info!(
+        "{signal}: stopped waiting on {} for the listeners; the running proxy keeps them",
+        sock.display()
+    );
+    log::logger().flush();
+    std::process::exit(0);
 }
 
 /// Waits until no request is in flight, or `grace` has passed, and exits,

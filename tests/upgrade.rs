@@ -330,6 +330,51 @@ fn run_upgrade_without_upgrade_sock_is_a_usage_error() {
     assert!(stderr.contains("[server] upgrade_sock"), "{stderr}");
 }
 
+/// SIGTERM (or SIGINT: Ctrl-C) to the new process while it waits stops it
+/// at once, and a SIGQUIT then sent to the running proxy leaves that one
+/// serving. pingora read the stop only once the listeners had come: the
+/// new process took them over, then drained and exited as the old one
+/// did, and nothing was left listening.
+#[test]
+fn sigterm_to_the_new_process_while_it_waits_stops_it_and_the_old_serves_on() {
+    let upstream = start_upstream();
+    let config = with_upgrade_sock(ProxyConfig::new(upstream.port));
+    let old_log = config.dir.path().join("old.log");
+    let mut old = config.start_logging("info", &old_log);
+    assert_eq!(get(config.port, "/", &[]).status, 200);
+
+    let new_log = config.dir.path().join("new.log");
+    let mut new = start_upgrading(&config, &new_log);
+    assert!(
+        eventually(Duration::from_secs(20), || upgrade_sock(&config).exists()),
+        "the new process waits on the upgrade socket"
+    );
+    signal(&new.child, "TERM");
+    assert_eq!(
+        wait_exit(&mut new.child, Duration::from_secs(3)).and_then(|status| status.code()),
+        Some(0),
+        "the new process stops at once"
+    );
+    assert!(!upgrade_sock(&config).exists(), "its socket is gone");
+
+    signal(&old.child, "QUIT");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(7) {
+        let answer = try_request(config.port, "GET", "/", &[], b"");
+        assert!(
+            answer.as_ref().is_ok_and(|response| response.status == 200),
+            "{:?} after SIGQUIT: {answer:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old one serves on"
+    );
+    assert_logs_soon(&old_log, "SIGQUIT: no new process waits on");
+}
+
 /// The recipe's easy mistake: SIGQUIT sent to the new process, which is
 /// still waiting for the listeners. It says so and goes on waiting, and
 /// the SIGQUIT then sent to the running proxy completes the upgrade.
