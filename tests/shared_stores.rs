@@ -386,6 +386,94 @@ fn postgres_web_py_rows_left_in_the_table_do_not_flood_the_log() {
     );
 }
 
+/// A regenerate copies the session to its new id, then removes the old
+/// one. A kill landing between the two (here: held back by a row lock
+/// until the regenerate waits on the old row, then committed) left the
+/// copy as it was, so the killed session's data lived on under the new
+/// id. A killed session stays dead: the new id starts afresh, with the
+/// response's update only, as an update of a killed session does.
+#[test]
+fn postgres_a_regenerate_does_not_bring_back_a_session_killed_during_its_copy() {
+    if !Shared::Postgres.available() {
+        return;
+    }
+    let table = WebPyTable(format!(
+        "sessions_regen_kill_{}_{}",
+        std::process::id(),
+        free_port()
+    ));
+    let upstream = start_upstream();
+    let mut config = ProxyConfig::new(upstream.port);
+    config.store = vec![
+        "kind = \"postgres\"".into(),
+        "url = \"postgres://postgres@127.0.0.1:5432/test\"".into(),
+        format!("table = \"{}\"", table.0),
+        "timeout = 10".into(),
+    ];
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"user":"guest","cart":3}"#)]);
+    let old = handle_of(&browser.cookie.clone().unwrap());
+
+    // Another request's kill, which takes the old row first.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let killer = runtime.block_on(async {
+        let url = "postgres://postgres@127.0.0.1:5432/test";
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    });
+    let lock = format!(
+        "BEGIN; SELECT 1 FROM {} WHERE session_id = '{old}' FOR UPDATE",
+        table.0
+    );
+    runtime.block_on(killer.batch_execute(&lock)).unwrap();
+
+    let (port, cookie) = (proxy.port, browser.cookie.clone().unwrap());
+    let regenerate = std::thread::spawn(move || {
+        get(
+            port,
+            "/",
+            &[
+                ("Cookie", &format!("session_id={cookie}")),
+                ("X-Test-Action", "regenerate"),
+                ("X-Test-Update", r#"{"user":"ann"}"#),
+            ],
+        )
+    });
+    // The copy is made; the regenerate now waits for the old row.
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND query LIKE '%{}%FOR UPDATE%'",
+        table.0
+    );
+    let waits = || {
+        let rows = support::shared::rows(&waiting);
+        rows[0][0].as_deref() == Some("1")
+    };
+    assert!(eventually(std::time::Duration::from_secs(5), waits));
+    let kill = format!("DELETE FROM {} WHERE session_id = '{old}'; COMMIT", table.0);
+    runtime.block_on(killer.batch_execute(&kill)).unwrap();
+
+    let response = regenerate.join().unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    let new = response.set_cookie("session_id").expect("a new cookie");
+    assert_ne!(handle_of(&new), old);
+    browser.cookie = Some(new);
+    let claims = browser.get("/", &[]).session();
+    assert_eq!(
+        claims["data"],
+        serde_json::json!({"user": "ann"}),
+        "the killed session's data came back under the new id"
+    );
+    assert_eq!(claims["ver"], 1);
+}
+
 /// The key prefix of a Redis pair's store.
 fn redis_prefix(pair: &Pair) -> String {
     pair._configs.0.store[2]

@@ -68,21 +68,8 @@ impl SessionProxy {
         };
         let id = SessionId::generate();
         for copy in 0..MAX_REGENERATE_COPIES {
-            let mut record = latest
-                .clone()
-                .unwrap_or_else(|| self.fresh_record(active, now));
-            let merged = match patch {
-                Some(patch) => patch::apply(&record.data, patch, self.settings.max_data_bytes)
-                    .map(|data| record.data = data)
-                    .map_err(|e| invalid(handle, e)),
-                None => Ok(()),
-            };
-            // Saturating: a record read back from a shared store may hold
-            // anything, and nothing on the request path may panic.
-            record.ver = record.ver.saturating_add(1);
-            record.atime = now;
-            let written = match merged {
-                Ok(()) => self.put(&id.handle(), record).await,
+            let written = match self.regenerated_record(active, latest.as_ref(), patch, now) {
+                Ok(record) => self.put(&id.handle(), record).await,
                 Err(failure) => Err(failure),
             };
             if let Err(failure) = written {
@@ -101,7 +88,11 @@ impl SessionProxy {
             let Some(copied) = latest.as_ref().map(|record| record.ver) else {
                 return Ok(Some(self.regenerated(handle, &id)));
             };
+            // Whether the old id was gone when its removal was decided
+            // (only the decision's last run counts).
+            let gone = AtomicBool::new(false);
             let decide = |current: Option<&Record>| {
+                gone.store(current.is_none(), Ordering::Relaxed);
                 Ok(match current {
                     Some(current) if current.ver == copied => Change::Delete,
                     _ => Change::Keep,
@@ -118,6 +109,12 @@ impl SessionProxy {
                     return Err(store_failure(handle, e));
                 }
             };
+            if latest.is_none() && gone.load(Ordering::Relaxed) {
+                // Killed (or swept) after the copy was made: the copy must
+                // not bring it back. The new id starts afresh instead, as
+                // an update of a killed session does.
+                return self.regenerate_afresh(active, patch, &id, now).await;
+            }
             if latest.is_none() {
                 return Ok(Some(self.regenerated(handle, &id)));
             }
@@ -130,6 +127,56 @@ impl SessionProxy {
             handle.short()
         );
         Err(Failure::SessionBusy)
+    }
+
+    /// What a regenerate stores under the new id: the latest version of
+    /// the session (a fresh record if there is none), the patch merged in,
+    /// one version on.
+    fn regenerated_record(
+        &self,
+        active: &ActiveSession,
+        latest: Option<&Record>,
+        patch: Option<&Map<String, Value>>,
+        now: u64,
+    ) -> Result<Record, Failure> {
+        let mut record = latest
+            .cloned()
+            .unwrap_or_else(|| self.fresh_record(active, now));
+        if let Some(patch) = patch {
+            record.data = patch::apply(&record.data, patch, self.settings.max_data_bytes)
+                .map_err(|e| invalid(&active.handle, e))?;
+        }
+        // Saturating: a record read back from a shared store may hold
+        // anything, and nothing on the request path may panic.
+        record.ver = record.ver.saturating_add(1);
+        record.atime = now;
+        Ok(record)
+    }
+
+    /// A regenerate whose session was killed after its copy was made:
+    /// the copy, which holds the killed session's data, becomes a fresh
+    /// session with the patch (or goes, if that cannot be stored).
+    async fn regenerate_afresh(
+        &self,
+        active: &ActiveSession,
+        patch: Option<&Map<String, Value>>,
+        id: &SessionId,
+        now: u64,
+    ) -> Result<Option<CookieChange>, Failure> {
+        let written = match self.regenerated_record(active, None, patch, now) {
+            Ok(record) => self.put(&id.handle(), record).await,
+            Err(failure) => Err(failure),
+        };
+        if let Err(failure) = written {
+            self.discard_copy(id).await;
+            return Err(failure);
+        }
+        debug!(
+            "session {}: killed during its regenerate, starting anew",
+            active.handle.short()
+        );
+        self.metrics.sessions_created.inc();
+        Ok(Some(self.regenerated(&active.handle, id)))
     }
 
     /// Deletes a regenerate's copy that no cookie will name, if it can:
@@ -343,6 +390,9 @@ mod tests {
         updates: AtomicUsize,
         /// Every change of `old` fails, as with a store gone away.
         old_unavailable: AtomicBool,
+        /// Another request kills `old` right after the next write of
+        /// any other handle.
+        kill_during_copy: AtomicBool,
     }
 
     #[async_trait]
@@ -360,6 +410,9 @@ mod tests {
                 return Err(StoreError::Unavailable("gone away".to_owned()));
             }
             let stored = self.inner.modify(handle, decide).await;
+            if *handle != self.old && self.kill_during_copy.swap(false, Ordering::SeqCst) {
+                self.inner.delete(&self.old).await?;
+            }
             let landing = |left: usize| left.checked_sub(1);
             if *handle != self.old
                 && self
@@ -422,6 +475,7 @@ mod tests {
             old: id.handle(),
             updates: AtomicUsize::new(updates),
             old_unavailable: AtomicBool::new(false),
+            kill_during_copy: AtomicBool::new(false),
         });
         let now = crate::session::now();
         let stored = Record {
@@ -480,6 +534,32 @@ mod tests {
             records[0].1.data.to_map().unwrap(),
             object(json!({"user": "ann"}))
         );
+        assert_eq!(proxy.metrics.sessions_created.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_regenerate_of_a_session_killed_during_its_copy_does_not_bring_it_back() {
+        let (store, proxy, active, mut instructions) = regenerating(0).await;
+        instructions.patch = Some(object(json!({"lang": "fr"})));
+        store.kill_during_copy.store(true, Ordering::SeqCst);
+
+        let cookie = proxy.commit(&active, instructions).await.unwrap();
+
+        let Some(CookieChange::Set(value)) = cookie else {
+            panic!("no new cookie: {cookie:?}");
+        };
+        let records = store.inner.list().await.unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        let (handle, record) = &records[0];
+        let id = value.split('.').next().unwrap();
+        assert_eq!(*handle, Handle::of_id(id), "the cookie names the record");
+        assert_ne!(*handle, active.handle);
+        assert_eq!(
+            record.data.to_map().unwrap(),
+            object(json!({"lang": "fr"})),
+            "the killed session's data came back under the new id"
+        );
+        assert_eq!(record.ver, 1);
         assert_eq!(proxy.metrics.sessions_created.get(), 1);
     }
 
