@@ -156,6 +156,31 @@ fn a_session_used_from_another_ip_is_refused_and_left_alone() {
     );
 }
 
+/// A record whose IP was stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`,
+/// as an IPv4 client of a dual-stack listener was named before its address
+/// was made canonical) is the same client when it comes back over IPv4.
+#[test]
+fn a_stored_ipv4_mapped_address_is_the_ipv4_client_it_names() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("ignore_change_ip = false");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"user":"ann"}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let path = record_path(&config.sessions_dir(), &cookie);
+    let mut record = stored_record(&config, &cookie);
+    assert_eq!(record["ip"], "127.0.0.1");
+    record["ip"] = "::ffff:127.0.0.1".into();
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+
+    let response = browser.get("/", &[]);
+    assert_eq!(response.status, 200);
+    assert_ne!(response.text(), "Session expired");
+    assert_eq!(response.set_cookie("session_id"), None);
+    assert_eq!(response.session()["data"]["user"], "ann");
+    assert_eq!(browser.cookie.as_deref(), Some(cookie.as_str()));
+}
+
 #[test]
 fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     let upstream = CountingUpstream::start();

@@ -56,13 +56,22 @@ impl Policy {
                 return Err(Expired::Absolute);
             }
         }
-        // The stored IP is the text of one written by `client_ip`; read
-        // back, it compares without formatting an address per request.
-        if self.check_ip && record.ip.parse::<IpAddr>().ok() != Some(client_ip) {
+        if self.check_ip && !is_same_ip(&record.ip, client_ip) {
             return Err(Expired::Ip);
         }
         Ok(())
     }
+}
+
+/// Whether the IP stored at creation is `client_ip`. The stored text is
+/// read back, which compares without formatting an address per request,
+/// and both are canonical: records written before the peer's address was
+/// made canonical name an IPv4 client of a dual-stack listener as
+/// `::ffff:a.b.c.d`.
+fn is_same_ip(stored: &str, client_ip: IpAddr) -> bool {
+    stored
+        .parse::<IpAddr>()
+        .is_ok_and(|ip| ip.to_canonical() == client_ip.to_canonical())
 }
 
 /// The client's IP: the peer's, or, when the peer is a trusted proxy, the
@@ -179,6 +188,21 @@ mod tests {
         );
         assert_eq!(
             check.judge(Some(&record(0, 0, "not an address")), 0, v6),
+            Err(Expired::Ip)
+        );
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_is_the_ipv4_address_it_maps() {
+        let check = policy(100, None, true);
+        let mapped = record(0, 0, "::ffff:192.0.2.1");
+        assert_eq!(check.judge(Some(&mapped), 0, ip(A)), Ok(()));
+        assert_eq!(
+            check.judge(Some(&record(0, 0, A)), 0, ip("::ffff:192.0.2.1")),
+            Ok(())
+        );
+        assert_eq!(
+            check.judge(Some(&mapped), 0, ip("192.0.2.2")),
             Err(Expired::Ip)
         );
     }
