@@ -517,6 +517,55 @@ fn redis_a_record_at_the_last_version_number_is_answered() {
     );
 }
 
+/// Sleeps until the wall clock reads `at` (since the Unix epoch).
+fn sleep_until(at: std::time::Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    std::thread::sleep(at.saturating_sub(now));
+}
+
+/// SPEC [4.3]: a session is idle-expired once `now - atime > timeout` in
+/// whole seconds, so it serves through the whole second `atime + timeout`.
+/// Its Redis key's TTL of `timeout` ran from the write, made during the
+/// second `atime`, and took the session away up to a second before that.
+#[test]
+fn redis_a_session_is_served_through_the_last_second_of_its_idle_timeout() {
+    let session = ["timeout = 2", "touch_interval = 1", "ignore_expiry = false"];
+    let Some(pair) = pair(Shared::Redis, "boundary", &session) else {
+        return;
+    };
+    // Written early in a second, so that the second `atime + timeout`
+    // has most of its time left once the write's TTL of `timeout` is over.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    sleep_until(std::time::Duration::from_secs(now.as_secs() + 1));
+    let mut browser = Browser::new(pair.a.port);
+    browser.get("/", &[("X-Test-Update", r#"{"user":"ann"}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let key = redis_prefix(&pair) + &handle_of(&cookie);
+    let value: String = redis_run(::redis::cmd("GET").arg(&key));
+    let record: serde_json::Value = serde_json::from_str(&value).unwrap();
+    let atime = record["atime"].as_u64().unwrap();
+
+    // Late in the second `atime + 2`: `now - atime` is the timeout, not past it.
+    sleep_until(std::time::Duration::from_millis((atime + 2) * 1000 + 750));
+    let response = browser.get("/", &[]);
+    assert_ne!(
+        response.text(),
+        "Session expired",
+        "expired {} ms into the second atime + timeout",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            .saturating_sub(u128::from(atime + 2) * 1000)
+    );
+    assert_eq!(response.session()["data"]["user"], "ann");
+    assert_eq!(browser.cookie.as_deref(), Some(cookie.as_str()));
+}
+
 /// `lock = true` promises the app the session to itself. A lease found
 /// taken over while its request is at the upstream (its refreshes failed,
 /// and another proxy took it) stores nothing: another proxy may have served

@@ -2,10 +2,10 @@
 //! shared by several proxies.
 //!
 //! `key_prefix + handle` holds the record as JSON, with a TTL of the idle
-//! timeout set on every write and refreshed by every touch, so Redis
-//! expires idle sessions itself (SPEC \[6\]). With several comma-separated
-//! URLs the store talks to a Redis Cluster; every command names one key, so
-//! it works there unchanged.
+//! timeout (and a second, see `key_ttl`) set on every write and refreshed
+//! by every touch, so Redis expires idle sessions itself (SPEC \[6\]).
+//! With several comma-separated URLs the store talks to a Redis Cluster;
+//! every command names one key, so it works there unchanged.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), session_proxy::store::StoreError> {
@@ -95,22 +95,22 @@ struct Stored<'a> {
 impl RedisStore {
     /// Connects to `urls`: one `redis://host:port[/db]` URL for a standalone
     /// server, several (comma-separated) for the nodes of a Redis Cluster.
-    /// Records live under `key_prefix + handle` for `idle_ttl` seconds
-    /// after their last write (0: no TTL; at most about 68 years, which
-    /// longer ones are cut to). Every command gives up after
+    /// Records live under `key_prefix + handle` until the idle timeout
+    /// `idle_timeout` (in seconds; 0: no TTL) has passed since their last
+    /// write, and a second more (see `key_ttl`). Every command gives up after
     /// `timeout`; a lost connection is re-established by the next commands.
     pub async fn connect(
         urls: &str,
         key_prefix: &str,
         timeout: Duration,
-        idle_ttl: u64,
+        idle_timeout: u64,
     ) -> Result<RedisStore, StoreError> {
         let store = RedisStore {
             dialer: Dialer::for_urls(urls, timeout)?,
             connections: PerThread::default(),
             key_prefix: key_prefix.to_owned(),
             timeout,
-            idle_ttl: idle_ttl.min(MAX_TTL_SECONDS),
+            idle_ttl: key_ttl(idle_timeout),
             scripts: Arc::new(Scripts::new()),
         };
         store.ping().await?;
@@ -470,6 +470,21 @@ impl RedisStore {
             }
         }
         Ok(())
+    }
+}
+
+/// The TTL a record's key gets at each write, for an idle timeout of
+/// `idle_timeout` seconds: a second more. A record is idle-expired once
+/// `now - atime > timeout` in whole seconds (SPEC \[4.3\]), so it serves
+/// through the whole second `atime + timeout`, which ends a second after
+/// that; the write that sets the TTL comes a fraction of a second after the
+/// second `atime` began. A TTL of the timeout alone ended sessions up to a
+/// second early. 0 stays 0 (no TTL); at most about 68 years, which longer
+/// ones are cut to.
+fn key_ttl(idle_timeout: u64) -> u64 {
+    match idle_timeout {
+        0 => 0,
+        timeout => timeout.saturating_add(1).min(MAX_TTL_SECONDS),
     }
 }
 
