@@ -316,6 +316,38 @@ fn a_forged_cookie_is_a_new_session_and_creates_no_file() {
     assert_eq!(s.records().len(), 1);
 }
 
+/// A browser sends every cookie of the name it holds: after a change of
+/// `cookie_domain` or `cookie_path`, a stale one (of a session killed or
+/// expired since) beside the current one, often first. The first correctly
+/// signed value decided alone, so every request met the stale session and
+/// started a new one, and no session outlived its response.
+#[test]
+fn of_several_signed_cookies_the_one_whose_session_lives_is_used() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("ignore_expiry = false");
+    let proxy = config.start();
+    let mut stale = Browser::new(proxy.port);
+    stale.get("/", &[("X-Test-Update", r#"{"who":"stale"}"#)]);
+    let stale_cookie = stale.cookie.clone().unwrap();
+    stale.get("/", &[("X-Test-Action", "kill")]);
+    let mut current = Browser::new(proxy.port);
+    current.get("/", &[("X-Test-Update", r#"{"who":"current"}"#)]);
+    let current_cookie = current.cookie.clone().unwrap();
+
+    let both = format!("session_id={stale_cookie}; session_id={current_cookie}");
+    let response = get(proxy.port, "/", &[("Cookie", &both)]);
+    assert_ne!(response.text(), "Session expired");
+    let claims = response.session();
+    assert_eq!(claims["data"]["who"], "current", "{claims}");
+    assert_eq!(claims["sid"], handle_of(&current_cookie));
+    assert_eq!(response.set_cookie("session_id"), None);
+
+    // With no live session among them, the first decides, as before.
+    let dead = format!("session_id={stale_cookie}; session_id={stale_cookie}");
+    let response = get(proxy.port, "/", &[("Cookie", &dead)]);
+    assert_eq!(response.text(), "Session expired");
+}
+
 #[test]
 fn client_sent_session_headers_never_reach_the_upstream() {
     let s = setup(|c| c.session("bypass = [\"/static/\"]"));

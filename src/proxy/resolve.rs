@@ -84,6 +84,29 @@ impl SessionProxy {
         }))
     }
 
+    /// The session of the first of `ids` (the request's correctly signed
+    /// cookies) that may be used, else why the first may not.
+    async fn resume_any(
+        &self,
+        ids: Vec<SessionId>,
+        client_ip: IpAddr,
+        ctx: &mut RequestCtx,
+    ) -> Result<Result<ActiveSession, Expired>, Failure> {
+        let mut first_refusal = None;
+        for id in ids {
+            match self.resume(id, client_ip, ctx).await? {
+                Ok(active) => return Ok(Ok(active)),
+                Err(expired) => {
+                    // That session's turn is not needed any more.
+                    ctx.lease = None;
+                    ctx.lock = None;
+                    first_refusal.get_or_insert(expired);
+                }
+            }
+        }
+        Ok(Err(first_refusal.unwrap_or(Expired::Missing)))
+    }
+
     /// Resolves the request's session (SPEC \[4.3\]) and hands it to the
     /// upstream; `Ok(true)` when the proxy has answered itself.
     pub(super) async fn begin_session(
@@ -94,16 +117,17 @@ impl SessionProxy {
         let settings = &self.settings;
         let peer = client_addr(session).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
         let request = session.req_header_mut();
-        let verified = match headers::take_cookie(request, &settings.cookie.name, |value| {
-            settings.cookie_signer.verify(value)
-        }) {
-            Cookie::Absent => None,
-            Cookie::Refused => {
-                self.metrics.forged_cookies.inc();
-                None
-            }
-            Cookie::Accepted(id) => Some(id),
-        };
+        // Every correctly signed value, in order: a browser sends each
+        // cookie of the name it holds (a stale one of another Domain or
+        // Path beside the current one), and any of them may name the session.
+        let mut verified = Vec::new();
+        let cookie = headers::take_cookie(request, &settings.cookie.name, |value| {
+            verified.extend(settings.cookie_signer.verify(value));
+            None::<()>
+        });
+        if cookie != Cookie::Absent && verified.is_empty() {
+            self.metrics.forged_cookies.inc();
+        }
         // X-Forwarded-For counts only from a trusted proxy: read it only then.
         let forwarded_for = match settings.trusted_proxies.is_empty() {
             true => Vec::new(),
@@ -111,13 +135,11 @@ impl SessionProxy {
         };
         let client_ip = policy::client_ip(peer, &forwarded_for, &settings.trusted_proxies);
 
-        let active = match verified {
-            None => self.new_session(client_ip),
-            Some(id) => match self.resume(id, client_ip, ctx).await? {
+        let active = match verified.is_empty() {
+            true => self.new_session(client_ip),
+            false => match self.resume_any(verified, client_ip, ctx).await? {
                 Ok(active) => active,
                 Err(expired) if settings.ignore_expiry && expired != Expired::Ip => {
-                    ctx.lease = None;
-                    ctx.lock = None;
                     self.new_session(client_ip)
                 }
                 Err(_) => {
