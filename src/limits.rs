@@ -67,6 +67,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::access_log::{AccessLog, Entry, Request};
+use crate::metrics::Metrics;
 use h2_bodies::{ClientFrame, H2Bodies};
 
 /// The most a request head may hold, counting the request line and, per
@@ -142,7 +143,23 @@ pub struct ClientTimeouts {
 pub struct Clocked<A> {
     app: Arc<A>,
     timeouts: ClientTimeouts,
+    refusals: Refusals,
+}
+
+/// Where the heads refused before the app sees them are accounted: the
+/// `408` of a head too slow, and pingora's own answers (`400` for a head
+/// it cannot parse, `405` for `CONNECT`). No hook of the proxy sees them.
+#[derive(Clone, Default)]
+struct Refusals {
     access_log: Option<Arc<AccessLog>>,
+    /// `session_proxy_responses_total`, which counts every answer.
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Refusals {
+    fn wanted(&self) -> bool {
+        self.access_log.is_some() || self.metrics.is_some()
+    }
 }
 
 impl<A> Clocked<A> {
@@ -150,15 +167,20 @@ impl<A> Clocked<A> {
         Clocked {
             app: Arc::new(app),
             timeouts,
-            access_log: None,
+            refusals: Refusals::default(),
         }
     }
 
-    /// Logs the heads refused before the app sees them: the `408` of a
-    /// head too slow, and pingora's own answers (`400` for a head it
-    /// cannot parse, `405` for `CONNECT`).
+    /// Logs the heads refused before the app sees them.
     pub fn with_access_log(mut self, log: Arc<AccessLog>) -> Clocked<A> {
-        self.access_log = Some(log);
+        self.refusals.access_log = Some(log);
+        self
+    }
+
+    /// Counts the answers to heads refused before the app sees them in
+    /// `metrics`' answers by class, as the proxy's hooks count the others.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Clocked<A> {
+        self.refusals.metrics = Some(metrics);
         self
     }
 }
@@ -173,7 +195,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Clocked<A> {
         let clocked: Stream = Box::new(ClockedStream::new(
             stream,
             self.timeouts,
-            self.access_log.clone(),
+            self.refusals.clone(),
         ));
         self.app.process_new(clocked, shutdown).await
     }
@@ -257,11 +279,12 @@ pub struct ClockedStream {
     send_blocked: Option<Instant>,
     /// Wakes a write, flush or shutdown that waits past `send_timeout`.
     send_timer: Option<Pin<Box<Sleep>>>,
-    /// With an access log: the first line of the head being read, for a
-    /// head refused before it is parsed, and whether that is logged.
-    access_log: Option<Arc<AccessLog>>,
+    /// Where a head refused before it is parsed is accounted; with an
+    /// access log, the first line of the head being read, for its line;
+    /// and whether that refusal is accounted already.
+    refusals: Refusals,
     head_line: Vec<u8>,
-    refusal_logged: bool,
+    refusal_accounted: bool,
 }
 
 /// `limit` after `since`; a limit too large to add is no limit in practice.
@@ -280,11 +303,7 @@ const TIMEOUT_BODY_BYTES: usize = 24;
 const HEAD_LINE_KEPT: usize = crate::access_log::MAX_FIELD_BYTES + 2;
 
 impl ClockedStream {
-    fn new(
-        inner: Stream,
-        timeouts: ClientTimeouts,
-        access_log: Option<Arc<AccessLog>>,
-    ) -> ClockedStream {
+    fn new(inner: Stream, timeouts: ClientTimeouts, refusals: Refusals) -> ClockedStream {
         let h2 = (inner.selected_alpn_proto() == Some(ALPN::H2)).then(H2Frames::new);
         let bodies = h2.as_ref().map(|_| H2Bodies::new(timeouts.body));
         ClockedStream {
@@ -296,9 +315,9 @@ impl ClockedStream {
             timer: None,
             send_blocked: None,
             send_timer: None,
-            access_log,
+            refusals,
             head_line: Vec::new(),
-            refusal_logged: false,
+            refusal_accounted: false,
         }
     }
 
@@ -307,7 +326,7 @@ impl ClockedStream {
     fn keep_head_line(&mut self, read: &[u8], head_begins: bool) {
         if head_begins {
             self.head_line.clear();
-            self.refusal_logged = false;
+            self.refusal_accounted = false;
         }
         if self.head_line.last() == Some(&b'\n') {
             return;
@@ -321,23 +340,33 @@ impl ClockedStream {
             .extend_from_slice(&line[..line.len().min(room)]);
     }
 
-    /// Logs a response written while a head is being read: one the
-    /// proxy never saw a request for (pingora's `400` or `405`, our `408`).
+    /// Counts and logs a response written while a head is being read: one
+    /// the proxy never saw a request for (pingora's `400` or `405`, our
+    /// `408`). Every write of a response comes here: the head of an
+    /// ordinary answer goes no further than its status.
     #[inline(never)]
-    fn log_refusal(&mut self, written: &[u8], body_bytes: usize) {
-        let (Some(log), Phase::Head(since)) = (&self.access_log, self.phase()) else {
-            return;
-        };
+    fn account_refusal(&mut self, written: &[u8], body_bytes: usize) {
         let status = match written {
             [b'H', b'T', b'T', b'P', b'/', b'1', b'.', _, b' ', code @ ..] => code
                 .get(..3)
                 .and_then(|code| std::str::from_utf8(code).ok()?.parse::<u16>().ok()),
             _ => None,
         };
-        let Some(status) = status.filter(|_| !self.refusal_logged && self.h2.is_none()) else {
+        let Some(status) =
+            status.filter(|&status| status >= 400 && !self.refusal_accounted && self.h2.is_none())
+        else {
             return;
         };
-        self.refusal_logged = true;
+        let Phase::Head(since) = self.phase() else {
+            return;
+        };
+        self.refusal_accounted = true;
+        if let Some(metrics) = &self.refusals.metrics {
+            metrics.responded(status);
+        }
+        let Some(log) = &self.refusals.access_log else {
+            return;
+        };
         let client = self.inner.get_socket_digest().and_then(|digest| {
             digest
                 .peer_addr()?
@@ -421,8 +450,8 @@ impl ClockedStream {
                 "HTTP/2 header block not complete within header_timeout",
             )));
         }
-        if self.access_log.is_some() {
-            self.log_refusal(TIMEOUT_ANSWER, TIMEOUT_BODY_BYTES);
+        if self.refusals.wanted() {
+            self.account_refusal(TIMEOUT_ANSWER, TIMEOUT_BODY_BYTES);
         }
         let inner = Pin::new(&mut self.inner);
         if let Poll::Ready(Ok(n)) = inner.poll_write(cx, TIMEOUT_ANSWER) {
@@ -466,7 +495,7 @@ impl AsyncRead for ClockedStream {
                 if head_begins {
                     this.set_phase(Phase::Head(Instant::now()));
                 }
-                if this.access_log.is_some() {
+                if this.refusals.access_log.is_some() {
                     this.keep_head_line(&buf.filled()[before..], head_begins);
                 }
                 return Poll::Ready(Ok(()));
@@ -750,8 +779,8 @@ impl AsyncWrite for ClockedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.access_log.is_some() {
-            this.log_refusal(buf, 0);
+        if this.refusals.wanted() {
+            this.account_refusal(buf, 0);
         }
         match this.poll_own_frames(cx) {
             Poll::Ready(Ok(())) => {}
@@ -789,8 +818,8 @@ impl AsyncWrite for ClockedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let (Some(_), Some(first)) = (&this.access_log, bufs.first()) {
-            this.log_refusal(first, 0);
+        if let (true, Some(first)) = (this.refusals.wanted(), bufs.first()) {
+            this.account_refusal(first, 0);
         }
         match this.poll_own_frames(cx) {
             Poll::Ready(Ok(())) => {}

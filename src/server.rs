@@ -122,7 +122,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), String> {
         proxy_app.server_options = Some(limits::h2_server_options(timeouts));
         proxy_app.h2_options = Some(limits::h2_options());
     }
-    let mut clocked_app = Clocked::new(proxy_app, timeouts);
+    let mut clocked_app = Clocked::new(proxy_app, timeouts).with_metrics(metrics.clone());
     if let Some(log) = &access_log {
         clocked_app = clocked_app.with_access_log(log.clone());
     }

@@ -701,6 +701,50 @@ fn metrics_count_answers_by_status_class_and_requests_in_flight() {
     );
 }
 
+#[test]
+fn metrics_count_the_answers_to_heads_refused_before_the_app() {
+    // README: "`session_proxy_responses_total` counts the answers by `class` [...]
+    // pingora's `400` for a head it cannot parse, its `405` for `CONNECT` and the `408`
+    // of a head too slow among them"
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).server("header_timeout = 1");
+    let proxy = config.start();
+    let four_xx = || {
+        metric(
+            config.admin_port,
+            "session_proxy_responses_total{class=\"4xx\"}",
+        )
+    };
+    assert_eq!(four_xx(), 0.0);
+    let within = Duration::from_secs(10);
+    let unparsable = raw_exchange(proxy.port, b"GET /bad HTTP/1.1\r\nHost : x\r\n\r\n", within);
+    assert_eq!(raw_status(&unparsable), Some(400));
+    let connect = raw_exchange(
+        proxy.port,
+        b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+        within,
+    );
+    assert_eq!(raw_status(&connect), Some(405));
+    let too_slow = raw_exchange(proxy.port, b"GET /slow HTTP/1.1\r\nHost: x\r\n", within);
+    assert_eq!(raw_status(&too_slow), Some(408));
+    assert_eq!(
+        get(proxy.port, "/", &[("X-Test-Status", "404")]).status,
+        404
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || four_xx() == 4.0),
+        "400, 405, 408 and the app's 404: {}",
+        four_xx()
+    );
+    assert_eq!(
+        metric(
+            config.admin_port,
+            "session_proxy_responses_total{class=\"2xx\"}"
+        ),
+        0.0
+    );
+}
+
 // ---- README: configurations refused ----
 
 #[test]
