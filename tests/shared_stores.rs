@@ -416,18 +416,7 @@ fn postgres_a_regenerate_does_not_bring_back_a_session_killed_during_its_copy() 
     let old = handle_of(&browser.cookie.clone().unwrap());
 
     // Another request's kill, which takes the old row first.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let killer = runtime.block_on(async {
-        let url = "postgres://postgres@127.0.0.1:5432/test";
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
-    });
+    let (runtime, killer) = support::shared::test_database();
     let lock = format!(
         "BEGIN; SELECT 1 FROM {} WHERE session_id = '{old}' FOR UPDATE",
         table.0

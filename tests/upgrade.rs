@@ -121,6 +121,16 @@ fn with_upgrade_sock(config: ProxyConfig) -> ProxyConfig {
     config.server(&line)
 }
 
+/// [`start_upgrading`], once the new process waits on the upgrade socket.
+fn start_waiting(config: &ProxyConfig, log: &Path) -> Process {
+    let new = start_upgrading(config, log);
+    assert!(
+        eventually(Duration::from_secs(20), || upgrade_sock(config).exists()),
+        "the new process waits on the upgrade socket"
+    );
+    new
+}
+
 /// `session-proxy run --upgrade` on the config, its log in `log`; killed
 /// when dropped, so that a failing test leaves no proxy behind.
 fn start_upgrading(config: &ProxyConfig, log: &Path) -> Process {
@@ -200,11 +210,7 @@ fn an_upgrade_hands_the_listeners_over_without_losing_a_request_or_a_session() {
     std::thread::sleep(Duration::from_millis(300));
 
     let new_log = config.dir.path().join("new.log");
-    let mut new = start_upgrading(&config, &new_log);
-    assert!(
-        eventually(Duration::from_secs(20), || upgrade_sock(&config).exists()),
-        "the new process waits on the upgrade socket"
-    );
+    let mut new = start_waiting(&config, &new_log);
     signal(&old.child, "QUIT");
     let old_status = wait_exit(&mut old.child, Duration::from_secs(30));
     // Some more requests, served by the new process alone.
@@ -344,11 +350,7 @@ fn sigterm_to_the_new_process_while_it_waits_stops_it_and_the_old_serves_on() {
     assert_eq!(get(config.port, "/", &[]).status, 200);
 
     let new_log = config.dir.path().join("new.log");
-    let mut new = start_upgrading(&config, &new_log);
-    assert!(
-        eventually(Duration::from_secs(20), || upgrade_sock(&config).exists()),
-        "the new process waits on the upgrade socket"
-    );
+    let mut new = start_waiting(&config, &new_log);
     signal(&new.child, "TERM");
     assert_eq!(
         wait_exit(&mut new.child, Duration::from_secs(3)).and_then(|status| status.code()),
@@ -387,11 +389,7 @@ fn sigquit_to_the_new_process_while_it_waits_is_named_and_changes_nothing() {
     assert_eq!(get(config.port, "/", &[]).status, 200);
 
     let new_log = config.dir.path().join("new.log");
-    let mut new = start_upgrading(&config, &new_log);
-    assert!(
-        eventually(Duration::from_secs(20), || upgrade_sock(&config).exists()),
-        "the new process waits on the upgrade socket"
-    );
+    let mut new = start_waiting(&config, &new_log);
     signal(&new.child, "QUIT");
     assert_logs_soon(&new_log, "SIGQUIT ignored: this is the new process");
     assert!(

@@ -70,7 +70,7 @@ impl Shared {
 
 /// A connection to the test database (PostgreSQL 127.0.0.1:5432, `test`),
 /// with the runtime that drives it.
-fn test_database() -> (tokio::runtime::Runtime, tokio_postgres::Client) {
+pub fn test_database() -> (tokio::runtime::Runtime, tokio_postgres::Client) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
