@@ -518,6 +518,31 @@ async fn split_cookie_fields_reach_the_app_as_one_header_without_the_session_coo
     assert!(bypassed.session().is_null());
 }
 
+/// An empty `cookie` field joined as it came would put an empty pair in
+/// the app's `Cookie` (`a=1; ; b=2`), and Python's `SimpleCookie` (Bottle,
+/// and apps that use it directly) stops reading at it: `b` would be lost.
+#[tokio::test]
+async fn empty_cookie_fields_leave_no_empty_pair_in_the_joined_header() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+    let cookies = |seen: &Response| -> Vec<String> {
+        seen.upstream_headers()
+            .into_iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+            .map(|(_, v)| v)
+            .collect()
+    };
+
+    let fields = [("cookie", "a=1"), ("cookie", ""), ("cookie", " b=2;")];
+    let seen = h2_get(&h2, "/x", &fields).await;
+    assert_eq!(cookies(&seen), ["a=1; b=2"]);
+    let seen = h2_get(&h2, "/x", &[("cookie", ""), ("cookie", " ")]).await;
+    assert!(cookies(&seen).is_empty(), "{:?}", cookies(&seen));
+}
+
 #[tokio::test]
 async fn instructions_are_applied_and_stripped_over_h2() {
     let ca = TestCa::new();

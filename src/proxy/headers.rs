@@ -216,10 +216,11 @@ fn remove_pairs(request: &mut RequestHeader, name: &[u8], rest_len: usize) {
     let _ = request.insert_header("Cookie", rest);
 }
 
-/// Joins several `Cookie` headers into one, their values separated by
+/// Joins several `Cookie` headers into one, their pairs separated by
 /// `; ` (RFC 9113 8.2.3: an HTTP/2 client may send each cookie in a field
-/// of its own, and an HTTP/1.1 server reads one `Cookie` header). One
-/// header, or none, is left as it is.
+/// of its own, and an HTTP/1.1 server reads one `Cookie` header). Empty
+/// fields add no empty pair, which Python's `SimpleCookie` stops reading
+/// at; nothing left, no header. One header, or none, is left as it is.
 pub fn join_cookies(request: &mut RequestHeader) {
     let mut all = request.headers.get_all(COOKIE).iter();
     if all.next().is_none() || all.next().is_none() {
@@ -227,12 +228,18 @@ pub fn join_cookies(request: &mut RequestHeader) {
     }
     let mut joined = Vec::new();
     for value in request.headers.get_all(COOKIE) {
-        if !joined.is_empty() {
-            joined.extend_from_slice(b"; ");
+        for pair in pairs(value.as_bytes()) {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(pair);
         }
-        joined.extend_from_slice(value.as_bytes());
     }
-    // Valid header values joined with "; ": it cannot be refused.
+    if joined.is_empty() {
+        request.remove_header(&COOKIE);
+        return;
+    }
+    // Parts of valid header values joined with "; ": it cannot be refused.
     let _ = request.insert_header("Cookie", joined);
 }
 
@@ -414,6 +421,13 @@ mod tests {
             values(&request.headers, &COOKIE),
             vec![&b"a=1; b=2; c=3"[..]]
         );
+        let mut empties =
+            super::tests::request(&[("Cookie", "a=1;"), ("Cookie", ""), ("Cookie", " ; b=2 ")]);
+        join_cookies(&mut empties);
+        assert_eq!(values(&empties.headers, &COOKIE), vec![&b"a=1; b=2"[..]]);
+        let mut nothing = super::tests::request(&[("Cookie", ""), ("Cookie", " ;")]);
+        join_cookies(&mut nothing);
+        assert!(nothing.headers.get(COOKIE).is_none());
         let mut one = super::tests::request(&[("Cookie", "a=1")]);
         join_cookies(&mut one);
         assert_eq!(values(&one.headers, &COOKIE), vec![&b"a=1"[..]]);
