@@ -22,7 +22,8 @@
 //! connection for another request.
 //!
 //! pingora's own limits stay in force: a request head of at most 1 MiB and
-//! 256 header lines, or `400`. [`MAX_HEAD_BYTES`] is ours, and smaller.
+//! 256 header lines, or `400`. [`MAX_HEAD_BYTES`] is ours, and smaller;
+//! [`MAX_H2_HEADER_FIELDS`] brings the bound on lines to HTTP/2.
 //!
 //! HTTP/2 (TLS listeners, `[server] http2`) multiplexes requests on one
 //! connection, so the phases are not the connection's: its bytes are
@@ -242,6 +243,19 @@ pub fn await_next_request(session: &ServerSession) {
 fn clocked(session: &ServerSession) -> Option<&ClockedStream> {
     let stream: &dyn IO = &**session.stream()?;
     stream.as_any().downcast_ref::<ClockedStream>()
+}
+
+/// Header fields an HTTP/2 request may carry, its `cookie` fields aside:
+/// pingora's bound on an HTTP/1 head's lines, which its HTTP/2 side does
+/// not have (there only [`MAX_HEAD_BYTES`] bounds a header list, about
+/// 1 700 empty fields). `cookie` fields do not count: RFC 9113 8.2.3 lets
+/// a client send one per cookie, and the app gets them joined.
+pub const MAX_H2_HEADER_FIELDS: usize = 256;
+
+/// The fields of an HTTP/2 request as [`MAX_H2_HEADER_FIELDS`] counts them.
+pub fn h2_header_fields(request: &RequestHeader) -> usize {
+    let cookies = request.headers.get_all(http::header::COOKIE).iter().count();
+    request.headers.len() - cookies
 }
 
 /// The size of a request head as [`MAX_HEAD_BYTES`] counts it.

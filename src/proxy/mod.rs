@@ -403,6 +403,9 @@ impl ProxyHttp for SessionProxy {
             if !is_origin_form(session.req_header()) {
                 return Err(Error::new(ErrorType::HTTPStatus(400)));
             }
+            if limits::h2_header_fields(session.req_header()) > limits::MAX_H2_HEADER_FIELDS {
+                return Err(Error::new(ErrorType::HTTPStatus(431)));
+            }
         }
         if limits::head_bytes(session.req_header()) > limits::MAX_HEAD_BYTES {
             return Err(Error::new(ErrorType::HTTPStatus(431)));
