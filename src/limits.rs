@@ -340,7 +340,6 @@ impl ClockedStream {
     fn keep_head_line(&mut self, read: &[u8], head_begins: bool) {
         if head_begins {
             self.head_line.clear();
-            self.refusal_accounted = false;
         }
         if self.head_line.last() == Some(&b'\n') {
             return;
@@ -508,6 +507,7 @@ impl AsyncRead for ClockedStream {
                 let head_begins = !in_head && buf.filled().len() > before;
                 if head_begins {
                     this.set_phase(Phase::Head(Instant::now()));
+                    this.refusal_accounted = false;
                 }
                 if this.refusals.access_log.is_some() {
                     this.keep_head_line(&buf.filled()[before..], head_begins);
