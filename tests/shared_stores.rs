@@ -324,6 +324,13 @@ fn with_lock_requests_of_different_sessions_run_side_by_side(shared: Shared) {
 /// A table name of this test's own, dropped with the guard.
 struct WebPyTable(String);
 
+impl WebPyTable {
+    /// A table name of this test's own, dropped with it.
+    fn unique(prefix: &str) -> WebPyTable {
+        WebPyTable(format!("{prefix}_{}_{}", std::process::id(), free_port()))
+    }
+}
+
 impl Drop for WebPyTable {
     fn drop(&mut self) {
         sql(&format!("DROP TABLE IF EXISTS {}", self.0));
@@ -341,11 +348,7 @@ fn postgres_web_py_rows_left_in_the_table_do_not_flood_the_log() {
     if !Shared::Postgres.available() {
         return;
     }
-    let table = WebPyTable(format!(
-        "sessions_webpy_{}_{}",
-        std::process::id(),
-        free_port()
-    ));
+    let table = WebPyTable::unique("sessions_webpy");
     sql(&format!(
         "CREATE TABLE {t} (session_id char(128) UNIQUE NOT NULL, \
          atime timestamp NOT NULL default current_timestamp, data text); \
@@ -397,11 +400,7 @@ fn postgres_a_regenerate_does_not_bring_back_a_session_killed_during_its_copy() 
     if !Shared::Postgres.available() {
         return;
     }
-    let table = WebPyTable(format!(
-        "sessions_regen_kill_{}_{}",
-        std::process::id(),
-        free_port()
-    ));
+    let table = WebPyTable::unique("sessions_regen_kill");
     let upstream = start_upstream();
     let mut config = ProxyConfig::new(upstream.port);
     config.store = vec![

@@ -121,6 +121,21 @@ fn with_upgrade_sock(config: ProxyConfig) -> ProxyConfig {
     config.server(&line)
 }
 
+/// Asserts that every request for `span` after a SIGQUIT is served (one
+/// each 200 ms): the proxy kept its listeners.
+fn assert_served_for(port: u16, span: Duration) {
+    let started = Instant::now();
+    while started.elapsed() < span {
+        let answer = try_request(port, "GET", "/", &[], b"");
+        assert!(
+            answer.as_ref().is_ok_and(|response| response.status == 200),
+            "{:?} after SIGQUIT: {answer:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// [`start_upgrading`], once the new process waits on the upgrade socket.
 fn start_waiting(config: &ProxyConfig, log: &Path) -> Process {
     let new = start_upgrading(config, log);
@@ -293,16 +308,7 @@ fn sigquit_with_only_a_stale_upgrade_sock_leaves_the_proxy_serving() {
     let mut proxy = config.start_logging("info", &log);
     signal(&proxy.child, "QUIT");
     // pingora tries a socket for 5 s, and stops accepting 5 s after.
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(12) {
-        let answer = try_request(config.port, "GET", "/", &[], b"");
-        assert!(
-            answer.as_ref().is_ok_and(|response| response.status == 200),
-            "{:?} after SIGQUIT: {answer:?}",
-            started.elapsed()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert_served_for(config.port, Duration::from_secs(12));
     assert!(proxy.child.try_wait().unwrap().is_none(), "still running");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -360,16 +366,7 @@ fn sigterm_to_the_new_process_while_it_waits_stops_it_and_the_old_serves_on() {
     assert!(!upgrade_sock(&config).exists(), "its socket is gone");
 
     signal(&old.child, "QUIT");
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(7) {
-        let answer = try_request(config.port, "GET", "/", &[], b"");
-        assert!(
-            answer.as_ref().is_ok_and(|response| response.status == 200),
-            "{:?} after SIGQUIT: {answer:?}",
-            started.elapsed()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert_served_for(config.port, Duration::from_secs(7));
     assert!(
         old.child.try_wait().unwrap().is_none(),
         "the old one serves on"
