@@ -370,6 +370,42 @@ fn an_update_nested_deeper_than_128_levels_is_a_502_and_changes_nothing() {
     assert_eq!(stored_record(&config, &cookie)["ver"], 2);
 }
 
+#[test]
+fn an_update_with_an_integer_past_64_bits_is_a_502_and_changes_nothing() {
+    // SECURITY.md, Limits: "| Integers in an update | -2^63 to 2^64 - 1 (past them serde_json
+    // keeps only the nearest float) | `session::patch` | `502` |"
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let before = stored_record(&config, &cookie);
+    // Python's int(uuid4()) and the like: kept as a float, the app would
+    // read back another number, of another type.
+    for past in [
+        "18446744073709551616",
+        "-9223372036854775809",
+        "340282366920938463463374607431768211455",
+    ] {
+        let update = format!(r#"{{"n":{past}}}"#);
+        let refused = browser.get("/", &[("X-Test-Update", &update)]);
+        assert_eq!(refused.status, 502, "{past}: {}", refused.text());
+        assert_eq!(refused.text(), "invalid session update from upstream");
+        assert_eq!(stored_record(&config, &cookie), before, "{past}");
+    }
+    // The extremes of 64 bits, floats, and digits in strings are kept, exactly.
+    let kept = r#"{"big":"18446744073709551616","f":1.5e+300,"max":18446744073709551615,"min":-9223372036854775808}"#;
+    let stored = browser.get("/", &[("X-Test-Update", kept)]);
+    assert_eq!(stored.status, 200, "{}", stored.text());
+    let record = std::fs::read_to_string(record_path(&config.sessions_dir(), &cookie)).unwrap();
+    let data = &record[record.find(r#""big""#).unwrap()..];
+    assert!(
+        data.starts_with(&kept[1..kept.len() - 1]),
+        "stored as {record}"
+    );
+}
+
 // ---- SECURITY.md, "Log readers": the access log ----
 
 #[test]

@@ -36,6 +36,11 @@ pub enum InvalidUpdate {
     NotJson(String),
     #[error("the update is JSON but not an object")]
     NotAnObject,
+    #[error(
+        "the update has an integer of {0} digits, past 64 bits (-2^63 to 2^64 - 1), \
+         which would be stored as an approximate float; send it as a string"
+    )]
+    IntegerPast64Bits(usize),
     #[error("unknown action {0:?} (expected \"kill\" or \"regenerate\")")]
     UnknownAction(String),
     #[error("the session data would be {0} bytes, over max_data_bytes = {1}")]
@@ -94,10 +99,56 @@ fn parse_patch(
         return Err(InvalidUpdate::UpdateTooLong(raw.len(), limit));
     }
     match serde_json::from_slice(raw) {
-        Ok(Value::Object(patch)) => Ok(Some(patch)),
+        Ok(Value::Object(patch)) => match integer_past_64_bits(raw) {
+            Some(digits) => Err(InvalidUpdate::IntegerPast64Bits(digits)),
+            None => Ok(Some(patch)),
+        },
         Ok(_) => Err(InvalidUpdate::NotAnObject),
         Err(e) => Err(InvalidUpdate::NotJson(e.to_string())),
     }
+}
+
+/// The digits of the first integer in `json` (valid JSON text) past what
+/// serde_json keeps exactly, below `i64::MIN` or above `u64::MAX`, if any.
+/// serde_json reads such an integer as the nearest float: a Python app's
+/// `2**64` or `uuid4().int` came back as `1.8446744073709552e+19`, another
+/// number of another type. Its value is session data, kept out of the log.
+fn integer_past_64_bits(json: &[u8]) -> Option<usize> {
+    let (mut in_string, mut escaped) = (false, false);
+    let mut at = 0;
+    while let Some(&byte) = json.get(at) {
+        at += 1;
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            // Outside strings, only numbers have digits or `-`.
+            b'-' | b'0'..=b'9' => {
+                let start = at - 1;
+                let length = json[start..]
+                    .iter()
+                    .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .unwrap_or(json.len() - start);
+                let number = &json[start..start + length];
+                at = start + length;
+                let is_integer = !number.iter().any(|b| matches!(b, b'.' | b'e' | b'E'));
+                let exact = std::str::from_utf8(number)
+                    .is_ok_and(|text| text.parse::<u64>().is_ok() || text.parse::<i64>().is_ok());
+                if is_integer && !exact {
+                    return Some(number.iter().filter(|b| b.is_ascii_digit()).count());
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 fn parse_action(raw: &[u8]) -> Result<Action, InvalidUpdate> {
@@ -405,6 +456,39 @@ mod tests {
             parse(&[&long], &[]),
             Err(InvalidUpdate::UpdateTooLong(..))
         ));
+    }
+
+    #[test]
+    fn an_integer_past_64_bits_is_refused_and_any_other_number_kept() {
+        for past in [
+            r#"{"n":18446744073709551616}"#,
+            r#"{"n":-9223372036854775809}"#,
+            r#"{"a":"1","b":[1,{"c":100000000000000000000000}]}"#,
+        ] {
+            assert!(
+                matches!(
+                    parse(&[past], &[]),
+                    Err(InvalidUpdate::IntegerPast64Bits(_))
+                ),
+                "{past} was accepted"
+            );
+        }
+        assert_eq!(
+            parse(&[r#"{"n":-100000000000000000000}"#], &[]),
+            Err(InvalidUpdate::IntegerPast64Bits(21))
+        );
+        for kept in [
+            r#"{"n":18446744073709551615,"m":-9223372036854775808,"z":-0}"#,
+            r#"{"f":1.8446744073709552e19,"g":123456789012345678901.5,"h":-1E+25}"#,
+            r#"{"s":"18446744073709551616","t":"\"99999999999999999999999","u":"\\"}"#,
+            r#"{"99999999999999999999999":1}"#,
+        ] {
+            let parsed = parse(&[kept], &[]);
+            assert!(
+                !matches!(parsed, Err(InvalidUpdate::IntegerPast64Bits(_))),
+                "{kept}: {parsed:?}"
+            );
+        }
     }
 
     #[test]
