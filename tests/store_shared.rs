@@ -1213,6 +1213,35 @@ async fn postgres_a_record_holding_a_nul_character_stays_writable() {
     assert_eq!(stored.data, seen.data);
 }
 
+/// Nor does `jsonb` hold a number past `numeric` (`1e200000`: "value
+/// overflows numeric format") or nesting deeper than the server's stack
+/// ("stack depth limit exceeded"), which the proxy reads and keeps as
+/// written: such a record (written by hand, or by another program) is
+/// written without the cast too, where every write of its session was a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_record_holding_what_jsonb_cannot_stays_writable() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let store = table.store().await;
+    let deep = format!(r#"{{"x":{}1{}}}"#, "[".repeat(100_000), "]".repeat(100_000));
+    for (n, data) in [r#"{"n":1e200000}"#, &deep].into_iter().enumerate() {
+        let handle = handle(30 + n);
+        let t = now() - 1000;
+        let seen = Record {
+            data: serde_json::from_str(data).expect("the proxy reads it"),
+            ..record(json!({}), t, t)
+        };
+        put(&store, &handle, &seen).await;
+        let given = std::sync::Mutex::new(Vec::new());
+        let bump = bump_noting(&given);
+        let written = store.modify_seen(&handle, &seen, &bump).await;
+        assert_eq!(written.unwrap().map(|record| record.ver), Some(2));
+        let stored = store.load(&handle).await.unwrap().expect("stored");
+        assert_eq!((stored.ver, stored.data), (2, seen.data));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_sweeps_expired_records_in_batches() {
     let Some(table) = PgTable::new().await else {

@@ -119,8 +119,17 @@ pub(super) fn is_bad_data(error: &tokio_postgres::Error) -> bool {
 }
 
 /// The stored data is JSON that `jsonb` cannot hold: a string with
-/// `\u0000` in it, which `text` and JSON allow. Only the one-statement
-/// write casts to `jsonb`; the locking `modify` reads the text.
+/// `\u0000` in it, which `text` and JSON allow; a number past `numeric`
+/// (`1e200000`); nesting deeper than the server's stack takes (some
+/// thousands of levels, `max_stack_depth`). The proxy reads and keeps such
+/// data as written. Only the one-statement write casts to `jsonb`; the
+/// locking `modify` reads the text.
 pub(super) fn is_beyond_jsonb(error: &tokio_postgres::Error) -> bool {
-    error.code() == Some(&SqlState::UNTRANSLATABLE_CHARACTER)
+    [
+        SqlState::UNTRANSLATABLE_CHARACTER,
+        SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
+        SqlState::STATEMENT_TOO_COMPLEX,
+    ]
+    .iter()
+    .any(|code| error.code() == Some(code))
 }
