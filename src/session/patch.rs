@@ -99,12 +99,27 @@ fn parse_patch(
         return Err(InvalidUpdate::UpdateTooLong(raw.len(), limit));
     }
     match serde_json::from_slice(raw) {
-        Ok(Value::Object(patch)) => match integer_past_64_bits(raw) {
-            Some(digits) => Err(InvalidUpdate::IntegerPast64Bits(digits)),
-            None => Ok(Some(patch)),
+        // Only a float can be such an integer read: most updates hold
+        // none, and skip the second look at their text.
+        Ok(Value::Object(patch)) => match patch.values().any(holds_float) {
+            true => match integer_past_64_bits(raw) {
+                Some(digits) => Err(InvalidUpdate::IntegerPast64Bits(digits)),
+                None => Ok(Some(patch)),
+            },
+            false => Ok(Some(patch)),
         },
         Ok(_) => Err(InvalidUpdate::NotAnObject),
         Err(e) => Err(InvalidUpdate::NotJson(e.to_string())),
+    }
+}
+
+/// Whether `value` is or holds a number serde_json keeps as a float.
+fn holds_float(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => number.is_f64(),
+        Value::Array(items) => items.iter().any(holds_float),
+        Value::Object(entries) => entries.values().any(holds_float),
+        _ => false,
     }
 }
 
