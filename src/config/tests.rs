@@ -1323,6 +1323,16 @@ fn store_sweep_interval_and_max_entries_are_at_least_one() {
         .contains("store.max_entries: expected at least 1, found 0"));
 }
 
+/// tokio caps a sleep at about 30 years: a sweep interval past that swept
+/// once, at start, and never again, silently.
+#[test]
+fn store_sweep_interval_is_at_most_a_year() {
+    assert!(error("[store]\nsweep_interval = 31536001")
+        .contains("store.sweep_interval: expected at most 31536000 (a year), found 31536001"));
+    let longest = config("[store]\nsweep_interval = 31536000").expect("a year is accepted");
+    assert_eq!(longest.store.sweep_interval, 31536000);
+}
+
 /// A pool sets aside a slot per connection when it is made: a pool_size of
 /// TOML's order panicked (or aborted) the opening of the store.
 #[test]

@@ -936,7 +936,7 @@ fn store(store: file::Store, src: &Source) -> Result<StoreConfig> {
         url: store.url,
         table: store.table,
         key_prefix: store.key_prefix,
-        sweep_interval: at_least(src, "store.sweep_interval", store.sweep_interval, 1)?,
+        sweep_interval: seconds(src, "store.sweep_interval", store.sweep_interval, 1)?,
         max_entries: at_least(src, "store.max_entries", store.max_entries, 1)?,
         fsync: store.fsync,
         pool_size: pool_size(src, store.pool_size)?,
