@@ -38,6 +38,15 @@ impl HandleLocks {
         lock
     }
 
+    /// `handle`'s turn if it is free now; `None` when someone holds it.
+    pub fn try_lock(&self, handle: &Handle) -> Option<HandleLock> {
+        let mut lock = self.entry(handle);
+        // On failure `lock` is dropped, and leaves the holder's entry be.
+        let guard = lock.mutex.clone()?.try_lock_owned().ok()?;
+        lock.guard = Some(guard);
+        Some(lock)
+    }
+
     /// Waits at most `wait` for `handle`'s turn; `None` when it does not come.
     pub async fn lock_within(&self, handle: &Handle, wait: Duration) -> Option<HandleLock> {
         tokio::time::timeout(wait, self.lock(handle)).await.ok()
@@ -102,6 +111,18 @@ mod tests {
             .lock_within(&Handle::of_id("b"), Duration::from_millis(20))
             .await
             .is_some());
+    }
+
+    #[tokio::test]
+    async fn a_turn_is_taken_without_waiting_only_when_it_is_free() {
+        let locks = HandleLocks::default();
+        let handle = Handle::of_id("a");
+        let held = locks.try_lock(&handle).expect("a free turn");
+        assert!(locks.try_lock(&handle).is_none());
+        assert_eq!(locks.len(), 1, "a failed try leaves the holder's entry");
+        drop(held);
+        assert!(locks.is_empty());
+        assert!(locks.try_lock(&handle).is_some());
     }
 
     #[tokio::test]
