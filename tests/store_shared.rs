@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use session_proxy::store::postgres::PostgresStore;
 use session_proxy::store::redis::RedisStore;
-use session_proxy::store::{Change, Expiry, Handle, Record, Serialized, Store, StoreError};
+use session_proxy::store::{Change, Expiry, GiveUp, Handle, Record, Serialized, Store, StoreError};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
@@ -833,7 +833,12 @@ on_both_servers!(
                 // Through `Store`, as the proxy takes it. The TTL is for
                 // Redis: a PostgreSQL lock lasts as long as its connection.
                 let lease = store
-                    .acquire_lease(&handle, Duration::from_secs(10), Duration::from_secs(2))
+                    .acquire_lease(
+                        &handle,
+                        Duration::from_secs(10),
+                        Duration::from_secs(2),
+                        &GiveUp::default(),
+                    )
                     .await?
                     .expect("a store that leases");
                 blind_increment(store.as_ref(), &handle).await?;
@@ -845,6 +850,51 @@ on_both_servers!(
         }
         let stored = stores[0].load(&handle).await.unwrap().expect("stored");
         assert_eq!(count_of(&stored), 20);
+    }
+);
+
+on_both_servers!(
+    // A lease wait given up (the proxy's client left) ends before its
+    // time, and whatever try was under way takes nothing for good: a
+    // lease left behind would hold the session up for its TTL (Redis) or
+    // for as long as the connection lives (PostgreSQL).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    postgres_a_lease_wait_given_up_ends_early_and_leaves_nothing_held,
+    redis_a_lease_wait_given_up_ends_early_and_leaves_nothing_held,
+    |server| {
+        let (first, second) = (server.store().await, server.store().await);
+        let handle = handle(41);
+        let ttl = Duration::from_secs(30);
+        let held = first
+            .acquire_lease(&handle, Duration::ZERO, ttl, &GiveUp::default())
+            .await
+            .unwrap()
+            .expect("a store that leases");
+        let give_up = GiveUp::default();
+        let started = Instant::now();
+        let (waited, ()) = tokio::join!(
+            second.acquire_lease(&handle, Duration::from_secs(10), ttl, &give_up),
+            async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                give_up.give_up();
+            }
+        );
+        assert!(matches!(waited, Err(StoreError::Busy(_))));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        held.release().await.unwrap();
+        // Free at once: one try, no wait.
+        second
+            .acquire_lease(&handle, Duration::ZERO, ttl, &GiveUp::default())
+            .await
+            .expect("nothing left held by the wait given up")
+            .expect("a store that leases")
+            .release()
+            .await
+            .unwrap();
     }
 );
 
@@ -1312,24 +1362,35 @@ async fn postgres_lease_is_exclusive_across_instances() {
     let wait = Duration::from_millis(300);
     let ttl = Duration::from_secs(5);
 
-    let held = first.acquire_lease(&handle, wait, ttl).await.unwrap();
+    let held = first
+        .acquire_lease(&handle, wait, ttl, &GiveUp::default())
+        .await
+        .unwrap();
     let started = Instant::now();
     assert!(matches!(
-        second.acquire_lease(&handle, wait, ttl).await,
+        second
+            .acquire_lease(&handle, wait, ttl, &GiveUp::default())
+            .await,
         Err(StoreError::Busy(_))
     ));
     assert!(started.elapsed() >= wait && started.elapsed() < wait + TIMEOUT);
     // Another session's lease is free meanwhile.
-    let other = second.acquire_lease(&handle_b(), wait, ttl).await.unwrap();
+    let other = second
+        .acquire_lease(&handle_b(), wait, ttl, &GiveUp::default())
+        .await
+        .unwrap();
     other.release().await.unwrap();
 
     held.release().await.unwrap();
-    let taken = second.acquire_lease(&handle, wait, ttl).await.unwrap();
+    let taken = second
+        .acquire_lease(&handle, wait, ttl, &GiveUp::default())
+        .await
+        .unwrap();
     // Dropped without release (a crashed holder): its connection goes, and
     // the lock with it.
     drop(taken);
     first
-        .acquire_lease(&handle, Duration::from_secs(2), ttl)
+        .acquire_lease(&handle, Duration::from_secs(2), ttl, &GiveUp::default())
         .await
         .unwrap()
         .release()
@@ -1716,19 +1777,24 @@ async fn redis_lease_is_exclusive_refreshed_while_held_and_expires_after_a_crash
     let wait = Duration::from_millis(200);
     let ttl = Duration::from_millis(300);
 
-    let held = first.acquire_lease(&handle, wait, ttl).await.unwrap();
+    let held = first
+        .acquire_lease(&handle, wait, ttl, &GiveUp::default())
+        .await
+        .unwrap();
     // Held well past its TTL: the refreshes keep it.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(held.is_held());
     let started = Instant::now();
     assert!(matches!(
-        second.acquire_lease(&handle, wait, ttl).await,
+        second
+            .acquire_lease(&handle, wait, ttl, &GiveUp::default())
+            .await,
         Err(StoreError::Busy(_))
     ));
     assert!(started.elapsed() >= wait);
     held.release().await.unwrap();
     second
-        .acquire_lease(&handle, wait, ttl)
+        .acquire_lease(&handle, wait, ttl, &GiveUp::default())
         .await
         .unwrap()
         .release()
@@ -1747,14 +1813,14 @@ async fn redis_lease_is_exclusive_refreshed_while_held_and_expires_after_a_crash
         .unwrap();
     let started = Instant::now();
     let lease = first
-        .acquire_lease(&handle, Duration::from_secs(2), ttl)
+        .acquire_lease(&handle, Duration::from_secs(2), ttl, &GiveUp::default())
         .await
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(200));
     // Dropping releases in the background.
     drop(lease);
     second
-        .acquire_lease(&handle, Duration::from_secs(1), ttl)
+        .acquire_lease(&handle, Duration::from_secs(1), ttl, &GiveUp::default())
         .await
         .unwrap()
         .release()
@@ -1820,11 +1886,21 @@ async fn redis_cluster_round_trip_increments_sweep_and_lease() {
 
     let handle = handle(18);
     let lease = first
-        .acquire_lease(&handle, Duration::from_millis(100), Duration::from_secs(1))
+        .acquire_lease(
+            &handle,
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            &GiveUp::default(),
+        )
         .await
         .unwrap();
     assert!(second
-        .acquire_lease(&handle, Duration::from_millis(100), Duration::from_secs(1))
+        .acquire_lease(
+            &handle,
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            &GiveUp::default()
+        )
         .await
         .is_err());
     lease.release().await.unwrap();

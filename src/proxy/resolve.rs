@@ -13,7 +13,7 @@ use super::{
 use crate::metrics::StoreOp;
 use crate::session::cookie::SessionId;
 use crate::session::policy::{self, Expired};
-use crate::store::StoreError;
+use crate::store::{GiveUp, StoreError};
 use headers::Cookie;
 
 impl SessionProxy {
@@ -43,7 +43,11 @@ impl SessionProxy {
                     .await
                     .ok_or(Failure::SessionBusy)?,
             );
-            ctx.lease = match self.store.acquire_lease(&handle, wait, LEASE_TTL).await {
+            ctx.lease = match self
+                .store
+                .acquire_lease(&handle, wait, LEASE_TTL, &GiveUp::default())
+                .await
+            {
                 Ok(lease) => lease,
                 Err(StoreError::Busy(_)) => return Err(Failure::SessionBusy),
                 Err(e) => {

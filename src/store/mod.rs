@@ -107,6 +107,26 @@ pub trait Lease: Send + Sync {
     fn is_held(&self) -> bool;
 }
 
+/// Ends a [`Store::acquire_lease`] wait early: its caller no longer wants
+/// the lease (the request's client left). The wait ends at its next pause
+/// between attempts, never during one: an attempt cut short may have taken
+/// the lease unseen, which would then stay taken (a Redis key until it
+/// expires, a PostgreSQL lock as long as its connection lives).
+#[derive(Default)]
+pub struct GiveUp(tokio::sync::Notify);
+
+impl GiveUp {
+    pub fn give_up(&self) {
+        // A permit: a wait that is not pausing right now ends at its next pause.
+        self.0.notify_one();
+    }
+
+    /// Resolves once [`GiveUp::give_up`] is called, or at once if it was.
+    pub async fn given_up(&self) {
+        self.0.notified().await;
+    }
+}
+
 /// A session store. Handles are the store keys; raw ids never reach it.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -164,13 +184,15 @@ pub trait Store: Send + Sync {
     }
 
     /// Waits at most `wait` for an exclusive lease on `handle`, held for
-    /// `ttl` at least and kept while its holder lives. `None`: the store is
-    /// not shared between processes and the in-process lock is enough.
+    /// `ttl` at least and kept while its holder lives; `give_up` ends the
+    /// wait early (`Busy`). `None`: the store is not shared between
+    /// processes and the in-process lock is enough.
     async fn acquire_lease(
         &self,
         _handle: &Handle,
         _wait: Duration,
         _ttl: Duration,
+        _give_up: &GiveUp,
     ) -> Result<Option<Box<dyn Lease>>, StoreError> {
         Ok(None)
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Decide, Expiry, Handle, Lease, Record, Store, StoreError};
+use super::{Decide, Expiry, GiveUp, Handle, Lease, Record, Store, StoreError};
 use crate::locks::{HandleLock, HandleLocks};
 
 pub struct Serialized<S> {
@@ -104,7 +104,8 @@ impl<S: Store> Store for Serialized<S> {
         handle: &Handle,
         wait: Duration,
         ttl: Duration,
+        give_up: &GiveUp,
     ) -> Result<Option<Box<dyn Lease>>, StoreError> {
-        self.inner.acquire_lease(handle, wait, ttl).await
+        self.inner.acquire_lease(handle, wait, ttl, give_up).await
     }
 }

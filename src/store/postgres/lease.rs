@@ -14,7 +14,7 @@ use tokio_postgres::types::ToSql;
 use super::errors::{timed_out, unavailable};
 use super::PostgresStore;
 use crate::locks::HandleLock;
-use crate::store::{Handle, Lease, StoreError};
+use crate::store::{GiveUp, Handle, Lease, StoreError};
 
 impl PostgresStore {
     /// Takes the cross-instance lease of `handle`, waiting at most `wait`
@@ -24,18 +24,25 @@ impl PostgresStore {
     /// when that connection drops, so a crashed proxy's leases go with it
     /// (its TCP keep-alives are set to notice a vanished host within ~10 s).
     /// `_lease_ttl` is there for the common lease API: a lock tied to a
-    /// connection needs no expiry.
+    /// connection needs no expiry. `give_up` ends the wait between two
+    /// tries, never during one: a try cut short may hold the lock unseen,
+    /// for as long as the connection lives.
     pub async fn acquire_lease(
         &self,
         handle: &Handle,
         wait: Duration,
         _lease_ttl: Duration,
+        give_up: &GiveUp,
     ) -> Result<PostgresLease, StoreError> {
         let deadline = Instant::now() + wait;
         let busy = || StoreError::Busy("postgres: lease wait timed out".into());
-        let turn = timeout_at(deadline, self.lease_turns.lock(handle))
-            .await
-            .map_err(|_elapsed| busy())?;
+        let given_up = || StoreError::Busy("postgres: lease wait given up".into());
+        let turn = tokio::select! {
+            turn = timeout_at(deadline, self.lease_turns.lock(handle)) => {
+                turn.map_err(|_elapsed| busy())?
+            }
+            () = give_up.given_up() => return Err(given_up()),
+        };
         let key = self.lease_key(handle);
         let mut pause = Duration::from_millis(2);
         loop {
@@ -69,7 +76,10 @@ impl PostgresStore {
             if now >= deadline {
                 return Err(busy());
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
+            tokio::select! {
+                () = tokio::time::sleep(pause.min(deadline - now)) => {}
+                () = give_up.given_up() => return Err(given_up()),
+            }
             pause = (pause * 2).min(Duration::from_millis(50));
         }
     }

@@ -620,8 +620,9 @@ impl Store for PostgresStore {
         handle: &Handle,
         wait: Duration,
         ttl: Duration,
+        give_up: &super::GiveUp,
     ) -> Result<Option<Box<dyn super::Lease>>, StoreError> {
-        let lease = PostgresStore::acquire_lease(self, handle, wait, ttl).await?;
+        let lease = PostgresStore::acquire_lease(self, handle, wait, ttl, give_up).await?;
         Ok(Some(Box::new(lease)))
     }
 }

@@ -13,18 +13,20 @@ use tokio::task::JoinHandle;
 use super::connection::Connection;
 use super::scripts::Scripts;
 use super::{bounded, RedisStore};
-use crate::store::{Handle, StoreError};
+use crate::store::{GiveUp, Handle, StoreError};
 
 impl RedisStore {
     /// Takes the cross-instance lease of `handle`, waiting at most `wait`
     /// for another holder: `SET prefix+lock:handle TOKEN NX PX lease_ttl`
     /// with a random token, refreshed every third of `lease_ttl` while
-    /// held. A crashed holder's lease expires within `lease_ttl`.
+    /// held. A crashed holder's lease expires within `lease_ttl`. `give_up`
+    /// ends the wait between two tries, never during one.
     pub async fn acquire_lease(
         &self,
         handle: &Handle,
         wait: Duration,
         lease_ttl: Duration,
+        give_up: &GiveUp,
     ) -> Result<RedisLease, StoreError> {
         let key = format!("{}lock:{}", self.key_prefix, handle);
         let token = format!("{:032x}", rand::random::<u128>());
@@ -55,7 +57,12 @@ impl RedisStore {
             if now >= deadline {
                 return Err(StoreError::Busy("redis: lease wait timed out".into()));
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
+            tokio::select! {
+                () = tokio::time::sleep(pause.min(deadline - now)) => {}
+                () = give_up.given_up() => {
+                    return Err(StoreError::Busy("redis: lease wait given up".into()))
+                }
+            }
             pause = (pause * 2).min(Duration::from_millis(50));
         }
         let connection = self.connection().await?;

@@ -646,8 +646,9 @@ impl Store for RedisStore {
         handle: &Handle,
         wait: Duration,
         ttl: Duration,
+        give_up: &super::GiveUp,
     ) -> Result<Option<Box<dyn super::Lease>>, StoreError> {
-        let lease = RedisStore::acquire_lease(self, handle, wait, ttl).await?;
+        let lease = RedisStore::acquire_lease(self, handle, wait, ttl, give_up).await?;
         Ok(Some(Box::new(lease)))
     }
 }
