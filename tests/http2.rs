@@ -471,6 +471,104 @@ async fn sessions_work_over_h2() {
     assert!(seen.upstream_header("cookie").is_none(), "{seen:?}");
 }
 
+/// Polls `condition` (which may block) for up to `within`, off the runtime.
+async fn eventually_off_runtime(
+    within: Duration,
+    condition: impl FnMut() -> bool + Send + 'static,
+) -> bool {
+    tokio::task::spawn_blocking(move || eventually(within, condition))
+        .await
+        .unwrap()
+}
+
+/// A GET of `path` with the session's cookie, sent; the stream is the
+/// client's to reset.
+async fn h2_send_get(h2: &H2, path: &str, jar: &str) -> h2::SendStream<Bytes> {
+    let request = http::Request::builder()
+        .uri(format!("https://127.0.0.1{path}"))
+        .header("cookie", jar)
+        .body(())
+        .unwrap();
+    let mut sender = h2.clone().ready().await.unwrap();
+    let (_answer, stream) = sender.send_request(request, true).unwrap();
+    stream
+}
+
+/// With `lock = true`, a request that waits for its session's turn and
+/// whose stream is reset (`RST_STREAM CANCEL`), or whose connection closes,
+/// never reaches the app, gives up its place, and is a 499 (README,
+/// "lock = true"). Its body, if any, is not read for that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_lock_a_waiting_stream_reset_or_closed_never_reaches_the_app() {
+    let ca = TestCa::new();
+    let app = session_app();
+    let config = https_proxy(&ca, app.port)
+        .session("lock = true")
+        .store("kind = \"memory\"");
+    let log = config.dir.path().join("access.log");
+    let config = config.server(&format!("access_log = {:?}", log.display().to_string()));
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+    let login = h2_get(&h2, "/login", &[]).await;
+    let jar = format!(
+        "session_id={}",
+        login.set_cookie("session_id").expect("a cookie")
+    );
+    let holder = {
+        let (h2, jar) = (h2.clone(), jar.clone());
+        tokio::spawn(async move {
+            h2_get(
+                &h2,
+                "/slow",
+                &[("cookie", &jar), ("x-test-sleep-ms", "2500")],
+            )
+            .await
+        })
+    };
+    let app = std::sync::Arc::new(app);
+    let seen = app.clone();
+    assert!(eventually_off_runtime(Duration::from_secs(5), move || seen.saw("/slow")).await);
+
+    let mut reset = h2_send_get(&h2, "/reset", &jar).await;
+    let (closing, closing_task) = h2_connect(&ca, config.port).await;
+    let _closed = h2_send_get(&closing, "/closed", &jar).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reset.send_reset(h2::Reason::CANCEL);
+    closing_task.abort();
+    drop(closing);
+
+    let admin = config.admin_port;
+    let answered_4xx = move || metric(admin, "session_proxy_responses_total{class=\"4xx\"}");
+    assert!(
+        eventually_off_runtime(Duration::from_secs(1), move || answered_4xx() == 2.0).await,
+        "the requests left waiting are not counted yet"
+    );
+    assert!(!holder.is_finished(), "counted only once the turn came");
+    assert_eq!(holder.await.unwrap().status, 200);
+    let started = Instant::now();
+    assert_eq!(h2_get(&h2, "/third", &[("cookie", &jar)]).await.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !app.saw("/reset") && !app.saw("/closed"),
+        "{:?}",
+        app.requests()
+    );
+
+    let logged = move || std::fs::read_to_string(&log).unwrap_or_default();
+    let statuses = eventually_off_runtime(Duration::from_secs(10), move || {
+        let text = logged();
+        ["/reset", "/closed"].iter().all(|path| {
+            text.lines()
+                .any(|line| line.contains(&format!("GET {path} ")) && line.contains("\" 499 "))
+        })
+    });
+    assert!(statuses.await, "no 499 in the access log for both");
+}
+
 #[tokio::test]
 async fn split_cookie_fields_reach_the_app_as_one_header_without_the_session_cookie() {
     let ca = TestCa::new();

@@ -8,7 +8,8 @@
 //!   response head leaves;
 //! - `fail_to_proxy`: our own short `text/plain` answers.
 //!
-//! The session's resolution (SPEC \[4.3\]) is in `resolve`, the storing of
+//! The session's resolution (SPEC \[4.3\]) is in `resolve`, the turn of
+//! `lock = true` (and the watch on a client while it waits) in `turn`, the storing of
 //! the upstream's instructions (SPEC \[4.5\]) in `commit`, our own answers in
 //! `answer`, the header surgery in `headers`.
 
@@ -17,6 +18,7 @@ mod commit;
 pub mod headers;
 mod resolve;
 pub mod token_memo;
+mod turn;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -7,13 +7,11 @@ use std::net::IpAddr;
 use log::{debug, warn};
 use pingora::proxy::Session;
 
-use super::{
-    answer, client_addr, headers, ActiveSession, Failure, RequestCtx, SessionProxy, LEASE_TTL,
-};
+use super::{answer, client_addr, headers, ActiveSession, Failure, RequestCtx, SessionProxy};
 use crate::metrics::StoreOp;
 use crate::session::cookie::SessionId;
 use crate::session::policy::{self, Expired};
-use crate::store::{GiveUp, StoreError};
+use crate::store::StoreError;
 use headers::Cookie;
 
 impl SessionProxy {
@@ -31,31 +29,16 @@ impl SessionProxy {
     /// The session of a correctly signed cookie, if it may be used.
     async fn resume(
         &self,
+        session: &mut Session,
         id: SessionId,
         client_ip: IpAddr,
         ctx: &mut RequestCtx,
     ) -> Result<Result<ActiveSession, Expired>, Failure> {
         let handle = id.handle();
         if let Some(wait) = self.settings.lock_wait {
-            ctx.lock = Some(
-                self.locks
-                    .lock_within(&handle, wait)
-                    .await
-                    .ok_or(Failure::SessionBusy)?,
-            );
-            ctx.lease = match self
-                .store
-                .acquire_lease(&handle, wait, LEASE_TTL, &GiveUp::default())
-                .await
-            {
-                Ok(lease) => lease,
-                Err(StoreError::Busy(_)) => return Err(Failure::SessionBusy),
-                Err(e) => {
-                    warn!("session {}: lease failed: {e}", handle.short());
-                    self.metrics.store_errors.inc();
-                    return Err(Failure::StoreUnavailable);
-                }
-            };
+            let turn = self.take_turn(session, &handle, wait).await?;
+            ctx.lock = Some(turn.lock);
+            ctx.lease = turn.lease;
         }
         let record = match self.timed(StoreOp::Load, self.store.load(&handle)).await {
             Ok(record) => record,
@@ -92,13 +75,14 @@ impl SessionProxy {
     /// cookies) that may be used, else why the first may not.
     async fn resume_any(
         &self,
+        session: &mut Session,
         ids: Vec<SessionId>,
         client_ip: IpAddr,
         ctx: &mut RequestCtx,
     ) -> Result<Result<ActiveSession, Expired>, Failure> {
         let mut first_refusal = None;
         for id in ids {
-            match self.resume(id, client_ip, ctx).await? {
+            match self.resume(session, id, client_ip, ctx).await? {
                 Ok(active) => return Ok(Ok(active)),
                 Err(expired) => {
                     // That session's turn is not needed any more.
@@ -141,7 +125,7 @@ impl SessionProxy {
 
         let active = match verified.is_empty() {
             true => self.new_session(client_ip),
-            false => match self.resume_any(verified, client_ip, ctx).await? {
+            false => match self.resume_any(session, verified, client_ip, ctx).await? {
                 Ok(active) => active,
                 Err(expired) if settings.ignore_expiry && expired != Expired::Ip => {
                     self.new_session(client_ip)

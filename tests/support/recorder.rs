@@ -135,6 +135,30 @@ impl Recorder {
     }
 }
 
+/// An app for the session's turns (`lock = true`): `/login` starts a
+/// session (an update), every request sleeps `X-Test-Sleep-Ms` first, and
+/// each is recorded as it arrives, before its answer.
+pub fn session_app() -> Recorder {
+    Recorder::scripted(|_, seen| {
+        if let Some(ms) = seen.all("x-test-sleep-ms").first() {
+            std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+        }
+        match seen.target.as_str() {
+            "/login" => b"HTTP/1.1 200 OK\r\nX-Session-Update: {\"user\": 1}\r\n\
+                          Content-Length: 2\r\n\r\nok"
+                .to_vec(),
+            _ => ok_response(),
+        }
+    })
+}
+
+impl Recorder {
+    /// Whether the app has seen a request for `target`.
+    pub fn saw(&self, target: &str) -> bool {
+        self.requests().iter().any(|seen| seen.target == target)
+    }
+}
+
 pub fn ok_response() -> Vec<u8> {
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec()
 }
