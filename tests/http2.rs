@@ -569,6 +569,37 @@ async fn with_lock_a_waiting_stream_reset_or_closed_never_reaches_the_app() {
     assert!(statuses.await, "no 499 in the access log for both");
 }
 
+/// A stream its client resets while the app works on the request is a
+/// 499, as an HTTP/1 client that hangs up then (tests/access_log.rs), not
+/// a 400: the client gave up, it sent nothing wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_while_the_app_works_is_logged_as_499() {
+    let ca = TestCa::new();
+    let app = session_app();
+    let config = https_proxy(&ca, app.port);
+    let log = config.dir.path().join("access.log");
+    let config = config.server(&format!("access_log = {:?}", log.display().to_string()));
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+    let request = http::Request::builder()
+        .uri("https://127.0.0.1/working")
+        .header("x-test-sleep-ms", "1500")
+        .body(())
+        .unwrap();
+    let mut sender = h2.clone().ready().await.unwrap();
+    let (_answer, mut stream) = sender.send_request(request, true).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream.send_reset(h2::Reason::CANCEL);
+
+    let logged = eventually_off_runtime(Duration::from_secs(10), move || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("\"GET /working HTTP/2.0\" ")
+    });
+    assert!(logged.await, "no line for the request reset");
+    let text = std::fs::read_to_string(config.dir.path().join("access.log")).unwrap();
+    assert!(text.contains("\"GET /working HTTP/2.0\" 499 "), "{text}");
+}
+
 #[tokio::test]
 async fn split_cookie_fields_reach_the_app_as_one_header_without_the_session_cookie() {
     let ca = TestCa::new();

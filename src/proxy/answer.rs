@@ -84,6 +84,9 @@ impl Failure {
                 ErrorSource::Downstream,
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
             ) => Failure::ClientGone,
+            // pingora's watch on an HTTP/2 stream whose request is in:
+            // the client reset it, or its connection ended.
+            (ErrorSource::Downstream, ErrorType::H2Error) => Failure::ClientGone,
             (ErrorSource::Downstream, _) => Failure::Status(400),
             _ => Failure::Internal,
         }

@@ -120,16 +120,13 @@ async fn client_gone(session: &mut Session) -> Failure {
             true => h1.read_body_or_idle(true).await,
             false => Ok(None),
         },
-        // Reset or closed, whatever h2 calls it: the client gave up.
-        ServerSession::H2(h2) => match h2.read_body_or_idle(true).await {
-            Err(_) => return Failure::ClientGone,
-            Ok(_) => Ok(None),
-        },
+        ServerSession::H2(h2) => h2.read_body_or_idle(true).await,
         _ => Ok(None),
     };
     match watched {
         // As pingora reads it during the upstream wait: `ClientGone` for
-        // an end of stream, a `400` for bytes after the request.
+        // an end of stream or a stream reset, a `400` for bytes after an
+        // HTTP/1 request.
         Err(e) => Failure::of_error(&e.into_down()),
         // Nothing to watch, or nothing that ends the request.
         Ok(_) => std::future::pending().await,
