@@ -154,6 +154,51 @@ fn a_request_whose_client_left_gives_up_its_place_in_the_queue() {
     assert_eq!(answered_4xx(config.admin_port), 1.0);
 }
 
+/// A request with a body: the body is not read before the turn comes
+/// (pingora passes it on), but the client's close is seen all the same,
+/// whether it sent its whole body or not. One whose client stays is served
+/// with its body whole.
+#[test]
+fn a_waiting_request_with_a_body_is_dropped_if_its_client_leaves_and_served_whole_if_not() {
+    let app = session_app();
+    let (config, proxy, log) = locking_proxy(&app, &memory_store());
+    let jar = login(proxy.port);
+    let holder = hold_the_turn(&app, proxy.port, &jar);
+    let post = |path: &str, length: usize| {
+        let mut client = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nCookie: {jar}\r\nContent-Length: {length}\r\n\r\nhello"
+        );
+        client.write_all(head.as_bytes()).unwrap();
+        client
+    };
+    let whole = post("/whole", 5);
+    let partial = post("/partial", 10);
+    let (port, stays_jar) = (proxy.port, jar.clone());
+    // Its body in a write of its own: bytes on the socket, no end.
+    let stays = std::thread::spawn(move || {
+        try_request(port, "POST", "/stays", &[("Cookie", &stays_jar)], b"hello").unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    drop(whole);
+    drop(partial);
+
+    assert!(
+        eventually(Duration::from_secs(1), || answered_4xx(config.admin_port)
+            == 2.0),
+        "the requests left waiting are not counted yet"
+    );
+    assert!(!holder.is_finished(), "counted only once the turn came");
+    assert_eq!(holder.join().unwrap().status, 200);
+    assert_eq!(stays.join().unwrap().status, 200);
+    let seen = app.requests();
+    let stayed = seen.iter().find(|seen| seen.target == "/stays");
+    assert_eq!(stayed.map(|seen| seen.body.as_slice()), Some(&b"hello"[..]));
+    assert!(!app.saw("/whole") && !app.saw("/partial"), "{seen:?}");
+    assert_eq!(logged_status(&log, "POST /whole HTTP/1.1"), Some(499));
+    assert_eq!(logged_status(&log, "POST /partial HTTP/1.1"), Some(499));
+}
+
 /// Two requests of the session in one write, the first waiting for its
 /// turn: the second is in pingora's buffer, not on the socket, and the
 /// wait reads neither. The first is served when its turn comes, and the

@@ -6,7 +6,7 @@
 //! only once the request is upstream): one whose client has gone gives up
 //! its place and never reaches the app, as nginx sends nothing upstream for
 //! a client that left first. What is watched, and how, is pingora's own
-//! watch during the upstream wait:
+//! watch during the upstream wait where it can be:
 //!
 //! - HTTP/1 without a body: one-byte reads of the socket
 //!   (`read_body_or_idle`). End of stream is a client gone (499); a byte
@@ -14,16 +14,23 @@
 //!   fails while the app works (`400`, the connection closed), but before
 //!   the app saw it. A pipelined request that came with this one's head is
 //!   in pingora's buffer and is not read here: served as without `lock`.
-//! - HTTP/1 with a body: not watched. Its body bytes are on the socket
-//!   before any end of stream, and reading them early would take them from
-//!   pingora, which must pass them on.
+//! - HTTP/1 with a body: its body bytes come before any end of stream, and
+//!   reading them early would take them from pingora, which must pass them
+//!   on. The socket is not read: the kernel's word that the client closed
+//!   or reset it (`EPOLLRDHUP`, on a duplicate of it) is a client gone
+//!   (499), body or no body left unread. Bytes it sends after its body are
+//!   left for pingora, which fails the request on them once it is
+//!   upstream, as without `lock`.
 //! - HTTP/2: the stream's reset (`RST_STREAM`), or its connection's end,
 //!   seen by h2 apart from the body, which is not read.
 
+use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 use super::{Failure, SessionProxy, LEASE_TTL};
 use crate::locks::HandleLock;
@@ -118,7 +125,13 @@ async fn client_gone(session: &mut Session) -> Failure {
     let watched = match downstream {
         ServerSession::H1(h1) => match h1.is_body_empty() {
             true => h1.read_body_or_idle(true).await,
-            false => Ok(None),
+            false => match peer_closed(h1.stream().id()).await {
+                Ok(()) => return Failure::ClientGone,
+                Err(e) => {
+                    log::debug!("a waiting request's client is not watched: {e}");
+                    Ok(None)
+                }
+            },
         },
         ServerSession::H2(h2) => h2.read_body_or_idle(true).await,
         _ => Ok(None),
@@ -130,5 +143,25 @@ async fn client_gone(session: &mut Session) -> Failure {
         Err(e) => Failure::of_error(&e.into_down()),
         // Nothing to watch, or nothing that ends the request.
         Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Resolves when the peer of `socket` has closed or reset the connection,
+/// whatever it sent before is left unread: a duplicate of the socket is
+/// polled, so the proxy's own registration and buffers are left alone.
+async fn peer_closed(socket: RawFd) -> std::io::Result<()> {
+    // SAFETY: the request's connection, open as long as its request runs.
+    // The duplicate is close-on-exec.
+    let duplicate = unsafe { BorrowedFd::borrow_raw(socket) }.try_clone_to_owned()?;
+    // Readable interest is `EPOLLIN | EPOLLRDHUP`, edge-triggered.
+    // SAFETY: `AsyncFd` owns the descriptor, open until it is dropped.
+    let watched = unsafe { AsyncFd::register_with_interest(duplicate, Interest::READABLE)? };
+    loop {
+        let mut ready = watched.readable().await?;
+        if ready.ready().is_read_closed() {
+            return Ok(());
+        }
+        // Bytes, not the end: wait for the next change.
+        ready.clear_ready();
     }
 }
