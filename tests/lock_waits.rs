@@ -277,6 +277,7 @@ fn a_request_whose_client_left_while_it_waited_for_the_lease_never_reaches_the_a
     }
     let app = session_app();
     let store = shared.store_lines("lockgone");
+    let _table = TableDroppedAtEnd::of(&store);
     let (_holder_config, holder, _) = locking_proxy(&app, &store);
     let (waiter_config, _waiter, log) = locking_proxy(&app, &store);
     a_waiting_request_whose_client_left_never_reaches_the_app(
@@ -285,6 +286,27 @@ fn a_request_whose_client_left_while_it_waited_for_the_lease_never_reaches_the_a
         &waiter_config,
         &log,
     );
+}
+
+/// The PostgreSQL table of `store` lines, if any, dropped with the guard.
+struct TableDroppedAtEnd(Option<String>);
+
+impl TableDroppedAtEnd {
+    fn of(store: &[String]) -> TableDroppedAtEnd {
+        let table = store.iter().find_map(|line| {
+            let name = line.strip_prefix("table = ")?;
+            Some(name.trim_matches('"').to_string())
+        });
+        TableDroppedAtEnd(table)
+    }
+}
+
+impl Drop for TableDroppedAtEnd {
+    fn drop(&mut self) {
+        if let Some(table) = &self.0 {
+            support::shared::sql(&format!("DROP TABLE IF EXISTS {table}"));
+        }
+    }
 }
 
 mod postgres {
