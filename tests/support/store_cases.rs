@@ -232,19 +232,41 @@ macro_rules! store_cases {
                 let idle = (fresh_handle(), record(json!({}), base - 2_000, base - 2_000));
                 let absolute = (fresh_handle(), record(json!({}), base - 5_000, base));
                 let live = (fresh_handle(), record(json!({}), base - 100, base - 10));
-                for (handle, record) in [&idle, &absolute, &live] {
+                // The edges, a second apart: a record lives through the
+                // whole second `atime + timeout` (`created + absolute`), as
+                // the request path judges it (SPEC [4.3]); the sweep must
+                // not delete a session a request would still accept.
+                let idle_edge = (fresh_handle(), record(json!({}), base - 1_000, base - 1_000));
+                let idle_past = (fresh_handle(), record(json!({}), base - 1_001, base - 1_001));
+                let absolute_edge = (fresh_handle(), record(json!({}), base - 3_000, base));
+                let absolute_past = (fresh_handle(), record(json!({}), base - 3_001, base));
+                let all = [
+                    &idle,
+                    &absolute,
+                    &live,
+                    &idle_edge,
+                    &idle_past,
+                    &absolute_edge,
+                    &absolute_past,
+                ];
+                for (handle, record) in all {
                     put(&store, handle, record).await;
                 }
 
                 let removed = store.delete_expired(base, expiry).await.unwrap();
                 // At least ours: an interrupted earlier run may have left
                 // some of its own behind in a shared store.
-                assert!(removed >= 2, "removed {removed}");
-                assert_eq!(store.load(&idle.0).await.unwrap(), None);
-                assert_eq!(store.load(&absolute.0).await.unwrap(), None);
-                assert_eq!(store.load(&live.0).await.unwrap(), Some(live.1.clone()));
+                assert!(removed >= 4, "removed {removed}");
+                for gone in [&idle, &absolute, &idle_past, &absolute_past] {
+                    assert_eq!(store.load(&gone.0).await.unwrap(), None);
+                }
+                for kept in [&live, &idle_edge, &absolute_edge] {
+                    assert_eq!(store.load(&kept.0).await.unwrap(), Some(kept.1.clone()));
+                }
                 assert_eq!(store.delete_expired(base, expiry).await.unwrap(), 0);
-                store.delete(&live.0).await.unwrap();
+                for kept in [&live, &idle_edge, &absolute_edge] {
+                    store.delete(&kept.0).await.unwrap();
+                }
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
