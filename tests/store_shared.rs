@@ -1416,6 +1416,18 @@ async fn ttl_of(key: &str) -> i64 {
         .unwrap()
 }
 
+/// When `key` expires, in Unix milliseconds (Redis 7's `PEXPIRETIME`).
+async fn pexpiretime_of(key: &str) -> i64 {
+    let mut connection = redis_connection(&format!("redis://{REDIS_ADDR}"))
+        .await
+        .unwrap();
+    redis::cmd("PEXPIRETIME")
+        .arg(key)
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
 /// `modify_seen` checks the version in the write itself: a record whose
 /// data changed behind the store's back at the same version (which no
 /// writer of ours does) is overwritten on the strength of the version
@@ -1500,11 +1512,24 @@ async fn redis_every_write_sets_the_ttl_and_touch_refreshes_it() {
     let store = prefix.store().await;
     let handle = handle(10);
     let key = format!("{}{}", prefix.prefix, handle);
-    let t = now();
-    let stored = record(json!({"a": 1}), t, t);
-    put(&store, &handle, &stored).await;
-    // A second more than the idle timeout: the record serves through the
-    // whole second `atime + timeout` (SPEC [4.3]).
+    // Written within the second `t`, its atime: the key must then live
+    // through the whole second `t + timeout` (SPEC [4.3]), which a TTL of
+    // `timeout` from the write misses by what was left of second `t`.
+    let (t, stored) = loop {
+        let t = now();
+        let stored = record(json!({"a": 1}), t, t);
+        put(&store, &handle, &stored).await;
+        if now() == t {
+            break (t, stored);
+        }
+    };
+    let expires_ms = pexpiretime_of(&key).await;
+    let last_second_ends_ms = (t + IDLE_TTL + 1) as i64 * 1000;
+    assert!(
+        expires_ms >= last_second_ends_ms,
+        "the key expires {} ms before the end of the second atime + timeout",
+        last_second_ends_ms - expires_ms
+    );
     let ttl = ttl_of(&key).await;
     assert!(
         (IDLE_TTL as i64..=IDLE_TTL as i64 + 1).contains(&ttl),
