@@ -250,8 +250,18 @@ fn an_update_that_changes_nothing_is_no_change() {
         assert_eq!(record["data"], serde_json::json!({"a": 1}));
         assert_eq!(record["ver"], 1, "{noop} changed nothing, yet ver grew");
     }
+    // Younger than touch_interval (60 s), a no-op update writes nothing,
+    // not even the access time, as a request without one would not.
+    age_records(&config, 30);
+    let young = record_files(&config)[0].clone();
+    browser.get("/", &[("X-Test-Update", "{}")]);
+    assert_eq!(
+        record_files(&config)[0],
+        young,
+        "a no-op update within touch_interval wrote the record"
+    );
     // An old session's no-op update touches it, as a request without one would.
-    age_records(&config, 61);
+    age_records(&config, 31);
     let aged = record_files(&config)[0]["atime"].as_u64().unwrap();
     browser.get("/", &[("X-Test-Update", "{}")]);
     let record = record_files(&config)[0].clone();
