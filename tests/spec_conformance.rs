@@ -402,6 +402,9 @@ fn with_cookie_max_age_the_cookie_is_not_re_sent_until_the_access_time_is_writte
     let cookie = browser.cookie.clone().unwrap();
     let fresh = browser.get("/", &[]);
     assert_eq!(fresh.set_cookie("session_id"), None, "no touch, no cookie");
+    // An update that changes nothing writes nothing within touch_interval.
+    let noop = browser.get("/", &[("X-Test-Update", "{}")]);
+    assert_eq!(noop.set_cookie("session_id"), None, "no write, no cookie");
     // A change writes the access time too.
     let changed = browser.get("/", &[("X-Test-Update", r#"{"a":2}"#)]);
     assert_eq!(changed.set_cookie("session_id"), Some(cookie.clone()));
