@@ -120,6 +120,11 @@ fn save_uninitialized_stores_a_new_session_and_sets_its_cookie() {
     assert_eq!(records[0]["data"], serde_json::json!({"a": 1}));
     assert_eq!(records[0]["ver"], 1);
     assert_eq!(browser.get("/", &[]).session()["new"], false);
+    // SPEC [7]: a session stored for nothing but save_uninitialized is created too.
+    assert_eq!(
+        metric(s.config.admin_port, "session_proxy_sessions_created_total"),
+        1.0
+    );
 }
 
 #[test]
