@@ -302,6 +302,47 @@ fn sessions_lists_shows_kills_and_purges_stored_sessions() {
     assert!(stored_files(&config.sessions_dir()).is_empty());
 }
 
+/// `purge-expired` deletes what the proxy would refuse (SPEC [4.3], [6]):
+/// sessions past `absolute_timeout` too, however recently used.
+#[test]
+fn purge_expired_deletes_sessions_past_the_absolute_timeout() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port).session("absolute_timeout = 100");
+    let proxy = config.start();
+    let old = Browser::new(proxy.port)
+        .get("/", &[("X-Test-Update", r#"{"a": 1}"#)])
+        .session()["sid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let file = stored_files(&config.sessions_dir()).pop().unwrap();
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    // Created 101 s ago, used just now.
+    record["created"] = (record["created"].as_u64().unwrap() - 101).into();
+    std::fs::write(&file, serde_json::to_vec(&record).unwrap()).unwrap();
+    let young = Browser::new(proxy.port)
+        .get("/", &[("X-Test-Update", r#"{"b": 1}"#)])
+        .session()["sid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(proxy);
+    let path = config.path();
+    let path = path.to_str().unwrap();
+
+    let purge = run_cli(&["sessions", "purge-expired", "-c", path], &[]);
+    assert!(purge.status.success(), "{}", stderr(&purge));
+    assert!(stdout(&purge).contains("deleted 1 "), "{}", stdout(&purge));
+    let show = |handle: &str| {
+        run_cli(&["sessions", "show", handle, "-c", path], &[])
+            .status
+            .code()
+    };
+    assert_eq!(show(&old), Some(1), "past absolute_timeout, still stored");
+    assert_eq!(show(&young), Some(0));
+}
+
 /// A record whose data holds a number past f64's range (edited by hand, or
 /// written by another tool) is still shown, as it is stored: the proxy
 /// passes such data through as text, and `show` used to refuse it.
