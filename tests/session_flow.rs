@@ -294,6 +294,34 @@ fn an_answer_after_a_regenerate_does_not_send_the_old_cookie_back() {
     );
 }
 
+/// SPEC [3]: the id is 32 bytes from a CSPRNG. Each of them varies from
+/// session to session: a constant part (a buffer filled in part, a
+/// generator cut short) would leave that much less to guess. With 40 ids
+/// a random byte is the same in all of them with odds of 256^-39.
+#[test]
+fn every_byte_of_the_session_id_varies() {
+    use base64::Engine;
+    let s = setup(|c| c);
+    let ids: Vec<Vec<u8>> = (0..40)
+        .map(|_| {
+            let response = get(s.port(), "/", &[("X-Test-Update", r#"{"a":1}"#)]);
+            let cookie = response.set_cookie("session_id").unwrap();
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(id_of(&cookie))
+                .unwrap()
+        })
+        .collect();
+    assert!(ids.iter().all(|id| id.len() == 32));
+    for position in 0..32 {
+        let first = ids[0][position];
+        assert!(
+            ids.iter().any(|id| id[position] != first),
+            "byte {position} of the id is {first} in all {} sessions",
+            ids.len()
+        );
+    }
+}
+
 #[test]
 fn a_forged_cookie_is_a_new_session_and_creates_no_file() {
     let s = setup(|c| c);
