@@ -36,7 +36,9 @@ impl SessionProxy {
     ) -> Result<Result<ActiveSession, Expired>, Failure> {
         let handle = id.handle();
         if let Some(wait) = self.settings.lock_wait {
-            let turn = self.take_turn(session, &handle, wait).await?;
+            // Boxed: its waits and watches would otherwise grow every
+            // request's future, `lock = true` or not.
+            let turn = Box::pin(self.take_turn(session, &handle, wait)).await?;
             ctx.lock = Some(turn.lock);
             ctx.lease = turn.lease;
         }
