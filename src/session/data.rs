@@ -118,22 +118,35 @@ impl<'de> Deserialize<'de> for SessionData {
 
 /// True when valid JSON `text` has no whitespace outside its strings.
 fn is_compact(text: &str) -> bool {
-    let (mut in_string, mut escaped) = (false, false);
-    for byte in text.bytes() {
-        if in_string {
+    let mut strings = Strings::default();
+    text.bytes()
+        .all(|byte| !strings.outside(byte) || !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
+/// Follows valid JSON text byte by byte, to tell its strings' bytes from
+/// the rest.
+#[derive(Default)]
+pub(super) struct Strings {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Strings {
+    /// Whether `byte`, the text's next, lies outside every string (the
+    /// quotes around one belong to it).
+    pub(super) fn outside(&mut self, byte: u8) -> bool {
+        if self.in_string {
             match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
+                _ if self.escaped => self.escaped = false,
+                b'\\' => self.escaped = true,
+                b'"' => self.in_string = false,
                 _ => {}
             }
-        } else if byte == b'"' {
-            in_string = true;
-        } else if matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
             return false;
         }
+        self.in_string = byte == b'"';
+        !self.in_string
     }
-    true
 }
 
 #[cfg(test)]

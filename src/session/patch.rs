@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::data::SessionData;
+use super::data::{SessionData, Strings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -129,38 +129,26 @@ fn holds_float(value: &Value) -> bool {
 /// `2**64` or `uuid4().int` came back as `1.8446744073709552e+19`, another
 /// number of another type. Its value is session data, kept out of the log.
 fn integer_past_64_bits(json: &[u8]) -> Option<usize> {
-    let (mut in_string, mut escaped) = (false, false);
+    let mut strings = Strings::default();
     let mut at = 0;
     while let Some(&byte) = json.get(at) {
         at += 1;
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
+        // Outside strings, only numbers have digits or `-`.
+        if !strings.outside(byte) || !matches!(byte, b'-' | b'0'..=b'9') {
             continue;
         }
-        match byte {
-            b'"' => in_string = true,
-            // Outside strings, only numbers have digits or `-`.
-            b'-' | b'0'..=b'9' => {
-                let start = at - 1;
-                let length = json[start..]
-                    .iter()
-                    .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-                    .unwrap_or(json.len() - start);
-                let number = &json[start..start + length];
-                at = start + length;
-                let is_integer = !number.iter().any(|b| matches!(b, b'.' | b'e' | b'E'));
-                let exact = std::str::from_utf8(number)
-                    .is_ok_and(|text| text.parse::<u64>().is_ok() || text.parse::<i64>().is_ok());
-                if is_integer && !exact {
-                    return Some(number.iter().filter(|b| b.is_ascii_digit()).count());
-                }
-            }
-            _ => {}
+        let start = at - 1;
+        let length = json[start..]
+            .iter()
+            .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+            .unwrap_or(json.len() - start);
+        let number = &json[start..start + length];
+        at = start + length;
+        let is_integer = !number.iter().any(|b| matches!(b, b'.' | b'e' | b'E'));
+        let exact = std::str::from_utf8(number)
+            .is_ok_and(|text| text.parse::<u64>().is_ok() || text.parse::<i64>().is_ok());
+        if is_integer && !exact {
+            return Some(number.iter().filter(|b| b.is_ascii_digit()).count());
         }
     }
     None
