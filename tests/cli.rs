@@ -228,6 +228,17 @@ fn the_config_path_defaults_to_config_session_proxy_toml() {
     );
 }
 
+/// The handle of a new session the proxy on `port` stores with `update`
+/// (the test app reports it as `sid`).
+fn new_session_handle(port: u16, update: &str) -> String {
+    Browser::new(port)
+        .get("/", &[("X-Test-Update", update)])
+        .session()["sid"]
+        .as_str()
+        .expect("the app reports the session's handle")
+        .to_string()
+}
+
 #[test]
 fn sessions_lists_shows_kills_and_purges_stored_sessions() {
     let upstream = start_upstream();
@@ -309,24 +320,14 @@ fn purge_expired_deletes_sessions_past_the_absolute_timeout() {
     let upstream = start_upstream();
     let config = ProxyConfig::new(upstream.port).session("absolute_timeout = 100");
     let proxy = config.start();
-    let old = Browser::new(proxy.port)
-        .get("/", &[("X-Test-Update", r#"{"a": 1}"#)])
-        .session()["sid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let old = new_session_handle(proxy.port, r#"{"a": 1}"#);
     let file = stored_files(&config.sessions_dir()).pop().unwrap();
     let mut record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     // Created 101 s ago, used just now.
     record["created"] = (record["created"].as_u64().unwrap() - 101).into();
     std::fs::write(&file, serde_json::to_vec(&record).unwrap()).unwrap();
-    let young = Browser::new(proxy.port)
-        .get("/", &[("X-Test-Update", r#"{"b": 1}"#)])
-        .session()["sid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let young = new_session_handle(proxy.port, r#"{"b": 1}"#);
     drop(proxy);
     let path = config.path();
     let path = path.to_str().unwrap();
@@ -351,12 +352,7 @@ fn sessions_show_prints_data_a_json_value_cannot_hold_as_stored() {
     let upstream = start_upstream();
     let config = ProxyConfig::new(upstream.port);
     let proxy = config.start();
-    let handle = Browser::new(proxy.port)
-        .get("/", &[("X-Test-Update", r#"{"big": 1}"#)])
-        .session()["sid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let handle = new_session_handle(proxy.port, r#"{"big": 1}"#);
     drop(proxy);
     let files = stored_files(&config.sessions_dir());
     let [file] = &files[..] else {
