@@ -17,6 +17,7 @@ mod answer;
 mod commit;
 pub mod headers;
 mod resolve;
+mod slots;
 pub mod token_memo;
 mod turn;
 

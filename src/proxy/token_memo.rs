@@ -16,10 +16,9 @@
 //! next request brings the stored version. A slot busy with another thread
 //! is not waited for: that request signs its own token.
 
-use std::sync::Mutex;
-
 use http::HeaderValue;
 
+use super::slots::{prefix, Slots};
 use crate::session::cookie::Handle;
 use crate::session::data::SessionData;
 use crate::session::token::TokenSigner;
@@ -32,7 +31,7 @@ pub const MAX_TOKEN_BYTES: usize = 2048;
 
 pub struct TokenMemo {
     signer: TokenSigner,
-    slots: Box<[Mutex<Option<Memo>>]>,
+    slots: Slots<Memo>,
 }
 
 /// One token and what it was made of.
@@ -48,7 +47,7 @@ impl TokenMemo {
     pub fn new(signer: TokenSigner) -> TokenMemo {
         TokenMemo {
             signer,
-            slots: (0..SLOTS).map(|_| Mutex::new(None)).collect(),
+            slots: Slots::new(SLOTS),
         }
     }
 
@@ -66,8 +65,8 @@ impl TokenMemo {
         if new {
             return sign();
         }
-        let slot = &self.slots[slot_of(handle)];
-        if let Ok(memo) = slot.try_lock() {
+        let key = prefix(handle.as_str().as_bytes());
+        if let Some(memo) = self.slots.try_slot(key) {
             if let Some(memo) = memo.as_ref() {
                 if memo.ver == ver
                     && memo.now == now
@@ -80,7 +79,7 @@ impl TokenMemo {
         }
         let token = sign();
         if token.len() <= MAX_TOKEN_BYTES {
-            if let Ok(mut memo) = slot.try_lock() {
+            if let Some(mut memo) = self.slots.try_slot(key) {
                 // The handle's text refilled in place: no allocation.
                 let mut text = memo.take().map(|old| old.handle).unwrap_or_default();
                 text.clear();
@@ -102,16 +101,6 @@ impl TokenMemo {
 fn header_value(token: String) -> HeaderValue {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(token))
         .unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
-/// The slot of `handle`: its first 8 hex digits, mixed (Fibonacci
-/// hashing), top bits. Handles are SHA-256 output, so any bits would do;
-/// the mix spreads the hex digits' ASCII codes over the index.
-fn slot_of(handle: &Handle) -> usize {
-    let mut prefix = [0u8; 8];
-    prefix.copy_from_slice(&handle.as_str().as_bytes()[..8]);
-    let mixed = u64::from_le_bytes(prefix).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (mixed >> (64 - SLOTS.trailing_zeros())) as usize
 }
 
 #[cfg(test)]
@@ -148,8 +137,9 @@ mod tests {
         assert_eq!(again.as_bytes(), signed.as_bytes());
     }
 
-    /// Another handle in the same slot as `handle`.
-    fn sharing_the_slot_of(handle: &Handle) -> Handle {
+    /// Another handle in the same slot of `memo` as `handle`.
+    fn sharing_the_slot_of(memo: &TokenMemo, handle: &Handle) -> Handle {
+        let slot_of = |handle: &Handle| memo.slots.index(prefix(handle.as_str().as_bytes()));
         (1..)
             .map(|n| Handle::of_id(&format!("memo-slot-{n}")))
             .find(|other| other != handle && slot_of(other) == slot_of(handle))
@@ -167,7 +157,7 @@ mod tests {
             // The same data in a new allocation is the same data.
             kept.clone(),
             (
-                sharing_the_slot_of(&handle),
+                sharing_the_slot_of(&memo, &handle),
                 false,
                 3,
                 1_700_000_000,
@@ -196,7 +186,7 @@ mod tests {
         let memo = memo();
         let signer = TokenSigner::new(KEY, 60);
         let first = Handle::of_id("memo-slot-0");
-        let second = sharing_the_slot_of(&first);
+        let second = sharing_the_slot_of(&memo, &first);
         let data = data(json!({"count": 1}));
         for handle in [&first, &second, &first] {
             let token = memo.token(handle, false, 1, 1_700_000_000, &data);
@@ -222,18 +212,5 @@ mod tests {
             &token,
             &memo.token(&handle, false, 1, 1_700_000_000, &large)
         ));
-    }
-
-    #[test]
-    fn slots_spread_handles_evenly() {
-        let mut used = vec![0usize; SLOTS];
-        for n in 0..SLOTS * 16 {
-            used[slot_of(&Handle::of_id(&format!("memo-spread-{n}")))] += 1;
-        }
-        // 16 per slot on average; a fair spread keeps every slot within 3×.
-        assert!(
-            used.iter().all(|&count| (1..=48).contains(&count)),
-            "{used:?}"
-        );
     }
 }
