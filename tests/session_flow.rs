@@ -327,10 +327,15 @@ fn a_forged_cookie_is_a_new_session_and_creates_no_file() {
     let s = setup(|c| c);
     let mut browser = s.browser();
     browser.get("/", &[("X-Test-Update", r#"{"a": 1}"#)]);
+    // Sent once, so that the proxy keeps the value it verified: a forgery
+    // that shares its id must still be refused.
+    assert_eq!(browser.get("/", &[]).session()["new"], false);
     let real = browser.cookie.clone().unwrap();
-    let (id, _) = real.split_once('.').unwrap();
+    let (id, tag) = real.split_once('.').unwrap();
+    let other_tag_start = if tag.starts_with('A') { 'B' } else { 'A' };
     let forgeries = [
         format!("{id}.AAAAAAAAAAAAAAAAAAAAAA"),
+        format!("{id}.{other_tag_start}{}", &tag[1..]),
         format!("{}.{}", "A".repeat(43), "A".repeat(22)),
         "x".repeat(5000),
         "../../etc/passwd".into(),

@@ -328,7 +328,7 @@ impl SessionProxy {
     }
 
     fn cookie_for(&self, id: &SessionId) -> CookieChange {
-        CookieChange::Set(self.settings.cookie_signer.sign(id))
+        CookieChange::Set(self.settings.cookies.signer().sign(id))
     }
 }
 

@@ -15,6 +15,7 @@
 
 mod answer;
 mod commit;
+mod cookie_memo;
 pub mod headers;
 mod resolve;
 mod slots;
@@ -51,6 +52,7 @@ use crate::session::token::TokenSigner;
 use crate::store::{Lease, Record, Store, StoreError};
 pub use answer::Failure;
 use commit::CookieChange;
+use cookie_memo::CookieMemo;
 use headers::SessionHeaders;
 use token_memo::TokenMemo;
 
@@ -71,7 +73,7 @@ pub struct SessionProxy {
 struct Settings {
     headers: SessionHeaders,
     cookie: CookieConfig,
-    cookie_signer: CookieSigner,
+    cookies: CookieMemo,
     tokens: TokenMemo,
     policy: Policy,
     trusted_proxies: Vec<ipnet::IpNet>,
@@ -140,7 +142,7 @@ impl SessionProxy {
                 action: header_name(&config.headers.action)?,
             },
             cookie: session.cookie.clone(),
-            cookie_signer: CookieSigner::new(&session.secret_keys),
+            cookies: CookieMemo::new(CookieSigner::new(&session.secret_keys)),
             tokens: TokenMemo::new(TokenSigner::new(
                 session.secret_keys.first().ok_or("no secret key")?,
                 config.headers.token_ttl,

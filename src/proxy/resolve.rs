@@ -9,7 +9,7 @@ use pingora::proxy::Session;
 
 use super::{answer, client_addr, headers, ActiveSession, Failure, RequestCtx, SessionProxy};
 use crate::metrics::StoreOp;
-use crate::session::cookie::SessionId;
+use crate::session::cookie::{Handle, SessionId};
 use crate::session::policy::{self, Expired};
 use crate::store::StoreError;
 use headers::Cookie;
@@ -30,11 +30,10 @@ impl SessionProxy {
     async fn resume(
         &self,
         session: &mut Session,
-        id: SessionId,
+        (id, handle): (SessionId, Handle),
         client_ip: IpAddr,
         ctx: &mut RequestCtx,
     ) -> Result<Result<ActiveSession, Expired>, Failure> {
-        let handle = id.handle();
         if let Some(wait) = self.settings.lock_wait {
             // Boxed: its waits and watches would otherwise grow every
             // request's future, `lock = true` or not.
@@ -74,11 +73,12 @@ impl SessionProxy {
     }
 
     /// The session of the first of `ids` (the request's correctly signed
-    /// cookies) that may be used, else why the first may not.
+    /// cookies, with their handles) that may be used, else why the first
+    /// may not.
     async fn resume_any(
         &self,
         session: &mut Session,
-        ids: Vec<SessionId>,
+        ids: Vec<(SessionId, Handle)>,
         client_ip: IpAddr,
         ctx: &mut RequestCtx,
     ) -> Result<Result<ActiveSession, Expired>, Failure> {
@@ -112,7 +112,7 @@ impl SessionProxy {
         // Path beside the current one), and any of them may name the session.
         let mut verified = Vec::new();
         let cookie = headers::take_cookie(request, &settings.cookie.name, |value| {
-            verified.extend(settings.cookie_signer.verify(value));
+            verified.extend(settings.cookies.verify(value));
             None::<()>
         });
         if cookie != Cookie::Absent && verified.is_empty() {
