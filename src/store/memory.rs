@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
-use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
+use super::{decide_on, Change, Decide, Expiry, Handle, Record, Store, StoreError};
 
 /// How many of the longest-stored sessions an eviction compares.
 pub const EVICTION_SAMPLE: usize = 16;
@@ -235,20 +235,18 @@ impl Store for MemoryStore {
             // latest record and nobody changes it before we store ours.
             // Nothing in this block awaits.
             let attempt = match self.records.entry(key) {
-                Entry::Occupied(mut entry) => {
-                    match decide(Some(entry.get())).map_err(StoreError::Rejected)? {
-                        Change::Put(record) => {
-                            entry.insert(record.clone());
-                            Attempt::Done(Some(record))
-                        }
-                        Change::Delete => {
-                            entry.remove();
-                            self.release();
-                            Attempt::Done(None)
-                        }
-                        Change::Keep => Attempt::Done(Some(entry.get().clone())),
+                Entry::Occupied(mut entry) => match decide_on(decide, Some(entry.get()))? {
+                    Change::Put(record) => {
+                        entry.insert(record.clone());
+                        Attempt::Done(Some(record))
                     }
-                }
+                    Change::Delete => {
+                        entry.remove();
+                        self.release();
+                        Attempt::Done(None)
+                    }
+                    Change::Keep => Attempt::Done(Some(entry.get().clone())),
+                },
                 Entry::Vacant(entry) => match decide(None).map_err(StoreError::Rejected)? {
                     Change::Put(record) if self.reserve() => {
                         entry.insert(record.clone());

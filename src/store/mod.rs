@@ -198,6 +198,28 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// Runs `decide` on `current`; a `Put` over a stored record keeps the
+/// later of the two access times. A decision made with a `now` read a
+/// moment before another writer's (another thread's, another proxy's)
+/// would otherwise move the session's idle expiry back. Every store's
+/// write goes through here; the version-checked writes of the shared
+/// stores also keep a later atime that a touch stored since `current`
+/// was read (in their statement or script).
+pub(crate) fn decide_on(
+    decide: Decide<'_>,
+    current: Option<&Record>,
+) -> Result<Change, StoreError> {
+    match decide(current).map_err(StoreError::Rejected)? {
+        Change::Put(mut record) => {
+            if let Some(current) = current {
+                record.atime = record.atime.max(current.atime);
+            }
+            Ok(Change::Put(record))
+        }
+        other => Ok(other),
+    }
+}
+
 /// A touch as a [`Store::modify`], for stores without a cheaper way:
 /// `atime` moves forward only, and a record that is gone stays gone
 /// (`false`).

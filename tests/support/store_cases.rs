@@ -446,6 +446,72 @@ macro_rules! store_cases {
                 assert_eq!(store.load(&handle).await.unwrap(), None);
             }
 
+            /// A change decided with a `now` read a second before the
+            /// stored record's (another thread's or proxy's request):
+            /// the session's access time stays the later one.
+            #[tokio::test]
+            async fn a_write_never_moves_the_access_time_backwards() {
+                let Some(store) = store().await else { return };
+                let handle = fresh_handle();
+                let stored = fresh_record();
+                put(&store, &handle, &stored).await;
+                let earlier = |current: Option<&Record>| {
+                    let current = current.ok_or("gone")?;
+                    Ok(Change::Put(Record {
+                        data: json!({"user": "bob"}).as_object().cloned().ok_or("object")?.into(),
+                        atime: stored.atime - 1,
+                        ver: current.ver + 1,
+                        ..current.clone()
+                    }))
+                };
+                let expected = Record {
+                    data: json!({"user": "bob"}).as_object().cloned().unwrap().into(),
+                    ver: stored.ver + 1,
+                    ..stored.clone()
+                };
+                let written = store.modify(&handle, &earlier).await.unwrap();
+                assert_eq!(written.as_ref(), Some(&expected));
+                assert_eq!(store.load(&handle).await.unwrap(), Some(expected.clone()));
+
+                // And on the version the caller loaded (the proxy's write).
+                let written = store.modify_seen(&handle, &expected, &earlier).await.unwrap();
+                let expected = Record {
+                    ver: expected.ver + 1,
+                    ..expected
+                };
+                assert_eq!(written.as_ref(), Some(&expected));
+                assert_eq!(store.load(&handle).await.unwrap(), Some(expected));
+            }
+
+            /// A touch between a request's load and its write leaves the
+            /// version as it was: the write on that version keeps the
+            /// touch's later access time.
+            #[tokio::test]
+            async fn a_write_on_what_was_seen_keeps_a_later_touch() {
+                let Some(store) = store().await else { return };
+                let handle = fresh_handle();
+                put(&store, &handle, &fresh_record()).await;
+                let seen = store.load(&handle).await.unwrap().unwrap();
+                let touched = seen.atime + 5;
+                assert!(store.touch(&handle, touched).await.unwrap());
+                let bump = |current: Option<&Record>| {
+                    let current = current.ok_or("gone")?;
+                    Ok(Change::Put(Record {
+                        atime: seen.atime + 4,
+                        ver: current.ver + 1,
+                        ..current.clone()
+                    }))
+                };
+                let written = store.modify_seen(&handle, &seen, &bump).await.unwrap();
+                let expected = Record {
+                    atime: touched,
+                    ver: seen.ver + 1,
+                    ..seen.clone()
+                };
+                assert_eq!(written.as_ref(), Some(&expected));
+                assert_eq!(store.load(&handle).await.unwrap(), Some(expected));
+            }
+
             #[tokio::test]
             async fn ping_succeeds() {
                 let Some(store) = store().await else { return };

@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{Change, Decide, Expiry, Handle, Record, Store, StoreError};
+use super::{decide_on, Change, Decide, Expiry, Handle, Record, Store, StoreError};
 use files::{
     create_dir, expired_candidates, max_record_bytes, probe_writable, read_record, record_files,
     record_path, remove_record, sweep_record, write_record, Place, Stamp,
@@ -228,7 +228,7 @@ impl DiskStore {
     ) -> Result<Option<Record>, StoreError> {
         loop {
             let current = self.read(held, handle).await?;
-            match decide(current.as_ref()).map_err(StoreError::Rejected)? {
+            match decide_on(decide, current.as_ref())? {
                 Change::Put(record) => {
                     // A change decided on a record goes only over that
                     // record: if another process deleted it since the
@@ -280,11 +280,13 @@ impl Store for DiskStore {
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
         let mut held = self.stripes.lock(handle).await;
-        if !held.wrote_last(seen.ver) {
+        // A touch since the load wrote `seen.ver` again with a later
+        // atime, which the decision must see (as every write keeps it).
+        if !held.wrote_last(seen.ver, seen.atime) {
             return self.modify_locked(&mut held, handle, decide).await;
         }
         // `seen` is on disk, unless another process deleted it since.
-        match decide(Some(seen)).map_err(StoreError::Rejected)? {
+        match decide_on(decide, Some(seen))? {
             Change::Put(record) => {
                 if self
                     .write(&mut held, handle, &record, Place::OverRecord)

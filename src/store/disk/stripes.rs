@@ -65,6 +65,8 @@ struct Written {
     handle: Handle,
     /// 0 when nothing is known: version 0 is never stored.
     ver: u64,
+    /// The access time of `ver` as written (a touch writes `ver` again).
+    atime: u64,
     /// The record of `ver` and its file's stamp, when its data is small
     /// enough to keep.
     record: Option<(Record, Stamp)>,
@@ -144,12 +146,14 @@ impl Held<'_> {
             // The stripe's last writer was this handle: no new allocation.
             Some(written) if written.handle == *self.handle => {
                 written.ver = record.ver;
+                written.atime = record.atime;
                 written.record = kept;
             }
             note => {
                 *note = Some(Box::new(Written {
                     handle: self.handle.clone(),
                     ver: record.ver,
+                    atime: record.atime,
                     record: kept,
                 }));
             }
@@ -165,9 +169,13 @@ impl Held<'_> {
         }
     }
 
-    /// Whether this process's last write of the handle was `ver`.
-    pub fn wrote_last(&self, ver: u64) -> bool {
-        ver > 0 && self.written().is_some_and(|written| written.ver == ver)
+    /// Whether this process's last write of the handle was `ver` with
+    /// access time `atime`.
+    pub fn wrote_last(&self, ver: u64, atime: u64) -> bool {
+        ver > 0
+            && self
+                .written()
+                .is_some_and(|written| (written.ver, written.atime) == (ver, atime))
     }
 
     /// The record this process wrote last for the handle and its file's
@@ -213,18 +221,20 @@ mod tests {
     async fn a_note_names_one_version_of_one_handle() {
         let stripes = Stripes::default();
         let a = Handle::of_id("a");
-        assert!(!stripes.lock(&a).await.wrote_last(1));
+        assert!(!stripes.lock(&a).await.wrote_last(1, 1));
         stripes.lock(&a).await.wrote(&record(7, "{}"), STAMP);
         let mut held = stripes.lock(&a).await;
-        assert!(held.wrote_last(7));
-        assert!(!held.wrote_last(6) && !held.wrote_last(8));
+        assert!(held.wrote_last(7, 1));
+        assert!(!held.wrote_last(6, 1) && !held.wrote_last(8, 1));
+        // Written again since with another access time (a touch).
+        assert!(!held.wrote_last(7, 2));
         assert_eq!(held.last_record(), Some((&record(7, "{}"), STAMP)));
         held.forget();
-        assert!(!held.wrote_last(7));
+        assert!(!held.wrote_last(7, 1));
         assert_eq!(held.last_record(), None);
         // Version 0 is never stored as such.
         held.wrote(&record(0, "{}"), STAMP);
-        assert!(!held.wrote_last(0));
+        assert!(!held.wrote_last(0, 1));
         assert_eq!(held.last_record(), None);
     }
 
@@ -242,8 +252,8 @@ mod tests {
 
         stripes.lock(&a).await.wrote(&record(3, "{}"), STAMP);
         stripes.lock(&b).await.wrote(&record(3, "{}"), STAMP);
-        assert!(stripes.lock(&b).await.wrote_last(3));
-        assert!(!stripes.lock(&a).await.wrote_last(3));
+        assert!(stripes.lock(&b).await.wrote_last(3, 1));
+        assert!(!stripes.lock(&a).await.wrote_last(3, 1));
         assert_eq!(stripes.lock(&a).await.last_record(), None);
     }
 
@@ -257,7 +267,7 @@ mod tests {
             .await
             .wrote(&record(1, r#"{"user":"a"}"#), STAMP);
         assert_eq!(stripes.lock(&b).await.last_record(), None);
-        assert!(!stripes.lock(&b).await.wrote_last(1));
+        assert!(!stripes.lock(&b).await.wrote_last(1, 1));
         stripes
             .lock(&b)
             .await
@@ -282,7 +292,7 @@ mod tests {
         );
         stripes.lock(&a).await.wrote(&record(2, &large), STAMP);
         let held = stripes.lock(&a).await;
-        assert!(held.wrote_last(2));
+        assert!(held.wrote_last(2, 1));
         assert_eq!(held.last_record(), None);
     }
 }

@@ -57,7 +57,9 @@ use tokio_postgres::Row;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::per_thread::PerThread;
-use super::{touch_by_modify, Change, Decide, Expiry, Handle, Record, Store, StoreError};
+use super::{
+    decide_on, touch_by_modify, Change, Decide, Expiry, Handle, Record, Store, StoreError,
+};
 use crate::locks::HandleLocks;
 use errors::{corrupt, is_bad_data, is_beyond_jsonb, timed_out, unavailable, Failure};
 use lease::{lease_class, LeaseSlot};
@@ -336,9 +338,9 @@ impl PostgresStore {
                 },
                 None => None,
             };
-            let change = match decide(current.as_ref()) {
+            let change = match decide_on(decide, current.as_ref()) {
                 Ok(change) => change,
-                Err(reason) => return rollback(client, Err(StoreError::Rejected(reason))).await,
+                Err(error) => return rollback(client, Err(error)).await,
             };
             let (written, record) = match change {
                 Change::Keep => return rollback(client, Ok(current)).await,
@@ -375,23 +377,35 @@ impl PostgresStore {
     }
 
     /// Writes `record` if the stored one is still at version `ver`, in
-    /// one statement (its own transaction); `false` if it is not, or does
-    /// not parse (the caller's fallback reports that), or holds what
-    /// `jsonb` refuses (the fallback does without the cast).
+    /// one statement (its own transaction), keeping a later access time
+    /// stored meanwhile (a touch); the record as stored, or `None` if it
+    /// is not at `ver`, or does not parse (the caller's fallback reports
+    /// that), or holds what `jsonb` refuses (the fallback does without the
+    /// cast).
     async fn update_if_version_on(
         &self,
         client: &ClientWrapper,
         handle: &Handle,
         ver: u64,
         record: &Record,
-    ) -> Result<bool, Failure> {
+    ) -> Result<Option<Record>, Failure> {
         let update = client.prepare_cached(&self.sql.update_if_version).await?;
         let json = encode(record)?;
         let (atime, ver) = (unix_i64(record.atime), ver.to_string());
         let params: [&(dyn ToSql + Sync); 4] = [&handle.as_str(), &atime, &json, &ver];
-        match client.execute(&update, &params).await {
-            Ok(written) => Ok(written == 1),
-            Err(error) if is_bad_data(&error) || is_beyond_jsonb(&error) => Ok(false),
+        match client.query_opt(&update, &params).await {
+            Ok(Some(row)) => {
+                let stored = row
+                    .try_get::<_, i64>(0)
+                    .ok()
+                    .and_then(|t| u64::try_from(t).ok());
+                Ok(Some(Record {
+                    atime: stored.map_or(record.atime, |stored| stored.max(record.atime)),
+                    ..record.clone()
+                }))
+            }
+            Ok(None) => Ok(None),
+            Err(error) if is_bad_data(&error) || is_beyond_jsonb(&error) => Ok(None),
             Err(error) => Err(error.into()),
         }
     }
@@ -504,7 +518,7 @@ impl Store for PostgresStore {
         seen: &Record,
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
-        let Change::Put(record) = decide(Some(seen)).map_err(StoreError::Rejected)? else {
+        let Change::Put(record) = decide_on(decide, Some(seen))? else {
             return self.modify(handle, decide).await;
         };
         let written = &record;
@@ -514,8 +528,8 @@ impl Store for PostgresStore {
             let outcome = timeout_at(deadline, update).await;
             finish(client, outcome)
         };
-        if self.run(update).await? {
-            return Ok(Some(record));
+        if let Some(stored) = self.run(update).await? {
+            return Ok(Some(stored));
         }
         self.modify(handle, decide).await
     }

@@ -41,9 +41,19 @@ impl Statements {
                  ON CONFLICT (session_id) DO NOTHING"
             ),
             update: format!("UPDATE {table} SET atime = {ATIME}, data = $3 WHERE session_id = $1"),
+            // A touch since the caller's load leaves `ver` as it was and
+            // may have stored a later atime than the caller's: kept, in
+            // the column and in the JSON, which this store writes with the
+            // column's value (the JSON is edited only then, as the touch
+            // edits it). The stored atime comes back.
             update_if_version: format!(
-                "UPDATE {table} SET atime = {ATIME}, data = $3 \
-                 WHERE session_id = $1 AND data::jsonb ->> 'ver' = $4::text"
+                "UPDATE {table} SET atime = GREATEST(atime, {ATIME}), \
+                 data = CASE WHEN atime > {ATIME} \
+                 THEN regexp_replace($3::text, '{TOUCHED}', \
+                 '\"atime\":' || extract(epoch FROM atime)::bigint || '\\1') \
+                 ELSE $3::text END \
+                 WHERE session_id = $1 AND data::jsonb ->> 'ver' = $4::text \
+                 RETURNING extract(epoch FROM atime)::bigint"
             ),
             delete: format!("DELETE FROM {table} WHERE session_id = $1"),
             // A touch in one statement: the record's atime inside the JSON

@@ -46,7 +46,7 @@ use redis::{Cmd, RedisResult, Value};
 use serde::Serialize;
 
 use super::per_thread::PerThread;
-use super::{Change, Decide, Expiry, Handle, Record, SessionData, Store, StoreError};
+use super::{decide_on, Change, Decide, Expiry, Handle, Record, SessionData, Store, StoreError};
 use cluster::{failing_ids, masters_of, ClusterMaster, CLUSTER_SLOTS};
 use connection::{Connection, Dialer, Node};
 use scripts::{LuaCall, Scripts};
@@ -260,38 +260,55 @@ impl RedisStore {
         self.write(&call).await
     }
 
-    /// Writes `new` if `key` holds a record at version `ver`.
-    /// `Ok(None)` when written, else `Ok(Some(what the key holds now))`.
+    /// Writes `record` if `key` holds a record at version `ver`, keeping
+    /// a later atime stored since (a touch). `Ok(Ok(the record as
+    /// stored))` when written, else `Ok(Err(what the key holds now))`.
     async fn set_if_version(
         &self,
         key: &str,
         ver: u64,
-        new: &str,
-    ) -> Result<Option<Option<String>>, StoreError> {
+        record: &Record,
+    ) -> Result<Result<Record, Option<String>>, StoreError> {
+        let new = encode(record)?;
         let call = self.scripts.set_if_version.call(key, |command| {
-            command.arg(ver).arg(new).arg(self.idle_ttl);
+            command.arg(ver).arg(&new).arg(self.idle_ttl);
         });
-        self.write(&call).await
+        match self.call_write(&call).await? {
+            // Written with the stored atime, later than the record's.
+            Value::Array(kept) => {
+                let atime = match kept.as_slice() {
+                    [Value::BulkString(digits)] => std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|digits| digits.parse().ok()),
+                    _ => None,
+                };
+                let atime = atime.ok_or_else(|| {
+                    StoreError::Unavailable("redis: unexpected script answer".into())
+                })?;
+                Ok(Ok(Record {
+                    atime,
+                    ..record.clone()
+                }))
+            }
+            answer => Ok(match written(answer)? {
+                None => Ok(record.clone()),
+                Some(current) => Err(current),
+            }),
+        }
     }
 
     /// Runs a write script: `Ok(None)` when it wrote, else
     /// `Ok(Some(what the key holds now))` (`Some(None)`: absent).
     async fn write(&self, call: &LuaCall) -> Result<Option<Option<String>>, StoreError> {
-        let answer = self
-            .run("write", |mut connection| async move {
-                call.invoke(&mut connection).await
-            })
-            .await?;
-        match answer {
-            Value::Int(1) => Ok(None),
-            Value::Int(0) => Ok(Some(None)),
-            Value::BulkString(bytes) => String::from_utf8(bytes)
-                .map(|current| Some(Some(current)))
-                .map_err(|_| StoreError::Unavailable("redis: record is not UTF-8".into())),
-            _ => Err(StoreError::Unavailable(
-                "redis: unexpected script answer".into(),
-            )),
-        }
+        written(self.call_write(call).await?)
+    }
+
+    /// Runs a write script; its answer as Redis gave it.
+    async fn call_write(&self, call: &LuaCall) -> Result<Value, StoreError> {
+        self.run("write", |mut connection| async move {
+            call.invoke(&mut connection).await
+        })
+        .await
     }
 
     /// Decides on `stored` (what the key held when last read) and writes
@@ -308,7 +325,7 @@ impl RedisStore {
                 Some(value) => Some(decode(handle, value)?),
                 None => None,
             };
-            let (new, outcome) = match decide(current.as_ref()).map_err(StoreError::Rejected)? {
+            let (new, outcome) = match decide_on(decide, current.as_ref())? {
                 Change::Keep => return Ok(current),
                 Change::Delete if stored.is_none() => return Ok(None),
                 Change::Delete => (None, None),
@@ -516,16 +533,13 @@ impl Store for RedisStore {
         decide: Decide<'_>,
     ) -> Result<Option<Record>, StoreError> {
         let key = self.key(handle);
-        let Change::Put(record) = decide(Some(seen)).map_err(StoreError::Rejected)? else {
+        let Change::Put(record) = decide_on(decide, Some(seen))? else {
             // Deletes and keeps are not what this shortcut is for.
             return self.modify(handle, decide).await;
         };
-        match self
-            .set_if_version(&key, seen.ver, &encode(&record)?)
-            .await?
-        {
-            None => Ok(Some(record)),
-            Some(stored) => self.modify_from(handle, &key, stored, decide).await,
+        match self.set_if_version(&key, seen.ver, &record).await? {
+            Ok(stored) => Ok(Some(stored)),
+            Err(stored) => self.modify_from(handle, &key, stored, decide).await,
         }
     }
 
@@ -680,6 +694,21 @@ fn answer<T>(
         Err(_elapsed) => Err(StoreError::Unavailable(format!(
             "redis {operation}: timed out"
         ))),
+    }
+}
+
+/// A write script's answer: `Ok(None)` when it wrote, else
+/// `Ok(Some(what the key holds now))` (`Some(None)`: absent).
+fn written(answer: Value) -> Result<Option<Option<String>>, StoreError> {
+    match answer {
+        Value::Int(1) => Ok(None),
+        Value::Int(0) => Ok(Some(None)),
+        Value::BulkString(bytes) => String::from_utf8(bytes)
+            .map(|current| Some(Some(current)))
+            .map_err(|_| StoreError::Unavailable("redis: record is not UTF-8".into())),
+        _ => Err(StoreError::Unavailable(
+            "redis: unexpected script answer".into(),
+        )),
     }
 }
 

@@ -26,18 +26,28 @@ return 1
 
 /// Writes `ARGV[2]` with a TTL of `ARGV[3]` seconds (0: none) only if the
 /// key holds a record of this store's layout (see [`super::Stored`]) at version
-/// `ARGV[1]`. Answers 1 when written, else what the key holds (0: absent).
+/// `ARGV[1]`, keeping the stored atime when it is later than the new one's
+/// (a touch since the caller read it leaves the version). Answers 1 when
+/// written as given, `{atime}` when written with the stored, later atime,
+/// else what the key holds (0: absent). Atimes compare as digit strings:
+/// exact past 2^53, where Lua's numbers are not.
 const SET_IF_VERSION: &str = r#"
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
-local ver = string.match(current, '^{"atime":%d+,"created":%d+,"ip":"[^"]*","ver":(%d+),')
+local atime, ver = string.match(current, '^{"atime":(%d+),"created":%d+,"ip":"[^"]*","ver":(%d+),')
 if ver ~= ARGV[1] then return current end
-if tonumber(ARGV[3]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[2])
+local new, answer = ARGV[2], 1
+local written = string.match(new, '^{"atime":(%d+),')
+if written and (#atime > #written or (#atime == #written and atime > written)) then
+  new = '{"atime":' .. atime .. ',' .. string.sub(new, #written + 11)
+  answer = {atime}
 end
-return 1
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], new, 'EX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], new)
+end
+return answer
 "#;
 
 /// Moves the record's atime forward to `ARGV[1]` and refreshes the TTL
