@@ -115,8 +115,40 @@ pub struct AccessLog {
     lines: SyncSender<Message>,
     reopen: Arc<AtomicBool>,
     dropped: IntCounter,
-    /// Seconds since the Unix epoch of the last WARN about dropped lines.
-    last_drop_warning: AtomicU64,
+    /// When the next WARN about dropped lines may come.
+    drop_warnings: WarnEvery,
+}
+
+/// Lets a WARN through at most every [`WARN_EVERY`], by the monotonic
+/// clock: timed by the wall clock, a clock stepped back (NTP, a VM
+/// resumed) silenced the WARNs for as long as the step. Shared by the
+/// request threads, without a lock.
+struct WarnEvery {
+    origin: Instant,
+    /// Milliseconds from `origin` to the last WARN, plus one; 0: none yet.
+    last: AtomicU64,
+}
+
+impl WarnEvery {
+    fn new() -> WarnEvery {
+        WarnEvery {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a WARN may come at `now`; if so, it is counted as come.
+    fn due_at(&self, now: Instant) -> bool {
+        let since_origin = now.saturating_duration_since(self.origin).as_millis();
+        let now = u64::try_from(since_origin).unwrap_or(u64::MAX - 1) + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        let every = WARN_EVERY.as_millis() as u64;
+        (last == 0 || now >= last.saturating_add(every))
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 /// What one finished request tells the access log.
@@ -166,7 +198,7 @@ impl AccessLog {
             lines: sender,
             reopen: Arc::new(AtomicBool::new(false)),
             dropped,
-            last_drop_warning: AtomicU64::new(0),
+            drop_warnings: WarnEvery::new(),
         };
         (log, queue)
     }
@@ -184,14 +216,7 @@ impl AccessLog {
 
     fn count_dropped(&self) {
         self.dropped.inc();
-        let now = unix_seconds(SystemTime::now());
-        let last = self.last_drop_warning.load(Ordering::Relaxed);
-        if now >= last + WARN_EVERY.as_secs()
-            && self
-                .last_drop_warning
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.drop_warnings.due_at(Instant::now()) {
             warn!(
                 "access log: the writer cannot keep up, lines dropped ({} so far, session_proxy_access_log_dropped_total)",
                 self.dropped.get()
@@ -564,6 +589,20 @@ mod tests {
         assert_eq!(queue.try_iter().count(), 2);
         log.record(&entry);
         assert_eq!(dropped.get(), 3, "room again once the writer took lines");
+    }
+
+    /// Timed by the monotonic clock, which no clock step moves: a WARN
+    /// at once, then none until `WARN_EVERY` has passed.
+    #[test]
+    fn drop_warnings_come_at_most_every_warn_every_by_the_monotonic_clock() {
+        let warnings = WarnEvery::new();
+        let start = Instant::now();
+        assert!(warnings.due_at(start), "the first WARN comes at once");
+        assert!(!warnings.due_at(start + WARN_EVERY / 2));
+        assert!(!warnings.due_at(start + WARN_EVERY - Duration::from_millis(1)));
+        assert!(warnings.due_at(start + WARN_EVERY));
+        assert!(!warnings.due_at(start + WARN_EVERY + Duration::from_secs(1)));
+        assert!(warnings.due_at(start + WARN_EVERY * 2));
     }
 
     #[test]
