@@ -207,6 +207,35 @@ fn merge_patches_apply_in_turn_and_null_deletes() {
     assert_eq!(claims["ver"], 2);
 }
 
+/// A record at the last version (`u64::MAX`, written by another
+/// program): its next change counts afresh from 1, where saturating kept
+/// the version still, so a write checked against the version it loaded
+/// could no longer see a change made in between.
+#[test]
+fn a_change_of_a_record_at_the_last_version_starts_the_count_again() {
+    let s = setup(|c| c);
+    let mut browser = s.browser();
+    browser.get("/", &[("X-Test-Update", r#"{"a": 1}"#)]);
+    let cookie = browser.cookie.clone().unwrap();
+    let path = record_path(&s.config.sessions_dir(), &cookie);
+    let mut record = stored_record(&s.config, &cookie);
+    record["ver"] = u64::MAX.into();
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+
+    let response = browser.get("/", &[("X-Test-Update", r#"{"a": 2}"#)]);
+    assert_eq!(response.session()["ver"], u64::MAX);
+    let stored = stored_record(&s.config, &cookie);
+    assert_eq!(
+        (stored["ver"].clone(), stored["data"].clone()),
+        (1.into(), serde_json::json!({"a": 2}))
+    );
+    let claims = browser.get("/", &[]).session();
+    assert_eq!(
+        (claims["ver"].clone(), claims["data"]["a"].clone()),
+        (1.into(), 2.into())
+    );
+}
+
 #[test]
 fn kill_deletes_the_record_and_clears_the_cookie() {
     let s = setup(|c| c);

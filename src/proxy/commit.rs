@@ -146,9 +146,8 @@ impl SessionProxy {
             record.data = patch::apply(&record.data, patch, self.settings.max_data_bytes)
                 .map_err(|e| invalid(&active.handle, e))?;
         }
-        // Saturating: a record read back from a shared store may hold
-        // anything, and nothing on the request path may panic.
-        record.ver = record.ver.saturating_add(1);
+        // A record read back from a shared store may hold any version.
+        record.ver = record.next_ver();
         record.atime = now;
         Ok(record)
     }
@@ -227,7 +226,11 @@ impl SessionProxy {
                     created: current.created,
                     atime: now,
                     ip: current.ip.clone(),
-                    ver: current.ver.saturating_add(u64::from(changed)),
+                    ver: if changed {
+                        current.next_ver()
+                    } else {
+                        current.ver
+                    },
                 }))
             };
             let stored = self

@@ -43,6 +43,18 @@ pub struct Record {
     pub ver: u64,
 }
 
+impl Record {
+    /// The version of the record's next change: one more, and after the
+    /// last (`u64::MAX`, which only another program writes) 1 again, a
+    /// fresh count. Saturating kept `u64::MAX` for every change after
+    /// it, so a write checked against the version it loaded (every
+    /// store's `modify_seen`, a regenerate's delete of the old id) no
+    /// longer saw another's change in between, and lost it.
+    pub fn next_ver(&self) -> u64 {
+        self.ver.checked_add(1).unwrap_or(1)
+    }
+}
+
 /// When a record is expired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expiry {

@@ -512,6 +512,41 @@ macro_rules! store_cases {
                 assert_eq!(store.load(&handle).await.unwrap(), Some(expected));
             }
 
+            /// A record at the last version (another program's): the
+            /// next version, 1, is written over it, and a write on what
+            /// was seen at the last version still sees that change.
+            #[tokio::test]
+            async fn a_change_after_the_last_version_is_seen_by_a_write_on_it() {
+                let Some(store) = store().await else { return };
+                let handle = fresh_handle();
+                let last = Record {
+                    data: record(json!({"n": 0}), 0, 0).data,
+                    ver: u64::MAX,
+                    ..fresh_record()
+                };
+                put(&store, &handle, &last).await;
+                let seen = store.load(&handle).await.unwrap().unwrap();
+                let next = |current: Option<&Record>| {
+                    let current = current.ok_or("gone")?;
+                    let mut data = current.data.to_map().map_err(|e| e.to_string())?;
+                    let n = data["n"].as_u64().ok_or("not a number")?;
+                    data.insert("n".to_owned(), json!(n + 1));
+                    Ok(Change::Put(Record {
+                        data: data.into(),
+                        ver: current.next_ver(),
+                        ..current.clone()
+                    }))
+                };
+                let first = store.modify_seen(&handle, &seen, &next).await.unwrap().unwrap();
+                assert_eq!(first.ver, 1);
+                let second = store.modify_seen(&handle, &seen, &next).await.unwrap().unwrap();
+                assert_eq!(
+                    (second.ver, second.data.to_map().unwrap()["n"].clone()),
+                    (2, json!(2))
+                );
+                assert_eq!(store.load(&handle).await.unwrap(), Some(second));
+            }
+
             #[tokio::test]
             async fn ping_succeeds() {
                 let Some(store) = store().await else { return };
