@@ -1174,6 +1174,54 @@ async fn postgres_a_row_that_is_not_a_record_is_corrupt() {
     assert!(store.delete(&handle).await.unwrap());
 }
 
+/// As the disk store reads a record file: a stored record longer than
+/// the bound for the config's `max_data_bytes` (4 MiB for 4,096) is
+/// corrupt, which the proxy takes for a missing session, and is not read
+/// whole; one of the bound's length loads.
+async fn a_record_over_the_size_bound_is_corrupt(store: &dyn Store) {
+    const BOUND: usize = 4 << 20;
+    let (t, empty) = (now(), json!({"count": 0, "pad": ""}));
+    let base = serde_json::to_string(&record(empty, t, t)).unwrap().len();
+    let of_length =
+        |length: usize| record(json!({"count": 0, "pad": "x".repeat(length - base)}), t, t);
+    let (within, over) = (handle(40), handle(41));
+    put(store, &within, &of_length(BOUND)).await;
+    put(store, &over, &of_length(BOUND + 1)).await;
+    assert_eq!(store.load(&within).await.unwrap(), Some(of_length(BOUND)));
+    for outcome in [
+        store.load(&over).await.map(|_| ()),
+        increment(store, &over).await.map(|_| ()),
+    ] {
+        match outcome {
+            Err(StoreError::Corrupt { handle, detail }) => {
+                assert_eq!(handle, over.short());
+                assert_eq!(detail, format!("larger than {BOUND} bytes"));
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+    assert!(store.delete(&over).await.unwrap());
+    assert!(store.delete(&within).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_record_over_the_size_bound_is_corrupt() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let store = table.store().await.with_max_data_bytes(4096);
+    a_record_over_the_size_bound_is_corrupt(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_record_over_the_size_bound_is_corrupt() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await.with_max_data_bytes(4096);
+    a_record_over_the_size_bound_is_corrupt(&store).await;
+}
+
 /// A decision that bumps `ver`, noting every record it was given.
 fn bump_noting(
     given: &std::sync::Mutex<Vec<Option<Record>>>,

@@ -210,6 +210,23 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// The largest stored record any store reads, for session data of at
+/// most `max_data_bytes`: four times that, and at least 4 MiB, so that
+/// records written under a larger limit before a restart still load. A
+/// larger one is read as corrupt (a missing session, logged), never whole:
+/// a record is trusted for integrity, not for size.
+pub(crate) fn max_record_bytes(max_data_bytes: usize) -> usize {
+    max_data_bytes.saturating_mul(4).max(4 << 20)
+}
+
+/// The error of a stored record larger than `limit` bytes.
+pub(crate) fn too_large(handle: &Handle, limit: usize) -> StoreError {
+    StoreError::Corrupt {
+        handle: handle.short().to_owned(),
+        detail: format!("larger than {limit} bytes"),
+    }
+}
+
 /// Runs `decide` on `current`; a `Put` over a stored record keeps the
 /// later of the two access times. A decision made with a `now` read a
 /// moment before another writer's (another thread's, another proxy's)
@@ -269,6 +286,7 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
         ),
         StoreKind::Memory => Arc::new(memory::MemoryStore::new(store.max_entries)),
         StoreKind::Postgres => {
+            let max_data_bytes = config.session.max_data_bytes;
             // Per thread: each proxy thread has a pool of its own.
             let threads = config.server.threads.max(1);
             let pool_size = match store.pool_size {
@@ -277,13 +295,16 @@ pub async fn open(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
             };
             let postgres =
                 postgres::PostgresStore::connect(&store.url, &store.table, pool_size, timeout)
-                    .await?;
+                    .await?
+                    .with_max_data_bytes(max_data_bytes);
             Arc::new(Serialized::new(postgres, timeout))
         }
         StoreKind::Redis => {
             let (url, prefix) = (&store.url, &store.key_prefix);
             let ttl = config.session.timeout;
-            let redis = redis::RedisStore::connect(url, prefix, timeout, ttl).await?;
+            let redis = redis::RedisStore::connect(url, prefix, timeout, ttl)
+                .await?
+                .with_max_data_bytes(config.session.max_data_bytes);
             Arc::new(Serialized::new(redis, timeout))
         }
     })

@@ -163,13 +163,6 @@ fn is_not_a_record_file(error: &io::Error) -> bool {
     ) || error.raw_os_error() == Some(libc::ELOOP)
 }
 
-/// The largest record file read for session data of at most
-/// `max_data_bytes`: four times that, and at least 4 MiB, so that records
-/// written under a larger limit before a restart still load.
-pub(super) fn max_record_bytes(max_data_bytes: usize) -> usize {
-    max_data_bytes.saturating_mul(4).max(4 << 20)
-}
-
 /// Writes `json` as the record of `handle`: into its spare file, which
 /// then takes the record's place (see [`put_in_place`]).
 ///

@@ -47,10 +47,12 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{decide_on, Change, Decide, Expiry, Handle, Record, Store, StoreError};
+use super::{
+    decide_on, max_record_bytes, Change, Decide, Expiry, Handle, Record, Store, StoreError,
+};
 use files::{
-    create_dir, expired_candidates, max_record_bytes, probe_writable, read_record, record_files,
-    record_path, remove_record, sweep_record, write_record, Place, Stamp,
+    create_dir, expired_candidates, probe_writable, read_record, record_files, record_path,
+    remove_record, sweep_record, write_record, Place, Stamp,
 };
 use stripes::{Held, Stripes};
 

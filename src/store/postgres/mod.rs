@@ -58,7 +58,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::per_thread::PerThread;
 use super::{
-    decide_on, touch_by_modify, Change, Decide, Expiry, Handle, Record, Store, StoreError,
+    decide_on, max_record_bytes, too_large, touch_by_modify, Change, Decide, Expiry, Handle,
+    Record, Store, StoreError,
 };
 use crate::locks::HandleLocks;
 use errors::{corrupt, is_bad_data, is_beyond_jsonb, timed_out, unavailable, Failure};
@@ -94,6 +95,8 @@ pub struct PostgresStore {
     lease_turns: HandleLocks,
     table: String,
     sql: Statements,
+    /// A record longer than this is read as corrupt, never whole.
+    max_record_bytes: usize,
     timeout: Duration,
     /// Held while the table is made again after it was found dropped: the
     /// requests that found it so wait, and one of them logs it.
@@ -122,6 +125,24 @@ impl PostgresStore {
             .await
             .map_err(Failure::into_error)?;
         Ok(store)
+    }
+
+    /// Sizes the largest record it reads for session data of at most
+    /// `max_data_bytes`, as the disk store does (`store::max_record_bytes`).
+    pub fn with_max_data_bytes(mut self, max_data_bytes: usize) -> PostgresStore {
+        self.max_record_bytes = max_record_bytes(max_data_bytes);
+        self.sql = Statements::new(&self.table, self.max_record_bytes);
+        self
+    }
+
+    /// The record of a row of `load` or `lock`: its data, unless longer
+    /// than the bound, when only its length came.
+    fn loaded(&self, handle: &Handle, row: &Row) -> Result<Record, StoreError> {
+        let length: Option<i32> = row.try_get(1).ok().flatten();
+        if length.is_some_and(|length| length as usize > self.max_record_bytes) {
+            return Err(too_large(handle, self.max_record_bytes));
+        }
+        decode(handle, text(row, 0))
     }
 
     /// The store on `url`, before any connection.
@@ -180,7 +201,8 @@ impl PostgresStore {
             lease_turns: HandleLocks::default(),
             new_pool: Box::new(move || build(pool_size)),
             table: table.to_owned(),
-            sql: Statements::new(table),
+            sql: Statements::new(table, max_record_bytes(0)),
+            max_record_bytes: max_record_bytes(0),
             timeout,
             remaking: tokio::sync::Mutex::new(()),
             lease_class: lease_class(table),
@@ -302,7 +324,7 @@ impl PostgresStore {
     ) -> Result<Option<Record>, Failure> {
         let load = client.prepare_cached(&self.sql.load).await?;
         match client.query_opt(&load, &[&handle.as_str()]).await? {
-            Some(row) => Ok(Some(decode(handle, text(&row, 0)).map_err(Failure::Clean)?)),
+            Some(row) => Ok(Some(self.loaded(handle, &row).map_err(Failure::Clean)?)),
             None => Ok(None),
         }
     }
@@ -332,7 +354,7 @@ impl PostgresStore {
             );
             begun?;
             let current = match row? {
-                Some(row) => match decode(handle, text(&row, 0)) {
+                Some(row) => match self.loaded(handle, &row) {
                     Ok(record) => Some(record),
                     Err(error) => return rollback(client, Err(error)).await,
                 },

@@ -20,7 +20,9 @@ pub(super) struct Statements {
 }
 
 impl Statements {
-    pub(super) fn new(table: &str) -> Statements {
+    /// `max_record_bytes`: a record longer is not sent by `load` and
+    /// `lock`, which send its length instead (see `PostgresStore::loaded`).
+    pub(super) fn new(table: &str, max_record_bytes: usize) -> Statements {
         // `timestamp` has no time zone: every atime is written and compared
         // as UTC, whatever the server's TimeZone setting.
         const ATIME: &str = "to_timestamp($2::bigint) AT TIME ZONE 'UTC'";
@@ -34,8 +36,16 @@ impl Statements {
                  atime timestamp NOT NULL default current_timestamp, \
                  data text)"
             ),
-            load: format!("SELECT data FROM {table} WHERE session_id = $1"),
-            lock: format!("SELECT data FROM {table} WHERE session_id = $1 FOR UPDATE"),
+            // `octet_length` of a large (TOASTed) value is read from its
+            // header, without fetching the value.
+            load: format!(
+                "SELECT CASE WHEN octet_length(data::text) <= {max_record_bytes} THEN data END, \
+                 octet_length(data::text) FROM {table} WHERE session_id = $1"
+            ),
+            lock: format!(
+                "SELECT CASE WHEN octet_length(data::text) <= {max_record_bytes} THEN data END, \
+                 octet_length(data::text) FROM {table} WHERE session_id = $1 FOR UPDATE"
+            ),
             insert: format!(
                 "INSERT INTO {table} (session_id, atime, data) VALUES ($1, {ATIME}, $3) \
                  ON CONFLICT (session_id) DO NOTHING"

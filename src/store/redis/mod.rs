@@ -46,7 +46,10 @@ use redis::{Cmd, RedisResult, Value};
 use serde::Serialize;
 
 use super::per_thread::PerThread;
-use super::{decide_on, Change, Decide, Expiry, Handle, Record, SessionData, Store, StoreError};
+use super::{
+    decide_on, max_record_bytes, too_large, Change, Decide, Expiry, Handle, Record, SessionData,
+    Store, StoreError,
+};
 use cluster::{failing_ids, masters_of, ClusterMaster, CLUSTER_SLOTS};
 use connection::{Connection, Dialer, Node};
 use scripts::{LuaCall, Scripts};
@@ -79,6 +82,8 @@ pub struct RedisStore {
     timeout: Duration,
     idle_ttl: u64,
     scripts: Arc<Scripts>,
+    /// A record longer than this is read as corrupt, never whole.
+    max_record_bytes: usize,
 }
 
 /// The stored layout: a [`Record`] with `atime` first, so the `TOUCH` script finds
@@ -112,9 +117,17 @@ impl RedisStore {
             timeout,
             idle_ttl: key_ttl(idle_timeout),
             scripts: Arc::new(Scripts::new()),
+            max_record_bytes: max_record_bytes(0),
         };
         store.ping().await?;
         Ok(store)
+    }
+
+    /// Sizes the largest record it reads for session data of at most
+    /// `max_data_bytes`, as the disk store does (`store::max_record_bytes`).
+    pub fn with_max_data_bytes(mut self, max_data_bytes: usize) -> RedisStore {
+        self.max_record_bytes = max_record_bytes(max_data_bytes);
+        self
     }
 
     /// Whether [`RedisStore::connect`] can read `urls`, without connecting:
@@ -217,9 +230,14 @@ impl RedisStore {
     }
 
     /// The value of `handle`'s key, if any; a value that is not UTF-8
-    /// (another program's, under the prefix) is a corrupt record.
+    /// (another program's, under the prefix) is a corrupt record, and so
+    /// is one longer than `max_record_bytes`, of which no more is read.
+    /// `GETRANGE` in place of `GET`, a plain command still: an empty
+    /// value reads as none (it is no record either way).
     async fn get(&self, handle: &Handle, key: &str) -> Result<Option<String>, StoreError> {
-        let command = &redis::cmd("GET").arg(key).to_owned();
+        // The last byte's index: one past the bound, to see it passed.
+        let last = i64::try_from(self.max_record_bytes).unwrap_or(i64::MAX);
+        let command = &redis::cmd("GETRANGE").arg(key).arg(0).arg(last).to_owned();
         let value = self
             .run("get", |mut connection| async move {
                 match command
@@ -232,6 +250,10 @@ impl RedisStore {
             })
             .await?;
         match value {
+            Ok(Some(bytes)) if bytes.is_empty() => Ok(None),
+            Ok(Some(bytes)) if bytes.len() > self.max_record_bytes => {
+                Err(too_large(handle, self.max_record_bytes))
+            }
             Ok(value) => value.map(|bytes| utf8(handle, bytes)).transpose(),
             // Not a string (another program's, under the prefix): as
             // corrupt a record as one that does not parse, rather than a
@@ -322,7 +344,7 @@ impl RedisStore {
     ) -> Result<Option<Record>, StoreError> {
         for attempt in 0..MAX_ATTEMPTS {
             let current = match &stored {
-                Some(value) => Some(decode(handle, value)?),
+                Some(value) => Some(decode(handle, value, self.max_record_bytes)?),
                 None => None,
             };
             let (new, outcome) = match decide_on(decide, current.as_ref())? {
@@ -509,7 +531,7 @@ fn key_ttl(idle_timeout: u64) -> u64 {
 impl Store for RedisStore {
     async fn load(&self, handle: &Handle) -> Result<Option<Record>, StoreError> {
         match self.get(handle, &self.key(handle)).await? {
-            Some(value) => decode(handle, &value).map(Some),
+            Some(value) => decode(handle, &value, self.max_record_bytes).map(Some),
             None => Ok(None),
         }
     }
@@ -575,7 +597,7 @@ impl Store for RedisStore {
             let Some(handle) = self.handle_of(&key) else {
                 return;
             };
-            match decode(&handle, &value) {
+            match decode(&handle, &value, self.max_record_bytes) {
                 Ok(record) => records.push((handle, record)),
                 Err(error) => log::warn!("redis: skipping {error}"),
             }
@@ -596,7 +618,9 @@ impl Store for RedisStore {
             let Some(handle) = self.handle_of(&key) else {
                 return;
             };
-            if decode(&handle, &value).is_ok_and(|record| expiry.is_expired(&record, now)) {
+            if decode(&handle, &value, self.max_record_bytes)
+                .is_ok_and(|record| expiry.is_expired(&record, now))
+            {
                 expired.push((key, value));
             }
         })
@@ -732,7 +756,12 @@ fn encode(record: &Record) -> Result<String, StoreError> {
         .map_err(|error| StoreError::Unavailable(format!("redis: cannot encode record: {error}")))
 }
 
-fn decode(handle: &Handle, value: &str) -> Result<Record, StoreError> {
+/// The record `value` holds; one longer than `limit` bytes (a script's
+/// answer, a listing's `GET`) is corrupt, as a bounded load finds it.
+fn decode(handle: &Handle, value: &str, limit: usize) -> Result<Record, StoreError> {
+    if value.len() > limit {
+        return Err(too_large(handle, limit));
+    }
     serde_json::from_str(value).map_err(|error| StoreError::Corrupt {
         handle: handle.short().to_owned(),
         // serde's message may quote the data; keep only where it broke.
@@ -772,7 +801,10 @@ mod tests {
         };
         let value = encode(&record).unwrap();
         assert!(value.starts_with(r#"{"atime":20,"#), "{value}");
-        assert_eq!(decode(&Handle::of_id("x"), &value).unwrap(), record);
+        assert_eq!(
+            decode(&Handle::of_id("x"), &value, usize::MAX).unwrap(),
+            record
+        );
     }
 
     #[test]
