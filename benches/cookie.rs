@@ -1,7 +1,9 @@
 //! The cookie on the request path: verifying `ID.TAG` and deriving the
-//! store handle from the id (SPEC [3]).
+//! store handle from the id (SPEC [3]), and the memo of the values verified
+//! last, which the request path asks instead.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use session_proxy::proxy::cookie_memo::CookieMemo;
 use session_proxy::session::cookie::{CookieSigner, Handle, SessionId};
 
 const KEY: &str = "bench-key-bench-key-bench-key-bench-key-0001";
@@ -30,6 +32,25 @@ fn cookie(c: &mut Criterion) {
         b.iter(|| Handle::of_id(black_box(id.as_str())))
     });
     c.bench_function("session_id/generate", |b| b.iter(SessionId::generate));
+
+    // What a request with its session's cookie costs: verified, and its
+    // handle derived, once; then found again.
+    let memo = CookieMemo::new(signer.clone());
+    c.bench_function("cookie_memo/verify_and_handle_first", |b| {
+        b.iter(|| {
+            signer.verify(black_box(value.as_bytes())).map(|id| {
+                let handle = id.handle();
+                (id, handle)
+            })
+        })
+    });
+    memo.verify(value.as_bytes());
+    c.bench_function("cookie_memo/verify_kept", |b| {
+        b.iter(|| memo.verify(black_box(value.as_bytes())))
+    });
+    c.bench_function("cookie_memo/verify_forged_of_a_kept_id", |b| {
+        b.iter(|| memo.verify(black_box(&forged)))
+    });
 }
 
 criterion_group!(benches, cookie);

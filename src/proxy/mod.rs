@@ -15,7 +15,7 @@
 
 mod answer;
 mod commit;
-mod cookie_memo;
+pub mod cookie_memo;
 pub mod headers;
 mod resolve;
 mod slots;
