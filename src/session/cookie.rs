@@ -13,8 +13,13 @@ use crate::config::{CookieConfig, SameSite};
 /// and, by its prefix, the name of a session in logs. A copy of the store
 /// or of a log cannot be turned back into a cookie. Shared text: a
 /// request passes its handle around (memos, locks, the store) by clones.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Handle(Arc<str>);
+/// The 32 bytes the digits spell come along, for the memory store's keys:
+/// made with the digits, never decoded from them on the request path.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Handle {
+    text: Arc<str>,
+    bytes: [u8; 32],
+}
 
 impl Handle {
     /// The handle of the session id `id` (the 43-character text).
@@ -31,42 +36,56 @@ impl Handle {
         }
         // Hex digits are ASCII: checked in a few word-wide steps, where
         // `from_utf8_lossy` walked them as chunks of text (perf: 0.06 µs).
-        Handle(Arc::from(std::str::from_utf8(&hex).unwrap_or_default()))
+        Handle {
+            text: Arc::from(std::str::from_utf8(&hex).unwrap_or_default()),
+            bytes: *bytes,
+        }
     }
 
     /// The 32 bytes the hex digits spell: half the size, for keeping many.
     pub fn to_bytes(&self) -> [u8; 32] {
-        let nibble = |digit: u8| match digit {
-            b'0'..=b'9' => digit - b'0',
-            _ => digit.wrapping_sub(b'a').wrapping_add(10),
-        };
-        let mut bytes = [0u8; 32];
-        for (byte, pair) in bytes.iter_mut().zip(self.0.as_bytes().chunks_exact(2)) {
-            *byte = nibble(pair[0]) << 4 | nibble(pair[1]);
-        }
-        bytes
+        self.bytes
     }
 
     /// A handle typed by a person or read back from a store: exactly 64
     /// lowercase hex digits.
     pub fn parse(text: &str) -> Option<Handle> {
-        let valid = text.len() == 64 && text.bytes().all(|b| HEX.contains(&b));
-        valid.then(|| Handle(Arc::from(text)))
+        if text.len() != 64 || !text.bytes().all(|b| HEX.contains(&b)) {
+            return None;
+        }
+        let nibble = |digit: u8| match digit {
+            b'0'..=b'9' => digit - b'0',
+            _ => digit - b'a' + 10,
+        };
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+            *byte = nibble(pair[0]) << 4 | nibble(pair[1]);
+        }
+        Some(Handle {
+            text: Arc::from(text),
+            bytes,
+        })
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     /// The first 8 hex digits: how logs name a session.
     pub fn short(&self) -> &str {
-        &self.0[..8]
+        &self.text[..8]
+    }
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Handle").field(&self.text).finish()
     }
 }
 
 impl std::fmt::Display for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
