@@ -72,6 +72,10 @@ pub struct SessionProxy {
 /// The session settings of the config, in the shape the request path uses.
 struct Settings {
     headers: SessionHeaders,
+    /// `headers.session` as the name pingora writes (lowercase, as it
+    /// would spell a `HeaderName`): shared, where a `HeaderName` is copied
+    /// into a new case-preserving name on every insert.
+    token_header: bytes::Bytes,
     cookie: CookieConfig,
     cookies: CookieMemo,
     tokens: TokenMemo,
@@ -135,7 +139,9 @@ impl SessionProxy {
             HeaderName::from_bytes(name.as_bytes())
                 .map_err(|e| format!("invalid header name {name:?}: {e}"))
         };
+        let token_header = header_name(&config.headers.session)?;
         let settings = Settings {
+            token_header: bytes::Bytes::from(token_header.as_str().to_owned()),
             headers: SessionHeaders {
                 session: header_name(&config.headers.session)?,
                 update: header_name(&config.headers.update)?,
@@ -495,7 +501,7 @@ impl ProxyHttp for SessionProxy {
         }
         // Cloned, not taken: a retry on another connection comes here again.
         if let Some(token) = &ctx.token {
-            upstream_request.insert_header(self.settings.headers.session.clone(), token.clone())?;
+            upstream_request.insert_header(self.settings.token_header.clone(), token.clone())?;
         }
         Ok(())
     }
