@@ -14,6 +14,7 @@ pub mod allocator;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod hashing;
 pub mod limits;
 pub mod locks;
 pub mod logging;

@@ -8,9 +8,10 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use crate::hashing::FirstWordHashing;
 use crate::session::cookie::Handle;
 
-type Table = Arc<DashMap<Handle, Arc<Mutex<()>>>>;
+type Table = Arc<DashMap<Handle, Arc<Mutex<()>>, FirstWordHashing>>;
 
 /// The table holds only handles in use: an entry goes with its last
 /// holder or waiter, a cancelled wait included.

@@ -1,5 +1,6 @@
 //! The session id, its signed cookie value and its handle (SPEC \[3\]).
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -16,11 +17,19 @@ use crate::config::{CookieConfig, SameSite};
 /// The 32 bytes the digits spell come along, for the memory store's keys:
 /// made with the digits, never decoded from them on the request path.
 /// One pointer wide, so that the request's futures that hold it stay small.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Handle(Arc<Spelling>);
 
+/// By the bytes, uniform already (SHA-256 output): a map of handles
+/// needs no more than [`crate::hashing::FirstWordHashing`].
+impl Hash for Handle {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(&self.0.bytes);
+    }
+}
+
 /// A handle's digits, and the bytes they spell (ordered by the digits).
-#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Spelling {
     text: Box<str>,
     bytes: [u8; 32],

@@ -18,7 +18,6 @@
 //! ```
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -27,6 +26,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use super::{decide_on, Change, Decide, Expiry, Handle, Record, Store, StoreError};
+use crate::hashing::FirstWordHashing;
 
 /// How many of the longest-stored sessions an eviction compares.
 pub const EVICTION_SAMPLE: usize = 16;
@@ -39,31 +39,8 @@ const FULL_RETRIES: usize = 64;
 /// A handle as the store keeps it: [`Handle::to_bytes`].
 type Key = [u8; 32];
 
-/// Hashes a [`Key`] by its first eight bytes. A key is the SHA-256 of an
-/// id this proxy generated (a client cannot choose one: its cookie must
-/// carry our signature first), so its bytes are uniform already, and
-/// SipHash over all 32 of them, once for the shard and once for the
-/// shard's table, only cost time on every lookup.
-#[derive(Debug, Default, Clone, Copy)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut word = [0u8; 8];
-        let taken = bytes.len().min(word.len());
-        word[..taken].copy_from_slice(&bytes[..taken]);
-        self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
-    }
-
-    /// The length before a slice's bytes: every key has 32.
-    fn write_usize(&mut self, _: usize) {}
-}
-
-type Records = DashMap<Key, Record, BuildHasherDefault<KeyHasher>>;
+/// Hashed by its first eight bytes ([`crate::hashing`]).
+type Records = DashMap<Key, Record, FirstWordHashing>;
 
 pub struct MemoryStore {
     records: Records,
@@ -342,17 +319,6 @@ mod tests {
 
     fn handle(n: usize) -> Handle {
         Handle::of_id(&format!("memory-unit-{n}"))
-    }
-
-    #[test]
-    fn a_key_hashes_to_its_first_eight_bytes() {
-        use std::hash::BuildHasher;
-        let hasher = BuildHasherDefault::<KeyHasher>::default();
-        for n in 0..3 {
-            let key = handle(n).to_bytes();
-            let first = u64::from_le_bytes(key[..8].try_into().unwrap());
-            assert_eq!(hasher.hash_one(key), first);
-        }
     }
 
     fn record(atime: u64) -> Record {

@@ -18,14 +18,17 @@ use std::thread::ThreadId;
 use dashmap::DashMap;
 use tokio::sync::OnceCell;
 
+use crate::hashing::FirstWordHashing;
+
 pub struct PerThread<T> {
-    values: DashMap<ThreadId, Arc<OnceCell<T>>>,
+    /// Looked up on every command: thread ids are this process's own.
+    values: DashMap<ThreadId, Arc<OnceCell<T>>, FirstWordHashing>,
 }
 
 impl<T> Default for PerThread<T> {
     fn default() -> Self {
         PerThread {
-            values: DashMap::new(),
+            values: DashMap::default(),
         }
     }
 }
