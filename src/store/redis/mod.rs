@@ -237,7 +237,10 @@ impl RedisStore {
     async fn get(&self, handle: &Handle, key: &str) -> Result<Option<String>, StoreError> {
         // The last byte's index: one past the bound, to see it passed.
         let last = i64::try_from(self.max_record_bytes).unwrap_or(i64::MAX);
-        let command = &redis::cmd("GETRANGE").arg(key).arg(0).arg(last).to_owned();
+        // Built in place: `arg` answers a borrow, which `to_owned` would copy.
+        let mut command = redis::cmd("GETRANGE");
+        command.arg(key).arg(0).arg(last);
+        let command = &command;
         let value = self
             .run("get", |mut connection| async move {
                 match command
