@@ -477,6 +477,9 @@ fn the_upstreams_set_cookie_of_the_session_cookie_never_reaches_the_client() {
     browser.get("/app", &[("X-Test-Update", r#"{"a":1}"#)]);
     let clash = [
         ("X-Test-Set-Cookie", "session_id=EVIL; Path=/"),
+        // RFC 6265 5.2: the name is trimmed, and a browser reads this one
+        // as session_id too.
+        ("X-Test-Set-Cookie", "session_id =EVIL; Path=/"),
         ("X-Test-Set-Cookie", "theme=dark; Path=/"),
     ];
     for (path, update) in [
