@@ -121,6 +121,64 @@ fn the_absolute_timeout_ends_a_busy_session() {
 }
 
 #[test]
+fn an_update_keeps_the_creation_time_the_absolute_timeout_counts_from() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port)
+        .session("timeout = 100000")
+        .session("absolute_timeout = 50")
+        .session("ignore_expiry = false");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    // 30 s on, the session is used and changed...
+    age_records(&config, 30);
+    assert_eq!(browser.get("/count", &[]).text(), "2");
+    // ...which does not make it younger: 60 s after its creation it ends.
+    age_records(&config, 30);
+    assert_eq!(browser.get("/count", &[]).text(), "Session expired");
+}
+
+#[test]
+fn a_session_keeps_the_ip_it_was_created_from_when_used_from_another() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port)
+        .session("ignore_change_ip = true")
+        .server("trusted_proxies = [\"127.0.0.1/32\"]");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/count", &[("X-Forwarded-For", "203.0.113.7")]);
+    let moved = [("X-Forwarded-For", "198.51.100.9")];
+    assert_eq!(browser.get("/count", &moved).text(), "2");
+    // A regenerate copies the record, and must not take the new IP either.
+    browser.get("/count", &[moved[0], ("X-Test-Action", "regenerate")]);
+    let records = record_files(&config);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["data"]["count"], 3);
+    assert_eq!(
+        records[0]["ip"], "203.0.113.7",
+        "SPEC [4.3]: the IP at creation"
+    );
+}
+
+#[test]
+fn a_regenerate_writes_the_access_time_under_the_new_id() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port)
+        .session("timeout = 100")
+        .session("ignore_expiry = false");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/count", &[]);
+    let old = browser.cookie.clone();
+    age_records(&config, 90);
+    browser.get("/count", &[("X-Test-Action", "regenerate")]);
+    assert_ne!(browser.cookie, old, "regenerated");
+    // 20 s after the regenerate, 110 s after the use before it.
+    age_records(&config, 20);
+    assert_eq!(browser.get("/count", &[]).text(), "3");
+}
+
+#[test]
 fn a_session_used_from_another_ip_is_refused_and_left_alone() {
     let upstream = CountingUpstream::start();
     let config = ProxyConfig::new(upstream.port)
