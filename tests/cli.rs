@@ -287,6 +287,25 @@ fn sessions_lists_shows_kills_and_purges_stored_sessions() {
             .code(),
         Some(1)
     );
+    // A digit more is no handle, though its first 64 are a session's: not
+    // as an argument, nor as the name of a file in the store.
+    let longer = format!("{handle}0");
+    let refused = run_cli(&["sessions", "show", &longer, "-c", path], &[]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("is not a session handle"),
+        "{}",
+        stderr(&refused)
+    );
+    let dir = config.sessions_dir();
+    std::fs::copy(
+        dir.join(format!("{handle}.json")),
+        dir.join(format!("{longer}.json")),
+    )
+    .unwrap();
+    let list = run_cli(&["sessions", "list", "-c", path], &[]);
+    assert!(!stdout(&list).contains(&longer), "{}", stdout(&list));
+    std::fs::remove_file(dir.join(format!("{longer}.json"))).unwrap();
 
     assert!(run_cli(&["sessions", "kill", &handle, "-c", path], &[])
         .status
