@@ -907,6 +907,13 @@ fn cookie_name_prefixes_need_their_attributes() {
         message.contains("session.cookie_name: a name starting with \"__Secure-\""),
         "{message}"
     );
+    let message = error(
+        "[session]\ncookie_name = \"__Host-sid\"\nsecure = true\ncookie_domain = \"example.com\"",
+    );
+    assert!(
+        message.contains("session.cookie_name: a name starting with \"__Host-\""),
+        "{message}"
+    );
     assert!(config("[session]\ncookie_name = \"__Host-sid\"\nsecure = true").is_ok());
 }
 
@@ -916,6 +923,14 @@ fn cookie_path_must_start_with_a_slash() {
     assert!(
         message.starts_with(
             "test.toml:2:15: session.cookie_path: expected a path starting with \"/\""
+        ),
+        "{message}"
+    );
+    // Written into Set-Cookie as it is: a `;` would add attributes.
+    let message = error("[session]\ncookie_path = \"/app;Domain=example.org\"");
+    assert!(
+        message.starts_with(
+            "test.toml:2:15: session.cookie_path: expected a path starting with \"/\", without \";\""
         ),
         "{message}"
     );
@@ -1070,6 +1085,13 @@ fn initializer_becomes_json_with_datetimes_as_text() {
 fn initializer_must_fit_in_max_data_bytes() {
     let message = error("[session]\nmax_data_bytes = 8\ninitializer = { count = 12345 }");
     assert!(message.starts_with("test.toml:3:15: session.initializer: is 15 bytes as JSON, more than max_data_bytes (8)"), "{message}");
+    // To the byte: {"count":12345} is 15 bytes, over 14, within 15.
+    let message = error("[session]\nmax_data_bytes = 14\ninitializer = { count = 12345 }");
+    assert!(
+        message.contains("is 15 bytes as JSON, more than max_data_bytes (14)"),
+        "{message}"
+    );
+    assert!(config("[session]\nmax_data_bytes = 15\ninitializer = { count = 12345 }").is_ok());
 }
 
 #[test]
