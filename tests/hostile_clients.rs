@@ -145,6 +145,36 @@ fn a_head_just_under_64_kib_is_served() {
     assert_eq!(raw_status(&answer), Some(200));
 }
 
+/// A head of a hundred fields, `wire` bytes long as sent.
+fn head_of_many_fields(wire: usize) -> Vec<u8> {
+    let mut headers: Vec<(String, String)> = (0..100)
+        .map(|i| (format!("X-P{i:03}"), "p".repeat(600)))
+        .collect();
+    let short = wire - request_with(&headers).len();
+    headers[99].1.push_str(&"p".repeat(short));
+    let head = request_with(&headers);
+    assert_eq!(head.len(), wire);
+    head
+}
+
+#[test]
+fn the_64_kib_bound_counts_every_byte_of_every_field() {
+    // 64 KiB of head: the last CRLF is not counted, the ": " and CRLF of
+    // each field are.
+    let (upstream, proxy, _config) = counted_proxy(|c| c);
+    let at_the_bound = head_of_many_fields(64 * 1024 + 2);
+    let answer = raw_exchange(proxy.port, &at_the_bound, Duration::from_secs(10));
+    assert_eq!(raw_status(&answer), Some(200));
+    let over = head_of_many_fields(64 * 1024 + 3);
+    let answer = raw_exchange(proxy.port, &over, Duration::from_secs(10));
+    assert_eq!(raw_status(&answer), Some(431));
+    assert_eq!(
+        upstream.count(),
+        1,
+        "the head over the bound never reached the app"
+    );
+}
+
 #[test]
 fn a_head_over_one_mib_is_refused_with_400_by_pingora() {
     let (upstream, proxy, _config) = counted_proxy(|c| c);
