@@ -481,6 +481,12 @@ mod disk_store {
         let store = DiskStore::open(&nested, false).unwrap();
         assert!(nested.is_dir());
         store.ping().await.unwrap();
+        // Their listing names the sessions: for the proxy's user alone.
+        use std::os::unix::fs::PermissionsExt;
+        for created in [dir.0.join("a"), nested] {
+            let mode = fs::metadata(&created).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", created.display());
+        }
     }
 
     #[tokio::test]
