@@ -1089,18 +1089,20 @@ async fn postgres_touch_keeps_the_atime_column_current() {
     put(&store, &handle, &record(json!({}), t, t)).await;
     store.touch(&handle, t + 500).await.unwrap();
     let client = sql_client().await.unwrap();
-    let atime: i64 = client
-        .query_one(
-            &format!(
-                "SELECT extract(epoch FROM atime)::bigint FROM {}",
-                table.name
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let column = format!(
+        "SELECT extract(epoch FROM atime)::bigint FROM {}",
+        table.name
+    );
+    let atime: i64 = client.query_one(&column, &[]).await.unwrap().get(0);
     assert_eq!(atime, (t + 500) as i64);
+    // A touch that lands late (decided before, or by a proxy whose clock
+    // lags) moves neither the record's atime nor the column's back: the
+    // sweep reads the column.
+    store.touch(&handle, t + 200).await.unwrap();
+    let atime: i64 = client.query_one(&column, &[]).await.unwrap().get(0);
+    assert_eq!(atime, (t + 500) as i64);
+    let stored = store.load(&handle).await.unwrap().unwrap();
+    assert_eq!(stored.atime, t + 500);
 }
 
 /// A record whose atime is past PostgreSQL's bigint (u64 allows it; the
@@ -1904,6 +1906,48 @@ async fn redis_lease_is_exclusive_refreshed_while_held_and_expires_after_a_crash
         vec![],
         "lease keys are not sessions"
     );
+}
+
+/// A holder stalled past its lease's TTL has lost it, maybe to another
+/// request of the session: its release must not end that one's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_lease_lost_to_another_holder_is_left_to_it_at_release() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await;
+    let handle = handle(17);
+    let held = store
+        .acquire_lease(
+            &handle,
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+            &GiveUp::default(),
+        )
+        .await
+        .unwrap();
+    let key = format!("{}lock:{}", prefix.prefix, handle);
+    let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("the-next-holder")
+        .arg("PX")
+        .arg(5000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    held.release().await.unwrap();
+    let left: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(left.as_deref(), Some("the-next-holder"));
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
 }
 
 // ---------------------------------------------------------------------------
