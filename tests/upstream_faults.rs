@@ -171,6 +171,8 @@ fn duplicated_or_undecodable_instructions_in_any_spelling_are_502_and_change_not
         // Not UTF-8, so not JSON.
         b"HTTP/1.1 200 OK\r\nX-Session-Update: {\"a\":\"\xff\"}\r\nContent-Length: 2\r\n\r\nok".to_vec(),
         b"HTTP/1.1 200 OK\r\nX-Session-Update: {\"a\":9}\r\nX-Session-Action: kill\r\nX-Session-Action: \r\nContent-Length: 2\r\n\r\nok".to_vec(),
+        // An empty action is none of the two: refused, not taken for either.
+        b"HTTP/1.1 200 OK\r\nX-Session-Action: \r\nContent-Length: 2\r\n\r\nok".to_vec(),
     ];
     for raw in cases {
         assert_refused(&setup, &raw, "invalid session update from upstream");
