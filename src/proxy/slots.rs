@@ -10,9 +10,10 @@ pub struct Slots<T> {
 }
 
 impl<T> Slots<T> {
-    /// `count` empty slots; `count` is a power of two.
+    /// `count` empty slots; `count` is a power of two, 2 or more (the
+    /// index is the top bits of a 64-bit mix).
     pub fn new(count: usize) -> Slots<T> {
-        debug_assert!(count.is_power_of_two());
+        debug_assert!(count.is_power_of_two() && count >= 2);
         Slots {
             slots: (0..count).map(|_| Mutex::new(None)).collect(),
         }
