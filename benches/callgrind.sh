@@ -9,13 +9,17 @@
 #            or .../examples/core_loop,
 #            or with STORE=nginx an nginx binary (benches/wrk/nginx-proxy.conf)
 #     PATH   /bypass/x, /read/x or /write/x (see benches/run.sh's targets)
-#     STORE  memory (default) or disk; bare: a baseline (LISTEN UPSTREAM); nginx:
-#            nginx as a plain reverse proxy, one process
+#     STORE  memory (default), disk or redis (REDIS_URL, default
+#            redis://127.0.0.1:6379, keys under "callgrind:"); bare: a baseline
+#            (LISTEN UPSTREAM); nginx: nginx as a plain reverse proxy, one process
 #     OUT    the callgrind file (default /tmp/session-proxy-callgrind/PATH.out)
 #
 # The upstream is benches/wrk/nginx-upstream.conf on port 18380, the proxy
 # listens on 18381 (benches/run.sh uses 18280-18298). wrk -t1 -c4 on one
-# session: 3 s to warm up, counters zeroed, 6 s counted. Prints the
+# session (COOKIES=users: -t4 -c4 with benches/wrk/session.lua, a session
+# per connection, as benches/run.sh loads it; a shared store's writes of
+# one session would otherwise race each other): 3 s to warm up, counters
+# zeroed, 6 s counted. Prints the
 # instructions per request in all and in the allocator (mimalloc's mi_*
 # functions, exclusive), then the functions that cost most.
 set -euo pipefail
@@ -39,6 +43,8 @@ nginx -p "$DIR/up/" -c "$DIR/up/nginx.conf" -e "$DIR/up/error.log"
 source "$ROOT/benches/proxy-toml.sh"
 store=""
 [ "$KIND" = disk ] && store="path = \"$DIR/sessions\""
+[ "$KIND" = redis ] && store="url = \"${REDIS_URL:-redis://127.0.0.1:6379}\"
+key_prefix = \"callgrind:\""
 if [ "$KIND" = bare ]; then
     args=("127.0.0.1:$PROXY_PORT" "127.0.0.1:$UP_PORT")
 elif [ "$KIND" = nginx ]; then
@@ -69,9 +75,11 @@ else
     cookie=$(curl -s -D - -o /dev/null "$url/write/login" | sed -n 's/^[Ss]et-[Cc]ookie: session_id=\([^;]*\).*/\1/p')
     [ -n "$cookie" ] || { echo "no session cookie from $url/write/login" >&2; exit 1; }
 fi
-wrk -t1 -c4 -d3s -H "Cookie: session_id=$cookie" "$url$REQ_PATH" > /dev/null
+load=(-t1 -c4 -H "Cookie: session_id=$cookie")
+[ "${COOKIES:-}" = users ] && load=(-t4 -c4 -s "$ROOT/benches/wrk/session.lua")
+wrk "${load[@]}" -d3s "$url$REQ_PATH" > /dev/null
 callgrind_control -z "$VG" > /dev/null 2>&1
-requests=$(wrk -t1 -c4 -d6s -H "Cookie: session_id=$cookie" "$url$REQ_PATH" | awk '/requests in/{print $1}')
+requests=$(wrk "${load[@]}" -d6s "$url$REQ_PATH" | awk '/requests in/{print $1}')
 callgrind_control -d "$VG" > /dev/null 2>&1
 [ "${requests:-0}" -gt 0 ] 2>/dev/null || { echo "wrk completed no request through $url$REQ_PATH" >&2; exit 1; }
 dump=$OUT.1
