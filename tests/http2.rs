@@ -1410,9 +1410,15 @@ fn slow_reading_app(port: u16, pause: Duration) -> std::sync::mpsc::Receiver<Vec
 async fn a_body_the_app_is_slow_to_take_is_not_cut_off_by_body_timeout() {
     let ca = TestCa::new();
     // The app reads nothing for 6 s: the body fills its socket, then the
-    // proxy's flow-control windows, and the client may not send.
+    // proxy's flow-control windows, and the client may not send. The
+    // proxy's writes to the app wait that long too, so the app's timeouts
+    // (its `read_timeout` bounds each write) must be well above it: the
+    // default of these tests, 5 s, ran out whenever the client filled
+    // the sockets in under a second.
     let read = slow_reading_app(19352, Duration::from_secs(6));
-    let mut config = https_proxy(&ca, 19352).server("body_timeout = 2");
+    let mut config = https_proxy(&ca, 19352)
+        .server("body_timeout = 2")
+        .upstream("read_timeout = 30");
     (config.port, config.admin_port) = (19350, 19351);
     let _proxy = config.start();
     let (h2, _task) = h2_connect(&ca, config.port).await;
