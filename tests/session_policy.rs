@@ -14,13 +14,15 @@ fn record_files(config: &ProxyConfig) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Rewrites every stored record's times, as if `seconds` had passed.
-fn age_records(config: &ProxyConfig, seconds: u64) {
+/// Rewrites every stored record's times, as if `seconds` had passed
+/// (negative: as if a clock that fast had written them).
+fn age_records(config: &ProxyConfig, seconds: i64) {
     for path in stored_files(&config.sessions_dir()) {
         let mut record: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         for field in ["atime", "created"] {
-            record[field] = (record[field].as_u64().unwrap() - seconds).into();
+            let time = record[field].as_u64().unwrap();
+            record[field] = time.checked_add_signed(-seconds).unwrap().into();
         }
         std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
     }
@@ -97,6 +99,27 @@ fn an_idle_expired_session_silently_becomes_a_new_one_by_default() {
     let claims = browser.get("/", &[]).session();
     assert_eq!(claims["new"], true);
     assert_eq!(claims["data"], serde_json::json!({}));
+}
+
+#[test]
+fn a_session_whose_access_time_is_further_ahead_than_timeout_is_expired() {
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port)
+        .session("timeout = 100")
+        .session("ignore_expiry = false");
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    // Written by a clock 90 s fast: within the timeout, still the session.
+    age_records(&config, -90);
+    let claims = browser.get("/", &[]).session();
+    assert_eq!(claims["data"], serde_json::json!({"a": 1}));
+    // 290 s fast: as far from now as a session idle that long. (A write
+    // never moves `atime` back: it would otherwise live until the clock
+    // got there, however idle.)
+    age_records(&config, -200);
+    assert_eq!(browser.get("/", &[]).text(), "Session expired");
+    assert_counted_expired_once(&config, "idle");
 }
 
 #[test]

@@ -12,9 +12,10 @@ use crate::store::{Expiry, Record};
 pub enum Expired {
     /// No record under the handle (killed, swept, or never stored).
     Missing,
-    /// `now - atime > timeout`.
+    /// `now - atime > timeout`, or `atime` more than `timeout` ahead.
     Idle,
-    /// `now - created > absolute_timeout`.
+    /// `now - created > absolute_timeout`, or `created` more than
+    /// `absolute_timeout` ahead.
     Absolute,
     /// Used from another IP than the one that created it.
     Ip,
@@ -48,11 +49,15 @@ impl Policy {
         client_ip: IpAddr,
     ) -> Result<(), Expired> {
         let record = record.ok_or(Expired::Missing)?;
-        if now.saturating_sub(record.atime) > self.expiry.timeout {
+        // A time further ahead than the timeout counts as further back: a
+        // clock that ran ahead (or another program) wrote it, and since a
+        // write never moves `atime` back, such a session would otherwise
+        // live on, however idle, until the clock caught up with it.
+        if now.abs_diff(record.atime) > self.expiry.timeout {
             return Err(Expired::Idle);
         }
         if let Some(absolute) = self.expiry.absolute {
-            if now.saturating_sub(record.created) > absolute {
+            if now.abs_diff(record.created) > absolute {
                 return Err(Expired::Absolute);
             }
         }
@@ -150,6 +155,28 @@ mod tests {
         );
         assert_eq!(
             policy.judge(Some(&record(1000, 1590, A)), 1501, ip(A)),
+            Err(Expired::Absolute)
+        );
+    }
+
+    #[test]
+    fn a_time_further_ahead_than_its_timeout_is_expired() {
+        let policy = policy(100, Some(500), false);
+        // Ahead within the timeouts: a clock a little fast elsewhere.
+        assert_eq!(
+            policy.judge(Some(&record(1500, 1100, A)), 1000, ip(A)),
+            Ok(())
+        );
+        assert_eq!(
+            policy.judge(Some(&record(1000, 1101, A)), 1000, ip(A)),
+            Err(Expired::Idle)
+        );
+        assert_eq!(
+            policy.judge(Some(&record(u64::MAX, u64::MAX, A)), 1000, ip(A)),
+            Err(Expired::Idle)
+        );
+        assert_eq!(
+            policy.judge(Some(&record(1501, 1000, A)), 1000, ip(A)),
             Err(Expired::Absolute)
         );
     }
