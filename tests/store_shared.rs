@@ -1224,6 +1224,70 @@ async fn redis_a_record_over_the_size_bound_is_corrupt() {
     a_record_over_the_size_bound_is_corrupt(&store).await;
 }
 
+/// As a load finds it, `list` and the sweep find a stored record longer
+/// than the bound corrupt: skipped (logged), the others listed and swept.
+/// The sweep cannot read its `created`, so it leaves it, as a record that
+/// does not parse; one of the bound's length is listed and swept.
+async fn listings_skip_a_record_over_the_size_bound(store: &dyn Store) {
+    const BOUND: usize = 4 << 20;
+    let (t, long_ago) = (now(), now() - 90_000);
+    let empty = json!({"count": 0, "pad": ""});
+    let base = serde_json::to_string(&record(empty, long_ago, t))
+        .unwrap()
+        .len();
+    let of_length = |length: usize| {
+        let data = json!({"count": 0, "pad": "x".repeat(length - base)});
+        record(data, long_ago, t)
+    };
+    let (within, over, young) = (handle(42), handle(43), handle(44));
+    put(store, &within, &of_length(BOUND)).await;
+    put(store, &over, &of_length(BOUND + 1)).await;
+    put(store, &young, &record(json!({}), t, t)).await;
+    let mut listed: Vec<Handle> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(handle, _)| handle)
+        .collect();
+    let mut expected = vec![within.clone(), young.clone()];
+    for handles in [&mut listed, &mut expected] {
+        handles.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    }
+    assert_eq!(listed, expected);
+    let expiry = Expiry {
+        timeout: 3600,
+        absolute: Some(86_400),
+    };
+    assert_eq!(store.delete_expired(t, expiry).await.unwrap(), 1);
+    assert_eq!(store.load(&within).await.unwrap(), None);
+    assert!(store.load(&young).await.unwrap().is_some());
+    assert!(matches!(
+        store.load(&over).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(store.delete(&over).await.unwrap());
+    assert!(store.delete(&young).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_listings_skip_a_record_over_the_size_bound() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let store = table.store().await.with_max_data_bytes(4096);
+    listings_skip_a_record_over_the_size_bound(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_listings_skip_a_record_over_the_size_bound() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await.with_max_data_bytes(4096);
+    listings_skip_a_record_over_the_size_bound(&store).await;
+}
+
 /// A decision that bumps `ver`, noting every record it was given.
 fn bump_noting(
     given: &std::sync::Mutex<Vec<Option<Record>>>,
@@ -1972,7 +2036,9 @@ async fn redis_cluster_round_trip_increments_sweep_and_lease() {
     increments_from_two_instances_all_count(first.clone(), second.clone(), 50).await;
     writes_of_different_keys_all_survive(first.clone(), second.clone()).await;
 
-    // Records land on every master; list and the sweep scan them all.
+    // Records land on every master; list and the sweep scan them all,
+    // and skip one longer than the bound (4 MiB), read by GETRANGE on its
+    // master as a load reads it.
     let t = now();
     for n in 0..30 {
         let created = if n < 10 { t - 90_000 } else { t };
@@ -1983,6 +2049,9 @@ async fn redis_cluster_round_trip_increments_sweep_and_lease() {
         )
         .await;
     }
+    let oversized = record(json!({"pad": "x".repeat(4 << 20)}), t - 90_000, t);
+    let oversized_handle = handle(200);
+    put(first.as_ref(), &oversized_handle, &oversized).await;
     let per_master: Vec<usize> = cluster
         .ports
         .iter()
@@ -2000,6 +2069,10 @@ async fn redis_cluster_round_trip_increments_sweep_and_lease() {
     };
     assert_eq!(second.delete_expired(t, with_absolute).await.unwrap(), 10);
     assert_eq!(first.list().await.unwrap().len(), 22);
+    assert!(matches!(
+        first.load(&oversized_handle).await,
+        Err(StoreError::Corrupt { .. })
+    ));
 
     let handle = handle(18);
     let lease = first

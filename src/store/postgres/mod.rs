@@ -135,14 +135,39 @@ impl PostgresStore {
         self
     }
 
-    /// The record of a row of `load` or `lock`: its data, unless longer
-    /// than the bound, when only its length came.
+    /// Whether the data of a row of `load`, `lock`, `page` or `list`,
+    /// at `column` (the data within the bound, else NULL, then its length),
+    /// was longer than the bound, so that only its length came.
+    fn over_bound(&self, row: &Row, column: usize) -> bool {
+        let length: Option<i32> = row.try_get(column + 1).ok().flatten();
+        length.is_some_and(|length| length as usize > self.max_record_bytes)
+    }
+
+    /// The record of a row of `load` or `lock`.
     fn loaded(&self, handle: &Handle, row: &Row) -> Result<Record, StoreError> {
-        let length: Option<i32> = row.try_get(1).ok().flatten();
-        if length.is_some_and(|length| length as usize > self.max_record_bytes) {
+        if self.over_bound(row, 0) {
             return Err(too_large(handle, self.max_record_bytes));
         }
         decode(handle, text(row, 0))
+    }
+
+    /// A row of `list` or `page` (`session_id`, then the data as `load`
+    /// has it) as (handle, record), or why it is not read as one.
+    fn listed(&self, row: &Row) -> Result<(Handle, Record), Unlisted> {
+        let handle = text(row, 0)
+            .as_deref()
+            .map(str::trim_end)
+            .and_then(Handle::parse)
+            .ok_or_else(|| Unlisted::Foreign("a row whose session_id is not a handle".into()))?;
+        if self.over_bound(row, 1) {
+            return Err(Unlisted::TooLarge(too_large(
+                &handle,
+                self.max_record_bytes,
+            )));
+        }
+        let record =
+            decode(&handle, text(row, 1)).map_err(|error| Unlisted::Foreign(error.to_string()))?;
+        Ok((handle, record))
     }
 
     /// The store on `url`, before any connection.
@@ -456,9 +481,15 @@ impl PostgresStore {
     async fn list_on(&self, client: &ClientWrapper) -> Result<Vec<(Handle, Record)>, Failure> {
         let list = client.prepare_cached(&self.sql.list).await?;
         let rows = client.query(&list, &[]).await?;
+        // Each row this store cannot read is logged, by its handle: the
+        // listing shows the rest.
         Ok(rows
             .iter()
-            .filter_map(|row| readable(text(row, 0), text(row, 1)))
+            .filter_map(|row| {
+                self.listed(row)
+                    .map_err(|why| log::warn!("postgres: skipping {why}"))
+                    .ok()
+            })
             .collect())
     }
 
@@ -489,11 +520,19 @@ impl PostgresStore {
             .last()
             .and_then(|row| text(row, 0))
             .map(|session_id| session_id.trim_end().to_owned());
-        let records: Vec<(Handle, Record)> = rows
-            .iter()
-            .filter_map(|row| record_of(text(row, 0), text(row, 1)).ok())
-            .collect();
-        let skipped = (rows.len() - records.len()) as u64;
+        let mut skipped = 0;
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match self.listed(row) {
+                Ok(listed) => records.push(listed),
+                // Its `created` is unknown: it stays until it goes idle
+                // (the `atime` column), as a record that does not parse.
+                // Logged by its handle, unlike those (web.py's rows come
+                // by the thousand; no program writes such records).
+                Err(Unlisted::TooLarge(error)) => log::warn!("sweep: skipping {error}"),
+                Err(Unlisted::Foreign(_)) => skipped += 1,
+            }
+        }
         let expired: Vec<String> = records
             .into_iter()
             .filter(|(_, record)| now.saturating_sub(record.created) > absolute)
@@ -736,23 +775,21 @@ fn encode(record: &Record) -> Result<String, Failure> {
     })
 }
 
-/// A listed row as (handle, record), or `None` (logged) if either is not
-/// what this store writes: `sessions list` shows the rest.
-fn readable(session_id: Option<String>, data: Option<String>) -> Option<(Handle, Record)> {
-    record_of(session_id, data)
-        .map_err(|why| log::warn!("postgres: skipping {why}"))
-        .ok()
+/// Why a row of `list` or `page` is not read as a record.
+enum Unlisted {
+    /// Longer than the bound: only its length came.
+    TooLarge(StoreError),
+    /// Not a record this store wrote (web.py's, or edited by hand).
+    Foreign(String),
 }
 
-/// A row as (handle, record), or why it is not one this store wrote.
-fn record_of(session_id: Option<String>, data: Option<String>) -> Result<(Handle, Record), String> {
-    let handle = session_id
-        .as_deref()
-        .map(str::trim_end)
-        .and_then(Handle::parse)
-        .ok_or("a row whose session_id is not a handle")?;
-    let record = decode(&handle, data).map_err(|error| error.to_string())?;
-    Ok((handle, record))
+impl std::fmt::Display for Unlisted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unlisted::TooLarge(error) => error.fmt(f),
+            Unlisted::Foreign(why) => f.write_str(why),
+        }
+    }
 }
 
 /// Unix seconds as PostgreSQL's bigint; times past 2^63 s do not occur.

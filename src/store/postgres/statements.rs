@@ -20,8 +20,9 @@ pub(super) struct Statements {
 }
 
 impl Statements {
-    /// `max_record_bytes`: a record longer is not sent by `load` and
-    /// `lock`, which send its length instead (see `PostgresStore::loaded`).
+    /// `max_record_bytes`: a record longer is not sent by `load`, `lock`,
+    /// `page` and `list`, which send its length instead (see
+    /// `PostgresStore::over_bound`).
     pub(super) fn new(table: &str, max_record_bytes: usize) -> Statements {
         // `timestamp` has no time zone: every atime is written and compared
         // as UTC, whatever the server's TimeZone setting.
@@ -29,6 +30,13 @@ impl Statements {
         // The end of a record as this store writes it, and its atime.
         const TOUCHED: &str = r#""atime":[0-9]+(,"ip":"[^"\\]*","ver":[0-9]+\}$)"#;
         const TOUCHED_ATIME: &str = r#""atime":([0-9]+),"ip":"[^"\\]*","ver":[0-9]+\}$"#;
+        // A record's data within the bound (else NULL), then its length.
+        // `octet_length` of a large (TOASTed) value is read from its
+        // header, without fetching the value.
+        let bounded = format!(
+            "CASE WHEN octet_length(data::text) <= {max_record_bytes} THEN data END, \
+             octet_length(data::text)"
+        );
         Statements {
             create: format!(
                 "CREATE TABLE IF NOT EXISTS {table} (\
@@ -36,16 +44,8 @@ impl Statements {
                  atime timestamp NOT NULL default current_timestamp, \
                  data text)"
             ),
-            // `octet_length` of a large (TOASTed) value is read from its
-            // header, without fetching the value.
-            load: format!(
-                "SELECT CASE WHEN octet_length(data::text) <= {max_record_bytes} THEN data END, \
-                 octet_length(data::text) FROM {table} WHERE session_id = $1"
-            ),
-            lock: format!(
-                "SELECT CASE WHEN octet_length(data::text) <= {max_record_bytes} THEN data END, \
-                 octet_length(data::text) FROM {table} WHERE session_id = $1 FOR UPDATE"
-            ),
+            load: format!("SELECT {bounded} FROM {table} WHERE session_id = $1"),
+            lock: format!("SELECT {bounded} FROM {table} WHERE session_id = $1 FOR UPDATE"),
             insert: format!(
                 "INSERT INTO {table} (session_id, atime, data) VALUES ($1, {ATIME}, $3) \
                  ON CONFLICT (session_id) DO NOTHING"
@@ -93,11 +93,11 @@ impl Statements {
                  LIMIT $2 FOR UPDATE SKIP LOCKED))"
             ),
             page: format!(
-                "SELECT session_id, data FROM {table} WHERE session_id > $1 \
+                "SELECT session_id, {bounded} FROM {table} WHERE session_id > $1 \
                  ORDER BY session_id LIMIT $2"
             ),
             delete_many: format!("DELETE FROM {table} WHERE session_id = ANY($1::bpchar[])"),
-            list: format!("SELECT session_id, data FROM {table}"),
+            list: format!("SELECT session_id, {bounded} FROM {table}"),
             // The table, not only the server: a table dropped (or its
             // privileges revoked) under a running proxy fails every
             // request, and `/healthz` must say so.
@@ -127,6 +127,21 @@ pub(crate) fn is_plain_identifier(table: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every statement that reads `data` sends it only within the bound,
+    /// with its length: a listing as much as a load.
+    #[test]
+    fn every_statement_that_reads_data_bounds_it() {
+        let sql = Statements::new("sessions", 4096);
+        for read in [&sql.load, &sql.lock, &sql.page, &sql.list] {
+            let bounded = concat!(
+                "CASE WHEN octet_length(data::text) <= 4096 THEN data END, ",
+                "octet_length(data::text) FROM"
+            );
+            assert!(read.contains(bounded), "{read}");
+            assert!(!read.contains(", data FROM"), "{read}");
+        }
+    }
 
     #[test]
     fn table_names_are_plain_identifiers() {
