@@ -86,6 +86,16 @@ pub struct RedisStore {
     max_record_bytes: usize,
 }
 
+/// What a listing's read of one key found.
+enum Listed {
+    /// The key's value, within the bound.
+    Value(String),
+    /// A value longer than the bound, read no further than a byte past it.
+    TooLarge,
+    /// No record: gone, empty, not UTF-8, or a key of another type.
+    Nothing,
+}
+
 /// The stored layout: a [`Record`] with `atime` first, so the `TOUCH` script finds
 /// it without decoding the rest. Reading accepts any field order.
 #[derive(Serialize)]
@@ -235,11 +245,9 @@ impl RedisStore {
     /// `GETRANGE` in place of `GET`, a plain command still: an empty
     /// value reads as none (it is no record either way).
     async fn get(&self, handle: &Handle, key: &str) -> Result<Option<String>, StoreError> {
-        // The last byte's index: one past the bound, to see it passed.
-        let last = i64::try_from(self.max_record_bytes).unwrap_or(i64::MAX);
         // Built in place: `arg` answers a borrow, which `to_owned` would copy.
         let mut command = redis::cmd("GETRANGE");
-        command.arg(key).arg(0).arg(last);
+        command.arg(key).arg(0).arg(self.last_byte_read());
         let command = &command;
         let value = self
             .run("get", |mut connection| async move {
@@ -266,6 +274,12 @@ impl RedisStore {
                 detail: "the key holds another type than a string".into(),
             }),
         }
+    }
+
+    /// The index of the last byte a read of a value asks for (`GETRANGE 0
+    /// last`): one past the bound, to see it passed.
+    fn last_byte_read(&self) -> i64 {
+        i64::try_from(self.max_record_bytes).unwrap_or(i64::MAX)
     }
 
     /// Writes `new` (`None`: deletes) if `key` still holds `expected`.
@@ -450,18 +464,19 @@ impl RedisStore {
         }
     }
 
-    /// The values of `keys`, all on `node`, in one round trip.
-    async fn get_all(
-        &self,
-        node: &Node,
-        keys: &[String],
-    ) -> Result<Vec<Option<String>>, StoreError> {
+    /// The values of `keys`, all on `node`, in one round trip, each read
+    /// as `get` reads it: up to one byte past the bound.
+    async fn get_all(&self, node: &Node, keys: &[String]) -> Result<Vec<Listed>, StoreError> {
         let mut pipeline = redis::pipe();
         // A key of another type answers WRONGTYPE, which otherwise fails
         // the whole page: `sessions list` and every sweep.
         pipeline.ignore_errors();
         for key in keys {
-            pipeline.cmd("GET").arg(key);
+            pipeline
+                .cmd("GETRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(self.last_byte_read());
         }
         let mut connection = self.connection().await?;
         let values: Vec<Value> = match (&mut connection, node.routing()) {
@@ -476,32 +491,51 @@ impl RedisStore {
         };
         // Values that are not text (not UTF-8, or keys of another type)
         // are another program's under the prefix: skipped, as are records
-        // that do not parse.
+        // that do not parse. An empty value (or none: GETRANGE answers
+        // alike) is no record.
         values
             .into_iter()
             .map(|value| match value {
-                Value::Nil | Value::ServerError(_) => Ok(None),
-                Value::BulkString(bytes) => Ok(String::from_utf8(bytes).ok()),
+                Value::Nil | Value::ServerError(_) => Ok(Listed::Nothing),
+                Value::BulkString(bytes) if bytes.is_empty() => Ok(Listed::Nothing),
+                // Before the UTF-8 check: the cut may split a character.
+                Value::BulkString(bytes) if bytes.len() > self.max_record_bytes => {
+                    Ok(Listed::TooLarge)
+                }
+                Value::BulkString(bytes) => Ok(String::from_utf8(bytes)
+                    .map(Listed::Value)
+                    .unwrap_or(Listed::Nothing)),
                 _ => Err(StoreError::Unavailable("redis: unreadable value".into())),
             })
             .collect()
     }
 
-    /// Calls `visit(key, value)` for every key of this store, node by node,
-    /// one SCAN page at a time.
+    /// Calls `visit(handle, key, value)` for every record of this store,
+    /// node by node, one SCAN page at a time; `value` is `Err` (corrupt)
+    /// for one longer than the bound, of which no more was read.
     async fn for_each_record<F>(&self, mut visit: F) -> Result<(), StoreError>
     where
-        F: FnMut(String, String),
+        F: FnMut(Handle, String, Result<String, StoreError>),
     {
         for node in self.nodes().await? {
             let mut cursor = "0".to_owned();
             loop {
                 let (next, keys) = self.scan(&node, &cursor).await?;
+                // Lease keys and strangers under the prefix are not read.
+                let (handles, keys): (Vec<Handle>, Vec<String>) = keys
+                    .into_iter()
+                    .filter_map(|key| Some((self.handle_of(&key)?, key)))
+                    .unzip();
                 if !keys.is_empty() {
                     let values = self.get_all(&node, &keys).await?;
-                    for (key, value) in keys.into_iter().zip(values) {
-                        if let Some(value) = value {
-                            visit(key, value);
+                    for ((handle, key), value) in handles.into_iter().zip(keys).zip(values) {
+                        match value {
+                            Listed::Value(value) => visit(handle, key, Ok(value)),
+                            Listed::TooLarge => {
+                                let error = too_large(&handle, self.max_record_bytes);
+                                visit(handle, key, Err(error));
+                            }
+                            Listed::Nothing => {}
                         }
                     }
                 }
@@ -596,11 +630,8 @@ impl Store for RedisStore {
 
     async fn list(&self) -> Result<Vec<(Handle, Record)>, StoreError> {
         let mut records = Vec::new();
-        self.for_each_record(|key, value| {
-            let Some(handle) = self.handle_of(&key) else {
-                return;
-            };
-            match decode(&handle, &value, self.max_record_bytes) {
+        self.for_each_record(|handle, _, value| {
+            match value.and_then(|value| decode(&handle, &value, self.max_record_bytes)) {
                 Ok(record) => records.push((handle, record)),
                 Err(error) => log::warn!("redis: skipping {error}"),
             }
@@ -617,14 +648,17 @@ impl Store for RedisStore {
             return Ok(0);
         }
         let mut expired = Vec::new();
-        self.for_each_record(|key, value| {
-            let Some(handle) = self.handle_of(&key) else {
-                return;
-            };
-            if decode(&handle, &value, self.max_record_bytes)
-                .is_ok_and(|record| expiry.is_expired(&record, now))
-            {
-                expired.push((key, value));
+        self.for_each_record(|handle, key, value| match value {
+            // Its `created` is unknown: it stays (until its TTL, if it has
+            // one), as a record that does not parse. Logged by its handle,
+            // unlike those: no program writes such records in numbers.
+            Err(error) => log::warn!("sweep: skipping {error}"),
+            Ok(value) => {
+                if decode(&handle, &value, self.max_record_bytes)
+                    .is_ok_and(|record| expiry.is_expired(&record, now))
+                {
+                    expired.push((key, value));
+                }
             }
         })
         .await?;
