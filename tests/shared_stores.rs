@@ -153,6 +153,7 @@ on_each_shared_store!(
     a_store_that_goes_away_is_a_503_and_comes_back_without_a_restart,
     the_sessions_command_works_on_the_shared_store,
     a_burst_of_parallel_writes_to_one_session_all_succeed,
+    an_oversized_record_is_skipped_by_sessions_list_and_purge_expired,
 );
 
 /// The store behind a relay the test cuts: 503 within the store timeout,
@@ -242,6 +243,199 @@ fn the_sessions_command_works_on_the_shared_store(shared: Shared) {
     assert!(run(&["sessions", "purge-expired", "-c", path])
         .status
         .success());
+}
+
+/// The length of the record another program writes in the test below:
+/// far past the bound of a stored record (4 MiB for the default
+/// `max_data_bytes` of 4,096).
+const OVERSIZED: usize = 128 << 20;
+
+/// The most memory `sessions list` and `purge-expired` may hold in the
+/// test below: less than the oversized record alone, so that they cannot
+/// have read it whole, and more than twice what they hold reading a
+/// record of the bound's length (a debug build: 30 MiB with PostgreSQL,
+/// 55 MiB with Redis, 28 MiB listing an empty store; 240 and 300 MiB
+/// reading a record of 64 MiB whole).
+const PEAK_LIMIT: u64 = OVERSIZED as u64;
+
+/// A record as the proxy writes it, `pad` in its data.
+fn record_text(created: u64, atime: u64, pad: &str) -> String {
+    format!(
+        r#"{{"data":{{"pad":"{pad}"}},"created":{created},"atime":{atime},"ip":"127.0.0.1","ver":1}}"#
+    )
+}
+
+/// The quoted value of `name` in a config section's `lines`.
+fn setting(lines: &[String], name: &str) -> String {
+    lines
+        .iter()
+        .find_map(|line| line.strip_prefix(&format!("{name} = \"")))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no {name} in {lines:?}"))
+        .to_owned()
+}
+
+/// What the test below wrote into a shared store, removed even when it
+/// fails: its table, or its keys (which also expire).
+struct Written {
+    table: Option<String>,
+    keys: Vec<String>,
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        if let Some(table) = &self.table {
+            sql(&format!("DROP TABLE IF EXISTS {table}"));
+        }
+        for key in &self.keys {
+            redis_run::<i64>(&::redis::cmd("DEL").arg(key).to_owned());
+        }
+    }
+}
+
+/// A record far larger than the bound, written into the store by another
+/// program, is never read whole (the commands' memory stays far below its
+/// size) by `sessions list` or `purge-expired`: each skips it with one
+/// WARN naming its handle, and lists or sweeps the others. The sweep
+/// leaves it, though its `created` is long past the absolute timeout: it
+/// cannot be read, as a record that does not parse. Both read it whole
+/// before (PostgreSQL listed it and swept it).
+fn an_oversized_record_is_skipped_by_sessions_list_and_purge_expired(shared: Shared) {
+    if !shared.available() {
+        return;
+    }
+    let mut config = ProxyConfig::new(free_port());
+    config.store = shared.store_lines("oversized");
+    config = config.session("absolute_timeout = 60");
+    let path = config.write();
+    let path = path.to_str().unwrap();
+    let handle = |id: &str| session_proxy::store::Handle::of_id(id).as_str().to_owned();
+    let (young, old, huge) = (handle("young"), handle("old"), handle("huge"));
+    let (now, long_ago) = (session_proxy::session::now(), 1_000_000_000);
+    let records = [
+        (&young, record_text(now, now, "a")),
+        (&old, record_text(long_ago, now, "b")),
+    ];
+    let huge_text = record_text(long_ago, now, "PAD");
+    let (head, tail) = huge_text.split_once("PAD").unwrap();
+    let _written = match shared {
+        Shared::Postgres => {
+            let table = setting(&config.store, "table");
+            let written = Written {
+                table: Some(table.clone()),
+                keys: vec![],
+            };
+            let mut rows: Vec<String> = records
+                .iter()
+                .map(|(handle, text)| format!("('{handle}', now() AT TIME ZONE 'UTC', '{text}')"))
+                .collect();
+            rows.push(format!(
+                "('{huge}', now() AT TIME ZONE 'UTC', \
+                 '{head}' || repeat('x', {OVERSIZED}) || '{tail}')"
+            ));
+            sql(&format!(
+                "CREATE TABLE {table} (session_id char(128) UNIQUE NOT NULL, \
+                 atime timestamp NOT NULL default current_timestamp, data text); \
+                 INSERT INTO {table} (session_id, atime, data) VALUES {}",
+                rows.join(", ")
+            ));
+            written
+        }
+        Shared::Redis => {
+            let prefix = setting(&config.store, "key_prefix");
+            let key = |handle: &str| format!("{prefix}{handle}");
+            let written = Written {
+                table: None,
+                keys: vec![key(&young), key(&old), key(&huge)],
+            };
+            let huge_text = format!("{head}{}{tail}", "x".repeat(OVERSIZED));
+            for (handle, text) in records
+                .iter()
+                .map(|(h, t)| (h.as_str(), t))
+                .chain([(huge.as_str(), &huge_text)])
+            {
+                let set = ::redis::cmd("SET")
+                    .arg(key(handle))
+                    .arg(text)
+                    .arg("EX")
+                    .arg(600)
+                    .to_owned();
+                redis_run::<()>(&set);
+            }
+            written
+        }
+    };
+    let short = &huge[..8];
+    // One WARN line naming the oversized record by its short handle.
+    let warned_once = |stderr: &str| {
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|line| line.contains("larger than"))
+            .collect();
+        lines.len() == 1 && lines[0].contains(short) && !lines[0].contains(&huge)
+    };
+
+    let (list, peak) = run_cli_peak(&["sessions", "list", "-c", path]);
+    let (listed, stderr) = (
+        String::from_utf8_lossy(&list.stdout),
+        String::from_utf8_lossy(&list.stderr),
+    );
+    assert!(list.status.success(), "{stderr}");
+    assert!(listed.contains(&young) && listed.contains(&old), "{listed}");
+    assert!(
+        !listed.contains(&huge),
+        "the oversized record is listed: {listed}"
+    );
+    assert!(
+        warned_once(&stderr),
+        "not one WARN naming {short}: {stderr}"
+    );
+    assert!(peak < PEAK_LIMIT, "sessions list held {} MiB", peak >> 20);
+
+    let (purge, peak) = run_cli_peak(&["sessions", "purge-expired", "-c", path]);
+    let (purged, stderr) = (
+        String::from_utf8_lossy(&purge.stdout),
+        String::from_utf8_lossy(&purge.stderr),
+    );
+    assert!(purge.status.success(), "{stderr}");
+    assert_eq!(purged.trim(), "deleted 1 expired session(s)", "{stderr}");
+    assert!(
+        warned_once(&stderr),
+        "not one WARN naming {short}: {stderr}"
+    );
+    assert!(
+        peak < PEAK_LIMIT,
+        "sessions purge-expired held {} MiB",
+        peak >> 20
+    );
+
+    let listed = run_cli(&["sessions", "list", "-c", path], &[]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains(&young) && !listed.contains(&old),
+        "{listed}"
+    );
+    let stored_length = match shared {
+        Shared::Postgres => {
+            let table = setting(&config.store, "table");
+            let query =
+                format!("SELECT octet_length(data) FROM {table} WHERE session_id = '{huge}'");
+            support::shared::rows(&query)[0][0]
+                .clone()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        }
+        Shared::Redis => {
+            let key = format!("{}{huge}", setting(&config.store, "key_prefix"));
+            redis_run::<usize>(&::redis::cmd("STRLEN").arg(key).to_owned())
+        }
+    };
+    assert_eq!(
+        stored_length,
+        huge_text.len() - 3 + OVERSIZED,
+        "the sweep left it"
+    );
 }
 
 /// Many requests of one proxy writing one session at the same moment, for

@@ -294,6 +294,38 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     command.output().unwrap()
 }
 
+/// [`run_cli`], and the most memory the process held (its peak resident
+/// set, in bytes). Measured by a Python parent of its own: a child's
+/// `ru_maxrss` counts what its parent held when it was forked, which for
+/// this test process (a store's worth of test data) says nothing.
+pub fn run_cli_peak(args: &[&str]) -> (std::process::Output, u64) {
+    const MEASURE: &str = "import resource, subprocess, sys\n\
+        code = subprocess.call(sys.argv[2:])\n\
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n\
+        open(sys.argv[1], 'w').write(str(peak))\n\
+        sys.exit(code)\n";
+    let dir = TempDir::new("peak");
+    let report = dir.path().join("peak");
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(MEASURE)
+        .arg(&report)
+        .arg(env!("CARGO_BIN_EXE_session-proxy"))
+        .args(args)
+        .env_remove("SESSION_PROXY_SECRET_KEYS")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let peak = std::fs::read_to_string(&report).unwrap_or_else(|error| {
+        panic!(
+            "no peak measured ({error}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    // Linux counts `ru_maxrss` in KiB.
+    (output, peak.trim().parse::<u64>().unwrap() * 1024)
+}
+
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
