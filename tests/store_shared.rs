@@ -13,7 +13,7 @@ mod redis_cluster;
 mod redis_server;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use session_proxy::store::postgres::PostgresStore;
 use session_proxy::store::redis::RedisStore;
 use session_proxy::store::{Change, Expiry, GiveUp, Handle, Record, Serialized, Store, StoreError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
@@ -1286,6 +1287,215 @@ async fn redis_listings_skip_a_record_over_the_size_bound() {
     };
     let store = prefix.store().await.with_max_data_bytes(4096);
     listings_skip_a_record_over_the_size_bound(&store).await;
+}
+
+/// A relay to `target` that counts the bytes the server sends through it.
+struct CountingRelay {
+    port: u16,
+    from_server: Arc<AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CountingRelay {
+    async fn start(target: &str) -> CountingRelay {
+        let target: SocketAddr = target.parse().expect("target address");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let from_server = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&from_server);
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let counted = Arc::clone(&counted);
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let down = async {
+                        let mut buffer = vec![0; 64 << 10];
+                        while let Ok(read @ 1..) = server_read.read(&mut buffer).await {
+                            counted.fetch_add(read as u64, Ordering::SeqCst);
+                            if client_write.write_all(&buffer[..read]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut client_read, &mut server_write) => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        CountingRelay {
+            port,
+            from_server,
+            accept,
+        }
+    }
+
+    fn bytes_from_server(&self) -> u64 {
+        self.from_server.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// A write that finds the key changed since it was read gets what the key
+/// holds now in its script's answer, read no further than the bound, as
+/// `load` reads it: a value far past it (another program's) is corrupt, as
+/// `load` finds it, and about the bound crosses the wire, not the value.
+/// Both conflicting writes: `modify_seen`'s version-checked one (a
+/// request's update) and `modify`'s compare-and-set (the sweep's delete
+/// too). The cut at the bound splits a character; nothing is written, and
+/// other records are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_write_that_conflicts_with_a_value_over_the_size_bound_reads_no_further() {
+    const BOUND: usize = 4 << 20;
+    const HUGE: usize = 64 << 20;
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let relay = CountingRelay::start(REDIS_ADDR).await;
+    let store = prefix
+        .store_via(relay.port, PATIENT)
+        .await
+        .with_max_data_bytes(4096);
+    let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    let (over, other) = (handle(45), handle(46));
+    let key = format!("{}{}", prefix.prefix, over);
+    let t = now();
+    let small = record(json!({"count": 0}), t, t);
+    put(&store, &other, &small).await;
+    put(&store, &over, &small).await;
+    let seen = store.load(&over).await.unwrap().unwrap();
+    // In this store's layout at a later version, so that the version check
+    // fails on it; two-byte characters from an odd offset to the cut.
+    let mut huge = format!(
+        r#"{{"atime":{t},"created":{t},"ip":"192.0.2.7","ver":{},"data":{{"pad":""#,
+        seen.ver + 1
+    );
+    if (BOUND + 1 - huge.len()).is_multiple_of(2) {
+        huge.push('x');
+    }
+    huge.push_str(&"é".repeat((HUGE - huge.len()) / 2));
+    huge.push_str(r#""}}"#);
+    // Blocking: a decision is synchronous, and one stores the value.
+    let set_huge = || {
+        let mut connection = connection.clone();
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                let _: () = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&huge)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+            })
+        })
+    };
+    let bump = |current: Option<&Record>| {
+        Ok(Change::Put(Record {
+            ver: current.map_or(1, |current| current.ver + 1),
+            ..small.clone()
+        }))
+    };
+    // Changed between the read and the write: the first decision, after
+    // `modify`'s read, stores the huge value.
+    let first = AtomicBool::new(true);
+    let bump_after_a_change = |current: Option<&Record>| {
+        if first.swap(false, Ordering::SeqCst) {
+            set_huge();
+        }
+        bump(current)
+    };
+
+    set_huge();
+    let sent = relay.bytes_from_server();
+    let seen_write = store.modify_seen(&over, &seen, &bump).await;
+    let seen_sent = relay.bytes_from_server() - sent;
+
+    // Its own record again (a write would read the huge value first).
+    assert!(store.delete(&over).await.unwrap());
+    put(&store, &over, &small).await;
+    let sent = relay.bytes_from_server();
+    let compared_write = store.modify(&over, &bump_after_a_change).await;
+    let compared_sent = relay.bytes_from_server() - sent;
+
+    for (write, outcome, sent) in [
+        ("modify_seen", seen_write, seen_sent),
+        ("modify", compared_write, compared_sent),
+    ] {
+        match outcome {
+            Err(StoreError::Corrupt { handle, detail }) => {
+                assert_eq!(handle, over.short(), "{write}");
+                assert_eq!(detail, format!("larger than {BOUND} bytes"), "{write}");
+            }
+            other => panic!("{write}: expected Corrupt, got {other:?}"),
+        }
+        assert!(
+            sent < 2 * BOUND as u64,
+            "{write}: {sent} bytes came from Redis for a {HUGE}-byte value"
+        );
+    }
+    let length: usize = redis::cmd("STRLEN")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(length, huge.len(), "the value was left as it was");
+    assert_eq!(store.load(&other).await.unwrap(), Some(small.clone()));
+    assert!(store.delete(&over).await.unwrap());
+    assert!(store.delete(&other).await.unwrap());
+}
+
+/// What a conflicting write finds in the key is read as `load` reads it:
+/// an empty value is no record (the decision is made again on none), and
+/// one that is not UTF-8 is corrupt, not a store failure (a 503 on every
+/// update of the session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_write_that_conflicts_reads_the_key_as_load_does() {
+    let Some(prefix) = RedisPrefix::new().await else {
+        return;
+    };
+    let store = prefix.store().await;
+    let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    let handle = handle(47);
+    let key = format!("{}{}", prefix.prefix, handle);
+    let t = now();
+    let seen = record(json!({"a": 1}), t, t);
+    let given = std::sync::Mutex::new(Vec::new());
+    let bump = bump_noting(&given);
+    for value in [&b""[..], &b"\xff\xfe not UTF-8"[..]] {
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(value)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        given.lock().unwrap().clear();
+        let written = store.modify_seen(&handle, &seen, &bump).await;
+        if value.is_empty() {
+            assert_eq!(written.unwrap(), None);
+            assert_eq!(*given.lock().unwrap(), vec![Some(seen.clone()), None]);
+        } else {
+            assert!(
+                matches!(written, Err(StoreError::Corrupt { .. })),
+                "{written:?}"
+            );
+        }
+        let stored: Vec<u8> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(stored, value, "the value was left as it was");
+    }
 }
 
 /// A decision that bumps `ver`, noting every record it was given.

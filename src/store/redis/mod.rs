@@ -20,7 +20,8 @@
 //!
 //! Writes are optimistic: `modify` reads the record, decides in Rust, and a
 //! script writes only if the key still holds what was read; on a conflict
-//! the script answers the newer value and the decision is made again.
+//! the script answers the newer value (read as `load` reads it, up to a
+//! byte past the bound) and the decision is made again.
 //! Round trips: `load` 1, `touch` 1, `delete` 1, `modify` 2 (1 when
 //! nothing changes; +1 per conflict; the first use of a script on a server
 //! adds 1, to send it whole), `modify_seen` 1 (the write checks the version the
@@ -282,10 +283,12 @@ impl RedisStore {
         i64::try_from(self.max_record_bytes).unwrap_or(i64::MAX)
     }
 
-    /// Writes `new` (`None`: deletes) if `key` still holds `expected`.
-    /// `Ok(None)` when written, else `Ok(Some(what the key holds now))`.
+    /// Writes `new` (`None`: deletes) if `handle`'s `key` still holds
+    /// `expected`. `Ok(None)` when written, else `Ok(Some(what the key
+    /// holds now))`, read as `get` reads it.
     async fn compare_and_set(
         &self,
+        handle: &Handle,
         key: &str,
         expected: Option<&str>,
         new: Option<&str>,
@@ -294,23 +297,30 @@ impl RedisStore {
             command
                 .arg(expected.unwrap_or(""))
                 .arg(new.unwrap_or(""))
-                .arg(self.idle_ttl);
+                .arg(self.idle_ttl)
+                .arg(self.last_byte_read());
         });
-        self.write(&call).await
+        self.written(handle, self.call_write(&call).await?)
     }
 
-    /// Writes `record` if `key` holds a record at version `ver`, keeping
-    /// a later atime stored since (a touch). `Ok(Ok(the record as
-    /// stored))` when written, else `Ok(Err(what the key holds now))`.
+    /// Writes `record` if `handle`'s `key` holds a record at version `ver`,
+    /// keeping a later atime stored since (a touch). `Ok(Ok(the record as
+    /// stored))` when written, else `Ok(Err(what the key holds now))`, read
+    /// as `get` reads it.
     async fn set_if_version(
         &self,
+        handle: &Handle,
         key: &str,
         ver: u64,
         record: &Record,
     ) -> Result<Result<Record, Option<String>>, StoreError> {
         let new = encode(record)?;
         let call = self.scripts.set_if_version.call(key, |command| {
-            command.arg(ver).arg(&new).arg(self.idle_ttl);
+            command
+                .arg(ver)
+                .arg(&new)
+                .arg(self.idle_ttl)
+                .arg(self.last_byte_read());
         });
         match self.call_write(&call).await? {
             // Written with the stored atime, later than the record's.
@@ -329,17 +339,34 @@ impl RedisStore {
                     ..record.clone()
                 }))
             }
-            answer => Ok(match written(answer)? {
+            answer => Ok(match self.written(handle, answer)? {
                 None => Ok(record.clone()),
                 Some(current) => Err(current),
             }),
         }
     }
 
-    /// Runs a write script: `Ok(None)` when it wrote, else
-    /// `Ok(Some(what the key holds now))` (`Some(None)`: absent).
-    async fn write(&self, call: &LuaCall) -> Result<Option<Option<String>>, StoreError> {
-        written(self.call_write(call).await?)
+    /// A write script's answer: `Ok(None)` when it wrote, else
+    /// `Ok(Some(what the key holds now))` (`Some(None)`: absent or empty),
+    /// up to a byte past the bound, which makes it corrupt as `get` finds
+    /// it: so is a value that is not UTF-8.
+    fn written(
+        &self,
+        handle: &Handle,
+        answer: Value,
+    ) -> Result<Option<Option<String>>, StoreError> {
+        match answer {
+            Value::Int(1) => Ok(None),
+            Value::Int(0) => Ok(Some(None)),
+            // Before the UTF-8 check: the cut may split a character.
+            Value::BulkString(bytes) if bytes.len() > self.max_record_bytes => {
+                Err(too_large(handle, self.max_record_bytes))
+            }
+            Value::BulkString(bytes) => utf8(handle, bytes).map(|current| Some(Some(current))),
+            _ => Err(StoreError::Unavailable(
+                "redis: unexpected script answer".into(),
+            )),
+        }
     }
 
     /// Runs a write script; its answer as Redis gave it.
@@ -371,7 +398,7 @@ impl RedisStore {
                 Change::Put(record) => (Some(encode(&record)?), Some(record)),
             };
             match self
-                .compare_and_set(key, stored.as_deref(), new.as_deref())
+                .compare_and_set(handle, key, stored.as_deref(), new.as_deref())
                 .await?
             {
                 None => return Ok(outcome),
@@ -596,7 +623,7 @@ impl Store for RedisStore {
             // Deletes and keeps are not what this shortcut is for.
             return self.modify(handle, decide).await;
         };
-        match self.set_if_version(&key, seen.ver, &record).await? {
+        match self.set_if_version(handle, &key, seen.ver, &record).await? {
             Ok(stored) => Ok(Some(stored)),
             Err(stored) => self.modify_from(handle, &key, stored, decide).await,
         }
@@ -657,19 +684,24 @@ impl Store for RedisStore {
                 if decode(&handle, &value, self.max_record_bytes)
                     .is_ok_and(|record| expiry.is_expired(&record, now))
                 {
-                    expired.push((key, value));
+                    expired.push((handle, key, value));
                 }
             }
         })
         .await?;
         let mut deleted = 0;
-        for (key, value) in expired {
-            if self
-                .compare_and_set(&key, Some(&value), None)
-                .await?
-                .is_none()
+        for (handle, key, value) in expired {
+            match self
+                .compare_and_set(&handle, &key, Some(&value), None)
+                .await
             {
-                deleted += 1;
+                Ok(None) => deleted += 1,
+                // Changed since it was read: not expired as it is now.
+                Ok(Some(_)) => {}
+                // Changed into a value past the bound (or not text): left,
+                // as the listing leaves one.
+                Err(error @ StoreError::Corrupt { .. }) => log::warn!("sweep: skipping {error}"),
+                Err(error) => return Err(error),
             }
         }
         Ok(deleted)
@@ -758,21 +790,6 @@ fn answer<T>(
     }
 }
 
-/// A write script's answer: `Ok(None)` when it wrote, else
-/// `Ok(Some(what the key holds now))` (`Some(None)`: absent).
-fn written(answer: Value) -> Result<Option<Option<String>>, StoreError> {
-    match answer {
-        Value::Int(1) => Ok(None),
-        Value::Int(0) => Ok(Some(None)),
-        Value::BulkString(bytes) => String::from_utf8(bytes)
-            .map(|current| Some(Some(current)))
-            .map_err(|_| StoreError::Unavailable("redis: record is not UTF-8".into())),
-        _ => Err(StoreError::Unavailable(
-            "redis: unexpected script answer".into(),
-        )),
-    }
-}
-
 /// A stored value as text; one that is not UTF-8 is a corrupt record.
 fn utf8(handle: &Handle, bytes: Vec<u8>) -> Result<String, StoreError> {
     String::from_utf8(bytes).map_err(|_| StoreError::Corrupt {
@@ -793,8 +810,8 @@ fn encode(record: &Record) -> Result<String, StoreError> {
         .map_err(|error| StoreError::Unavailable(format!("redis: cannot encode record: {error}")))
 }
 
-/// The record `value` holds; one longer than `limit` bytes (a script's
-/// answer, a listing's `GET`) is corrupt, as a bounded load finds it.
+/// The record `value` holds; one longer than `limit` bytes is corrupt, as
+/// a bounded read (`get`, a listing's, a write script's answer) finds it.
 fn decode(handle: &Handle, value: &str, limit: usize) -> Result<Record, StoreError> {
     if value.len() > limit {
         return Err(too_large(handle, limit));

@@ -9,11 +9,17 @@ use super::connection::Connection;
 
 /// Writes `ARGV[2]` (or deletes when it is empty) only if the key still
 /// holds `ARGV[1]` (empty: absent); `ARGV[3]` is the TTL in seconds, 0 for
-/// none. Answers 1 when written, else what the key holds now (0: absent),
-/// so the caller can decide again without reading.
+/// none. Answers 1 when written, else what the key holds now (0: absent or
+/// empty), so the caller can decide again without reading. The key is read
+/// as the store's `get` reads it, up to byte `ARGV[4]`, one past the bound:
+/// a longer value answers no more (the caller finds it past the bound), and
+/// cannot equal `ARGV[1]`, which is within it.
 const COMPARE_AND_SET: &str = r"
-local current = redis.call('GET', KEYS[1])
-if (current or '') ~= ARGV[1] then return current or 0 end
+local current = redis.call('GETRANGE', KEYS[1], 0, ARGV[4])
+if current ~= ARGV[1] then
+  if current == '' then return 0 end
+  return current
+end
 if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])
 elseif tonumber(ARGV[3]) > 0 then
@@ -29,11 +35,12 @@ return 1
 /// `ARGV[1]`, keeping the stored atime when it is later than the new one's
 /// (a touch since the caller read it leaves the version). Answers 1 when
 /// written as given, `{atime}` when written with the stored, later atime,
-/// else what the key holds (0: absent). Atimes compare as digit strings:
-/// exact past 2^53, where Lua's numbers are not.
+/// else what the key holds (0: absent or empty), read up to byte `ARGV[4]`
+/// as in `COMPARE_AND_SET`. Atimes compare as digit strings: exact past
+/// 2^53, where Lua's numbers are not.
 const SET_IF_VERSION: &str = r#"
-local current = redis.call('GET', KEYS[1])
-if not current then return 0 end
+local current = redis.call('GETRANGE', KEYS[1], 0, ARGV[4])
+if current == '' then return 0 end
 local atime, ver = string.match(current, '^{"atime":(%d+),"created":%d+,"ip":"[^"]*","ver":(%d+),')
 if ver ~= ARGV[1] then return current end
 local new, answer = ARGV[2], 1
