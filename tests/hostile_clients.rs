@@ -84,10 +84,12 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Vec
     Ok((status.unwrap_or(0), body))
 }
 
-/// Waits for the proxy to close `stream`; how long it took, or `None` if
-/// it was still open after `within`.
-fn closed_within(stream: &mut impl Read, within: Duration) -> Option<Duration> {
-    let started = Instant::now();
+/// Waits for the proxy to close `stream`; how long it took since `started`,
+/// or `None` if it was still open `within` after it. A test that bounds
+/// the time from below starts the clock before the proxy can start its
+/// own (before the connect, before the last request is sent): a test
+/// thread slow to get here then only finds the close later.
+fn closed_within(stream: &mut impl Read, started: Instant, within: Duration) -> Option<Duration> {
     let mut byte = [0u8; 1];
     loop {
         match stream.read(&mut byte) {
@@ -426,10 +428,11 @@ fn a_request_body_that_stops_coming_gets_408_after_body_timeout() {
     let _proxy = config.start();
 
     let mut stream = TcpStream::connect(("127.0.0.1", config.port)).unwrap();
+    // The clock starts before the proxy can start its own.
+    let started = Instant::now();
     stream
         .write_all(b"POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
         .unwrap();
-    let started = Instant::now();
     stream
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
@@ -468,13 +471,17 @@ impl KeptAlive {
         read_response(&mut self.reader).unwrap().0
     }
 
-    /// Left idle from now: how long until the proxy closes it.
-    fn closed_after_idle(&mut self) -> Duration {
+    /// Sends one request head and reads its response, then leaves the
+    /// connection idle: how long from the request's sending until the
+    /// proxy closes it (at least the idle time, however slow the test).
+    fn closed_after_last(&mut self, head: &[u8]) -> Duration {
+        let started = Instant::now();
+        assert_eq!(self.status_of(head), 200);
         self.reader
             .get_mut()
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
-        closed_within(&mut self.reader, Duration::from_secs(15))
+        closed_within(&mut self.reader, started, Duration::from_secs(15))
             .expect("the idle connection was never closed")
     }
 }
@@ -486,11 +493,10 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
     let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 2"));
     let mut client = KeptAlive::open(proxy.port);
     assert_eq!(client.status_of(PLAIN_GET), 200);
-    // Reused within the timeout: served.
+    // Reused within the timeout: served; then left idle: closed, not at
+    // once, and not never.
     std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(client.status_of(PLAIN_GET), 200);
-    // Then left idle: closed, not at once, and not never.
-    let closed = client.closed_after_idle();
+    let closed = client.closed_after_last(PLAIN_GET);
     assert!(
         closed >= Duration::from_millis(1500),
         "closed after {closed:?}"
@@ -501,18 +507,24 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
 fn a_response_slower_than_keepalive_timeout_keeps_its_connection() {
     // The idle clock stays armed while a request is served: firing then
     // must neither cut the response nor the next request, and the clock
-    // must start again once the connection is idle.
-    let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 1"));
+    // must start again once the connection is idle. The pauses between
+    // requests are a quarter of keepalive_timeout (a test thread slow to
+    // wake must not make them idle times that run out), the response
+    // takes twice as long as it; the app's own clock (read_timeout) is
+    // far beyond.
+    let (_upstream, proxy, _config) = proxy(|c| {
+        c.server("keepalive_timeout = 2")
+            .upstream("read_timeout = 30")
+    });
     let mut client = KeptAlive::open(proxy.port);
     assert_eq!(client.status_of(PLAIN_GET), 200);
     std::thread::sleep(Duration::from_millis(500));
-    let slow = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Test-Sleep-Ms: 2500\r\n\r\n";
+    let slow = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Test-Sleep-Ms: 4000\r\n\r\n";
     assert_eq!(client.status_of(slow), 200);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(client.status_of(PLAIN_GET), 200);
-    let closed = client.closed_after_idle();
+    let closed = client.closed_after_last(PLAIN_GET);
     assert!(
-        closed >= Duration::from_millis(700) && closed < Duration::from_secs(5),
+        closed >= Duration::from_millis(1500) && closed < Duration::from_secs(10),
         "closed after {closed:?}"
     );
 }
@@ -581,11 +593,12 @@ fn a_client_that_stops_reading_responses_without_body_is_cut_off_after_send_time
 #[test]
 fn a_connection_that_never_sends_a_request_is_closed_after_keepalive_timeout() {
     let (_upstream, proxy, _config) = proxy(|c| c.server("keepalive_timeout = 2"));
+    let started = Instant::now();
     let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let closed = closed_within(&mut stream, Duration::from_secs(15))
+    let closed = closed_within(&mut stream, started, Duration::from_secs(15))
         .expect("the silent connection was never closed");
     assert!(
         closed >= Duration::from_millis(1500),
@@ -607,13 +620,9 @@ fn idle_and_slow_admin_connections_are_cut_off_like_the_proxys() {
         scraper.status_of(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
         200
     );
-    // Reused within the timeout: served.
+    // Reused within the timeout: served; then left idle.
     std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(
-        scraper.status_of(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-        200
-    );
-    let closed = scraper.closed_after_idle();
+    let closed = scraper.closed_after_last(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(
         closed >= Duration::from_millis(1500),
         "closed after {closed:?}"
@@ -842,8 +851,10 @@ fn clients_that_break_off_leave_no_error_line_in_the_log() {
 fn a_client_crowding_its_own_locked_session_gets_503_and_no_error_line() {
     let upstream = start_upstream();
     let mut config = ProxyConfig::new(upstream.port).session("lock = true");
-    // A turn is awaited for connect_timeout + read_timeout + 1 = 3 s.
-    config.upstream = vec!["connect_timeout = 1".into(), "read_timeout = 1".into()];
+    // A turn is awaited for connect_timeout + read_timeout + 1 = 5 s; each
+    // answer takes half of read_timeout, so that a loaded machine does
+    // not make the first a 504 as well.
+    config.upstream = vec!["connect_timeout = 1".into(), "read_timeout = 3".into()];
     let log = config.dir.path().join("proxy.log");
     let proxy = config.start_logging("info", &log);
     let mut browser = Browser::new(proxy.port);
@@ -853,7 +864,7 @@ fn a_client_crowding_its_own_locked_session_gets_503_and_no_error_line() {
     );
     let cookie = format!("session_id={}", browser.cookie.clone().unwrap());
 
-    // Six requests of 0.8 s each, one at a time: the last ones wait > 3 s.
+    // Six requests of 1.5 s each, one at a time: the last two wait > 5 s.
     let port = proxy.port;
     let statuses: Vec<u16> = (0..6)
         .map(|_| {
@@ -862,7 +873,7 @@ fn a_client_crowding_its_own_locked_session_gets_503_and_no_error_line() {
                 get(
                     port,
                     "/",
-                    &[("Cookie", &cookie), ("X-Test-Sleep-Ms", "800")],
+                    &[("Cookie", &cookie), ("X-Test-Sleep-Ms", "1500")],
                 )
                 .status
             })
@@ -875,8 +886,8 @@ fn a_client_crowding_its_own_locked_session_gets_503_and_no_error_line() {
     assert!(statuses.contains(&200), "{statuses:?}");
     drop(proxy);
 
-    // Only the 503s: on a loaded machine a 0.8 s answer may outlast
-    // read_timeout, and that 504 is rightly an ERROR.
+    // Only the 503s: on a machine loaded enough for a 1.5 s answer to
+    // outlast read_timeout, that 504 is rightly an ERROR.
     let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
     let errors: Vec<&str> = text
         .lines()
