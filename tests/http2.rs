@@ -1148,8 +1148,9 @@ fn an_h2_header_block_left_unfinished_is_cut_off_after_header_timeout() {
     let mut block = vec![0x00];
     hpack_string(&mut block, b":method");
     hpack_string(&mut block, b"GET");
-    h2.frame(HEADERS, END_STREAM, 1, &block);
+    // The clock starts before the proxy's can.
     let started = Instant::now();
+    h2.frame(HEADERS, END_STREAM, 1, &block);
     assert!(h2.closed_within(Duration::from_secs(5)));
     assert!(started.elapsed() >= Duration::from_millis(800));
 }
@@ -1364,8 +1365,9 @@ fn a_client_silent_inside_a_data_frame_has_its_connection_closed_after_body_time
     // A DATA frame of 10 bytes, 4 of them sent: nothing else of the
     // connection's can come until it ends, and no frame can go in.
     let data = frame_bytes(0x0, END_STREAM, 1, b"0123456789");
-    h2.write(&data[..9 + 4]);
+    // The clock starts before the proxy's can.
     let started = Instant::now();
+    h2.write(&data[..9 + 4]);
     assert!(h2.closed_within(Duration::from_secs(12)), "still open");
     assert!(started.elapsed() >= Duration::from_millis(1500));
     assert!(recorder.requests().is_empty(), "{}", recorder.text());
