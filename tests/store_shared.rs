@@ -2124,14 +2124,17 @@ async fn redis_lease_is_exclusive_refreshed_while_held_and_expires_after_a_crash
     let (first, second) = (prefix.store().await, prefix.store().await);
     let handle = handle(16);
     let wait = Duration::from_millis(200);
-    let ttl = Duration::from_millis(300);
+    // Refreshed every third of it: a refresh may come up to two thirds of
+    // it late (a loaded machine, this test process's runtime busy) before
+    // the lease is lost. 300 ms left 200 ms of slack.
+    let ttl = Duration::from_millis(1500);
 
     let held = first
         .acquire_lease(&handle, wait, ttl, &GiveUp::default())
         .await
         .unwrap();
     // Held well past its TTL: the refreshes keep it.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::sleep(2 * ttl).await;
     assert!(held.is_held());
     let started = Instant::now();
     assert!(matches!(
@@ -2150,8 +2153,11 @@ async fn redis_lease_is_exclusive_refreshed_while_held_and_expires_after_a_crash
         .await
         .unwrap();
 
-    // A holder that crashed: its lease key, unrefreshed, expires.
+    // A holder that crashed: its lease key, unrefreshed, expires. The
+    // clock starts before the key is set, so a slow test cannot find it
+    // expired sooner.
     let mut connection = redis_connection(&prefix.urls).await.unwrap();
+    let started = Instant::now();
     let _: () = redis::cmd("SET")
         .arg(format!("{}lock:{}", prefix.prefix, handle))
         .arg("crashed-holder")
@@ -2160,7 +2166,6 @@ async fn redis_lease_is_exclusive_refreshed_while_held_and_expires_after_a_crash
         .query_async(&mut connection)
         .await
         .unwrap();
-    let started = Instant::now();
     let lease = first
         .acquire_lease(&handle, Duration::from_secs(2), ttl, &GiveUp::default())
         .await
