@@ -220,13 +220,14 @@ fn refused_requests_and_a_down_app_are_logged_with_the_status_sent() {
 #[test]
 fn a_client_that_hangs_up_before_its_answer_is_logged_as_499() {
     let upstream = start_upstream();
-    let (_config, proxy, log) = start_logging_to_file(upstream.port, 3);
+    let (config, proxy, log) = start_logging_to_file(upstream.port, 3);
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
     use std::io::Write;
     stream
         .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Test-Sleep-Ms: 1500\r\n\r\n")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Hung up once the proxy has the request, well before its answer.
+    wait_in_flight(config.admin_port, 1);
     drop(stream);
 
     let line = line_with(Path::new(&log), "/slow");

@@ -284,7 +284,7 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let mut proxy = config.start();
     let port = proxy.port;
     let slow = std::thread::spawn(move || get(port, "/", &[("X-Test-Sleep-Ms", "1500")]).status);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_in_flight(config.admin_port, 1);
     let started = Instant::now();
     signal(proxy.child.id(), "TERM");
     assert_eq!(slow.join().unwrap(), 200, "the in-flight request finished");
@@ -366,7 +366,8 @@ fn the_grace_period_bounds_the_wait() {
     std::thread::spawn(move || {
         let _ = try_request(port, "GET", "/", &[("X-Test-Sleep-Ms", "20000")], b"");
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // In flight, or the proxy has nothing to wait for.
+    wait_in_flight(config.admin_port, 1);
     let started = Instant::now();
     signal(proxy.child.id(), "TERM");
     let status = wait_exit(&mut proxy.child, Duration::from_secs(10));

@@ -773,7 +773,9 @@ fn an_ipv4_client_of_a_dual_stack_listener_is_named_as_ipv4() {
 fn clients_that_break_off_leave_no_error_line_in_the_log() {
     let upstream = start_upstream();
     let mut config = ProxyConfig::new(upstream.port).server("header_timeout = 1");
-    config.upstream = vec!["read_timeout = 1".into()];
+    // Four times the impatient client's answer takes: that one must not
+    // become a 504 on a loaded machine.
+    config.upstream = vec!["read_timeout = 2".into()];
     let log = config.dir.path().join("proxy.log");
     let proxy = config.start_logging("info,pingora_proxy=debug,session_proxy=debug", &log);
     let port = proxy.port;
@@ -810,7 +812,8 @@ fn clients_that_break_off_leave_no_error_line_in_the_log() {
     impatient
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Test-Sleep-Ms: 500\r\n\r\n")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // Gone once the proxy has its request, well before the answer.
+    wait_in_flight(config.admin_port, 1);
     drop(impatient);
     // An upstream that never answers: the proxy's 504 is worth an ERROR.
     assert_eq!(get(port, "/", &[("X-Test-Fault", "hang")]).status, 504);

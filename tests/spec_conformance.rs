@@ -112,7 +112,7 @@ fn sigint_stops_the_proxy_with_exit_0() {
     let mut proxy = config.start();
     let port = proxy.port;
     let slow = std::thread::spawn(move || get(port, "/", &[("X-Test-Sleep-Ms", "1000")]).status);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_in_flight(config.admin_port, 1);
     signal(proxy.child.id(), "INT");
     assert_eq!(slow.join().unwrap(), 200, "the in-flight request finished");
     let status = wait_exit(&mut proxy.child, Duration::from_secs(10));
@@ -127,7 +127,7 @@ fn after_sigterm_new_connections_are_not_served() {
     let mut proxy = config.start();
     let port = proxy.port;
     let slow = std::thread::spawn(move || get(port, "/", &[("X-Test-Sleep-Ms", "2500")]).status);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_in_flight(config.admin_port, 1);
     signal(proxy.child.id(), "TERM");
     let refused = eventually(Duration::from_secs(2), || {
         try_request(port, "GET", "/", &[], b"").is_err()

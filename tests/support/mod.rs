@@ -1080,6 +1080,18 @@ pub fn metric(admin_port: u16, series: &str) -> f64 {
         .unwrap()
 }
 
+/// Waits until the proxy with the admin listener `admin_port` serves at
+/// least `count` requests (`session_proxy_requests_in_flight`): the moment
+/// a test may signal it, or act on their sessions, with those requests in
+/// flight, however long their threads took to send them.
+pub fn wait_in_flight(admin_port: u16, count: usize) {
+    let series = "session_proxy_requests_in_flight";
+    let reached = eventually(Duration::from_secs(20), || {
+        metric(admin_port, series) >= count as f64
+    });
+    assert!(reached, "fewer than {count} requests in flight");
+}
+
 /// How many loads, saves and deletes the store has timed so far.
 pub fn store_ops(admin_port: u16) -> [f64; 3] {
     ["load", "save", "delete"].map(|op| {
