@@ -193,6 +193,7 @@ fn an_update_for_a_session_killed_meanwhile_starts_a_new_one_and_a_touch_sets_no
     // whenever it is: a touch of the killed session would send the old id.
     let configured = || {
         ProxyConfig::new(upstream.port)
+            .upstream("read_timeout = 30")
             .session("touch_interval = 0")
             .session("cookie_max_age = 3600")
             .session(r#"initializer = {init = true}"#)
@@ -227,16 +228,19 @@ fn an_update_for_a_session_killed_meanwhile_starts_a_new_one_and_a_touch_sets_no
                 let old = browser.cookie.clone().unwrap();
                 let port = proxy.port;
                 let cookie_header = format!("session_id={old}");
-                let slow = slow_request(port, &slow_headers, &cookie_header, 2500);
-                // The slow request has loaded the session once the upstream has it.
-                std::thread::sleep(Duration::from_millis(800));
+                // Held at the upstream, so it has loaded the session.
+                let slow = Held::get(
+                    port,
+                    &[&slow_headers[..], &[("Cookie", &cookie_header)]].concat(),
+                );
+                slow.at_the_app();
                 let killed = get(
                     proxy.port,
                     "/",
                     &[("Cookie", &cookie_header), ("X-Test-Action", "kill")],
                 );
                 assert_eq!(killed.set_cookie("session_id").as_deref(), Some(""));
-                let slow = slow.join().unwrap();
+                let slow = slow.answer();
                 assert_eq!(slow.status, 200, "{slow_headers:?}");
                 assert_eq!(slow.session()["data"]["a"], 1, "it loaded the session");
                 let set = slow.set_cookie("session_id");
@@ -865,7 +869,7 @@ fn an_update_racing_a_delete_by_another_process_leaves_no_file_of_the_session() 
     // records (`session-proxy sessions kill` and `sweep` do), and the proxy notices: a write
     // racing such a delete neither brings the session back nor leaves a file of it behind"
     let upstream = start_upstream();
-    let config = ProxyConfig::new(upstream.port);
+    let config = ProxyConfig::new(upstream.port).upstream("read_timeout = 30");
     let proxy = config.start();
     let path = config.path();
     let cases = [vec![("X-Test-Update", r#"{"b":2}"#)], vec![]];
@@ -885,8 +889,12 @@ fn an_update_racing_a_delete_by_another_process_leaves_no_file_of_the_session() 
                     age_record(config, &old, 120, &["atime"]);
                 }
                 let port = proxy.port;
-                let slow = slow_request(port, &slow_headers, &format!("session_id={old}"), 2000);
-                std::thread::sleep(Duration::from_millis(700));
+                let cookie_header = format!("session_id={old}");
+                let slow = Held::get(
+                    port,
+                    &[&slow_headers[..], &[("Cookie", &cookie_header)]].concat(),
+                );
+                slow.at_the_app();
                 let killed = run_cli(
                     &["sessions", "kill", &handle, "-c", path.to_str().unwrap()],
                     &[],
@@ -896,7 +904,7 @@ fn an_update_racing_a_delete_by_another_process_leaves_no_file_of_the_session() 
                     "{}",
                     String::from_utf8_lossy(&killed.stderr)
                 );
-                let slow = slow.join().unwrap();
+                let slow = slow.answer();
                 assert_eq!(slow.status, 200, "{slow_headers:?}: {}", slow.text());
                 assert_eq!(slow.session()["data"]["a"], 2, "it loaded the session");
                 let left: Vec<String> = std::fs::read_dir(config.sessions_dir())

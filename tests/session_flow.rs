@@ -293,19 +293,14 @@ fn an_answer_after_a_regenerate_does_not_send_the_old_cookie_back() {
     let s = setup(|c| {
         c.session("cookie_max_age = 600")
             .session("touch_interval = 0")
+            .upstream("read_timeout = 30")
     });
     let mut browser = s.browser();
     browser.get("/", &[("X-Test-Update", r#"{"cart": 3}"#)]);
     let old = browser.cookie.clone().unwrap();
-    let (port, cookie) = (s.port(), format!("session_id={old}"));
-    let slow = std::thread::spawn(move || {
-        get(
-            port,
-            "/",
-            &[("Cookie", cookie.as_str()), ("X-Test-Sleep-Ms", "1500")],
-        )
-    });
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Loaded, and held at the app until the regenerate is done.
+    let slow = Held::get(s.port(), &[("Cookie", &format!("session_id={old}"))]);
+    slow.at_the_app();
     browser.get(
         "/",
         &[
@@ -314,7 +309,7 @@ fn an_answer_after_a_regenerate_does_not_send_the_old_cookie_back() {
         ],
     );
     assert_ne!(browser.cookie.as_ref(), Some(&old));
-    let late = slow.join().unwrap();
+    let late = slow.answer();
     assert_eq!(late.status, 200);
     assert_eq!(late.set_cookie("session_id"), None, "the old id came back");
     assert_eq!(

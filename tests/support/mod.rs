@@ -1092,6 +1092,53 @@ pub fn wait_in_flight(admin_port: u16, count: usize) {
     assert!(reached, "fewer than {count} requests in flight");
 }
 
+/// A GET the test upstream holds until the test lets it go, sent on a
+/// thread of its own (`X-Test-Arrived`, `X-Test-Wait-For`): what happens
+/// to its session meanwhile does not depend on how fast either side is.
+/// The proxy's `read_timeout` must outlast the hold.
+pub struct Held {
+    signals: TempDir,
+    answer: std::thread::JoinHandle<Response>,
+}
+
+impl Held {
+    pub fn get(port: u16, headers: &[(&str, &str)]) -> Held {
+        let signals = TempDir::new("held");
+        let arrived = signals.path().join("arrived").display().to_string();
+        let release = signals.path().join("release").display().to_string();
+        let mut owned: Vec<(String, String)> = headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        owned.push(("X-Test-Arrived".into(), arrived));
+        owned.push(("X-Test-Wait-For".into(), release));
+        let answer = std::thread::spawn(move || {
+            let all: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect();
+            get(port, "/", &all)
+        });
+        Held { signals, answer }
+    }
+
+    /// Waits until the upstream has the request: the proxy has loaded its
+    /// session.
+    pub fn at_the_app(&self) {
+        let arrived = self.signals.path().join("arrived");
+        assert!(
+            eventually(Duration::from_secs(20), || arrived.exists()),
+            "the held request never reached the upstream"
+        );
+    }
+
+    /// Lets the upstream answer; the response.
+    pub fn answer(self) -> Response {
+        std::fs::write(self.signals.path().join("release"), b"").unwrap();
+        self.answer.join().unwrap()
+    }
+}
+
 /// How many loads, saves and deletes the store has timed so far.
 pub fn store_ops(admin_port: u16) -> [f64; 3] {
     ["load", "save", "delete"].map(|op| {

@@ -35,6 +35,11 @@ those marked * may be sent several times, each giving one response header):
     X-Test-Set-Cookie: VALUE *   -> Set-Cookie: VALUE
     X-Test-Cache-Control: VALUE  -> Cache-Control: VALUE
     X-Test-Header: NAME: VALUE * -> NAME: VALUE
+    X-Test-Arrived: PATH         -> creates the file PATH as the request
+                                    arrives (its body read), before the rest
+    X-Test-Wait-For: PATH        -> then waits until the file PATH exists (30 s
+                                    at most): a request held until the test
+                                    lets it go
     X-Test-Sleep-Ms: N           -> sleep N ms first (before any fault)
     X-Test-Body-Bytes: N         -> a body of N bytes "a" instead of the JSON,
                                     Content-Type: application/octet-stream
@@ -67,6 +72,7 @@ import base64
 import binascii
 import http.client
 import json
+import os
 import socket
 import ssl
 import struct
@@ -127,6 +133,14 @@ class Upstream(BaseHTTPRequestHandler):
     def respond(self):
         body = self.read_body()
         control = self.headers
+        arrived = control.get("X-Test-Arrived")
+        if arrived:
+            open(arrived, "w").close()
+        wait_for = control.get("X-Test-Wait-For")
+        if wait_for:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(wait_for) and time.monotonic() < deadline:
+                time.sleep(0.01)
         sleep_ms = control.get("X-Test-Sleep-Ms")
         if sleep_ms:
             time.sleep(int(sleep_ms) / 1000)
