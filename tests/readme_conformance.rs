@@ -231,6 +231,7 @@ fn an_update_for_a_session_killed_meanwhile_starts_a_new_one_and_a_touch_sets_no
                 // Held at the upstream, so it has loaded the session.
                 let slow = Held::get(
                     port,
+                    "/",
                     &[&slow_headers[..], &[("Cookie", &cookie_header)]].concat(),
                 );
                 slow.at_the_app();
@@ -892,6 +893,7 @@ fn an_update_racing_a_delete_by_another_process_leaves_no_file_of_the_session() 
                 let cookie_header = format!("session_id={old}");
                 let slow = Held::get(
                     port,
+                    "/",
                     &[&slow_headers[..], &[("Cookie", &cookie_header)]].concat(),
                 );
                 slow.at_the_app();

@@ -299,7 +299,7 @@ fn an_answer_after_a_regenerate_does_not_send_the_old_cookie_back() {
     browser.get("/", &[("X-Test-Update", r#"{"cart": 3}"#)]);
     let old = browser.cookie.clone().unwrap();
     // Loaded, and held at the app until the regenerate is done.
-    let slow = Held::get(s.port(), &[("Cookie", &format!("session_id={old}"))]);
+    let slow = Held::get(s.port(), "/", &[("Cookie", &format!("session_id={old}"))]);
     slow.at_the_app();
     browser.get(
         "/",

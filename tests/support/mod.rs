@@ -1098,11 +1098,11 @@ pub fn wait_in_flight(admin_port: u16, count: usize) {
 /// The proxy's `read_timeout` must outlast the hold.
 pub struct Held {
     signals: TempDir,
-    answer: std::thread::JoinHandle<Response>,
+    answer: std::thread::JoinHandle<(Response, Instant)>,
 }
 
 impl Held {
-    pub fn get(port: u16, headers: &[(&str, &str)]) -> Held {
+    pub fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Held {
         let signals = TempDir::new("held");
         let arrived = signals.path().join("arrived").display().to_string();
         let release = signals.path().join("release").display().to_string();
@@ -1112,12 +1112,14 @@ impl Held {
             .collect();
         owned.push(("X-Test-Arrived".into(), arrived));
         owned.push(("X-Test-Wait-For".into(), release));
+        let path = path.to_string();
         let answer = std::thread::spawn(move || {
             let all: Vec<(&str, &str)> = owned
                 .iter()
                 .map(|(name, value)| (name.as_str(), value.as_str()))
                 .collect();
-            get(port, "/", &all)
+            let response = get(port, &path, &all);
+            (response, Instant::now())
         });
         Held { signals, answer }
     }
@@ -1132,9 +1134,20 @@ impl Held {
         );
     }
 
-    /// Lets the upstream answer; the response.
-    pub fn answer(self) -> Response {
+    /// Lets the upstream answer.
+    pub fn release(&self) {
         std::fs::write(self.signals.path().join("release"), b"").unwrap();
+    }
+
+    /// Lets the upstream answer (if not yet); the response.
+    pub fn answer(self) -> Response {
+        self.answered_at().0
+    }
+
+    /// Lets the upstream answer (if not yet); the response, and when it
+    /// came.
+    pub fn answered_at(self) -> (Response, Instant) {
+        self.release();
         self.answer.join().unwrap()
     }
 }
