@@ -368,18 +368,20 @@ fn a_store_lost_while_the_app_works_stores_nothing_and_sets_no_cookie(shared: Sh
         ("new session", vec![("X-Test-Update", r#"{"b": 1}"#)]),
     ];
     for (what, headers) in cases {
-        let response = std::thread::scope(|scope| {
-            let mut headers = headers.clone();
-            headers.push(("X-Test-Sleep-Ms", "700"));
-            let request = scope.spawn(move || timed_get(port, "/", &headers));
-            // The load is done before the app is called; the write is not.
-            std::thread::sleep(Duration::from_millis(300));
-            relay.stop();
-            request.join().unwrap()
-        });
+        // The load is done before the app has the request; the write is
+        // not until the test lets the app answer.
+        let request = Held::get(port, "/", &headers);
+        request.at_the_app();
+        relay.stop();
+        let released = Instant::now();
+        let (response, answered) = request.answered_at();
+        let took = answered.duration_since(released);
         relay.resume();
-        assert_store_unavailable(&response.0, what);
-        assert!(response.1 < ANSWER_BOUND, "{what}: {:?}", response.1);
+        assert_store_unavailable(&response, what);
+        assert!(
+            took < ANSWER_BOUND,
+            "{what}: {took:?} after the app answered"
+        );
         let mut after = None;
         let back = eventually(Duration::from_secs(8), || {
             let response = get(port, "/", &[("Cookie", &cookie)]);
