@@ -502,9 +502,12 @@ async fn h2_send_get(h2: &H2, path: &str, jar: &str) -> h2::SendStream<Bytes> {
 async fn with_lock_a_waiting_stream_reset_or_closed_never_reaches_the_app() {
     let ca = TestCa::new();
     let app = session_app();
+    // The app's clock (and the wait for a turn with it) far beyond how
+    // long the test holds the turn.
     let config = https_proxy(&ca, app.port)
         .session("lock = true")
-        .store("kind = \"memory\"");
+        .store("kind = \"memory\"")
+        .upstream("read_timeout = 30");
     let log = config.dir.path().join("access.log");
     let config = config.server(&format!("access_log = {:?}", log.display().to_string()));
     let _proxy = config.start();
@@ -514,25 +517,34 @@ async fn with_lock_a_waiting_stream_reset_or_closed_never_reaches_the_app() {
         "session_id={}",
         login.set_cookie("session_id").expect("a cookie")
     );
+    // The turn, held by a request the app holds until the test lets it go.
+    let signals = TempDir::new("turn");
+    let (arrived, release) = (
+        signals.path().join("arrived"),
+        signals.path().join("release"),
+    );
     let holder = {
         let (h2, jar) = (h2.clone(), jar.clone());
+        let held = [
+            ("cookie", jar),
+            ("x-test-arrived", arrived.display().to_string()),
+            ("x-test-wait-for", release.display().to_string()),
+        ];
         tokio::spawn(async move {
-            h2_get(
-                &h2,
-                "/slow",
-                &[("cookie", &jar), ("x-test-sleep-ms", "2500")],
-            )
-            .await
+            let held: Vec<(&str, &str)> = held.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            h2_get(&h2, "/slow", &held).await
         })
     };
     let app = std::sync::Arc::new(app);
-    let seen = app.clone();
-    assert!(eventually_off_runtime(Duration::from_secs(5), move || seen.saw("/slow")).await);
+    assert!(eventually_off_runtime(Duration::from_secs(20), move || arrived.exists()).await);
 
     let mut reset = h2_send_get(&h2, "/reset", &jar).await;
     let (closing, closing_task) = h2_connect(&ca, config.port).await;
     let _closed = h2_send_get(&closing, "/closed", &jar).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The holder and both wait for the turn.
+    let admin = config.admin_port;
+    let in_flight = move || metric(admin, "session_proxy_requests_in_flight") == 3.0;
+    assert!(eventually_off_runtime(Duration::from_secs(20), in_flight).await);
     reset.send_reset(h2::Reason::CANCEL);
     closing_task.abort();
     drop(closing);
@@ -540,10 +552,11 @@ async fn with_lock_a_waiting_stream_reset_or_closed_never_reaches_the_app() {
     let admin = config.admin_port;
     let answered_4xx = move || metric(admin, "session_proxy_responses_total{class=\"4xx\"}");
     assert!(
-        eventually_off_runtime(Duration::from_secs(1), move || answered_4xx() == 2.0).await,
-        "the requests left waiting are not counted yet"
+        eventually_off_runtime(Duration::from_secs(10), move || answered_4xx() == 2.0).await,
+        "the requests left waiting are not counted while the turn is held"
     );
-    assert!(!holder.is_finished(), "counted only once the turn came");
+    assert!(!holder.is_finished(), "the turn came early");
+    std::fs::write(&release, b"").unwrap();
     assert_eq!(holder.await.unwrap().status, 200);
     let started = Instant::now();
     assert_eq!(h2_get(&h2, "/third", &[("cookie", &jar)]).await.status, 200);

@@ -11,19 +11,19 @@ mod support;
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use support::recorder::*;
 use support::shared::Shared;
 use support::*;
 
-/// How long the first request of a session holds its turn.
-const HELD_MS: &str = "2500";
-
 /// A proxy with `lock = true` on `store`, logging to a file of its own.
+/// The app's clock (and the wait for a turn with it) far beyond how long
+/// a test holds a turn.
 fn locking_proxy(app: &Recorder, store: &[String]) -> (ProxyConfig, Process, PathBuf) {
-    let mut config = ProxyConfig::new(app.port).session("lock = true");
+    let mut config = ProxyConfig::new(app.port)
+        .session("lock = true")
+        .upstream("read_timeout = 30");
     config.store = store.to_vec();
     let log = config.dir.path().join("access.log");
     let config = config.server(&format!("access_log = {:?}", log.display().to_string()));
@@ -42,27 +42,24 @@ fn login(port: u16) -> String {
     format!("session_id={cookie}")
 }
 
-/// The session's turn, held by a request the app takes `HELD_MS` over.
-fn hold_the_turn(app: &Recorder, port: u16, jar: &str) -> JoinHandle<Response> {
-    let jar = jar.to_string();
-    let holder = std::thread::spawn(move || {
-        get(
-            port,
-            "/slow",
-            &[("Cookie", &jar), ("X-Test-Sleep-Ms", HELD_MS)],
-        )
-    });
-    assert!(eventually(Duration::from_secs(5), || app.saw("/slow")));
+/// The session's turn, held by a request the app holds until the test
+/// lets it go: what waits for the turn meanwhile does not depend on how
+/// fast the machine is.
+fn hold_the_turn(app: &Recorder, port: u16, jar: &str) -> Held {
+    let holder = Held::get(port, "/slow", &[("Cookie", jar)]);
+    holder.at_the_app();
+    assert!(app.saw("/slow"));
     holder
 }
 
-/// Sends a request of the session on a connection of its own, lets it wait
-/// for its turn a while, and hangs up.
-fn wait_then_hang_up(port: u16, path: &str, jar: &str) {
-    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+/// Sends a request of the session through `proxy` on a connection of its
+/// own, and hangs up once it waits for its turn there (`in_flight`
+/// requests in all on that proxy).
+fn wait_then_hang_up(proxy: &ProxyConfig, path: &str, jar: &str, in_flight: usize) {
+    let mut client = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
     let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nCookie: {jar}\r\n\r\n");
     client.write_all(head.as_bytes()).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_in_flight(proxy.admin_port, in_flight);
 }
 
 fn answered_4xx(admin_port: u16) -> f64 {
@@ -86,8 +83,9 @@ fn logged_status(log: &Path, request: &str) -> Option<u16> {
 
 /// The session's turn is held through `holder_port`; a request waits for
 /// it through `waiter_port` and its client hangs up. Nothing of it reaches
-/// the app; it is counted a 499 at once, not when the turn comes; the
-/// session's next request is served as soon as the turn is free.
+/// the app; it is counted a 499 while the turn is still held, not when
+/// it comes; the session's next request is served as soon as the turn is
+/// free.
 fn a_waiting_request_whose_client_left_never_reaches_the_app(
     app: &Recorder,
     holder_port: u16,
@@ -96,15 +94,16 @@ fn a_waiting_request_whose_client_left_never_reaches_the_app(
 ) {
     let jar = login(holder_port);
     let holder = hold_the_turn(app, holder_port, &jar);
-    wait_then_hang_up(waiter.port, "/second", &jar);
+    // The holder is in flight there too when it is the same proxy.
+    let in_flight = if holder_port == waiter.port { 2 } else { 1 };
+    wait_then_hang_up(waiter, "/second", &jar, in_flight);
 
     assert!(
-        eventually(Duration::from_secs(1), || answered_4xx(waiter.admin_port)
+        eventually(Duration::from_secs(10), || answered_4xx(waiter.admin_port)
             == 1.0),
-        "the request left waiting is not counted yet"
+        "the request left waiting is not counted while the turn is held"
     );
-    assert!(!holder.is_finished(), "counted only once the turn came");
-    assert_eq!(holder.join().unwrap().status, 200);
+    assert_eq!(holder.answer().status, 200);
 
     let started = Instant::now();
     let third = get(waiter.port, "/third", &[("Cookie", &jar)]);
@@ -136,16 +135,22 @@ fn a_request_whose_client_left_gives_up_its_place_in_the_queue() {
     let mut left = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
     let head = format!("GET /second HTTP/1.1\r\nHost: x\r\nCookie: {jar}\r\n\r\n");
     left.write_all(head.as_bytes()).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Each waits for the turn, in this order, before the first hangs up.
+    wait_in_flight(config.admin_port, 2);
     let (port, third_jar) = (proxy.port, jar.clone());
     let behind = std::thread::spawn(move || {
         let response = get(port, "/third", &[("Cookie", &third_jar)]);
         (response.status, Instant::now())
     });
-    std::thread::sleep(Duration::from_millis(200));
+    wait_in_flight(config.admin_port, 3);
     drop(left);
+    assert!(
+        eventually(Duration::from_secs(10), || answered_4xx(config.admin_port)
+            == 1.0),
+        "the request left waiting is not counted while the turn is held"
+    );
 
-    assert_eq!(holder.join().unwrap().status, 200);
+    assert_eq!(holder.answer().status, 200);
     let freed = Instant::now();
     let (status, served) = behind.join().unwrap();
     assert_eq!(status, 200);
@@ -179,17 +184,17 @@ fn a_waiting_request_with_a_body_is_dropped_if_its_client_leaves_and_served_whol
     let stays = std::thread::spawn(move || {
         try_request(port, "POST", "/stays", &[("Cookie", &stays_jar)], b"hello").unwrap()
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The holder and the three wait for the turn.
+    wait_in_flight(config.admin_port, 4);
     drop(whole);
     drop(partial);
 
     assert!(
-        eventually(Duration::from_secs(1), || answered_4xx(config.admin_port)
+        eventually(Duration::from_secs(10), || answered_4xx(config.admin_port)
             == 2.0),
-        "the requests left waiting are not counted yet"
+        "the requests left waiting are not counted while the turn is held"
     );
-    assert!(!holder.is_finished(), "counted only once the turn came");
-    assert_eq!(holder.join().unwrap().status, 200);
+    assert_eq!(holder.answer().status, 200);
     assert_eq!(stays.join().unwrap().status, 200);
     let seen = app.requests();
     let stayed = seen.iter().find(|seen| seen.target == "/stays");
@@ -214,13 +219,15 @@ fn pipelined_requests_that_wait_for_their_turn_are_served_as_without_lock() {
         "GET /one HTTP/1.1\r\nHost: x\r\nCookie: {jar}\r\n\r\n\
          GET /two HTTP/1.1\r\nHost: x\r\nCookie: {jar}\r\n\r\n"
     );
-    let started = Instant::now();
-    let answer = raw_exchange(proxy.port, pair.as_bytes(), Duration::from_secs(10));
+    let port = proxy.port;
+    let exchange =
+        std::thread::spawn(move || raw_exchange(port, pair.as_bytes(), Duration::from_secs(30)));
     assert!(
-        started.elapsed() > Duration::from_secs(1),
+        !eventually(Duration::from_secs(1), || app.saw("/one")),
         "served before its turn"
     );
-    assert_eq!(holder.join().unwrap().status, 200);
+    assert_eq!(holder.answer().status, 200);
+    let answer = exchange.join().unwrap();
     let answer = String::from_utf8_lossy(&answer).into_owned();
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
     assert!(answer.ends_with("\r\n\r\nok"), "{answer:?}");
@@ -236,11 +243,13 @@ fn pipelined_requests_that_wait_for_their_turn_are_served_as_without_lock() {
 #[test]
 fn bytes_after_a_request_fail_it_alike_whether_it_waits_for_its_turn_or_the_app() {
     let app = session_app();
-    let (_config, proxy, _log) = locking_proxy(&app, &memory_store());
-    let pipelined = |first: &str| {
+    let (config, proxy, _log) = locking_proxy(&app, &memory_store());
+    // The next request's bytes come once the first is at the app, or
+    // waits for its turn (`until`).
+    let pipelined = |first: &str, until: &dyn Fn()| {
         let mut client = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
         client.write_all(first.as_bytes()).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        until();
         let _ = client.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n");
         client
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -249,17 +258,36 @@ fn bytes_after_a_request_fail_it_alike_whether_it_waits_for_its_turn_or_the_app(
         let _ = std::io::Read::read_to_end(&mut client, &mut answer);
         raw_status(&answer)
     };
-    // Upstream: no session, no turn.
-    let at_the_app = pipelined("GET /working HTTP/1.1\r\nHost: x\r\nX-Test-Sleep-Ms: 1500\r\n\r\n");
+    // Upstream: no session, no turn; the app holds it until the end.
+    let signals = TempDir::new("working");
+    let (arrived, release) = (
+        signals.path().join("arrived"),
+        signals.path().join("release"),
+    );
+    let working = format!(
+        "GET /working HTTP/1.1\r\nHost: x\r\nX-Test-Arrived: {}\r\nX-Test-Wait-For: {}\r\n\r\n",
+        arrived.display(),
+        release.display()
+    );
+    let at_the_app = pipelined(&working, &|| {
+        assert!(eventually(Duration::from_secs(20), || arrived.exists()));
+    });
     assert!(app.saw("/working"));
 
     let jar = login(proxy.port);
     let holder = hold_the_turn(&app, proxy.port, &jar);
-    let waiting = pipelined(&format!(
-        "GET /waiting HTTP/1.1\r\nHost: x\r\nCookie: {jar}\r\n\r\n"
-    ));
-    assert!(!holder.is_finished(), "not refused while it waited");
-    assert_eq!(holder.join().unwrap().status, 200);
+    let in_flight = || metric(config.admin_port, "session_proxy_requests_in_flight");
+    assert!(
+        eventually(Duration::from_secs(10), || in_flight() == 1.0),
+        "the refused /working still in flight"
+    );
+    let waiting = pipelined(
+        &format!("GET /waiting HTTP/1.1\r\nHost: x\r\nCookie: {jar}\r\n\r\n"),
+        // The holder and it.
+        &|| wait_in_flight(config.admin_port, 2),
+    );
+    std::fs::write(&release, b"").unwrap();
+    assert_eq!(holder.answer().status, 200);
     assert_eq!((at_the_app, waiting), (Some(400), Some(400)));
     assert!(
         !app.saw("/waiting") && !app.saw("/next"),

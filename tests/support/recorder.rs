@@ -137,9 +137,21 @@ impl Recorder {
 
 /// An app for the session's turns (`lock = true`): `/login` starts a
 /// session (an update), every request sleeps `X-Test-Sleep-Ms` first, and
-/// each is recorded as it arrives, before its answer.
+/// each is recorded as it arrives, before its answer. As the test
+/// upstream, it creates the file `X-Test-Arrived` names as a request
+/// arrives, and holds the request until the file `X-Test-Wait-For` names
+/// exists (30 s at most): a `support::Held` request.
 pub fn session_app() -> Recorder {
     Recorder::scripted(|_, seen| {
+        if let Some(path) = seen.all("x-test-arrived").first() {
+            let _ = std::fs::write(path, b"");
+        }
+        if let Some(path) = seen.all("x-test-wait-for").first() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !std::path::Path::new(path).exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         if let Some(ms) = seen.all("x-test-sleep-ms").first() {
             std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
         }
