@@ -535,13 +535,21 @@ fn a_response_slower_than_keepalive_timeout_keeps_its_connection() {
 /// `send_timeout`.
 #[test]
 fn a_client_that_stops_reading_its_response_is_cut_off_after_send_timeout() {
-    let (_upstream, proxy, _config) = proxy(|c| c.server("send_timeout = 1"));
+    let (_upstream, proxy, config) = proxy(|c| c.server("send_timeout = 1"));
     // More than the socket buffers between upstream and client hold.
     let body_bytes: usize = 64 << 20;
     let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
     let head = format!("GET /big HTTP/1.1\r\nHost: x\r\nX-Test-Body-Bytes: {body_bytes}\r\n\r\n");
     stream.write_all(head.as_bytes()).unwrap();
-    std::thread::sleep(Duration::from_secs(4));
+    // Taken, then let go: however long the buffers take to fill.
+    wait_in_flight(config.admin_port, 1);
+    let let_go = eventually(Duration::from_secs(30), || {
+        held_connections(proxy.port) == 0
+    });
+    assert!(
+        let_go,
+        "the connection of a client that reads nothing is still held"
+    );
 
     // Whatever was buffered, then the end: not the whole body.
     stream
