@@ -725,14 +725,23 @@ fn redis_a_session_is_served_through_the_last_second_of_its_idle_timeout() {
     sleep_until(std::time::Duration::from_secs(now.as_secs() + 1));
     let mut browser = Browser::new(pair.a.port);
     browser.get("/", &[("X-Test-Update", r#"{"user":"ann"}"#)]);
+    let written = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     let cookie = browser.cookie.clone().unwrap();
     let key = redis_prefix(&pair) + &handle_of(&cookie);
     let value: String = redis_run(::redis::cmd("GET").arg(&key));
     let record: serde_json::Value = serde_json::from_str(&value).unwrap();
     let atime = record["atime"].as_u64().unwrap();
 
-    // Late in the second `atime + 2`: `now - atime` is the timeout, not past it.
-    sleep_until(std::time::Duration::from_millis((atime + 2) * 1000 + 750));
+    // In the second `atime + 2` (`now - atime` is the timeout, not past
+    // it), just after a TTL of `timeout` from the write would have run
+    // out, which leaves most of the second for the request to arrive in
+    // (a fixed 750 ms into it left 250 ms). Never later than half a
+    // second before its end, a slow write notwithstanding.
+    let ttl_from_write = written + std::time::Duration::from_millis(2000 + 150);
+    let last_second_ends = std::time::Duration::from_secs(atime + 3);
+    sleep_until(ttl_from_write.min(last_second_ends - std::time::Duration::from_millis(500)));
     let response = browser.get("/", &[]);
     assert_ne!(
         response.text(),
