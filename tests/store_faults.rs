@@ -175,6 +175,7 @@ on_each_shared_store!(
     a_record_that_cannot_be_decoded_is_a_new_session_logged_by_handle_prefix,
     connections_the_store_closed_while_idle_cost_no_request_a_503,
     with_lock_connections_the_store_closed_while_idle_cost_no_request_a_503,
+    connections_forgotten_on_the_way_while_idle_cost_no_request_a_503,
 );
 
 /// The store closes the proxy's connections while they are idle (Redis's
@@ -189,6 +190,42 @@ fn connections_the_store_closed_while_idle_cost_no_request_a_503(shared: Shared)
 /// The same with `lock = true`, whose leases take a command of their own.
 fn with_lock_connections_the_store_closed_while_idle_cost_no_request_a_503(shared: Shared) {
     closed_while_idle(shared, &["lock = true"]);
+}
+
+/// Something on the way to the store (a firewall or a NAT that forgets
+/// idle connections, a pooler) drops the proxy's connections without a
+/// word: the proxy learns of it only from the statement or command it
+/// sends next on one, which never reaches the store. That one is made
+/// again on a new connection: no request pays for it with a 503.
+fn connections_forgotten_on_the_way_while_idle_cost_no_request_a_503(shared: Shared) {
+    if !shared.available() {
+        return;
+    }
+    let relay = Relay::start(&format!("127.0.0.1:{}", shared.port()));
+    let setup = setup(shared, "forgotten", Some(&relay), &[]);
+    let port = setup.proxy.port;
+    let mut browsers: Vec<Browser> = (0..4).map(|_| Browser::new(port)).collect();
+    for browser in &mut browsers {
+        assert_eq!(browser.get("/count", &[]).text(), "1");
+    }
+    // Requests at once, so that a proxy thread holds several connections,
+    // all of them forgotten below.
+    let at_once: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(move || Browser::new(port).get("/count", &[]).status))
+        .collect();
+    for request in at_once {
+        assert_eq!(request.join().unwrap(), 200);
+    }
+    relay.forget_idle();
+    for (i, browser) in browsers.iter_mut().enumerate() {
+        let response = browser.get("/count", &[]);
+        assert_eq!(
+            (response.status, response.text().as_str()),
+            (200, "2"),
+            "session {i}, after its connection was forgotten on the way"
+        );
+    }
+    assert!(relay.forgotten() > 0, "no connection was forgotten in use");
 }
 
 fn closed_while_idle(shared: Shared, session: &[&str]) {

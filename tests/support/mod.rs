@@ -615,6 +615,12 @@ struct RelayFaults {
     wedged_open: std::sync::atomic::AtomicUsize,
     /// Connections cut in the middle of a reply.
     cut: std::sync::atomic::AtomicUsize,
+    /// Connections opened before the last [`Relay::forget_idle`] are
+    /// closed when their client next sends (an era: a count of calls).
+    era: std::sync::atomic::AtomicUsize,
+    /// Connections closed so, and the bytes their client sent that the
+    /// service never got.
+    forgotten: std::sync::atomic::AtomicUsize,
 }
 
 impl Relay {
@@ -664,6 +670,7 @@ impl Relay {
                     continue;
                 };
                 let wedged = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let born = faults.era.load(Ordering::SeqCst);
                 let mut tracked = connections.lock().unwrap();
                 for (from_service, from, to) in [
                     (
@@ -679,7 +686,7 @@ impl Relay {
                 ] {
                     let (faults, wedged) = (faults.clone(), wedged.clone());
                     std::thread::spawn(move || {
-                        relay_one_way(from, to, from_service, &faults, &wedged)
+                        relay_one_way(from, to, from_service, born, &faults, &wedged)
                     });
                 }
                 tracked.extend([client, server]);
@@ -732,6 +739,24 @@ impl Relay {
             > 0
     }
 
+    /// Forgets every open connection without a word, as a firewall, a NAT
+    /// or a pooler that drops idle connections does: the next bytes the
+    /// client sends on one never reach the service, and the connection is
+    /// closed both ways then, not before. New connections carry as ever.
+    pub fn forget_idle(&self) {
+        self.faults
+            .era
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections closed on their client's next bytes after
+    /// [`Relay::forget_idle`] so far.
+    pub fn forgotten(&self) -> usize {
+        self.faults
+            .forgotten
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Connections cut in the middle of a reply so far.
     pub fn cuts(&self) -> usize {
         self.faults.cut.load(std::sync::atomic::Ordering::SeqCst)
@@ -755,6 +780,7 @@ fn relay_one_way(
     mut from: TcpStream,
     mut to: TcpStream,
     from_service: bool,
+    born: usize,
     faults: &RelayFaults,
     wedged: &std::sync::atomic::AtomicBool,
 ) {
@@ -771,6 +797,12 @@ fn relay_one_way(
         }
         if wedged.load(Ordering::SeqCst) {
             continue;
+        }
+        if !from_service && born < faults.era.load(Ordering::SeqCst) {
+            faults.forgotten.fetch_add(1, Ordering::SeqCst);
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+            return;
         }
         let cut_here = from_service
             && faults

@@ -11,14 +11,24 @@ use crate::store::{Handle, StoreError};
 
 /// Why an operation on a connection failed: the connection's state is
 /// unknown (it is dropped, not returned to the pool), or the store refused
-/// cleanly. The last two are mended, and the operation made once more
-/// ([`PostgresStore::run`]); their statement failed, so nothing of the
-/// operation was written.
+/// cleanly. The last three are mended or gone round, and the operation
+/// made once more ([`PostgresStore::run`]).
 ///
 /// [`PostgresStore::run`]: super::PostgresStore::run
 pub(super) enum Failure {
     Connection(StoreError),
     Clean(StoreError),
+    /// The connection was closed under the statement: the server (a
+    /// restart, `idle_session_timeout`) or something on the way (a
+    /// firewall or NAT that forgets idle connections, a pooler) closed it
+    /// while it sat in the pool, and its end was not seen before it was
+    /// handed out. The statement never reached a server that could run
+    /// it, but for a server that went away in the middle of it, the one
+    /// case where it may run twice: the stores' writes are versioned
+    /// (a second run finds its version taken and decides again) or
+    /// idempotent, as for a Redis command made once more on a new
+    /// connection.
+    Closed(StoreError),
     /// `undefined_table` (42P01): the table was dropped under the running
     /// proxy. Every statement on a pooled connection names only the table.
     NoTable(StoreError),
@@ -33,6 +43,7 @@ impl Failure {
         match self {
             Failure::Connection(error)
             | Failure::Clean(error)
+            | Failure::Closed(error)
             | Failure::NoTable(error)
             | Failure::StalePlan(error) => error,
         }
@@ -52,6 +63,7 @@ impl From<tokio_postgres::Error> for Failure {
                 Failure::NoTable(unavailable(&error))
             }
             Some(db) if stale_plan(db) => Failure::StalePlan(unavailable(&error)),
+            None if error.is_closed() => Failure::Closed(unavailable(&error)),
             _ => Failure::Connection(unavailable(&error)),
         }
     }

@@ -301,10 +301,10 @@ impl PostgresStore {
     }
 
     /// Runs `operation` (given its deadline, the store's timeout from now:
-    /// a checkout, its statements, [`finish`]) and, when it found the
-    /// table dropped or the statements prepared on its connection stale,
-    /// mends that and runs it once more (on another connection: that one
-    /// is in doubt), within the same deadline.
+    /// a checkout, its statements, [`finish`]) and, when it found its
+    /// connection closed, the table dropped or the statements prepared on
+    /// its connection stale, mends that and runs it once more (on another
+    /// connection: that one is in doubt), within the same deadline.
     async fn run<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
     where
         F: Fn(Instant) -> Fut,
@@ -325,6 +325,15 @@ impl PostgresStore {
                     self.table
                 );
                 self.pool().await?.manager().statement_caches.clear();
+            }
+            // The pool drops a connection it knows closed; one whose end
+            // came unseen failed this statement, and was dropped. The
+            // thread's other idle connections most likely went the same
+            // way (a restart, a NAT's or a pooler's idle timeout): they go
+            // too, and the pool opens new ones.
+            Err(Failure::Closed(error)) => {
+                log::debug!("postgres: {error}: once more on a new connection");
+                self.pool().await?.retain(|_, _| false);
             }
             other => return other.map_err(Failure::into_error),
         }
