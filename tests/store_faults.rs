@@ -176,6 +176,7 @@ on_each_shared_store!(
     connections_the_store_closed_while_idle_cost_no_request_a_503,
     with_lock_connections_the_store_closed_while_idle_cost_no_request_a_503,
     connections_forgotten_on_the_way_while_idle_cost_no_request_a_503,
+    with_lock_connections_forgotten_on_the_way_while_idle_cost_no_request_a_503,
 );
 
 /// The store closes the proxy's connections while they are idle (Redis's
@@ -198,11 +199,20 @@ fn with_lock_connections_the_store_closed_while_idle_cost_no_request_a_503(share
 /// sends next on one, which never reaches the store. That one is made
 /// again on a new connection: no request pays for it with a 503.
 fn connections_forgotten_on_the_way_while_idle_cost_no_request_a_503(shared: Shared) {
+    forgotten_while_idle(shared, &[]);
+}
+
+/// The same with `lock = true`, whose leases take connections of their own.
+fn with_lock_connections_forgotten_on_the_way_while_idle_cost_no_request_a_503(shared: Shared) {
+    forgotten_while_idle(shared, &["lock = true"]);
+}
+
+fn forgotten_while_idle(shared: Shared, session: &[&str]) {
     if !shared.available() {
         return;
     }
     let relay = Relay::start(&format!("127.0.0.1:{}", shared.port()));
-    let setup = setup(shared, "forgotten", Some(&relay), &[]);
+    let setup = setup(shared, "forgotten", Some(&relay), session);
     let port = setup.proxy.port;
     let mut browsers: Vec<Browser> = (0..4).map(|_| Browser::new(port)).collect();
     for browser in &mut browsers {
