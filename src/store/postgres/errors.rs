@@ -11,23 +11,21 @@ use crate::store::{Handle, StoreError};
 
 /// Why an operation on a connection failed: the connection's state is
 /// unknown (it is dropped, not returned to the pool), or the store refused
-/// cleanly. The last three are mended or gone round, and the operation
-/// made once more ([`PostgresStore::run`]).
+/// cleanly. The last three are mended (a closed connection is left
+/// behind) and the operation made once more ([`PostgresStore::run`]).
 ///
 /// [`PostgresStore::run`]: super::PostgresStore::run
 pub(super) enum Failure {
     Connection(StoreError),
     Clean(StoreError),
-    /// The connection was closed under the statement: the server (a
-    /// restart, `idle_session_timeout`) or something on the way (a
-    /// firewall or NAT that forgets idle connections, a pooler) closed it
-    /// while it sat in the pool, and its end was not seen before it was
-    /// handed out. The statement never reached a server that could run
-    /// it, but for a server that went away in the middle of it, the one
-    /// case where it may run twice: the stores' writes are versioned
-    /// (a second run finds its version taken and decides again) or
-    /// idempotent, as for a Redis command made once more on a new
-    /// connection.
+    /// The connection was found closed: the server (a restart,
+    /// `idle_session_timeout`) or something on the way (a firewall or a NAT
+    /// that forgets idle connections, a pooler) closed it while it sat in
+    /// the pool, unseen until this statement. Made once more on a new
+    /// connection, as a Redis command is. Only a server that went away in
+    /// the middle of the statement can have run it; the second run then
+    /// decides again on what the first left, since the writes are
+    /// versioned (it finds its version taken) or idempotent.
     Closed(StoreError),
     /// `undefined_table` (42P01): the table was dropped under the running
     /// proxy. Every statement on a pooled connection names only the table.
