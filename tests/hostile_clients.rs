@@ -698,6 +698,45 @@ fn session_headers_named_with_underscores_are_stripped_in_every_spelling() {
     assert_ne!(ours[0].1, "forged");
 }
 
+/// lighttpd gives its CGI, FastCGI and SCGI apps each header as `HTTP_`
+/// and the name with every character but a letter or digit as `_`: a
+/// client's `X.Session` is the app's `HTTP_X_SESSION` there, as surely
+/// as `X_Session` is under any CGI/WSGI server.
+#[test]
+fn session_and_forwarding_headers_are_stripped_in_every_cgi_spelling() {
+    let (_upstream, proxy, _config) = proxy(|c| c.session("bypass = [\"/static/\"]"));
+    let spoofs = [
+        ("X.Session", "forged"),
+        ("x~session", "forged"),
+        ("X!Session.Update", "{}"),
+        ("X-Session'Action", "kill"),
+        ("X.Forwarded.For", "203.0.113.7"),
+        ("X|Forwarded|Proto", "https"),
+    ];
+    let cgi_name = |name: &str| {
+        name.to_ascii_uppercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    };
+    for path in ["/page", "/static/app.css"] {
+        let response = get(proxy.port, path, &spoofs);
+        assert_eq!(response.status, 200);
+        let mut seen: Vec<(String, String)> = response
+            .upstream_headers()
+            .into_iter()
+            .map(|(name, value)| (cgi_name(&name), value))
+            .filter(|(name, _)| name.starts_with("X_SESSION") || name.starts_with("X_FORWARDED"))
+            .collect();
+        seen.sort();
+        let names: Vec<&str> = seen.iter().map(|(name, _)| name.as_str()).collect();
+        match path {
+            "/page" => assert_eq!(names, ["X_FORWARDED_FOR", "X_SESSION"], "{seen:?}"),
+            _ => assert_eq!(names, ["X_FORWARDED_FOR"], "{path}: {seen:?}"),
+        }
+        assert_eq!(seen[0].1, "127.0.0.1");
+        assert!(seen.iter().all(|(_, value)| value != "forged"), "{seen:?}");
+    }
+}
+
 /// What the upstream saw of the forwarding headers, in any spelling.
 fn forwarding_headers(response: &Response) -> Vec<(String, String)> {
     response

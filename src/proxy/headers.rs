@@ -21,16 +21,16 @@ pub struct SessionHeaders {
 }
 
 impl SessionHeaders {
-    /// True when `name` is one of ours once `_` is read as `-`: CGI and
-    /// WSGI servers turn both into the same variable, so `X_Session` from a
-    /// client would reach the app as if the proxy had sent it.
+    /// True when `name` is one of ours as an app's server may read it
+    /// ([`same_variable`]): `X_Session` or `X.Session` from a client would
+    /// reach the app as if the proxy had sent it.
     fn reserves(&self, name: &HeaderName) -> bool {
         [&self.session, &self.update, &self.action]
             .into_iter()
-            .any(|ours| same_name_modulo_underscore(ours.as_str(), name.as_str()))
+            .any(|ours| same_variable(ours.as_str(), name.as_str()))
     }
 
-    /// Removes every client-sent copy of the session headers, the `_`
+    /// Removes every client-sent copy of the session headers, the other
     /// spellings of the forwarding headers (`X_Forwarded_For`), which
     /// would reach a CGI/WSGI app as the proxy's [`forward_client`], and
     /// those of the framing headers (`Content_Length`).
@@ -38,7 +38,7 @@ impl SessionHeaders {
         let spoofed: Vec<HeaderName> = request
             .headers
             .keys()
-            .filter(|name| self.reserves(name) || is_underscore_spelling(name))
+            .filter(|name| self.reserves(name) || is_other_spelling(name))
             .cloned()
             .collect();
         for name in spoofed {
@@ -47,21 +47,21 @@ impl SessionHeaders {
     }
 }
 
-/// A `_` spelling of a header the app must read only as the proxy sends
-/// it: the forwarding headers, and the framing headers, by which a server
-/// that reads `_` as `-` would frame a body the proxy never sent (and
-/// take the next request on the connection, another client's, for it).
-fn is_underscore_spelling(name: &HeaderName) -> bool {
+/// Another spelling ([`same_variable`]) of a header the app must read only
+/// as the proxy sends it: the forwarding headers, and the framing headers,
+/// by which a server that reads `_` as `-` would frame a body the proxy
+/// never sent (and take the next request on the connection, another
+/// client's, for it).
+fn is_other_spelling(name: &HeaderName) -> bool {
     const GUARDED: [HeaderName; 4] = [
         X_FORWARDED_FOR,
         X_FORWARDED_PROTO,
         http::header::CONTENT_LENGTH,
         http::header::TRANSFER_ENCODING,
     ];
-    name.as_str().contains('_')
-        && GUARDED
-            .iter()
-            .any(|ours| same_name_modulo_underscore(ours.as_str(), name.as_str()))
+    GUARDED
+        .iter()
+        .any(|ours| same_variable(ours.as_str(), name.as_str()) && ours != name)
 }
 
 /// Tells the upstream who the client is, on the request as it leaves:
@@ -115,11 +115,14 @@ fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     }
 }
 
-/// Both names are lower case (http's `HeaderName` guarantees it). `_` and
-/// `-` are one character on either side: a configured `X_Session` is
-/// spoofed by a client's `X-Session` as surely as the other way round.
-fn same_name_modulo_underscore(ours: &str, theirs: &str) -> bool {
-    let dash = |b: u8| if b == b'_' { b'-' } else { b };
+/// Whether two header names are one variable to an app's server. Both
+/// are lower case (http's `HeaderName` guarantees it). CGI and WSGI
+/// servers read `_` as `-`, and lighttpd (CGI, FastCGI, SCGI) every
+/// character but a letter or digit (`X.Session` is its `HTTP_X_SESSION`):
+/// all of them are one here, on either side, so a configured `X_Session`
+/// is spoofed by a client's `X-Session` as surely as the other way round.
+fn same_variable(ours: &str, theirs: &str) -> bool {
+    let dash = |b: u8| if b.is_ascii_alphanumeric() { b } else { b'-' };
     ours.len() == theirs.len()
         && ours
             .bytes()
@@ -383,13 +386,16 @@ mod tests {
             ("x_session", "forged"),
             ("X-Session-Update", "{}"),
             ("X_SESSION_ACTION", "kill"),
+            ("X.Session~Update", "{}"),
+            ("X.Forwarded.For", "6.6.6.6"),
+            ("X-Forwarded-For", "kept"),
             ("X-Sessions", "kept"),
             ("Accept", "*/*"),
         ]);
         names().strip_from(&mut request);
         let mut left: Vec<&str> = request.headers.keys().map(|k| k.as_str()).collect();
         left.sort();
-        assert_eq!(left, ["accept", "x-sessions"]);
+        assert_eq!(left, ["accept", "x-forwarded-for", "x-sessions"]);
     }
 
     /// Takes the cookie, accepting none of its values; returns them all.
