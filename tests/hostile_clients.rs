@@ -664,6 +664,43 @@ fn idle_and_slow_admin_connections_are_cut_off_like_the_proxys() {
     assert_eq!(get(config.admin_port, "/healthz", &[]).status, 200);
 }
 
+// ---- Unusual request forms ----
+
+/// Each of these requests is one request of its session (SPEC [4]): the
+/// session is resumed, the app's update is stored, and the cookie stays.
+#[test]
+fn unusual_request_forms_resume_their_session_and_store_its_update() {
+    let (_upstream, proxy, _config) = proxy(|c| c);
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"n":0}"#)]);
+    let cookie = format!("Cookie: session_id={}", browser.cookie.clone().unwrap());
+    let forms = [
+        ("HEAD /page HTTP/1.1\r\nHost: x\r\nConnection: close", ""),
+        ("OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close", ""),
+        (
+            "GET http://x/page HTTP/1.1\r\nHost: x\r\nConnection: close",
+            "",
+        ),
+        ("GET /page HTTP/1.0", ""),
+        (
+            "POST /page HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Expect: 100-continue\r\nContent-Length: 2",
+            "ok",
+        ),
+    ];
+    for (n, (head, body)) in forms.into_iter().enumerate() {
+        let update = format!("X-Test-Update: {{\"n\":{}}}", n + 1);
+        let raw = format!("{head}\r\n{cookie}\r\n{update}\r\n\r\n{body}");
+        let answer = raw_exchange(proxy.port, raw.as_bytes(), Duration::from_secs(5));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.contains("HTTP/1.1 200 OK\r\n"), "{head}: {answer}");
+        assert!(!answer.contains("Set-Cookie"), "{head}: {answer}");
+        let after = browser.get("/", &[]).session();
+        assert_eq!(after["new"], false, "{head}");
+        assert_eq!(after["data"], serde_json::json!({"n": n + 1}), "{head}");
+    }
+}
+
 // ---- Spoofed session headers ----
 
 #[test]
