@@ -845,6 +845,41 @@ async fn spoofed_session_headers_are_stripped_over_h2() {
     }
 }
 
+/// Trailers are headers after the body: the session headers' names there
+/// would reach an app that merges trailers into the headers (HTTP/1's are
+/// dropped too: tests/smuggling.rs).
+#[tokio::test]
+async fn request_trailers_never_reach_the_app_over_h2() {
+    let ca = TestCa::new();
+    let recorder = Recorder::start();
+    let config = https_proxy(&ca, recorder.port);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+    let request = http::Request::post("https://127.0.0.1/t")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut h2 = h2.ready().await.unwrap();
+    let (answer, mut body) = h2.send_request(request, false).unwrap();
+    body.send_data(Bytes::from_static(b"hello"), false).unwrap();
+    let mut trailers = http::HeaderMap::new();
+    for name in ["x-session", "x_session", "x-session-action"] {
+        trailers.insert(name, http::HeaderValue::from_static("forged"));
+    }
+    body.send_trailers(trailers).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+
+    let seen = recorder.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].body, b"hello");
+    let tokens = seen[0].all("x-session");
+    assert!(
+        tokens.len() == 1 && tokens[0].starts_with("eyJ"),
+        "{seen:?}"
+    );
+    assert!(!recorder.text().contains("forged"), "{}", recorder.text());
+}
+
 #[tokio::test]
 async fn a_path_that_could_leave_its_bypass_prefix_gets_the_session_over_h2() {
     let ca = TestCa::new();
@@ -992,12 +1027,13 @@ fn malformed_names_and_values_are_refused_and_never_reach_the_app() {
     let config = https_proxy(&ca, recorder.port);
     let _proxy = config.start();
 
-    let fields: [(&[u8], &[u8]); 5] = [
+    let fields: [(&[u8], &[u8]); 6] = [
         (b"X-Upper", b"1"),
         (b"x-cr", b"a\rb"),
         (b"x-lf", b"a\r\nx-injected: 1"),
         (b"x-nul", b"a\0b"),
         (b"x sp", b"1"),
+        (b":x-session", b"forged"),
     ];
     for field in fields {
         let mut h2 = RawH2::connect(&ca, config.port);
