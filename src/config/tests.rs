@@ -1168,6 +1168,24 @@ fn header_names_must_differ_even_with_underscores() {
     );
 }
 
+/// The stripping reads every character but a letter or digit as `-`
+/// (lighttpd's CGI does): so does the check that the names differ.
+#[test]
+fn header_names_must_differ_even_with_other_punctuation() {
+    let message = error("[headers]\naction = \"X.Session\"");
+    assert!(
+        message.starts_with(
+            "test.toml:2:10: headers.action: \"X.Session\" is the same header as headers.session"
+        ),
+        "{message}"
+    );
+    let message = error("[headers]\nsession = \"X.Forwarded.For\"");
+    assert!(
+        message.contains("is a header HTTP or the proxy already uses"),
+        "{message}"
+    );
+}
+
 #[test]
 fn header_names_must_not_be_reserved() {
     let message = error("[headers]\nsession = \"Cookie\"");

@@ -828,8 +828,11 @@ fn headers(headers: file::Headers, src: &Source) -> Result<HeaderConfig> {
                 ),
             ));
         }
-        // CGI/WSGI servers read `_` as `-`, so compare names the way they do.
-        let normalized = name.to_ascii_lowercase().replace('_', "-");
+        // CGI/WSGI servers read `_` as `-`, lighttpd any character but a
+        // letter or digit: compare names as they (and the stripping) do.
+        let normalized = name
+            .to_ascii_lowercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "-");
         if RESERVED_HEADERS.contains(&normalized.as_str()) {
             return Err(src.error(
                 key,
@@ -839,7 +842,7 @@ fn headers(headers: file::Headers, src: &Source) -> Result<HeaderConfig> {
         if let Some((other, _)) = seen.iter().find(|(_, seen)| *seen == normalized) {
             return Err(src.error(
                 key,
-                format!("{name:?} is the same header as {other} (case and `_`/`-` do not count); the three headers must differ"),
+                format!("{name:?} is the same header as {other} (case does not count, nor which character is not a letter or digit); the three headers must differ"),
             ));
         }
         seen.push((key, normalized));
