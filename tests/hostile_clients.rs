@@ -774,6 +774,29 @@ fn session_and_forwarding_headers_are_stripped_in_every_cgi_spelling() {
     }
 }
 
+/// httpoxy (CVE-2016-5385 and its kin): a CGI app's server turns a
+/// client's `Proxy` header into `HTTP_PROXY`, which many HTTP libraries
+/// read as the proxy for the app's own outgoing requests, to a host the
+/// client names. No client has a reason to send it.
+#[test]
+fn a_client_proxy_header_never_reaches_the_app() {
+    let (_upstream, proxy, _config) = proxy(|c| c.session("bypass = [\"/static/\"]"));
+    let sent = [
+        ("Proxy", "http://203.0.113.7:3128"),
+        ("PROXY", "http://203.0.113.8:3128"),
+    ];
+    for path in ["/page", "/static/app.css"] {
+        let response = get(proxy.port, path, &sent);
+        assert_eq!(response.status, 200);
+        let seen: Vec<(String, String)> = response
+            .upstream_headers()
+            .into_iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("proxy"))
+            .collect();
+        assert_eq!(seen, [], "{path}");
+    }
+}
+
 /// What the upstream saw of the forwarding headers, in any spelling.
 fn forwarding_headers(response: &Response) -> Vec<(String, String)> {
     response

@@ -32,13 +32,13 @@ impl SessionHeaders {
 
     /// Removes every client-sent copy of the session headers, the other
     /// spellings of the forwarding headers (`X_Forwarded_For`), which
-    /// would reach a CGI/WSGI app as the proxy's [`forward_client`], and
-    /// those of the framing headers (`Content_Length`).
+    /// would reach a CGI/WSGI app as the proxy's [`forward_client`], those
+    /// of the framing headers (`Content_Length`), and `Proxy`.
     pub fn strip_from(&self, request: &mut RequestHeader) {
         let spoofed: Vec<HeaderName> = request
             .headers
             .keys()
-            .filter(|name| self.reserves(name) || is_other_spelling(name))
+            .filter(|name| self.reserves(name) || is_other_spelling(name) || is_httpoxy(name))
             .cloned()
             .collect();
         for name in spoofed {
@@ -62,6 +62,14 @@ fn is_other_spelling(name: &HeaderName) -> bool {
     GUARDED
         .iter()
         .any(|ours| same_variable(ours.as_str(), name.as_str()) && ours != name)
+}
+
+/// `Proxy`, which no client has a reason to send: a CGI app's server
+/// makes it `HTTP_PROXY`, which many HTTP libraries take for the proxy of
+/// the app's own outgoing requests, one the client names ("httpoxy",
+/// CVE-2016-5385 and its kin). nginx and Apache setups remove it too.
+fn is_httpoxy(name: &HeaderName) -> bool {
+    name.as_str() == "proxy"
 }
 
 /// Tells the upstream who the client is, on the request as it leaves:
@@ -390,12 +398,22 @@ mod tests {
             ("X.Forwarded.For", "6.6.6.6"),
             ("X-Forwarded-For", "kept"),
             ("X-Sessions", "kept"),
+            ("Proxy", "http://203.0.113.7:3128"),
+            ("Proxy-Authorization", "kept"),
             ("Accept", "*/*"),
         ]);
         names().strip_from(&mut request);
         let mut left: Vec<&str> = request.headers.keys().map(|k| k.as_str()).collect();
         left.sort();
-        assert_eq!(left, ["accept", "x-forwarded-for", "x-sessions"]);
+        assert_eq!(
+            left,
+            [
+                "accept",
+                "proxy-authorization",
+                "x-forwarded-for",
+                "x-sessions"
+            ]
+        );
     }
 
     /// Takes the cookie, accepting none of its values; returns them all.
