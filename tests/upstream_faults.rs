@@ -258,6 +258,64 @@ fn informational_responses_carry_no_instructions_to_the_client_or_the_store() {
     }
 }
 
+/// SPEC 4.5 reads the instructions of "the upstream's response", whatever
+/// it is: one without a body (`HEAD`, `204`, `304`) and the `101` that
+/// ends an upgrade's exchange are applied as a `200`'s are, and hidden.
+#[test]
+fn instructions_on_a_response_without_a_body_are_applied_and_hidden() {
+    let setup = with_session();
+    let cookie = format!("session_id={}", setup.cookie);
+    for (method, status, update) in [
+        ("HEAD", "200", r#"{"head":1}"#),
+        ("GET", "204", r#"{"s204":1}"#),
+        ("GET", "304", r#"{"s304":1}"#),
+    ] {
+        let response = request(
+            setup.proxy.port,
+            method,
+            "/",
+            &[
+                ("Cookie", &cookie),
+                ("X-Test-Status", status),
+                ("X-Test-Update", update),
+            ],
+        );
+        assert_eq!(response.status.to_string(), status, "{method} {status}");
+        assert!(response.header("x-session-update").is_none(), "{status}");
+    }
+    let switching = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nX-Session-Update: {\"ws\":1}\r\n\r\n";
+    let answer = setup.send(&[
+        ("Cookie", &cookie),
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("X-Test-Fault", "raw"),
+        ("X-Test-Raw", &STANDARD.encode(switching)),
+    ]);
+    assert_eq!(answer.status(), Some(101), "{}", answer.text());
+    answer.assert_no_instructions();
+    assert_eq!(
+        setup.data(),
+        json!({"a": 1, "head": 1, "s204": 1, "s304": 1, "ws": 1})
+    );
+    // An action too: a regenerate's new cookie goes out on a 304.
+    let response = get(
+        setup.proxy.port,
+        "/",
+        &[
+            ("Cookie", &cookie),
+            ("X-Test-Status", "304"),
+            ("X-Test-Action", "regenerate"),
+        ],
+    );
+    assert_eq!(response.status, 304);
+    let new = response
+        .set_cookie("session_id")
+        .expect("the new id's cookie");
+    assert_ne!(new, setup.cookie);
+    assert!(!record_path(&setup.config.sessions_dir(), &setup.cookie).exists());
+}
+
 #[test]
 fn a_body_cut_short_after_the_head_ends_the_connection_and_nothing_is_added() {
     let setup = with_session();
