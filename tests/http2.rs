@@ -747,6 +747,34 @@ async fn instructions_are_applied_and_stripped_over_h2() {
     assert_eq!(invalid.status, 502);
 }
 
+/// A body the app cuts off ends its stream with a reset, never with
+/// END_STREAM: that is how an h2 client tells a whole body from a part,
+/// and a chunked one from the app has no length to check it by.
+#[tokio::test]
+async fn a_body_the_app_cuts_short_resets_the_stream() {
+    let ca = TestCa::new();
+    let upstream = start_upstream();
+    let config = https_proxy(&ca, upstream.port);
+    let _proxy = config.start();
+    let (h2, _task) = h2_connect(&ca, config.port).await;
+    let chunked = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n wo",
+    );
+    for headers in [
+        vec![("x-test-fault", "raw"), ("x-test-raw", chunked.as_str())],
+        vec![("x-test-fault", "truncate")],
+    ] {
+        let answer = h2_request(&h2, "GET", "/", &headers, b"").await;
+        assert!(
+            answer.is_err(),
+            "{headers:?}: a cut body ended as if whole: {answer:?}"
+        );
+    }
+    // The connection serves on.
+    assert_eq!(h2_get(&h2, "/x", &[]).await.status, 200);
+}
+
 #[tokio::test]
 async fn an_expired_session_gets_the_expired_answer_over_h2() {
     let ca = TestCa::new();
