@@ -316,6 +316,43 @@ fn instructions_on_a_response_without_a_body_are_applied_and_hidden() {
     assert!(!record_path(&setup.config.sessions_dir(), &setup.cookie).exists());
 }
 
+/// SPEC 4.5: any JSON object is a merge patch, whatever its keys: a NUL
+/// is kept (escaped) and `__proto__` is a key like any other. README
+/// (deviations): JSON text whose value the proxy cannot keep exactly, a
+/// lone surrogate (which no Unicode string holds: Python's `json.dumps` of
+/// a `surrogateescape` string) or a number past a double's range, is
+/// refused as JSON that is not an object is: 502, the session unchanged.
+#[test]
+fn an_update_is_kept_exactly_or_refused_whole() {
+    let setup = with_session();
+    let cookie = format!("session_id={}", setup.cookie);
+    let update = |patch: &str| {
+        get(
+            setup.proxy.port,
+            "/",
+            &[("Cookie", &cookie), ("X-Test-Update", patch)],
+        )
+    };
+    let patch = r#"{"k\u0000":"v\u0000","__proto__":{"admin":true}}"#;
+    assert_eq!(update(patch).status, 200);
+    let stored = json!({"a": 1, "k\u{0}": "v\u{0}", "__proto__": {"admin": true}});
+    assert_eq!(setup.data(), stored);
+    let token = get(setup.proxy.port, "/", &[("Cookie", &cookie)]).session();
+    assert_eq!(token["data"], stored);
+    let before = setup.files();
+    for patch in [
+        r#"{"s":"\ud800"}"#,
+        r#"{"s":"\udcff.txt"}"#,
+        r#"{"n":1e400}"#,
+        r#"{"n":[-1e309]}"#,
+    ] {
+        let refused = update(patch);
+        assert_eq!(refused.status, 502, "{patch}: {}", refused.text());
+        assert_eq!(refused.text(), "invalid session update from upstream");
+        assert_eq!(setup.files(), before, "{patch} changed the store");
+    }
+}
+
 #[test]
 fn a_body_cut_short_after_the_head_ends_the_connection_and_nothing_is_added() {
     let setup = with_session();
