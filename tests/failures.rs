@@ -138,6 +138,24 @@ fn an_unreachable_upstream_is_a_502_and_the_session_is_unchanged() {
     drop(proxy);
 }
 
+/// The proxy closes a client's connection after a 502, 503 or 504: the
+/// answer says so, or a kept-alive client sends its next request into the
+/// close and gets a reset (a descriptor-starved proxy answers 502s).
+#[test]
+fn a_failure_answer_says_the_connection_closes() {
+    let proxy = ProxyConfig::new(free_port()).start();
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(&mut client, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut client, &mut raw).expect("the proxy closes");
+    let response = parse_response(&raw, false).unwrap();
+    assert_eq!(response.status, 502);
+    assert_eq!(response.header("connection"), Some("close"));
+}
+
 #[test]
 fn an_upstream_that_hangs_is_a_504() {
     let (_upstream, _proxy, config, mut browser) = with_session(|c| {

@@ -678,6 +678,10 @@ impl ProxyHttp for SessionProxy {
         let code = match failure {
             Failure::ClientGone => 0,
             failure => {
+                // The connection ends after this answer (below): said in
+                // it, a kept-alive client does not send its next request
+                // into the close.
+                session.set_keepalive(None);
                 answer::failure(session, failure).await;
                 failure.status()
             }
