@@ -26,13 +26,19 @@
 //! its ERROR line for a race in its upstream connection pool that it
 //! recovers from by itself.
 //!
+//! And it writes pingora's line for a failed accept() at most once a
+//! second: out of the system's files (ENFILE) or memory, pingora retries
+//! at once, and logged tens of thousands of ERROR lines a second.
+//!
 //! ```no_run
 //! session_proxy::logging::init();
 //! session_proxy::logging::protect(&["a secret key of 32 bytes or more..".to_string()]);
 //! ```
 
 use std::borrow::Cow;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{OnceLock, RwLock};
+use std::time::Instant;
 
 use log::{Level, Log, Metadata, Record};
 
@@ -78,6 +84,9 @@ impl Log for Redacting {
             return;
         }
         let line = record.args().to_string();
+        if is_accept_failure(record, &line) && !ACCEPT_FAILURES.first_this_second() {
+            return;
+        }
         let level = match belongs_at_debug(record, &line) {
             true => Level::Debug,
             false => record.level(),
@@ -165,6 +174,40 @@ fn belongs_at_debug(record: &Record, line: &str) -> bool {
     target.starts_with("pingora_core::apps::http_app")
         && (line.starts_with("HTTP server fails to read from downstream")
             || line.starts_with("HTTP server fails to write to downstream"))
+}
+
+/// pingora's line for an accept() that failed. It waits a second before
+/// the next one only after EMFILE (the process's limit): after ENFILE,
+/// ENOBUFS or ENOMEM it tries again at once, failing as fast as it can.
+/// That spin is pingora's to end; the log can at least stay readable.
+fn is_accept_failure(record: &Record, line: &str) -> bool {
+    record.level() == Level::Error
+        && record.target() == "pingora_core::services::listening"
+        && line.starts_with("Accept() failed")
+}
+
+static ACCEPT_FAILURES: OncePerSecond = OncePerSecond {
+    last: AtomicU64::new(0),
+};
+
+/// Lets one event a second through, from all threads together.
+struct OncePerSecond {
+    /// Milliseconds since `START`, plus one, of the last event let through;
+    /// 0 for none yet.
+    last: AtomicU64,
+}
+
+impl OncePerSecond {
+    fn first_this_second(&self) -> bool {
+        static START: OnceLock<Instant> = OnceLock::new();
+        let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now >= last + 1000)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 /// `line` with secrets and long opaque runs taken out (see the module docs).
