@@ -148,7 +148,10 @@ fn accept_failing_at_once_is_logged_once_a_second() {
     queued
         .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .unwrap();
-    assert!(eventually(Duration::from_secs(5), || failures() > 0));
+    assert!(
+        eventually(Duration::from_secs(5), || failures() > 0),
+        "accept() never failed: the shim needs a dynamically linked binary"
+    );
     std::thread::sleep(Duration::from_secs(2));
     let logged = failures();
     std::fs::remove_file(&failing).unwrap();
