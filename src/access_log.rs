@@ -35,7 +35,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -43,6 +43,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{info, warn};
 use pingora::http::RequestHeader;
 use prometheus::IntCounter;
+
+use crate::throttle::Throttle;
 
 /// Where the lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,39 +118,7 @@ pub struct AccessLog {
     reopen: Arc<AtomicBool>,
     dropped: IntCounter,
     /// When the next WARN about dropped lines may come.
-    drop_warnings: WarnEvery,
-}
-
-/// Lets a WARN through at most every [`WARN_EVERY`], by the monotonic
-/// clock: timed by the wall clock, a clock stepped back (NTP, a VM
-/// resumed) silenced the WARNs for as long as the step. Shared by the
-/// request threads, without a lock.
-struct WarnEvery {
-    origin: Instant,
-    /// Milliseconds from `origin` to the last WARN, plus one; 0: none yet.
-    last: AtomicU64,
-}
-
-impl WarnEvery {
-    fn new() -> WarnEvery {
-        WarnEvery {
-            origin: Instant::now(),
-            last: AtomicU64::new(0),
-        }
-    }
-
-    /// Whether a WARN may come at `now`; if so, it is counted as come.
-    fn due_at(&self, now: Instant) -> bool {
-        let since_origin = now.saturating_duration_since(self.origin).as_millis();
-        let now = u64::try_from(since_origin).unwrap_or(u64::MAX - 1) + 1;
-        let last = self.last.load(Ordering::Relaxed);
-        let every = WARN_EVERY.as_millis() as u64;
-        (last == 0 || now >= last.saturating_add(every))
-            && self
-                .last
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
+    drop_warnings: Throttle,
 }
 
 /// What one finished request tells the access log.
@@ -198,7 +168,7 @@ impl AccessLog {
             lines: sender,
             reopen: Arc::new(AtomicBool::new(false)),
             dropped,
-            drop_warnings: WarnEvery::new(),
+            drop_warnings: Throttle::new(WARN_EVERY),
         };
         (log, queue)
     }
@@ -216,7 +186,7 @@ impl AccessLog {
 
     fn count_dropped(&self) {
         self.dropped.inc();
-        if self.drop_warnings.due_at(Instant::now()) {
+        if self.drop_warnings.due() {
             warn!(
                 "access log: the writer cannot keep up, lines dropped ({} so far, session_proxy_access_log_dropped_total)",
                 self.dropped.get()
@@ -589,20 +559,6 @@ mod tests {
         assert_eq!(queue.try_iter().count(), 2);
         log.record(&entry);
         assert_eq!(dropped.get(), 3, "room again once the writer took lines");
-    }
-
-    /// Timed by the monotonic clock, which no clock step moves: a WARN
-    /// at once, then none until `WARN_EVERY` has passed.
-    #[test]
-    fn drop_warnings_come_at_most_every_warn_every_by_the_monotonic_clock() {
-        let warnings = WarnEvery::new();
-        let start = Instant::now();
-        assert!(warnings.due_at(start), "the first WARN comes at once");
-        assert!(!warnings.due_at(start + WARN_EVERY / 2));
-        assert!(!warnings.due_at(start + WARN_EVERY - Duration::from_millis(1)));
-        assert!(warnings.due_at(start + WARN_EVERY));
-        assert!(!warnings.due_at(start + WARN_EVERY + Duration::from_secs(1)));
-        assert!(warnings.due_at(start + WARN_EVERY * 2));
     }
 
     #[test]

@@ -23,4 +23,5 @@ pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod throttle;
 pub mod tls;

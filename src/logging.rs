@@ -36,11 +36,12 @@
 //! ```
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, RwLock};
-use std::time::Instant;
+use std::sync::{LazyLock, RwLock};
+use std::time::Duration;
 
 use log::{Level, Log, Metadata, Record};
+
+use crate::throttle::Throttle;
 
 /// A run of base64url characters this long is a credential as far as logs go.
 const MIN_OPAQUE_RUN: usize = 32;
@@ -84,7 +85,7 @@ impl Log for Redacting {
             return;
         }
         let line = record.args().to_string();
-        if is_accept_failure(record, &line) && !ACCEPT_FAILURES.first_this_second() {
+        if is_accept_failure(record, &line) && !ACCEPT_FAILURES.due() {
             return;
         }
         let level = match belongs_at_debug(record, &line) {
@@ -186,29 +187,8 @@ fn is_accept_failure(record: &Record, line: &str) -> bool {
         && line.starts_with("Accept() failed")
 }
 
-static ACCEPT_FAILURES: OncePerSecond = OncePerSecond {
-    last: AtomicU64::new(0),
-};
-
-/// Lets one event a second through, from all threads together.
-struct OncePerSecond {
-    /// Milliseconds since `START`, plus one, of the last event let through;
-    /// 0 for none yet.
-    last: AtomicU64,
-}
-
-impl OncePerSecond {
-    fn first_this_second(&self) -> bool {
-        static START: OnceLock<Instant> = OnceLock::new();
-        let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
-        let last = self.last.load(Ordering::Relaxed);
-        (last == 0 || now >= last + 1000)
-            && self
-                .last
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-}
+static ACCEPT_FAILURES: LazyLock<Throttle> =
+    LazyLock::new(|| Throttle::new(Duration::from_secs(1)));
 
 /// `line` with secrets and long opaque runs taken out (see the module docs).
 pub fn redact(line: &str) -> Cow<'_, str> {
