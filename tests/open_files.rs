@@ -36,6 +36,26 @@ fn connect(port: u16) -> TcpStream {
     TcpStream::connect(("127.0.0.1", port)).unwrap()
 }
 
+/// A request sent on a new connection, its answer not read yet: out of
+/// descriptors, the connection waits in the listener's queue.
+fn send_request(port: u16) -> TcpStream {
+    let mut stream = connect(port);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    stream
+}
+
+/// The status of the answer on `stream`, read to its end.
+fn answer_of(mut stream: TcpStream) -> u16 {
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("an answer");
+    parse_response(&raw, false).unwrap().status
+}
+
 /// Once the idle clients leave, the proxy serves the client that waited in
 /// its queue, and new ones, and /healthz says ok: no restart needed.
 #[test]
@@ -63,20 +83,10 @@ fn out_of_open_files_the_proxy_serves_again_once_idle_clients_leave() {
         eventually(Duration::from_secs(5), accept_failed),
         "the idle clients took every descriptor"
     );
-    let mut queued = connect(proxy.port);
-    queued
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    queued
-        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    let queued = send_request(proxy.port);
 
     drop(idle);
-    let mut raw = Vec::new();
-    queued
-        .read_to_end(&mut raw)
-        .expect("the queued client served");
-    assert_eq!(parse_response(&raw, false).unwrap().status, 200);
+    assert_eq!(answer_of(queued), 200, "the queued client served");
     assert_eq!(get(proxy.port, "/", &[]).status, 200);
     assert_eq!(get(config.admin_port, "/healthz", &[]).status, 200);
 }
@@ -141,13 +151,7 @@ fn accept_failing_at_once_is_logged_once_a_second() {
     };
 
     std::fs::write(&failing, "").unwrap();
-    let mut queued = connect(proxy.port);
-    queued
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    queued
-        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    let queued = send_request(proxy.port);
     assert!(
         eventually(Duration::from_secs(5), || failures() > 0),
         "accept() never failed: the shim needs a dynamically linked binary"
@@ -157,9 +161,5 @@ fn accept_failing_at_once_is_logged_once_a_second() {
     std::fs::remove_file(&failing).unwrap();
     assert!(logged <= 4, "{logged} accept failures logged in about 2 s");
 
-    let mut raw = Vec::new();
-    queued
-        .read_to_end(&mut raw)
-        .expect("the queued client served");
-    assert_eq!(parse_response(&raw, false).unwrap().status, 200);
+    assert_eq!(answer_of(queued), 200, "the queued client served");
 }
