@@ -825,6 +825,54 @@ fn a_client_cannot_forge_who_it_is_to_the_app() {
     }
 }
 
+/// The other headers by which proxies name the client, its address, its
+/// host or its scheme, which frameworks read (Rails `X-Forwarded-Host`
+/// for the URLs it builds, legacy PHP `HTTP_CLIENT_IP` first for the
+/// client's address, Spring `Forwarded`): from a client, forgeries.
+const IDENTITY_HEADERS: [(&str, &str); 10] = [
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Forwarded-Port", "443"),
+    ("X-Forwarded-Ssl", "on"),
+    ("X.Forwarded.Server", "evil.example"),
+    ("Forwarded", "for=203.0.113.7;host=evil.example;proto=https"),
+    ("X-Real-IP", "203.0.113.7"),
+    ("X_Real_IP", "203.0.113.8"),
+    ("Client-IP", "203.0.113.9"),
+    ("True-Client-IP", "203.0.113.10"),
+    ("X-Cluster-Client-IP", "203.0.113.11"),
+];
+
+/// What the upstream saw of [`IDENTITY_HEADERS`], in any spelling.
+fn identity_headers(response: &Response) -> Vec<(String, String)> {
+    let variable = |name: &str| name.to_ascii_lowercase().replace(['_', '.'], "-");
+    let sent: Vec<String> = IDENTITY_HEADERS.iter().map(|(n, _)| variable(n)).collect();
+    response
+        .upstream_headers()
+        .into_iter()
+        .filter(|(name, _)| sent.contains(&variable(name)))
+        .collect()
+}
+
+#[test]
+fn a_client_cannot_forge_its_address_host_or_scheme_in_other_headers() {
+    let (_upstream, proxy, _config) = proxy(|c| c.session("bypass = [\"/static/\"]"));
+    for path in ["/page", "/static/app.css"] {
+        let response = get(proxy.port, path, &IDENTITY_HEADERS);
+        assert_eq!(response.status, 200);
+        assert_eq!(identity_headers(&response), [], "{path}");
+        let expected = [("x-forwarded-for".to_string(), "127.0.0.1".to_string())];
+        assert_eq!(forwarding_headers(&response), expected, "{path}");
+    }
+}
+
+#[test]
+fn a_trusted_proxys_identity_headers_reach_the_app() {
+    let (_upstream, proxy, _config) = proxy(|c| c.server("trusted_proxies = [\"127.0.0.0/8\"]"));
+    let response = get(proxy.port, "/", &IDENTITY_HEADERS);
+    assert_eq!(response.status, 200);
+    assert_eq!(identity_headers(&response).len(), IDENTITY_HEADERS.len());
+}
+
 #[test]
 fn a_trusted_proxy_in_front_extends_the_chain() {
     let (_upstream, proxy, _config) = proxy(|c| c.server("trusted_proxies = [\"127.0.0.0/8\"]"));

@@ -35,15 +35,9 @@ impl SessionHeaders {
     /// would reach a CGI/WSGI app as the proxy's [`forward_client`], those
     /// of the framing headers (`Content_Length`), and `Proxy`.
     pub fn strip_from(&self, request: &mut RequestHeader) {
-        let spoofed: Vec<HeaderName> = request
-            .headers
-            .keys()
-            .filter(|name| self.reserves(name) || is_other_spelling(name) || is_httpoxy(name))
-            .cloned()
-            .collect();
-        for name in spoofed {
-            request.remove_header(&name);
-        }
+        remove_where(request, |name| {
+            self.reserves(name) || is_other_spelling(name) || is_httpoxy(name)
+        });
     }
 }
 
@@ -81,13 +75,18 @@ fn is_httpoxy(name: &HeaderName) -> bool {
 ///   build their URLs and to know a request came over TLS. On plain ones
 ///   a trusted peer's value stays (a TLS load balancer in front) and any
 ///   other's goes: no header is `http` to apps, and inserting one would
-///   cost every request about 2 000 instructions (callgrind).
+///   cost every request about 2 000 instructions (callgrind);
+/// - the other headers by which proxies name the client
+///   ([`names_the_client`]) stay from a trusted peer and go from any other.
 pub fn forward_client(
     request: &mut RequestHeader,
     peer: Option<IpAddr>,
     peer_is_trusted: bool,
     tls: bool,
 ) -> pingora::Result<()> {
+    if !peer_is_trusted {
+        remove_where(request, |name| names_the_client(name.as_str()));
+    }
     if let Some(peer) = peer {
         let mut chain = Vec::with_capacity(16);
         if peer_is_trusted {
@@ -102,10 +101,50 @@ pub fn forward_client(
     let keep_proto = peer_is_trusted && request.headers.contains_key(X_FORWARDED_PROTO);
     if tls && !keep_proto {
         request.insert_header("X-Forwarded-Proto", HeaderValue::from_static("https"))?;
-    } else if !tls && !keep_proto {
-        request.remove_header(&X_FORWARDED_PROTO);
     }
     Ok(())
+}
+
+/// Whether a header is one by which a proxy in front names the client,
+/// its address, host, port or scheme, in any spelling ([`same_variable`]):
+/// `Forwarded` (RFC 7239), every `X-Forwarded-*`, `X-Real-IP`, and the
+/// `Client-IP` family. Frameworks read them as a proxy's word: Rails builds
+/// its URLs (password-reset links) on `X-Forwarded-Host`, Spring reads
+/// `Forwarded`, legacy PHP reads `HTTP_CLIENT_IP` before anything else for
+/// the client's address. From a client they are forgeries.
+fn names_the_client(name: &str) -> bool {
+    const FAMILIES: [&str; 2] = ["x-forwarded", "forwarded"];
+    const ADDRESSES: [&str; 5] = [
+        "x-real-ip",
+        "client-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+    ];
+    let in_family = |family: &str| {
+        name.get(..family.len())
+            .is_some_and(|head| same_variable(family, head))
+            && name
+                .as_bytes()
+                .get(family.len())
+                .is_none_or(|after| !after.is_ascii_alphanumeric())
+    };
+    FAMILIES.into_iter().any(in_family)
+        || ADDRESSES.into_iter().any(|ours| same_variable(ours, name))
+}
+
+/// Removes every header whose name `remove` picks; allocates only when
+/// there is one.
+fn remove_where(request: &mut RequestHeader, remove: impl Fn(&HeaderName) -> bool) {
+    let picked: Vec<HeaderName> = request
+        .headers
+        .keys()
+        .filter(|name| remove(name))
+        .cloned()
+        .collect();
+    for name in picked {
+        request.remove_header(&name);
+    }
 }
 
 /// An IP address as text; IPv4, the common case, without `fmt`.
@@ -511,6 +550,37 @@ mod tests {
             Cookie::Refused
         );
         assert_eq!(values(&request.headers, &COOKIE), vec![&b"x=1; y=2"[..]]);
+    }
+
+    #[test]
+    fn headers_naming_the_client_are_told_from_others() {
+        let named = [
+            "forwarded",
+            "forwarded-for",
+            "x-forwarded",
+            "x-forwarded-host",
+            "x_forwarded_port",
+            "x.forwarded.server",
+            "x-real-ip",
+            "x_real_ip",
+            "client-ip",
+            "true-client-ip",
+            "x-cluster-client-ip",
+        ];
+        for name in named {
+            assert!(names_the_client(name), "{name}");
+        }
+        let others = [
+            "forwardedx",
+            "x-forwardedhost",
+            "x-real-ipv6",
+            "host",
+            "x-forwarde",
+            "ip",
+        ];
+        for name in others {
+            assert!(!names_the_client(name), "{name}");
+        }
     }
 
     #[test]
