@@ -1201,3 +1201,43 @@ fn a_regenerate_with_an_update_in_one_response_raises_ver_by_one() {
     assert_eq!(session["ver"], 3, "regenerate and update: one change");
     assert_eq!(session["data"], serde_json::json!({"a": 1, "b": 2}));
 }
+
+// ---- README, "Reading the session": when the token is signed ----
+
+#[test]
+fn the_token_is_signed_when_the_head_arrives_not_when_the_body_ends() {
+    // README: "The token is signed when the request's head reaches the proxy, before
+    // its body, and `exp` counts from then: an app that checks it only once the whole
+    // body is in (...) answers 401 to an upload that took longer than `token_ttl`".
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut stream = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let head_sent = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    stream
+        .write_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbo",
+        )
+        .unwrap();
+    // The test upstream reads the whole body before it answers, as PHP does.
+    std::thread::sleep(Duration::from_millis(2200));
+    stream.write_all(b"dy").unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let response = parse_response(&raw, false).unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.json()["body"], "body");
+    let claims = response.session();
+    let iat = claims["iat"].as_u64().unwrap();
+    assert!(
+        iat <= head_sent + 1,
+        "iat {iat} is from the body's end, not the head's arrival ({head_sent})"
+    );
+    assert_eq!(claims["exp"].as_u64().unwrap() - iat, 60);
+}
