@@ -1241,3 +1241,45 @@ fn the_token_is_signed_when_the_head_arrives_not_when_the_body_ends() {
     );
     assert_eq!(claims["exp"].as_u64().unwrap() - iat, 60);
 }
+
+// ---- README, "Snippets" ----
+
+#[test]
+fn the_python_snippet_counts_with_the_keys_the_proxy_reads() {
+    // README, "The secret": "Spaces around an entry are ignored (`NEW, OLD` is `NEW,OLD`:
+    // trim them in the app too) and empty entries skipped". The README's Python snippet,
+    // run as written (under wsgiref), must read the key the proxy signs with.
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme.find("```python\n").expect("a Python snippet") + "```python\n".len();
+    let snippet = &readme[start..start + readme[start..].find("```").unwrap()];
+    let dir = TempDir::new("python-snippet");
+    let port = free_port();
+    let app = dir.path().join("app.py");
+    std::fs::write(
+        &app,
+        format!(
+            "{snippet}\nfrom wsgiref.simple_server import make_server\n\
+             make_server('127.0.0.1', {port}, app).serve_forever()\n"
+        ),
+    )
+    .unwrap();
+    // As a .env file or a unit's Environment= may leave them.
+    let keys = format!(", {KEY} , {OLD_KEY} ");
+    let mut child = std::process::Command::new("python3")
+        .arg(&app)
+        .env("SESSION_PROXY_SECRET_KEYS", &keys)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 must be installed");
+    wait_listening(port, &mut child);
+    let app = Process { child, port };
+    let mut config = ProxyConfig::new(app.port);
+    config.env.push(("SESSION_PROXY_SECRET_KEYS".into(), keys));
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    for count in ["1", "2"] {
+        let response = browser.get("/", &[]);
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(response.text(), count);
+    }
+}
