@@ -181,6 +181,30 @@ fn an_empty_update_header_is_no_update() {
 }
 
 #[test]
+fn a_key_repeated_in_an_update_counts_with_its_last_value() {
+    // README: "A key repeated in one object of an update counts once, with its last value
+    // (`{"a":1,"a":null}` deletes `a`)".
+    let upstream = start_upstream();
+    let config = ProxyConfig::new(upstream.port);
+    let proxy = config.start();
+    let mut browser = Browser::new(proxy.port);
+    browser.get("/", &[("X-Test-Update", r#"{"a":1,"n":{"x":1}}"#)]);
+    let response = browser.get(
+        "/",
+        &[(
+            "X-Test-Update",
+            r#"{"a":1,"a":null,"b":1,"b":2,"n":{"y":1},"n":{"x":null,"z":1,"z":2}}"#,
+        )],
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    let cookie = browser.cookie.clone().unwrap();
+    assert_eq!(
+        stored_record(&config, &cookie)["data"],
+        serde_json::json!({"b": 2, "n": {"z": 2}})
+    );
+}
+
+#[test]
 fn an_update_for_a_session_killed_meanwhile_starts_a_new_one_and_a_touch_sets_no_cookie() {
     // README: "An update for a session that was deleted meanwhile (e.g. killed by a concurrent
     // request) starts a new session, with a new id, instead of bringing the killed one back. A
