@@ -600,6 +600,36 @@ fn the_session_cookie_is_removed_from_the_upstream_cookie_header() {
     );
 }
 
+/// An intermediary that merges repeated `Cookie` lines with `, ` (Apache
+/// httpd merges every repeated request header so) puts the session cookie
+/// after a comma. The proxy read it as part of the cookie before, so the
+/// session was lost, and passed it on, where parsers that split cookies at
+/// commas too (Python's `SimpleCookie`, Rack before 2.1.4) gave the app
+/// the session cookie the proxy promises to remove.
+#[test]
+fn a_session_cookie_after_a_comma_is_used_and_removed() {
+    let s = setup(|c| c.session("bypass = [\"/static/\"]"));
+    let mut browser = s.browser();
+    browser.get("/", &[("X-Test-Update", r#"{"a":1}"#)]);
+    let value = browser.cookie.clone().unwrap();
+    let cases = [
+        (format!("a=1, session_id={value}; b=2"), "a=1; b=2"),
+        (format!("session_id={value},a=1, c=3; b=2"), "a=1; c=3; b=2"),
+        // A comma in another cookie's value is left as it is.
+        (format!("x=p, q; session_id={value}"), "x=p, q"),
+    ];
+    for (cookie, rest) in &cases {
+        let response = get(s.port(), "/", &[("Cookie", cookie)]);
+        assert_eq!(response.session()["data"]["a"], 1, "{cookie}");
+        assert_eq!(response.upstream_header("cookie").as_deref(), Some(*rest));
+        let bypassed = get(s.port(), "/static/x", &[("Cookie", cookie)]);
+        assert_eq!(bypassed.upstream_header("cookie").as_deref(), Some(*rest));
+    }
+    let forged = get(s.port(), "/", &[("Cookie", "a=1, session_id=forged")]);
+    assert_eq!(forged.session()["new"], true);
+    assert_eq!(forged.upstream_header("cookie").as_deref(), Some("a=1"));
+}
+
 #[test]
 fn the_token_verifies_with_pyjwt() {
     let s = setup(|c| c.session("initializer = { count = 0 }"));

@@ -193,9 +193,11 @@ pub enum Cookie<T> {
 }
 
 /// Removes the cookie `name` from the request's `Cookie` headers (several
-/// headers are one list; an empty header is dropped) and offers its values
-/// to `accept`, in order, at most `MAX_CANDIDATES` of them, until one is
-/// accepted. Leaves the headers untouched when the cookie is absent.
+/// headers are one list; an empty header is dropped; a pair that holds it
+/// after a comma is read as its comma-separated parts, [`session_pairs`])
+/// and offers its values to `accept`, in order, at most `MAX_CANDIDATES`
+/// of them, until one is accepted. Leaves the headers untouched when the
+/// cookie is absent.
 ///
 /// The values are offered where they lie in the header, and the headers
 /// are rewritten only when the cookie is there: a request without it
@@ -211,7 +213,7 @@ pub fn take_cookie<T>(
     // The length of the other cookies joined with "; ".
     let mut rest_len = 0;
     for header in request.headers.get_all(COOKIE) {
-        for pair in pairs(header.as_bytes()) {
+        for pair in session_pairs(header.as_bytes(), name) {
             let Some(value) = cookie_value(pair, name) else {
                 rest_len += pair.len() + if rest_len > 0 { 2 } else { 0 };
                 continue;
@@ -250,7 +252,7 @@ fn remove_pairs(request: &mut RequestHeader, name: &[u8], rest_len: usize) {
     // Exactly as long as it will be: the header value takes it as it is.
     let mut rest = Vec::with_capacity(rest_len);
     for header in request.headers.get_all(COOKIE) {
-        for pair in pairs(header.as_bytes()) {
+        for pair in session_pairs(header.as_bytes(), name) {
             if cookie_value(pair, name).is_none() {
                 if !rest.is_empty() {
                     rest.extend_from_slice(b"; ");
@@ -299,6 +301,34 @@ fn pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
         .split(|&b| b == b';')
         .map(<[u8]>::trim_ascii)
         .filter(|pair| !pair.is_empty())
+}
+
+/// The pairs of one `Cookie` header value as the cookie `name` is looked
+/// for in them: [`pairs`], except that a pair holding the cookie after a
+/// comma (`a=1, name=…`) is read as its comma-separated parts. An
+/// intermediary that merges repeated `Cookie` lines with `, ` (Apache
+/// httpd does) writes such a pair, and app parsers that split cookies at
+/// commas too (Python's `SimpleCookie`, Rack before 2.1.4) find the cookie
+/// there: it must be found and removed there as well.
+fn session_pairs<'a>(header: &'a [u8], name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+    pairs(header).flat_map(move |pair| {
+        let merged = pair.contains(&b',')
+            && comma_parts(pair).any(|part| cookie_value(part, name).is_some());
+        let (whole, parts) = match merged {
+            true => (None, Some(pair)),
+            false => (Some(pair), None),
+        };
+        whole
+            .into_iter()
+            .chain(parts.into_iter().flat_map(comma_parts))
+    })
+}
+
+/// The comma-separated parts of a pair, trimmed, empty ones skipped.
+fn comma_parts(pair: &[u8]) -> impl Iterator<Item = &[u8]> {
+    pair.split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|part| !part.is_empty())
 }
 
 fn cookie_value<'a>(pair: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
@@ -540,6 +570,28 @@ mod tests {
         assert_eq!(found, Cookie::Accepted(7));
         assert_eq!(offered, [b"bad".to_vec(), b"good".to_vec()]);
         assert_eq!(values(&request.headers, &COOKIE), vec![&b"a=1"[..]]);
+    }
+
+    #[test]
+    fn the_cookie_is_found_and_removed_after_a_comma() {
+        let mut request = request(&[
+            ("Cookie", "a=1, session_id=v1 ,c=3; x=p, q"),
+            ("Cookie", "session_id=v2,b=2"),
+        ]);
+        assert_eq!(
+            offered(&mut request, "session_id"),
+            [b"v1".to_vec(), b"v2".to_vec()]
+        );
+        assert_eq!(
+            values(&request.headers, &COOKIE),
+            vec![&b"a=1; c=3; x=p, q; b=2"[..]]
+        );
+        let mut commas_only = super::tests::request(&[("Cookie", "x=p, q,r")]);
+        assert!(offered(&mut commas_only, "session_id").is_empty());
+        assert_eq!(
+            values(&commas_only.headers, &COOKIE),
+            vec![&b"x=p, q,r"[..]]
+        );
     }
 
     #[test]
