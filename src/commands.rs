@@ -18,6 +18,19 @@ pub fn keygen() -> String {
     URL_SAFE_NO_PAD.encode(key)
 }
 
+/// `keygen`: a fresh key on standard output. A key that could not be
+/// written (`keygen > key.txt` on a full disk) is an error, exit 1.
+pub fn print_keygen() -> ExitCode {
+    let key = keygen();
+    match print_out(|out| writeln!(out, "{key}")) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("session-proxy: keygen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn run(config: Config, upgrade: bool) -> ExitCode {
     if upgrade && config.server.upgrade_sock.is_none() {
         eprintln!(
@@ -38,13 +51,11 @@ pub fn run(config: Config, upgrade: bool) -> ExitCode {
     }
 }
 
-/// `ok` and 0, or the store's error and 1 (a bad config exits 2 earlier).
+/// `ok` and 0, or the store's error (or the output's) and 1 (a bad
+/// config exits 2 earlier).
 pub fn check(config: &Config) -> ExitCode {
-    match crate::server::check_store(config) {
-        Ok(()) => {
-            println!("ok");
-            ExitCode::SUCCESS
-        }
+    match crate::server::check_store(config).and_then(|()| print_out(|out| writeln!(out, "ok"))) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("session-proxy: {}: {e}", config.file.display());
             ExitCode::FAILURE

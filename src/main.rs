@@ -16,8 +16,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run { upgrade: false });
     if let Command::Keygen = command {
-        println!("{}", commands::keygen());
-        return ExitCode::SUCCESS;
+        return commands::print_keygen();
     }
     let config = match config::load(&cli.config) {
         Ok(config) => config,

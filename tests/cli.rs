@@ -228,6 +228,35 @@ fn the_config_path_defaults_to_config_session_proxy_toml() {
     );
 }
 
+/// `keygen > key.txt` on a full disk, or `check` with its standard output
+/// gone: the output that could not be written is an error the command
+/// names, exit 1, as for `sessions`; `println!` panicked (exit 101, a
+/// panic message and a backtrace on stderr).
+#[test]
+fn keygen_and_check_report_output_they_cannot_write() {
+    let config = ProxyConfig::new(free_port());
+    let path = config.write();
+    for args in [vec!["keygen"], vec!["check", "-c", path.to_str().unwrap()]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+            .args(&args)
+            .env_remove("SESSION_PROXY_SECRET_KEYS")
+            .stdout(full)
+            .output()
+            .unwrap();
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {message}");
+        assert!(!message.contains("panicked"), "{args:?}: {message}");
+        assert!(
+            message.contains("cannot write the output"),
+            "{args:?}: {message}"
+        );
+    }
+}
+
 /// The handle of a new session the proxy on `port` stores with `update`
 /// (the test app reports it as `sid`).
 fn new_session_handle(port: u16, update: &str) -> String {
