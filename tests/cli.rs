@@ -257,6 +257,26 @@ fn keygen_and_check_report_output_they_cannot_write() {
     }
 }
 
+/// A config path that exists but cannot be read (a directory, a file
+/// the proxy's user may not read) is not fixed by creating it: the
+/// message says what is wrong with it, and only a missing file is told
+/// to be created.
+#[test]
+fn a_config_path_that_is_a_directory_is_not_told_to_be_created() {
+    let dir = TempDir::new("config-dir");
+    let output = run_cli(&["check", "-c", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(message.contains(dir.path().to_str().unwrap()), "{message}");
+    assert!(message.contains("is a directory"), "{message}");
+    assert!(!message.contains("create it"), "{message}");
+
+    let missing = dir.path().join("missing.toml");
+    let output = run_cli(&["check", "-c", missing.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("create it"), "{}", stderr(&output));
+}
+
 /// The handle of a new session the proxy on `port` stores with `update`
 /// (the test app reports it as `sid`).
 fn new_session_handle(port: u16, update: &str) -> String {

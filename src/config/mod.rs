@@ -253,8 +253,17 @@ pub fn load_with_env(path: &Path, env_keys: Option<&str>) -> Result<Config, Conf
                 "{}: the config file is not UTF-8 text; save it as UTF-8 (TOML is UTF-8)",
                 path.display()
             ),
-            _ => format!(
+            std::io::ErrorKind::NotFound => format!(
                 "{}: cannot read the config file: {error}; create it (the repository's {DEFAULT_PATH} is a commented example) or pass -c FILE",
+                path.display()
+            ),
+            std::io::ErrorKind::IsADirectory => format!(
+                "{}: cannot read the config file: it is a directory; pass -c FILE with the config file's path",
+                path.display()
+            ),
+            // There, but not readable (permissions): creating it is not the fix.
+            _ => format!(
+                "{}: cannot read the config file: {error}; let the proxy's user read it, or pass -c FILE",
                 path.display()
             ),
         },
