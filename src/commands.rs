@@ -18,6 +18,13 @@ pub fn keygen() -> String {
     URL_SAFE_NO_PAD.encode(key)
 }
 
+/// Writes `session-proxy: MESSAGE` to standard error. One that cannot be
+/// written (a full disk, a pipe closed early) is lost, not the exit code:
+/// `eprintln!` panicked there, and a config error exited 101, not 2.
+pub fn complain(message: std::fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr().lock(), "session-proxy: {message}");
+}
+
 /// `keygen`: a fresh key on standard output. A key that could not be
 /// written (`keygen > key.txt` on a full disk) is an error, exit 1.
 pub fn print_keygen() -> ExitCode {
@@ -25,7 +32,7 @@ pub fn print_keygen() -> ExitCode {
     match print_out(|out| writeln!(out, "{key}")) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("session-proxy: keygen: {e}");
+            complain(format_args!("keygen: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -33,10 +40,10 @@ pub fn print_keygen() -> ExitCode {
 
 pub fn run(config: Config, upgrade: bool) -> ExitCode {
     if upgrade && config.server.upgrade_sock.is_none() {
-        eprintln!(
-            "session-proxy: {}: run --upgrade takes the listeners over a Unix socket: set [server] upgrade_sock, in this config and in the running proxy's",
+        complain(format_args!(
+            "{}: run --upgrade takes the listeners over a Unix socket: set [server] upgrade_sock, in this config and in the running proxy's",
             config.file.display()
-        );
+        ));
         return ExitCode::from(2);
     }
     // Named as `check` names it: with several proxies on one host, which
@@ -45,7 +52,7 @@ pub fn run(config: Config, upgrade: bool) -> ExitCode {
     match crate::server::run(config, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("session-proxy: {}: {e}", file.display());
+            complain(format_args!("{}: {e}", file.display()));
             ExitCode::FAILURE
         }
     }
@@ -57,7 +64,7 @@ pub fn check(config: &Config) -> ExitCode {
     match crate::server::check_store(config).and_then(|()| print_out(|out| writeln!(out, "ok"))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("session-proxy: {}: {e}", config.file.display());
+            complain(format_args!("{}: {e}", config.file.display()));
             ExitCode::FAILURE
         }
     }
@@ -68,12 +75,12 @@ pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
     // would show nothing and `kill` say "no session" of a session that
     // the running proxy goes on serving.
     if config.store.kind == StoreKind::Memory {
-        eprintln!(
-            "session-proxy: {}: store.kind = \"memory\" keeps the sessions inside the running proxy, \
+        complain(format_args!(
+            "{}: store.kind = \"memory\" keeps the sessions inside the running proxy, \
              where `sessions` cannot reach them; use the disk, postgres or redis store to list or kill \
              sessions from the command line",
             config.file.display()
-        );
+        ));
         return ExitCode::FAILURE;
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -82,10 +89,10 @@ pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!(
-                "session-proxy: {}: cannot start a runtime: {e}",
+            complain(format_args!(
+                "{}: cannot start a runtime: {e}",
                 config.file.display()
-            );
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -98,7 +105,7 @@ pub fn sessions(config: &Config, command: SessionsCommand) -> ExitCode {
         // As `check`: the config whose store it is (the store's own
         // errors name its directory or server).
         Err(e) => {
-            eprintln!("session-proxy: {}: {e}", config.file.display());
+            complain(format_args!("{}: {e}", config.file.display()));
             ExitCode::FAILURE
         }
     }

@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     let config = match config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("session-proxy: {e}");
+            commands::complain(format_args!("{e}"));
             return ExitCode::from(2);
         }
     };

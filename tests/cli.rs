@@ -257,6 +257,26 @@ fn keygen_and_check_report_output_they_cannot_write() {
     }
 }
 
+/// The exit codes hold when standard error cannot be written either: a
+/// config error is 2, which a service manager reads as "do not restart"
+/// (`RestartPreventExitStatus=2` in examples/systemd); `eprintln!`
+/// panicked on the write and the process exited 101.
+#[test]
+fn a_config_error_exits_2_when_its_message_cannot_be_written() {
+    let dir = TempDir::new("stderr-full");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+        .args(["check", "-c"])
+        .arg(dir.path().join("missing.toml"))
+        .stderr(full)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
 /// A config path that exists but cannot be read (a directory, a file
 /// the proxy's user may not read) is not fixed by creating it: the
 /// message says what is wrong with it, and only a missing file is told
