@@ -29,6 +29,22 @@ impl Admin {
 /// A health check must answer even when the store hangs.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Whether the store answers, within [`PING_TIMEOUT`]. The check runs to
+/// its end in a task of its own, bounded by the store's own timeout
+/// (`[store] timeout`, which may be longer): one cut off here would not
+/// reach that timeout, where a Redis or PostgreSQL store gives up the
+/// connection it found silent (a black hole, a firewall that dropped the
+/// flow). That connection stayed the thread's, and `/healthz` said 503 for
+/// good while requests, which do reach the timeout, were served again.
+async fn store_answers(store: &Arc<dyn Store>) -> bool {
+    let store = store.clone();
+    let check = tokio::spawn(async move { store.health().await });
+    matches!(
+        tokio::time::timeout(PING_TIMEOUT, check).await,
+        Ok(Ok(Ok(())))
+    )
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     /// Its connections are on the proxy's clocks (`limits`, wrapped in
@@ -44,9 +60,9 @@ impl ServeHttp for Admin {
                 "text/plain",
                 format!("method not allowed: {path} answers GET and HEAD").into_bytes(),
             ),
-            "/healthz" => match tokio::time::timeout(PING_TIMEOUT, self.store.health()).await {
-                Ok(Ok(())) => (StatusCode::OK, "text/plain", b"ok".to_vec()),
-                _ => (
+            "/healthz" => match store_answers(&self.store).await {
+                true => (StatusCode::OK, "text/plain", b"ok".to_vec()),
+                false => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     b"session store unavailable".to_vec(),

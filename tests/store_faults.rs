@@ -177,7 +177,68 @@ on_each_shared_store!(
     with_lock_connections_the_store_closed_while_idle_cost_no_request_a_503,
     connections_forgotten_on_the_way_while_idle_cost_no_request_a_503,
     with_lock_connections_forgotten_on_the_way_while_idle_cost_no_request_a_503,
+    healthz_gives_up_a_black_holed_connection_under_a_store_timeout_past_its_own,
 );
+
+/// `/healthz` answers within its own 2 s, and a `[store] timeout` may be
+/// longer (5 s here). A health check that finds its connection gone into
+/// a black hole (a firewall or a NAT that dropped the flow: nothing ever
+/// tells the connection) still lets the store's own timeout run out, so
+/// that the store gives the connection up as a request would: once the
+/// store answers again, `/healthz` says 200. Cut off at 2 s, the check
+/// never reached that timeout, kept the dead connection, and `/healthz`
+/// said 503 for good while requests were served: a load balancer that
+/// heeds it would have sent the proxy nothing again.
+fn healthz_gives_up_a_black_holed_connection_under_a_store_timeout_past_its_own(shared: Shared) {
+    if !shared.available() {
+        return;
+    }
+    let relay = Relay::start(&format!("127.0.0.1:{}", shared.port()));
+    let upstream = start_upstream();
+    let mut config = ProxyConfig::new(upstream.port);
+    let lines = shared.store_lines("blackhole");
+    let _namespace = Namespace::of(&lines);
+    config.store = lines
+        .iter()
+        .map(|line| {
+            line.replace(
+                &format!("127.0.0.1:{}", shared.port()),
+                &format!("127.0.0.1:{}", relay.port),
+            )
+        })
+        .collect();
+    config = config.store("timeout = 5");
+    let _proxy = config.start_logging("warn", &config.dir.path().join("proxy.log"));
+    let admin_port = config.admin_port;
+    let healthz = move || get(admin_port, "/healthz", &[]).status;
+    assert_eq!(healthz(), 200);
+
+    relay.stall();
+    // Checks at once, so that each admin thread's connection goes silent.
+    let stalled: Vec<_> = (0..8).map(|_| std::thread::spawn(healthz)).collect();
+    for check in stalled {
+        assert_eq!(
+            check.join().unwrap(),
+            503,
+            "/healthz of a store gone silent"
+        );
+    }
+    assert!(relay.wedged() > 0, "the relay stalled nothing: no test");
+    relay.unstall();
+
+    // Connections are spread over the admin threads at random: eight
+    // answers in a row, all 200, have been served by each of them.
+    let mut last = Vec::new();
+    let healthy = eventually(Duration::from_secs(15), || {
+        last = (0..8).map(|_| healthz()).collect();
+        last.iter().all(|status| *status == 200)
+    });
+    assert!(
+        healthy,
+        "/healthz still {last:?} with the store answering again; the proxy's log:\n{}",
+        std::fs::read_to_string(config.dir.path().join("proxy.log")).unwrap_or_default()
+    );
+}
 
 /// The store closes the proxy's connections while they are idle (Redis's
 /// `timeout` for idle clients, often set on managed servers; a restart
