@@ -77,7 +77,7 @@ fn is_httpoxy(name: &HeaderName) -> bool {
 ///   other's goes: no header is `http` to apps, and inserting one would
 ///   cost every request about 2 000 instructions (callgrind);
 /// - the other headers by which proxies name the client
-///   ([`names_the_client`]) stay from a trusted peer and go from any other.
+///   (`names_the_client`) stay from a trusted peer and go from any other.
 pub fn forward_client(
     request: &mut RequestHeader,
     peer: Option<IpAddr>,
@@ -194,7 +194,7 @@ pub enum Cookie<T> {
 
 /// Removes the cookie `name` from the request's `Cookie` headers (several
 /// headers are one list; an empty header is dropped; a pair that holds it
-/// after a comma is read as its comma-separated parts, [`session_pairs`])
+/// after a comma is read as its comma-separated parts, `session_pairs`)
 /// and offers its values to `accept`, in order, at most `MAX_CANDIDATES`
 /// of them, until one is accepted. Leaves the headers untouched when the
 /// cookie is absent.
