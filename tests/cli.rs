@@ -297,6 +297,24 @@ fn a_config_path_that_is_a_directory_is_not_told_to_be_created() {
     assert!(stderr(&output).contains("create it"), "{}", stderr(&output));
 }
 
+/// A path that is not a config (`/dev/zero`, a log file) is refused once
+/// it passes 16 MiB, not read into memory to its end.
+#[test]
+fn a_config_file_past_16_mib_is_refused_without_reading_it_whole() {
+    let dir = TempDir::new("config-huge");
+    let huge = dir.path().join("huge.toml");
+    // Sparse: NUL bytes, valid UTF-8, read back without taking disk space.
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let output = run_cli(&["check", "-c", huge.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(message.contains(huge.to_str().unwrap()), "{message}");
+    assert!(message.contains("larger than 16 MiB"), "{message}");
+}
+
 /// The handle of a new session the proxy on `port` stores with `update`
 /// (the test app reports it as `sid`).
 fn new_session_handle(port: u16, update: &str) -> String {

@@ -246,8 +246,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// [`load`], with the value of [`SECRET_KEYS_ENV`] given rather than read,
 /// so that tests need not change the process environment.
 pub fn load_with_env(path: &Path, env_keys: Option<&str>) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+    let text = read_config_text(path).map_err(|error| ConfigError {
         message: match error.kind() {
+            std::io::ErrorKind::FileTooLarge => format!(
+                "{}: the config file is larger than {} MiB, which no config is; pass -c FILE with the config file's path",
+                path.display(),
+                MAX_CONFIG_BYTES >> 20
+            ),
             // The file is there: creating it is not the fix.
             std::io::ErrorKind::InvalidData => format!(
                 "{}: the config file is not UTF-8 text; save it as UTF-8 (TOML is UTF-8)",
@@ -269,6 +274,25 @@ pub fn load_with_env(path: &Path, env_keys: Option<&str>) -> Result<Config, Conf
         },
     })?;
     parse(&text, path, env_keys)
+}
+
+/// A config is a few KB; an initializer as large as `max_data_bytes` allows
+/// fits many times over. Past this, `-c` names something else (`/dev/zero`,
+/// a log file), which would otherwise be read into memory to its end.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The config file as text, at most [`MAX_CONFIG_BYTES`] of it.
+fn read_config_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::ErrorKind::FileTooLarge.into());
+    }
+    String::from_utf8(bytes)
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
 }
 
 /// Validates config `text`, read from `file` (used in messages only).
