@@ -787,3 +787,71 @@ fn redis_a_lease_lost_during_its_request_stores_nothing() {
     let _: () = redis_run(::redis::cmd("DEL").arg(&lease_key));
     assert_eq!(browser.get("/count", &[]).text(), "2", "nothing was stored");
 }
+
+/// `lock = true` on Redis: a proxy cut off from Redis while its request is
+/// at the app cannot refresh its lease, which expires after its 5 s TTL;
+/// the other proxy then takes it and serves the session. When the first
+/// proxy reaches Redis again, its request's change is decided on the
+/// version it loaded before: it must store nothing (`503 session busy`),
+/// as README promises for a lease "taken over after its refreshes failed".
+/// Its refresher, which only fails meanwhile, had not yet seen the lease
+/// gone (it would at its next round, a third of the TTL later), so the
+/// change was stored and one of the two acknowledged increments was lost.
+#[test]
+fn redis_a_lease_expired_while_its_proxy_was_cut_off_stores_nothing() {
+    if !Shared::Redis.available() {
+        return;
+    }
+    let mut relay = Relay::start("127.0.0.1:6379");
+    let upstream = start_upstream();
+    let store = Shared::Redis.store_lines("cutlease");
+    let configure = |store: Vec<String>| {
+        let mut config = ProxyConfig::new(upstream.port)
+            .session("lock = true")
+            .upstream("read_timeout = 10");
+        config.store = store;
+        config
+    };
+    let via_relay = store
+        .iter()
+        .map(|line| line.replace("127.0.0.1:6379", &format!("127.0.0.1:{}", relay.port)))
+        .collect();
+    let (config_a, config_b) = (configure(via_relay), configure(store));
+    let (a, b) = (config_a.start(), config_b.start());
+    let mut browser = Browser::new(a.port);
+    assert_eq!(browser.get("/count", &[]).text(), "1");
+    let header = format!("session_id={}", browser.cookie.clone().unwrap());
+
+    // A takes the lease and is at the app for 6 s, cut off from Redis from
+    // the start: its lease expires after 5 s.
+    let started = std::time::Instant::now();
+    let (port_a, port_b) = (a.port, b.port);
+    let cookie = header.clone();
+    let slow = std::thread::spawn(move || {
+        get(
+            port_a,
+            "/count",
+            &[("Cookie", &cookie), ("X-Test-Sleep-Ms", "6000")],
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    relay.stop();
+    // B waits for the lease, gets it once A's has expired, and counts.
+    let cookie = header.clone();
+    let other = std::thread::spawn(move || get(port_b, "/count", &[("Cookie", &cookie)]));
+    std::thread::sleep(std::time::Duration::from_millis(5500).saturating_sub(started.elapsed()));
+    relay.resume();
+    let (slow, other) = (slow.join().unwrap(), other.join().unwrap());
+
+    assert_eq!((other.status, other.text().as_str()), (200, "2"));
+    assert_eq!(
+        (slow.status, slow.text().as_str()),
+        (
+            503,
+            "session busy: an earlier request of this session has not finished"
+        ),
+        "a change decided while another proxy held the lease was stored"
+    );
+    assert_eq!(browser.get("/count", &[]).text(), "3");
+    drop(config_a);
+}

@@ -113,8 +113,9 @@ pub enum StoreError {
 pub trait Lease: Send + Sync {
     async fn release(self: Box<Self>) -> Result<(), StoreError>;
 
-    /// False once the hold is known lost: a Redis lease taken over after
-    /// its refreshes failed, a PostgreSQL lock whose connection closed.
+    /// False once the hold is known lost, or may be: a Redis lease taken
+    /// over, or past its TTL since its last refresh that succeeded; a
+    /// PostgreSQL lock whose connection closed.
     /// Another proxy may be serving the session meanwhile.
     fn is_held(&self) -> bool;
 }

@@ -3,12 +3,13 @@
 //! deletes it only while it is still ours.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Value;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::connection::Connection;
 use super::scripts::Scripts;
@@ -42,7 +43,9 @@ impl RedisStore {
             .arg("PX")
             .arg(ttl_ms)
             .to_owned();
-        loop {
+        let expires = loop {
+            // The key's TTL runs from no earlier than this.
+            let sent = Instant::now();
             // Safe to make again: a lease taken by a first try whose answer
             // was lost only holds this loop up until it expires.
             let answer: Value = self
@@ -51,7 +54,7 @@ impl RedisStore {
                 })
                 .await?;
             if matches!(answer, Value::Okay) {
-                break;
+                break sent + lease_ttl;
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -64,9 +67,10 @@ impl RedisStore {
                 }
             }
             pause = (pause * 2).min(Duration::from_millis(50));
-        }
+        };
         let connection = self.connection().await?;
         let lost = Arc::new(AtomicBool::new(false));
+        let expires = Arc::new(Mutex::new(expires));
         let refresher = tokio::spawn(refresh_lease(
             connection.clone(),
             Arc::clone(&self.scripts),
@@ -74,7 +78,7 @@ impl RedisStore {
             token.clone(),
             lease_ttl,
             self.timeout,
-            Arc::clone(&lost),
+            (Arc::clone(&lost), Arc::clone(&expires)),
         ));
         Ok(RedisLease {
             connection,
@@ -83,13 +87,15 @@ impl RedisStore {
             token,
             timeout: self.timeout,
             lost,
+            expires,
             refresher: Some(refresher),
         })
     }
 }
 
-/// Extends the lease every third of its TTL for as long as it is held;
-/// stops, marking it lost, when the key no longer holds our token.
+/// Extends the lease every third of its TTL for as long as it is held,
+/// moving its known expiry on with each refresh that succeeds; stops,
+/// marking it lost, when the key no longer holds our token.
 async fn refresh_lease(
     connection: Connection,
     scripts: Arc<Scripts>,
@@ -97,18 +103,19 @@ async fn refresh_lease(
     token: String,
     ttl: Duration,
     timeout: Duration,
-    lost: Arc<AtomicBool>,
+    (lost, expires): (Arc<AtomicBool>, Arc<Mutex<Instant>>),
 ) {
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
     loop {
         tokio::time::sleep(ttl / 3).await;
         let mut connection = connection.clone();
+        let sent = Instant::now();
         let call = scripts.lease_refresh.call(&key, |command| {
             command.arg(&token).arg(ttl_ms);
         });
         let refresh = call.invoke::<i64>(&mut connection);
         match bounded(timeout, "lease refresh", refresh).await {
-            Ok(1) => {}
+            Ok(1) => *expires.lock().unwrap_or_else(|e| e.into_inner()) = sent + ttl,
             Ok(_) => {
                 lost.store(true, Ordering::Relaxed);
                 return;
@@ -128,14 +135,20 @@ pub struct RedisLease {
     token: String,
     timeout: Duration,
     lost: Arc<AtomicBool>,
+    /// When the key expires at the latest, as far as the refreshes that
+    /// succeeded tell: past it, another proxy may hold the lease.
+    expires: Arc<Mutex<Instant>>,
     refresher: Option<JoinHandle<()>>,
 }
 
 impl RedisLease {
-    /// False once the lease was found taken over (it expired while its
-    /// refreshes failed).
+    /// False once the lease was found taken over, and once its TTL has
+    /// run out since the last refresh that succeeded: while the refreshes
+    /// fail (Redis out of reach), the key expires and another proxy may
+    /// take it well before a refresh can tell.
     pub fn is_held(&self) -> bool {
-        !self.lost.load(Ordering::Relaxed)
+        let expires = *self.expires.lock().unwrap_or_else(|e| e.into_inner());
+        !self.lost.load(Ordering::Relaxed) && Instant::now() < expires
     }
 
     /// Deletes the lease if it is still ours.
