@@ -1722,6 +1722,43 @@ async fn postgres_lease_is_exclusive_across_instances() {
         .unwrap();
 }
 
+/// The table is the same however the config spells its name (schema
+/// qualified or not, in capitals or not: PostgreSQL folds unquoted names to
+/// lower case), and so is its sessions' lease: proxies whose configs spell
+/// it differently shared the table but took the leases of `lock = true`
+/// under different advisory-lock keys (one per spelling), so requests of
+/// one session ran through both at once and lost increments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lease_is_exclusive_whatever_the_spelling_of_the_table() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let first = table.store().await;
+    let spelled = format!("public.{}", table.name.to_uppercase());
+    let second = PostgresStore::connect(POSTGRES_URL, &spelled, 4, PATIENT)
+        .await
+        .expect("connect to PostgreSQL");
+    let handle = handle(9);
+    let wait = Duration::from_millis(300);
+    let ttl = Duration::from_secs(5);
+
+    let held = first
+        .acquire_lease(&handle, wait, ttl, &GiveUp::default())
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            second
+                .acquire_lease(&handle, wait, ttl, &GiveUp::default())
+                .await,
+            Err(StoreError::Busy(_))
+        ),
+        "{spelled} and {} took the same session's lease at once",
+        table.name
+    );
+    held.release().await.unwrap();
+}
+
 fn handle_b() -> Handle {
     handle(99)
 }

@@ -119,12 +119,48 @@ impl PostgresStore {
         pool_size: usize,
         timeout: Duration,
     ) -> Result<PostgresStore, StoreError> {
-        let store = PostgresStore::new(url, table, pool_size, timeout)?;
+        let mut store = PostgresStore::new(url, table, pool_size, timeout)?;
+        let deadline = Instant::now() + timeout;
         store
-            .create_table(Instant::now() + timeout)
+            .create_table(deadline)
             .await
             .map_err(Failure::into_error)?;
+        // The leases go by the table itself, not by how the config spells it.
+        let name = store
+            .table_name(deadline)
+            .await
+            .map_err(Failure::into_error)?;
+        store.lease_class = lease_class(&name);
         Ok(store)
+    }
+
+    /// The table's name as the server has it: `name` in the `public`
+    /// schema, else `schema.name`; whichever spelling the config chose
+    /// (`Sessions`, `public.sessions`), proxies sharing the table find
+    /// one name, and the name of a table in `public` is the one that
+    /// configs naming it `sessions` always gave the leases.
+    async fn table_name(&self, deadline: Instant) -> Result<String, Failure> {
+        let client = self.checkout(deadline).await?;
+        let lookup = async {
+            let row = client
+                .query_opt(
+                    "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE c.oid = to_regclass($1)",
+                    &[&self.table],
+                )
+                .await?;
+            Ok(match row {
+                Some(row) => match (row.try_get::<_, String>(0)?, row.try_get::<_, String>(1)?) {
+                    (schema, name) if schema == "public" => name,
+                    (schema, name) => format!("{schema}.{name}"),
+                },
+                // Gone again already: as the config spells it.
+                None => self.table.clone(),
+            })
+        };
+        let outcome = timeout_at(deadline, lookup).await;
+        finish(client, outcome)
     }
 
     /// Sizes the largest record it reads for session data of at most
