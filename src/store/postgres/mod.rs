@@ -14,7 +14,8 @@
 //! spaces; comparisons ignore the padding, and handles read back are
 //! trimmed), `data` the record as JSON, `atime` the record's access time as
 //! a UTC `timestamp`, so the sweep can find idle records without parsing
-//! JSON. A table made by hand with that DDL is used as it is. A table
+//! JSON. A table made by hand with that DDL is used as it is; one that
+//! cannot take the store's writes is an error at start. A table
 //! dropped while the proxy runs is made again by the first operation that
 //! finds it gone.
 //!
@@ -125,6 +126,10 @@ impl PostgresStore {
             .create_table(deadline)
             .await
             .map_err(Failure::into_error)?;
+        store
+            .check_layout(deadline)
+            .await
+            .map_err(Failure::into_error)?;
         // The leases go by the table itself, not by how the config spells it.
         let name = store
             .table_name(deadline)
@@ -132,6 +137,71 @@ impl PostgresStore {
             .map_err(Failure::into_error)?;
         store.lease_class = lease_class(&name);
         Ok(store)
+    }
+
+    /// Runs the store's writes on the table in a transaction rolled back,
+    /// with a row of a handle of its own: a table made by hand that cannot
+    /// hold the store's rows (a `data` of another type than text, no unique
+    /// `session_id` for the upsert, another column that must be filled, a
+    /// `session_id` shorter than a handle) is an error at start, for
+    /// `check` as for `run`, not a 503 on every session's first write
+    /// behind a `/healthz` that answers 200.
+    async fn check_layout(&self, deadline: Instant) -> Result<(), Failure> {
+        let client = self.checkout(deadline).await?;
+        let table = &self.table;
+        let check = async {
+            let layout = |error: tokio_postgres::Error| {
+                if error.is_closed() {
+                    return Failure::from(error);
+                }
+                let detail = match unavailable(&error) {
+                    StoreError::Unavailable(message) => message,
+                    other => other.to_string(),
+                };
+                Failure::Connection(StoreError::Unavailable(format!(
+                    "postgres: table {table} cannot hold this store's rows (made by hand \
+                     in another layout than web.py's?): {}",
+                    detail.trim_start_matches("postgres: ")
+                )))
+            };
+            let handle = Handle::of_id(&format!("layout check {:032x}", rand::random::<u128>()));
+            let key = handle.as_str();
+            let record = r#"{"data":{},"created":0,"atime":0,"ip":"","ver":1}"#;
+            client.batch_execute("BEGIN").await?;
+            let insert = client
+                .prepare_cached(&self.sql.insert)
+                .await
+                .map_err(layout)?;
+            let update = client
+                .prepare_cached(&self.sql.update_if_version)
+                .await
+                .map_err(layout)?;
+            let touch = client
+                .prepare_cached(&self.sql.touch)
+                .await
+                .map_err(layout)?;
+            let inserted = client
+                .execute(&insert, &[&key, &0_i64, &record])
+                .await
+                .map_err(layout)?;
+            client
+                .query_opt(&update, &[&key, &0_i64, &record, &"1"])
+                .await
+                .map_err(layout)?;
+            client
+                .execute(&touch, &[&key, &1_i64])
+                .await
+                .map_err(layout)?;
+            client.batch_execute("ROLLBACK").await?;
+            if inserted != 1 {
+                return Err(Failure::Clean(StoreError::Unavailable(format!(
+                    "postgres: table {table} did not take a row of this store's"
+                ))));
+            }
+            Ok(())
+        };
+        let outcome = timeout_at(deadline, check).await;
+        finish(client, outcome)
     }
 
     /// The table's name as the server has it: `name` in the `public`
