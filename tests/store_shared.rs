@@ -1565,6 +1565,60 @@ async fn redis_a_write_that_conflicts_reads_the_key_as_load_does() {
     }
 }
 
+/// A table made by hand with a `timestamptz` atime, on a server whose
+/// `TimeZone` is not UTC (Debian's initdb takes the host's): a write
+/// checked against the version it loaded keeps the later atime a touch
+/// stored meanwhile, and wrote it into the record as the column's epoch,
+/// which for a `timestamptz` holding the store's UTC wall-clock time is
+/// off by the zone's offset: an hour back in Paris, so a session touched
+/// by another proxy during an update's request lost that hour of its
+/// idle time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_update_keeps_a_touch_in_a_timestamptz_column_off_utc() {
+    let Some(table) = PgTable::new().await else {
+        return;
+    };
+    let client = sql_client().await.unwrap();
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {} (session_id char(128) UNIQUE NOT NULL, \
+             atime timestamptz NOT NULL DEFAULT now(), data text)",
+            table.name
+        ))
+        .await
+        .unwrap();
+    let role = Role::new(&client, &table.name).await;
+    client
+        .batch_execute(&format!(
+            "ALTER ROLE {} SET TimeZone = 'Europe/Paris'",
+            role.name
+        ))
+        .await
+        .unwrap();
+    let url = format!("postgres://{}@127.0.0.1:5432/test", role.name);
+    let store = PostgresStore::connect(&url, &table.name, 2, PATIENT)
+        .await
+        .unwrap();
+    let handle = handle(6);
+    let t = now();
+    put(&store, &handle, &record(json!({"n": 1}), t, t)).await;
+    let seen = store.load(&handle).await.unwrap().unwrap();
+    // Another proxy's touch, between this request's load and its write.
+    assert!(store.touch(&handle, t + 100).await.unwrap());
+    let update = |current: Option<&Record>| {
+        let current = current.expect("stored").clone();
+        Ok(Change::Put(Record {
+            atime: t + 1,
+            ver: current.ver + 1,
+            ..with(current, "n", json!(2))
+        }))
+    };
+    store.modify_seen(&handle, &seen, &update).await.unwrap();
+    let stored = store.load(&handle).await.unwrap().unwrap();
+    assert_eq!(stored.data.to_map().unwrap()["n"], json!(2));
+    assert_eq!(stored.atime, t + 100, "the touch's atime, as stored");
+}
+
 /// A decision that bumps `ver`, noting every record it was given.
 fn bump_noting(
     given: &std::sync::Mutex<Vec<Option<Record>>>,

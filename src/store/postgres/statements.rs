@@ -55,15 +55,18 @@ impl Statements {
             // may have stored a later atime than the caller's: kept, in
             // the column and in the JSON, which this store writes with the
             // column's value (the JSON is edited only then, as the touch
-            // edits it). The stored atime comes back.
+            // edits it). The stored atime comes back. Read as a `timestamp`:
+            // a `timestamptz` column made by hand holds the UTC wall-clock
+            // time this store writes as the session's `TimeZone`, whose
+            // offset its epoch would count.
             update_if_version: format!(
                 "UPDATE {table} SET atime = GREATEST(atime, {ATIME}), \
                  data = CASE WHEN atime > {ATIME} \
                  THEN regexp_replace($3::text, '{TOUCHED}', \
-                 '\"atime\":' || extract(epoch FROM atime)::bigint || '\\1') \
+                 '\"atime\":' || extract(epoch FROM atime::timestamp)::bigint || '\\1') \
                  ELSE $3::text END \
                  WHERE session_id = $1 AND data::jsonb ->> 'ver' = $4::text \
-                 RETURNING extract(epoch FROM atime)::bigint"
+                 RETURNING extract(epoch FROM atime::timestamp)::bigint"
             ),
             delete: format!("DELETE FROM {table} WHERE session_id = $1"),
             // A touch in one statement: the record's atime inside the JSON
